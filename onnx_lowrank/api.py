@@ -1,0 +1,261 @@
+"""``compress()``: the one facade; the CLI is a thin shell over it.
+
+Data flows one way: load -> discover -> decide ranks -> rewrite -> (verify) -> save -> report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from . import __version__, decompose, io
+from .config import CompressConfig, load_recipe
+from .discovery import Discovery, WeightGroup, discover
+from .errors import ModelError, UsageError
+from .policies import RankChoice, choose_rank
+from .report import LayerDecision, Totals, to_json_dict
+from .rewrite import NameScope, factorize_group
+
+__all__ = ["compress", "CompressResult", "Progress"]
+
+log = logging.getLogger(__name__)
+
+#: ``progress(done, total, label)`` is called after each weight is decided.
+Progress = Callable[[int, int, str], None]
+
+METADATA_KEY = "onnx_lowrank"
+
+
+@dataclass
+class CompressResult:
+    """The compressed model and everything the pass decided.
+
+    Attributes:
+        model: The compressed model.  Tensors the input kept in external data files still point
+            there (``source_dir``); :meth:`save` writes a complete copy.
+        layers: One decision per MatMul/Gemm node, in graph order.
+        totals: Parameters, MACs and file sizes before and after.
+        config: The configuration used.
+        source_dir: Directory that external data references of ``model`` are relative to.
+        dry_run: True when the model was planned but not rewritten.
+    """
+
+    model: onnx.ModelProto
+    layers: list[LayerDecision]
+    totals: Totals
+    config: CompressConfig
+    source_dir: Path | None = None
+    dry_run: bool = False
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modified(self) -> bool:
+        return self.totals.factorized > 0
+
+    def save(self, path: str | os.PathLike, *, external: bool | None = None) -> list[Path]:
+        """Write the model atomically to ``path``, external data beside it when needed.
+
+        Returns:
+            The files written.
+        """
+        if self.dry_run:
+            raise UsageError("this result is a dry run; nothing to save (run without dry_run=True).")
+        io.check_output_path(path)
+        written = io.save_model(self.model, path, base_dir=self.source_dir, external=external)
+        self.totals.size_after = sum(p.stat().st_size for p in written)
+        return written
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data: layers, totals, config, and any extra sections."""
+        return to_json_dict(self.layers, self.totals, config=self.config.to_dict(), dry_run=self.dry_run, **self.sections)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+def _resolve_config(config: CompressConfig | None, recipe: str | os.PathLike | None, overrides: dict[str, Any]) -> CompressConfig:
+    base: dict[str, Any] = {}
+    if recipe is not None:
+        base.update(load_recipe(recipe))
+    if config is not None:
+        if base:
+            raise UsageError("pass either config= or recipe=, not both.")
+        cfg = config
+    else:
+        cfg = CompressConfig.from_mapping(base, source=f"recipe {recipe}") if base else CompressConfig()
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def _load(model: str | os.PathLike | onnx.ModelProto, base_dir: str | os.PathLike | None) -> tuple[onnx.ModelProto, Path | None, int | None]:
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy, Path(base_dir) if base_dir is not None else None, None
+    if isinstance(model, (str, os.PathLike)):
+        loaded = io.load_model(model)
+        return loaded.model, loaded.base_dir, io.model_size_on_disk(loaded.path)
+    raise UsageError(f"got a {type(model).__name__} as model; expected a path or an onnx.ModelProto.")
+
+
+def _count_params(model: onnx.ModelProto) -> int:
+    total = 0
+    for g in io.iter_graphs(model.graph):
+        for t in g.initializer:
+            total += int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        for n in g.node:
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.name == "value":
+                        total += int(np.prod(a.t.dims, dtype=np.int64)) if len(a.t.dims) else 1
+    return total
+
+
+def _read_weight(group: WeightGroup, source_dir: Path | None) -> np.ndarray:
+    try:
+        return io.read_tensor(group.weight.tensor, source_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read weight '{group.weight.name}': {exc}") from None
+
+
+def compress(
+    model: str | os.PathLike | onnx.ModelProto,
+    config: CompressConfig | None = None,
+    *,
+    recipe: str | os.PathLike | None = None,
+    dry_run: bool = False,
+    base_dir: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    **options: Any,
+) -> CompressResult:
+    """Factorize the constant weights of a model's MatMul/Gemm nodes.
+
+    Args:
+        model: A path to an ``.onnx`` file, or an ``onnx.ModelProto`` (left unmodified).
+        config: A :class:`CompressConfig`; its fields can also be given as keywords
+            (``energy=0.93``), which override the config or recipe.
+        recipe: A recipe name (``"balanced"``) or TOML path, as with ``--recipe``.
+        dry_run: Decide ranks but leave the model as it is.
+        base_dir: Where external data of an in-memory ``model`` lives.
+        progress: Called as ``progress(done, total, weight_name)``.
+
+    Returns:
+        A :class:`CompressResult`.
+
+    Raises:
+        UsageError: bad option values or paths.
+        ModelError: the model cannot be read or rewritten.
+    """
+    cfg = _resolve_config(config, recipe, options)
+    proto, source_dir, size_before = _load(model, base_dir)
+    found = discover(proto, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
+                     allow_input_weights=cfg.allow_input_weights)
+    params_model_before = _count_params(proto)
+    decisions = _decide_and_rewrite(proto, found, cfg, source_dir, dry_run, progress)
+
+    totals = Totals(layers=len(decisions), factorized=sum(d.factorized for d in decisions), size_before=size_before)
+    for d in decisions:
+        totals.params_before += d.params_before
+        totals.params_after += d.params_after
+        totals.macs_before += d.macs_before
+        totals.macs_after += d.macs_after
+    totals.model_params_before = params_model_before
+    totals.model_params_after = params_model_before - totals.params_before + totals.params_after
+    if not dry_run and totals.factorized:
+        _record_metadata(proto, cfg, totals)
+    return CompressResult(model=proto, layers=decisions, totals=totals, config=cfg, source_dir=source_dir, dry_run=dry_run)
+
+
+def _decide_and_rewrite(
+    proto: onnx.ModelProto,
+    found: Discovery,
+    cfg: CompressConfig,
+    source_dir: Path | None,
+    dry_run: bool,
+    progress: Progress | None,
+) -> list[LayerDecision]:
+    names = NameScope(proto)
+    by_layer: dict[int, LayerDecision] = {}
+    todo = [g for g in found.groups if g.reason is None]
+    for done, group in enumerate(found.groups):
+        w = group.weight
+        shape = w.shape if w.tensor is not None else None
+        m, n = (shape if shape is not None and len(shape) == 2 else (0, 0))
+        choice: RankChoice | None = None
+        factor_names = None
+        if group.reason is None:
+            arr = _read_weight(group, source_dir)
+            try:
+                spec = decompose.spectrum(arr)
+            except ValueError as exc:
+                group.reason = f"cannot factorize: {exc}"
+            else:
+                choice = choose_rank(spec.s, m, n, energy=cfg.effective_energy, rank=cfg.rank, rank_multiple=cfg.rank_multiple)
+                if not choice.saves:
+                    group.reason = (
+                        f"rank {choice.rank} saves nothing: {choice.rank}*({m}+{n}) >= {m}*{n} (break-even {choice.break_even})"
+                    )
+                elif not dry_run:
+                    a, b = decompose.factors(spec, choice.rank, dtype=arr.dtype)
+                    factor_names = factorize_group(proto, group, a, b, names)
+            if progress is not None and group in todo:
+                progress(todo.index(group) + 1, len(todo), w.name)
+        if group.reason is not None:
+            log.debug("left %s alone: %s", w.name, group.reason)
+        dense = m * n
+        for k, layer in enumerate(group.layers):
+            factorized = group.reason is None
+            reason = layer.reason or group.reason
+            low = choice.rank * (m + n) if choice is not None else dense
+            by_layer[id(layer)] = LayerDecision(
+                node=layer.display_name,
+                op_type=layer.op_type,
+                weight=w.name,
+                shape=shape,
+                rank=choice.rank if choice else None,
+                full_rank=choice.full_rank if choice else None,
+                break_even=choice.break_even if choice else None,
+                energy=choice.energy if choice else None,
+                rel_error=choice.rel_error if choice else None,
+                params_before=dense if k == 0 else 0,
+                params_after=(low if factorized else dense) if k == 0 else 0,
+                macs_before=dense,
+                macs_after=low if factorized else dense,
+                factorized=factorized,
+                reason=None if factorized else reason,
+                factors=factor_names,
+                shared_with=group.layers[0].display_name if k > 0 else None,
+            )
+    out = []
+    for layer in found.layers:
+        d = by_layer.get(id(layer))
+        if d is None:
+            d = LayerDecision(node=layer.display_name, op_type=layer.op_type, weight=layer.weight_name,
+                              shape=layer.weight.shape if layer.weight is not None and layer.weight.tensor is not None else None,
+                              reason=layer.reason)
+        out.append(d)
+    return out
+
+
+def _record_metadata(proto: onnx.ModelProto, cfg: CompressConfig, totals: Totals) -> None:
+    value = json.dumps(
+        {
+            "version": __version__,
+            "config": cfg.to_dict(),
+            "factorized": totals.factorized,
+            "weight_params_before": totals.params_before,
+            "weight_params_after": totals.params_after,
+        },
+        sort_keys=True,
+    )
+    for entry in proto.metadata_props:
+        if entry.key == METADATA_KEY:
+            entry.value = value
+            return
+    proto.metadata_props.add(key=METADATA_KEY, value=value)

@@ -1,0 +1,235 @@
+"""Command line: argument parsing and printing only; the work is done by :func:`compress`.
+
+    onnx-lowrank MODEL -o OUT [--energy E | --rank N] [options]
+    onnx-lowrank demo [-o OUT]
+
+Exit codes: 0 done, 1 failure (unreadable model, failed check), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .errors import LowRankError, UsageError
+
+PROG = "onnx-lowrank"
+SUBCOMMANDS = ("demo",)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _energy(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got '{text}'; e.g. --energy 0.93") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}; e.g. --energy 0.93")
+    return value
+
+
+def _positive_int(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}; e.g. {flag} 8")
+        return value
+
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def _op_types(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def _add_pass_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("rank selection (flags override --recipe)")
+    rule = g.add_mutually_exclusive_group()
+    rule.add_argument("--energy", type=_energy, metavar="E",
+                      help="keep per layer the smallest rank holding this fraction of the squared singular values (default 0.95)")
+    rule.add_argument("--rank", type=_positive_int("--rank"), metavar="N", help="fixed rank for every layer")
+    g.add_argument("--rank-multiple", type=_positive_int("--rank-multiple"), metavar="K",
+                   help="round ranks up to a multiple of K, never past break-even")
+    g.add_argument("--recipe", metavar="NAME|FILE", help="a pass recipe: a shipped name (balanced, ...) or a TOML file")
+    s = p.add_argument_group("layer selection")
+    s.add_argument("--min-params", type=_non_negative_int, metavar="N", help="leave weights with fewer elements alone (default 4096)")
+    s.add_argument("--include", metavar="REGEX", help="only factorize nodes or weights whose name matches")
+    s.add_argument("--exclude", metavar="REGEX", help="leave nodes or weights whose name matches alone")
+    s.add_argument("--op-types", type=_op_types, metavar="LIST", help="node types to consider (default MatMul,Gemm)")
+    s.add_argument("--allow-input-weights", action="store_true", default=None,
+                   help="also factorize weights that are graph inputs (every initializer is one in IR < 4)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the final summary line and errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each decision and show tracebacks")
+
+
+def _compress_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Factorize the constant weights of an ONNX model's MatMul/Gemm nodes into low-rank pairs.",
+        epilog="Subcommands: 'onnx-lowrank demo' runs the pass on a small model shipped with the package.",
+    )
+    p.add_argument("model", help="input .onnx model (never modified)")
+    p.add_argument("-o", "--output", metavar="OUT", help="output .onnx path (external data is written beside it)")
+    _add_pass_options(p)
+    out = p.add_argument_group("output")
+    out.add_argument("--report", metavar="JSON", help="also write the report as JSON")
+    out.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
+    _add_common(p)
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+_CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "allow_input_weights")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k, None) is not None}
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr; silent unless stderr is a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.shown = False
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        if not self.enabled or total <= 0:
+            return
+        width = 24
+        filled = int(width * done / total)
+        label = label if len(label) <= 40 else "..." + label[-37:]
+        sys.stderr.write(f"\rfactorizing [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()
+
+
+def _print(*parts: str) -> None:
+    print(*parts, file=sys.stdout)
+
+
+def _write_report(path: str, doc_json: str) -> None:
+    import os
+    import tempfile
+
+    target = Path(path)
+    parent = target.resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"--report {path}: directory '{parent}' does not exist; create it first.")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(doc_json + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _run_compress(argv: Sequence[str]) -> int:
+    from .api import compress
+    from .io import check_input_path, check_output_path
+    from .report import render_table, render_totals
+
+    args = _compress_parser().parse_args(argv)
+    _setup_logging(args)
+    check_input_path(args.model)
+    if not args.dry_run:
+        if not args.output:
+            raise UsageError("missing -o/--output; pass -o small.onnx (or --dry-run to only print the plan).")
+        check_output_path(args.output, args.model)
+        if args.report:
+            check_output_path(args.report, args.model)
+    bar = _ProgressBar(enabled=not args.quiet)
+    try:
+        result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, **_overrides(args))
+    finally:
+        bar.close()
+    written = [] if args.dry_run else result.save(args.output)
+    if not args.quiet:
+        _print(render_table(result.layers))
+        _print("")
+        _print(render_totals(result.totals))
+    if args.dry_run:
+        _print(f"dry run: {result.totals.factorized} layer(s) would be factorized; nothing written.")
+        return 0
+    if args.report:
+        _write_report(args.report, result.to_json())
+    files = " + ".join(str(p) for p in written)
+    _print(f"wrote {files}" + (f" and report {args.report}" if args.report else ""))
+    return 0
+
+
+def _run_demo(argv: Sequence[str]) -> int:
+    from .demo import run_demo
+
+    p = _Parser(prog=f"{PROG} demo", description="Compress a small real model shipped with the package and check it on held-out digits.")
+    p.add_argument("-o", "--output", metavar="OUT", default="digits_mlp.lowrank.onnx", help="where to write the result (default: %(default)s)")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--energy", type=_energy, metavar="E", default=None, help="energy threshold (default 0.93)")
+    rule.add_argument("--rank", type=_positive_int("--rank"), metavar="N", help="fixed rank for every layer")
+    _add_common(p)
+    args = p.parse_args(argv)
+    _setup_logging(args)
+    return run_demo(args.output, energy=args.energy, rank=args.rank, quiet=args.quiet, echo=_print)
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    if getattr(args, "verbose", False):
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``onnx-lowrank``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        if argv and argv[0] == "demo":
+            return _run_demo(argv[1:])
+        return _run_compress(argv)
+    except LowRankError as exc:
+        if verbose:
+            traceback.print_exc()
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an unexpected model: one line unless --verbose
+        if verbose:
+            traceback.print_exc()
+        print(f"{PROG}: error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,156 @@
+"""Per-layer decisions and totals, as dataclasses, a text table and JSON.
+
+Parameter counts are per weight (a shared weight counts once); MACs are per activation row
+(one sample of an MLP, one token of a transformer): ``m n`` for a dense ``(m, n)`` weight and
+``r (m + n)`` for its factors, summed over every node that runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LayerDecision", "Totals", "render_table", "render_totals", "to_json_dict", "human_bytes"]
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What the pass did with one MatMul/Gemm node.
+
+    Attributes:
+        node: Node name (with its If/Loop/Scan scope, if any).
+        op_type: ``MatMul`` or ``Gemm``.
+        weight: Name of the constant operand, if there is one.
+        shape: Stored shape of the weight.
+        rank: Rank kept (``None`` when no spectrum was computed).
+        full_rank: ``min(m, n)``.
+        break_even: Largest rank that still saves parameters.
+        energy: Energy kept at ``rank``.
+        rel_error: Relative Frobenius error at ``rank``.
+        params_before: Weight parameters before (0 for the second user of a shared weight).
+        params_after: Weight parameters after.
+        macs_before: Multiply-accumulates per activation row before.
+        macs_after: Multiply-accumulates per activation row after.
+        factorized: Whether the node now uses low-rank factors.
+        reason: Why the node was left alone (``None`` when factorized).
+        factors: Names of the two factor tensors.
+        shared_with: Display name of the first user when the weight is shared.
+    """
+
+    node: str
+    op_type: str
+    weight: str | None = None
+    shape: tuple[int, ...] | None = None
+    rank: int | None = None
+    full_rank: int | None = None
+    break_even: int | None = None
+    energy: float | None = None
+    rel_error: float | None = None
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    factorized: bool = False
+    reason: str | None = None
+    factors: tuple[str, str] | None = None
+    shared_with: str | None = None
+
+
+@dataclass
+class Totals:
+    """Model-level numbers before and after."""
+
+    layers: int = 0
+    factorized: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    model_params_before: int = 0
+    model_params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    size_before: int | None = None
+    size_after: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _ratio(before: int | None, after: int | None) -> str:
+    if not before or not after:
+        return ""
+    return f"  ({before / after:.2f}x smaller)" if after < before else "  (unchanged)" if after == before else ""
+
+
+def _fmt_row(d: LayerDecision) -> list[str]:
+    shape = "x".join(str(s) for s in d.shape) if d.shape else "-"
+    if d.rank is not None:
+        ranks = f"{d.rank}/{d.full_rank}/{d.break_even}"
+        energy = f"{d.energy:.4f}"
+        err = f"{d.rel_error:.4f}"
+    else:
+        ranks = energy = err = "-"
+    if d.factorized:
+        params = f"{d.params_before:,} -> {d.params_after:,}" if d.params_before else f"shared with {d.shared_with}"
+        status = "factorized"
+    else:
+        params = f"{d.params_before:,}" if d.params_before else "-"
+        status = f"skipped: {d.reason}"
+    return [d.node, d.weight or "-", shape, ranks, energy, err, params, status]
+
+
+_HEADERS = ["node", "weight", "shape", "rank/full/even", "energy", "rel.err", "params", "result"]
+
+
+def _clip(s: str, width: int) -> str:
+    return s if len(s) <= width else "..." + s[-(width - 3):]
+
+
+def render_table(decisions: list[LayerDecision], *, max_name: int = 40) -> str:
+    """A fixed-width table, one row per MatMul/Gemm node."""
+    if not decisions:
+        return "No MatMul/Gemm nodes found: nothing to factorize; the output is a faithful copy."
+    rows = [_fmt_row(d) for d in decisions]
+    rows = [[_clip(r[0], max_name), _clip(r[1], max_name), *r[2:]] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(_HEADERS[:-1])]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(_HEADERS[:-1], widths)) + "  " + _HEADERS[-1]]
+    lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
+    return "\n".join(lines)
+
+
+def render_totals(t: Totals) -> str:
+    lines = [
+        f"layers:        {t.factorized} of {t.layers} MatMul/Gemm nodes factorized",
+        f"weights:       {t.params_before:,} -> {t.params_after:,} parameters in candidate layers{_ratio(t.params_before, t.params_after)}",
+        f"model:         {t.model_params_before:,} -> {t.model_params_after:,} parameters{_ratio(t.model_params_before, t.model_params_after)}",
+        f"MACs/row:      {t.macs_before:,} -> {t.macs_after:,} in candidate layers{_ratio(t.macs_before, t.macs_after)}",
+    ]
+    if t.size_before is not None or t.size_after is not None:
+        lines.append(f"file size:     {human_bytes(t.size_before)} -> {human_bytes(t.size_after)}{_ratio(t.size_before, t.size_after)}")
+    return "\n".join(lines)
+
+
+def to_json_dict(decisions: list[LayerDecision], totals: Totals, **sections: Any) -> dict[str, Any]:
+    def layer(d: LayerDecision) -> dict[str, Any]:
+        out = asdict(d)
+        out["shape"] = list(d.shape) if d.shape else None
+        out["factors"] = list(d.factors) if d.factors else None
+        return out
+
+    doc: dict[str, Any] = {"layers": [layer(d) for d in decisions], "totals": asdict(totals)}
+    doc.update({k: v for k, v in sections.items() if v is not None})
+    return doc
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, sort_keys=False, default=str)

@@ -1,0 +1,131 @@
+"""The command line, in-process (main([...])) and as a subprocess."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from onnx_lowrank.cli import main
+from models import matmul_model
+
+
+@pytest.fixture
+def model_path(tmp_path) -> Path:
+    p = tmp_path / "model.onnx"
+    onnx.save(matmul_model(k=128, n=96, r=8), str(p))
+    return p
+
+
+def test_compress_writes_model_and_json_report(model_path, tmp_path, capsys):
+    out, rep = tmp_path / "small.onnx", tmp_path / "r.json"
+    assert main([str(model_path), "-o", str(out), "--energy", "0.93", "--min-params", "0", "--report", str(rep)]) == 0
+    text = capsys.readouterr().out
+    assert "factorized" in text and "rank/full/even" in text and "file size" in text and f"wrote {out}" in text
+    onnx.checker.check_model(str(out), full_check=True)
+    doc = json.loads(rep.read_text())
+    assert doc["totals"]["factorized"] == 1 and doc["layers"][0]["rank"] <= 8
+    assert doc["totals"]["size_after"] == out.stat().st_size
+    assert doc["config"]["energy"] == 0.93
+
+
+def test_dry_run_writes_nothing(model_path, tmp_path, capsys):
+    before = sorted(tmp_path.iterdir())
+    assert main([str(model_path), "--dry-run", "--min-params", "0", "--report", str(tmp_path / "r.json")]) == 0
+    assert "would be factorized" in capsys.readouterr().out
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_quiet_prints_one_line(model_path, tmp_path, capsys):
+    assert main([str(model_path), "-o", str(tmp_path / "o.onnx"), "-q", "--min-params", "0"]) == 0
+    assert capsys.readouterr().out.strip().count("\n") == 0
+
+
+def test_recipe_and_flags_override_it(model_path, tmp_path):
+    rep = tmp_path / "r.json"
+    assert main([str(model_path), "-o", str(tmp_path / "o.onnx"), "--recipe", "aggressive", "--min-params", "0", "--report", str(rep)]) == 0
+    cfg = json.loads(rep.read_text())["config"]
+    assert cfg["energy"] == 0.85 and cfg["rank_multiple"] == 8 and cfg["min_params"] == 0
+    assert main([str(model_path), "-o", str(tmp_path / "o.onnx"), "--recipe", "aggressive", "--rank", "4", "--report", str(rep)]) == 0
+    cfg = json.loads(rep.read_text())["config"]
+    assert cfg["rank"] == 4 and cfg["energy"] is None
+
+
+def test_bad_recipe_key(tmp_path, model_path, capsys):
+    r = tmp_path / "r.toml"
+    r.write_text("energy = 0.9\nenergie = 0.5\n")
+    assert main([str(model_path), "-o", str(tmp_path / "o.onnx"), "--recipe", str(r)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) energie" in err and err.count("\n") == 1
+
+
+BAD = [
+    (["missing.onnx", "-o", "{t}/o.onnx"], 2, "no such file"),
+    (["{t}", "-o", "{t}/o.onnx"], 2, "is a directory"),
+    (["{m}", "-o", "{t}/o.onnx", "--energy", "1.5"], 2, "--energy"),
+    (["{m}", "-o", "{t}/o.onnx", "--energy", "0"], 2, "--energy"),
+    (["{m}", "-o", "{t}/o.onnx", "--energy", "abc"], 2, "--energy"),
+    (["{m}", "-o", "{t}/o.onnx", "--rank", "0"], 2, "--rank"),
+    (["{m}", "-o", "{t}/o.onnx", "--rank", "-3"], 2, "--rank"),
+    (["{m}", "-o", "{t}/o.onnx", "--energy", "0.9", "--rank", "3"], 2, "not allowed with"),
+    (["{m}", "-o", "{t}/nodir/o.onnx"], 2, "does not exist"),
+    (["{m}", "-o", "{m}"], 2, "is the input model"),
+    (["{m}"], 2, "missing -o"),
+    (["{m}", "-o", "{t}/o.onnx", "--op-types", "Conv2"], 2, "--op-types"),
+    (["{m}", "-o", "{t}/o.onnx", "--include", "("], 2, "--include"),
+    (["{e}", "-o", "{t}/o.onnx"], 1, "empty"),
+    (["{j}", "-o", "{t}/o.onnx"], 1, "not a readable ONNX model"),
+]
+
+
+@pytest.mark.parametrize("argv,code,needle", BAD)
+def test_bad_input_one_line_exit_code_nothing_written(argv, code, needle, model_path, tmp_path, capsys):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model at all")
+    model_bytes = model_path.read_bytes()
+    listing = sorted(tmp_path.iterdir())
+    fmt = {"t": tmp_path, "m": model_path, "e": tmp_path / "empty.onnx", "j": tmp_path / "junk.onnx"}
+    assert main([a.format(**fmt) for a in argv]) == code
+    err = capsys.readouterr().err
+    assert needle in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(tmp_path.iterdir()) == listing
+    assert model_path.read_bytes() == model_bytes
+
+
+def test_verbose_shows_traceback(tmp_path, capsys):
+    assert main([str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx"), "--verbose"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_no_candidates_writes_faithful_copy(tmp_path, capsys):
+    from onnx import helper
+    from models import make_model, vi
+
+    m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2, 3])], [vi("y", [2, 3])])
+    onnx.save(m, str(tmp_path / "relu.onnx"))
+    assert main([str(tmp_path / "relu.onnx"), "-o", str(tmp_path / "o.onnx")]) == 0
+    assert "nothing to factorize" in capsys.readouterr().out
+    assert onnx.load(str(tmp_path / "o.onnx")).graph == m.graph
+
+
+def test_subprocess_console_script_and_module(model_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    r = subprocess.run([sys.executable, "-m", "onnx_lowrank", str(model_path), "-o", str(out), "--energy", "0.93", "--min-params", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and "wrote" in r.stdout
+    assert r.stderr == ""  # no progress bar when stderr is not a terminal
+    exe = Path(sys.executable).parent / "onnx-lowrank"
+    r = subprocess.run([str(exe), str(model_path), "-o", str(model_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("onnx-lowrank: error:") and r.stderr.count("\n") == 1
+
+
+def test_demo(tmp_path, capsys):
+    out = tmp_path / "demo.onnx"
+    assert main(["demo", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "macro-F1" in text and f"wrote {out}" in text
+    onnx.checker.check_model(str(out), full_check=True)
