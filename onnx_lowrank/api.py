@@ -15,19 +15,17 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from . import __version__, decompose, io
+from . import __version__, io, plan
 from .config import CompressConfig, load_recipe
-from .discovery import Discovery, WeightGroup, discover
-from .errors import ModelError, UsageError
-from .policies import RankChoice, choose_rank
+from .discovery import discover
+from .errors import UsageError
 from .report import LayerDecision, Totals, to_json_dict
-from .rewrite import NameScope, factorize_group
 
 __all__ = ["compress", "CompressResult", "Progress"]
 
 log = logging.getLogger(__name__)
 
-#: ``progress(done, total, label)`` is called after each weight is decided.
+#: ``progress(done, total, label)`` is called after each weight's SVD.
 Progress = Callable[[int, int, str], None]
 
 METADATA_KEY = "onnx_lowrank"
@@ -117,13 +115,6 @@ def _count_params(model: onnx.ModelProto) -> int:
     return total
 
 
-def _read_weight(group: WeightGroup, source_dir: Path | None) -> np.ndarray:
-    try:
-        return io.read_tensor(group.weight.tensor, source_dir)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read weight '{group.weight.name}': {exc}") from None
-
-
 def compress(
     model: str | os.PathLike | onnx.ModelProto,
     config: CompressConfig | None = None,
@@ -157,7 +148,11 @@ def compress(
     found = discover(proto, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
                      allow_input_weights=cfg.allow_input_weights)
     params_model_before = _count_params(proto)
-    decisions = _decide_and_rewrite(proto, found, cfg, source_dir, dry_run, progress)
+    plans = plan.build_plans(found, source_dir, progress)
+    plan.decide(plans, cfg)
+    if not dry_run:
+        plan.apply(proto, plans)
+    decisions = plan.decisions(found, plans)
 
     totals = Totals(layers=len(decisions), factorized=sum(d.factorized for d in decisions), size_before=size_before)
     for d in decisions:
@@ -170,77 +165,6 @@ def compress(
     if not dry_run and totals.factorized:
         _record_metadata(proto, cfg, totals)
     return CompressResult(model=proto, layers=decisions, totals=totals, config=cfg, source_dir=source_dir, dry_run=dry_run)
-
-
-def _decide_and_rewrite(
-    proto: onnx.ModelProto,
-    found: Discovery,
-    cfg: CompressConfig,
-    source_dir: Path | None,
-    dry_run: bool,
-    progress: Progress | None,
-) -> list[LayerDecision]:
-    names = NameScope(proto)
-    by_layer: dict[int, LayerDecision] = {}
-    todo = [g for g in found.groups if g.reason is None]
-    for done, group in enumerate(found.groups):
-        w = group.weight
-        shape = w.shape if w.tensor is not None else None
-        m, n = (shape if shape is not None and len(shape) == 2 else (0, 0))
-        choice: RankChoice | None = None
-        factor_names = None
-        if group.reason is None:
-            arr = _read_weight(group, source_dir)
-            try:
-                spec = decompose.spectrum(arr)
-            except ValueError as exc:
-                group.reason = f"cannot factorize: {exc}"
-            else:
-                choice = choose_rank(spec.s, m, n, energy=cfg.effective_energy, rank=cfg.rank, rank_multiple=cfg.rank_multiple)
-                if not choice.saves:
-                    group.reason = (
-                        f"rank {choice.rank} saves nothing: {choice.rank}*({m}+{n}) >= {m}*{n} (break-even {choice.break_even})"
-                    )
-                elif not dry_run:
-                    a, b = decompose.factors(spec, choice.rank, dtype=arr.dtype)
-                    factor_names = factorize_group(proto, group, a, b, names)
-            if progress is not None and group in todo:
-                progress(todo.index(group) + 1, len(todo), w.name)
-        if group.reason is not None:
-            log.debug("left %s alone: %s", w.name, group.reason)
-        dense = m * n
-        for k, layer in enumerate(group.layers):
-            factorized = group.reason is None
-            reason = layer.reason or group.reason
-            low = choice.rank * (m + n) if choice is not None else dense
-            by_layer[id(layer)] = LayerDecision(
-                node=layer.display_name,
-                op_type=layer.op_type,
-                weight=w.name,
-                shape=shape,
-                rank=choice.rank if choice else None,
-                full_rank=choice.full_rank if choice else None,
-                break_even=choice.break_even if choice else None,
-                energy=choice.energy if choice else None,
-                rel_error=choice.rel_error if choice else None,
-                params_before=dense if k == 0 else 0,
-                params_after=(low if factorized else dense) if k == 0 else 0,
-                macs_before=dense,
-                macs_after=low if factorized else dense,
-                factorized=factorized,
-                reason=None if factorized else reason,
-                factors=factor_names,
-                shared_with=group.layers[0].display_name if k > 0 else None,
-            )
-    out = []
-    for layer in found.layers:
-        d = by_layer.get(id(layer))
-        if d is None:
-            d = LayerDecision(node=layer.display_name, op_type=layer.op_type, weight=layer.weight_name,
-                              shape=layer.weight.shape if layer.weight is not None and layer.weight.tensor is not None else None,
-                              reason=layer.reason)
-        out.append(d)
-    return out
 
 
 def _record_metadata(proto: onnx.ModelProto, cfg: CompressConfig, totals: Totals) -> None:
