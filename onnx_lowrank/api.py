@@ -15,7 +15,8 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from . import __version__, io, plan
+from . import __version__, activations, io, plan
+from . import feeds as feeds_mod
 from .config import CompressConfig, load_recipe
 from .discovery import discover
 from .errors import UsageError
@@ -123,6 +124,10 @@ def compress(
     dry_run: bool = False,
     base_dir: str | os.PathLike | None = None,
     progress: Progress | None = None,
+    calib: Any = None,
+    labels: Any = None,
+    calib_batch: int = 32,
+    threads: int | None = None,
     **options: Any,
 ) -> CompressResult:
     """Factorize the constant weights of a model's MatMul/Gemm nodes.
@@ -134,7 +139,15 @@ def compress(
         recipe: A recipe name (``"balanced"``) or TOML path, as with ``--recipe``.
         dry_run: Decide ranks but leave the model as it is.
         base_dir: Where external data of an in-memory ``model`` lives.
-        progress: Called as ``progress(done, total, weight_name)``.
+        progress: Called as ``progress(done, total, label)`` after each SVD, calibration batch
+            and sensitivity measurement.
+        calib: Calibration data for ``data_aware`` and ``adaptive``: an ``.npz`` path (keys =
+            input names, optional ``labels``), a list of feed dicts, or a callable returning an
+            iterator of feed dicts.
+        labels: Class ids of the calibration samples (overrides an ``.npz``'s ``labels``);
+            with them adaptive mode bounds the accuracy drop.
+        calib_batch: Samples per onnxruntime run when cutting an ``.npz``.
+        threads: onnxruntime intra-op threads for the calibration runs.
 
     Returns:
         A :class:`CompressResult`.
@@ -148,10 +161,34 @@ def compress(
     found = discover(proto, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
                      allow_input_weights=cfg.allow_input_weights)
     params_model_before = _count_params(proto)
-    plans = plan.build_plans(found, source_dir, progress)
-    plan.decide(plans, cfg)
+    feeds, calib_labels = _calibration(proto, cfg, calib, calib_batch)
+    if labels is not None:
+        calib_labels = np.asarray(labels).reshape(-1)
+    sections: dict[str, Any] = {}
+    original = None
+    grams, notes = None, None
+    if cfg.data_aware:
+        groups = [g for g in found.groups if g.reason is None]
+        cap = activations.capture_grams(proto, groups, feeds, source_dir, mask_input=cfg.calib_mask, threads=threads, progress=progress)
+        grams, notes = cap.grams, cap.skipped
+        sections["data_aware"] = {"weights_whitened": len(cap.grams), "ort_runs": cap.runs, "damping": cfg.damping,
+                                  "mask": cfg.calib_mask}
+    plans = plan.build_plans(found, source_dir, progress, grams=grams, damping=cfg.damping, notes=notes)
+    if cfg.adaptive:
+        from . import adaptive
+
+        base = plan.BudgetBase.of(found, plans, cfg, params_model_before)
+        sections["adaptive"], original = adaptive.decide_adaptive(proto, plans, cfg, base, feeds, calib_labels, source_dir,
+                                                                  threads=threads, progress=progress)
+    elif cfg.has_budget:
+        plan.decide_budget(plans, cfg, plan.BudgetBase.of(found, plans, cfg, params_model_before))
+    else:
+        plan.decide(plans, cfg)
     if not dry_run:
         plan.apply(proto, plans)
+        if cfg.adaptive and original is not None and any(p.factor_names for p in plans):
+            sections["adaptive"]["final_drop"] = _verify_final(proto, source_dir, feeds, calib_labels, original,
+                                                               sections["adaptive"], threads)
     decisions = plan.decisions(found, plans)
 
     totals = Totals(layers=len(decisions), factorized=sum(d.factorized for d in decisions), size_before=size_before)
@@ -162,9 +199,41 @@ def compress(
         totals.macs_after += d.macs_after
     totals.model_params_before = params_model_before
     totals.model_params_after = params_model_before - totals.params_before + totals.params_after
+    for key in ("data_aware", "adaptive"):
+        if key in sections:
+            totals.extra[key] = sections[key]
     if not dry_run and totals.factorized:
         _record_metadata(proto, cfg, totals)
     return CompressResult(model=proto, layers=decisions, totals=totals, config=cfg, source_dir=source_dir, dry_run=dry_run)
+
+
+def _calibration(proto: onnx.ModelProto, cfg: CompressConfig, calib: Any, batch: int) -> tuple[Any, np.ndarray | None]:
+    if not cfg.needs_calibration:
+        if calib is not None:
+            log.info("calibration data given but unused: it serves --data-aware and --adaptive")
+        return None, None
+    flag = "--data-aware" if cfg.data_aware else "--adaptive"
+    if calib is None:
+        raise UsageError(f"{flag} needs calibration data: pass --calib data.npz (keys = the model's input names).")
+    inits = {t.name for t in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in inits]
+    return feeds_mod.as_feeds(calib, names, batch)
+
+
+def _verify_final(proto: onnx.ModelProto, source_dir: Path | None, feeds: Any, labels: np.ndarray | None,
+                  original: list[np.ndarray], section: dict[str, Any], threads: int | None) -> float:
+    """Run the rewritten model on the calibration set: the drop the user actually gets."""
+    from .adaptive import quality_drop
+    from .verify import run_batches
+
+    with activations.open_session(proto, source_dir, threads) as sess:
+        outs = run_batches(sess, feeds)
+    section["ort_runs"] = section.get("ort_runs", 0) + sum(1 for _ in feeds)
+    section["passes"] = section.get("passes", 0) + 1
+    drop = quality_drop(original, outs, labels)[1]
+    if section.get("max_drop") is not None and drop > section["max_drop"] + 1e-6:
+        log.warning("the rewritten model loses %.5f on the calibration set, above --max-drop %g", drop, section["max_drop"])
+    return drop
 
 
 def _record_metadata(proto: onnx.ModelProto, cfg: CompressConfig, totals: Totals) -> None:
