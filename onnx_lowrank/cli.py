@@ -39,6 +39,32 @@ def _energy(text: str) -> float:
     return value
 
 
+def _fraction(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got '{text}'; e.g. {flag} 0.5") from None
+        if not 0.0 < value <= 1.0:
+            raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}; e.g. {flag} 0.5")
+        return value
+
+    return parse
+
+
+def _non_negative_float(flag: str, example: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a non-negative number, got '{text}'; e.g. {flag} {example}") from None
+        if not value >= 0.0:
+            raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}; e.g. {flag} {example}")
+        return value
+
+    return parse
+
+
 def _positive_int(flag: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -74,7 +100,32 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
     rule.add_argument("--rank", type=_positive_int("--rank"), metavar="N", help="fixed rank for every layer")
     g.add_argument("--rank-multiple", type=_positive_int("--rank-multiple"), metavar="K",
                    help="round ranks up to a multiple of K, never past break-even")
+    g.add_argument("--rank-rule", choices=["energy", "entropy"],
+                   help="per-layer rule that --energy thresholds: squared singular values (energy, default) or "
+                        "ARSVD's spectral entropy (entropy)")
     g.add_argument("--recipe", metavar="NAME|FILE", help="a pass recipe: a shipped name (balanced, ...) or a TOML file")
+    b = p.add_argument_group("global budgets and data-aware selection (replace the per-layer rule)")
+    b.add_argument("--target-params", type=_fraction("--target-params"), metavar="F",
+                   help="keep at most this fraction of the parameters; ranks are allocated across layers")
+    b.add_argument("--target-macs", type=_fraction("--target-macs"), metavar="F",
+                   help="keep at most this fraction of the candidate layers' MACs per row")
+    b.add_argument("--budget-scope", choices=["weights", "model"],
+                   help="what --target-params is a fraction of: the MatMul/Gemm weights (default) or the whole model")
+    b.add_argument("--data-aware", action="store_true", default=None,
+                   help="truncate in the space whitened by real input activations (needs --calib)")
+    b.add_argument("--damping", type=_non_negative_float("--damping", "0.01"), metavar="D",
+                   help="damping of the activation Gram matrix, relative to its mean diagonal (default 0.01)")
+    b.add_argument("--adaptive", action="store_true", default=None,
+                   help="allocate ranks by sensitivity measured on --calib (with --max-drop or a budget)")
+    b.add_argument("--max-drop", type=_non_negative_float("--max-drop", "0.005"), metavar="X",
+                   help="with --adaptive: largest allowed drop on the calibration data "
+                        "(accuracy with labels, else mean output cosine), e.g. 0.005")
+    c = p.add_argument_group("calibration data (for --data-aware and --adaptive)")
+    c.add_argument("--calib", metavar="NPZ", help="an .npz whose keys are the model's input names (optional 'labels')")
+    c.add_argument("--calib-mask", metavar="INPUT", help="input whose zeros mark padded rows to leave out (e.g. attention_mask)")
+    c.add_argument("--calib-batch", type=_positive_int("--calib-batch"), metavar="N", default=32,
+                   help="samples per onnxruntime run (default 32)")
+    c.add_argument("--threads", type=_positive_int("--threads"), metavar="N", help="onnxruntime threads for calibration runs")
     s = p.add_argument_group("layer selection")
     s.add_argument("--min-params", type=_non_negative_int, metavar="N", help="leave weights with fewer elements alone (default 4096)")
     s.add_argument("--include", metavar="REGEX", help="only factorize nodes or weights whose name matches")
@@ -106,7 +157,9 @@ def _compress_parser() -> argparse.ArgumentParser:
     return p
 
 
-_CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "allow_input_weights")
+_CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "allow_input_weights",
+                 "rank_rule", "target_params", "target_macs", "budget_scope", "data_aware", "damping", "calib_mask", "adaptive",
+                 "max_drop")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -126,7 +179,7 @@ class _ProgressBar:
         width = 24
         filled = int(width * done / total)
         label = label if len(label) <= 40 else "..." + label[-37:]
-        sys.stderr.write(f"\rfactorizing [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}")
+        sys.stderr.write(f"\rworking [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}")
         sys.stderr.flush()
         self.shown = True
 
@@ -175,7 +228,8 @@ def _run_compress(argv: Sequence[str]) -> int:
             check_output_path(args.report, args.model)
     bar = _ProgressBar(enabled=not args.quiet)
     try:
-        result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, **_overrides(args))
+        result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, calib=args.calib,
+                          calib_batch=args.calib_batch, threads=args.threads, **_overrides(args))
     finally:
         bar.close()
     written = [] if args.dry_run else result.save(args.output)

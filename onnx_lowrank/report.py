@@ -158,7 +158,7 @@ def render_totals(t: Totals) -> str:
     if t.size_before is not None or t.size_after is not None:
         lines.append(f"file size:     {human_bytes(t.size_before)} -> {human_bytes(t.size_after)}{_ratio(t.size_before, t.size_after)}")
     for key, value in t.extra.items():
-        lines.append(f"{(key + ':').ljust(14)} {_fmt_extra(value)}")
+        lines.append(f"{(key.replace('_', '-') + ':').ljust(14)} {_fmt_extra(value)}")
     return "\n".join(lines)
 
 
