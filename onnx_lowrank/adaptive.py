@@ -40,7 +40,7 @@ from .config import CompressConfig
 from .plan import BudgetBase, LayerPlan, allocate_plans, budget_options
 from .verify import compare
 
-__all__ = ["GRID", "Evaluator", "decide_adaptive", "quality_drop"]
+__all__ = ["GRID", "Evaluator", "Curve", "grid_ranks", "measure_sensitivity", "decide_adaptive", "quality_drop", "distortion"]
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,33 @@ def grid_ranks(plan: LayerPlan, rank_multiple: int = 1) -> list[int]:
 
 
 @dataclass
-class _Curve:
+class Curve:
+    """Measured sensitivity of one layer at the grid ranks; :meth:`at` interpolates."""
+
     ranks: list[int]
     sens: list[float] = field(default_factory=list)
 
     def at(self, ranks: list[int]) -> np.ndarray:
         return np.interp(ranks, self.ranks, self.sens)
+
+
+def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: int = 1,
+                        progress: Progress | None = None) -> list[Curve]:
+    """Each plan's sensitivity at its :func:`grid_ranks`, compressing one layer at a time."""
+    curves = []
+    total = sum(len(grid_ranks(p, rank_multiple)) for p in plans)
+    done = 0
+    for p in plans:
+        curve = Curve(grid_ranks(p, rank_multiple))
+        for r in curve.ranks:
+            outs = ev.run({p.group.weight.name: _truncated(p, r)})
+            curve.sens.append(distortion(ev.base, outs))
+            done += 1
+            if progress is not None:
+                progress(done, total, f"sensitivity {p.group.weight.name} rank {r}")
+        log.debug("sensitivity of %s: %s", p.group.weight.name, dict(zip(curve.ranks, curve.sens)))
+        curves.append(curve)
+    return curves
 
 
 def decide_adaptive(
@@ -181,19 +202,7 @@ def decide_adaptive(
     ev = Evaluator(model, [p.group.weight.name for p in active], feeds, source_dir, threads)
     try:
         metric, _ = quality_drop(ev.base, ev.base, labels)
-        curves = []
-        total = sum(len(grid_ranks(p, cfg.rank_multiple)) for p in active)
-        done = 0
-        for p in active:
-            curve = _Curve(grid_ranks(p, cfg.rank_multiple))
-            for r in curve.ranks:
-                outs = ev.run({p.group.weight.name: _truncated(p, r)})
-                curve.sens.append(distortion(ev.base, outs))
-                done += 1
-                if progress is not None:
-                    progress(done, total, f"sensitivity {p.group.weight.name} rank {r}")
-            log.debug("sensitivity of %s: %s", p.group.weight.name, dict(zip(curve.ranks, curve.sens)))
-            curves.append(curve)
+        curves = measure_sensitivity(ev, active, cfg.rank_multiple, progress)
 
         def assign(target: float | None) -> None:
             for p in active:
