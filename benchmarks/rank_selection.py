@@ -40,7 +40,7 @@ from onnx_lowrank import activations, adaptive, decompose, plan  # noqa: E402
 from onnx_lowrank.config import CompressConfig  # noqa: E402
 from onnx_lowrank.discovery import discover  # noqa: E402
 from onnx_lowrank.feeds import as_feeds  # noqa: E402
-from onnx_lowrank.policies import choice_at, choose_rank  # noqa: E402
+from onnx_lowrank.policies import choose_rank  # noqa: E402
 from onnx_lowrank.verify import compare, make_session  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
