@@ -98,7 +98,7 @@ def _load(model: str | os.PathLike | onnx.ModelProto, base_dir: str | os.PathLik
         return copy, Path(base_dir) if base_dir is not None else None, None
     if isinstance(model, (str, os.PathLike)):
         loaded = io.load_model(model)
-        return loaded.model, loaded.base_dir, io.model_size_on_disk(loaded.path)
+        return loaded.model, loaded.base_dir, io.model_size_on_disk(loaded.path, loaded.model)
     raise UsageError(f"got a {type(model).__name__} as model; expected a path or an onnx.ModelProto.")
 
 

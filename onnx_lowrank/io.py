@@ -195,14 +195,18 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     return out
 
 
-def model_size_on_disk(path: str | os.PathLike) -> int:
-    """Bytes of the model file plus every external data file it references."""
+def model_size_on_disk(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> int:
+    """Bytes of the model file plus every external data file it references.
+
+    Pass ``model`` when it is already loaded (without external data) to avoid parsing it again.
+    """
     p = Path(path)
     total = p.stat().st_size
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception:
-        return total
+    if model is None:
+        try:
+            model = onnx.load(str(p), load_external_data=False)
+        except Exception:
+            return total
     seen: set[str] = set()
     for t in _iter_all_tensors(model):
         if _is_external(t):
