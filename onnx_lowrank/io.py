@@ -250,10 +250,17 @@ def save_model(
     if has_external and not external:
         raise ModelError("model references external data; it can only be saved with external data.")
 
+    data_name = out.name + ".data"
+    if external and has_external:
+        target = (out_dir / data_name).resolve()
+        for t in _iter_all_tensors(model):
+            if _is_external(t) and (Path(base_dir or ".") / _external_info(t)["location"]).resolve() == target:
+                raise UsageError(
+                    f"{out}: its data file '{data_name}' would overwrite the input's external data; choose another -o."
+                )
     fd, tmp_model = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out_dir)
     os.close(fd)
     tmp_data = None
-    data_name = out.name + ".data"
     restore: list[tuple[TensorProto, TensorProto]] = []
     try:
         if external:
