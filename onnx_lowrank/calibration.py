@@ -198,52 +198,67 @@ def _names(specs: Sequence[InputSpec]) -> str:
     return ", ".join(f"'{s.name}'" for s in specs) or "none"
 
 
-def _coerce(spec: InputSpec, value: Any, where: str) -> np.ndarray:
+def _check_input(spec: InputSpec, dtype: np.dtype, shape: tuple[int, ...], where: str, *, free_lead: bool = False) -> None:
+    """Check a value's dtype kind and shape against an input; ``free_lead`` skips the sample axis."""
+    want = spec.dtype
+    if want is not None and dtype != want:
+        same_kind = (dtype.kind == "f" and want.kind == "f") or (dtype.kind in "iu" and want.kind in "iu")
+        if not same_kind:
+            raise CalibrationError(f"{where}: input '{spec.name}' is {dtype}; the model expects {want}.")
+    if spec.shape is None:
+        return
+    if len(shape) != len(spec.shape):
+        raise CalibrationError(
+            f"{where}: input '{spec.name}' has rank {len(shape)} (shape {list(shape)}); "
+            f"the model expects rank {len(spec.shape)} ({spec.describe()}), first axis = samples."
+        )
+    for axis, (got, dim) in enumerate(zip(shape, spec.shape)):
+        if free_lead and axis == 0:
+            continue
+        if isinstance(dim, int) and dim > 0 and got != dim:
+            raise CalibrationError(
+                f"{where}: input '{spec.name}' has shape {list(shape)}; the model expects {spec.describe()} (axis {axis} must be {dim})."
+            )
+
+
+def _check_names(names: Iterable[str], specs: Sequence[InputSpec], where: str) -> None:
+    known = {s.name for s in specs}
+    given = list(names)
+    unknown = [str(k) for k in given if k not in known]
+    if unknown:
+        raise CalibrationError(f"{where} has unknown input(s) {', '.join(repr(u) for u in unknown)}; the model's inputs are {_names(specs)}.")
+    missing = [s.name for s in specs if s.name not in given]
+    if missing:
+        raise CalibrationError(f"{where} lacks input(s) {', '.join(repr(m) for m in missing)}; the model's inputs are {_names(specs)}.")
+
+
+def _coerce(spec: InputSpec, value: Any, where: str, *, free_lead: bool = False) -> np.ndarray:
     """``value`` as an array of the input's dtype; only casts within a kind (float64 -> float32)."""
     arr = np.asarray(value)
+    _check_input(spec, arr.dtype, arr.shape, where, free_lead=free_lead)
     want = spec.dtype
-    if want is None:
-        return arr
-    if arr.dtype != want:
-        same_kind = (arr.dtype.kind == "f" and want.kind == "f") or (arr.dtype.kind in "iu" and want.kind in "iu")
-        if not same_kind:
-            raise CalibrationError(f"{where}: input '{spec.name}' is {arr.dtype}; the model expects {want}.")
+    if want is not None and arr.dtype != want:
         if want.kind in "iu" and arr.size:
             info = np.iinfo(want)
             if arr.min() < info.min or arr.max() > info.max:
                 raise CalibrationError(f"{where}: input '{spec.name}' holds values outside the range of {want}, the dtype the model expects.")
         arr = arr.astype(want)
-    if spec.shape is not None:
-        if arr.ndim != len(spec.shape):
-            raise CalibrationError(
-                f"{where}: input '{spec.name}' has rank {arr.ndim} (shape {list(arr.shape)}); "
-                f"the model expects rank {len(spec.shape)} ({spec.describe()}), first axis = samples."
-            )
-        for axis, (got, dim) in enumerate(zip(arr.shape, spec.shape)):
-            if isinstance(dim, int) and dim > 0 and got != dim:
-                raise CalibrationError(
-                    f"{where}: input '{spec.name}' has shape {list(arr.shape)}; the model expects {spec.describe()} "
-                    f"(axis {axis} must be {dim})."
-                )
     return arr
 
 
-def check_feed(feed: Any, specs: Sequence[InputSpec], where: str) -> dict[str, np.ndarray]:
+def check_feed(feed: Any, specs: Sequence[InputSpec], where: str, *, free_lead: bool = False) -> dict[str, np.ndarray]:
     """Validate one feed against the model's inputs and return it with dtypes fixed.
+
+    Args:
+        free_lead: Accept any size on the sample axis (for whole arrays cut into feeds later).
 
     Raises:
         CalibrationError: not a dict, a missing or unknown input, or a wrong dtype kind, rank or size.
     """
     if not isinstance(feed, Mapping):
         raise CalibrationError(f"{where} is a {type(feed).__name__}; expected a dict of input name -> array.")
-    by_name = {s.name: s for s in specs}
-    unknown = [str(k) for k in feed if k not in by_name]
-    if unknown:
-        raise CalibrationError(f"{where} has unknown input(s) {', '.join(repr(u) for u in unknown)}; the model's inputs are {_names(specs)}.")
-    missing = [s.name for s in specs if s.name not in feed]
-    if missing:
-        raise CalibrationError(f"{where} lacks input(s) {', '.join(repr(m) for m in missing)}; the model's inputs are {_names(specs)}.")
-    return {s.name: _coerce(s, feed[s.name], where) for s in specs}
+    _check_names(feed, specs, where)
+    return {s.name: _coerce(s, feed[s.name], where, free_lead=free_lead) for s in specs}
 
 
 def feed_samples(feed: Mapping[str, np.ndarray]) -> int:
@@ -313,16 +328,11 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return out
 
 
-def _relax_lead(specs: Sequence[InputSpec]) -> list[InputSpec]:
-    """The specs with the leading (sample) axis free: whole files and arrays are cut into feeds later."""
-    return [InputSpec(s.name, s.dtype, None if s.shape is None else (None, *s.shape[1:]) if s.shape else ()) for s in specs]
-
-
-def _check_arrays(shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], specs: Sequence[InputSpec], batch: int, where: str) -> int:
-    """Validate arrays (by shape and dtype) that will be cut into feeds; returns the sample count."""
-    # Zero-sample stand-ins of the right dtype and trailing shape let check_feed do every check.
-    stand_in = {k: np.empty((0, *shape[1:]) if shape else (), dtype) for k, (shape, dtype) in shapes.items()}
-    check_feed(stand_in, _relax_lead(specs), where)
+def _check_arrays(shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], specs: Sequence[InputSpec], where: str) -> int:
+    """Validate arrays by shape and dtype before they are cut into feeds; returns the sample count."""
+    _check_names(shapes, specs, where)
+    for s in specs:
+        _check_input(s, shapes[s.name][1], shapes[s.name][0], where, free_lead=True)
     counts = {k: (shape[0] if shape else 1) for k, (shape, _) in shapes.items()}
     if len(set(counts.values())) > 1:
         raise CalibrationError(f"{where}: arrays disagree on the number of samples (first axis): "
@@ -337,7 +347,7 @@ def _check_arrays(shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], specs:
     return samples
 
 
-def _check_npz(path: Path, specs: Sequence[InputSpec], batch: int) -> tuple[int, np.ndarray | None]:
+def _check_npz(path: Path, specs: Sequence[InputSpec]) -> tuple[int, np.ndarray | None]:
     """Validate an ``.npz`` from its headers; returns (samples, labels or None)."""
     where = str(path)
     if path.stat().st_size == 0:
@@ -346,7 +356,7 @@ def _check_npz(path: Path, specs: Sequence[InputSpec], batch: int) -> tuple[int,
     if not heads:
         raise CalibrationError(f"{where}: holds no arrays; expected arrays named {_names(specs)}.")
     has_labels = LABELS_KEY in heads and LABELS_KEY not in {s.name for s in specs}
-    samples = _check_arrays({k: v for k, v in heads.items() if not (has_labels and k == LABELS_KEY)}, specs, batch, where)
+    samples = _check_arrays({k: v for k, v in heads.items() if not (has_labels and k == LABELS_KEY)}, specs, where)
     if not has_labels:
         return samples, None
     labels = _check_labels(_read_npz(path, [LABELS_KEY])[LABELS_KEY], f"'{LABELS_KEY}' in {where}")
@@ -398,7 +408,7 @@ class CalibrationData:
         self._labels_from = labels_from
         self._passes = 0
         if labels is not None and samples is not None and len(labels) != samples:
-            raise CalibrationError(f"{labels_from} has {len(labels)} labels but {description} holds {samples} samples; expected one label per sample.")
+            raise CalibrationError(f"{labels_from} holds {len(labels)} class ids but the calibration data ({description}) holds {samples} samples; expected one per sample.")
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         pass_no = self._passes
@@ -412,7 +422,7 @@ class CalibrationData:
         if count == 0:
             raise CalibrationError(f"{self.description}: yielded no feeds; expected at least one dict of input name -> array.")
         if self.labels is not None and len(self.labels) != total:
-            raise CalibrationError(f"{self._labels_from} has {len(self.labels)} labels but {self.description} held {total} samples; expected one label per sample.")
+            raise CalibrationError(f"{self._labels_from} holds {len(self.labels)} class ids but the calibration data ({self.description}) held {total} samples; expected one per sample.")
 
 
 # produce(pass number) -> feeds, sample count, labels, and where feed i came from (for errors).
@@ -420,7 +430,7 @@ Source = Tuple[Callable[[int], Iterable[Any]], int, Optional[np.ndarray], Callab
 
 
 def _file_source(path: Path, specs: Sequence[InputSpec], batch: int) -> Source:
-    samples, labels = _check_npz(path, specs, batch)
+    samples, labels = _check_npz(path, specs)
     keys = [s.name for s in specs]
 
     def produce(_: int) -> Iterator[dict[str, np.ndarray]]:
@@ -433,7 +443,7 @@ def _dir_source(path: Path, specs: Sequence[InputSpec], batch: int) -> Source:
     files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
     if not files:
         raise CalibrationError(f"{path}: directory holds no .npz files; expected one .npz per feed, keys = input names {_names(specs)}.")
-    checked = [_check_npz(f, specs, batch) for f in files]
+    checked = [_check_npz(f, specs) for f in files]
     with_labels = [lab is not None for _, lab in checked]
     labels = None
     if any(with_labels):
@@ -718,9 +728,9 @@ def load_calibration(
 
 def _array_source(arrays: Mapping[str, Any], specs: Sequence[InputSpec], batch: int) -> tuple[Callable[[int], Iterable[Any]], int]:
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    samples = _check_arrays({k: (a.shape, a.dtype) for k, a in arrays.items()}, specs, batch, "calibration arrays")
+    samples = _check_arrays({k: (a.shape, a.dtype) for k, a in arrays.items()}, specs, "calibration arrays")
     # Cast once here rather than on every feed of every pass.
-    cast = check_feed(arrays, _relax_lead(specs), "calibration arrays")
+    cast = check_feed(arrays, specs, "calibration arrays", free_lead=True)
     return (lambda _: _cut(cast, batch)), samples
 
 
