@@ -439,7 +439,7 @@ def _file_source(path: Path, specs: Sequence[InputSpec], batch: int) -> Source:
     return produce, samples, labels, lambda i: f"{path} (feed {i})"
 
 
-def _dir_source(path: Path, specs: Sequence[InputSpec], batch: int) -> Source:
+def _dir_source(path: Path, specs: Sequence[InputSpec]) -> Source:
     files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
     if not files:
         raise CalibrationError(f"{path}: directory holds no .npz files; expected one .npz per feed, keys = input names {_names(specs)}.")
@@ -694,7 +694,7 @@ def load_calibration(
     elif isinstance(calib, (str, os.PathLike)):
         path = Path(calib)
         if path.is_dir():
-            produce, known_samples, file_labels, where = _dir_source(path, specs, batch)
+            produce, known_samples, file_labels, where = _dir_source(path, specs)
         elif path.is_file() and path.suffix == ".npz":
             produce, known_samples, file_labels, where = _file_source(path, specs, batch)
         elif path.is_file():
