@@ -48,6 +48,8 @@ __all__ = [
     "CalibrationData",
     "load_calibration",
     "iter_feeds",
+    "check_feed",
+    "feed_samples",
     "model_inputs",
     "parse_input_shapes",
     "parse_input_ranges",

@@ -249,9 +249,12 @@ def _run_compress(argv: Sequence[str]) -> int:
         _print(render_table(result.layers))
         _print("")
         _print(render_totals(result.totals))
-        _print("")
-        _print(render_verification(check) if check is not None else
-               "not verified: add --calib data.npz (or --verify for random inputs) to compare with the original in onnxruntime")
+        if check is not None:
+            _print("")
+            _print(render_verification(check))
+        elif not args.dry_run:
+            _print("")
+            _print("not verified: add --calib data.npz (or --verify for random inputs) to compare with the original in onnxruntime")
     if check is not None:
         _warn(check.warnings)
     if args.dry_run:

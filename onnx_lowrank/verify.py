@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 
 from . import io
-from .calibration import CalibrationData, feed_samples, load_calibration, parse_input_ranges, parse_input_shapes
+from .calibration import CalibrationData, feed_samples, load_calibration, model_inputs, parse_input_ranges, parse_input_shapes
 from .errors import CalibrationError, ModelError, UsageError, VerificationFailed
 
 __all__ = [
@@ -214,6 +214,7 @@ class VerifyReport:
         threads: onnxruntime intra-op threads (``None``: its default).
         seconds: Wall time of the check (sessions, runs, metrics).
         warnings: Things the user should hear about.
+        config: The :class:`VerifyConfig` used, as JSON-ready data.
     """
 
     samples: int
@@ -227,6 +228,7 @@ class VerifyReport:
     threads: int | None = None
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def worst(self) -> Judgement | None:
@@ -267,6 +269,7 @@ class VerifyReport:
             "threads": self.threads,
             "seconds": round(self.seconds, 4),
             "warnings": list(self.warnings),
+            "config": dict(self.config),
         }
 
 
@@ -446,8 +449,6 @@ def _header(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _check_same_interface(ref: onnx.ModelProto, new: onnx.ModelProto) -> None:
-    from .calibration import model_inputs
-
     ref_in, new_in = [s.name for s in model_inputs(ref)], [s.name for s in model_inputs(new)]
     if sorted(ref_in) != sorted(new_in):
         raise ModelError(f"the models take different inputs: {', '.join(ref_in)} (original) vs {', '.join(new_in)} (compressed); "
@@ -533,6 +534,7 @@ def verify_models(
         samples=samples, outputs=metrics, judged=judged, not_judged={**skipped, **not_tensors},
         max_drop=None if cfg.max_drop is None else float(cfg.max_drop), source=data.description, synthetic=data.synthetic,
         labels=data.labels is not None, threads=cfg.threads, seconds=time.perf_counter() - start, warnings=list(data.warnings),
+        config=cfg.to_dict(),
     )
     log.info("verified on %d samples from %s: %s", samples, data.description, report.summary())
     return report

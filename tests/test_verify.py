@@ -174,6 +174,7 @@ def test_cli_gate_passes_and_writes(model_path, calib_path, tmp_path, capsys):
     assert "verification: 40 samples from calib.npz" in text and "passed" in text
     doc = json.loads(rep.read_text())["verification"]
     assert doc["passed"] and doc["samples"] == 40 and doc["worst"]["metric"] == "top1"
+    assert doc["config"]["calib"] == str(calib_path) and doc["config"]["max_drop"] == 0.001
     assert out.exists()
 
 
@@ -202,6 +203,8 @@ def test_cli_without_verification_flags_is_unchanged(model_path, tmp_path, capsy
     assert main([str(model_path), "-o", str(tmp_path / "o.onnx"), "--min-params", "0"]) == 0
     cap = capsys.readouterr()
     assert "not verified" in cap.out and cap.err == ""
+    assert main([str(model_path), "--dry-run", "--min-params", "0"]) == 0
+    assert "not verified" not in capsys.readouterr().out
 
 
 def test_cli_verify_flag_uses_random_inputs_and_warns(model_path, tmp_path, capsys):
