@@ -1,16 +1,20 @@
 """``compress()``: the one facade; the CLI is a thin shell over it.
 
-Data flows one way: load -> discover -> decide ranks -> rewrite -> (verify) -> save -> report.
+Data flows one way: load -> discover -> decide ranks -> rewrite -> verify -> save -> report.
+Verification runs only when asked for (``verify=``); it compares the rewritten model with the
+original in onnxruntime before anything is handed over, and a failed gate raises
+:class:`~onnx_lowrank.errors.VerificationFailed` so that a refused model cannot be saved by mistake.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -20,6 +24,7 @@ from .config import CompressConfig, load_recipe
 from .discovery import discover
 from .errors import UsageError
 from .report import LayerDecision, Totals, to_json_dict
+from .verify import VerifyConfig, VerifyReport, verify_models
 
 __all__ = ["compress", "CompressResult", "Progress"]
 
@@ -43,6 +48,7 @@ class CompressResult:
         config: The configuration used.
         source_dir: Directory that external data references of ``model`` are relative to.
         dry_run: True when the model was planned but not rewritten.
+        verification: What the onnxruntime check measured, when ``verify=`` was given.
     """
 
     model: onnx.ModelProto
@@ -51,6 +57,7 @@ class CompressResult:
     config: CompressConfig
     source_dir: Path | None = None
     dry_run: bool = False
+    verification: VerifyReport | None = None
     sections: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -72,7 +79,10 @@ class CompressResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data: layers, totals, config, and any extra sections."""
-        return to_json_dict(self.layers, self.totals, config=self.config.to_dict(), dry_run=self.dry_run, **self.sections)
+        sections = dict(self.sections)
+        if self.verification is not None:
+            sections["verification"] = self.verification.to_dict()
+        return to_json_dict(self.layers, self.totals, config=self.config.to_dict(), dry_run=self.dry_run, **sections)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -123,6 +133,7 @@ def compress(
     dry_run: bool = False,
     base_dir: str | os.PathLike | None = None,
     progress: Progress | None = None,
+    verify: VerifyConfig | Mapping[str, Any] | None = None,
     **options: Any,
 ) -> CompressResult:
     """Factorize the constant weights of a model's MatMul/Gemm nodes.
@@ -135,15 +146,24 @@ def compress(
         dry_run: Decide ranks but leave the model as it is.
         base_dir: Where external data of an in-memory ``model`` lives.
         progress: Called as ``progress(done, total, weight_name)``.
+        verify: Check the rewritten model against the original in onnxruntime: a
+            :class:`~onnx_lowrank.verify.VerifyConfig` or a dict of its fields
+            (``{"calib": "data.npz", "max_drop": 0.01}``).  ``None`` skips the check.
 
     Returns:
-        A :class:`CompressResult`.
+        A :class:`CompressResult`; ``result.verification`` holds the check's numbers.
 
     Raises:
-        UsageError: bad option values or paths.
+        UsageError: bad option values or paths (also ``verify`` with ``dry_run``).
         ModelError: the model cannot be read or rewritten.
+        CalibrationError: the calibration data does not fit the model.
+        VerificationFailed: the gate failed and ``keep_failed`` is off; the exception carries
+            ``.report`` and the refused ``.result``.
     """
     cfg = _resolve_config(config, recipe, options)
+    vcfg = _resolve_verify(verify)
+    if vcfg is not None and dry_run:
+        raise UsageError("--dry-run leaves the model as it is, so there is nothing to verify; drop --dry-run or the verification flags.")
     proto, source_dir, size_before = _load(model, base_dir)
     found = discover(proto, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
                      allow_input_weights=cfg.allow_input_weights)
@@ -164,7 +184,25 @@ def compress(
     totals.model_params_after = params_model_before - totals.params_before + totals.params_after
     if not dry_run and totals.factorized:
         _record_metadata(proto, cfg, totals)
-    return CompressResult(model=proto, layers=decisions, totals=totals, config=cfg, source_dir=source_dir, dry_run=dry_run)
+    result = CompressResult(model=proto, layers=decisions, totals=totals, config=cfg, source_dir=source_dir, dry_run=dry_run)
+    if vcfg is not None:
+        # The caller's ModelProto was copied by _load, so it still is the original.
+        result.verification = verify_models(model, proto, vcfg, base_dir=source_dir)
+        if not vcfg.keep_failed:
+            result.verification.check(result=result)
+    return result
+
+
+def _resolve_verify(verify: VerifyConfig | Mapping[str, Any] | None) -> VerifyConfig | None:
+    if verify is None or isinstance(verify, VerifyConfig):
+        return verify
+    if isinstance(verify, Mapping):
+        known = {f.name for f in dataclasses.fields(VerifyConfig)}
+        unknown = sorted(set(verify) - known)
+        if unknown:
+            raise UsageError(f"verify: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}.")
+        return VerifyConfig(**verify)
+    raise UsageError(f"got a {type(verify).__name__} as verify; expected a VerifyConfig or a dict of its fields.")
 
 
 def _record_metadata(proto: onnx.ModelProto, cfg: CompressConfig, totals: Totals) -> None:

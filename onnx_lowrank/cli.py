@@ -1,6 +1,7 @@
 """Command line: argument parsing and printing only; the work is done by :func:`compress`.
 
-    onnx-lowrank MODEL -o OUT [--energy E | --rank N] [options]
+    onnx-lowrank MODEL -o OUT [--energy E | --rank N] [--calib DATA --max-drop X] [options]
+    onnx-lowrank verify ORIGINAL COMPRESSED [--calib DATA] [--max-drop X] [options]
     onnx-lowrank demo [-o OUT]
 
 Exit codes: 0 done, 1 failure (unreadable model, failed check), 2 usage error.
@@ -19,7 +20,7 @@ from . import __version__
 from .errors import LowRankError, UsageError
 
 PROG = "onnx-lowrank"
-SUBCOMMANDS = ("demo",)
+SUBCOMMANDS = ("demo", "verify")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +63,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got '{text}'; e.g. --max-drop 0.01 (one point)") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}; e.g. --max-drop 0.01 (one point)")
+    return value
+
+
 def _op_types(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
@@ -84,6 +95,39 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
                    help="also factorize weights that are graph inputs (every initializer is one in IR < 4)")
 
 
+def _add_verify_options(p: argparse.ArgumentParser, title: str) -> None:
+    from .verify import METRICS
+
+    g = p.add_argument_group(title)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--calib", metavar="PATH", help="calibration data: an .npz (keys = input names, first axis = samples) or a directory of .npz files, one feed each")
+    src.add_argument("--calib-script", metavar="FILE.py:FUNC", help="a function returning an iterable of feed dicts")
+    g.add_argument("--calib-batch", type=_positive_int("--calib-batch"), metavar="N", help="samples per onnxruntime run when cutting an .npz (default 32)")
+    g.add_argument("--labels", metavar="NPY", help="class ids, one per sample (else a 'labels' array in the .npz)")
+    g.add_argument("--samples", type=_positive_int("--samples"), metavar="N", help="without --calib: random samples to compare on (default 32)")
+    g.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="shape of a random input, e.g. input_ids:1x128 (repeatable, or comma-separated)")
+    g.add_argument("--input-range", action="append", metavar="NAME:LOW,HIGH", help="values of a random input drawn from [LOW, HIGH), e.g. input_ids:0,30522")
+    g.add_argument("--max-drop", type=_fraction, metavar="X", help="fail when the metric drops by more than X (a fraction: 0.01 is one point)")
+    g.add_argument("--metric", choices=METRICS, help="what --max-drop is checked against (default: accuracy with labels, else top1 for class scores, else cosine)")
+    g.add_argument("--gate-output", metavar="NAME", help="judge only this model output (default: every output, the worst counts)")
+    g.add_argument("--keep-failed", action="store_true", default=None, help="write the model even when the check fails (still exit 1)")
+    g.add_argument("--threads", type=_positive_int("--threads"), metavar="N", help="onnxruntime intra-op threads (default: onnxruntime's choice)")
+
+
+_VERIFY_FLAGS = ("calib", "calib_script", "calib_batch", "labels", "samples", "input_shape", "input_range", "max_drop", "metric",
+                 "gate_output", "keep_failed", "threads")
+
+
+def _verify_config(args: argparse.Namespace, *, always: bool = False):
+    """A VerifyConfig from the flags given, or None when none was given (and ``always`` is off)."""
+    from .verify import VerifyConfig
+
+    given = {k: getattr(args, k) for k in _VERIFY_FLAGS if getattr(args, k, None) is not None}
+    if not given and not always and not getattr(args, "verify", False):
+        return None
+    return VerifyConfig(**given)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print only the final summary line and errors")
     p.add_argument("-v", "--verbose", action="store_true", help="log each decision and show tracebacks")
@@ -93,7 +137,8 @@ def _compress_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         description="Factorize the constant weights of an ONNX model's MatMul/Gemm nodes into low-rank pairs.",
-        epilog="Subcommands: 'onnx-lowrank demo' runs the pass on a small model shipped with the package.",
+        epilog="Subcommands: 'onnx-lowrank verify ORIGINAL COMPRESSED' compares two models; "
+               "'onnx-lowrank demo' runs the pass on a small model shipped with the package.",
     )
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", metavar="OUT", help="output .onnx path (external data is written beside it)")
@@ -101,6 +146,8 @@ def _compress_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--report", metavar="JSON", help="also write the report as JSON")
     out.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
+    _add_verify_options(p, "verification (runs before anything is written, when --verify or any of these is given)")
+    p.add_argument("--verify", action="store_true", help="compare with the original in onnxruntime (on random inputs unless --calib)")
     _add_common(p)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
@@ -159,13 +206,21 @@ def _write_report(path: str, doc_json: str) -> None:
         raise
 
 
+def _warn(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
+
+
 def _run_compress(argv: Sequence[str]) -> int:
     from .api import compress
+    from .errors import VerificationFailed
     from .io import check_input_path, check_output_path
     from .report import render_table, render_totals
+    from .verify import render_verification
 
     args = _compress_parser().parse_args(argv)
     _setup_logging(args)
+    verify = _verify_config(args)
     check_input_path(args.model)
     if not args.dry_run:
         if not args.output:
@@ -175,21 +230,73 @@ def _run_compress(argv: Sequence[str]) -> int:
             check_output_path(args.report, args.model)
     bar = _ProgressBar(enabled=not args.quiet)
     try:
-        result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, **_overrides(args))
+        result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, verify=verify, **_overrides(args))
+    except VerificationFailed as exc:
+        refused = exc.result
+        if refused is not None and not args.quiet:
+            _print(render_table(refused.layers))
+            _print("")
+            _print(render_totals(refused.totals))
+            _print("")
+            _print(render_verification(exc.report))
+        _warn(exc.report.warnings)
+        raise VerificationFailed(f"{exc}; nothing written (pass --keep-failed to write it anyway)", report=exc.report, result=refused) from None
     finally:
         bar.close()
     written = [] if args.dry_run else result.save(args.output)
+    check = result.verification
     if not args.quiet:
         _print(render_table(result.layers))
         _print("")
         _print(render_totals(result.totals))
+        if check is not None:
+            _print("")
+            _print(render_verification(check))
+        elif not args.dry_run:
+            _print("")
+            _print("not verified: add --calib data.npz (or --verify for random inputs) to compare with the original in onnxruntime")
+    if check is not None:
+        _warn(check.warnings)
     if args.dry_run:
         _print(f"dry run: {result.totals.factorized} layer(s) would be factorized; nothing written.")
         return 0
     if args.report:
         _write_report(args.report, result.to_json())
     files = " + ".join(str(p) for p in written)
-    _print(f"wrote {files}" + (f" and report {args.report}" if args.report else ""))
+    _print(f"wrote {files}" + (f" and report {args.report}" if args.report else "")
+           + (f"; check {'passed' if check.passed else 'FAILED'}: {check.summary()}" if check is not None else ""))
+    if check is not None and not check.passed:
+        raise VerificationFailed(f"check failed: {check.summary()}; wrote the model anyway (--keep-failed)", report=check, result=result)
+    return 0
+
+
+def _run_verify(argv: Sequence[str]) -> int:
+    from .io import check_input_path, check_output_path
+    from .report import dumps
+    from .verify import render_verification, verify_models
+
+    p = _Parser(prog=f"{PROG} verify", description="Compare two models in onnxruntime on the same data; exit 1 when --max-drop is exceeded.")
+    p.add_argument("original", help="the reference .onnx model")
+    p.add_argument("compressed", help="the .onnx model to check (same inputs and outputs)")
+    _add_verify_options(p, "data and gate")
+    p.add_argument("--report", metavar="JSON", help="also write the measured numbers as JSON (written on failure too)")
+    _add_common(p)
+    args = p.parse_args(argv)
+    _setup_logging(args)
+    if args.keep_failed:
+        raise UsageError("--keep-failed applies to the main command, which writes a model; 'verify' writes none.")
+    for path in (args.original, args.compressed):
+        check_input_path(path)
+    if args.report:
+        check_output_path(args.report, args.original)
+    report = verify_models(args.original, args.compressed, _verify_config(args, always=True))
+    if not args.quiet:
+        _print(render_verification(report))
+    _warn(report.warnings)
+    if args.report:
+        _write_report(args.report, dumps({"verification": report.to_dict()}))
+    _print(f"check {'passed' if report.passed else 'FAILED'}: {report.summary()}")
+    report.check()
     return 0
 
 
@@ -219,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "demo":
             return _run_demo(argv[1:])
+        if argv and argv[0] == "verify":
+            return _run_verify(argv[1:])
         return _run_compress(argv)
     except LowRankError as exc:
         if verbose:
