@@ -22,12 +22,16 @@ metric         before -> after                drop
 =============  =============================  ===============================
 
 Without ``metric`` each output is judged by ``accuracy`` when there are labels and it holds
-class scores, else ``top1`` when it holds class scores, else ``cosine``.  Every output is judged
+class scores, else ``top1`` when it holds class scores and its name says so (``logits``,
+``scores``, ``probabilities``, ``class...``, ``pred...``), else ``cosine`` (embeddings are 2-D
+float too, and their arg-max means nothing).  Every output is judged
 unless ``gate_output`` names one; the check passes when every judged drop is at most
 ``max_drop``, and the worst drop is the one reported.
 """
 
 from __future__ import annotations
+
+import re
 
 import dataclasses
 import logging
@@ -410,10 +414,17 @@ def compare(name: str, y: np.ndarray, z: np.ndarray, labels: np.ndarray | None =
 _ROUNDING = 1e-9
 
 
+# Without labels a 2-D float output may be class scores or an embedding; arg-max agreement means
+# nothing for an embedding, so top-1 is the default only when the output's name says "scores".
+_CLASS_SCORE_NAME = re.compile(r"logit|score|prob|class|pred", re.IGNORECASE)
+
+
 def _default_metric(m: OutputMetrics, have_labels: bool) -> str:
     if m.top1_agreement is None:
         return "cosine"
-    return "accuracy" if have_labels else "top1"
+    if have_labels:
+        return "accuracy"
+    return "top1" if _CLASS_SCORE_NAME.search(m.name) else "cosine"
 
 
 def _judge(metrics: Sequence[OutputMetrics], cfg: VerifyConfig, have_labels: bool) -> tuple[list[Judgement], dict[str, str]]:

@@ -173,7 +173,7 @@ def test_cli_gate_passes_and_writes(model_path, calib_path, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "verification: 40 samples from calib.npz" in text and "passed" in text
     doc = json.loads(rep.read_text())["verification"]
-    assert doc["passed"] and doc["samples"] == 40 and doc["worst"]["metric"] == "top1"
+    assert doc["passed"] and doc["samples"] == 40 and doc["worst"]["metric"] == "cosine"  # output "y" is not named like class scores
     assert doc["config"]["calib"] == str(calib_path) and doc["config"]["max_drop"] == 0.001
     assert out.exists()
 
@@ -298,3 +298,15 @@ def test_digits_cli_and_verify_subcommand(tmp_path, capsys):
     assert "check passed: f1 drop" in capsys.readouterr().out
     assert main(["verify", str(DEMO_MODEL), str(out), "--calib", str(DEMO_HOLDOUT), "--gate-output", "logits", "--max-drop", "0.02"]) == 0
     assert "with labels" in capsys.readouterr().out
+
+
+def test_unlabelled_embedding_output_is_judged_by_cosine_not_argmax():
+    def renamed(model, name):
+        model.graph.node[0].output[0] = name
+        model.graph.output[0].name = name
+        return model
+
+    a, b = renamed(scores_model(n=32), "sentence_embedding"), renamed(scores_model(n=32, noise=0.3), "sentence_embedding")
+    report = verify_models(a, b, input_shape="x:4x16", samples=8, max_drop=1.0)
+    assert report.outputs[0].top1_agreement is not None  # still measured and reported
+    assert report.judged[0].metric == "cosine"
