@@ -286,7 +286,7 @@ def _decide_conv(plan: LayerPlan, cfg: CompressConfig) -> None:
                              rank_multiple=cfg.rank_multiple, break_even=plan.break_even(opt.mode))
         outcomes.append((not choice.saves, plan.macs(choice.rank, opt.mode), opt.mode != "channel", opt.mode, choice))
     outcomes.sort(key=lambda o: o[:3])
-    _, macs, _, mode, choice = outcomes[0]
+    mode, choice = outcomes[0][3], outcomes[0][4]
     plan.select(mode)
     plan.choice = choice
     if choice.saves:
@@ -296,8 +296,8 @@ def _decide_conv(plan: LayerPlan, cfg: CompressConfig) -> None:
         params_r = choice_r.rank * (plan.conv_options[mode_r].m + plan.conv_options[mode_r].n)
         tried.append(f"{mode_r}-wise rank {choice_r.rank} needs {macs_r:,} {unit} and {params_r:,} parameters "
                      f"(break-even rank {choice_r.break_even})")
-    tried = "; ".join(tried)
-    plan.reason = f"rank saves nothing: {tried}; the dense Conv needs {dense:,} {unit} and {int(np.prod(plan.weight_shape)):,} parameters"
+    plan.reason = (f"factoring saves nothing: {'; '.join(tried)}; the dense Conv needs {dense:,} {unit} "
+                   f"and {int(np.prod(plan.weight_shape)):,} parameters")
 
 
 def apply(model: onnx.ModelProto, plans: list[LayerPlan]) -> None:

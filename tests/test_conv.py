@@ -64,6 +64,32 @@ def attrs_of(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+# ---- the math ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,shape", [("channel", (6, 4, 3, 3)), ("channel", (5, 3, 7)), ("channel", (4, 2, 2, 3, 3)),
+                                        ("spatial", (6, 4, 3, 5)), ("spatial", (3, 7, 1, 4))])
+def test_kernels_compose_back_to_the_weight(mode, shape):
+    w = np.random.default_rng(3).standard_normal(shape)
+    m = decompose.conv_matrix(w, mode)
+    assert m.shape == decompose.conv_matrix_shape(w.shape, mode)
+    assert np.isclose(np.linalg.norm(m), np.linalg.norm(w)), "a reshape keeps ||W||_F, so energies agree across modes"
+    spec = decompose.spectrum(m)
+    k1, k2 = decompose.conv_kernels(*decompose.factors(spec, spec.full_rank), w.shape, mode)
+    if mode == "channel":
+        back = np.einsum("ok,kc...->oc...", k2.reshape(k2.shape[0], -1), k1)
+    else:
+        back = np.einsum("okj,kci->ocij", k2[:, :, 0, :], k1[..., 0])
+    np.testing.assert_allclose(back, w, atol=1e-10)
+
+
+def test_spatial_view_of_a_1d_kernel_is_refused():
+    with pytest.raises(ValueError, match="spatial-wise needs a 2-D kernel"):
+        decompose.conv_matrix(np.ones((4, 2, 3)), "spatial")
+    with pytest.raises(ValueError, match="expected one of channel, spatial"):
+        decompose.conv_matrix_shape((4, 2, 3, 3), "diagonal")
+
+
 # ---- exact splits ---------------------------------------------------------------------------
 
 PADDINGS_2D = [("NOTSET", None), ("NOTSET", (1, 2, 0, 1)), ("SAME_UPPER", None), ("SAME_LOWER", None), ("VALID", None)]
