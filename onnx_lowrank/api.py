@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import onnx
 
-from . import __version__, io, plan
+from . import __version__, io, plan, shapes
 from .config import CompressConfig, load_recipe
 from .discovery import discover
 from .errors import UsageError
@@ -43,7 +43,7 @@ class CompressResult:
     Attributes:
         model: The compressed model.  Tensors the input kept in external data files still point
             there (``source_dir``); :meth:`save` writes a complete copy.
-        layers: One decision per MatMul/Gemm node, in graph order.
+        layers: One decision per MatMul/Gemm/Conv node, in graph order.
         totals: Parameters, MACs and file sizes before and after.
         config: The configuration used.
         source_dir: Directory that external data references of ``model`` are relative to.
@@ -136,7 +136,7 @@ def compress(
     verify: VerifyConfig | Mapping[str, Any] | None = None,
     **options: Any,
 ) -> CompressResult:
-    """Factorize the constant weights of a model's MatMul/Gemm nodes.
+    """Factorize the constant weights of a model's MatMul/Gemm/Conv nodes.
 
     Args:
         model: A path to an ``.onnx`` file, or an ``onnx.ModelProto`` (left unmodified).
@@ -168,11 +168,14 @@ def compress(
     found = discover(proto, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
                      allow_input_weights=cfg.allow_input_weights)
     params_model_before = _count_params(proto)
-    plans = plan.build_plans(found, source_dir, progress)
+    # Conv MACs scale with the output size, which only the model's shapes tell; read them
+    # before the rewrite changes the graph.
+    known = shapes.value_shapes(proto) if any(l.is_conv for l in found.layers) else None
+    plans = plan.build_plans(found, source_dir, progress, conv_mode=cfg.conv_mode, shapes=known)
     plan.decide(plans, cfg)
     if not dry_run:
         plan.apply(proto, plans)
-    decisions = plan.decisions(found, plans)
+    decisions = plan.decisions(found, plans, shapes=known)
 
     totals = Totals(layers=len(decisions), factorized=sum(d.factorized for d in decisions), size_before=size_before)
     for d in decisions:
@@ -180,6 +183,7 @@ def compress(
         totals.params_after += d.params_after
         totals.macs_before += d.macs_before
         totals.macs_after += d.macs_after
+    totals.macs_per, totals.macs_note = _macs_units(decisions, known)
     totals.model_params_before = params_model_before
     totals.model_params_after = params_model_before - totals.params_before + totals.params_after
     if not dry_run and totals.factorized:
@@ -203,6 +207,23 @@ def _resolve_verify(verify: VerifyConfig | Mapping[str, Any] | None) -> VerifyCo
             raise UsageError(f"verify: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}.")
         return VerifyConfig(**verify)
     raise UsageError(f"got a {type(verify).__name__} as verify; expected a VerifyConfig or a dict of its fields.")
+
+
+def _macs_units(decisions: list[LayerDecision], known: shapes.ShapeInfo | None) -> tuple[str, str | None]:
+    units = {d.macs_per for d in decisions if d.macs_per is not None and d.macs_before}
+    if units <= {"row"}:
+        return "row", None
+    parts = []
+    if "sample" in units:
+        parts.append("Conv per sample at batch 1")
+    if "row" in units:
+        parts.append("MatMul/Gemm per activation row")
+    pixel = sum(d.macs_per == "output pixel" for d in decisions)
+    if pixel:
+        why = known.note if known is not None and known.note else "its input's spatial dims are dynamic"
+        parts.append(f"{pixel} Conv node(s) per output pixel, their size being unknown ({why}); "
+                     "fix the input size (python -m onnxruntime.tools.make_dynamic_shape_fixed) to count them per sample")
+    return "mixed", "; ".join(parts)
 
 
 def _record_metadata(proto: onnx.ModelProto, cfg: CompressConfig, totals: Totals) -> None:

@@ -90,7 +90,11 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--min-params", type=_non_negative_int, metavar="N", help="leave weights with fewer elements alone (default 4096)")
     s.add_argument("--include", metavar="REGEX", help="only factorize nodes or weights whose name matches")
     s.add_argument("--exclude", metavar="REGEX", help="leave nodes or weights whose name matches alone")
-    s.add_argument("--op-types", type=_op_types, metavar="LIST", help="node types to consider (default MatMul,Gemm)")
+    s.add_argument("--op-types", type=_op_types, metavar="LIST",
+                   help="node types to consider, a comma-separated subset of MatMul,Gemm,Conv (default: all three)")
+    s.add_argument("--conv-mode", choices=("channel", "spatial", "auto"),
+                   help="how a Conv is split: channel (k x k conv to r channels, then 1 x 1), spatial (kh x 1, then 1 x kw), "
+                        "or auto: per layer, whichever needs fewer MACs (default auto)")
     s.add_argument("--allow-input-weights", action="store_true", default=None,
                    help="also factorize weights that are graph inputs (every initializer is one in IR < 4)")
 
@@ -136,7 +140,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _compress_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
-        description="Factorize the constant weights of an ONNX model's MatMul/Gemm nodes into low-rank pairs.",
+        description="Factorize the constant weights of an ONNX model's MatMul/Gemm/Conv nodes into low-rank pairs.",
         epilog="Subcommands: 'onnx-lowrank verify ORIGINAL COMPRESSED' compares two models; "
                "'onnx-lowrank demo' runs the pass on a small model shipped with the package.",
     )
@@ -153,7 +157,8 @@ def _compress_parser() -> argparse.ArgumentParser:
     return p
 
 
-_CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "allow_input_weights")
+_CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "conv_mode",
+                 "allow_input_weights")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from .errors import UsageError
 __all__ = ["CompressConfig", "DEFAULT_ENERGY", "load_recipe", "recipe_path", "list_recipes"]
 
 DEFAULT_ENERGY = 0.95
-OP_TYPES = ("MatMul", "Gemm")
+OP_TYPES = ("MatMul", "Gemm", "Conv")
+CONV_MODES = ("channel", "spatial", "auto")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,10 @@ class CompressConfig:
         min_params: Leave weights with fewer elements alone.
         include: Regex on node or weight names; only matches are factorized.
         exclude: Regex on node or weight names; matches are left alone.
-        op_types: Node types to consider.
+        op_types: Node types to consider; any of ``MatMul``, ``Gemm``, ``Conv`` (all by default).
+        conv_mode: How Conv weights are split: ``channel`` (k x k conv to r channels, then 1 x 1),
+            ``spatial`` (kh x 1 then 1 x kw; 2-D kernels only), or ``auto``, which picks per layer
+            the one with fewer multiply-accumulates at its chosen rank.
         allow_input_weights: Also factorize weights listed as graph inputs (every initializer
             is one in IR < 4); the factors replace the weight among the inputs.
     """
@@ -49,6 +53,7 @@ class CompressConfig:
     include: str | None = None
     exclude: str | None = None
     op_types: tuple[str, ...] = OP_TYPES
+    conv_mode: str = "auto"
     allow_input_weights: bool = False
 
     def __post_init__(self) -> None:
@@ -75,6 +80,8 @@ class CompressConfig:
         if bad or not ops:
             raise UsageError(f"--op-types got {','.join(bad) or 'nothing'}; expected a comma-separated subset of {','.join(OP_TYPES)}.")
         object.__setattr__(self, "op_types", ops)
+        if self.conv_mode not in CONV_MODES:
+            raise UsageError(f"--conv-mode got {self.conv_mode!r}; expected one of {', '.join(CONV_MODES)}.")
 
     @property
     def effective_energy(self) -> float | None:

@@ -52,10 +52,15 @@ def choose_rank(
     energy: float | None = None,
     rank: int | None = None,
     rank_multiple: int = 1,
+    break_even: int | None = None,
 ) -> RankChoice:
     """Apply the configured rule to singular values ``s`` of an ``(m, n)`` matrix.
 
     Exactly one of ``energy`` and ``rank`` is used; ``rank`` wins when both are given.
+
+    Args:
+        break_even: The largest rank that still saves, when it is not the parameter break-even
+            of ``(m, n)`` (a Conv's MAC count can break even earlier).
     """
     full = min(m, n)
     if rank is not None:
@@ -64,11 +69,12 @@ def choose_rank(
         r = decompose.energy_rank(s, energy)
     else:
         raise ValueError("Got neither energy nor rank; expected one of them.")
-    r = decompose.round_rank(r, rank_multiple, m, n)
+    be = decompose.break_even_rank(m, n) if break_even is None else break_even
+    r = decompose.round_rank(r, rank_multiple, m, n, limit=be)
     return RankChoice(
         rank=r,
         full_rank=full,
-        break_even=decompose.break_even_rank(m, n),
+        break_even=be,
         energy=decompose.energy_kept(s, r),
         rel_error=decompose.relative_error(s, r),
     )
