@@ -112,7 +112,7 @@ def _add_verify_options(p: argparse.ArgumentParser, title: str) -> None:
     g.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="shape of a random input, e.g. input_ids:1x128 (repeatable, or comma-separated)")
     g.add_argument("--input-range", action="append", metavar="NAME:LOW,HIGH", help="values of a random input drawn from [LOW, HIGH), e.g. input_ids:0,30522")
     g.add_argument("--max-drop", type=_fraction, metavar="X", help="fail when the metric drops by more than X (a fraction: 0.01 is one point)")
-    g.add_argument("--metric", choices=METRICS, help="what --max-drop is checked against (default: accuracy with labels, else top1 for class scores, else cosine)")
+    g.add_argument("--metric", choices=METRICS, help="what --max-drop is checked against (default: accuracy with labels, else top1 for outputs named like class scores, else cosine)")
     g.add_argument("--gate-output", metavar="NAME", help="judge only this model output (default: every output, the worst counts)")
     g.add_argument("--keep-failed", action="store_true", default=None, help="write the model even when the check fails (still exit 1)")
     g.add_argument("--threads", type=_positive_int("--threads"), metavar="N", help="onnxruntime intra-op threads (default: onnxruntime's choice)")
