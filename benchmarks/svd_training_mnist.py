@@ -357,7 +357,7 @@ def summarize(rows: list[Row]) -> list[str]:
         vs = (f"smallest ARSVD/dense model at >= its accuracy: {best.method} with {best.weight_params:,} "
               f"({best.weight_params / r.weight_params:.2f}x more)") if best else "no ARSVD model reaches its accuracy"
         ok2 = best is not None and best.weight_params / r.weight_params >= 2
-        out.append(f"{r.method}: {ratio:.2f}x fewer weight parameters than dense, accuracy {drop:+.1f} points below dense "
+        out.append(f"{r.method}: {ratio:.2f}x fewer weight parameters than dense, accuracy {-drop:+.1f} points vs dense "
                    f"({'meets' if ok1 else 'misses'} 5x within 0.5 points); {vs} ({'meets' if ok2 else 'misses'} 2x)")
     return out
 
