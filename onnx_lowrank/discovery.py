@@ -226,6 +226,8 @@ def discover(
     result = Discovery()
     defs_by_weight: dict[int, _Def] = {}
     _walk(model.graph, [], "", wanted, result, defs_by_weight)
+    # First, so that a re-run names the pair even for a factor under --min-params.
+    _mark_factor_pairs(result)
 
     groups: dict[int, WeightGroup] = {}
     for layer in result.layers:
@@ -282,7 +284,6 @@ def discover(
         if group.reason is not None:
             for layer in group.layers:
                 layer.reason = layer.reason or group.reason
-    _mark_factor_pairs(result)
     return result
 
 
@@ -423,10 +424,3 @@ def _mark_factor_pairs(result: Discovery) -> None:
         for layer in (first, second):
             if layer.reason is None:
                 layer.reason = reason
-    for group in result.groups:
-        if group.reason is None:
-            blocked = next((l for l in group.layers if l.reason), None)
-            if blocked is not None:
-                group.reason = blocked.reason
-                for layer in group.layers:
-                    layer.reason = layer.reason or blocked.reason
