@@ -373,12 +373,19 @@ def decisions(found: Discovery, plans: list[LayerPlan], shapes: ShapeInfo | None
                 macs_per=unit,
             )
     out = []
+    counted = {id(g.weight) for g in found.groups}
     for layer in found.layers:
         row = rows.get(id(layer))
         if row is None:
             has_shape = layer.weight is not None and layer.weight.tensor is not None
+            shape = layer.weight.shape if has_shape else None
+            # Weights left alone before grouping (e.g. factor pairs) still count, once each.
+            params = 0
+            if shape and id(layer.weight) not in counted:
+                counted.add(id(layer.weight))
+                params = int(np.prod(shape))
             row = LayerDecision(node=layer.display_name, op_type=layer.op_type, weight=layer.weight_name,
-                                shape=layer.weight.shape if has_shape else None, reason=layer.reason,
+                                shape=shape, reason=layer.reason, params_before=params, params_after=params,
                                 macs_per=None if layer.is_conv or layer.op_type == "ConvTranspose" else "row")
         out.append(row)
     return out

@@ -220,6 +220,7 @@ def test_rerun_on_compressed_model_reports_factor_pair(min_params):
     twice = ol.compress(once, energy=1.0, min_params=min_params)  # each factor is 512 < 4096 elements
     assert twice.totals.factorized == 0
     assert all("already low-rank" in d.reason for d in twice.layers)
+    assert twice.totals.params_before == twice.totals.params_after == 2 * 128 * 4
 
 
 # ---- skip reasons -------------------------------------------------------------------------
