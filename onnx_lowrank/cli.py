@@ -2,6 +2,7 @@
 
     onnx-lowrank MODEL -o OUT [--energy E | --rank N] [options]
     onnx-lowrank demo [-o OUT]
+    onnx-lowrank bench MODEL [OTHER] [--threads 1,2] [--batch 1,64] [--input-shape NAME:1x128]
 
 Exit codes: 0 done, 1 failure (unreadable model, failed check), 2 usage error.
 """
@@ -19,7 +20,7 @@ from . import __version__
 from .errors import LowRankError, UsageError
 
 PROG = "onnx-lowrank"
-SUBCOMMANDS = ("demo",)
+SUBCOMMANDS = ("demo", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +63,32 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _int_list(flag: str) -> Callable[[str], tuple[int, ...]]:
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(s) for s in text.split(",") if s.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got '{text}'; e.g. {flag} 1,2") from None
+        if not values or any(v < 1 for v in values):
+            raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got '{text}'; e.g. {flag} 1,2")
+        return values
+
+    return parse
+
+
+def _positive_float(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive number, got '{text}'; e.g. {flag} 1.1") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text}; e.g. {flag} 1.1")
+        return value
+
+    return parse
+
+
 def _op_types(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
@@ -82,6 +109,16 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--op-types", type=_op_types, metavar="LIST", help="node types to consider (default MatMul,Gemm)")
     s.add_argument("--allow-input-weights", action="store_true", default=None,
                    help="also factorize weights that are graph inputs (every initializer is one in IR < 4)")
+    lat = p.add_argument_group("latency and int8")
+    lat.add_argument("--latency-aware", action="store_true", default=None,
+                     help="factorize a layer only where onnxruntime runs its factored form faster, at every --threads x --batch")
+    lat.add_argument("--threads", type=_int_list("--threads"), metavar="LIST", help="intra-op thread counts the model runs with (default 1)")
+    lat.add_argument("--batch", type=_int_list("--batch"), metavar="LIST", help="batch sizes the model runs at (default 1)")
+    lat.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
+                     help="shape of an input with dynamic axes, e.g. input_ids:1x128 (comma-separated, repeatable)")
+    lat.add_argument("--min-speedup", type=_positive_float("--min-speedup"), metavar="X",
+                     help="speed-up a layer must show at every setting in latency-aware mode (default 1.1)")
+    lat.add_argument("--quantize", choices=["int8"], help="onnxruntime dynamic int8 quantization after factorization")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -93,7 +130,8 @@ def _compress_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         description="Factorize the constant weights of an ONNX model's MatMul/Gemm nodes into low-rank pairs.",
-        epilog="Subcommands: 'onnx-lowrank demo' runs the pass on a small model shipped with the package.",
+        epilog="Subcommands: 'onnx-lowrank demo' runs the pass on a small model shipped with the package; "
+               "'onnx-lowrank bench MODEL [OTHER]' measures onnxruntime latency.",
     )
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", metavar="OUT", help="output .onnx path (external data is written beside it)")
@@ -106,7 +144,8 @@ def _compress_parser() -> argparse.ArgumentParser:
     return p
 
 
-_CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "allow_input_weights")
+_CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "allow_input_weights",
+                 "latency_aware", "threads", "batch", "input_shape", "min_speedup", "quantize")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -183,6 +222,8 @@ def _run_compress(argv: Sequence[str]) -> int:
         _print(render_table(result.layers))
         _print("")
         _print(render_totals(result.totals))
+        for line in _section_lines(result.sections):
+            _print(line)
     if args.dry_run:
         _print(f"dry run: {result.totals.factorized} layer(s) would be factorized; nothing written.")
         return 0
@@ -191,6 +232,24 @@ def _run_compress(argv: Sequence[str]) -> int:
     files = " + ".join(str(p) for p in written)
     _print(f"wrote {files}" + (f" and report {args.report}" if args.report else ""))
     return 0
+
+
+def _section_lines(sections: dict[str, Any]) -> list[str]:
+    lines = []
+    lat = sections.get("latency")
+    if lat:
+        kept = sum(1 for v in lat.get("layers", {}).values() if v.get("kept"))
+        lines.append(f"latency:       {kept} of {len(lat.get('layers', {}))} planned layer(s) measured faster factored")
+        for c in lat.get("model", []):
+            lines.append(f"               whole model x{c['speedup']:.2f} vs {lat.get('baseline', 'input')} "
+                         f"at {c['threads']} thread(s), batch {c['batch']}")
+        if lat.get("undone"):
+            lines.append("               the whole model was not faster: factorization undone")
+    q = sections.get("quantize")
+    if q:
+        lines.append(f"int8:          onnxruntime dynamic quantization; {q['factors_quantized']} of {q['factors']} factor(s) quantized"
+                     + (f"; left in float: {', '.join(q['unquantized_factors'])}" if q["unquantized_factors"] else ""))
+    return lines
 
 
 def _run_demo(argv: Sequence[str]) -> int:
@@ -207,6 +266,57 @@ def _run_demo(argv: Sequence[str]) -> int:
     return run_demo(args.output, energy=args.energy, rank=args.rank, quiet=args.quiet, echo=_print)
 
 
+def _bench_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=f"{PROG} bench",
+        description="Measure onnxruntime CPU latency of a model, or of two models run interleaved (A B, B A, ...) "
+                    "with the speed-up per pair of runs.",
+    )
+    p.add_argument("model", help="the .onnx model (the baseline when two are given)")
+    p.add_argument("other", nargs="?", help="a second model to compare, e.g. the compressed one")
+    p.add_argument("--threads", type=_int_list("--threads"), default=(1,), metavar="LIST",
+                   help="intra-op thread counts, comma-separated (default 1)")
+    p.add_argument("--batch", type=_int_list("--batch"), default=None, metavar="LIST",
+                   help="sizes of the dynamic first axis, comma-separated (default: from --input-shape, else 1)")
+    p.add_argument("--input-shape", action="append", default=None, metavar="NAME:DIMS",
+                   help="shape of an input with dynamic axes, e.g. input_ids:1x128 (comma-separated, repeatable)")
+    p.add_argument("--runs", type=_positive_int("--runs"), default=100, metavar="N", help="timed runs per model (default 100)")
+    p.add_argument("--warmup", type=_non_negative_int, default=10, metavar="N", help="untimed runs first (default 10)")
+    p.add_argument("--profile", action="store_true", help="also show per-op and per-layer times from onnxruntime's profiler")
+    p.add_argument("--top", type=_positive_int("--top"), default=8, metavar="N", help="rows of the profile tables (default 8)")
+    p.add_argument("--json", metavar="OUT", help="also write the measurements as JSON")
+    _add_common(p)
+    return p
+
+
+def _run_bench(argv: Sequence[str]) -> int:
+    from .bench import bench, render_report
+    from .io import check_input_path, check_output_path
+
+    args = _bench_parser().parse_args(argv)
+    _setup_logging(args)
+    paths = [args.model] + ([args.other] if args.other else [])
+    for path in paths:
+        check_input_path(path)
+    if args.json:
+        check_output_path(args.json, args.model)
+    report = bench(paths, threads=args.threads, batch=args.batch, input_shape=args.input_shape, runs=args.runs,
+                   warmup=args.warmup, profile=args.profile)
+    if args.json:
+        _write_report(args.json, report.to_json())
+    if args.quiet:
+        for s in report.settings:
+            if s.speedup is not None:
+                _print(f"threads {s.threads} batch {s.batch if s.batch is not None else '-'}: x{s.speedup:.2f}")
+            else:
+                _print(f"threads {s.threads} batch {s.batch if s.batch is not None else '-'}: p50 {s.timings[0].stats.p50_ms:.3f} ms")
+    else:
+        _print(render_report(report, top=args.top))
+        if args.json:
+            _print(f"wrote {args.json}")
+    return 0
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     if getattr(args, "verbose", False):
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -219,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "demo":
             return _run_demo(argv[1:])
+        if argv and argv[0] == "bench":
+            return _run_bench(argv[1:])
         return _run_compress(argv)
     except LowRankError as exc:
         if verbose:
