@@ -175,7 +175,7 @@ def resolve_shapes(model: onnx.ModelProto, *, batch: int | None = None,
 
 
 def _show(dims: Sequence[int | str | None]) -> str:
-    return "x".join(str(d) if d is not None else "?" for d in dims)
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in dims) + "]"
 
 
 def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], seed: int = 0) -> dict[str, np.ndarray]:
