@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -25,6 +25,9 @@ from .discovery import discover
 from .errors import UsageError
 from .report import LayerDecision, Totals, to_json_dict
 from .verify import VerifyConfig, VerifyReport, verify_models
+
+if TYPE_CHECKING:
+    from .latency import LatencyProbe
 
 __all__ = ["compress", "CompressResult", "Progress"]
 
@@ -134,6 +137,7 @@ def compress(
     base_dir: str | os.PathLike | None = None,
     progress: Progress | None = None,
     verify: VerifyConfig | Mapping[str, Any] | None = None,
+    probe: "LatencyProbe | None" = None,
     **options: Any,
 ) -> CompressResult:
     """Factorize the constant weights of a model's MatMul/Gemm/Conv nodes.
@@ -149,6 +153,8 @@ def compress(
         verify: Check the rewritten model against the original in onnxruntime: a
             :class:`~onnx_lowrank.verify.VerifyConfig` or a dict of its fields
             (``{"calib": "data.npz", "max_drop": 0.01}``).  ``None`` skips the check.
+        probe: What latency-aware mode measures with (default: onnxruntime micro-benchmarks,
+            cached under :func:`onnx_lowrank.latency.default_cache_dir`).
 
     Returns:
         A :class:`CompressResult`; ``result.verification`` holds the check's numbers.
@@ -173,8 +179,21 @@ def compress(
     known = shapes.value_shapes(proto) if any(l.is_conv for l in found.layers) else None
     plans = plan.build_plans(found, source_dir, progress, conv_mode=cfg.conv_mode, shapes=known)
     plan.decide(plans, cfg)
+    sections: dict[str, Any] = {}
+    if cfg.latency_aware:
+        from . import latency
+
+        probe = probe if probe is not None else latency.OrtProbe(latency.default_cache_dir())
+        sections["latency"] = {"layers": latency.filter_plans(
+            proto, plans, threads=cfg.threads, batch=cfg.batch, input_shape=_input_shapes(cfg), min_speedup=cfg.min_speedup,
+            quantize=cfg.quantize, probe=probe, base_dir=source_dir)}
     if not dry_run:
+        original, original_dir = (_copy(proto) if cfg.latency_aware else None), source_dir
         plan.apply(proto, plans)
+        if cfg.quantize:
+            proto, source_dir = _quantize(proto, source_dir, plans, sections)
+        if cfg.latency_aware and any(p.factor_names for p in plans):
+            proto, source_dir = _check_whole_model(original, original_dir, proto, source_dir, plans, cfg, probe, sections)
     decisions = plan.decisions(found, plans, shapes=known)
 
     totals = Totals(layers=len(decisions), factorized=sum(d.factorized for d in decisions), size_before=size_before)
@@ -188,7 +207,8 @@ def compress(
     totals.model_params_after = params_model_before - totals.params_before + totals.params_after
     if not dry_run and totals.factorized:
         _record_metadata(proto, cfg, totals)
-    result = CompressResult(model=proto, layers=decisions, totals=totals, config=cfg, source_dir=source_dir, dry_run=dry_run)
+    result = CompressResult(model=proto, layers=decisions, totals=totals, config=cfg, source_dir=source_dir, dry_run=dry_run,
+                            sections=sections)
     if vcfg is not None:
         # The caller's ModelProto was copied by _load, so it still is the original.
         result.verification = verify_models(model, proto, vcfg, base_dir=source_dir)
@@ -224,6 +244,68 @@ def _macs_units(decisions: list[LayerDecision], known: shapes.ShapeInfo | None) 
         parts.append(f"{pixel} Conv node(s) per output pixel, their size being unknown ({why}); "
                      "fix the input size (python -m onnxruntime.tools.make_dynamic_shape_fixed) to count them per sample")
     return "mixed", "; ".join(parts)
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
+
+
+def _input_shapes(cfg: CompressConfig) -> dict[str, tuple[int, ...]]:
+    from .bench import parse_input_shapes
+
+    return parse_input_shapes(cfg.input_shape)
+
+
+def _quantize(proto: onnx.ModelProto, source_dir: Path | None, plans: list[plan.LayerPlan],
+              sections: dict[str, Any]) -> tuple[onnx.ModelProto, Path | None]:
+    """int8 after factorization; records whether every factor ended up quantized."""
+    from .quantize import unquantized, quantize_int8
+
+    quantized = quantize_int8(proto, base_dir=source_dir)
+    factors = [name for p in plans if p.factor_names for name in p.factor_names]
+    missed = unquantized(quantized, factors)
+    if missed:
+        log.warning("int8 quantization left %d factor(s) in float: %s", len(missed), ", ".join(missed))
+    sections["quantize"] = {"mode": "int8", "factors": len(factors), "factors_quantized": len(factors) - len(missed),
+                            "unquantized_factors": missed}
+    return quantized, None
+
+
+def _check_whole_model(original: onnx.ModelProto, original_dir: Path | None, proto: onnx.ModelProto,
+                       source_dir: Path | None, plans: list[plan.LayerPlan], cfg: CompressConfig, probe: Any,
+                       sections: dict[str, Any]) -> tuple[onnx.ModelProto, Path | None]:
+    """Time the result against the input; undo the factorization if it is slower anywhere.
+
+    With ``quantize``, the baseline is the input quantized the same way, so the check asks
+    whether factorization pays on top of int8.
+    """
+    from . import latency
+
+    baseline, base_dir = original, original_dir
+    if cfg.quantize:
+        from .quantize import quantize_int8
+
+        baseline, base_dir = quantize_int8(original, base_dir=original_dir), None
+    checks = latency.check_model(baseline, proto, threads=cfg.threads, batch=cfg.batch, input_shape=_input_shapes(cfg),
+                                 probe=probe, before_dir=base_dir, after_dir=source_dir)
+    sections["latency"]["model"] = checks
+    sections["latency"]["baseline"] = "input quantized to int8" if cfg.quantize else "input"
+    worst = min(checks, key=lambda c: c["speedup"])
+    if worst["speedup"] >= 1.0:
+        return proto, source_dir
+    where = f"{worst['threads']} thread{'s' if worst['threads'] != 1 else ''}, batch {worst['batch']}"
+    reason = f"no latency gain: the whole model measured x{worst['speedup']:.2f} at {where}; factorization undone"
+    log.warning("%s", reason)
+    for p in plans:
+        if p.factor_names:
+            p.reason = reason
+            p.factor_names = None
+    sections["latency"]["undone"] = True
+    if "quantize" in sections:
+        sections["quantize"].update(factors=0, factors_quantized=0, unquantized_factors=[])
+    return baseline, base_dir
 
 
 def _record_metadata(proto: onnx.ModelProto, cfg: CompressConfig, totals: Totals) -> None:

@@ -24,6 +24,7 @@ __all__ = ["CompressConfig", "DEFAULT_ENERGY", "load_recipe", "recipe_path", "li
 DEFAULT_ENERGY = 0.95
 OP_TYPES = ("MatMul", "Gemm", "Conv")
 CONV_MODES = ("channel", "spatial", "auto")
+QUANTIZE_MODES = ("int8",)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,15 @@ class CompressConfig:
             the one with fewer multiply-accumulates at its chosen rank.
         allow_input_weights: Also factorize weights listed as graph inputs (every initializer
             is one in IR < 4); the factors replace the weight among the inputs.
+        latency_aware: Factorize a layer only where its factored form is measured faster than
+            the dense one (onnxruntime, at every ``threads`` x ``batch`` setting), and check
+            that the whole model is not slower.
+        threads: onnxruntime intra-op thread counts the model will run with.
+        batch: Batch sizes (the dynamic first axis) the model will run at.
+        input_shape: Shapes of inputs with other dynamic axes, as ``NAME:DIMS`` items
+            (``input_ids:1x128``); the batch axis is replaced by each ``batch``.
+        min_speedup: In latency-aware mode, the speed-up a layer must show at every setting.
+        quantize: ``"int8"``: onnxruntime dynamic int8 quantization after factorization.
     """
 
     energy: float | None = None
@@ -55,6 +65,12 @@ class CompressConfig:
     op_types: tuple[str, ...] = OP_TYPES
     conv_mode: str = "auto"
     allow_input_weights: bool = False
+    latency_aware: bool = False
+    threads: tuple[int, ...] = (1,)
+    batch: tuple[int, ...] = (1,)
+    input_shape: tuple[str, ...] = ()
+    min_speedup: float = 1.1
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.energy is not None and self.rank is not None:
@@ -82,6 +98,22 @@ class CompressConfig:
         object.__setattr__(self, "op_types", ops)
         if self.conv_mode not in CONV_MODES:
             raise UsageError(f"--conv-mode got {self.conv_mode!r}; expected one of {', '.join(CONV_MODES)}.")
+        for flag, name in (("--threads", "threads"), ("--batch", "batch")):
+            value = getattr(self, name)
+            values = (value,) if isinstance(value, int) and not isinstance(value, bool) else tuple(value) if isinstance(value, (list, tuple)) else None
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise UsageError(f"{flag} must be positive integers, got {value!r}; e.g. {flag} 1,2.")
+            object.__setattr__(self, name, values)
+        shapes = (self.input_shape,) if isinstance(self.input_shape, str) else tuple(self.input_shape or ())
+        from .bench import parse_input_shapes
+
+        parse_input_shapes(shapes)
+        object.__setattr__(self, "input_shape", shapes)
+        m = self.min_speedup
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < float(m) <= 100.0:
+            raise UsageError(f"--min-speedup must be a positive number, got {m!r}; e.g. --min-speedup 1.1.")
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise UsageError(f"--quantize got {self.quantize!r}; expected one of {', '.join(QUANTIZE_MODES)}.")
 
     @property
     def effective_energy(self) -> float | None:
@@ -100,7 +132,8 @@ class CompressConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["op_types"] = list(self.op_types)
+        for name in ("op_types", "threads", "batch", "input_shape"):
+            d[name] = list(getattr(self, name))
         return d
 
     @classmethod

@@ -274,7 +274,9 @@ def save_model(
             for tensor, original in restore:
                 tensor.CopyFrom(original)
         written = [out]
+        new_file_mode(tmp_model)
         if tmp_data is not None:
+            new_file_mode(tmp_data)
             os.replace(tmp_data, out_dir / data_name)
             tmp_data = None
             written.append(out_dir / data_name)
@@ -349,6 +351,17 @@ def _write_external(
     finally:
         for src in sources.values():
             src.close()
+
+
+def new_file_mode(path: str | os.PathLike) -> None:
+    """Give a temporary file the mode a plain ``open(path, "w")`` would have.
+
+    ``mkstemp`` creates files readable by the owner only; an output renamed into place from one
+    would be unreadable to the other users of a deploy pipeline.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def model_initializers(model: onnx.ModelProto) -> Iterator[TensorProto]:
