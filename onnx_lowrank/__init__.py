@@ -15,6 +15,7 @@ from .api import CompressResult, compress  # noqa: E402
 from .config import CompressConfig  # noqa: E402
 from .errors import CalibrationError, LowRankError, ModelError, UsageError, VerificationFailed  # noqa: E402
 from .report import LayerDecision, Totals  # noqa: E402
+from .verify import VerifyConfig, VerifyReport, verify_models  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -22,6 +23,9 @@ __all__ = [
     "compress",
     "CompressConfig",
     "CompressResult",
+    "VerifyConfig",
+    "VerifyReport",
+    "verify_models",
     "LayerDecision",
     "Totals",
     "LowRankError",

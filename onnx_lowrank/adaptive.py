@@ -37,7 +37,7 @@ from onnx import helper
 from . import decompose
 from .activations import Feeds, open_session
 from .config import CompressConfig
-from .plan import BudgetBase, LayerPlan, allocate_plans, budget_options
+from .plan import BudgetBase, LayerPlan, decide_conv, allocate_plans, budget_options
 from .verify import compare
 
 __all__ = ["GRID", "Evaluator", "Curve", "grid_ranks", "measure_sensitivity", "decide_adaptive", "quality_drop", "distortion"]
@@ -190,6 +190,9 @@ def decide_adaptive(
     main = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     active = []
     for p in plans:
+        if p.is_conv and p.reason is None:
+            decide_conv(p, cfg)  # Conv layers follow the per-layer rule; adaptive allocation covers MatMul/Gemm
+            continue
         if not p.active:
             continue
         if p.group.weight.graph is not model.graph or p.group.weight.name not in main:

@@ -1,26 +1,33 @@
 """``compress()``: the one facade; the CLI is a thin shell over it.
 
-Data flows one way: load -> discover -> decide ranks -> rewrite -> (verify) -> save -> report.
+Data flows one way: load -> discover -> decide ranks -> rewrite -> verify -> save -> report.
+Verification runs only when asked for (``verify=``); it compares the rewritten model with the
+original in onnxruntime before anything is handed over, and a failed gate raises
+:class:`~onnx_lowrank.errors.VerificationFailed` so that a refused model cannot be saved by mistake.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import onnx
 
-from . import __version__, activations, io, plan
-from . import feeds as feeds_mod
+from . import __version__, activations, io, plan, shapes
 from .config import CompressConfig, load_recipe
 from .discovery import discover
 from .errors import UsageError
 from .report import LayerDecision, Totals, to_json_dict
+from .verify import VerifyConfig, VerifyReport, verify_models
+
+if TYPE_CHECKING:
+    from .latency import LatencyProbe
 
 __all__ = ["compress", "CompressResult", "Progress"]
 
@@ -39,11 +46,12 @@ class CompressResult:
     Attributes:
         model: The compressed model.  Tensors the input kept in external data files still point
             there (``source_dir``); :meth:`save` writes a complete copy.
-        layers: One decision per MatMul/Gemm node, in graph order.
+        layers: One decision per MatMul/Gemm/Conv node, in graph order.
         totals: Parameters, MACs and file sizes before and after.
         config: The configuration used.
         source_dir: Directory that external data references of ``model`` are relative to.
         dry_run: True when the model was planned but not rewritten.
+        verification: What the onnxruntime check measured, when ``verify=`` was given.
     """
 
     model: onnx.ModelProto
@@ -52,6 +60,7 @@ class CompressResult:
     config: CompressConfig
     source_dir: Path | None = None
     dry_run: bool = False
+    verification: VerifyReport | None = None
     sections: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -73,7 +82,10 @@ class CompressResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data: layers, totals, config, and any extra sections."""
-        return to_json_dict(self.layers, self.totals, config=self.config.to_dict(), dry_run=self.dry_run, **self.sections)
+        sections = dict(self.sections)
+        if self.verification is not None:
+            sections["verification"] = self.verification.to_dict()
+        return to_json_dict(self.layers, self.totals, config=self.config.to_dict(), dry_run=self.dry_run, **sections)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -99,7 +111,7 @@ def _load(model: str | os.PathLike | onnx.ModelProto, base_dir: str | os.PathLik
         return copy, Path(base_dir) if base_dir is not None else None, None
     if isinstance(model, (str, os.PathLike)):
         loaded = io.load_model(model)
-        return loaded.model, loaded.base_dir, io.model_size_on_disk(loaded.path)
+        return loaded.model, loaded.base_dir, io.model_size_on_disk(loaded.path, loaded.model)
     raise UsageError(f"got a {type(model).__name__} as model; expected a path or an onnx.ModelProto.")
 
 
@@ -127,10 +139,12 @@ def compress(
     calib: Any = None,
     labels: Any = None,
     calib_batch: int = 32,
-    threads: int | None = None,
+    calib_script: str | None = None,
+    verify: VerifyConfig | Mapping[str, Any] | None = None,
+    probe: "LatencyProbe | None" = None,
     **options: Any,
 ) -> CompressResult:
-    """Factorize the constant weights of a model's MatMul/Gemm nodes.
+    """Factorize the constant weights of a model's MatMul/Gemm/Conv nodes.
 
     Args:
         model: A path to an ``.onnx`` file, or an ``onnx.ModelProto`` (left unmodified).
@@ -141,55 +155,82 @@ def compress(
         base_dir: Where external data of an in-memory ``model`` lives.
         progress: Called as ``progress(done, total, label)`` after each SVD, calibration batch
             and sensitivity measurement.
-        calib: Calibration data for ``data_aware`` and ``adaptive``: an ``.npz`` path (keys =
-            input names, optional ``labels``), a list of feed dicts, or a callable returning an
-            iterator of feed dicts.
+        calib: Calibration data for ``data_aware`` and ``adaptive``, in any form
+            :func:`onnx_lowrank.calibration.load_calibration` takes: an ``.npz`` path or a folder
+            of them, a ``CalibrationDataReader``, an iterable of feed dicts, or arrays.
         labels: Class ids of the calibration samples (overrides an ``.npz``'s ``labels``);
             with them adaptive mode bounds the accuracy drop.
         calib_batch: Samples per onnxruntime run when cutting an ``.npz``.
-        threads: onnxruntime intra-op threads for the calibration runs.
+        calib_script: ``file.py:func`` returning an iterable of feed dicts, instead of ``calib``.
+        verify: Check the rewritten model against the original in onnxruntime: a
+            :class:`~onnx_lowrank.verify.VerifyConfig` or a dict of its fields
+            (``{"calib": "data.npz", "max_drop": 0.01}``).  ``None`` skips the check.
+        probe: What latency-aware mode measures with (default: onnxruntime micro-benchmarks,
+            cached under :func:`onnx_lowrank.latency.default_cache_dir`).
 
     Returns:
-        A :class:`CompressResult`.
+        A :class:`CompressResult`; ``result.verification`` holds the check's numbers.
 
     Raises:
-        UsageError: bad option values or paths.
+        UsageError: bad option values or paths (also ``verify`` with ``dry_run``).
         ModelError: the model cannot be read or rewritten.
+        CalibrationError: the calibration data does not fit the model.
+        VerificationFailed: the gate failed and ``keep_failed`` is off; the exception carries
+            ``.report`` and the refused ``.result``.
     """
     cfg = _resolve_config(config, recipe, options)
+    vcfg = _resolve_verify(verify)
+    if vcfg is not None and dry_run:
+        raise UsageError("--dry-run leaves the model as it is, so there is nothing to verify; drop --dry-run or the verification flags.")
     proto, source_dir, size_before = _load(model, base_dir)
     found = discover(proto, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
                      allow_input_weights=cfg.allow_input_weights)
     params_model_before = _count_params(proto)
-    feeds, calib_labels = _calibration(proto, cfg, calib, calib_batch)
-    if labels is not None:
-        calib_labels = np.asarray(labels).reshape(-1)
+    feeds, calib_labels = _calibration(proto, cfg, calib=calib, calib_script=calib_script, labels=labels,
+                                       calib_batch=calib_batch)
+    threads = None  # calibration runs use onnxruntime's own thread choice
     sections: dict[str, Any] = {}
-    original = None
+    adaptive_outputs = None
     grams, notes = None, None
     if cfg.data_aware:
-        groups = [g for g in found.groups if g.reason is None]
+        groups = [g for g in found.groups if g.reason is None and not g.layers[0].is_conv]
         cap = activations.capture_grams(proto, groups, feeds, source_dir, mask_input=cfg.calib_mask, threads=threads, progress=progress)
         grams, notes = cap.grams, cap.skipped
         sections["data_aware"] = {"weights_whitened": len(cap.grams), "ort_runs": cap.runs, "damping": cfg.damping,
                                   "mask": cfg.calib_mask}
-    plans = plan.build_plans(found, source_dir, progress, grams=grams, damping=cfg.damping, notes=notes)
+    # Conv MACs scale with the output size, which only the model's shapes tell; read them
+    # before the rewrite changes the graph.
+    known = shapes.value_shapes(proto) if any(l.is_conv for l in found.layers) else None
+    plans = plan.build_plans(found, source_dir, progress, grams=grams, damping=cfg.damping, notes=notes,
+                             conv_mode=cfg.conv_mode, shapes=known)
     if cfg.adaptive:
         from . import adaptive
 
         base = plan.BudgetBase.of(found, plans, cfg, params_model_before)
-        sections["adaptive"], original = adaptive.decide_adaptive(proto, plans, cfg, base, feeds, calib_labels, source_dir,
-                                                                  threads=threads, progress=progress)
+        sections["adaptive"], adaptive_outputs = adaptive.decide_adaptive(proto, plans, cfg, base, feeds, calib_labels,
+                                                                          source_dir, threads=threads, progress=progress)
     elif cfg.has_budget:
         plan.decide_budget(plans, cfg, plan.BudgetBase.of(found, plans, cfg, params_model_before))
     else:
         plan.decide(plans, cfg)
+    if cfg.latency_aware:
+        from . import latency
+
+        probe = probe if probe is not None else latency.OrtProbe(latency.default_cache_dir())
+        sections["latency"] = {"layers": latency.filter_plans(
+            proto, plans, threads=cfg.threads, batch=cfg.batch, input_shape=_input_shapes(cfg), min_speedup=cfg.min_speedup,
+            quantize=cfg.quantize, probe=probe, base_dir=source_dir)}
     if not dry_run:
+        original, original_dir = (_copy(proto) if cfg.latency_aware else None), source_dir
         plan.apply(proto, plans)
-        if cfg.adaptive and original is not None and any(p.factor_names for p in plans):
-            sections["adaptive"]["final_drop"] = _verify_final(proto, source_dir, feeds, calib_labels, original,
+        if cfg.adaptive and adaptive_outputs is not None and any(p.factor_names for p in plans):
+            sections["adaptive"]["final_drop"] = _verify_final(proto, source_dir, feeds, calib_labels, adaptive_outputs,
                                                                sections["adaptive"], threads)
-    decisions = plan.decisions(found, plans)
+        if cfg.quantize:
+            proto, source_dir = _quantize(proto, source_dir, plans, sections)
+        if cfg.latency_aware and any(p.factor_names for p in plans):
+            proto, source_dir = _check_whole_model(original, original_dir, proto, source_dir, plans, cfg, probe, sections)
+    decisions = plan.decisions(found, plans, shapes=known)
 
     totals = Totals(layers=len(decisions), factorized=sum(d.factorized for d in decisions), size_before=size_before)
     for d in decisions:
@@ -197,6 +238,7 @@ def compress(
         totals.params_after += d.params_after
         totals.macs_before += d.macs_before
         totals.macs_after += d.macs_after
+    totals.macs_per, totals.macs_note = _macs_units(decisions, known)
     totals.model_params_before = params_model_before
     totals.model_params_after = params_model_before - totals.params_before + totals.params_after
     for key in ("data_aware", "adaptive"):
@@ -204,20 +246,122 @@ def compress(
             totals.extra[key] = sections[key]
     if not dry_run and totals.factorized:
         _record_metadata(proto, cfg, totals)
-    return CompressResult(model=proto, layers=decisions, totals=totals, config=cfg, source_dir=source_dir, dry_run=dry_run)
+    result = CompressResult(model=proto, layers=decisions, totals=totals, config=cfg, source_dir=source_dir, dry_run=dry_run,
+                            sections=sections)
+    if vcfg is not None:
+        # The caller's ModelProto was copied by _load, so it still is the original.
+        result.verification = verify_models(model, proto, vcfg, base_dir=source_dir)
+        if not vcfg.keep_failed:
+            result.verification.check(result=result)
+    return result
 
 
-def _calibration(proto: onnx.ModelProto, cfg: CompressConfig, calib: Any, batch: int) -> tuple[Any, np.ndarray | None]:
+def _resolve_verify(verify: VerifyConfig | Mapping[str, Any] | None) -> VerifyConfig | None:
+    if verify is None or isinstance(verify, VerifyConfig):
+        return verify
+    if isinstance(verify, Mapping):
+        known = {f.name for f in dataclasses.fields(VerifyConfig)}
+        unknown = sorted(set(verify) - known)
+        if unknown:
+            raise UsageError(f"verify: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}.")
+        return VerifyConfig(**verify)
+    raise UsageError(f"got a {type(verify).__name__} as verify; expected a VerifyConfig or a dict of its fields.")
+
+
+def _macs_units(decisions: list[LayerDecision], known: shapes.ShapeInfo | None) -> tuple[str, str | None]:
+    units = {d.macs_per for d in decisions if d.macs_per is not None and d.macs_before}
+    if units <= {"row"}:
+        return "row", None
+    parts = []
+    if "sample" in units:
+        parts.append("Conv per sample at batch 1")
+    if "row" in units:
+        parts.append("MatMul/Gemm per activation row")
+    pixel = sum(d.macs_per == "output pixel" for d in decisions)
+    if pixel:
+        why = known.note if known is not None and known.note else "its input's spatial dims are dynamic"
+        parts.append(f"{pixel} Conv node(s) per output pixel, their size being unknown ({why}); "
+                     "fix the input size (python -m onnxruntime.tools.make_dynamic_shape_fixed) to count them per sample")
+    return "mixed", "; ".join(parts)
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
+
+
+def _input_shapes(cfg: CompressConfig) -> dict[str, tuple[int, ...]]:
+    from .bench import parse_input_shapes
+
+    return parse_input_shapes(cfg.input_shape)
+
+
+def _quantize(proto: onnx.ModelProto, source_dir: Path | None, plans: list[plan.LayerPlan],
+              sections: dict[str, Any]) -> tuple[onnx.ModelProto, Path | None]:
+    """int8 after factorization; records whether every factor ended up quantized."""
+    from .quantize import unquantized, quantize_int8
+
+    quantized = quantize_int8(proto, base_dir=source_dir)
+    factors = [name for p in plans if p.factor_names for name in p.factor_names]
+    missed = unquantized(quantized, factors)
+    if missed:
+        log.warning("int8 quantization left %d factor(s) in float: %s", len(missed), ", ".join(missed))
+    sections["quantize"] = {"mode": "int8", "factors": len(factors), "factors_quantized": len(factors) - len(missed),
+                            "unquantized_factors": missed}
+    return quantized, None
+
+
+def _check_whole_model(original: onnx.ModelProto, original_dir: Path | None, proto: onnx.ModelProto,
+                       source_dir: Path | None, plans: list[plan.LayerPlan], cfg: CompressConfig, probe: Any,
+                       sections: dict[str, Any]) -> tuple[onnx.ModelProto, Path | None]:
+    """Time the result against the input; undo the factorization if it is slower anywhere.
+
+    With ``quantize``, the baseline is the input quantized the same way, so the check asks
+    whether factorization pays on top of int8.
+    """
+    from . import latency
+
+    baseline, base_dir = original, original_dir
+    if cfg.quantize:
+        from .quantize import quantize_int8
+
+        baseline, base_dir = quantize_int8(original, base_dir=original_dir), None
+    checks = latency.check_model(baseline, proto, threads=cfg.threads, batch=cfg.batch, input_shape=_input_shapes(cfg),
+                                 probe=probe, before_dir=base_dir, after_dir=source_dir)
+    sections["latency"]["model"] = checks
+    sections["latency"]["baseline"] = "input quantized to int8" if cfg.quantize else "input"
+    worst = min(checks, key=lambda c: c["speedup"])
+    if worst["speedup"] >= 1.0:
+        return proto, source_dir
+    where = f"{worst['threads']} thread{'s' if worst['threads'] != 1 else ''}, batch {worst['batch']}"
+    reason = f"no latency gain: the whole model measured x{worst['speedup']:.2f} at {where}; factorization undone"
+    log.warning("%s", reason)
+    for p in plans:
+        if p.factor_names:
+            p.reason = reason
+            p.factor_names = None
+    sections["latency"]["undone"] = True
+    if "quantize" in sections:
+        sections["quantize"].update(factors=0, factors_quantized=0, unquantized_factors=[])
+    return baseline, base_dir
+
+
+def _calibration(proto: onnx.ModelProto, cfg: CompressConfig, *, calib: Any, calib_script: str | None,
+                 labels: Any, calib_batch: int) -> tuple[Any, np.ndarray | None]:
+    """The calibration feeds and labels that data-aware and adaptive modes need (validated up front)."""
     if not cfg.needs_calibration:
-        if calib is not None:
-            log.info("calibration data given but unused: it serves --data-aware and --adaptive")
+        if calib is not None or calib_script is not None:
+            log.info("calibration data given but unused by rank selection: it serves --data-aware and --adaptive")
         return None, None
     flag = "--data-aware" if cfg.data_aware else "--adaptive"
-    if calib is None:
-        raise UsageError(f"{flag} needs calibration data: pass --calib data.npz (keys = the model's input names).")
-    inits = {t.name for t in proto.graph.initializer}
-    names = [i.name for i in proto.graph.input if i.name not in inits]
-    return feeds_mod.as_feeds(calib, names, batch)
+    if calib is None and calib_script is None:
+        raise UsageError(f"{flag} needs calibration data: pass --calib data.npz (keys = the model's input names) "
+                         f"or --calib-script file.py:func.")
+    from .calibration import load_calibration
+
+    data = load_calibration(proto, calib, calib_script=calib_script, calib_batch=calib_batch, labels=labels)
+    return data, data.labels
 
 
 def _verify_final(proto: onnx.ModelProto, source_dir: Path | None, feeds: Any, labels: np.ndarray | None,

@@ -1,7 +1,9 @@
 """Command line: argument parsing and printing only; the work is done by :func:`compress`.
 
-    onnx-lowrank MODEL -o OUT [--energy E | --rank N] [options]
+    onnx-lowrank MODEL -o OUT [--energy E | --rank N] [--calib DATA --max-drop X] [options]
+    onnx-lowrank verify ORIGINAL COMPRESSED [--calib DATA] [--max-drop X] [options]
     onnx-lowrank demo [-o OUT]
+    onnx-lowrank bench MODEL [OTHER] [--threads 1,2] [--batch 1,64] [--input-shape NAME:1x128]
 
 Exit codes: 0 done, 1 failure (unreadable model, failed check), 2 usage error.
 """
@@ -19,7 +21,7 @@ from . import __version__
 from .errors import LowRankError, UsageError
 
 PROG = "onnx-lowrank"
-SUBCOMMANDS = ("demo",)
+SUBCOMMANDS = ("demo", "verify", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,6 +90,42 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _drop_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got '{text}'; e.g. --max-drop 0.01 (one point)") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}; e.g. --max-drop 0.01 (one point)")
+    return value
+
+
+def _int_list(flag: str) -> Callable[[str], tuple[int, ...]]:
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(s) for s in text.split(",") if s.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got '{text}'; e.g. {flag} 1,2") from None
+        if not values or any(v < 1 for v in values):
+            raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got '{text}'; e.g. {flag} 1,2")
+        return values
+
+    return parse
+
+
+def _positive_float(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive number, got '{text}'; e.g. {flag} 1.1") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text}; e.g. {flag} 1.1")
+        return value
+
+    return parse
+
+
 def _op_types(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
@@ -112,27 +150,79 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
     b.add_argument("--budget-scope", choices=["weights", "model"],
                    help="what --target-params is a fraction of: the MatMul/Gemm weights (default) or the whole model")
     b.add_argument("--data-aware", action="store_true", default=None,
-                   help="truncate in the space whitened by real input activations (needs --calib)")
+                   help="truncate in the space whitened by real input activations (needs --calib or --calib-script)")
     b.add_argument("--damping", type=_non_negative_float("--damping", "0.01"), metavar="D",
                    help="damping of the activation Gram matrix, relative to its mean diagonal (default 0.01)")
     b.add_argument("--adaptive", action="store_true", default=None,
-                   help="allocate ranks by sensitivity measured on --calib (with --max-drop or a budget)")
-    b.add_argument("--max-drop", type=_non_negative_float("--max-drop", "0.005"), metavar="X",
-                   help="with --adaptive: largest allowed drop on the calibration data "
-                        "(accuracy with labels, else mean output cosine), e.g. 0.005")
-    c = p.add_argument_group("calibration data (for --data-aware and --adaptive)")
-    c.add_argument("--calib", metavar="NPZ", help="an .npz whose keys are the model's input names (optional 'labels')")
-    c.add_argument("--calib-mask", metavar="INPUT", help="input whose zeros mark padded rows to leave out (e.g. attention_mask)")
-    c.add_argument("--calib-batch", type=_positive_int("--calib-batch"), metavar="N", default=32,
-                   help="samples per onnxruntime run (default 32)")
-    c.add_argument("--threads", type=_positive_int("--threads"), metavar="N", help="onnxruntime threads for calibration runs")
+                   help="allocate ranks by sensitivity measured on --calib (goal: --max-drop, accuracy with labels "
+                        "else mean output cosine; or a budget)")
+    b.add_argument("--calib-mask", metavar="INPUT",
+                   help="with --data-aware: input whose zeros mark padded rows to leave out (e.g. attention_mask)")
     s = p.add_argument_group("layer selection")
     s.add_argument("--min-params", type=_non_negative_int, metavar="N", help="leave weights with fewer elements alone (default 4096)")
     s.add_argument("--include", metavar="REGEX", help="only factorize nodes or weights whose name matches")
     s.add_argument("--exclude", metavar="REGEX", help="leave nodes or weights whose name matches alone")
-    s.add_argument("--op-types", type=_op_types, metavar="LIST", help="node types to consider (default MatMul,Gemm)")
+    s.add_argument("--op-types", type=_op_types, metavar="LIST",
+                   help="node types to consider, a comma-separated subset of MatMul,Gemm,Conv (default: all three)")
+    s.add_argument("--conv-mode", choices=("channel", "spatial", "auto"),
+                   help="how a Conv is split: channel (k x k conv to r channels, then 1 x 1), spatial (kh x 1, then 1 x kw), "
+                        "or auto: per layer, whichever needs fewer MACs (default auto)")
     s.add_argument("--allow-input-weights", action="store_true", default=None,
                    help="also factorize weights that are graph inputs (every initializer is one in IR < 4)")
+    lat = p.add_argument_group("latency and int8")
+    lat.add_argument("--latency-aware", action="store_true", default=None,
+                     help="factorize a layer only where onnxruntime runs its factored form faster, at every --threads x --batch")
+    lat.add_argument("--threads", type=_int_list("--threads"), metavar="LIST", help="onnxruntime intra-op thread counts the model runs with (default 1); verification uses the first")
+    lat.add_argument("--batch", type=_int_list("--batch"), metavar="LIST", help="batch sizes the model runs at (default 1)")
+    lat.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
+                     help="shape of an input with dynamic axes, e.g. input_ids:1x128 (comma-separated, repeatable); "
+                          "for latency-aware mode and for random verification inputs")
+    lat.add_argument("--min-speedup", type=_positive_float("--min-speedup"), metavar="X",
+                     help="speed-up a layer must show at every setting in latency-aware mode (default 1.1)")
+    lat.add_argument("--quantize", choices=["int8"], help="onnxruntime dynamic int8 quantization after factorization")
+
+
+def _add_verify_options(p: argparse.ArgumentParser, title: str, *, run_settings: bool = True) -> None:
+    """The verification flags.  ``run_settings`` off: ``--threads`` and ``--input-shape`` come from
+    the pass's latency group instead (one flag each, shared by both)."""
+    from .verify import METRICS
+
+    g = p.add_argument_group(title)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--calib", metavar="PATH", help="calibration data: an .npz (keys = input names, first axis = samples) or a directory of .npz files, one feed each")
+    src.add_argument("--calib-script", metavar="FILE.py:FUNC", help="a function returning an iterable of feed dicts")
+    g.add_argument("--calib-batch", type=_positive_int("--calib-batch"), metavar="N", help="samples per onnxruntime run when cutting an .npz (default 32)")
+    g.add_argument("--labels", metavar="NPY", help="class ids, one per sample (else a 'labels' array in the .npz)")
+    g.add_argument("--samples", type=_positive_int("--samples"), metavar="N", help="without --calib: random samples to compare on (default 32)")
+    if run_settings:
+        g.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="shape of a random input, e.g. input_ids:1x128 (repeatable, or comma-separated)")
+    g.add_argument("--input-range", action="append", metavar="NAME:LOW,HIGH", help="values of a random input drawn from [LOW, HIGH), e.g. input_ids:0,30522")
+    g.add_argument("--max-drop", type=_drop_fraction, metavar="X", help="fail when the metric drops by more than X (a fraction: 0.01 is one point); with --adaptive also the goal of the rank search")
+    g.add_argument("--metric", choices=METRICS, help="what --max-drop is checked against (default: accuracy with labels, else top1 for outputs named like class scores, else cosine)")
+    g.add_argument("--gate-output", metavar="NAME", help="judge only this model output (default: every output, the worst counts)")
+    g.add_argument("--keep-failed", action="store_true", default=None, help="write the model even when the check fails (still exit 1)")
+    if run_settings:
+        g.add_argument("--threads", type=_positive_int("--threads"), metavar="N", help="onnxruntime intra-op threads (default: onnxruntime's choice)")
+
+
+_VERIFY_FLAGS = ("calib", "calib_script", "calib_batch", "labels", "samples", "input_shape", "input_range", "max_drop", "metric",
+                 "gate_output", "keep_failed", "threads")
+
+
+def _verify_config(args: argparse.Namespace, *, always: bool = False):
+    """A VerifyConfig from the flags given, or None when none was given (and ``always`` is off)."""
+    from .verify import VerifyConfig
+
+    given = {k: getattr(args, k) for k in _VERIFY_FLAGS if getattr(args, k, None) is not None}
+    # --threads is a run setting, never a request for a check; --input-shape also serves
+    # latency-aware mode, and there, alone, does not ask for one either.
+    shared = ("threads", "input_shape") if getattr(args, "latency_aware", None) else ("threads",)
+    asked = {k for k in given if k not in shared}
+    if not asked and not always and not getattr(args, "verify", False):
+        return None
+    if isinstance(given.get("threads"), tuple):
+        given["threads"] = given["threads"][0]  # the pass takes a list of settings; the check runs once
+    return VerifyConfig(**given)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -143,8 +233,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _compress_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
-        description="Factorize the constant weights of an ONNX model's MatMul/Gemm nodes into low-rank pairs.",
-        epilog="Subcommands: 'onnx-lowrank demo' runs the pass on a small model shipped with the package.",
+        description="Factorize the constant weights of an ONNX model's MatMul/Gemm/Conv nodes into low-rank pairs.",
+        epilog="Subcommands: 'onnx-lowrank verify ORIGINAL COMPRESSED' compares two models; "
+               "'onnx-lowrank bench MODEL [OTHER]' measures onnxruntime latency; "
+               "'onnx-lowrank demo' runs the pass on a small model shipped with the package.",
     )
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", metavar="OUT", help="output .onnx path (external data is written beside it)")
@@ -152,18 +244,23 @@ def _compress_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--report", metavar="JSON", help="also write the report as JSON")
     out.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
+    _add_verify_options(p, "verification (runs before anything is written, when --verify or any of these is given)", run_settings=False)
+    p.add_argument("--verify", action="store_true", help="compare with the original in onnxruntime (on random inputs unless --calib)")
     _add_common(p)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
 
 
-_CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "allow_input_weights",
-                 "rank_rule", "target_params", "target_macs", "budget_scope", "data_aware", "damping", "calib_mask", "adaptive",
-                 "max_drop")
+_CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "conv_mode",
+                 "allow_input_weights", "rank_rule", "target_params", "target_macs", "budget_scope", "data_aware", "damping",
+                 "calib_mask", "adaptive", "latency_aware", "threads", "batch", "input_shape", "min_speedup", "quantize")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k, None) is not None}
+    out = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k, None) is not None}
+    if getattr(args, "adaptive", None) and getattr(args, "max_drop", None) is not None:
+        out["max_drop"] = args.max_drop  # one --max-drop: the goal of the search and the verification gate
+    return out
 
 
 class _ProgressBar:
@@ -197,6 +294,8 @@ def _write_report(path: str, doc_json: str) -> None:
     import os
     import tempfile
 
+    from .io import new_file_mode
+
     target = Path(path)
     parent = target.resolve().parent
     if not parent.is_dir():
@@ -205,6 +304,7 @@ def _write_report(path: str, doc_json: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(doc_json + "\n")
+        new_file_mode(tmp)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
@@ -212,13 +312,21 @@ def _write_report(path: str, doc_json: str) -> None:
         raise
 
 
+def _warn(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
+
+
 def _run_compress(argv: Sequence[str]) -> int:
     from .api import compress
+    from .errors import VerificationFailed
     from .io import check_input_path, check_output_path
     from .report import render_table, render_totals
+    from .verify import render_verification
 
     args = _compress_parser().parse_args(argv)
     _setup_logging(args)
+    verify = _verify_config(args)
     check_input_path(args.model)
     if not args.dry_run:
         if not args.output:
@@ -228,23 +336,96 @@ def _run_compress(argv: Sequence[str]) -> int:
             check_output_path(args.report, args.model)
     bar = _ProgressBar(enabled=not args.quiet)
     try:
-        result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, calib=args.calib,
-                          calib_batch=args.calib_batch, threads=args.threads, **_overrides(args))
+        result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, verify=verify,
+                          calib=args.calib, calib_script=args.calib_script, labels=args.labels,
+                          calib_batch=args.calib_batch or 32, **_overrides(args))
+    except VerificationFailed as exc:
+        refused = exc.result
+        if refused is not None and not args.quiet:
+            _print(render_table(refused.layers))
+            _print("")
+            _print(render_totals(refused.totals))
+            _print("")
+            _print(render_verification(exc.report))
+        _warn(exc.report.warnings)
+        raise VerificationFailed(f"{exc}; nothing written (pass --keep-failed to write it anyway)", report=exc.report, result=refused) from None
     finally:
         bar.close()
     written = [] if args.dry_run else result.save(args.output)
+    check = result.verification
     if not args.quiet:
         _print(render_table(result.layers))
         _print("")
         _print(render_totals(result.totals))
+        for line in _section_lines(result.sections):
+            _print(line)
+        if check is not None:
+            _print("")
+            _print(render_verification(check))
+        elif not args.dry_run:
+            _print("")
+            _print("not verified: add --calib data.npz (or --verify for random inputs) to compare with the original in onnxruntime")
+    if check is not None:
+        _warn(check.warnings)
     if args.dry_run:
         _print(f"dry run: {result.totals.factorized} layer(s) would be factorized; nothing written.")
         return 0
     if args.report:
         _write_report(args.report, result.to_json())
     files = " + ".join(str(p) for p in written)
-    _print(f"wrote {files}" + (f" and report {args.report}" if args.report else ""))
+    _print(f"wrote {files}" + (f" and report {args.report}" if args.report else "")
+           + (f"; check {'passed' if check.passed else 'FAILED'}: {check.summary()}" if check is not None else ""))
+    if check is not None and not check.passed:
+        raise VerificationFailed(f"check failed: {check.summary()}; wrote the model anyway (--keep-failed)", report=check, result=result)
     return 0
+
+
+def _run_verify(argv: Sequence[str]) -> int:
+    from .io import check_input_path, check_output_path
+    from .report import dumps
+    from .verify import render_verification, verify_models
+
+    p = _Parser(prog=f"{PROG} verify", description="Compare two models in onnxruntime on the same data; exit 1 when --max-drop is exceeded.")
+    p.add_argument("original", help="the reference .onnx model")
+    p.add_argument("compressed", help="the .onnx model to check (same inputs and outputs)")
+    _add_verify_options(p, "data and gate")
+    p.add_argument("--report", metavar="JSON", help="also write the measured numbers as JSON (written on failure too)")
+    _add_common(p)
+    args = p.parse_args(argv)
+    _setup_logging(args)
+    if args.keep_failed:
+        raise UsageError("--keep-failed applies to the main command, which writes a model; 'verify' writes none.")
+    for path in (args.original, args.compressed):
+        check_input_path(path)
+    if args.report:
+        check_output_path(args.report, args.original)
+    report = verify_models(args.original, args.compressed, _verify_config(args, always=True))
+    if not args.quiet:
+        _print(render_verification(report))
+    _warn(report.warnings)
+    if args.report:
+        _write_report(args.report, dumps({"verification": report.to_dict()}))
+    _print(f"check {'passed' if report.passed else 'FAILED'}: {report.summary()}")
+    report.check()
+    return 0
+
+
+def _section_lines(sections: dict[str, Any]) -> list[str]:
+    lines = []
+    lat = sections.get("latency")
+    if lat:
+        kept = sum(1 for v in lat.get("layers", {}).values() if v.get("kept"))
+        lines.append(f"latency:       {kept} of {len(lat.get('layers', {}))} planned layer(s) measured faster factored")
+        for c in lat.get("model", []):
+            lines.append(f"               whole model x{c['speedup']:.2f} vs {lat.get('baseline', 'input')} "
+                         f"at {c['threads']} thread(s), batch {c['batch']}")
+        if lat.get("undone"):
+            lines.append("               the whole model was not faster: factorization undone")
+    q = sections.get("quantize")
+    if q:
+        lines.append(f"int8:          onnxruntime dynamic quantization; {q['factors_quantized']} of {q['factors']} factor(s) quantized"
+                     + (f"; left in float: {', '.join(q['unquantized_factors'])}" if q["unquantized_factors"] else ""))
+    return lines
 
 
 def _run_demo(argv: Sequence[str]) -> int:
@@ -261,6 +442,58 @@ def _run_demo(argv: Sequence[str]) -> int:
     return run_demo(args.output, energy=args.energy, rank=args.rank, quiet=args.quiet, echo=_print)
 
 
+def _bench_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=f"{PROG} bench",
+        description="Measure onnxruntime CPU latency of a model, or of two models run interleaved (A B, B A, ...) "
+                    "with the speed-up per pair of runs.",
+    )
+    p.add_argument("model", help="the .onnx model (the baseline when two are given)")
+    p.add_argument("other", nargs="?", help="a second model to compare, e.g. the compressed one")
+    p.add_argument("--threads", type=_int_list("--threads"), default=(1,), metavar="LIST",
+                   help="intra-op thread counts, comma-separated (default 1)")
+    p.add_argument("--batch", type=_int_list("--batch"), default=None, metavar="LIST",
+                   help="sizes of the dynamic first axis, comma-separated (default: from --input-shape, else 1)")
+    p.add_argument("--input-shape", action="append", default=None, metavar="NAME:DIMS",
+                   help="shape of an input with dynamic axes, e.g. input_ids:1x128 (comma-separated, repeatable); "
+                          "for latency-aware mode and for random verification inputs")
+    p.add_argument("--runs", type=_positive_int("--runs"), default=100, metavar="N", help="timed runs per model (default 100)")
+    p.add_argument("--warmup", type=_non_negative_int, default=10, metavar="N", help="untimed runs first (default 10)")
+    p.add_argument("--profile", action="store_true", help="also show per-op and per-layer times from onnxruntime's profiler")
+    p.add_argument("--top", type=_positive_int("--top"), default=8, metavar="N", help="rows of the profile tables (default 8)")
+    p.add_argument("--json", metavar="OUT", help="also write the measurements as JSON")
+    _add_common(p)
+    return p
+
+
+def _run_bench(argv: Sequence[str]) -> int:
+    from .bench import bench, render_report
+    from .io import check_input_path, check_output_path
+
+    args = _bench_parser().parse_args(argv)
+    _setup_logging(args)
+    paths = [args.model] + ([args.other] if args.other else [])
+    for path in paths:
+        check_input_path(path)
+    if args.json:
+        check_output_path(args.json, args.model)
+    report = bench(paths, threads=args.threads, batch=args.batch, input_shape=args.input_shape, runs=args.runs,
+                   warmup=args.warmup, profile=args.profile)
+    if args.json:
+        _write_report(args.json, report.to_json())
+    if args.quiet:
+        for s in report.settings:
+            if s.speedup is not None:
+                _print(f"threads {s.threads} batch {s.batch if s.batch is not None else '-'}: x{s.speedup:.2f}")
+            else:
+                _print(f"threads {s.threads} batch {s.batch if s.batch is not None else '-'}: p50 {s.timings[0].stats.p50_ms:.3f} ms")
+    else:
+        _print(render_report(report, top=args.top))
+        if args.json:
+            _print(f"wrote {args.json}")
+    return 0
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     if getattr(args, "verbose", False):
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -273,6 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "demo":
             return _run_demo(argv[1:])
+        if argv and argv[0] == "verify":
+            return _run_verify(argv[1:])
+        if argv and argv[0] == "bench":
+            return _run_bench(argv[1:])
         return _run_compress(argv)
     except LowRankError as exc:
         if verbose:

@@ -23,7 +23,9 @@ __all__ = ["CompressConfig", "DEFAULT_ENERGY", "load_recipe", "recipe_path", "li
 
 DEFAULT_ENERGY = 0.95
 DEFAULT_DAMPING = 0.01
-OP_TYPES = ("MatMul", "Gemm")
+OP_TYPES = ("MatMul", "Gemm", "Conv")
+CONV_MODES = ("channel", "spatial", "auto")
+QUANTIZE_MODES = ("int8",)
 RANK_RULES = ("energy", "entropy")
 BUDGET_SCOPES = ("weights", "model")
 
@@ -40,7 +42,10 @@ class CompressConfig:
         min_params: Leave weights with fewer elements alone.
         include: Regex on node or weight names; only matches are factorized.
         exclude: Regex on node or weight names; matches are left alone.
-        op_types: Node types to consider.
+        op_types: Node types to consider; any of ``MatMul``, ``Gemm``, ``Conv`` (all by default).
+        conv_mode: How Conv weights are split: ``channel`` (k x k conv to r channels, then 1 x 1),
+            ``spatial`` (kh x 1 then 1 x kw; 2-D kernels only), or ``auto``, which picks per layer
+            the one with fewer multiply-accumulates at its chosen rank.
         allow_input_weights: Also factorize weights listed as graph inputs (every initializer
             is one in IR < 4); the factors replace the weight among the inputs.
         rank_rule: ``energy`` (fraction of ``sum s_i^2``) or ``entropy`` (ARSVD's spectral
@@ -60,6 +65,15 @@ class CompressConfig:
             calibration data, and ``max_drop`` or a budget).
         max_drop: With ``adaptive``: the largest allowed drop of the quality metric on the
             calibration data (accuracy with labels, else mean output cosine), e.g. 0.005.
+        latency_aware: Factorize a layer only where its factored form is measured faster than
+            the dense one (onnxruntime, at every ``threads`` x ``batch`` setting), and check
+            that the whole model is not slower.
+        threads: onnxruntime intra-op thread counts the model will run with.
+        batch: Batch sizes (the dynamic first axis) the model will run at.
+        input_shape: Shapes of inputs with other dynamic axes, as ``NAME:DIMS`` items
+            (``input_ids:1x128``); the batch axis is replaced by each ``batch``.
+        min_speedup: In latency-aware mode, the speed-up a layer must show at every setting.
+        quantize: ``"int8"``: onnxruntime dynamic int8 quantization after factorization.
     """
 
     energy: float | None = None
@@ -69,6 +83,7 @@ class CompressConfig:
     include: str | None = None
     exclude: str | None = None
     op_types: tuple[str, ...] = OP_TYPES
+    conv_mode: str = "auto"
     allow_input_weights: bool = False
     rank_rule: str = "energy"
     target_params: float | None = None
@@ -79,6 +94,12 @@ class CompressConfig:
     calib_mask: str | None = None
     adaptive: bool = False
     max_drop: float | None = None
+    latency_aware: bool = False
+    threads: tuple[int, ...] = (1,)
+    batch: tuple[int, ...] = (1,)
+    input_shape: tuple[str, ...] = ()
+    min_speedup: float = 1.1
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.energy is not None and self.rank is not None:
@@ -104,6 +125,24 @@ class CompressConfig:
         if bad or not ops:
             raise UsageError(f"--op-types got {','.join(bad) or 'nothing'}; expected a comma-separated subset of {','.join(OP_TYPES)}.")
         object.__setattr__(self, "op_types", ops)
+        if self.conv_mode not in CONV_MODES:
+            raise UsageError(f"--conv-mode got {self.conv_mode!r}; expected one of {', '.join(CONV_MODES)}.")
+        for flag, name in (("--threads", "threads"), ("--batch", "batch")):
+            value = getattr(self, name)
+            values = (value,) if isinstance(value, int) and not isinstance(value, bool) else tuple(value) if isinstance(value, (list, tuple)) else None
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise UsageError(f"{flag} must be positive integers, got {value!r}; e.g. {flag} 1,2.")
+            object.__setattr__(self, name, values)
+        shapes = (self.input_shape,) if isinstance(self.input_shape, str) else tuple(self.input_shape or ())
+        from .bench import parse_input_shapes
+
+        parse_input_shapes(shapes)
+        object.__setattr__(self, "input_shape", shapes)
+        m = self.min_speedup
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < float(m) <= 100.0:
+            raise UsageError(f"--min-speedup must be a positive number, got {m!r}; e.g. --min-speedup 1.1.")
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise UsageError(f"--quantize got {self.quantize!r}; expected one of {', '.join(QUANTIZE_MODES)}.")
         self._check_rank_selection()
 
     def _check_rank_selection(self) -> None:
@@ -180,7 +219,8 @@ class CompressConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["op_types"] = list(self.op_types)
+        for name in ("op_types", "threads", "batch", "input_shape"):
+            d[name] = list(getattr(self, name))
         return d
 
     @classmethod

@@ -6,6 +6,8 @@ command line must change), every other :class:`LowRankError` exits 1.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["LowRankError", "UsageError", "ModelError", "CalibrationError", "VerificationFailed"]
 
 
@@ -32,4 +34,14 @@ class CalibrationError(LowRankError):
 
 
 class VerificationFailed(LowRankError):
-    """The compressed model drifted from the original by more than the allowed budget."""
+    """The compressed model drifted from the original by more than the allowed budget.
+
+    Attributes:
+        report: The :class:`~onnx_lowrank.verify.VerifyReport` with the measured numbers.
+        result: The :class:`~onnx_lowrank.api.CompressResult` that was refused, when raised by ``compress``.
+    """
+
+    def __init__(self, message: str, *, report: Any = None, result: Any = None):
+        super().__init__(message)
+        self.report = report
+        self.result = result

@@ -195,14 +195,18 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     return out
 
 
-def model_size_on_disk(path: str | os.PathLike) -> int:
-    """Bytes of the model file plus every external data file it references."""
+def model_size_on_disk(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> int:
+    """Bytes of the model file plus every external data file it references.
+
+    Pass ``model`` when it is already loaded (without external data) to avoid parsing it again.
+    """
     p = Path(path)
     total = p.stat().st_size
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception:
-        return total
+    if model is None:
+        try:
+            model = onnx.load(str(p), load_external_data=False)
+        except Exception:
+            return total
     seen: set[str] = set()
     for t in _iter_all_tensors(model):
         if _is_external(t):
@@ -246,10 +250,17 @@ def save_model(
     if has_external and not external:
         raise ModelError("model references external data; it can only be saved with external data.")
 
+    data_name = out.name + ".data"
+    if external and has_external:
+        target = (out_dir / data_name).resolve()
+        for t in _iter_all_tensors(model):
+            if _is_external(t) and (Path(base_dir or ".") / _external_info(t)["location"]).resolve() == target:
+                raise UsageError(
+                    f"{out}: its data file '{data_name}' would overwrite the input's external data; choose another -o."
+                )
     fd, tmp_model = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out_dir)
     os.close(fd)
     tmp_data = None
-    data_name = out.name + ".data"
     restore: list[tuple[TensorProto, TensorProto]] = []
     try:
         if external:
@@ -263,7 +274,9 @@ def save_model(
             for tensor, original in restore:
                 tensor.CopyFrom(original)
         written = [out]
+        new_file_mode(tmp_model)
         if tmp_data is not None:
+            new_file_mode(tmp_data)
             os.replace(tmp_data, out_dir / data_name)
             tmp_data = None
             written.append(out_dir / data_name)
@@ -338,6 +351,17 @@ def _write_external(
     finally:
         for src in sources.values():
             src.close()
+
+
+def new_file_mode(path: str | os.PathLike) -> None:
+    """Give a temporary file the mode a plain ``open(path, "w")`` would have.
+
+    ``mkstemp`` creates files readable by the owner only; an output renamed into place from one
+    would be unreadable to the other users of a deploy pipeline.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def model_initializers(model: onnx.ModelProto) -> Iterator[TensorProto]:

@@ -10,8 +10,17 @@ Stages, in order (``api.compress`` runs them):
 3. :func:`apply` rewrites the graph for every plan with a rank;
 4. :func:`decisions` turns plans and discovery into the per-node report rows.
 
-A plan sees a matrix ``M`` (m, n) and the users that run it; what ``M`` is for an op type (the
-weight itself for MatMul/Gemm) is decided in :func:`build_plans`.
+A plan sees a matrix ``M`` (m, n) and the users that run it; what ``M`` is for an op type is
+decided in :func:`build_plans`: the weight itself for MatMul/Gemm, a reshaped view of the kernel
+for Conv (:func:`~onnx_lowrank.decompose.conv_matrix`).  A Conv plan may hold both views
+(``--conv-mode auto``); :func:`decide` picks the one with fewer multiply-accumulates.
+
+MACs: a MatMul/Gemm costs ``m n`` per activation row dense and ``r (m + n)`` factorized.  A Conv's
+cost depends on its output size (and, in spatial mode, on its input width); with both known
+from the model's shapes it is counted per sample (batch 1).  When they are unknown (dynamic
+spatial dims) it is counted per output pixel, taking the spatial form's intermediate as
+``stride_w`` columns per output column (exact for SAME padding), and the report says so.  The
+break-even guard of a Conv compares these MAC counts as well as parameters.
 """
 
 from __future__ import annotations
@@ -26,15 +35,54 @@ import onnx
 
 from . import decompose, io
 from .config import CompressConfig
-from .discovery import Discovery, WeightGroup
+from .discovery import Discovery, Layer, WeightGroup
 from .errors import ModelError, UsageError
 from .policies import BudgetError, Options, RankChoice, allocate, choice_at, choose_rank, rank_options
 from .report import LayerDecision
-from .rewrite import NameScope, factorize_group
+from .rewrite import NameScope, factorize_conv_group, factorize_group
+from .shapes import ShapeInfo
 
-__all__ = ["LayerPlan", "build_plans", "decide", "decide_budget", "BudgetBase", "apply", "decisions"]
+__all__ = ["LayerPlan", "ConvUse", "ConvOption", "build_plans", "decide", "decide_budget", "BudgetBase", "apply", "decisions"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConvUse:
+    """One Conv node that runs a planned weight, and its sizes when the model's shapes tell them.
+
+    Attributes:
+        layer: The node (its ``conv`` spec is set).
+        in_size: Spatial input size, e.g. ``(H_i, W_i)``; ``None`` when unknown.
+        out_size: Spatial output size; ``None`` when unknown.
+    """
+
+    layer: Layer
+    in_size: tuple[int, ...] | None = None
+    out_size: tuple[int, ...] | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.out_size is not None
+
+    def macs(self, w_shape: tuple[int, ...], rank: int | None, mode: str) -> int:
+        """MACs per sample, or per output pixel when the sizes are unknown; ``rank=None`` is dense."""
+        spec = self.layer.conv
+        if self.known:
+            out, mid = self.out_size, self.in_size[-1]
+        else:
+            out, mid = (1,) * spec.ndim, spec.strides[-1]
+        return decompose.conv_macs(w_shape, rank, mode, out, mid)
+
+
+@dataclass(eq=False)
+class ConvOption:
+    """One matrix view of a Conv weight: its mode, shape and spectrum."""
+
+    mode: str
+    m: int
+    n: int
+    spectrum: decompose.Spectrum | None = None
 
 
 @dataclass(eq=False)
@@ -49,6 +97,11 @@ class LayerPlan:
         choice: The rank rule's outcome.
         factor_names: Names of the two factors once rewritten.
         extra: Per-plan numbers that later stages add to the report (e.g. sensitivity).
+        op_kind: ``"matrix"`` (MatMul/Gemm) or ``"conv"``.
+        weight_shape: The weight's stored shape.
+        conv_mode: For Conv, the view ``m, n, spectrum`` belong to (``channel`` or ``spatial``).
+        conv_options: For Conv, every view still in play, by mode.
+        conv_uses: For Conv, one entry per user node.
     """
 
     group: WeightGroup
@@ -59,6 +112,11 @@ class LayerPlan:
     choice: RankChoice | None = None
     factor_names: tuple[str, str] | None = None
     extra: dict = field(default_factory=dict)
+    op_kind: str = "matrix"
+    weight_shape: tuple[int, ...] = ()
+    conv_mode: str | None = None
+    conv_options: dict[str, ConvOption] = field(default_factory=dict)
+    conv_uses: list[ConvUse] = field(default_factory=list)
 
     @property
     def reason(self) -> str | None:
@@ -86,16 +144,50 @@ class LayerPlan:
         return len(self.group.layers)
 
     @property
+    def is_conv(self) -> bool:
+        return self.op_kind == "conv"
+
+    @property
+    def macs_known(self) -> bool:
+        """False for a Conv with an unknown spatial size (its MACs are per output pixel)."""
+        return all(u.known for u in self.conv_uses)
+
+    @property
     def dense_params(self) -> int:
         return self.m * self.n
 
     def params_at(self, rank: int) -> int:
         return decompose.lowrank_params(self.m, self.n, rank)
 
+    def select(self, mode: str) -> None:
+        """Make the Conv view ``mode`` the one that ``m``, ``n`` and ``spectrum`` describe."""
+        opt = self.conv_options[mode]
+        self.conv_mode, self.m, self.n, self.spectrum = mode, opt.m, opt.n, opt.spectrum
+
+    def macs(self, rank: int | None, mode: str | None = None) -> int:
+        """MACs summed over users; ``rank=None`` means dense.
+
+        MatMul/Gemm: per activation row.  Conv: per sample, or per output pixel when the size is
+        unknown (:attr:`macs_known`), in view ``mode`` (default: the selected one).
+        """
+        if not self.is_conv:
+            per_user = self.dense_params if rank is None else self.params_at(rank)
+            return per_user * self.users
+        mode = mode or self.conv_mode
+        return sum(u.macs(self.weight_shape, rank, mode) for u in self.conv_uses)
+
     def macs_per_row(self, rank: int | None) -> int:
-        """MACs per activation row, summed over users; ``None`` means dense."""
-        per_user = self.dense_params if rank is None else self.params_at(rank)
-        return per_user * self.users
+        """MACs per activation row (per sample for a Conv), summed over users; ``None`` means dense."""
+        return self.macs(rank)
+
+    def break_even(self, mode: str | None = None) -> int:
+        """Largest rank that saves both parameters and MACs (both are linear in the rank)."""
+        if not self.is_conv:
+            return decompose.break_even_rank(self.m, self.n)
+        opt = self.conv_options[mode or self.conv_mode]
+        by_params = decompose.break_even_rank(opt.m, opt.n)
+        by_macs = (self.macs(None) - 1) // max(1, self.macs(1, opt.mode))
+        return min(by_params, by_macs)
 
 
 Progress = Callable[[int, int, str], None]
@@ -109,6 +201,8 @@ def build_plans(
     grams: dict[int, tuple[np.ndarray, str]] | None = None,
     damping: float = decompose.DEFAULT_DAMPING,
     notes: dict[int, str] | None = None,
+    conv_mode: str = "auto",
+    shapes: ShapeInfo | None = None,
 ) -> list[LayerPlan]:
     """Read each factorizable weight and take its spectrum (the slow step: one SVD per weight).
 
@@ -116,10 +210,13 @@ def build_plans(
         found: Discovery's result.
         source_dir: Where external data lives.
         progress: Called after each SVD.
-        grams: Per group ``id``: ``(G, side)`` input statistics; those groups get the whitened
-            spectrum (data-aware mode).
+        grams: Per group ``id``: ``(G, side)`` input statistics; those MatMul/Gemm groups get the
+            whitened spectrum (data-aware mode).
         damping: Relative damping of ``G``.
         notes: Per group ``id``: a remark for the report (e.g. why the plain SVD was used).
+        conv_mode: ``channel``, ``spatial`` or ``auto``; ``auto`` takes both views of a 2-D
+            Conv kernel (two SVDs) so that :func:`decide` can compare them.
+        shapes: Known value shapes, for Conv sizes; without them Conv MACs are per output pixel.
     """
     grams = grams or {}
     notes = notes or {}
@@ -131,28 +228,74 @@ def build_plans(
             arr = io.read_tensor(w.tensor, source_dir)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot read weight '{w.name}': {exc}") from None
-        m, n = arr.shape
-        plan = LayerPlan(group=group, m=m, n=n, dtype=arr.dtype)
+        if group.layers[0].is_conv:
+            plan = _conv_plan(group, arr, conv_mode, shapes)
+        else:
+            m, n = arr.shape
+            plan = LayerPlan(group=group, m=m, n=n, dtype=arr.dtype, weight_shape=arr.shape)
+            try:
+                if id(group) in grams:
+                    g, side = grams[id(group)]
+                    plan.spectrum = decompose.whitened_spectrum(arr, g, side, damping)
+                else:
+                    plan.spectrum = decompose.spectrum(arr)
+            except ValueError as exc:
+                plan.reason = f"cannot factorize: {exc}"
         if id(group) in notes:
             plan.extra["note"] = notes[id(group)]
-        try:
-            if id(group) in grams:
-                g, side = grams[id(group)]
-                plan.spectrum = decompose.whitened_spectrum(arr, g, side, damping)
-            else:
-                plan.spectrum = decompose.spectrum(arr)
-        except ValueError as exc:
-            plan.reason = f"cannot factorize: {exc}"
         plans.append(plan)
         if progress is not None:
             progress(k, len(todo), w.name)
     return plans
 
 
+def _conv_use(layer: Layer, shapes: ShapeInfo | None) -> ConvUse:
+    spec = layer.conv
+    shape = shapes.get(layer.node.input[0]) if shapes is not None else None
+    if shape is None or len(shape) != spec.ndim + 2 or any(d is None for d in shape[2:]):
+        return ConvUse(layer)
+    in_size = tuple(int(d) for d in shape[2:])
+    out = decompose.conv_output_size(in_size, spec.kernel, spec.strides, spec.pads, spec.dilations, spec.auto_pad)
+    if min(out) < 1:  # the model is inconsistent here; count per pixel rather than guess
+        return ConvUse(layer)
+    return ConvUse(layer, in_size=in_size, out_size=out)
+
+
+def _conv_plan(group: WeightGroup, arr: np.ndarray, conv_mode: str, shapes: ShapeInfo | None) -> LayerPlan:
+    nd = arr.ndim - 2
+    modes = ["channel", "spatial"] if conv_mode == "auto" else [conv_mode]
+    if nd != 2 and "spatial" in modes:
+        modes.remove("spatial")  # auto: spatial-wise needs kh x kw
+    plan = LayerPlan(group=group, m=0, n=0, dtype=arr.dtype, op_kind="conv", weight_shape=tuple(arr.shape),
+                     conv_uses=[_conv_use(layer, shapes) for layer in group.layers])
+    if not modes:
+        plan.reason = (f"spatial-wise decomposition needs a 2-D kernel (kh x kw); this Conv's kernel is {nd}-D "
+                       f"{list(arr.shape[2:])}; use --conv-mode channel or auto")
+        plan.conv_options["channel"] = ConvOption("channel", *decompose.conv_matrix_shape(arr.shape, "channel"))
+        plan.select("channel")
+        return plan
+    for mode in modes:
+        opt = ConvOption(mode, *decompose.conv_matrix_shape(arr.shape, mode))
+        try:
+            opt.spectrum = decompose.spectrum(decompose.conv_matrix(arr, mode))
+        except ValueError as exc:
+            plan.reason = f"cannot factorize: {exc}"
+        plan.conv_options[mode] = opt
+    plan.select(modes[0])
+    return plan
+
+
 def decide(plans: list[LayerPlan], cfg: CompressConfig) -> None:
-    """Choose each plan's rank by the configured rule; plans that would save nothing get a reason."""
+    """Choose each plan's rank by the configured rule; plans that would save nothing get a reason.
+
+    A Conv plan with both views chooses a rank in each and keeps the view with fewer MACs
+    (``channel`` on a tie: one fewer odd-shaped kernel).
+    """
     for plan in plans:
         if plan.spectrum is None:
+            continue
+        if plan.is_conv:
+            decide_conv(plan, cfg)
             continue
         plan.choice = choose_rank(plan.spectrum.s, plan.m, plan.n, energy=cfg.effective_energy, rank=cfg.rank,
                                   rank_multiple=cfg.rank_multiple, rule=cfg.rank_rule)
@@ -186,7 +329,7 @@ class BudgetBase:
                 dense = int(np.prod(group.weight.shape))
                 weights += dense
                 macs += dense * len(group.layers)
-        active = [p for p in plans if p.active]
+        active = [p for p in plans if p.active and not p.is_conv]
         base = model_params if cfg.budget_scope == "model" else weights
         return cls(
             params_total=base,
@@ -260,11 +403,39 @@ def decide_budget(plans: list[LayerPlan], cfg: CompressConfig, base: BudgetBase)
     The error a plan contributes is its normalized squared truncation error ``1 - E(r)`` (of
     the whitened spectrum in data-aware mode); break-even and ``rank_multiple`` bound its ranks.
     """
-    active = [p for p in plans if p.active]
+    for plan in plans:
+        if plan.is_conv and plan.reason is None:
+            decide_conv(plan, cfg)  # Conv layers follow the per-layer rule; their cost counts as fixed
+    active = [p for p in plans if p.active and not p.is_conv]
     limits = base.limits(cfg)
     flags = [f for f, _, _ in limits]
     options = [budget_options(p, truncation_errors(p), flags, cfg.rank_multiple) for p in active]
     allocate_plans(active, options, limits, base)
+
+
+def decide_conv(plan: LayerPlan, cfg: CompressConfig) -> None:
+    dense = plan.macs(None)
+    unit = "MACs" if plan.macs_known else "MACs per output pixel"
+    outcomes = []
+    for opt in plan.conv_options.values():
+        if opt.spectrum is None:
+            continue
+        choice = choose_rank(opt.spectrum.s, opt.m, opt.n, energy=cfg.effective_energy, rank=cfg.rank,
+                             rank_multiple=cfg.rank_multiple, break_even=plan.break_even(opt.mode))
+        outcomes.append((not choice.saves, plan.macs(choice.rank, opt.mode), opt.mode != "channel", opt.mode, choice))
+    outcomes.sort(key=lambda o: o[:3])
+    mode, choice = outcomes[0][3], outcomes[0][4]
+    plan.select(mode)
+    plan.choice = choice
+    if choice.saves:
+        return
+    tried = []
+    for _, macs_r, _, mode_r, choice_r in outcomes:
+        params_r = choice_r.rank * (plan.conv_options[mode_r].m + plan.conv_options[mode_r].n)
+        tried.append(f"{mode_r}-wise rank {choice_r.rank} needs {macs_r:,} {unit} and {params_r:,} parameters "
+                     f"(break-even rank {choice_r.break_even})")
+    plan.reason = (f"factoring saves nothing: {'; '.join(tried)}; the dense Conv needs {dense:,} {unit} "
+                   f"and {int(np.prod(plan.weight_shape)):,} parameters")
 
 
 def apply(model: onnx.ModelProto, plans: list[LayerPlan]) -> None:
@@ -273,11 +444,34 @@ def apply(model: onnx.ModelProto, plans: list[LayerPlan]) -> None:
     for plan in plans:
         if plan.reason is None and plan.choice is not None:
             a, b = decompose.factors(plan.spectrum, plan.choice.rank, dtype=plan.dtype)
-            plan.factor_names = factorize_group(model, plan.group, a, b, names)
+            if plan.is_conv:
+                first, second = decompose.conv_kernels(a, b, plan.weight_shape, plan.conv_mode)
+                plan.factor_names = factorize_conv_group(model, plan.group, first, second, plan.conv_mode, names)
+            else:
+                plan.factor_names = factorize_group(model, plan.group, a, b, names)
 
 
-def decisions(found: Discovery, plans: list[LayerPlan]) -> list[LayerDecision]:
-    """One report row per discovered node, in graph order."""
+def _conv_macs_row(layer: Layer, plan: LayerPlan | None, factorized: bool, shapes: ShapeInfo | None) -> tuple[int, int, str | None]:
+    """``(macs_before, macs_after, unit)`` of one Conv row; zeros when its geometry is unknown."""
+    use = None
+    if plan is not None:
+        use = next((u for u in plan.conv_uses if u.layer is layer), None)
+    elif layer.conv is not None and layer.weight is not None:
+        use = _conv_use(layer, shapes)
+    if use is None:
+        return 0, 0, None
+    shape = layer.weight.shape
+    before = use.macs(shape, None, "channel")
+    after = use.macs(shape, plan.rank, plan.conv_mode) if factorized else before
+    return before, after, "sample" if use.known else "output pixel"
+
+
+def decisions(found: Discovery, plans: list[LayerPlan], shapes: ShapeInfo | None = None) -> list[LayerDecision]:
+    """One report row per discovered node, in graph order.
+
+    Args:
+        shapes: Known value shapes, to count the MACs of Conv nodes that have no plan.
+    """
     by_group = {id(p.group): p for p in plans}
     rows: dict[int, LayerDecision] = {}
     for group in found.groups:
@@ -291,6 +485,10 @@ def decisions(found: Discovery, plans: list[LayerPlan]) -> list[LayerDecision]:
         dense = int(np.prod(shape)) if shape else 0
         low = plan.params_at(choice.rank) if factorized else dense
         for k, layer in enumerate(group.layers):
+            if layer.is_conv:
+                macs_before, macs_after, unit = _conv_macs_row(layer, plan, factorized, shapes)
+            else:
+                macs_before, macs_after, unit = dense, low, "row"
             rows[id(layer)] = LayerDecision(
                 node=layer.display_name,
                 op_type=layer.op_type,
@@ -303,8 +501,8 @@ def decisions(found: Discovery, plans: list[LayerPlan]) -> list[LayerDecision]:
                 rel_error=choice.rel_error if choice else None,
                 params_before=dense if k == 0 else 0,
                 params_after=low if k == 0 else 0,
-                macs_before=dense,
-                macs_after=low,
+                macs_before=macs_before,
+                macs_after=macs_after,
                 factorized=factorized,
                 reason=None if factorized else (layer.reason or group.reason),
                 factors=plan.factor_names if plan is not None else None,
@@ -312,13 +510,23 @@ def decisions(found: Discovery, plans: list[LayerPlan]) -> list[LayerDecision]:
                 whitened=plan.whitened if plan is not None else False,
                 sensitivity=plan.extra.get("sensitivity") if plan is not None else None,
                 note=plan.extra.get("note") if plan is not None else None,
+                conv_mode=plan.conv_mode if plan is not None and plan.is_conv and choice is not None else None,
+                macs_per=unit,
             )
     out = []
+    counted = {id(g.weight) for g in found.groups}
     for layer in found.layers:
         row = rows.get(id(layer))
         if row is None:
             has_shape = layer.weight is not None and layer.weight.tensor is not None
+            shape = layer.weight.shape if has_shape else None
+            # Weights left alone before grouping (e.g. factor pairs) still count, once each.
+            params = 0
+            if shape and id(layer.weight) not in counted:
+                counted.add(id(layer.weight))
+                params = int(np.prod(shape))
             row = LayerDecision(node=layer.display_name, op_type=layer.op_type, weight=layer.weight_name,
-                                shape=layer.weight.shape if has_shape else None, reason=layer.reason)
+                                shape=shape, reason=layer.reason, params_before=params, params_after=params,
+                                macs_per=None if layer.is_conv or layer.op_type == "ConvTranspose" else "row")
         out.append(row)
     return out

@@ -67,11 +67,16 @@ def choose_rank(
     rank: int | None = None,
     rank_multiple: int = 1,
     rule: str = "energy",
+    break_even: int | None = None,
 ) -> RankChoice:
     """Apply the configured rule to singular values ``s`` of an ``(m, n)`` matrix.
 
     Exactly one of ``energy`` and ``rank`` is used; ``rank`` wins when both are given.  With
     ``rule="entropy"``, ``energy`` is the entropy threshold ``tau``.
+
+    Args:
+        break_even: The largest rank that still saves, when it is not the parameter break-even
+            of ``(m, n)`` (a Conv's MAC count can break even earlier).
     """
     full = min(m, n)
     if rank is not None:
@@ -85,16 +90,17 @@ def choose_rank(
             raise ValueError(f"Got rule={rule!r}; expected one of {', '.join(RULES)}.")
     else:
         raise ValueError("Got neither energy nor rank; expected one of them.")
-    r = decompose.round_rank(r, rank_multiple, m, n)
-    return choice_at(s, m, n, r)
+    be = decompose.break_even_rank(m, n) if break_even is None else break_even
+    r = decompose.round_rank(r, rank_multiple, m, n, limit=be)
+    return choice_at(s, m, n, r, break_even=be)
 
 
-def choice_at(s: np.ndarray, m: int, n: int, r: int) -> RankChoice:
+def choice_at(s: np.ndarray, m: int, n: int, r: int, break_even: int | None = None) -> RankChoice:
     """The :class:`RankChoice` for a rank decided elsewhere (a budget, a measurement)."""
     return RankChoice(
         rank=r,
         full_rank=min(m, n),
-        break_even=decompose.break_even_rank(m, n),
+        break_even=decompose.break_even_rank(m, n) if break_even is None else break_even,
         energy=decompose.energy_kept(s, r),
         rel_error=decompose.relative_error(s, r),
     )

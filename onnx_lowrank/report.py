@@ -1,8 +1,15 @@
 """Per-layer decisions and totals, as dataclasses, a text table and JSON.
 
-Parameter counts are per weight (a shared weight counts once); MACs are per activation row
-(one sample of an MLP, one token of a transformer): ``m n`` for a dense ``(m, n)`` weight and
-``r (m + n)`` for its factors, summed over every node that runs it.
+Parameter counts are per weight (a shared weight counts once).  MACs (multiply-accumulates)
+are counted per node, in the unit its row names in ``macs_per``:
+
+* ``row`` (MatMul/Gemm): per activation row (one sample of an MLP, one token of a
+  transformer): ``m n`` for a dense ``(m, n)`` weight and ``r (m + n)`` for its factors;
+* ``sample`` (Conv with a known spatial size): per sample at batch 1, output pixels included
+  (see :mod:`onnx_lowrank.decompose` for the formulas);
+* ``output pixel`` (Conv whose spatial size is unknown): per output pixel.
+
+The totals add them up; :attr:`Totals.macs_note` says when the units differ.
 """
 
 from __future__ import annotations
@@ -16,22 +23,22 @@ __all__ = ["LayerDecision", "Totals", "render_table", "render_totals", "to_json_
 
 @dataclass(frozen=True)
 class LayerDecision:
-    """What the pass did with one MatMul/Gemm node.
+    """What the pass did with one MatMul/Gemm/Conv node.
 
     Attributes:
         node: Node name (with its If/Loop/Scan scope, if any).
-        op_type: ``MatMul`` or ``Gemm``.
+        op_type: ``MatMul``, ``Gemm``, ``Conv`` (or ``ConvTranspose``, always skipped).
         weight: Name of the constant operand, if there is one.
-        shape: Stored shape of the weight.
+        shape: Stored shape of the weight (``C_out x C_in x kh x kw`` for a Conv).
         rank: Rank kept (``None`` when no spectrum was computed).
-        full_rank: ``min(m, n)``.
-        break_even: Largest rank that still saves parameters.
+        full_rank: ``min(m, n)`` of the matrix factorized.
+        break_even: Largest rank that still saves parameters (and, for a Conv, MACs).
         energy: Energy kept at ``rank``.
         rel_error: Relative Frobenius error at ``rank``.
         params_before: Weight parameters before (0 for the second user of a shared weight).
         params_after: Weight parameters after.
-        macs_before: Multiply-accumulates per activation row before.
-        macs_after: Multiply-accumulates per activation row after.
+        macs_before: Multiply-accumulates before, in the unit ``macs_per``.
+        macs_after: Multiply-accumulates after.
         factorized: Whether the node now uses low-rank factors.
         reason: Why the node was left alone (``None`` when factorized).
         factors: Names of the two factor tensors.
@@ -41,6 +48,9 @@ class LayerDecision:
         sensitivity: In adaptive mode, the measured drop of the output when only this layer is
             compressed at ``rank`` (interpolated between the measured grid ranks).
         note: A remark on how the layer was treated (e.g. why the plain SVD was used).
+        conv_mode: For a Conv with a chosen rank: ``channel`` or ``spatial``.
+        macs_per: What the MAC counts are per: ``row``, ``sample`` or ``output pixel``
+            (``None`` when not counted).
     """
 
     node: str
@@ -63,11 +73,18 @@ class LayerDecision:
     whitened: bool = False
     sensitivity: float | None = None
     note: str | None = None
+    conv_mode: str | None = None
+    macs_per: str | None = "row"
 
 
 @dataclass
 class Totals:
-    """Model-level numbers before and after."""
+    """Model-level numbers before and after.
+
+    ``macs_per`` is ``row`` when every MAC count is per activation row (MatMul/Gemm only), else
+    ``mixed``; ``macs_note`` then says what the total adds up (Conv per sample at batch 1, or
+    per output pixel where the spatial size is unknown).
+    """
 
     layers: int = 0
     factorized: int = 0
@@ -79,6 +96,8 @@ class Totals:
     macs_after: int = 0
     size_before: int | None = None
     size_after: int | None = None
+    macs_per: str = "row"
+    macs_note: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -108,7 +127,7 @@ def _fmt_row(d: LayerDecision) -> list[str]:
         ranks = energy = err = "-"
     if d.factorized:
         params = f"{d.params_before:,} -> {d.params_after:,}" if d.params_before else f"shared with {d.shared_with}"
-        status = "factorized"
+        status = f"factorized ({d.conv_mode}-wise)" if d.conv_mode else "factorized"
     else:
         params = f"{d.params_before:,}" if d.params_before else "-"
         status = f"skipped: {d.reason}"
@@ -129,9 +148,9 @@ def _clip(s: str, width: int) -> str:
 
 
 def render_table(decisions: list[LayerDecision], *, max_name: int = 40) -> str:
-    """A fixed-width table, one row per MatMul/Gemm node."""
+    """A fixed-width table, one row per MatMul/Gemm/Conv node."""
     if not decisions:
-        return "No MatMul/Gemm nodes found: nothing to factorize; the output is a faithful copy."
+        return "No MatMul/Gemm/Conv nodes found: nothing to factorize; the output is a faithful copy."
     rows = [_fmt_row(d) for d in decisions]
     rows = [[_clip(r[0], max_name), _clip(r[1], max_name), *r[2:]] for r in rows]
     headers = list(_HEADERS)
@@ -150,11 +169,14 @@ def render_table(decisions: list[LayerDecision], *, max_name: int = 40) -> str:
 
 def render_totals(t: Totals) -> str:
     lines = [
-        f"layers:        {t.factorized} of {t.layers} MatMul/Gemm nodes factorized",
+        f"layers:        {t.factorized} of {t.layers} candidate nodes factorized",
         f"weights:       {t.params_before:,} -> {t.params_after:,} parameters in candidate layers{_ratio(t.params_before, t.params_after)}",
         f"model:         {t.model_params_before:,} -> {t.model_params_after:,} parameters{_ratio(t.model_params_before, t.model_params_after)}",
-        f"MACs/row:      {t.macs_before:,} -> {t.macs_after:,} in candidate layers{_ratio(t.macs_before, t.macs_after)}",
+        f"{'MACs/row:' if t.macs_per == 'row' else 'MACs:':<15}{t.macs_before:,} -> {t.macs_after:,} in candidate layers"
+        f"{_ratio(t.macs_before, t.macs_after)}",
     ]
+    if t.macs_note:
+        lines.append(f"               note: {t.macs_note}")
     if t.size_before is not None or t.size_after is not None:
         lines.append(f"file size:     {human_bytes(t.size_before)} -> {human_bytes(t.size_after)}{_ratio(t.size_before, t.size_after)}")
     for key, value in t.extra.items():

@@ -19,6 +19,26 @@ The bias, alpha and beta stay on the second product, so Gemm's semantics are kep
 transposes are Gemm's own ``transA``/``transB`` flags, so every user shares the same two
 tensors.  The factors are stored as two constants and never as a constant product: a
 constant-folding optimizer would multiply them back into ``W``.
+
+A Conv ``Conv(x, W, bias)`` becomes two chained convs with the kernels of
+:func:`~onnx_lowrank.decompose.conv_kernels` (shared by every user of ``W``; each user keeps its
+own attributes):
+
+===========  =======================================================  ================================
+mode         first conv (no bias)                                     second conv (with the bias)
+===========  =======================================================  ================================
+channel      ``k_1 x .. x k_d``, ``C_in -> r``: strides, pads,        ``1 x .. x 1``, ``r -> C_out``
+             dilations, auto_pad of the original
+spatial      ``kh x 1``, ``C_in -> r``: vertical stride, dilation,     ``1 x kw``, ``r -> C_out``:
+             pads (top, bottom)                                       horizontal ones (left, right)
+===========  =======================================================  ================================
+
+The split is exact for every padding: the first spatial conv leaves the columns alone, and
+its output is zero wherever the input was horizontal padding (it has no bias), so padding the
+intermediate instead of the input changes nothing.  ``SAME_UPPER``/``SAME_LOWER`` pad each axis
+on its own from that axis's size, stride, kernel and dilation; a ``kh x 1`` conv with stride
+``(sh, 1)`` pads the rows as the original did and the columns not at all, so ``auto_pad`` carries
+over to both halves unchanged and no input size is needed.
 """
 
 from __future__ import annotations
@@ -30,10 +50,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .discovery import Layer, Weight, WeightGroup
+from .discovery import ConvSpec, Layer, Weight, WeightGroup
 from .io import iter_graphs
 
-__all__ = ["NameScope", "factorize_group", "opset_version"]
+__all__ = ["NameScope", "factorize_group", "factorize_conv_group", "opset_version"]
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +214,72 @@ def _rewrite_user(layer: Layer, a: str, b: str, zero: str | None, opset: int, na
 def _gemm(inputs: Iterable[str], out: str, name: str, **attrs) -> onnx.NodeProto:
     kept = {k: v for k, v in attrs.items() if not (k in ("transA", "transB") and v == 0)}
     return helper.make_node("Gemm", list(inputs), [out], name=name, **kept)
+
+
+def factorize_conv_group(
+    model: onnx.ModelProto,
+    group: WeightGroup,
+    first: np.ndarray,
+    second: np.ndarray,
+    mode: str,
+    names: NameScope,
+) -> tuple[str, str]:
+    """Replace the Conv weight ``group.weight`` by two chained convs in all of its users.
+
+    Args:
+        first: Kernel of the first conv, ``(r, C_in, ...)``.
+        second: Kernel of the second conv, ``(C_out, r, ...)``.
+        mode: ``"channel"`` or ``"spatial"``, as the kernels were built.
+
+    Returns:
+        The names given to the two kernels, first conv's first.
+    """
+    w = group.weight
+    k1 = names.fresh(f"{w.name}__lowrank_K1")
+    k2 = names.fresh(f"{w.name}__lowrank_K2")
+    _add_factors(model, w, [(k1, first), (k2, second)])
+    for layer in group.layers:
+        _rewrite_conv_user(layer, k1, k2, mode, names)
+    _remove_weight(model, w)
+    log.info("factorized %s %s (%s-wise) -> %s %s + %s %s", w.name, list(w.shape), mode, k1, list(first.shape),
+             k2, list(second.shape))
+    return k1, k2
+
+
+def _conv_attrs(spec: ConvSpec, mode: str) -> tuple[dict, dict]:
+    nd = spec.ndim
+    if mode == "channel":
+        a1 = {"kernel_shape": list(spec.kernel), "strides": list(spec.strides), "dilations": list(spec.dilations)}
+        a2 = {"kernel_shape": [1] * nd}
+        if spec.auto_pad == "NOTSET":
+            a1["pads"] = list(spec.pads)
+        else:
+            a1["auto_pad"] = spec.auto_pad
+        return a1, a2
+    (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.strides, spec.dilations
+    top, left, bottom, right = spec.pads
+    a1 = {"kernel_shape": [kh, 1], "strides": [sh, 1], "dilations": [dh, 1]}
+    a2 = {"kernel_shape": [1, kw], "strides": [1, sw], "dilations": [1, dw]}
+    if spec.auto_pad == "NOTSET":
+        a1["pads"] = [top, 0, bottom, 0]
+        a2["pads"] = [0, left, 0, right]
+    else:
+        a1["auto_pad"] = a2["auto_pad"] = spec.auto_pad
+    return a1, a2
+
+
+def _rewrite_conv_user(layer: Layer, k1: str, k2: str, mode: str, names: NameScope) -> None:
+    node, graph = layer.node, layer.graph
+    x = node.input[0]
+    bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
+    out = node.output[0]
+    mid = names.fresh(f"{out}__lowrank")
+    base = node.name or out
+    n1, n2 = names.fresh(f"{base}__lowrank_1"), names.fresh(f"{base}__lowrank_2")
+    a1, a2 = _conv_attrs(layer.conv, mode)
+    first = helper.make_node("Conv", [x, k1], [mid], name=n1, **a1)
+    second = helper.make_node("Conv", [mid, k2, *bias], [out], name=n2, **a2)
+    for n in (first, second):
+        n.domain = node.domain
+    graph.node.insert(_index_of(graph.node, node), first)
+    node.CopyFrom(second)

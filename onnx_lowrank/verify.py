@@ -1,4 +1,4 @@
-"""Compare a compressed model with its original in onnxruntime.
+"""Compare a compressed model with its original in onnxruntime, and gate on the difference.
 
 Metrics, per output, original (``y``) against compressed (``z``), over all samples:
 
@@ -9,22 +9,144 @@ Metrics, per output, original (``y``) against compressed (``z``), over all sampl
   scores (2-D ``[samples, classes]`` with at least 2 classes, floating point)
 * with labels: ``accuracy`` and ``macro_f1`` of both models, and their drop (original minus
   compressed, in fractions, so 0.01 is one point).
+
+The gate (``max_drop``) compares one number per judged output against the budget:
+
+=============  =============================  ===============================
+metric         before -> after                drop
+=============  =============================  ===============================
+``accuracy``   accuracy of each model         ``accuracy_before - accuracy_after``
+``f1``         macro-F1 of each model         ``f1_before - f1_after``
+``top1``       1 -> top-1 agreement           ``1 - top1_agreement``
+``cosine``     1 -> mean cosine similarity    ``1 - cosine_mean``
+=============  =============================  ===============================
+
+Without ``metric`` each output is judged by ``accuracy`` when there are labels and it holds
+class scores, else ``top1`` when it holds class scores and its name says so (``logits``,
+``scores``, ``probabilities``, ``class...``, ``pred...``), else ``cosine`` (embeddings are 2-D
+float too, and their arg-max means nothing).  Every output is judged
+unless ``gate_output`` names one; the check passes when every judged drop is at most
+``max_drop``, and the worst drop is the one reported.
 """
 
 from __future__ import annotations
 
+import re
+
+import dataclasses
+import logging
 import os
+import shutil
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 
-__all__ = ["OutputMetrics", "VerifyReport", "make_session", "run_batches", "compare", "accuracy", "macro_f1"]
+from . import io
+from .calibration import CalibrationData, feed_samples, load_calibration, model_inputs, parse_input_ranges, parse_input_shapes
+from .errors import CalibrationError, ModelError, UsageError, VerificationFailed
+
+__all__ = [
+    "VerifyConfig",
+    "OutputMetrics",
+    "Judgement",
+    "VerifyReport",
+    "METRICS",
+    "verify_models",
+    "render_verification",
+    "make_session",
+    "run_batches",
+    "compare",
+    "accuracy",
+    "macro_f1",
+]
+
+log = logging.getLogger(__name__)
+
+METRICS = ("accuracy", "f1", "top1", "cosine")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """How to check a compressed model; each field is the CLI flag of the same name.
+
+    None of these change the model produced, so they live apart from
+    :class:`~onnx_lowrank.config.CompressConfig`.
+
+    Attributes:
+        calib: ``--calib``: an ``.npz`` path or a directory of them; in Python also a
+            ``CalibrationDataReader``, an iterable of feed dicts, a dict of arrays or an array.
+            ``None`` (and no ``calib_script``) compares on random inputs.
+        calib_script: ``--calib-script FILE.py:FUNC``: ``FUNC()`` returns an iterable of feed dicts.
+        calib_batch: ``--calib-batch``: samples per run when cutting an ``.npz`` or arrays.
+        labels: ``--labels``: class ids, a ``.npy`` path or an array (else a ``labels`` key in the ``.npz``).
+        samples: ``--samples``: random samples to synthesize when there is no data.
+        input_shape: ``--input-shape``: shapes for random inputs, ``"name:1x128,..."`` or ``{name: (1, 128)}``.
+        input_range: ``--input-range``: value ranges for random inputs, ``"name:0,30522"`` or ``{name: (0, 30522)}``.
+        max_drop: ``--max-drop``: the largest drop of ``metric`` allowed; ``None`` measures without a gate.
+        metric: ``--metric``: ``accuracy``, ``f1`` (need labels), ``top1`` or ``cosine``; ``None`` chooses per output.
+        gate_output: ``--gate-output``: the one output the gate judges; ``None`` judges all, the worst counts.
+        keep_failed: ``--keep-failed``: hand over (and let the CLI write) a model that failed the gate.
+        threads: ``--threads``: onnxruntime intra-op threads; ``None`` lets onnxruntime choose.
+    """
+
+    calib: Any = None
+    calib_script: str | None = None
+    calib_batch: int = 32
+    labels: Any = None
+    samples: int = 32
+    input_shape: Any = None
+    input_range: Any = None
+    max_drop: float | None = None
+    metric: str | None = None
+    gate_output: str | None = None
+    keep_failed: bool = False
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--calib-batch", self.calib_batch), ("--samples", self.samples)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{flag} must be a positive integer, got {value!r}.")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise UsageError(f"--threads must be a positive integer, got {self.threads!r}; e.g. --threads 4.")
+        if self.max_drop is not None:
+            d = self.max_drop
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= float(d) <= 1.0:
+                raise UsageError(f"--max-drop must be a number in [0, 1] (a fraction: 0.01 is one point), got {d!r}.")
+        if self.metric is not None and self.metric not in METRICS:
+            raise UsageError(f"--metric got {self.metric!r}; expected one of {', '.join(METRICS)}.")
+        if self.calib is not None and self.calib_script is not None:
+            raise UsageError("got both --calib and --calib-script; pass only one source of calibration data.")
+        # Normalized once here so that a bad spec fails before any model is loaded.
+        object.__setattr__(self, "input_shape", parse_input_shapes(self.input_shape) or None)
+        object.__setattr__(self, "input_range", parse_input_ranges(self.input_range) or None)
+
+    def replace(self, **changes: Any) -> "VerifyConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: paths as strings, in-memory data by its type name."""
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (str, os.PathLike)):
+                v = str(v)
+            elif f.name in ("calib", "labels") and v is not None:
+                v = f"<{type(v).__name__}>"
+            elif isinstance(v, Mapping):
+                v = {k: list(x) for k, x in v.items()}
+            d[f.name] = v
+        return d
 
 
 @dataclass
 class OutputMetrics:
+    """Original against compressed, for one output (see the module docstring)."""
+
     name: str
     max_abs_error: float
     rel_l2_error: float
@@ -48,6 +170,18 @@ class OutputMetrics:
             return None
         return self.f1_before - self.f1_after
 
+    def measure(self, metric: str) -> tuple[float, float, float] | None:
+        """``(before, after, drop)`` of ``metric``, or ``None`` when this output does not have it."""
+        if metric == "accuracy" and self.accuracy_drop is not None:
+            return self.accuracy_before, self.accuracy_after, self.accuracy_drop  # type: ignore[return-value]
+        if metric == "f1" and self.f1_drop is not None:
+            return self.f1_before, self.f1_after, self.f1_drop  # type: ignore[return-value]
+        if metric == "top1" and self.top1_agreement is not None:
+            return 1.0, self.top1_agreement, 1.0 - self.top1_agreement
+        if metric == "cosine":
+            return 1.0, self.cosine_mean, 1.0 - self.cosine_mean
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["accuracy_drop"] = self.accuracy_drop
@@ -55,17 +189,104 @@ class OutputMetrics:
         return d
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """The gate's verdict on one output."""
+
+    output: str
+    metric: str
+    before: float
+    after: float
+    drop: float
+    passed: bool | None
+
+
 @dataclass
 class VerifyReport:
+    """What the check measured, and the gate's verdict.
+
+    Attributes:
+        samples: Samples compared.
+        outputs: Metrics for each tensor output.
+        judged: The gate's verdict on each judged output (judged even without a gate, so the
+            numbers it would use are reported).
+        not_judged: Outputs left out of the gate, with the reason.
+        max_drop: The budget, or ``None`` when no gate was asked for.
+        source: Where the data came from.
+        synthetic: True when the data was random.
+        labels: True when labels were available.
+        threads: onnxruntime intra-op threads (``None``: its default).
+        seconds: Wall time of the check (sessions, runs, metrics).
+        warnings: Things the user should hear about.
+        config: The :class:`VerifyConfig` used, as JSON-ready data.
+    """
+
     samples: int
     outputs: list[OutputMetrics] = field(default_factory=list)
+    judged: list[Judgement] = field(default_factory=list)
+    not_judged: dict[str, str] = field(default_factory=dict)
+    max_drop: float | None = None
+    source: str = ""
+    synthetic: bool = False
+    labels: bool = False
+    threads: int | None = None
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def worst(self) -> Judgement | None:
+        """The judged output with the largest drop."""
+        return max(self.judged, key=lambda j: j.drop, default=None)
+
+    @property
+    def passed(self) -> bool:
+        """False only when a gate was set and some judged output dropped by more than it allows."""
+        return all(j.passed is not False for j in self.judged)
+
+    def summary(self) -> str:
+        """One line: the worst drop against the budget, and on what data."""
+        w = self.worst
+        if w is None:
+            return f"nothing to judge on {self.samples} samples from {self.source}"
+        verdict = "no gate" if self.max_drop is None else f"{'<=' if w.passed else '>'} --max-drop {self.max_drop:g}"
+        return (f"{w.metric} drop {w.drop:.4f} on output '{w.output}' ({w.before:.4f} -> {w.after:.4f}) {verdict}; "
+                f"{self.samples} samples from {self.source}")
+
+    def check(self, *, result: Any = None) -> None:
+        """Raise :class:`VerificationFailed` carrying this report (and ``result``) when the gate failed."""
+        if not self.passed:
+            raise VerificationFailed(f"check failed: {self.summary()}", report=self, result=result)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples, "outputs": [o.to_dict() for o in self.outputs]}
+        return {
+            "passed": self.passed,
+            "samples": self.samples,
+            "source": self.source,
+            "synthetic": self.synthetic,
+            "labels": self.labels,
+            "max_drop": self.max_drop,
+            "worst": asdict(self.worst) if self.worst else None,
+            "judged": [asdict(j) for j in self.judged],
+            "not_judged": dict(self.not_judged),
+            "outputs": [o.to_dict() for o in self.outputs],
+            "threads": self.threads,
+            "seconds": round(self.seconds, 4),
+            "warnings": list(self.warnings),
+            "config": dict(self.config),
+        }
 
 
-def make_session(model: str | os.PathLike | onnx.ModelProto, *, threads: int | None = None):
-    """An onnxruntime CPU session; ``threads`` pins ``intra_op_num_threads``."""
+def make_session(model: str | os.PathLike | onnx.ModelProto, *, threads: int | None = None,
+                 base_dir: str | os.PathLike | None = None):
+    """An onnxruntime CPU session; ``threads`` pins ``intra_op_num_threads``.
+
+    An in-memory model whose tensors live in external data files (``base_dir``) is written to a
+    temporary folder first: onnxruntime cannot resolve external data of serialized bytes.
+
+    Raises:
+        ModelError: onnxruntime cannot load the model.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -73,8 +294,30 @@ def make_session(model: str | os.PathLike | onnx.ModelProto, *, threads: int | N
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    label = "the model" if isinstance(model, onnx.ModelProto) else str(model)
+    tmp = None
+    try:
+        if isinstance(model, onnx.ModelProto) and io.uses_external_data(model):
+            tmp = tempfile.mkdtemp(prefix="onnx-lowrank-verify-")
+            path = Path(tmp) / "model.onnx"
+            io.save_model(model, path, base_dir=base_dir)
+            src: Any = str(path)
+        else:
+            src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        if isinstance(exc, (ModelError, UsageError)):
+            raise
+        raise ModelError(f"onnxruntime cannot load {label}: {_first_line(exc)}") from exc
+    finally:
+        if tmp is not None:
+            # The session holds its own copy of the weights by now.
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def run_batches(session, feeds: Iterable[Mapping[str, np.ndarray]], output_names: Sequence[str] | None = None) -> list[np.ndarray]:
@@ -109,30 +352,230 @@ def _looks_like_scores(y: np.ndarray) -> bool:
     return y.ndim == 2 and y.shape[1] >= 2 and np.issubdtype(y.dtype, np.floating)
 
 
+class _Accumulator:
+    """The metrics of one output, accumulated batch by batch so no output is held whole."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.max_abs = 0.0
+        self.sq_diff = 0.0
+        self.sq_ref = 0.0
+        self.cosines: list[np.ndarray] = []
+        self.scores = True
+        self.pred_y: list[np.ndarray] = []
+        self.pred_z: list[np.ndarray] = []
+
+    def add(self, y: np.ndarray, z: np.ndarray) -> None:
+        y64 = y.astype(np.float64).reshape(len(y), -1) if y.ndim else y.astype(np.float64).reshape(1, -1)
+        z64 = z.astype(np.float64).reshape(y64.shape)
+        diff = y64 - z64
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
+        self.sq_diff += float(np.sum(diff * diff))
+        self.sq_ref += float(np.sum(y64 * y64))
+        ny = np.linalg.norm(y64, axis=1)
+        nz = np.linalg.norm(z64, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cos = np.where((ny == 0) & (nz == 0), 1.0, np.sum(y64 * z64, axis=1) / (ny * nz))
+        self.cosines.append(np.nan_to_num(cos, nan=0.0))
+        self.scores = self.scores and _looks_like_scores(y)
+        if self.scores:
+            self.pred_y.append(y.argmax(axis=1))
+            self.pred_z.append(z.argmax(axis=1))
+
+    def result(self, labels: np.ndarray | None = None) -> OutputMetrics:
+        cos = np.concatenate(self.cosines) if self.cosines else np.ones(0)
+        norm = np.sqrt(self.sq_ref)
+        m = OutputMetrics(
+            name=self.name,
+            max_abs_error=self.max_abs,
+            rel_l2_error=float(np.sqrt(self.sq_diff) / norm) if norm > 0 else float(np.sqrt(self.sq_diff)),
+            cosine_mean=float(np.mean(cos)) if cos.size else 1.0,
+            cosine_min=float(np.min(cos)) if cos.size else 1.0,
+        )
+        if self.scores and self.pred_y:
+            py, pz = np.concatenate(self.pred_y), np.concatenate(self.pred_z)
+            m.top1_agreement = float(np.mean(py == pz))
+            if labels is not None and len(labels) == len(py):
+                lab = np.asarray(labels).reshape(-1)
+                m.accuracy_before, m.accuracy_after = accuracy(py, lab), accuracy(pz, lab)
+                m.f1_before, m.f1_after = macro_f1(py, lab), macro_f1(pz, lab)
+        return m
+
+
 def compare(name: str, y: np.ndarray, z: np.ndarray, labels: np.ndarray | None = None) -> OutputMetrics:
     """Metrics for one output; ``y`` from the original, ``z`` from the compressed model."""
-    y64 = y.astype(np.float64).reshape(len(y), -1) if y.ndim else y.astype(np.float64).reshape(1, -1)
-    z64 = z.astype(np.float64).reshape(y64.shape)
-    diff = y64 - z64
-    norm = np.linalg.norm(y64)
-    ny = np.linalg.norm(y64, axis=1)
-    nz = np.linalg.norm(z64, axis=1)
-    dots = np.sum(y64 * z64, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where((ny == 0) & (nz == 0), 1.0, dots / (ny * nz))
-    cos = np.nan_to_num(cos, nan=0.0)
-    m = OutputMetrics(
-        name=name,
-        max_abs_error=float(np.max(np.abs(diff))) if diff.size else 0.0,
-        rel_l2_error=float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff)),
-        cosine_mean=float(np.mean(cos)) if cos.size else 1.0,
-        cosine_min=float(np.min(cos)) if cos.size else 1.0,
+    acc = _Accumulator(name)
+    acc.add(y, z)
+    return acc.result(labels)
+
+
+# Drops within this of the budget pass: accuracy differences are sums of 1/n steps.
+_ROUNDING = 1e-9
+
+
+# Without labels a 2-D float output may be class scores or an embedding; arg-max agreement means
+# nothing for an embedding, so top-1 is the default only when the output's name says "scores".
+_CLASS_SCORE_NAME = re.compile(r"logit|score|prob|class|pred", re.IGNORECASE)
+
+
+def _default_metric(m: OutputMetrics, have_labels: bool) -> str:
+    if m.top1_agreement is None:
+        return "cosine"
+    if have_labels:
+        return "accuracy"
+    return "top1" if _CLASS_SCORE_NAME.search(m.name) else "cosine"
+
+
+def _judge(metrics: Sequence[OutputMetrics], cfg: VerifyConfig, have_labels: bool) -> tuple[list[Judgement], dict[str, str]]:
+    judged: list[Judgement] = []
+    skipped: dict[str, str] = {}
+    for m in metrics:
+        if cfg.gate_output is not None and m.name != cfg.gate_output:
+            skipped[m.name] = f"--gate-output is '{cfg.gate_output}'"
+            continue
+        metric = cfg.metric or _default_metric(m, have_labels)
+        measured = m.measure(metric)
+        if measured is None:
+            reason = f"--metric {metric} needs class scores [samples, classes]"
+            if cfg.gate_output is not None:
+                raise UsageError(f"output '{m.name}' does not hold class scores [samples, classes], so {reason[2:]}; use --metric cosine.")
+            skipped[m.name] = reason
+            continue
+        before, after, drop = measured
+        passed = None if cfg.max_drop is None else drop <= cfg.max_drop + _ROUNDING
+        judged.append(Judgement(m.name, metric, before, after, drop, passed))
+    if not judged:
+        raise UsageError(f"--metric {cfg.metric} applies to none of the outputs ({', '.join(m.name for m in metrics)}): "
+                         "none holds class scores [samples, classes]; use --metric cosine.")
+    return judged, skipped
+
+
+def _header(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return io.load_model(model).model
+    raise UsageError(f"got a {type(model).__name__} as model; expected a path or an onnx.ModelProto.")
+
+
+def _check_same_interface(ref: onnx.ModelProto, new: onnx.ModelProto) -> None:
+    ref_in, new_in = [s.name for s in model_inputs(ref)], [s.name for s in model_inputs(new)]
+    if sorted(ref_in) != sorted(new_in):
+        raise ModelError(f"the models take different inputs: {', '.join(ref_in)} (original) vs {', '.join(new_in)} (compressed); "
+                         "they can only be compared on the same feeds.")
+    new_out = {o.name for o in new.graph.output}
+    missing = [o.name for o in ref.graph.output if o.name not in new_out]
+    if missing:
+        raise ModelError(f"output(s) {', '.join(repr(m) for m in missing)} of the original are missing from the compressed model.")
+
+
+def _run(session, names: list[str], feed: dict[str, np.ndarray], which: str, index: int, data: CalibrationData) -> list[np.ndarray]:
+    try:
+        return session.run(names, feed)
+    except Exception as exc:
+        if which == "compressed":
+            raise ModelError(f"onnxruntime failed to run the compressed model on feed {index} of {data.description} "
+                             f"although the original ran: {_first_line(exc)}") from exc
+        hint = ""
+        if data.synthetic and any(s.dtype is not None and s.dtype.kind in "iu" for s in data.specs):
+            hint = "; random integer inputs may be out of range for it: pass --input-range NAME:LOW,HIGH"
+        raise CalibrationError(f"onnxruntime failed to run the original model on feed {index} of {data.description}: "
+                               f"{_first_line(exc)}{hint}") from exc
+
+
+def verify_models(
+    original: str | os.PathLike | onnx.ModelProto,
+    compressed: str | os.PathLike | onnx.ModelProto,
+    config: VerifyConfig | None = None,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    **options: Any,
+) -> VerifyReport:
+    """Run both models on the same calibration data and measure how far the second drifts.
+
+    Each model gets one onnxruntime session; every feed runs through both before the next is
+    read, so a source that can be read only once (an iterator, a reader) is enough.
+
+    Args:
+        original: The reference model (path or ``ModelProto``).
+        compressed: The model to check; it must take the same inputs and have the same outputs.
+        config: A :class:`VerifyConfig`; its fields can also be given as keywords
+            (``calib="data.npz", max_drop=0.01``), which override it.
+        base_dir: Where external data of in-memory models lives.
+
+    Returns:
+        A :class:`VerifyReport`; call :meth:`VerifyReport.check` to raise when the gate failed.
+
+    Raises:
+        UsageError: bad options (an unknown ``gate_output``, ``metric="accuracy"`` without labels).
+        CalibrationError: the data does not fit the models.
+        ModelError: a model cannot be loaded or run, or the two do not match.
+    """
+    cfg = (config or VerifyConfig()).replace(**options) if options else (config or VerifyConfig())
+    start = time.perf_counter()
+    ref_proto, new_proto = _header(original), _header(compressed)
+    _check_same_interface(ref_proto, new_proto)
+    out_names = [o.name for o in ref_proto.graph.output]
+    if cfg.gate_output is not None and cfg.gate_output not in out_names:
+        raise UsageError(f"--gate-output '{cfg.gate_output}' is not an output of the model; its outputs are {', '.join(out_names)}.")
+    data = load_calibration(ref_proto, cfg.calib, calib_script=cfg.calib_script, calib_batch=cfg.calib_batch, labels=cfg.labels,
+                            samples=cfg.samples, input_shape=cfg.input_shape, input_range=cfg.input_range)
+    if cfg.metric in ("accuracy", "f1") and data.labels is None:
+        raise UsageError(f"--metric {cfg.metric} needs labels: pass --labels labels.npy or put a 'labels' array in the .npz.")
+
+    ref = make_session(original, threads=cfg.threads, base_dir=base_dir)
+    new = make_session(compressed, threads=cfg.threads, base_dir=base_dir)
+    names = [o.name for o in ref.get_outputs() if o.type.startswith("tensor")]
+    not_tensors = {o.name: "not a tensor" for o in ref.get_outputs() if o.name not in names}
+    accs = [_Accumulator(n) for n in names]
+    samples = 0
+    for index, feed in enumerate(data, start=1):
+        ys = _run(ref, names, feed, "original", index, data)
+        zs = _run(new, names, feed, "compressed", index, data)
+        for acc, y, z in zip(accs, ys, zs):
+            y, z = np.asarray(y), np.asarray(z)
+            if y.shape != z.shape:
+                raise ModelError(f"output '{acc.name}' has shape {list(y.shape)} from the original but {list(z.shape)} from the compressed model.")
+            acc.add(y, z)
+        samples += feed_samples(feed)
+    metrics = [a.result(data.labels) for a in accs]
+    judged, skipped = _judge(metrics, cfg, data.labels is not None)
+    report = VerifyReport(
+        samples=samples, outputs=metrics, judged=judged, not_judged={**skipped, **not_tensors},
+        max_drop=None if cfg.max_drop is None else float(cfg.max_drop), source=data.description, synthetic=data.synthetic,
+        labels=data.labels is not None, threads=cfg.threads, seconds=time.perf_counter() - start, warnings=list(data.warnings),
+        config=cfg.to_dict(),
     )
-    if _looks_like_scores(y):
-        py, pz = y.argmax(axis=1), z.argmax(axis=1)
-        m.top1_agreement = float(np.mean(py == pz))
-        if labels is not None and len(labels) == len(y):
-            lab = np.asarray(labels).reshape(-1)
-            m.accuracy_before, m.accuracy_after = accuracy(py, lab), accuracy(pz, lab)
-            m.f1_before, m.f1_after = macro_f1(py, lab), macro_f1(pz, lab)
-    return m
+    log.info("verified on %d samples from %s: %s", samples, data.description, report.summary())
+    return report
+
+
+def _f(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def render_verification(report: VerifyReport) -> str:
+    """The verification section of the text report: one row per output, then the gate's verdict."""
+    lines = [f"verification: {report.samples} samples from {report.source}"
+             + (", with labels" if report.labels else "") + (" (fidelity to the original only, not task accuracy)" if report.synthetic else "")]
+    headers = ["output", "max|diff|", "rel.L2", "cos.mean", "cos.min", "top-1", "accuracy", "macro-F1"]
+    rows = []
+    for m in report.outputs:
+        acc = f"{m.accuracy_before:.4f} -> {m.accuracy_after:.4f}" if m.accuracy_drop is not None else "-"
+        f1 = f"{m.f1_before:.4f} -> {m.f1_after:.4f}" if m.f1_drop is not None else "-"
+        rows.append([m.name, f"{m.max_abs_error:.4g}", f"{m.rel_l2_error:.4g}", _f(m.cosine_mean, 5), _f(m.cosine_min, 5),
+                     _f(m.top1_agreement), acc, f1])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for j in report.judged:
+        if report.max_drop is None:
+            verdict = "measured (no gate: pass --max-drop to enforce one)"
+        else:
+            verdict = f"{'<=' if j.passed else '>'} {report.max_drop:g}: {'passed' if j.passed else 'FAILED'}"
+        lines.append(f"gate: {j.output}: {j.metric} {j.before:.4f} -> {j.after:.4f}, drop {j.drop:.4f} {verdict}")
+    for name, reason in report.not_judged.items():
+        lines.append(f"gate: {name}: not judged ({reason})")
+    return "\n".join(lines)

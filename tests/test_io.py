@@ -122,3 +122,23 @@ def test_model_size_on_disk_counts_external_data(tmp_path):
     total = io.model_size_on_disk(tmp_path / "m.onnx")
     assert total == (tmp_path / "m.onnx").stat().st_size + (tmp_path / "m.onnx.weights").stat().st_size
     assert os.path.getsize(tmp_path / "m.onnx") < total
+
+
+def test_output_whose_data_file_is_the_inputs_data_is_refused(tmp_path):
+    m = _two_weight_model()
+    onnx.save(m, str(tmp_path / "a.onnx"), save_as_external_data=True, location="b.onnx.data", size_threshold=0)
+    before = _digest(tmp_path)
+    res = ol.compress(tmp_path / "a.onnx", energy=1.0, min_params=0)
+    with pytest.raises(ol.UsageError, match="overwrite the input's external data"):
+        res.save(tmp_path / "b.onnx")
+    assert _digest(tmp_path) == before
+
+
+def test_output_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
+    _save_external(_two_weight_model(), tmp_path / "m.onnx")
+    umask = os.umask(0o022)
+    try:
+        written = ol.compress(tmp_path / "m.onnx", energy=1.0, min_params=0).save(tmp_path / "o.onnx")
+    finally:
+        os.umask(umask)
+    assert [oct(p.stat().st_mode & 0o777) for p in written] == [oct(0o644)] * 2

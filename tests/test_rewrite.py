@@ -214,11 +214,13 @@ def test_input_model_proto_is_not_modified():
     assert m.SerializeToString() == before
 
 
-def test_rerun_on_compressed_model_reports_factor_pair():
+@pytest.mark.parametrize("min_params", [0, 4096])
+def test_rerun_on_compressed_model_reports_factor_pair(min_params):
     once = ol.compress(matmul_model(k=128, n=128, r=4), energy=1.0, min_params=0).model
-    twice = ol.compress(once, energy=1.0, min_params=0)
+    twice = ol.compress(once, energy=1.0, min_params=min_params)  # each factor is 512 < 4096 elements
     assert twice.totals.factorized == 0
     assert all("already low-rank" in d.reason for d in twice.layers)
+    assert twice.totals.params_before == twice.totals.params_after == 2 * 128 * 4
 
 
 # ---- skip reasons -------------------------------------------------------------------------

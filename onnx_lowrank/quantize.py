@@ -1,0 +1,119 @@
+"""int8 after factorization: onnxruntime dynamic quantization, and a check that the factors took it.
+
+Approach
+--------
+Low-rank factors and int8 compose: factorization cuts the number of weights (``r (m + n)``
+instead of ``m n``), quantization cuts the bytes per weight (4 -> 1).  The factors are ordinary
+constant MatMul/Gemm operands, so ``onnxruntime.quantization.quantize_dynamic`` treats them like
+any dense weight: each becomes an int8 initializer (``<name>_quantized``, or
+``<name>_Transposed_quantized`` when a Gemm with ``transB`` is rewritten as a MatMul) consumed by
+``MatMulInteger`` or ``DynamicQuantizeMatMul``, with activations quantized per call.
+
+:func:`quantize_int8` runs it with onnxruntime's defaults (int8 weights, per-tensor scales: the
+same call a user would make on the dense model), through temporary files because the quantizer
+works on paths; :func:`unquantized` lists the weights that did not end up quantized.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import onnx
+
+from . import io
+from .config import QUANTIZE_MODES
+from .errors import ModelError, UsageError
+
+__all__ = ["QUANTIZE_MODES", "quantize_int8", "quantized_weights", "unquantized"]
+
+log = logging.getLogger(__name__)
+
+INTEGER_MATMULS = ("MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat")
+_SUFFIXES = ("_quantized", "_Transposed")
+
+
+class _DropPreprocessHint(logging.Filter):
+    # quantize_dynamic logs a suggestion on the root logger on every call; it is advice to the
+    # caller of the quantizer, which here is this module, so it is not passed on.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing" not in str(record.msg)
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    root = logging.getLogger()
+    f = _DropPreprocessHint()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
+def quantize_int8(model: onnx.ModelProto, *, base_dir: str | os.PathLike | None = None,
+                  op_types: Iterable[str] | None = None) -> onnx.ModelProto:
+    """Dynamic int8 quantization of a model's constant MatMul/Gemm weights (onnxruntime).
+
+    Args:
+        model: The (factorized) model; left unmodified.
+        base_dir: Where its external data references point.
+        op_types: Op types to quantize; onnxruntime's defaults when ``None``.
+
+    Returns:
+        The quantized model, fully in memory.
+
+    Raises:
+        ModelError: onnxruntime's quantizer failed on the model.
+    """
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
+        raise UsageError(f"--quantize int8 needs onnxruntime's quantization tools ({exc}).") from None
+    large = io.uses_external_data(model) or model.ByteSize() > io.PROTOBUF_LIMIT // 2
+    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-int8-") as tmp:
+        src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        io.save_model(model, src, base_dir=base_dir, external=large or None)
+        try:
+            with _quiet_quantizer():
+                quantize_dynamic(src, dst, weight_type=QuantType.QInt8, use_external_data_format=large,
+                                 op_types_to_quantize=list(op_types) if op_types is not None else None)
+        except Exception as exc:  # the quantizer raises assorted exception types
+            raise ModelError(f"onnxruntime dynamic quantization failed: {type(exc).__name__}: {exc}") from None
+        out = onnx.load(str(dst), load_external_data=True)
+    log.info("quantized to int8: %d integer MatMul node(s)", sum(n.op_type in INTEGER_MATMULS for n in out.graph.node))
+    return out
+
+
+def _original_name(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for suffix in _SUFFIXES:
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                changed = True
+    return name
+
+
+def quantized_weights(model: onnx.ModelProto) -> set[str]:
+    """Names (as before quantization) of the float weights that integer MatMul nodes now consume."""
+    inits = {t.name for g in io.iter_graphs(model.graph) for t in g.initializer}
+    names: set[str] = set()
+    for g in io.iter_graphs(model.graph):
+        for node in g.node:
+            if node.op_type in INTEGER_MATMULS:
+                for inp in node.input:
+                    if inp in inits and inp.endswith("_quantized"):
+                        names.add(_original_name(inp))
+    return names
+
+
+def unquantized(model: onnx.ModelProto, weights: Iterable[str]) -> list[str]:
+    """The names among ``weights`` that no integer MatMul consumes in ``model``."""
+    done = quantized_weights(model)
+    return [w for w in weights if w not in done]

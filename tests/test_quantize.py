@@ -1,0 +1,103 @@
+"""int8 after factorization: a valid model, outputs within tolerance, factors quantized."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from models import init, lowrank, make_model, run, vi
+from onnx_lowrank import compress
+from onnx_lowrank.cli import main
+from onnx_lowrank.quantize import INTEGER_MATMULS, quantize_int8, quantized_weights, unquantized
+from onnx_lowrank.verify import compare
+
+
+#   x[batch, 128] --Gemm(W1[96, 128], b1, transB=1)--> --Relu--> --MatMul(W2[96, 64])--> y[batch, 64]
+def model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    return make_model(
+        [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc1", transB=1),
+         helper.make_node("Relu", ["h"], ["a"], name="relu"),
+         helper.make_node("MatMul", ["a", "W2"], ["y"], name="fc2")],
+        [vi("x", ["batch", 128])], [vi("y", ["batch", 64])],
+        [init("W1", lowrank(96, 128, 6, 1)), init("b1", rng.standard_normal(96).astype(np.float32)),
+         init("W2", lowrank(96, 64, 5, 2))],
+    )
+
+
+def _outputs(m, x):
+    return run(m, {"x": x})[0]
+
+
+def test_int8_after_factorization_quantizes_every_factor_and_stays_close():
+    src = model()
+    res = compress(src, energy=0.999, min_params=0, quantize="int8")
+    onnx.checker.check_model(res.model, full_check=True)
+    assert res.totals.factorized == 2
+    factors = [name for d in res.layers for name in d.factors]
+    assert len(factors) == 4 and unquantized(res.model, factors) == []
+    assert res.sections["quantize"] == {"mode": "int8", "factors": 4, "factors_quantized": 4, "unquantized_factors": []}
+    ops = [n.op_type for n in res.model.graph.node]
+    assert sum(op in INTEGER_MATMULS for op in ops) == 4 and "Gemm" not in ops
+    # no float copy of a factor (or of the original weights) is left behind
+    floats = {t.name for t in res.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert not floats & (set(factors) | {"W1", "W2"})
+    x = np.random.default_rng(1).standard_normal((32, 128)).astype(np.float32)
+    m = compare("y", _outputs(src, x), _outputs(res.model, x))
+    # int8 of a factored pair quantizes twice; the verified tolerance for this model
+    assert m.cosine_min > 0.99 and m.rel_l2_error < 0.05
+    # the same tolerance int8 alone meets: factorization adds little on top
+    alone = compare("y", _outputs(src, x), _outputs(quantize_int8(src), x))
+    assert m.rel_l2_error < 3 * alone.rel_l2_error + 0.01
+
+
+def test_quantized_weights_sees_through_transposed_gemm_weights():
+    q = quantize_int8(model())
+    assert quantized_weights(q) == {"W1", "W2"}
+    assert unquantized(q, ["W1", "W2", "nope"]) == ["nope"]
+
+
+def test_int8_input_model_is_left_unmodified():
+    src = model()
+    before = src.SerializeToString()
+    quantize_int8(src)
+    compress(src, rank=4, min_params=0, quantize="int8")
+    assert src.SerializeToString() == before
+
+
+def test_cli_quantize_writes_a_smaller_valid_model(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(model(), str(src))
+    out, rep = tmp_path / "small.onnx", tmp_path / "r.json"
+    assert main([str(src), "-o", str(out), "--rank", "6", "--min-params", "0", "--quantize", "int8", "--report", str(rep)]) == 0
+    text = capsys.readouterr().out
+    assert "int8:          onnxruntime dynamic quantization; 4 of 4 factor(s) quantized" in text
+    onnx.checker.check_model(str(out), full_check=True)
+    doc = json.loads(rep.read_text())
+    assert doc["config"]["quantize"] == "int8" and doc["quantize"]["factors_quantized"] == 4
+    assert doc["totals"]["size_after"] == out.stat().st_size < src.stat().st_size / 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json", "small.onnx"]
+
+
+def test_quantize_with_latency_aware_times_int8_and_checks_against_int8_baseline():
+    class Probe:
+        def __init__(self):
+            self.cases, self.baselines = [], []
+
+        def layer_times(self, case):
+            self.cases.append(case)
+            return 2.0, 1.0
+
+        def model_speedup(self, before, after, *, threads, shapes):
+            self.baselines.append(before)
+            return 1.2
+
+    probe = Probe()
+    res = compress(model(), rank=6, min_params=0, quantize="int8", latency_aware=True, probe=probe)
+    assert {c.quantize for c in probe.cases} == {"int8"}
+    assert res.sections["latency"]["baseline"] == "input quantized to int8"
+    baseline_ops = {n.op_type for n in probe.baselines[0].graph.node}
+    assert baseline_ops & set(INTEGER_MATMULS)
+    assert res.totals.factorized == 2
