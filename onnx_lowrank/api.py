@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 import onnx
 
-from . import __version__, io, plan, shapes
+from . import __version__, activations, io, plan, shapes
 from .config import CompressConfig, load_recipe
 from .discovery import discover
 from .errors import UsageError
@@ -136,6 +136,10 @@ def compress(
     dry_run: bool = False,
     base_dir: str | os.PathLike | None = None,
     progress: Progress | None = None,
+    calib: Any = None,
+    labels: Any = None,
+    calib_batch: int = 32,
+    calib_script: str | None = None,
     verify: VerifyConfig | Mapping[str, Any] | None = None,
     probe: "LatencyProbe | None" = None,
     **options: Any,
@@ -149,7 +153,15 @@ def compress(
         recipe: A recipe name (``"balanced"``) or TOML path, as with ``--recipe``.
         dry_run: Decide ranks but leave the model as it is.
         base_dir: Where external data of an in-memory ``model`` lives.
-        progress: Called as ``progress(done, total, weight_name)``.
+        progress: Called as ``progress(done, total, label)`` after each SVD, calibration batch
+            and sensitivity measurement.
+        calib: Calibration data for ``data_aware`` and ``adaptive``, in any form
+            :func:`onnx_lowrank.calibration.load_calibration` takes: an ``.npz`` path or a folder
+            of them, a ``CalibrationDataReader``, an iterable of feed dicts, or arrays.
+        labels: Class ids of the calibration samples (overrides an ``.npz``'s ``labels``);
+            with them adaptive mode bounds the accuracy drop.
+        calib_batch: Samples per onnxruntime run when cutting an ``.npz``.
+        calib_script: ``file.py:func`` returning an iterable of feed dicts, instead of ``calib``.
         verify: Check the rewritten model against the original in onnxruntime: a
             :class:`~onnx_lowrank.verify.VerifyConfig` or a dict of its fields
             (``{"calib": "data.npz", "max_drop": 0.01}``).  ``None`` skips the check.
@@ -174,12 +186,33 @@ def compress(
     found = discover(proto, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
                      allow_input_weights=cfg.allow_input_weights)
     params_model_before = _count_params(proto)
+    feeds, calib_labels = _calibration(proto, cfg, calib=calib, calib_script=calib_script, labels=labels,
+                                       calib_batch=calib_batch)
+    threads = None  # calibration runs use onnxruntime's own thread choice
+    sections: dict[str, Any] = {}
+    adaptive_outputs = None
+    grams, notes = None, None
+    if cfg.data_aware:
+        groups = [g for g in found.groups if g.reason is None and not g.layers[0].is_conv]
+        cap = activations.capture_grams(proto, groups, feeds, source_dir, mask_input=cfg.calib_mask, threads=threads, progress=progress)
+        grams, notes = cap.grams, cap.skipped
+        sections["data_aware"] = {"weights_whitened": len(cap.grams), "ort_runs": cap.runs, "damping": cfg.damping,
+                                  "mask": cfg.calib_mask}
     # Conv MACs scale with the output size, which only the model's shapes tell; read them
     # before the rewrite changes the graph.
     known = shapes.value_shapes(proto) if any(l.is_conv for l in found.layers) else None
-    plans = plan.build_plans(found, source_dir, progress, conv_mode=cfg.conv_mode, shapes=known)
-    plan.decide(plans, cfg)
-    sections: dict[str, Any] = {}
+    plans = plan.build_plans(found, source_dir, progress, grams=grams, damping=cfg.damping, notes=notes,
+                             conv_mode=cfg.conv_mode, shapes=known)
+    if cfg.adaptive:
+        from . import adaptive
+
+        base = plan.BudgetBase.of(found, plans, cfg, params_model_before)
+        sections["adaptive"], adaptive_outputs = adaptive.decide_adaptive(proto, plans, cfg, base, feeds, calib_labels,
+                                                                          source_dir, threads=threads, progress=progress)
+    elif cfg.has_budget:
+        plan.decide_budget(plans, cfg, plan.BudgetBase.of(found, plans, cfg, params_model_before))
+    else:
+        plan.decide(plans, cfg)
     if cfg.latency_aware:
         from . import latency
 
@@ -190,6 +223,9 @@ def compress(
     if not dry_run:
         original, original_dir = (_copy(proto) if cfg.latency_aware else None), source_dir
         plan.apply(proto, plans)
+        if cfg.adaptive and adaptive_outputs is not None and any(p.factor_names for p in plans):
+            sections["adaptive"]["final_drop"] = _verify_final(proto, source_dir, feeds, calib_labels, adaptive_outputs,
+                                                               sections["adaptive"], threads)
         if cfg.quantize:
             proto, source_dir = _quantize(proto, source_dir, plans, sections)
         if cfg.latency_aware and any(p.factor_names for p in plans):
@@ -205,6 +241,9 @@ def compress(
     totals.macs_per, totals.macs_note = _macs_units(decisions, known)
     totals.model_params_before = params_model_before
     totals.model_params_after = params_model_before - totals.params_before + totals.params_after
+    for key in ("data_aware", "adaptive"):
+        if key in sections:
+            totals.extra[key] = sections[key]
     if not dry_run and totals.factorized:
         _record_metadata(proto, cfg, totals)
     result = CompressResult(model=proto, layers=decisions, totals=totals, config=cfg, source_dir=source_dir, dry_run=dry_run,
@@ -306,6 +345,39 @@ def _check_whole_model(original: onnx.ModelProto, original_dir: Path | None, pro
     if "quantize" in sections:
         sections["quantize"].update(factors=0, factors_quantized=0, unquantized_factors=[])
     return baseline, base_dir
+
+
+def _calibration(proto: onnx.ModelProto, cfg: CompressConfig, *, calib: Any, calib_script: str | None,
+                 labels: Any, calib_batch: int) -> tuple[Any, np.ndarray | None]:
+    """The calibration feeds and labels that data-aware and adaptive modes need (validated up front)."""
+    if not cfg.needs_calibration:
+        if calib is not None or calib_script is not None:
+            log.info("calibration data given but unused by rank selection: it serves --data-aware and --adaptive")
+        return None, None
+    flag = "--data-aware" if cfg.data_aware else "--adaptive"
+    if calib is None and calib_script is None:
+        raise UsageError(f"{flag} needs calibration data: pass --calib data.npz (keys = the model's input names) "
+                         f"or --calib-script file.py:func.")
+    from .calibration import load_calibration
+
+    data = load_calibration(proto, calib, calib_script=calib_script, calib_batch=calib_batch, labels=labels)
+    return data, data.labels
+
+
+def _verify_final(proto: onnx.ModelProto, source_dir: Path | None, feeds: Any, labels: np.ndarray | None,
+                  original: list[np.ndarray], section: dict[str, Any], threads: int | None) -> float:
+    """Run the rewritten model on the calibration set: the drop the user actually gets."""
+    from .adaptive import quality_drop
+    from .verify import run_batches
+
+    with activations.open_session(proto, source_dir, threads) as sess:
+        outs = run_batches(sess, feeds)
+    section["ort_runs"] = section.get("ort_runs", 0) + sum(1 for _ in feeds)
+    section["passes"] = section.get("passes", 0) + 1
+    drop = quality_drop(original, outs, labels)[1]
+    if section.get("max_drop") is not None and drop > section["max_drop"] + 1e-6:
+        log.warning("the rewritten model loses %.5f on the calibration set, above --max-drop %g", drop, section["max_drop"])
+    return drop
 
 
 def _record_metadata(proto: onnx.ModelProto, cfg: CompressConfig, totals: Totals) -> None:

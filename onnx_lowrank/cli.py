@@ -41,6 +41,32 @@ def _energy(text: str) -> float:
     return value
 
 
+def _fraction(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got '{text}'; e.g. {flag} 0.5") from None
+        if not 0.0 < value <= 1.0:
+            raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}; e.g. {flag} 0.5")
+        return value
+
+    return parse
+
+
+def _non_negative_float(flag: str, example: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a non-negative number, got '{text}'; e.g. {flag} {example}") from None
+        if not value >= 0.0:
+            raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}; e.g. {flag} {example}")
+        return value
+
+    return parse
+
+
 def _positive_int(flag: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -64,7 +90,7 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _fraction(text: str) -> float:
+def _drop_fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -112,7 +138,26 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
     rule.add_argument("--rank", type=_positive_int("--rank"), metavar="N", help="fixed rank for every layer")
     g.add_argument("--rank-multiple", type=_positive_int("--rank-multiple"), metavar="K",
                    help="round ranks up to a multiple of K, never past break-even")
+    g.add_argument("--rank-rule", choices=["energy", "entropy"],
+                   help="per-layer rule that --energy thresholds: squared singular values (energy, default) or "
+                        "ARSVD's spectral entropy (entropy)")
     g.add_argument("--recipe", metavar="NAME|FILE", help="a pass recipe: a shipped name (balanced, ...) or a TOML file")
+    b = p.add_argument_group("global budgets and data-aware selection (replace the per-layer rule)")
+    b.add_argument("--target-params", type=_fraction("--target-params"), metavar="F",
+                   help="keep at most this fraction of the parameters; ranks are allocated across layers")
+    b.add_argument("--target-macs", type=_fraction("--target-macs"), metavar="F",
+                   help="keep at most this fraction of the candidate layers' MACs per row")
+    b.add_argument("--budget-scope", choices=["weights", "model"],
+                   help="what --target-params is a fraction of: the MatMul/Gemm weights (default) or the whole model")
+    b.add_argument("--data-aware", action="store_true", default=None,
+                   help="truncate in the space whitened by real input activations (needs --calib or --calib-script)")
+    b.add_argument("--damping", type=_non_negative_float("--damping", "0.01"), metavar="D",
+                   help="damping of the activation Gram matrix, relative to its mean diagonal (default 0.01)")
+    b.add_argument("--adaptive", action="store_true", default=None,
+                   help="allocate ranks by sensitivity measured on --calib (goal: --max-drop, accuracy with labels "
+                        "else mean output cosine; or a budget)")
+    b.add_argument("--calib-mask", metavar="INPUT",
+                   help="with --data-aware: input whose zeros mark padded rows to leave out (e.g. attention_mask)")
     s = p.add_argument_group("layer selection")
     s.add_argument("--min-params", type=_non_negative_int, metavar="N", help="leave weights with fewer elements alone (default 4096)")
     s.add_argument("--include", metavar="REGEX", help="only factorize nodes or weights whose name matches")
@@ -152,7 +197,7 @@ def _add_verify_options(p: argparse.ArgumentParser, title: str, *, run_settings:
     if run_settings:
         g.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="shape of a random input, e.g. input_ids:1x128 (repeatable, or comma-separated)")
     g.add_argument("--input-range", action="append", metavar="NAME:LOW,HIGH", help="values of a random input drawn from [LOW, HIGH), e.g. input_ids:0,30522")
-    g.add_argument("--max-drop", type=_fraction, metavar="X", help="fail when the metric drops by more than X (a fraction: 0.01 is one point)")
+    g.add_argument("--max-drop", type=_drop_fraction, metavar="X", help="fail when the metric drops by more than X (a fraction: 0.01 is one point); with --adaptive also the goal of the rank search")
     g.add_argument("--metric", choices=METRICS, help="what --max-drop is checked against (default: accuracy with labels, else top1 for outputs named like class scores, else cosine)")
     g.add_argument("--gate-output", metavar="NAME", help="judge only this model output (default: every output, the worst counts)")
     g.add_argument("--keep-failed", action="store_true", default=None, help="write the model even when the check fails (still exit 1)")
@@ -207,11 +252,15 @@ def _compress_parser() -> argparse.ArgumentParser:
 
 
 _CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "conv_mode",
-                 "allow_input_weights", "latency_aware", "threads", "batch", "input_shape", "min_speedup", "quantize")
+                 "allow_input_weights", "rank_rule", "target_params", "target_macs", "budget_scope", "data_aware", "damping",
+                 "calib_mask", "adaptive", "latency_aware", "threads", "batch", "input_shape", "min_speedup", "quantize")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k, None) is not None}
+    out = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k, None) is not None}
+    if getattr(args, "adaptive", None) and getattr(args, "max_drop", None) is not None:
+        out["max_drop"] = args.max_drop  # one --max-drop: the goal of the search and the verification gate
+    return out
 
 
 class _ProgressBar:
@@ -227,7 +276,7 @@ class _ProgressBar:
         width = 24
         filled = int(width * done / total)
         label = label if len(label) <= 40 else "..." + label[-37:]
-        sys.stderr.write(f"\rfactorizing [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}")
+        sys.stderr.write(f"\rworking [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}")
         sys.stderr.flush()
         self.shown = True
 
@@ -287,7 +336,9 @@ def _run_compress(argv: Sequence[str]) -> int:
             check_output_path(args.report, args.model)
     bar = _ProgressBar(enabled=not args.quiet)
     try:
-        result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, verify=verify, **_overrides(args))
+        result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, verify=verify,
+                          calib=args.calib, calib_script=args.calib_script, labels=args.labels,
+                          calib_batch=args.calib_batch or 32, **_overrides(args))
     except VerificationFailed as exc:
         refused = exc.result
         if refused is not None and not args.quiet:

@@ -22,9 +22,12 @@ from .errors import UsageError
 __all__ = ["CompressConfig", "DEFAULT_ENERGY", "load_recipe", "recipe_path", "list_recipes"]
 
 DEFAULT_ENERGY = 0.95
+DEFAULT_DAMPING = 0.01
 OP_TYPES = ("MatMul", "Gemm", "Conv")
 CONV_MODES = ("channel", "spatial", "auto")
 QUANTIZE_MODES = ("int8",)
+RANK_RULES = ("energy", "entropy")
+BUDGET_SCOPES = ("weights", "model")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,23 @@ class CompressConfig:
             the one with fewer multiply-accumulates at its chosen rank.
         allow_input_weights: Also factorize weights listed as graph inputs (every initializer
             is one in IR < 4); the factors replace the weight among the inputs.
+        rank_rule: ``energy`` (fraction of ``sum s_i^2``) or ``entropy`` (ARSVD's spectral
+            entropy); ``energy`` is the threshold of either rule.
+        target_params: Global budget: keep at most this fraction (0, 1] of the parameters (of
+            the candidate weights, or of the whole model with ``budget_scope="model"``); ranks
+            are allocated across layers.  Replaces the per-layer rule.
+        target_macs: The same for the multiply-accumulates per row of the candidate layers.
+        budget_scope: What ``target_params`` is a fraction of: ``weights`` (every MatMul/Gemm
+            weight in the report) or ``model`` (every parameter of the model).
+        data_aware: Truncate in the space whitened by the layers' real input activations
+            (needs calibration data).
+        damping: Damping of the activation Gram matrix, relative to its mean diagonal.
+        calib_mask: Name of a model input (an attention mask) whose zeros mark padded rows to
+            leave out of the activation statistics.
+        adaptive: Allocate ranks by measured sensitivity on the calibration data (needs
+            calibration data, and ``max_drop`` or a budget).
+        max_drop: With ``adaptive``: the largest allowed drop of the quality metric on the
+            calibration data (accuracy with labels, else mean output cosine), e.g. 0.005.
         latency_aware: Factorize a layer only where its factored form is measured faster than
             the dense one (onnxruntime, at every ``threads`` x ``batch`` setting), and check
             that the whole model is not slower.
@@ -65,6 +85,15 @@ class CompressConfig:
     op_types: tuple[str, ...] = OP_TYPES
     conv_mode: str = "auto"
     allow_input_weights: bool = False
+    rank_rule: str = "energy"
+    target_params: float | None = None
+    target_macs: float | None = None
+    budget_scope: str = "weights"
+    data_aware: bool = False
+    damping: float = DEFAULT_DAMPING
+    calib_mask: str | None = None
+    adaptive: bool = False
+    max_drop: float | None = None
     latency_aware: bool = False
     threads: tuple[int, ...] = (1,)
     batch: tuple[int, ...] = (1,)
@@ -114,20 +143,78 @@ class CompressConfig:
             raise UsageError(f"--min-speedup must be a positive number, got {m!r}; e.g. --min-speedup 1.1.")
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
             raise UsageError(f"--quantize got {self.quantize!r}; expected one of {', '.join(QUANTIZE_MODES)}.")
+        self._check_rank_selection()
+
+    def _check_rank_selection(self) -> None:
+        if self.rank_rule not in RANK_RULES:
+            raise UsageError(f"--rank-rule got {self.rank_rule!r}; expected one of {', '.join(RANK_RULES)}.")
+        for flag, value in (("--target-params", self.target_params), ("--target-macs", self.target_macs)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0):
+                raise UsageError(f"{flag} must be a fraction in (0, 1], got {value!r}; e.g. {flag} 0.5 keeps at most half.")
+        if self.budget_scope not in BUDGET_SCOPES:
+            raise UsageError(f"--budget-scope got {self.budget_scope!r}; expected one of {', '.join(BUDGET_SCOPES)}.")
+        if self.has_budget:
+            if self.rank is not None or self.energy is not None:
+                flag = "--rank" if self.rank is not None else "--energy"
+                raise UsageError(f"a budget (--target-params/--target-macs) allocates ranks itself; drop {flag}.")
+            if self.rank_rule != "energy":
+                raise UsageError("--rank-rule applies per layer; a budget (--target-params/--target-macs) allocates ranks itself.")
+        for flag in ("data_aware", "adaptive", "allow_input_weights"):
+            if not isinstance(getattr(self, flag), bool):
+                raise UsageError(f"--{flag.replace('_', '-')} is a switch (true or false), got {getattr(self, flag)!r}.")
+        d = self.damping
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= float(d) < 1e6:
+            raise UsageError(f"--damping must be a non-negative number, got {d!r}; e.g. --damping 0.01.")
+        if self.max_drop is not None:
+            x = self.max_drop
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= float(x) < 1.0:
+                raise UsageError(f"--max-drop must be a number in [0, 1), got {x!r}; e.g. --max-drop 0.005 (half a point).")
+            if not self.adaptive:
+                raise UsageError("--max-drop needs --adaptive (it bounds the drop that adaptive allocation measures).")
+        if self.adaptive:
+            if self.max_drop is None and not self.has_budget:
+                raise UsageError("--adaptive needs a goal: --max-drop X, or a budget --target-params F / --target-macs F.")
+            if self.max_drop is not None and self.has_budget:
+                raise UsageError("--adaptive takes either --max-drop or a budget (--target-params/--target-macs), not both.")
+            if self.rank is not None or self.energy is not None or self.rank_rule != "energy":
+                raise UsageError("--adaptive allocates ranks itself; drop --energy/--rank/--rank-rule.")
+
+    @property
+    def has_budget(self) -> bool:
+        """Whether a global budget (``target_params`` or ``target_macs``) is set."""
+        return self.target_params is not None or self.target_macs is not None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the options need calibration data (``data_aware`` or ``adaptive``)."""
+        return self.data_aware or self.adaptive
 
     @property
     def effective_energy(self) -> float | None:
-        """The energy threshold in force (``None`` when a fixed rank is used)."""
-        if self.rank is not None:
+        """The rule's threshold in force (``None`` for a fixed rank, a budget or adaptive mode)."""
+        if self.rank is not None or self.has_budget or self.adaptive:
             return None
         return DEFAULT_ENERGY if self.energy is None else float(self.energy)
 
     def replace(self, **changes: Any) -> "CompressConfig":
-        """A copy with ``changes`` applied (and validated).  ``energy`` and ``rank`` displace each other."""
-        if changes.get("rank") is not None and "energy" not in changes:
-            changes["energy"] = None
-        if changes.get("energy") is not None and "rank" not in changes:
-            changes["rank"] = None
+        """A copy with ``changes`` applied (and validated).
+
+        The ways of choosing ranks displace each other: a new ``energy`` drops a ``rank`` and
+        any budget, a new ``rank`` drops ``energy`` and budgets, a new budget or ``adaptive``
+        drops ``energy`` and ``rank`` (so flags override a recipe's rule).
+        """
+        per_layer = changes.get("rank") is not None or changes.get("energy") is not None
+        global_ = any(changes.get(k) not in (None, False) for k in ("target_params", "target_macs", "adaptive"))
+        if changes.get("rank") is not None:
+            changes.setdefault("energy", None)
+        if changes.get("energy") is not None:
+            changes.setdefault("rank", None)
+        if per_layer and not global_:
+            changes.setdefault("target_params", None)
+            changes.setdefault("target_macs", None)
+        if global_ and not per_layer:
+            changes.setdefault("energy", None)
+            changes.setdefault("rank", None)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

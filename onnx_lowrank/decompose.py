@@ -21,6 +21,42 @@ Signs are fixed so that the largest-magnitude entry of every left singular vecto
 (the matching right vector flips with it); the factors are then identical across runs and
 platforms for the same input.
 
+Spectral entropy (ARSVD)
+------------------------
+With ``p_i = s_i / sum_j s_j`` and ``H = -sum_i p_i log p_i``, :func:`entropy_rank` keeps the
+smallest ``k`` with ``sum_{i<=k} -p_i log p_i >= tau H``.  It weighs the singular values
+linearly (not squared) and counts each one by its share of the entropy, so the tail of a slowly
+decaying spectrum counts for more than under the energy rule: at the same threshold it keeps a
+higher rank.
+
+Data-aware truncation (whitening)
+---------------------------------
+What a layer computes is ``X W`` for its real input rows ``X`` (N, m), so the error that matters
+is ``||X W - X A B||_F``, not ``||W - A B||_F``.  Let ``G = X^T X`` (m, m), accumulated over the
+calibration data, and ``G + d I = L L^T`` (damped Cholesky; ``d`` is a small fraction of
+``mean(diag G)`` that keeps ``L`` invertible when an input feature never varies).  With ``d = 0``
+and ``X = Q L^T`` (``Q`` orthonormal columns)::
+
+    ||X W - X A B||_F = ||L^T W - L^T A B||_F
+
+so the best rank-``r`` choice is the truncated SVD of the *whitened* matrix
+``L^T W = U S V^T``, mapped back through ``L^{-T}``::
+
+    A = L^{-T} U_r S_r^(1/2)      B = S_r^(1/2) V_r^T                       ("left" side)
+
+When the activations multiply the matrix from the right (``W @ x``, or a Gemm with a
+transposed weight, where the matrix's *columns* meet the features) the same holds with
+``G = X X^T`` over the activation columns and ``W L``::
+
+    W L = U S V^T,   A = U_r S_r^(1/2)      B = S_r^(1/2) V_r^T L^{-1}          ("right" side)
+
+The energy of the whitened spectrum is the fraction of ``||X W||_F^2`` kept, so the rank rules
+apply to it unchanged.  The damping adds ``d ||W - A B||_F^2`` to the objective: a little of the
+plain criterion, which also guards directions the calibration data never excites.  When the
+Cholesky factorization fails (``G`` indefinite through rounding), the damping grows tenfold up to
+:data:`_MAX_DAMPING_TRIES` times, then an eigendecomposition ``G = Q diag(w) Q^T`` with ``w``
+clipped from below gives ``L = Q diag(w)^(1/2)`` (not triangular, but ``L L^T`` is still the
+damped ``G``, which is all the derivation uses).
 Convolutions
 ------------
 A Conv weight ``W`` of shape ``(C_out, C_in, k_1, ..., k_d)`` is factorized through one of two
@@ -63,6 +99,12 @@ __all__ = [
     "round_rank",
     "factors",
     "lowrank_params",
+    "entropy_terms",
+    "entropy_rank",
+    "entropy_kept",
+    "whitening_factor",
+    "whitened_spectrum",
+    "DEFAULT_DAMPING",
     "CONV_MODES",
     "conv_matrix",
     "conv_matrix_shape",
@@ -70,6 +112,10 @@ __all__ = [
     "conv_output_size",
     "conv_macs",
 ]
+
+#: Default damping of ``G``, as a fraction of ``mean(diag G)``.
+DEFAULT_DAMPING = 0.01
+_MAX_DAMPING_TRIES = 6
 
 # Relative slack when comparing cumulative energy with a threshold: without it an exactly
 # rank-r matrix asked for E = 1.0 would get r + 1, because rounding leaves s_{r+1} ~ 1e-7 s_1.
@@ -84,11 +130,17 @@ class Spectrum:
         u: Left singular vectors, shape ``(m, k)`` with ``k = min(m, n)``.
         s: Singular values, shape ``(k,)``, descending.
         vt: Right singular vectors (transposed), shape ``(k, n)``.
+        whiten: For a whitened spectrum, the factor ``L`` (``L L^T`` = damped ``G``) whose
+            inverse maps the factors back; ``None`` for the plain SVD of the matrix.
+        side: ``"left"`` when the whitened matrix is ``L^T W`` (activations ``x @ W``),
+            ``"right"`` when it is ``W L`` (activations ``W @ x``).
     """
 
     u: np.ndarray
     s: np.ndarray
     vt: np.ndarray
+    whiten: np.ndarray | None = None
+    side: str = "left"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -123,6 +175,10 @@ def spectrum(w: np.ndarray) -> Spectrum:
     a = np.asarray(w, dtype=_compute_dtype(w.dtype))
     if not np.all(np.isfinite(a)):
         raise ValueError("Matrix holds NaN or Inf values; expected finite weights.")
+    return _svd(a)
+
+
+def _svd(a: np.ndarray) -> Spectrum:
     u, s, vt = np.linalg.svd(a, full_matrices=False)
     # Deterministic signs: the largest-|.| entry of each left singular vector is positive.
     pivots = np.argmax(np.abs(u), axis=0)
@@ -211,12 +267,125 @@ def factors(spec: Spectrum, rank: int, dtype: np.dtype | None = None) -> tuple[n
     root = np.sqrt(spec.s[:rank])
     a = spec.u[:, :rank] * root
     b = root[:, None] * spec.vt[:rank]
+    if spec.whiten is not None:
+        lt = spec.whiten.T
+        if spec.side == "left":  # A = L^{-T} U_r S_r^(1/2)
+            a = np.linalg.solve(lt, a)
+        else:  # B = S_r^(1/2) V_r^T L^{-1}, i.e. B^T = L^{-T} V_r S_r^(1/2)
+            b = np.linalg.solve(lt, b.T).T
     if dtype is not None:
         a = a.astype(dtype)
         b = b.astype(dtype)
     return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
 
+def entropy_terms(s: np.ndarray) -> np.ndarray:
+    """``-p_i log p_i`` with ``p_i = s_i / sum_j s_j`` (natural log; ``0 log 0 = 0``)."""
+    s = np.asarray(s, dtype=np.float64)
+    total = s.sum()
+    if total <= 0:
+        return np.zeros_like(s)
+    p = s / total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = np.where(p > 0, -p * np.log(p), 0.0)
+    return h
+
+
+def entropy_rank(s: np.ndarray, tau: float) -> int:
+    """Smallest ``k >= 1`` with ``sum_{i<=k} -p_i log p_i >= tau H`` (ARSVD's spectral-entropy rule).
+
+    Args:
+        s: Singular values, descending.
+        tau: Threshold in ``(0, 1]``.
+
+    Returns:
+        The rank, between 1 and ``len(s)``.
+    """
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"Got tau={tau!r}; expected a number in (0, 1].")
+    h = entropy_terms(s)
+    total = h.sum()
+    if total <= 0:  # a single non-zero value (or none): all information is in the first
+        return 1
+    cum = np.cumsum(h) / total
+    r = int(np.searchsorted(cum, tau - _ENERGY_RTOL, side="left")) + 1
+    return max(1, min(r, len(s)))
+
+
+def entropy_kept(s: np.ndarray, rank: int) -> float:
+    """Fraction of the spectral entropy ``H`` held by the top ``rank`` values."""
+    h = entropy_terms(s)
+    total = h.sum()
+    if rank <= 0:
+        return 0.0
+    if total <= 0:
+        return 1.0
+    return float(min(1.0, h[: min(rank, len(s))].sum() / total))
+
+
+def whitening_factor(gram: np.ndarray, damping: float = DEFAULT_DAMPING) -> tuple[np.ndarray, float]:
+    """A factor ``L`` with ``L L^T = G + d I``, ``d = damping * mean(diag G)``.
+
+    Args:
+        gram: ``G``, shape ``(k, k)``, symmetric positive semi-definite up to rounding.
+        damping: Relative damping (``0`` asks for the exact factor of ``G``).
+
+    Returns:
+        ``(L, d)``: the factor (lower triangular unless the eigendecomposition fallback was
+        needed) and the absolute damping actually added.
+
+    Raises:
+        ValueError: ``gram`` is not square, not finite, or all zero.
+    """
+    g = np.asarray(gram, dtype=np.float64)
+    if g.ndim != 2 or g.shape[0] != g.shape[1]:
+        raise ValueError(f"Got a Gram matrix of shape {g.shape}; expected a square matrix.")
+    if not np.all(np.isfinite(g)):
+        raise ValueError("Gram matrix holds NaN or Inf values; the calibration activations are not finite.")
+    g = (g + g.T) / 2
+    scale = float(np.mean(np.diag(g)))
+    if scale <= 0:
+        raise ValueError("Gram matrix is zero: the calibration data never reaches this layer's input.")
+    eye = np.eye(g.shape[0])
+    d = max(float(damping), 0.0) * scale
+    for _ in range(_MAX_DAMPING_TRIES):
+        try:
+            return np.linalg.cholesky(g + d * eye), d
+        except np.linalg.LinAlgError:
+            d = max(d * 10, 1e-10 * scale)
+    w, q = np.linalg.eigh(g)
+    floor = max(d, 1e-10 * scale)
+    w = np.maximum(w, 0.0) + floor
+    return q * np.sqrt(w), floor
+
+
+def whitened_spectrum(w: np.ndarray, gram: np.ndarray, side: str = "left", damping: float = DEFAULT_DAMPING) -> Spectrum:
+    """The SVD of ``W`` whitened by its input statistics (see the module docstring).
+
+    Args:
+        w: Matrix of shape ``(m, n)``.
+        gram: ``G``: ``(m, m)`` for ``side="left"`` (inputs ``x @ W``), ``(n, n)`` for
+            ``side="right"`` (inputs ``W @ x``).
+        side: Which side of ``W`` the activations meet.
+        damping: Relative damping for :func:`whitening_factor`.
+
+    Returns:
+        The sign-fixed SVD of ``L^T W`` (left) or ``W L`` (right), carrying ``L`` so that
+        :func:`factors` maps the factors back.  Computed in float64.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"Got side={side!r}; expected 'left' or 'right'.")
+    if w.ndim != 2 or w.size == 0:
+        raise ValueError(f"Got an array of shape {w.shape}; expected a non-empty 2-D matrix.")
+    a = np.asarray(w, dtype=np.float64)
+    if not np.all(np.isfinite(a)):
+        raise ValueError("Matrix holds NaN or Inf values; expected finite weights.")
+    need = a.shape[0] if side == "left" else a.shape[1]
+    if gram.shape != (need, need):
+        raise ValueError(f"Got a Gram matrix of shape {gram.shape} for a {side}-side {a.shape} matrix; expected ({need}, {need}).")
+    lf, _ = whitening_factor(gram, damping)
+    spec = _svd(lf.T @ a if side == "left" else a @ lf)
+    return Spectrum(u=spec.u, s=spec.s, vt=spec.vt, whiten=lf, side=side)
 # ---- convolutions ------------------------------------------------------------------------
 
 #: The two ways a Conv weight is viewed as a matrix.

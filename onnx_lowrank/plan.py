@@ -2,9 +2,11 @@
 
 Stages, in order (``api.compress`` runs them):
 
-1. :func:`build_plans` reads each factorizable weight and takes its spectrum;
-2. :func:`decide` applies the rank rule and the break-even guard, setting ``rank`` or ``reason``
-   (global budgets, data-aware spectra or latency filters act on the same list here);
+1. :func:`build_plans` reads each factorizable weight and takes its spectrum: the plain SVD, or
+   with input statistics the whitened one (data-aware mode);
+2. a decider sets each plan's ``choice`` or ``reason``: :func:`decide` applies the per-layer rank
+   rule and the break-even guard, :func:`decide_budget` allocates a global budget across the
+   plans, and :mod:`onnx_lowrank.adaptive` allocates by measured sensitivity;
 3. :func:`apply` rewrites the graph for every plan with a rank;
 4. :func:`decisions` turns plans and discovery into the per-node report rows.
 
@@ -34,13 +36,13 @@ import onnx
 from . import decompose, io
 from .config import CompressConfig
 from .discovery import Discovery, Layer, WeightGroup
-from .errors import ModelError
-from .policies import RankChoice, choose_rank
+from .errors import ModelError, UsageError
+from .policies import BudgetError, Options, RankChoice, allocate, choice_at, choose_rank, rank_options
 from .report import LayerDecision
 from .rewrite import NameScope, factorize_conv_group, factorize_group
 from .shapes import ShapeInfo
 
-__all__ = ["LayerPlan", "ConvUse", "ConvOption", "build_plans", "decide", "apply", "decisions"]
+__all__ = ["LayerPlan", "ConvUse", "ConvOption", "build_plans", "decide", "decide_budget", "BudgetBase", "apply", "decisions"]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,15 @@ class LayerPlan:
         return self.choice.rank if self.choice is not None else None
 
     @property
+    def active(self) -> bool:
+        """Whether the plan has a spectrum and no reason to be left alone yet."""
+        return self.spectrum is not None and self.reason is None
+
+    @property
+    def whitened(self) -> bool:
+        return self.spectrum is not None and self.spectrum.whiten is not None
+
+    @property
     def users(self) -> int:
         return len(self.group.layers)
 
@@ -187,16 +198,28 @@ def build_plans(
     source_dir: Path | None,
     progress: Progress | None = None,
     *,
+    grams: dict[int, tuple[np.ndarray, str]] | None = None,
+    damping: float = decompose.DEFAULT_DAMPING,
+    notes: dict[int, str] | None = None,
     conv_mode: str = "auto",
     shapes: ShapeInfo | None = None,
 ) -> list[LayerPlan]:
     """Read each factorizable weight and take its spectrum (the slow step: one SVD per weight).
 
     Args:
+        found: Discovery's result.
+        source_dir: Where external data lives.
+        progress: Called after each SVD.
+        grams: Per group ``id``: ``(G, side)`` input statistics; those MatMul/Gemm groups get the
+            whitened spectrum (data-aware mode).
+        damping: Relative damping of ``G``.
+        notes: Per group ``id``: a remark for the report (e.g. why the plain SVD was used).
         conv_mode: ``channel``, ``spatial`` or ``auto``; ``auto`` takes both views of a 2-D
             Conv kernel (two SVDs) so that :func:`decide` can compare them.
         shapes: Known value shapes, for Conv sizes; without them Conv MACs are per output pixel.
     """
+    grams = grams or {}
+    notes = notes or {}
     plans = []
     todo = [g for g in found.groups if g.reason is None]
     for k, group in enumerate(todo, 1):
@@ -211,9 +234,15 @@ def build_plans(
             m, n = arr.shape
             plan = LayerPlan(group=group, m=m, n=n, dtype=arr.dtype, weight_shape=arr.shape)
             try:
-                plan.spectrum = decompose.spectrum(arr)
+                if id(group) in grams:
+                    g, side = grams[id(group)]
+                    plan.spectrum = decompose.whitened_spectrum(arr, g, side, damping)
+                else:
+                    plan.spectrum = decompose.spectrum(arr)
             except ValueError as exc:
                 plan.reason = f"cannot factorize: {exc}"
+        if id(group) in notes:
+            plan.extra["note"] = notes[id(group)]
         plans.append(plan)
         if progress is not None:
             progress(k, len(todo), w.name)
@@ -266,16 +295,125 @@ def decide(plans: list[LayerPlan], cfg: CompressConfig) -> None:
         if plan.spectrum is None:
             continue
         if plan.is_conv:
-            _decide_conv(plan, cfg)
+            decide_conv(plan, cfg)
             continue
         plan.choice = choose_rank(plan.spectrum.s, plan.m, plan.n, energy=cfg.effective_energy, rank=cfg.rank,
-                                  rank_multiple=cfg.rank_multiple)
+                                  rank_multiple=cfg.rank_multiple, rule=cfg.rank_rule)
         if not plan.choice.saves:
             r, m, n = plan.choice.rank, plan.m, plan.n
             plan.reason = f"rank {r} saves nothing: {r}*({m}+{n}) >= {m}*{n} (break-even {plan.choice.break_even})"
 
 
-def _decide_conv(plan: LayerPlan, cfg: CompressConfig) -> None:
+@dataclass(frozen=True)
+class BudgetBase:
+    """What a budget fraction is a fraction of, and what no decision here can change.
+
+    Attributes:
+        params_total: Parameters the fraction applies to (all candidate weights, or the model).
+        params_fixed: Of those, parameters outside the active plans (left alone whatever happens).
+        macs_total: MACs per row of every candidate layer.
+        macs_fixed: Of those, MACs outside the active plans.
+    """
+
+    params_total: int
+    params_fixed: int
+    macs_total: int
+    macs_fixed: int
+
+    @classmethod
+    def of(cls, found: Discovery, plans: list[LayerPlan], cfg: CompressConfig, model_params: int) -> "BudgetBase":
+        weights = 0
+        macs = 0
+        for group in found.groups:
+            if group.weight.tensor is not None:
+                dense = int(np.prod(group.weight.shape))
+                weights += dense
+                macs += dense * len(group.layers)
+        active = [p for p in plans if p.active and not p.is_conv]
+        base = model_params if cfg.budget_scope == "model" else weights
+        return cls(
+            params_total=base,
+            params_fixed=base - sum(p.dense_params for p in active),
+            macs_total=macs,
+            macs_fixed=macs - sum(p.macs_per_row(None) for p in active),
+        )
+
+    def limits(self, cfg: CompressConfig, target_params: float | None = None) -> list[tuple[str, float, int]]:
+        """``(flag, fraction, budget left for the active plans)`` for each budget in force."""
+        out = []
+        fp = cfg.target_params if target_params is None else target_params
+        if fp is not None:
+            out.append(("--target-params", float(fp), int(np.floor(fp * self.params_total)) - self.params_fixed))
+        if cfg.target_macs is not None:
+            out.append(("--target-macs", float(cfg.target_macs), int(np.floor(cfg.target_macs * self.macs_total)) - self.macs_fixed))
+        return out
+
+
+def budget_options(plan: LayerPlan, errors_at: Callable[[list[int]], np.ndarray], flags: list[str], rank_multiple: int,
+                   min_rank: int = 1) -> Options:
+    """A plan's options under a budget: ranks up to break-even, then dense, with their costs."""
+    ranks = [r for r in rank_options(plan.m, plan.n, rank_multiple) if r >= min_rank]
+    errs = np.append(errors_at(ranks), 0.0) if ranks else np.zeros(1)
+    cols = []
+    for flag in flags:
+        if flag == "--target-params":
+            cols.append([plan.params_at(r) for r in ranks] + [plan.dense_params])
+        else:
+            cols.append([plan.macs_per_row(r) for r in ranks] + [plan.macs_per_row(None)])
+    costs = np.array(cols, dtype=np.float64).T.reshape(len(ranks) + 1, len(flags))
+    return Options(ranks=tuple(ranks) + (None,), errors=errs, costs=costs)
+
+
+def truncation_errors(plan: LayerPlan) -> Callable[[list[int]], np.ndarray]:
+    """Normalized squared truncation error ``1 - E(r)`` of a plan's spectrum (plain or whitened)."""
+    s = plan.spectrum.s
+    return lambda ranks: np.array([1.0 - decompose.energy_kept(s, r) for r in ranks])
+
+
+def allocate_plans(plans: list[LayerPlan], options: list[Options], limits: list[tuple[str, float, int]], base: BudgetBase) -> None:
+    """Run the allocator and set each plan's choice (a rank) or reason (left dense).
+
+    Raises:
+        UsageError: a budget is below what every plan at its lowest rank costs (names the flag).
+    """
+    try:
+        chosen = allocate(options, [b for _, _, b in limits])
+    except BudgetError:
+        lowest = np.sum([o.costs[0] for o in options], axis=0) if options else np.zeros(len(limits))
+        for (flag, frac, budget), need in zip(limits, lowest):
+            if need > budget:
+                total, fixed = (base.params_total, base.params_fixed) if flag == "--target-params" else (base.macs_total, base.macs_fixed)
+                reach = (need + fixed) / total if total else 1.0
+                raise UsageError(f"{flag} {frac:g} cannot be met: with every layer at its lowest rank {reach:.4f} remains; "
+                                 f"pass {flag} {np.ceil(reach * 1e4) / 1e4:g} or more, or widen the layer selection.") from None
+        raise
+    for plan, opt, k in zip(plans, options, chosen):
+        r = opt.ranks[k]
+        if r is None:
+            full = min(plan.m, plan.n)
+            plan.choice = choice_at(plan.spectrum.s, plan.m, plan.n, full)
+            plan.reason = "left dense by the budget: other layers lose less per parameter saved"
+        else:
+            plan.choice = choice_at(plan.spectrum.s, plan.m, plan.n, r)
+
+
+def decide_budget(plans: list[LayerPlan], cfg: CompressConfig, base: BudgetBase) -> None:
+    """Allocate ``--target-params``/``--target-macs`` across the plans by greedy water-filling.
+
+    The error a plan contributes is its normalized squared truncation error ``1 - E(r)`` (of
+    the whitened spectrum in data-aware mode); break-even and ``rank_multiple`` bound its ranks.
+    """
+    for plan in plans:
+        if plan.is_conv and plan.reason is None:
+            decide_conv(plan, cfg)  # Conv layers follow the per-layer rule; their cost counts as fixed
+    active = [p for p in plans if p.active and not p.is_conv]
+    limits = base.limits(cfg)
+    flags = [f for f, _, _ in limits]
+    options = [budget_options(p, truncation_errors(p), flags, cfg.rank_multiple) for p in active]
+    allocate_plans(active, options, limits, base)
+
+
+def decide_conv(plan: LayerPlan, cfg: CompressConfig) -> None:
     dense = plan.macs(None)
     unit = "MACs" if plan.macs_known else "MACs per output pixel"
     outcomes = []
@@ -369,6 +507,9 @@ def decisions(found: Discovery, plans: list[LayerPlan], shapes: ShapeInfo | None
                 reason=None if factorized else (layer.reason or group.reason),
                 factors=plan.factor_names if plan is not None else None,
                 shared_with=group.layers[0].display_name if k > 0 else None,
+                whitened=plan.whitened if plan is not None else False,
+                sensitivity=plan.extra.get("sensitivity") if plan is not None else None,
+                note=plan.extra.get("note") if plan is not None else None,
                 conv_mode=plan.conv_mode if plan is not None and plan.is_conv and choice is not None else None,
                 macs_per=unit,
             )

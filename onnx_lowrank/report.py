@@ -43,6 +43,11 @@ class LayerDecision:
         reason: Why the node was left alone (``None`` when factorized).
         factors: Names of the two factor tensors.
         shared_with: Display name of the first user when the weight is shared.
+        whitened: Whether the spectrum (so ``energy``, ``rel_error``) is data-aware: then the
+            energy is the fraction of ``||X W||_F^2`` kept over the calibration activations.
+        sensitivity: In adaptive mode, the measured drop of the output when only this layer is
+            compressed at ``rank`` (interpolated between the measured grid ranks).
+        note: A remark on how the layer was treated (e.g. why the plain SVD was used).
         conv_mode: For a Conv with a chosen rank: ``channel`` or ``spatial``.
         macs_per: What the MAC counts are per: ``row``, ``sample`` or ``output pixel``
             (``None`` when not counted).
@@ -65,6 +70,9 @@ class LayerDecision:
     reason: str | None = None
     factors: tuple[str, str] | None = None
     shared_with: str | None = None
+    whitened: bool = False
+    sensitivity: float | None = None
+    note: str | None = None
     conv_mode: str | None = None
     macs_per: str | None = "row"
 
@@ -123,10 +131,16 @@ def _fmt_row(d: LayerDecision) -> list[str]:
     else:
         params = f"{d.params_before:,}" if d.params_before else "-"
         status = f"skipped: {d.reason}"
-    return [d.node, d.weight or "-", shape, ranks, energy, err, params, status]
+    if d.note:
+        status += f" ({d.note})"
+    if d.whitened and d.rank is not None:
+        energy += " w"
+    sens = f"{d.sensitivity:.5f}" if d.sensitivity is not None else "-"
+    return [d.node, d.weight or "-", shape, ranks, energy, err, sens, params, status]
 
 
-_HEADERS = ["node", "weight", "shape", "rank/full/even", "energy", "rel.err", "params", "result"]
+_HEADERS = ["node", "weight", "shape", "rank/full/even", "energy", "rel.err", "sensitivity", "params", "result"]
+_SENS = _HEADERS.index("sensitivity")
 
 
 def _clip(s: str, width: int) -> str:
@@ -139,11 +153,17 @@ def render_table(decisions: list[LayerDecision], *, max_name: int = 40) -> str:
         return "No MatMul/Gemm/Conv nodes found: nothing to factorize; the output is a faithful copy."
     rows = [_fmt_row(d) for d in decisions]
     rows = [[_clip(r[0], max_name), _clip(r[1], max_name), *r[2:]] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(_HEADERS[:-1])]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(_HEADERS[:-1], widths)) + "  " + _HEADERS[-1]]
+    headers = list(_HEADERS)
+    if all(d.sensitivity is None for d in decisions):  # the column only exists in adaptive mode
+        headers.pop(_SENS)
+        rows = [r[:_SENS] + r[_SENS + 1:] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers[:-1])]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers[:-1], widths)) + "  " + headers[-1]]
     lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
+    if any(d.whitened and d.rank is not None for d in decisions):
+        lines.append("energy 'w': data-aware, the fraction of ||X W||^2 kept over the calibration activations")
     return "\n".join(lines)
 
 
@@ -159,7 +179,19 @@ def render_totals(t: Totals) -> str:
         lines.append(f"               note: {t.macs_note}")
     if t.size_before is not None or t.size_after is not None:
         lines.append(f"file size:     {human_bytes(t.size_before)} -> {human_bytes(t.size_after)}{_ratio(t.size_before, t.size_after)}")
+    for key, value in t.extra.items():
+        lines.append(f"{(key.replace('_', '-') + ':').ljust(14)} {_fmt_extra(value)}")
     return "\n".join(lines)
+
+
+def _fmt_extra(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k.replace('_', ' ')} {_fmt_extra(v)}" for k, v in value.items() if v is not None)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt_extra(v) for v in value) + "]"
+    return str(value)
 
 
 def to_json_dict(decisions: list[LayerDecision], totals: Totals, **sections: Any) -> dict[str, Any]:

@@ -1,0 +1,255 @@
+"""Accuracy-adaptive allocation: ranks chosen by sensitivity measured on calibration data.
+
+Approach
+--------
+1. **Sensitivity.**  For every layer and every rank of a grid (fractions of its break-even rank,
+   :data:`GRID`), only that layer is replaced by its rank-``r`` truncation and the model runs
+   on the calibration set.  The layer's sensitivity at ``r`` is ``1 - mean cosine`` between the
+   outputs and the original outputs (averaged over the floating-point outputs): smooth, and
+   defined for every model.  One onnxruntime session serves every measurement: the weights
+   become overridable initializers (graph inputs with a default), and each run feeds the
+   truncated matrix ``A @ B`` of the layer under test.  ``L x grid + 1`` passes in all.
+2. **Allocation.**  Sensitivities between grid ranks are interpolated linearly.  With the
+   measured curves as errors, the budget allocator of :mod:`onnx_lowrank.policies` (greedy by
+   sensitivity per parameter saved, over the lower convex hull of each curve) gives the best
+   assignment for any parameter budget.
+3. **Search.**  With ``max_drop``, a bisection on the global parameter budget finds the smallest
+   one whose assignment, measured with all layers compressed together, loses at most
+   ``max_drop`` of the quality metric on the calibration set: accuracy when labels are given
+   and the first output holds class scores, else mean output cosine.  With a budget instead,
+   the assignment for that budget is measured once.
+
+Nothing is written: the session's model lives in memory (or, with external data, in a
+temporary file beside the data that is removed on exit, interruption included).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from . import decompose
+from .activations import Feeds, open_session
+from .config import CompressConfig
+from .plan import BudgetBase, LayerPlan, decide_conv, allocate_plans, budget_options
+from .verify import compare
+
+__all__ = ["GRID", "Evaluator", "Curve", "grid_ranks", "measure_sensitivity", "decide_adaptive", "quality_drop", "distortion"]
+
+log = logging.getLogger(__name__)
+
+#: Ranks measured per layer, as fractions of its break-even rank.
+GRID = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
+#: Bisection steps on the budget (each one full pass over the calibration set).
+SEARCH_STEPS = 7
+
+Progress = Callable[[int, int, str], None]
+
+
+def _float_outputs(outs: list[np.ndarray]) -> list[int]:
+    return [i for i, o in enumerate(outs) if np.issubdtype(o.dtype, np.floating)]
+
+
+def quality_drop(base: list[np.ndarray], outs: list[np.ndarray], labels: np.ndarray | None) -> tuple[str, float]:
+    """``(metric, drop)`` of ``outs`` against the original outputs ``base``.
+
+    Accuracy when labels fit the first output as class scores (drop in fractions: 0.01 is one
+    point); else ``1 - mean cosine`` over the floating-point outputs.
+    """
+    m = compare("output", base[0], outs[0], labels)
+    if m.accuracy_drop is not None:
+        return "accuracy", float(m.accuracy_drop)
+    return "cosine", distortion(base, outs)
+
+
+def distortion(base: list[np.ndarray], outs: list[np.ndarray]) -> float:
+    """``1 - mean cosine`` of each sample's outputs, averaged over the floating-point outputs."""
+    idx = _float_outputs(base) or list(range(len(base)))
+    return float(np.mean([1.0 - compare("o", base[i], outs[i]).cosine_mean for i in idx]))
+
+
+class Evaluator:
+    """Runs the model on the calibration set with some weights replaced, counting runs.
+
+    Args:
+        model: The original model (a copy is made overridable).
+        weights: Names of main-graph weights that may be replaced.
+        feeds: Calibration feeds.
+        source_dir: Where external data lives.
+        threads: onnxruntime intra-op threads.
+    """
+
+    def __init__(self, model: onnx.ModelProto, weights: list[str], feeds: Feeds, source_dir: Path | None, threads: int | None):
+        self.feeds = feeds
+        self.runs = 0
+        self.passes = 0
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        g = probe.graph
+        inputs = {i.name for i in g.input}
+        wanted = set(weights)
+        for k in range(len(g.node) - 1, -1, -1):  # a Constant weight becomes an initializer
+            node = g.node[k]
+            if node.op_type == "Constant" and node.output[0] in wanted:
+                t = onnx.TensorProto()
+                t.CopyFrom(next(a.t for a in node.attribute if a.name == "value"))
+                t.name = node.output[0]
+                g.initializer.append(t)
+                del g.node[k]
+        if probe.ir_version < 4:
+            probe.ir_version = 4
+        for t in g.initializer:
+            if t.name in wanted and t.name not in inputs:
+                g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        self._ctx = open_session(probe, source_dir, threads)
+        self.session = self._ctx.__enter__()
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.base = self.run({})
+
+    def close(self) -> None:
+        self._ctx.__exit__(None, None, None)
+
+    def run(self, overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """One pass over the calibration set; outputs concatenated along the first axis."""
+        parts: list[list[np.ndarray]] = [[] for _ in self.names]
+        for feed in self.feeds:
+            outs = self.session.run(self.names, {**dict(feed), **overrides})
+            self.runs += 1
+            for i, o in enumerate(outs):
+                parts[i].append(np.asarray(o))
+        self.passes += 1
+        return [np.concatenate(p, axis=0) if p and p[0].ndim > 0 else np.stack(p) for p in parts]
+
+
+def _truncated(plan: LayerPlan, rank: int) -> np.ndarray:
+    a, b = decompose.factors(plan.spectrum, rank)
+    return (a.astype(np.float64) @ b.astype(np.float64)).astype(plan.dtype)
+
+
+def grid_ranks(plan: LayerPlan, rank_multiple: int = 1) -> list[int]:
+    """The ranks measured for a plan: :data:`GRID` fractions of break-even, rounded."""
+    top = min(decompose.break_even_rank(plan.m, plan.n), plan.m, plan.n)
+    ranks = {decompose.round_rank(max(1, int(round(f * top))), rank_multiple, plan.m, plan.n) for f in GRID}
+    return sorted(r for r in ranks if 1 <= r <= top)
+
+
+@dataclass
+class Curve:
+    """Measured sensitivity of one layer at the grid ranks; :meth:`at` interpolates."""
+
+    ranks: list[int]
+    sens: list[float] = field(default_factory=list)
+
+    def at(self, ranks: list[int]) -> np.ndarray:
+        return np.interp(ranks, self.ranks, self.sens)
+
+
+def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: int = 1,
+                        progress: Progress | None = None) -> list[Curve]:
+    """Each plan's sensitivity at its :func:`grid_ranks`, compressing one layer at a time."""
+    curves = []
+    total = sum(len(grid_ranks(p, rank_multiple)) for p in plans)
+    done = 0
+    for p in plans:
+        curve = Curve(grid_ranks(p, rank_multiple))
+        for r in curve.ranks:
+            outs = ev.run({p.group.weight.name: _truncated(p, r)})
+            curve.sens.append(distortion(ev.base, outs))
+            done += 1
+            if progress is not None:
+                progress(done, total, f"sensitivity {p.group.weight.name} rank {r}")
+        log.debug("sensitivity of %s: %s", p.group.weight.name, dict(zip(curve.ranks, curve.sens)))
+        curves.append(curve)
+    return curves
+
+
+def decide_adaptive(
+    model: onnx.ModelProto,
+    plans: list[LayerPlan],
+    cfg: CompressConfig,
+    base: BudgetBase,
+    feeds: Feeds,
+    labels: np.ndarray | None,
+    source_dir: Path | None,
+    *,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+    """Measure, allocate and search (see the module docstring); sets each plan's choice or reason.
+
+    Returns:
+        The report section (metric, goal, measured drop, budget found, grid, run counts) and
+        the original model's outputs on the calibration set (``None`` when nothing was measured).
+    """
+    main = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    active = []
+    for p in plans:
+        if p.is_conv and p.reason is None:
+            decide_conv(p, cfg)  # Conv layers follow the per-layer rule; adaptive allocation covers MatMul/Gemm
+            continue
+        if not p.active:
+            continue
+        if p.group.weight.graph is not model.graph or p.group.weight.name not in main:
+            p.reason = "adaptive mode measures weights of the main graph only; left alone"
+            continue
+        active.append(p)
+    section: dict[str, Any] = {"grid": [round(f, 4) for f in GRID]}
+    if not active:
+        return section, None
+    ev = Evaluator(model, [p.group.weight.name for p in active], feeds, source_dir, threads)
+    try:
+        metric, _ = quality_drop(ev.base, ev.base, labels)
+        curves = measure_sensitivity(ev, active, cfg.rank_multiple, progress)
+
+        def assign(target: float | None) -> None:
+            for p in active:
+                p.reason, p.choice = None, None
+            limits = base.limits(cfg, target_params=target)
+            flags = [f for f, _, _ in limits]
+            options = [budget_options(p, c.at, flags, cfg.rank_multiple, min_rank=c.ranks[0]) for p, c in zip(active, curves)]
+            allocate_plans(active, options, limits, base)
+
+        def measure() -> float:
+            overrides = {p.group.weight.name: _truncated(p, p.rank) for p in active if p.reason is None}
+            return quality_drop(ev.base, ev.run(overrides), labels)[1] if overrides else 0.0
+
+        if cfg.max_drop is None:
+            assign(None)
+            drop = measure()
+            found = cfg.target_params
+        else:
+            lo_cost = sum(p.params_at(c.ranks[0]) for p, c in zip(active, curves))
+            lo = (lo_cost + base.params_fixed) / base.params_total
+            hi, hi_drop = 1.0, 0.0
+            assign(lo)
+            drop = measure()
+            if drop <= cfg.max_drop:
+                hi, hi_drop = lo, drop
+            else:
+                for _ in range(SEARCH_STEPS):
+                    mid = (lo + hi) / 2
+                    assign(mid)
+                    d = measure()
+                    if progress is not None:
+                        progress(ev.passes, ev.passes, f"budget {mid:.4f}: drop {d:.5f}")
+                    if d <= cfg.max_drop:
+                        hi, hi_drop = mid, d
+                    else:
+                        lo = mid
+            assign(hi)
+            drop, found = hi_drop, hi
+        for p, c in zip(active, curves):
+            if p.reason is None:
+                p.extra["sensitivity"] = float(c.at([p.rank])[0])
+        section.update(metric=metric, max_drop=cfg.max_drop, target_params=round(found, 6) if found is not None else None,
+                       measured_drop=drop, layers_measured=len(active), ort_runs=ev.runs, passes=ev.passes)
+        log.info("adaptive: %d layer(s) measured in %d onnxruntime run(s); drop %.5f (%s)", len(active), ev.runs, drop, metric)
+        return section, ev.base
+    finally:
+        ev.close()

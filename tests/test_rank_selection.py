@@ -1,0 +1,361 @@
+"""Rank selection: the entropy rule, global budgets, data-aware (whitened) truncation, adaptive mode."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import onnx_lowrank as ol
+from onnx_lowrank import decompose
+from onnx_lowrank.activations import capture_grams
+from onnx_lowrank.cli import main
+from onnx_lowrank.discovery import discover
+from onnx_lowrank.policies import Options, allocate, choose_rank
+from models import init, make_model, run, vi
+
+RNG = np.random.default_rng(7)
+
+
+def decaying(m, n, seed=0, decay=0.9):
+    """A dense (m, n) matrix whose singular values decay geometrically (no exact low rank)."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    k = min(m, n)
+    return ((u[:, :k] * decay ** np.arange(k)) @ v[:, :k].T).astype(np.float32)
+
+
+def anisotropic(rows, k, seed=1):
+    """Activations with strongly correlated, unequal features (what whitening is for)."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) * np.logspace(0, -2, k)[:, None]
+    return (rng.standard_normal((rows, k)) @ mix).astype(np.float32)
+
+
+def best_error(xw, r):
+    """Closed-form optimum of ||X W - X M||_F over rank-r M: the tail of the spectrum of X W."""
+    s = np.linalg.svd(xw.astype(np.float64), compute_uv=False)
+    return float(np.sqrt(np.sum(s[r:] ** 2)))
+
+
+# ------------------------------------------------------------------ entropy rule
+
+
+def test_entropy_rule_matches_hand_computed_example():
+    # s = [4, 2, 1, 1]: p = [1/2, 1/4, 1/8, 1/8]; -p log2 p = [1/2, 1/2, 3/8, 3/8] bits, H = 7/4 bits.
+    # Cumulative fraction of H: 2/7, 4/7, 5.5/7, 1.
+    s = np.array([4.0, 2.0, 1.0, 1.0])
+    assert np.allclose(decompose.entropy_terms(s) / np.log(2), [0.5, 0.5, 0.375, 0.375])
+    assert [decompose.entropy_rank(s, t) for t in (0.2, 0.29, 0.5, 0.58, 0.78, 0.79, 1.0)] == [1, 2, 2, 3, 3, 4, 4]
+    assert decompose.entropy_kept(s, 2) == pytest.approx(4 / 7)
+    # The energy rule on the same spectrum: s^2 = [16, 4, 1, 1] / 22, so 0.75 energy needs only rank 1.
+    assert choose_rank(s, 4, 4, energy=0.7, rule="energy").rank == 1
+    assert choose_rank(s, 4, 4, energy=0.7, rule="entropy").rank == 3
+
+
+def test_entropy_rule_edge_cases():
+    assert decompose.entropy_rank(np.array([3.0, 0.0, 0.0]), 0.9) == 1
+    assert decompose.entropy_rank(np.ones(8), 0.5) == 4
+    with pytest.raises(ValueError, match="tau"):
+        decompose.entropy_rank(np.ones(3), 0.0)
+
+
+# ------------------------------------------------------------------ whitening math
+
+
+@pytest.mark.parametrize("r", [1, 4, 10])
+def test_whitened_truncation_beats_plain_and_is_the_closed_form_optimum(r):
+    x = anisotropic(400, 40).astype(np.float64)
+    w = decaying(40, 30, seed=r, decay=0.95).astype(np.float64)
+    plain_a, plain_b = decompose.factors(decompose.spectrum(w), r)
+    spec = decompose.whitened_spectrum(w, x.T @ x, "left", damping=0.0)
+    a, b = decompose.factors(spec, r)
+    err_plain = np.linalg.norm(x @ w - x @ plain_a @ plain_b)
+    err_white = np.linalg.norm(x @ w - x @ a @ b)
+    assert err_white < 0.9 * err_plain
+    assert err_white == pytest.approx(best_error(x @ w, r), rel=1e-6)
+    # the whitened energy is the fraction of ||X W||^2 kept
+    assert 1 - decompose.energy_kept(spec.s, r) == pytest.approx(err_white**2 / np.linalg.norm(x @ w) ** 2, rel=1e-6)
+
+
+def test_whitened_truncation_right_side():
+    # y = W @ x with x's columns the activations: G = X X^T over columns, W L is truncated.
+    xc = anisotropic(300, 24).T.astype(np.float64)  # (24, 300)
+    w = decaying(18, 24, seed=3, decay=0.9).astype(np.float64)
+    spec = decompose.whitened_spectrum(w, xc @ xc.T, "right", damping=0.0)
+    a, b = decompose.factors(spec, 3)
+    pa, pb = decompose.factors(decompose.spectrum(w), 3)
+    err = np.linalg.norm(w @ xc - a @ b @ xc)
+    assert err == pytest.approx(best_error(w @ xc, 3), rel=1e-6)
+    assert err < np.linalg.norm(w @ xc - pa @ pb @ xc)
+
+
+def test_whitening_factor_falls_back_on_singular_and_indefinite_gram():
+    x = anisotropic(50, 10)
+    x[:, 3] = 0.0  # a dead input feature: G is singular
+    g = (x.T @ x).astype(np.float64)
+    lf, d = decompose.whitening_factor(g, damping=0.0)
+    assert np.all(np.isfinite(lf)) and np.allclose(lf @ lf.T, g + d * np.eye(10), atol=1e-8 * np.trace(g))
+    bad = g.copy()
+    bad[3, 3] = -1e-3 * np.trace(g)  # indefinite through "rounding"
+    lf, d = decompose.whitening_factor(bad, damping=0.0)
+    assert np.all(np.isfinite(lf)) and d > 0
+    w = decaying(10, 8, seed=4)
+    a, b = decompose.factors(decompose.whitened_spectrum(w, bad, "left", damping=0.0), 3)
+    assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+    with pytest.raises(ValueError, match="zero"):
+        decompose.whitening_factor(np.zeros((4, 4)))
+
+
+# ------------------------------------------------------------------ budgets
+
+
+def test_allocator_meets_budget_within_one_step_and_prefers_cheap_error():
+    rng = np.random.default_rng(0)
+    layers = []
+    for k in range(6):
+        m, n = rng.integers(20, 80, size=2)
+        s = np.sort(rng.random(min(m, n)) ** (k + 1))[::-1]
+        be = decompose.break_even_rank(int(m), int(n))
+        ranks = list(range(1, be + 1))
+        err = [1 - decompose.energy_kept(s, r) for r in ranks] + [0.0]
+        cost = np.array([[r * (m + n)] for r in ranks] + [[m * n]], dtype=float)
+        layers.append(Options(tuple(ranks) + (None,), np.array(err), cost))
+    total = sum(o.costs[-1, 0] for o in layers)
+    for frac in (0.1, 0.3, 0.6):
+        budget = frac * total
+        chosen = allocate(layers, [budget])
+        spent = sum(o.costs[k, 0] for o, k in zip(layers, chosen))
+        assert spent <= budget
+        steps = [o.costs[k + 1, 0] - o.costs[k, 0] for o, k in zip(layers, chosen) if k + 1 < len(o.ranks)]
+        assert budget - spent < max(steps)  # no layer could take one more step
+    # more budget never gives a worse total error
+    errs = [sum(o.errors[k] for o, k in zip(layers, allocate(layers, [f * total]))) for f in (0.1, 0.2, 0.4, 0.8)]
+    assert errs == sorted(errs, reverse=True)
+
+
+#   x[b,96] --MatMul(W0 96x80)--> Relu --MatMul(W1 80x64)--> Relu --MatMul(W2 64x48)--> y
+def chain_model(shared=False):
+    nodes = [
+        helper.make_node("MatMul", ["x", "W0"], ["h0"], name="mm0"),
+        helper.make_node("Relu", ["h0"], ["a0"]),
+        helper.make_node("MatMul", ["a0", "W1"], ["h1"], name="mm1"),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("MatMul", ["a1", "W2"], ["y"], name="mm2"),
+    ]
+    inits = [init("W0", decaying(96, 80, 0, 0.97)), init("W1", decaying(80, 64, 1, 0.93)), init("W2", decaying(64, 48, 2, 0.9))]
+    outputs = [vi("y", ["b", 48])]
+    if shared:  # a second user of W2 on another activation: MACs count it twice, parameters once
+        nodes.append(helper.make_node("MatMul", ["a1", "W2"], ["y2"], name="mm2b"))
+        outputs.append(vi("y2", ["b", 48]))
+    return make_model(nodes, [vi("x", ["b", 96])], outputs, inits)
+
+
+@pytest.mark.parametrize("frac", [0.2, 0.45, 0.8])
+def test_target_params_met_within_one_rank_step(frac):
+    res = ol.compress(chain_model(), target_params=frac, min_params=0)
+    t = res.totals
+    assert t.params_after <= frac * t.params_before
+    # every factorized layer could not grow by one rank without breaking the budget
+    steps = [sum(d.shape) for d in res.layers if d.factorized]
+    assert frac * t.params_before - t.params_after < max(steps)
+    onnx.checker.check_model(res.model, full_check=True)
+
+
+def test_target_macs_counts_shared_weight_users_and_budget_respects_exclude():
+    res = ol.compress(chain_model(shared=True), target_macs=0.6, min_params=0, exclude="W0")
+    t = res.totals
+    assert t.macs_after <= 0.6 * t.macs_before
+    d0 = next(d for d in res.layers if d.weight == "W0")
+    assert not d0.factorized and "exclude" in d0.reason
+    rows = [d for d in res.layers if d.weight == "W2"]
+    assert len(rows) == 2 and rows[0].macs_after == rows[1].macs_after  # both users of the shared weight
+    assert t.params_after < t.params_before
+
+
+def test_budget_scope_model_counts_every_parameter():
+    m = chain_model()
+    m.graph.initializer.append(init("unused_table", np.ones((100, 10), np.float32)))
+    res = ol.compress(m, target_params=0.5, min_params=0, budget_scope="model")
+    t = res.totals
+    assert t.model_params_after <= 0.5 * t.model_params_before
+    assert t.model_params_after > 0.5 * t.model_params_before - max(sum(d.shape) for d in res.layers)
+
+
+def test_budget_below_reach_names_the_flag():
+    with pytest.raises(ol.UsageError, match="--target-params 0.001 cannot be met.*pass --target-params"):
+        ol.compress(chain_model(), target_params=0.001, min_params=0)
+
+
+def test_budget_leaves_rank_multiples():
+    res = ol.compress(chain_model(), target_params=0.5, min_params=0, rank_multiple=8)
+    assert all(d.rank % 8 == 0 for d in res.layers if d.factorized)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("flag", ["target_params", "target_macs"])
+@pytest.mark.parametrize("value", [0, 0.0, -0.5, 1.5, True])
+def test_budget_outside_unit_interval_names_the_flag(flag, value):
+    with pytest.raises(ol.UsageError, match=f"--{flag.replace('_', '-')}"):
+        ol.CompressConfig(**{flag: value})
+
+
+def test_data_aware_without_calibration_names_calib():
+    with pytest.raises(ol.UsageError, match="--calib"):
+        ol.compress(chain_model(), data_aware=True, min_params=0)
+    with pytest.raises(ol.UsageError, match="--calib"):
+        ol.compress(chain_model(), adaptive=True, max_drop=0.01, min_params=0)
+
+
+def test_conflicting_rank_selection_options():
+    with pytest.raises(ol.UsageError, match="--adaptive"):
+        ol.CompressConfig(max_drop=0.01)
+    with pytest.raises(ol.UsageError, match="--max-drop"):
+        ol.CompressConfig(adaptive=True)
+    with pytest.raises(ol.UsageError, match="--rank-rule"):
+        ol.CompressConfig(rank_rule="nuclear")
+    with pytest.raises(ol.UsageError, match="drop --energy"):
+        ol.CompressConfig(target_params=0.5, energy=0.9)
+    # flags override a recipe's rule: a budget displaces the recipe's energy
+    assert ol.CompressConfig(energy=0.9).replace(target_params=0.5).energy is None
+
+
+def test_cli_bad_budget_and_missing_calib(tmp_path, capsys):
+    p = tmp_path / "m.onnx"
+    onnx.save(chain_model(), str(p))
+    assert main([str(p), "-o", str(tmp_path / "o.onnx"), "--target-params", "0"]) == 2
+    assert "--target-params" in capsys.readouterr().err
+    assert main([str(p), "-o", str(tmp_path / "o.onnx"), "--target-macs", "1.2"]) == 2
+    assert "--target-macs" in capsys.readouterr().err
+    assert main([str(p), "-o", str(tmp_path / "o.onnx"), "--data-aware"]) == 2
+    assert "--calib" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_data_aware_budget_with_npz(tmp_path, capsys):
+    p, calib, rep = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "r.json"
+    onnx.save(chain_model(), str(p))
+    np.savez(calib, x=anisotropic(64, 96))
+    argv = [str(p), "-o", str(tmp_path / "o.onnx"), "--data-aware", "--target-params", "0.4", "--calib", str(calib),
+            "--min-params", "0", "--report", str(rep)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "data-aware:" in text and " w " in text
+    doc = json.loads(rep.read_text())
+    assert doc["config"]["data_aware"] and doc["totals"]["extra"]["data_aware"]["weights_whitened"] == 3
+    assert all(layer["whitened"] for layer in doc["layers"])
+    assert doc["totals"]["params_after"] <= 0.4 * doc["totals"]["params_before"]
+
+
+# ------------------------------------------------------------------ data-aware on every form
+
+
+def _form(form):
+    """A one-node model for each way a weight meets its activation; returns (model, x, W, op)."""
+    k, n, rows = 24, 20, 60
+    x = anisotropic(rows, k, seed=5)
+    w = decaying(k, n, seed=6, decay=0.92)  # math form: rows of X times w (k, n)
+    if form == "matmul":  # x @ W, 3-D activations
+        node, xs, ws = helper.make_node("MatMul", ["x", "W"], ["y"], name="n"), x.reshape(3, rows // 3, k), w
+    elif form == "matmul_w_first":  # W^T-stored: y = Wt @ xt,  Wt (n, k), xt (k, rows)
+        node, xs, ws = helper.make_node("MatMul", ["W", "x"], ["y"], name="n"), x.T.copy(), w.T.copy()
+    else:
+        ta, tb, first = form
+        if not first:  # Gemm(op(x), op(W))
+            xs = x.T.copy() if ta else x
+            ws = w.T.copy() if tb else w
+            node = helper.make_node("Gemm", ["x", "W"], ["y"], name="n", transA=ta, transB=tb)
+        else:  # Gemm(op(W), op(x)) computes (x @ w)^T = w^T @ x^T
+            ws = w.copy() if ta else w.T.copy()
+            xs = x.copy() if tb else x.T.copy()
+            node = helper.make_node("Gemm", ["W", "x"], ["y"], name="n", transA=ta, transB=tb)
+    model = make_model([node], [vi("x", list(xs.shape))], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                       [init("W", ws)])
+    return model, xs, x, w
+
+
+FORMS = ["matmul", "matmul_w_first"] + [(ta, tb, first) for first in (0, 1) for ta in (0, 1) for tb in (0, 1)]
+
+
+@pytest.mark.parametrize("form", FORMS, ids=str)
+def test_data_aware_gets_the_side_right_for_every_form(form):
+    model, xs, x, w = _form(form)
+    r = 3
+    aware = ol.compress(model, rank=r, min_params=0, data_aware=True, damping=0.0, calib=[{"x": xs}])
+    plain = ol.compress(model, rank=r, min_params=0)
+    y = run(model, {"x": xs})[0]
+    err_aware = np.linalg.norm(run(aware.model, {"x": xs})[0] - y)
+    err_plain = np.linalg.norm(run(plain.model, {"x": xs})[0] - y)
+    assert aware.layers[0].whitened and aware.layers[0].factorized
+    assert err_aware < 0.8 * err_plain
+    assert err_aware == pytest.approx(best_error(x @ w, r), rel=2e-3)
+
+
+def test_gram_sums_shared_weight_users_and_drops_padded_rows():
+    #   x1[2,5,16] --MatMul(W)--> y1 ;  x2[7,16] --MatMul(W)--> y2
+    w = decaying(16, 12, seed=8)
+    model = make_model([helper.make_node("MatMul", ["x1", "W"], ["y1"], name="a"), helper.make_node("MatMul", ["x2", "W"], ["y2"], name="b")],
+                       [vi("x1", [2, 5, 16]), vi("x2", [7, 16]), vi("mask", [2, 5], onnx.TensorProto.INT64)],
+                       [vi("y1", [2, 5, 12]), vi("y2", [7, 12])], [init("W", w)])
+    found = discover(model)
+    x1, x2 = RNG.standard_normal((2, 5, 16)).astype(np.float32), RNG.standard_normal((7, 16)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], np.int64)
+    cap = capture_grams(model, found.groups, [{"x1": x1, "x2": x2, "mask": mask}], None, mask_input="mask")
+    g, side = cap.grams[id(found.groups[0])]
+    kept = x1[mask == 1].astype(np.float64)
+    expect = kept.T @ kept + x2.astype(np.float64).T @ x2
+    assert side == "left" and np.allclose(g, expect, rtol=1e-6)
+    assert cap.rows[id(found.groups[0])] == 7 + 7 and cap.runs == 1
+
+
+def test_calib_mask_must_be_fed():
+    with pytest.raises(ol.CalibrationError, match="--calib-mask"):
+        ol.compress(chain_model(), data_aware=True, rank=4, min_params=0, calib=[{"x": anisotropic(8, 96)}], calib_mask="attention_mask")
+
+
+# ------------------------------------------------------------------ adaptive
+
+
+#   x[b,64] --MatMul(Ws)--> *8 --+
+#          \--MatMul(Wq)--> *0.05 --Add--> y         (Ws drives the output, Wq barely matters)
+def two_branch_model():
+    ws, wq = decaying(64, 64, 10, 0.95), decaying(64, 64, 11, 0.95)
+    nodes = [
+        helper.make_node("MatMul", ["x", "Ws"], ["hs"], name="sensitive"),
+        helper.make_node("MatMul", ["x", "Wq"], ["hq"], name="quiet"),
+        helper.make_node("Mul", ["hs", "big"], ["ys"]),
+        helper.make_node("Mul", ["hq", "small"], ["yq"]),
+        helper.make_node("Add", ["ys", "yq"], ["y"]),
+    ]
+    inits = [init("Ws", ws), init("Wq", wq), init("big", np.array(8.0, np.float32)), init("small", np.array(0.05, np.float32))]
+    return make_model(nodes, [vi("x", ["b", 64])], [vi("y", ["b", 64])], inits)
+
+
+def test_adaptive_keeps_more_rank_in_the_sensitive_layer():
+    model = two_branch_model()
+    calib = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)} for _ in range(2)]
+    plain = ol.compress(model, target_params=0.4, min_params=0)
+    r_plain = {d.weight: d.rank for d in plain.layers}
+    assert abs(r_plain["Ws"] - r_plain["Wq"]) <= 1  # same spectra: truncation error alone cannot tell them apart
+    res = ol.compress(model, adaptive=True, target_params=0.4, min_params=0, calib=calib)
+    ranks = {d.weight: d.rank for d in res.layers if d.factorized}
+    assert ranks.get("Ws", 64) > ranks["Wq"]
+    assert res.totals.params_after <= 0.4 * res.totals.params_before
+    sec = res.totals.extra["adaptive"]
+    assert sec["ort_runs"] == sec["passes"] * 2 and sec["metric"] == "cosine"
+    assert all(d.sensitivity is not None for d in res.layers if d.factorized)
+    assert "sensitivity" in res.to_dict()["layers"][0]
+
+
+def test_adaptive_max_drop_is_respected_and_verified():
+    model = two_branch_model()
+    calib = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)} for _ in range(2)]
+    res = ol.compress(model, adaptive=True, max_drop=0.002, min_params=0, calib=calib)
+    sec = res.totals.extra["adaptive"]
+    assert sec["measured_drop"] <= 0.002 and sec["final_drop"] <= 0.002 + 1e-6
+    assert res.totals.params_after < res.totals.params_before
+    assert "sensitivity" in ol.report.render_table(res.layers)
