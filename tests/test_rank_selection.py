@@ -243,8 +243,11 @@ def test_cli_data_aware_budget_with_npz(tmp_path, capsys):
     argv = [str(p), "-o", str(tmp_path / "o.onnx"), "--data-aware", "--target-params", "0.4", "--calib", str(calib),
             "--min-params", "0", "--report", str(rep)]
     assert main(argv) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "data-aware:" in text and " w " in text
+    # the same --calib also verified the result: say that it is not held-out data
+    assert "verification:" in text and "calibration data the ranks were chosen from" in captured.err
     doc = json.loads(rep.read_text())
     assert doc["config"]["data_aware"] and doc["totals"]["extra"]["data_aware"]["weights_whitened"] == 3
     assert all(layer["whitened"] for layer in doc["layers"])
