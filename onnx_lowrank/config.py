@@ -239,15 +239,10 @@ class CompressConfig:
 
 
 def _recipe_dirs() -> list[Path]:
-    dirs = []
-    try:
-        from importlib.resources import files
-
-        dirs.append(Path(str(files("onnx_lowrank.passes"))))
-    except Exception:
-        pass
-    dirs.append(Path(__file__).resolve().parent.parent / "passes")
-    return [d for d in dirs if d.is_dir()]
+    """Where shipped recipes live: inside the installed package, or the repository's ``passes/``
+    (an editable install maps the package there without copying it)."""
+    here = Path(__file__).resolve().parent
+    return [d for d in (here / "passes", here.parent / "passes") if d.is_dir()]
 
 
 def list_recipes() -> list[str]:

@@ -5,7 +5,9 @@ import sys
 
 MODULES = ["onnx_lowrank", "onnx_lowrank.api", "onnx_lowrank.cli", "onnx_lowrank.config", "onnx_lowrank.decompose",
            "onnx_lowrank.demo", "onnx_lowrank.discovery", "onnx_lowrank.errors", "onnx_lowrank.io", "onnx_lowrank.policies",
-           "onnx_lowrank.report", "onnx_lowrank.rewrite", "onnx_lowrank.verify"]
+           "onnx_lowrank.report", "onnx_lowrank.rewrite", "onnx_lowrank.verify", "onnx_lowrank.plan", "onnx_lowrank.shapes",
+           "onnx_lowrank.calibration", "onnx_lowrank.activations", "onnx_lowrank.adaptive", "onnx_lowrank.bench",
+           "onnx_lowrank.latency", "onnx_lowrank.quantize"]
 
 
 def test_package_does_not_import_torch():
@@ -17,3 +19,11 @@ def test_package_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_torch_subpackage_without_torch_says_how_to_install_it():
+    # sys.modules["torch"] = None makes "import torch" fail as if PyTorch were not installed.
+    code = "import sys\nsys.modules['torch'] = None\nimport onnx_lowrank.torch\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "onnx_lowrank.torch needs PyTorch" in done.stderr and "onnx-lowrank[torch]" in done.stderr

@@ -18,6 +18,15 @@ Installed with the extra ``onnx-lowrank[torch]``.  No other module of the packag
 
 from __future__ import annotations
 
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as exc:  # one clear line instead of a bare "No module named 'torch'"
+    raise ImportError(
+        "onnx_lowrank.torch needs PyTorch: install it first (the CPU build from PyTorch's CPU-only "
+        "package index, or 'pip install torch==2.13.0' where that pin is a CPU wheel), then "
+        "'pip install onnx-lowrank[torch]'."
+    ) from exc
+
 from onnx_lowrank.torch.convert import svd_layers, to_svd
 from onnx_lowrank.torch.export import ExportedLayer, ExportResult, export_onnx
 from onnx_lowrank.torch.layers import SVDConv2d, SVDLayer, SVDLinear
