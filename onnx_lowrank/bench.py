@@ -35,13 +35,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from .errors import ModelError, UsageError
-from .calibration import parse_input_shapes  # one syntax for --input-shape everywhere
+from .calibration import parse_input_shapes, random_feed  # one syntax and one generator for random inputs
 
 __all__ = [
     "Stats",
@@ -145,30 +145,8 @@ def _show(dims: Sequence[int | str | None]) -> str:
 
 
 def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random inputs of the given shapes and the model's dtypes."""
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for v in _graph_inputs(model):
-        elem = v.type.tensor_type.elem_type
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
-        except Exception:
-            raise ModelError(f"input '{v.name}' has element type {elem}, which the benchmark cannot make random data for.") from None
-        shape = tuple(shapes[v.name])
-        lname = v.name.lower()
-        if dtype == np.bool_:
-            arr = np.ones(shape, dtype)
-        elif np.issubdtype(dtype, np.integer):
-            if "mask" in lname:
-                arr = np.ones(shape, dtype)
-            elif "type" in lname:
-                arr = np.zeros(shape, dtype)
-            else:
-                arr = rng.integers(0, 100, size=shape).astype(dtype)
-        else:
-            arr = rng.standard_normal(shape).astype(dtype)
-        feeds[v.name] = arr
-    return feeds
+    """Seeded random inputs of the given shapes and the model's dtypes (as verification draws them)."""
+    return random_feed(model, shapes, seed=seed)
 
 
 # --------------------------------------------------------------------------- statistics

@@ -566,6 +566,14 @@ def _synthetic_value(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Gen
     raise CalibrationError(f"input '{spec.name}' is {dtype}; random data of that type cannot be made, pass --calib.")
 
 
+def random_feed(model: onnx.ModelProto | str | os.PathLike, shapes: Mapping[str, Sequence[int]], *, seed: int = DEFAULT_SEED,
+                input_range: Any = None) -> dict[str, np.ndarray]:
+    """One random feed with the given shapes, drawn the way synthesis draws (masks all ones, ...)."""
+    rng = np.random.default_rng(seed)
+    ranges = parse_input_ranges(input_range)
+    return {s.name: _synthetic_value(s, tuple(shapes[s.name]), rng, ranges) for s in model_inputs(model)}
+
+
 def _synthetic_shapes(specs: Sequence[InputSpec], given: Mapping[str, tuple[int, ...]], batch: int) -> dict[str, tuple[int, ...]]:
     """Concrete shapes for every input.  Symbolic dimensions shared by name take the given value."""
     symbols: dict[str, int] = {}

@@ -48,7 +48,7 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from .discovery import ConvSpec, Layer, Weight, WeightGroup
 from .io import iter_graphs
