@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from . import decompose, io
-from .config import CompressConfig
+from .config import DEFAULT_ENERGY, CompressConfig
 from .discovery import Discovery, Layer, WeightGroup
 from .errors import ModelError, UsageError
 from .policies import BudgetError, Options, RankChoice, allocate, choice_at, choose_rank, rank_options
@@ -420,8 +420,11 @@ def decide_conv(plan: LayerPlan, cfg: CompressConfig) -> None:
     for opt in plan.conv_options.values():
         if opt.spectrum is None:
             continue
-        choice = choose_rank(opt.spectrum.s, opt.m, opt.n, energy=cfg.effective_energy, rank=cfg.rank,
-                             rank_multiple=cfg.rank_multiple, break_even=plan.break_even(opt.mode))
+        # Budgets and adaptive allocation cover MatMul/Gemm; a Conv keeps the per-layer rule,
+        # at the default energy when the configuration sets none.
+        energy = cfg.effective_energy if cfg.effective_energy is not None or cfg.rank is not None else DEFAULT_ENERGY
+        choice = choose_rank(opt.spectrum.s, opt.m, opt.n, energy=energy, rank=cfg.rank, rank_multiple=cfg.rank_multiple,
+                             rule=cfg.rank_rule, break_even=plan.break_even(opt.mode))
         outcomes.append((not choice.saves, plan.macs(choice.rank, opt.mode), opt.mode != "channel", opt.mode, choice))
     outcomes.sort(key=lambda o: o[:3])
     mode, choice = outcomes[0][3], outcomes[0][4]

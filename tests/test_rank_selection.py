@@ -362,3 +362,33 @@ def test_adaptive_max_drop_is_respected_and_verified():
     assert sec["measured_drop"] <= 0.002 and sec["final_drop"] <= 0.002 + 1e-6
     assert res.totals.params_after < res.totals.params_before
     assert "sensitivity" in ol.report.render_table(res.layers)
+
+
+def _conv_then_matmul():
+    #   x[1,8,6,6] --Conv(K[16,8,3,3], rank 2)--> c --Flatten--> f[1,576] --MatMul(W[576,64], rank 4)--> y
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k = (rng.standard_normal((16, 2)) @ rng.standard_normal((2, 72))).reshape(16, 8, 3, 3).astype(np.float32)
+    w = (rng.standard_normal((576, 4)) @ rng.standard_normal((4, 64))).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "K"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+                           helper.make_node("Flatten", ["c"], ["f"]), helper.make_node("MatMul", ["f", "W"], ["y"], name="fc")],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                          [numpy_helper.from_array(k, "K"), numpy_helper.from_array(w, "W")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("options", [dict(target_params=0.5), dict(rank_rule="entropy", energy=0.99)])
+def test_conv_layers_keep_the_per_layer_rule_under_budgets_and_rules(options):
+    res = ol.compress(_conv_then_matmul(), min_params=0, **options)
+    conv = next(d for d in res.layers if d.op_type == "Conv")
+    assert conv.factorized and conv.rank == 2
+
+
+def test_adaptive_with_a_conv_in_the_model():
+    m = _conv_then_matmul()
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)} for _ in range(4)]
+    res = ol.compress(m, min_params=0, adaptive=True, max_drop=0.01, calib=feeds)
+    assert {d.op_type for d in res.layers if d.factorized} >= {"Conv"}
