@@ -333,7 +333,7 @@ def _run_compress(argv: Sequence[str]) -> int:
             raise UsageError("missing -o/--output; pass -o small.onnx (or --dry-run to only print the plan).")
         check_output_path(args.output, args.model)
         if args.report:
-            check_output_path(args.report, args.model)
+            check_output_path(args.report, args.model, flag="--report", keep=(args.output, f"{args.output}.data"))
     bar = _ProgressBar(enabled=not args.quiet)
     try:
         result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, verify=verify,
@@ -401,7 +401,7 @@ def _run_verify(argv: Sequence[str]) -> int:
     for path in (args.original, args.compressed):
         check_input_path(path)
     if args.report:
-        check_output_path(args.report, args.original)
+        check_output_path(args.report, args.original, flag="--report", keep=(args.compressed,))
     report = verify_models(args.original, args.compressed, _verify_config(args, always=True))
     if not args.quiet:
         _print(render_verification(report))
@@ -479,7 +479,7 @@ def _run_bench(argv: Sequence[str]) -> int:
     for path in paths:
         check_input_path(path)
     if args.json:
-        check_output_path(args.json, args.model)
+        check_output_path(args.json, args.model, flag="--json", keep=tuple(p for p in (args.other,) if p))
     report = bench(paths, threads=args.threads, batch=args.batch, input_shape=args.input_shape, runs=args.runs,
                    warmup=args.warmup, profile=args.profile)
     if args.json:

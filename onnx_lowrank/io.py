@@ -170,28 +170,40 @@ def tensor_nbytes(tensor: TensorProto) -> int:
         return 0
 
 
-def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None = None) -> Path:
-    """Validate where the output goes before any work is done.
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None = None, *, flag: str = "-o",
+                      keep: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Validate where an output goes before any work is done.
+
+    Args:
+        output: The path to write.
+        input_path: The input model, which is never overwritten.
+        flag: The flag that names ``output``, for the error message.
+        keep: Other files this command reads or writes (a second model, ``-o`` and its data file),
+            which ``output`` must not replace either.
 
     Raises:
-        UsageError: the directory is missing, the path is a directory, or it is the input itself.
+        UsageError: the directory is missing, the path is a directory, or it is one of the files above.
     """
     out = Path(output)
     if out.is_dir():
-        raise UsageError(f"{out}: is a directory; pass a file path such as {out / 'model.lowrank.onnx'}.")
+        raise UsageError(f"{flag} {out}: is a directory; pass a file path such as {out / 'model.lowrank.onnx'}.")
     parent = out.resolve().parent
     if not parent.is_dir():
-        raise UsageError(f"{out}: directory '{parent}' does not exist; create it first or choose another -o.")
-    if input_path is not None:
-        inp = Path(input_path)
-        same = out.resolve() == inp.resolve()
-        if not same and out.exists():
-            try:
-                same = os.path.samefile(out, inp)
-            except OSError:
-                same = False
-        if same:
-            raise UsageError(f"{out}: output path is the input model; choose a different -o (the input is never overwritten).")
+        raise UsageError(f"{flag} {out}: directory '{parent}' does not exist; create it first or choose another {flag}.")
+    if input_path is not None and _same_file(out, Path(input_path)):
+        raise UsageError(f"{flag} {out}: is the input model; choose a different {flag} (the input is never overwritten).")
+    for other in keep:
+        if other is not None and _same_file(out, Path(other)):
+            raise UsageError(f"{flag} {out}: is also {other}, which this command reads or writes; choose a different {flag}.")
     return out
 
 

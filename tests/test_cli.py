@@ -129,3 +129,16 @@ def test_demo(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "accuracy" in text and "macro-F1" in text and f"wrote {out}" in text
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_report_or_json_never_replaces_a_model(model_path, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert main([str(model_path), "-o", str(out), "--report", str(out)]) == 2
+    assert "--report" in capsys.readouterr().err and not out.exists()
+    assert main([str(model_path), "-o", str(out), "--min-params", "0", "-q"]) == 0
+    before = out.read_bytes()
+    assert main(["verify", str(model_path), str(out), "--report", str(out)]) == 2
+    assert main(["bench", str(model_path), str(out), "--json", str(out), "--runs", "2"]) == 2
+    assert out.read_bytes() == before
+    assert main(["verify", str(model_path), str(out), "--report", str(tmp_path / "nodir" / "r.json")]) == 2
+    assert "choose another --report" in capsys.readouterr().err
