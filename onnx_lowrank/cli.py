@@ -216,7 +216,14 @@ def _verify_config(args: argparse.Namespace, *, always: bool = False):
     given = {k: getattr(args, k) for k in _VERIFY_FLAGS if getattr(args, k, None) is not None}
     # --threads is a run setting, never a request for a check; --input-shape also serves
     # latency-aware mode, and there, alone, does not ask for one either.
-    shared = ("threads", "input_shape") if getattr(args, "latency_aware", None) else ("threads",)
+    shared = ["threads"]
+    if getattr(args, "latency_aware", None):
+        shared.append("input_shape")
+        if "calib" in given or "calib_script" in given:
+            given.pop("input_shape", None)  # real data needs no shapes; they were for the latency probes
+    if getattr(args, "dry_run", False) and (getattr(args, "data_aware", None) or getattr(args, "adaptive", None)):
+        # In a dry run the calibration flags feed rank selection only; nothing is written to check.
+        shared += ["calib", "calib_script", "labels", "calib_batch"]
     asked = {k for k in given if k not in shared}
     if not asked and not always and not getattr(args, "verify", False):
         return None

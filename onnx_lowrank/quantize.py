@@ -46,13 +46,33 @@ class _DropPreprocessHint(logging.Filter):
 
 @contextmanager
 def _quiet_quantizer() -> Iterator[None]:
+    # The quantizer logs through the module-level logging functions, which configure the root
+    # logger (basicConfig) when it has no handler: a library must not leave that behind, so the
+    # root logger's handlers and level are restored afterwards.
     root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     f = _DropPreprocessHint()
     root.addFilter(f)
+    if not handlers:
+        root.addHandler(logging.NullHandler())
     try:
         yield
     finally:
         root.removeFilter(f)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def _check_float32(model: onnx.ModelProto) -> None:
+    """Dynamic int8 quantization expects float32 activations; anything else gives an invalid graph."""
+    from onnx import TensorProto
+
+    for v in model.graph.input:
+        t = v.type.tensor_type
+        if v.type.HasField("tensor_type") and t.elem_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE):
+            name = TensorProto.DataType.Name(t.elem_type)
+            raise UsageError(f"--quantize int8 needs a float32 model; input '{v.name}' is {name}. "
+                             "Quantize the float32 export, or drop --quantize.")
 
 
 def quantize_int8(model: onnx.ModelProto, *, base_dir: str | os.PathLike | None = None,
@@ -74,6 +94,7 @@ def quantize_int8(model: onnx.ModelProto, *, base_dir: str | os.PathLike | None 
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
         raise UsageError(f"--quantize int8 needs onnxruntime's quantization tools ({exc}).") from None
+    _check_float32(model)
     large = io.uses_external_data(model) or model.ByteSize() > io.PROTOBUF_LIMIT // 2
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-int8-") as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"

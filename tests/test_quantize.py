@@ -101,3 +101,33 @@ def test_quantize_with_latency_aware_times_int8_and_checks_against_int8_baseline
     baseline_ops = {n.op_type for n in probe.baselines[0].graph.node}
     assert baseline_ops & set(INTEGER_MATMULS)
     assert res.totals.factorized == 2
+
+
+def test_fp16_model_is_refused_before_quantizing():
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_lowrank import UsageError, compress
+
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float16)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 64])], [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UsageError, match="needs a float32 model"):
+        compress(m, rank=4, min_params=0, quantize="int8")
+
+
+def test_quantizing_leaves_the_root_logger_alone():
+    import logging
+
+    from onnx_lowrank import compress
+
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    root.handlers[:] = []  # as in an application that has not configured logging
+    try:
+        compress(model(), rank=8, min_params=0, quantize="int8")
+        assert root.handlers == []
+    finally:
+        root.handlers[:] = saved

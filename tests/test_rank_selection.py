@@ -392,3 +392,13 @@ def test_adaptive_with_a_conv_in_the_model():
     feeds = [{"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)} for _ in range(4)]
     res = ol.compress(m, min_params=0, adaptive=True, max_drop=0.01, calib=feeds)
     assert {d.op_type for d in res.layers if d.factorized} >= {"Conv"}
+
+
+def test_cli_dry_run_with_data_aware_uses_calib_for_ranks_only(tmp_path, capsys):
+    p, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(chain_model(), str(p))
+    np.savez(calib, x=anisotropic(64, 96))
+    before = sorted(tmp_path.iterdir())
+    assert main([str(p), "--dry-run", "--data-aware", "--target-params", "0.4", "--calib", str(calib), "--min-params", "0"]) == 0
+    assert "would be factorized" in capsys.readouterr().out
+    assert sorted(tmp_path.iterdir()) == before
