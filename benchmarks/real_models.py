@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import pkgutil
 import sys
 import time
 from dataclasses import dataclass

@@ -183,6 +183,7 @@ def compress(
     if vcfg is not None and dry_run:
         raise UsageError("--dry-run leaves the model as it is, so there is nothing to verify; drop --dry-run or the verification flags.")
     proto, source_dir, size_before = _load(model, base_dir)
+    input_dir = source_dir  # quantization may move the result's data in memory; the input's stays here
     found = discover(proto, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
                      allow_input_weights=cfg.allow_input_weights)
     params_model_before = _count_params(proto)
@@ -250,7 +251,7 @@ def compress(
                             sections=sections)
     if vcfg is not None:
         # The caller's ModelProto was copied by _load, so it still is the original.
-        result.verification = verify_models(model, proto, vcfg, base_dir=source_dir)
+        result.verification = verify_models(model, proto, vcfg, base_dir=input_dir, compressed_dir=source_dir)
         if not vcfg.keep_failed:
             result.verification.check(result=result)
     return result

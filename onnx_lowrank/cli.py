@@ -465,8 +465,7 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_int_list("--batch"), default=None, metavar="LIST",
                    help="sizes of the dynamic first axis, comma-separated (default: from --input-shape, else 1)")
     p.add_argument("--input-shape", action="append", default=None, metavar="NAME:DIMS",
-                   help="shape of an input with dynamic axes, e.g. input_ids:1x128 (comma-separated, repeatable); "
-                          "for latency-aware mode and for random verification inputs")
+                   help="shape of an input with dynamic axes, e.g. input_ids:1x128 (comma-separated, repeatable)")
     p.add_argument("--runs", type=_positive_int("--runs"), default=100, metavar="N", help="timed runs per model (default 100)")
     p.add_argument("--warmup", type=_non_negative_int, default=10, metavar="N", help="untimed runs first (default 10)")
     p.add_argument("--profile", action="store_true", help="also show per-op and per-layer times from onnxruntime's profiler")

@@ -490,6 +490,7 @@ def verify_models(
     config: VerifyConfig | None = None,
     *,
     base_dir: str | os.PathLike | None = None,
+    compressed_dir: str | os.PathLike | None = None,
     **options: Any,
 ) -> VerifyReport:
     """Run both models on the same calibration data and measure how far the second drifts.
@@ -503,6 +504,7 @@ def verify_models(
         config: A :class:`VerifyConfig`; its fields can also be given as keywords
             (``calib="data.npz", max_drop=0.01``), which override it.
         base_dir: Where external data of in-memory models lives.
+        compressed_dir: Where the compressed model's external data lives, when not ``base_dir``.
 
     Returns:
         A :class:`VerifyReport`; call :meth:`VerifyReport.check` to raise when the gate failed.
@@ -525,7 +527,7 @@ def verify_models(
         raise UsageError(f"--metric {cfg.metric} needs labels: pass --labels labels.npy or put a 'labels' array in the .npz.")
 
     ref = make_session(original, threads=cfg.threads, base_dir=base_dir)
-    new = make_session(compressed, threads=cfg.threads, base_dir=base_dir)
+    new = make_session(compressed, threads=cfg.threads, base_dir=compressed_dir if compressed_dir is not None else base_dir)
     names = [o.name for o in ref.get_outputs() if o.type.startswith("tensor")]
     not_tensors = {o.name: "not a tensor" for o in ref.get_outputs() if o.name not in names}
     accs = [_Accumulator(n) for n in names]

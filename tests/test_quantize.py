@@ -131,3 +131,12 @@ def test_quantizing_leaves_the_root_logger_alone():
         assert root.handlers == []
     finally:
         root.handlers[:] = saved
+
+
+def test_verify_after_int8_on_an_in_memory_model_with_external_data(tmp_path):
+    src = tmp_path / "ext"
+    src.mkdir()
+    onnx.save(model(), str(src / "m.onnx"), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    proto = onnx.load(str(src / "m.onnx"), load_external_data=False)
+    res = compress(proto, base_dir=src, rank=8, min_params=0, quantize="int8", verify={"samples": 4, "input_shape": "x:2x128"})
+    assert res.verification is not None and res.verification.samples == 4
