@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -106,30 +104,13 @@ class Capture:
 def open_session(model: onnx.ModelProto, source_dir: Path | None, threads: int | None = None) -> Iterator[object]:
     """An onnxruntime CPU session for ``model``, whose external data lives in ``source_dir``.
 
-    A model with external data is written (without its data) to a temporary file beside the
-    data, so the references resolve and nothing large is copied; the file is removed on exit,
-    also when interrupted.
+    Nothing is written beside the user's files (see :func:`onnx_lowrank.verify.make_session`).
     """
-    import onnxruntime as ort
+    from .verify import make_session
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if not io.uses_external_data(model):
-        yield ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return
-    if source_dir is None:
+    if io.uses_external_data(model) and source_dir is None:
         raise CalibrationError("the model keeps its weights in external data files; pass base_dir= to find them.")
-    fd, tmp = tempfile.mkstemp(prefix=".lowrank-capture.", suffix=".onnx", dir=source_dir)
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(model.SerializeToString())
-        yield ort.InferenceSession(tmp, opts, providers=["CPUExecutionProvider"])
-    finally:
-        os.unlink(tmp)
+    yield make_session(model, threads=threads, base_dir=source_dir)
 
 
 def capture_grams(

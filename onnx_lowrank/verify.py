@@ -281,30 +281,42 @@ def make_session(model: str | os.PathLike | onnx.ModelProto, *, threads: int | N
                  base_dir: str | os.PathLike | None = None):
     """An onnxruntime CPU session; ``threads`` pins ``intra_op_num_threads``.
 
-    An in-memory model whose tensors live in external data files (``base_dir``) is written to a
-    temporary folder first: onnxruntime cannot resolve external data of serialized bytes.
+    An in-memory model whose tensors live in external data files is handed to onnxruntime as
+    bytes, with ``base_dir`` as the folder its external data resolves against: nothing is
+    copied and nothing is written beside the user's files.  An onnxruntime too old for that
+    setting gets a temporary copy instead.
 
     Raises:
         ModelError: onnxruntime cannot load the model.
     """
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    def options(data_dir: str | None = None):
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        if data_dir is not None:
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", data_dir)
+        return opts
+
     label = "the model" if isinstance(model, onnx.ModelProto) else str(model)
+    external = isinstance(model, onnx.ModelProto) and io.uses_external_data(model)
     tmp = None
     try:
-        if isinstance(model, onnx.ModelProto) and io.uses_external_data(model):
-            tmp = tempfile.mkdtemp(prefix="onnx-lowrank-verify-")
-            path = Path(tmp) / "model.onnx"
-            io.save_model(model, path, base_dir=base_dir)
-            src: Any = str(path)
-        else:
+        if not external:
             src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(src, options(), providers=["CPUExecutionProvider"])
+        data_dir = str(Path(base_dir or ".").resolve())
+        try:
+            return ort.InferenceSession(model.SerializeToString(), options(data_dir), providers=["CPUExecutionProvider"])
+        except Exception:
+            log.debug("onnxruntime could not resolve external data from bytes; using a temporary copy")
+        tmp = tempfile.mkdtemp(prefix="onnx-lowrank-session-")
+        path = Path(tmp) / "model.onnx"
+        io.save_model(model, path, base_dir=base_dir)
+        return ort.InferenceSession(str(path), options(), providers=["CPUExecutionProvider"])
     except Exception as exc:
         if isinstance(exc, (ModelError, UsageError)):
             raise

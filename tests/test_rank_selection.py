@@ -402,3 +402,26 @@ def test_cli_dry_run_with_data_aware_uses_calib_for_ranks_only(tmp_path, capsys)
     assert main([str(p), "--dry-run", "--data-aware", "--target-params", "0.4", "--calib", str(calib), "--min-params", "0"]) == 0
     assert "would be factorized" in capsys.readouterr().out
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_data_aware_on_external_data_writes_nothing_beside_the_input(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    onnx.save(chain_model(), str(src / "m.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+    before = sorted(p.name for p in src.iterdir())
+    seen = []
+
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+
+    def spy(*a, **k):
+        seen.append(sorted(p.name for p in src.iterdir()))
+        return real(*a, **k)
+
+    ort.InferenceSession = spy
+    try:
+        res = ol.compress(src / "m.onnx", data_aware=True, target_params=0.5, min_params=0, calib=[{"x": anisotropic(16, 96)}])
+    finally:
+        ort.InferenceSession = real
+    assert res.totals.factorized and seen and all(s == before for s in seen)
