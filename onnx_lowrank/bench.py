@@ -104,6 +104,13 @@ def resolve_shapes(model: onnx.ModelProto, *, batch: int | None = None,
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise UsageError(f"--input-shape names {', '.join(unknown)}, which the model does not take; its inputs are {', '.join(names)}.")
+    # A named axis given for one input (input_ids' 'sequence') sizes the same axis of the others.
+    symbols: dict[str, int] = {}
+    for v in inputs:
+        if v.name in given:
+            for d, size in zip(_model_dims(v), given[v.name]):
+                if isinstance(d, str) and d:
+                    symbols.setdefault(d, int(size))
     out: dict[str, tuple[int, ...]] = {}
     batched = False
     for v in inputs:
@@ -123,6 +130,8 @@ def resolve_shapes(model: onnx.ModelProto, *, batch: int | None = None,
             for i, d in enumerate(dims):
                 if isinstance(d, int):
                     shape.append(d)
+                elif isinstance(d, str) and d in symbols:
+                    shape.append(symbols[d])
                 elif i == 0:
                     shape.append(1)
                 else:

@@ -219,3 +219,9 @@ def test_parse_profile_drops_first_run(tmp_path):
     assert prof.layers == {"mm1": pytest.approx(18.0), "relu": pytest.approx(3.0)}
     assert prof.op_types == {"MatMul": pytest.approx(18.0), "Relu": pytest.approx(3.0)}
     assert prof.nodes[0].name == "mm1__lowrank_1" and prof.nodes[0].mean_us == pytest.approx(12.0)
+
+
+def test_resolve_shapes_carries_a_named_axis_to_the_other_inputs():
+    # input_ids and attention_mask share 'seq': giving one shape is enough, as in verification
+    shapes = B.resolve_shapes(seq_model(), input_shape={"ids": (2, 7)})
+    assert shapes == {"ids": (2, 7), "attention_mask": (2, 7)}
