@@ -165,6 +165,9 @@ class CompressConfig:
         d = self.damping
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= float(d) < 1e6:
             raise UsageError(f"--damping must be a non-negative number, got {d!r}; e.g. --damping 0.01.")
+        if not self.data_aware and (self.calib_mask is not None or float(d) != DEFAULT_DAMPING):
+            flag = "--calib-mask" if self.calib_mask is not None else "--damping"
+            raise UsageError(f"{flag} shapes the activation statistics of --data-aware; add --data-aware or drop {flag}.")
         if self.max_drop is not None:
             x = self.max_drop
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= float(x) < 1.0:

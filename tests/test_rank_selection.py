@@ -425,3 +425,11 @@ def test_data_aware_on_external_data_writes_nothing_beside_the_input(tmp_path):
     finally:
         ort.InferenceSession = real
     assert res.totals.factorized and seen and all(s == before for s in seen)
+
+
+@pytest.mark.parametrize("flags", [["--calib-mask", "x"], ["--damping", "0.1"]])
+def test_data_aware_only_flags_without_data_aware_are_an_error(flags, tmp_path, capsys):
+    p = tmp_path / "m.onnx"
+    onnx.save(chain_model(), str(p))
+    assert main([str(p), "-o", str(tmp_path / "o.onnx"), *flags]) == 2
+    assert "--data-aware" in capsys.readouterr().err and not (tmp_path / "o.onnx").exists()
