@@ -335,7 +335,10 @@ def _check_arrays(shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], specs:
     _check_names(shapes, specs, where)
     for s in specs:
         _check_input(s, shapes[s.name][1], shapes[s.name][0], where, free_lead=True)
-    counts = {k: (shape[0] if shape else 1) for k, (shape, _) in shapes.items()}
+    # A scalar input (an If condition, a Loop trip count) is one value for every feed, not a
+    # per-sample array, so it takes no part in counting samples.
+    scalar = {sp.name for sp in specs if sp.shape == ()}
+    counts = {k: (shape[0] if shape else 1) for k, (shape, _) in shapes.items() if k not in scalar} or {"": 1}
     if len(set(counts.values())) > 1:
         raise CalibrationError(f"{where}: arrays disagree on the number of samples (first axis): "
                                + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
@@ -375,7 +378,8 @@ def _read_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
 def _cut(arrays: Mapping[str, np.ndarray], batch: int) -> Iterator[dict[str, np.ndarray]]:
     n = feed_samples(arrays)
     for start in range(0, n, batch):
-        yield {k: a[start:start + batch] for k, a in arrays.items()}
+        # 0-d arrays are scalar inputs: the same value goes with every feed
+        yield {k: (a if np.ndim(a) == 0 else a[start:start + batch]) for k, a in arrays.items()}
 
 
 # --------------------------------------------------------------------------- the data

@@ -277,3 +277,22 @@ def test_directory_with_labels_in_some_files_only(model, tmp_path):
     np.savez(d / "b.npz", x=X[:2])
     with pytest.raises(CalibrationError, match="b.npz: has no 'labels' array"):
         load_calibration(model, d)
+
+
+def test_npz_with_a_scalar_input_gives_it_to_every_feed(tmp_path):
+    #   x[batch,4] --If(cond: scalar bool){ then: Identity(x); else: Neg(x) }--> y
+    from onnx import TensorProto, helper
+
+    then_g = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", 4])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", 4])])
+    g = helper.make_graph([helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    np.savez(tmp_path / "c.npz", x=np.ones((10, 4), np.float32), cond=np.array(True))
+    feeds = list(load_calibration(m, tmp_path / "c.npz", calib_batch=4))
+    assert [f["x"].shape[0] for f in feeds] == [4, 4, 2]
+    assert all(f["cond"].shape == () and bool(f["cond"]) for f in feeds)
