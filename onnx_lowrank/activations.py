@@ -42,7 +42,7 @@ from . import io
 from .discovery import Layer, WeightGroup
 from .errors import CalibrationError
 
-__all__ = ["layer_side", "Capture", "capture_grams", "open_session", "overridable", "RefitStats", "capture_refit_stats", "refit_factors", "Feeds"]
+__all__ = ["layer_side", "Capture", "capture_grams", "open_session", "overridable", "RefitStats", "capture_refit_stats", "refit_factors", "refit_levels", "Feeds"]
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,26 @@ def capture_refit_stats(
     return stats
 
 
+def refit_levels(graph: onnx.GraphProto, groups: list[WeightGroup]) -> dict[int, int]:
+    """Per group ``id``: 0 when no other group's layer lies upstream of its inputs, else one more
+    than the deepest such group.  Layers of one level do not feed each other."""
+    node_of = {id(layer.node): (id(g), layer) for g in groups for layer in g.layers}
+    upstream: dict[str, frozenset[int]] = {}
+    level: dict[int, int] = {}
+    for node in graph.node:  # ONNX nodes are stored in topological order
+        up = frozenset().union(*(upstream.get(name, frozenset()) for name in node.input if name))
+        hit = node_of.get(id(node))
+        if hit is not None:
+            gid, layer = hit
+            act = node.input[1 - layer.weight_index]
+            before = upstream.get(act, frozenset()) - {gid}
+            level[gid] = max(level.get(gid, 0), 1 + max((level.get(u, 0) for u in before), default=-1))
+            up = up | {gid}
+        for name in node.output:
+            upstream[name] = up
+    return {id(g): level.get(id(g), 0) for g in groups}
+
+
 def refit_factors(
     model: onnx.ModelProto,
     groups: list[WeightGroup],
@@ -367,6 +387,7 @@ def refit_factors(
     *,
     passes: int = 1,
     both: bool = False,
+    sequential: bool = False,
     damping: float = 0.01,
     mask_input: str | None = None,
     threads: int | None = None,
@@ -386,7 +407,11 @@ def refit_factors(
         weights: Per group ``id``: the original matrix ``W`` (m, n).
         feeds: Calibration feeds (re-iterable).
         source_dir: Where the model's external data lives.
-        passes: Statistics passes (each two onnxruntime runs per feed).
+        passes: Statistics passes (each two onnxruntime runs per feed); ignored when
+            ``sequential``.
+        sequential: Refit level by level in graph order (:func:`refit_levels`), so every
+            layer sees the inputs of the already refitted layers before it: one statistics
+            pass per level instead of per ``passes``.
         both: Refit both factors (:func:`~onnx_lowrank.decompose.refit_lowrank`) instead of
             the output-side one only.
         damping: Relative damping of ``G~``.
@@ -403,12 +428,17 @@ def refit_factors(
     by_id = {id(g): g for g in groups if id(g) in factors}
     current = {gid: (np.asarray(a), np.asarray(b)) for gid, (a, b) in factors.items()}
     runs = 0
-    for k in range(max(1, int(passes))):
+    if sequential:
+        levels = refit_levels(model.graph, list(by_id.values()))
+        steps = [[by_id[g] for g in by_id if levels[g] == k] for k in sorted(set(levels.values()))]
+    else:
+        steps = [list(by_id.values())] * max(1, int(passes))
+    for k, todo in enumerate(steps):
         replaced = {}
         for gid, (a, b) in current.items():
             w = weights[gid]
             replaced[by_id[gid].weight.name] = (a.astype(np.float64) @ b.astype(np.float64)).astype(w.dtype)
-        stats = capture_refit_stats(model, list(by_id.values()), replaced, feeds, source_dir, mask_input=mask_input, threads=threads)
+        stats = capture_refit_stats(model, todo, replaced, feeds, source_dir, mask_input=mask_input, threads=threads)
         runs += stats.runs
         for gid, (g, side) in stats.grams.items():
             w = weights[gid]
@@ -427,6 +457,6 @@ def refit_factors(
             else:
                 current[gid] = (a.astype(w.dtype), np.asarray(factors[gid][1]))
         if progress is not None:
-            progress(k + 1, passes, "refitting factors")
-    log.info("refitted %d layer(s) in %d pass(es), %d run(s)", len(current), passes, runs)
+            progress(k + 1, len(steps), "refitting factors")
+    log.info("refitted %d layer(s) in %d pass(es), %d run(s)", len(current), len(steps), runs)
     return current, runs

@@ -4,8 +4,10 @@ import numpy as np
 import onnx
 import pytest
 
+import onnx_lowrank as ol
 from onnx_lowrank import decompose
-from onnx_lowrank.activations import capture_grams, capture_refit_stats, refit_factors
+from onnx_lowrank.activations import capture_grams, capture_refit_stats, refit_factors, refit_levels
+from onnx_lowrank.cli import main
 from onnx_lowrank.discovery import discover
 from onnx_lowrank.rewrite import NameScope, factorize_group
 from models import run
@@ -154,3 +156,57 @@ def test_refit_of_both_factors_is_the_best_rank_r_product(side):
     if side == "left":
         _, b1 = decompose.refit_factor(a, b, mt, g, c, "left", damping)
         assert loss(a @ b1) == pytest.approx(loss(a @ b), rel=1e-6)
+
+
+def test_sequential_refit_goes_level_by_level():
+    model = chain_model(shared=True)  # W2 has two users on the same activation
+    found = discover(model, min_params=0)
+    levels = refit_levels(model.graph, found.groups)
+    assert sorted(levels[id(g)] for g in found.groups) == [0, 1, 2]
+    assert levels[id(found.groups[0])] == 0
+    model = chain_model()
+    found = discover(model, min_params=0)
+    calib = [{"x": anisotropic(200, 96, seed=s)} for s in (11, 12)]
+    held = {"x": anisotropic(400, 96, seed=13)}
+    cap = capture_grams(model, found.groups, calib, None)
+    weights = {id(g): onnx.numpy_helper.to_array(g.weight.tensor) for g in found.groups}
+    factors = {id(g): decompose.factors(decompose.whitened_spectrum(weights[id(g)], *cap.grams[id(g)]), 6) for g in found.groups}
+    y = run(model, held)[0]
+    before = float(np.linalg.norm(run(_compressed(model, found, factors), held)[0] - y))
+    seq, runs = refit_factors(model, found.groups, factors, weights, calib, None, sequential=True)
+    assert runs == 3 * 4  # three levels, two runs per feed each
+    assert float(np.linalg.norm(run(_compressed(model, found, seq), held)[0] - y)) < 0.95 * before
+
+
+# ------------------------------------------------------------------ wired in: --refine
+
+
+def test_compress_refine_lowers_the_output_error_on_held_out_data():
+    model = chain_model()
+    calib = [{"x": anisotropic(200, 96, seed=s)} for s in (11, 12)]
+    held = {"x": anisotropic(400, 96, seed=13)}
+    y = run(model, held)[0]
+    opts = dict(data_aware=True, target_params=0.3, min_params=0, calib=calib)
+    base = ol.compress(model, **opts)
+    refined = ol.compress(model, refine=True, **opts)
+    assert [d.rank for d in refined.layers] == [d.rank for d in base.layers]
+    assert refined.totals.params_after == base.totals.params_after
+    assert refined.totals.extra["refine"]["layers_refitted"] == 3
+    err_base = np.linalg.norm(run(base.model, held)[0] - y)
+    err_refined = np.linalg.norm(run(refined.model, held)[0] - y)
+    assert err_refined < 0.97 * err_base
+
+
+def test_refine_without_calibration_names_calib():
+    with pytest.raises(ol.UsageError, match="--refine needs calibration data: pass --calib"):
+        ol.compress(chain_model(), refine=True, rank=4, min_params=0)
+    with pytest.raises(ol.UsageError, match="--refine is a switch"):
+        ol.compress(chain_model(), refine="yes", rank=4, min_params=0, calib=[{"x": anisotropic(8, 96)}])
+
+
+def test_cli_refine(tmp_path, capsys):
+    src, out, npz = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "c.npz"
+    onnx.save(chain_model(), str(src))
+    np.savez(npz, x=anisotropic(256, 96, seed=4))
+    assert main([str(src), "-o", str(out), "--rank", "8", "--min-params", "0", "--refine", "--calib", str(npz)]) == 0
+    assert out.exists()
