@@ -1,12 +1,11 @@
 """Least-squares refit after truncation, measured on real models at equal parameter budgets.
 
-    OMP_NUM_THREADS=2 python benchmarks/refit.py --only minilm --budgets 0.8 0.85 --passes 1 2
+    OMP_NUM_THREADS=2 python benchmarks/refit.py --only minilm --budgets 0.8 --variants none factor:1 seq-both
 
 For each budget the ranks come from ``whitened`` (``--data-aware --target-params F``) and
-``adaptive`` (as in ``rank_selection.py``); the same ranks are then scored three ways on the
-held-out data: the whitened factors as they are, and after 1 or 2 refit passes
-(:func:`onnx_lowrank.activations.refit_factors`, statistics on the calibration set) of the
-output-side factor (``factor``) or of both factors (``both``).
+``adaptive`` (as in ``rank_selection.py``); the same ranks are then scored on the held-out data
+with the whitened factors as they are and after each refit variant (see ``score_factors``;
+:func:`onnx_lowrank.activations.refit_factors`, statistics on the calibration set).
 """
 
 from __future__ import annotations
@@ -35,16 +34,22 @@ from onnx_lowrank.verify import compare, make_session  # noqa: E402
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-def score_factors(b: Bench, plans, passes: int, calib, mask: str | None, both: bool = False) -> dict:
-    """Score the plans' ranks with whitened factors, refitted ``passes`` times (0: not at all);
-    ``both`` refits both factors instead of the output-side one."""
+def score_factors(b: Bench, plans, variant: str, calib, mask: str | None) -> dict:
+    """Score the plans' ranks with whitened factors as they are (``none``) or refitted:
+    ``factor:P`` / ``both:P`` refit the output-side factor / both factors in ``P`` passes over
+    all layers at once, ``seq-factor`` / ``seq-both`` level by level in graph order."""
+    kind, _, k = variant.partition(":")
+    both = kind.endswith("both")
+    sequential = kind.startswith("seq")
+    passes = 0 if kind == "none" else int(k or 1)
     chosen = [p for p in plans if p.reason is None and p.choice is not None]
     factors = {id(p.group): decompose.factors(p.spectrum, p.rank) for p in chosen}
     weights = {id(p.group): io.read_tensor(p.group.weight.tensor, b.path.parent) for p in chosen}
     runs, t0 = 0, time.perf_counter()
     if passes:
         factors, runs = activations.refit_factors(b.model, [p.group for p in chosen], factors, weights, calib, b.path.parent,
-                                                  passes=passes, both=both, mask_input=mask, threads=b.threads)
+                                                  passes=passes, both=both, sequential=sequential,
+                                                  mask_input=mask, threads=b.threads)
     seconds = time.perf_counter() - t0
     m = onnx.ModelProto()
     m.CopyFrom(b.model)
@@ -56,7 +61,7 @@ def score_factors(b: Bench, plans, passes: int, calib, mask: str | None, both: b
     kept = b.total - sum(p.dense_params - p.params_at(p.rank) for p in chosen)
     z = b._run(make_session(m, threads=b.threads))
     c = compare("out", b.reference, z, b.labels)
-    out = {"params_kept": kept / b.total, "passes": passes, "refit": ("both" if both else "factor") if passes else "none", "refit_runs": runs, "refit_seconds": round(seconds, 1),
+    out = {"params_kept": kept / b.total, "refit": variant, "refit_runs": runs, "refit_seconds": round(seconds, 1),
            "cos_mean": c.cosine_mean, "cos_min": c.cosine_min}
     if c.accuracy_after is not None:
         out.update(accuracy=c.accuracy_after, macro_f1=c.f1_after)
@@ -68,10 +73,10 @@ def main() -> None:
     p.add_argument("--only", choices=["mnist", "minilm"], default="minilm")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.85])
-    p.add_argument("--passes", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--refit", nargs="+", choices=["factor", "both"], default=["factor", "both"])
+    p.add_argument("--variants", nargs="+", default=["none", "factor:1", "both:1", "seq-factor", "seq-both"])
     p.add_argument("--methods", nargs="+", default=["whitened", "adaptive"])
     p.add_argument("--adaptive-texts", type=int, default=32)
+    p.add_argument("--refit-texts", type=int, default=0, help="MiniLM calibration texts for the refit statistics (0: all)")
     p.add_argument("--json", default=str(DOCS / "refit_results.json"))
     args = p.parse_args()
     import onnxruntime
@@ -82,26 +87,28 @@ def main() -> None:
         calib, _ = as_feeds(str(rm.calib), names, batch=32)
         hold, labels = as_feeds(str(rm.holdout), names, batch=32)
         sub = calib[: max(1, args.adaptive_texts // 32)]
+        refit_calib = calib[: args.refit_texts // 32] if args.refit_texts else calib
     else:
         rm = real_models.mnist_mlp()
         names, mask = ["pixels"], None
         calib, _ = as_feeds(str(rm.calib), names, batch=500)
         hold, labels = as_feeds(str(rm.holdout), names, batch=1000)
         sub = calib[:2]
+        refit_calib = calib
     b = Bench(rm.onnx, calib, hold, labels, args.threads, mask, sub)
     rows = []
     for method in args.methods:
         for frac in args.budgets:
             plans = b.budget(b.whitened, frac) if method == "whitened" else b.adaptive(frac)
-            runs = [(0, False)] + [(k, kind == "both") for kind in args.refit for k in args.passes]
-            for passes, both in runs:
-                r = dict(method=method, budget=frac, **score_factors(b, plans, passes, calib, mask, both))
+            for variant in args.variants:
+                r = dict(method=method, budget=frac, **score_factors(b, plans, variant, refit_calib, mask))
                 log(f"  {json.dumps(r)}")
                 rows.append(r)
     out = {"model": args.only, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
            "threads": args.threads, "calib_samples": sum(len(next(iter(f.values()))) for f in calib),
            "holdout_samples": sum(len(next(iter(f.values()))) for f in hold), "adaptive_samples": sum(len(next(iter(f.values()))) for f in sub),
+           "refit_samples": sum(len(next(iter(f.values()))) for f in refit_calib),
            "rows": rows}
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     log(f"wrote {args.json}")

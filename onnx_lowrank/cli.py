@@ -370,8 +370,8 @@ def _run_compress(argv: Sequence[str]) -> int:
             _print("not verified: add --calib data.npz (or --verify for random inputs) to compare with the original in onnxruntime")
     if check is not None:
         _warn(check.warnings)
-        if (args.data_aware or args.adaptive) and not check.synthetic:
-            _warn(["the check ran on the calibration data the ranks were chosen from; measure held-out data with "
+        if (args.data_aware or args.adaptive or args.refine) and not check.synthetic:
+            _warn(["the check ran on the calibration data the ranks were chosen from (or the factors refitted on); measure held-out data with "
                    f"'{PROG} verify {args.model} {args.output or 'OUT'} --calib HELDOUT'"])
     if args.dry_run:
         _print(f"dry run: {result.totals.factorized} layer(s) would be factorized; nothing written.")
