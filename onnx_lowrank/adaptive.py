@@ -32,7 +32,6 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from . import decompose
 from .activations import Feeds, open_session, overridable
