@@ -39,12 +39,20 @@ import real_models  # noqa: E402
 from onnx_lowrank import activations, adaptive, decompose, plan  # noqa: E402
 from onnx_lowrank.config import CompressConfig  # noqa: E402
 from onnx_lowrank.discovery import discover  # noqa: E402
-from onnx_lowrank.feeds import as_feeds  # noqa: E402
 from onnx_lowrank.policies import choose_rank  # noqa: E402
 from onnx_lowrank.verify import compare, make_session  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 METHODS = ("energy", "entropy", "budget", "whitened", "adaptive")
+
+
+def as_feeds(path: str, names: list[str], batch: int) -> tuple[list[dict], np.ndarray | None]:
+    """The ``.npz`` at ``path`` cut into feeds of ``batch`` samples, and its ``labels`` if any."""
+    with np.load(path) as d:
+        arrays = {k: d[k] for k in names}
+        labels = d["labels"] if "labels" in d else None
+    n = len(next(iter(arrays.values())))
+    return [{k: v[i:i + batch] for k, v in arrays.items()} for i in range(0, n, batch)], labels
 
 
 def log(msg: str) -> None:

@@ -40,7 +40,7 @@ from . import io
 from .discovery import Layer, WeightGroup
 from .errors import CalibrationError
 
-__all__ = ["layer_side", "Capture", "capture_grams", "open_session", "Feeds"]
+__all__ = ["layer_side", "Capture", "capture_grams", "open_session", "overridable", "RefitStats", "capture_refit_stats", "refit_factors", "refit_levels", "Feeds"]
 
 log = logging.getLogger(__name__)
 
@@ -208,3 +208,236 @@ def capture_grams(
         cap.rows[gid] = sum(counts[k] for k in acts)
     log.info("captured input statistics of %d weight(s) in %d run(s)", len(cap.grams), cap.runs)
     return cap
+
+
+def overridable(model: onnx.ModelProto, weights: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` in which the named main-graph weights are also graph inputs.
+
+    A run that feeds such an input uses the fed array instead of the stored weight; a run that
+    does not uses the stored one.  Constant-node weights become initializers first.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    g = probe.graph
+    inputs = {i.name for i in g.input}
+    wanted = set(weights)
+    for k in range(len(g.node) - 1, -1, -1):
+        node = g.node[k]
+        if node.op_type == "Constant" and node.output[0] in wanted:
+            t = onnx.TensorProto()
+            t.CopyFrom(next(a.t for a in node.attribute if a.name == "value"))
+            t.name = node.output[0]
+            g.initializer.append(t)
+            del g.node[k]
+    if probe.ir_version < 4:
+        probe.ir_version = 4
+    for t in g.initializer:
+        if t.name in wanted and t.name not in inputs:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return probe
+
+
+@dataclass
+class RefitStats:
+    """Statistics for the least-squares refit (see :func:`onnx_lowrank.decompose.refit_factor`).
+
+    Attributes:
+        grams: Per weight group (by ``id``): ``(G~, side)``, the Gram matrix of the inputs the
+            layer receives in the compressed model.
+        cross: Per weight group: ``C``, their cross product with the original model's inputs.
+        runs: onnxruntime ``run`` calls made (two per feed: original and compressed).
+    """
+
+    grams: dict[int, tuple[np.ndarray, str]] = field(default_factory=dict)
+    cross: dict[int, np.ndarray] = field(default_factory=dict)
+    runs: int = 0
+
+
+def _layer_inputs(groups: list[WeightGroup], graph: onnx.GraphProto) -> dict[int, tuple[str, list[tuple[str, int]]]]:
+    plan: dict[int, tuple[str, list[tuple[str, int]]]] = {}
+    for group in groups:
+        if any(layer.graph is not graph for layer in group.layers):
+            continue
+        sides = {layer_side(layer)[0] for layer in group.layers}
+        if len(sides) != 1:
+            continue
+        plan[id(group)] = (sides.pop(), [(l.node.input[1 - l.weight_index], layer_side(l)[1]) for l in group.layers])
+    return plan
+
+
+def capture_refit_stats(
+    model: onnx.ModelProto,
+    groups: list[WeightGroup],
+    replaced: Mapping[str, np.ndarray],
+    feeds: Feeds,
+    source_dir: Path | None,
+    *,
+    mask_input: str | None = None,
+    threads: int | None = None,
+) -> RefitStats:
+    """Accumulate ``G~ = X~^T X~`` and ``C = X~^T X`` for every group, streaming in float64.
+
+    Every feed runs twice through one session: once with the stored weights (``X``, the
+    original inputs) and once with the weights in ``replaced`` fed instead (``X~``, the inputs
+    of the compressed model).  The rows of both come from the same tokens, so padded rows are
+    dropped from both alike.
+
+    Args:
+        model: The original model (not modified).
+        groups: The weight groups to collect statistics for (main graph only; a group whose
+            users meet it from different sides is left out).
+        replaced: Weight name -> the dense product of its factors, for every compressed weight.
+        feeds: Calibration feeds.
+        source_dir: Where the model's external data lives.
+        mask_input: Name of an input whose zeros mark padded rows.
+        threads: onnxruntime intra-op threads.
+
+    Raises:
+        CalibrationError: no feeds, or the mask input is not fed.
+    """
+    stats = RefitStats()
+    plan = _layer_inputs(groups, model.graph)
+    if not plan:
+        return stats
+    graph_inputs = {i.name for i in model.graph.input}
+    keys = sorted({key for _, acts in plan.values() for key in acts})
+    fetch = sorted({name for name, _ in keys if name not in graph_inputs})
+    probe = overridable(model, replaced)
+    outputs = {o.name for o in probe.graph.output}
+    for name in fetch:
+        if name not in outputs:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    gsum: dict[tuple[str, int], np.ndarray] = {}
+    csum: dict[tuple[str, int], np.ndarray] = {}
+    overrides = {k: np.asarray(v) for k, v in replaced.items()}
+    with open_session(probe, source_dir, threads) as sess:
+        batches = 0
+        for feed in feeds:
+            feed = dict(feed)
+            mask = None
+            if mask_input is not None:
+                if mask_input not in feed:
+                    raise CalibrationError(f"--calib-mask {mask_input}: not among the fed inputs {', '.join(sorted(feed))}.")
+                mask = np.asarray(feed[mask_input])
+            orig = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
+            comp = dict(zip(fetch, sess.run(fetch, {**feed, **overrides}))) if fetch else {}
+            stats.runs += 2
+            for key in keys:
+                name, axis = key
+                x = _rows(np.asarray(orig[name] if name in orig else feed[name]), axis, mask).astype(np.float64)
+                xt = _rows(np.asarray(comp[name] if name in comp else feed[name]), axis, mask).astype(np.float64)
+                g, c = xt.T @ xt, xt.T @ x
+                gsum[key] = gsum[key] + g if key in gsum else g
+                csum[key] = csum[key] + c if key in csum else c
+            batches += 1
+    if batches == 0:
+        raise CalibrationError("the calibration data holds no feeds; pass a non-empty --calib.")
+    for gid, (side, acts) in plan.items():
+        stats.grams[gid] = (sum(gsum[k] for k in acts), side)
+        stats.cross[gid] = sum(csum[k] for k in acts)
+    return stats
+
+
+def refit_levels(graph: onnx.GraphProto, groups: list[WeightGroup]) -> dict[int, int]:
+    """Per group ``id``: 0 when no other group's layer lies upstream of its inputs, else one more
+    than the deepest such group.  Layers of one level do not feed each other."""
+    node_of = {id(layer.node): (id(g), layer) for g in groups for layer in g.layers}
+    upstream: dict[str, frozenset[int]] = {}
+    level: dict[int, int] = {}
+    for node in graph.node:  # ONNX nodes are stored in topological order
+        up = frozenset().union(*(upstream.get(name, frozenset()) for name in node.input if name))
+        hit = node_of.get(id(node))
+        if hit is not None:
+            gid, layer = hit
+            act = node.input[1 - layer.weight_index]
+            before = upstream.get(act, frozenset()) - {gid}
+            level[gid] = max(level.get(gid, 0), 1 + max((level.get(u, 0) for u in before), default=-1))
+            up = up | {gid}
+        for name in node.output:
+            upstream[name] = up
+    return {id(g): level.get(id(g), 0) for g in groups}
+
+
+def refit_factors(
+    model: onnx.ModelProto,
+    groups: list[WeightGroup],
+    factors: Mapping[int, tuple[np.ndarray, np.ndarray]],
+    weights: Mapping[int, np.ndarray],
+    feeds: Feeds,
+    source_dir: Path | None,
+    *,
+    passes: int = 1,
+    both: bool = False,
+    sequential: bool = False,
+    damping: float = 0.01,
+    mask_input: str | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int]:
+    """Refit the output-side factor of every compressed layer on propagated activations.
+
+    Each pass collects :class:`RefitStats` with every layer at its current factors, then
+    refits all layers at once (:func:`onnx_lowrank.decompose.refit_factor`).  After ``p``
+    passes a layer with at most ``p - 1`` compressed layers upstream of it has seen inputs
+    from the refitted ones; the rest approach that as the passes repeat.
+
+    Args:
+        model: The original model (not modified).
+        groups: The weight groups that ``factors`` belong to.
+        factors: Per group ``id``: ``(A, B)`` from truncation.
+        weights: Per group ``id``: the original matrix ``W`` (m, n).
+        feeds: Calibration feeds (re-iterable).
+        source_dir: Where the model's external data lives.
+        passes: Statistics passes (each two onnxruntime runs per feed); ignored when
+            ``sequential``.
+        sequential: Refit level by level in graph order (:func:`refit_levels`), so every
+            layer sees the inputs of the already refitted layers before it: one statistics
+            pass per level instead of per ``passes``.
+        both: Refit both factors (:func:`~onnx_lowrank.decompose.refit_lowrank`) instead of
+            the output-side one only.
+        damping: Relative damping of ``G~``.
+        mask_input: Name of an input whose zeros mark padded rows.
+        threads: onnxruntime intra-op threads.
+        progress: Called as ``progress(pass_done, passes, "refitting factors")``.
+
+    Returns:
+        ``(factors, runs)``: the refitted factors (cast to each weight's dtype) for every group
+        that could be refitted, the others unchanged; and the onnxruntime runs made.
+    """
+    from .decompose import refit_factor, refit_lowrank
+
+    by_id = {id(g): g for g in groups if id(g) in factors}
+    current = {gid: (np.asarray(a), np.asarray(b)) for gid, (a, b) in factors.items()}
+    runs = 0
+    if sequential:
+        levels = refit_levels(model.graph, list(by_id.values()))
+        steps = [[by_id[g] for g in by_id if levels[g] == k] for k in sorted(set(levels.values()))]
+    else:
+        steps = [list(by_id.values())] * max(1, int(passes))
+    for k, todo in enumerate(steps):
+        replaced = {}
+        for gid, (a, b) in current.items():
+            w = weights[gid]
+            replaced[by_id[gid].weight.name] = (a.astype(np.float64) @ b.astype(np.float64)).astype(w.dtype)
+        stats = capture_refit_stats(model, todo, replaced, feeds, source_dir, mask_input=mask_input, threads=threads)
+        runs += stats.runs
+        for gid, (g, side) in stats.grams.items():
+            w = weights[gid]
+            try:
+                if both:
+                    a, b = refit_lowrank(w, g, stats.cross[gid], factors[gid][0].shape[1], side, damping)
+                else:
+                    a, b = refit_factor(*factors[gid], w, g, stats.cross[gid], side, damping)
+            except ValueError as exc:
+                log.warning("refit of %s skipped: %s", by_id[gid].weight.name, exc)
+                continue
+            if both:
+                current[gid] = (a.astype(w.dtype), b.astype(w.dtype))
+            elif side == "left":
+                current[gid] = (np.asarray(factors[gid][0]), b.astype(w.dtype))
+            else:
+                current[gid] = (a.astype(w.dtype), np.asarray(factors[gid][1]))
+        if progress is not None:
+            progress(k + 1, len(steps), "refitting factors")
+    log.info("refitted %d layer(s) in %d pass(es), %d run(s)", len(current), len(steps), runs)
+    return current, runs

@@ -32,10 +32,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from . import decompose
-from .activations import Feeds, open_session
+from .activations import Feeds, open_session, overridable
 from .config import CompressConfig
 from .plan import BudgetBase, LayerPlan, decide_conv, allocate_plans, budget_options
 from .verify import compare
@@ -89,24 +88,7 @@ class Evaluator:
         self.feeds = feeds
         self.runs = 0
         self.passes = 0
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        g = probe.graph
-        inputs = {i.name for i in g.input}
-        wanted = set(weights)
-        for k in range(len(g.node) - 1, -1, -1):  # a Constant weight becomes an initializer
-            node = g.node[k]
-            if node.op_type == "Constant" and node.output[0] in wanted:
-                t = onnx.TensorProto()
-                t.CopyFrom(next(a.t for a in node.attribute if a.name == "value"))
-                t.name = node.output[0]
-                g.initializer.append(t)
-                del g.node[k]
-        if probe.ir_version < 4:
-            probe.ir_version = 4
-        for t in g.initializer:
-            if t.name in wanted and t.name not in inputs:
-                g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        probe = overridable(model, weights)
         self._ctx = open_session(probe, source_dir, threads)
         self.session = self._ctx.__enter__()
         self.names = [o.name for o in self.session.get_outputs()]

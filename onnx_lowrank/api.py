@@ -223,6 +223,8 @@ def compress(
             quantize=cfg.quantize, probe=probe, base_dir=source_dir)}
     if not dry_run:
         original, original_dir = (_copy(proto) if cfg.latency_aware else None), source_dir
+        if cfg.refine:
+            sections["refine"] = _refine(proto, plans, feeds, source_dir, cfg, threads, progress)
         plan.apply(proto, plans)
         if cfg.adaptive and adaptive_outputs is not None and any(p.factor_names for p in plans):
             sections["adaptive"]["final_drop"] = _verify_final(proto, source_dir, feeds, calib_labels, adaptive_outputs,
@@ -242,7 +244,7 @@ def compress(
     totals.macs_per, totals.macs_note = _macs_units(decisions, known)
     totals.model_params_before = params_model_before
     totals.model_params_after = params_model_before - totals.params_before + totals.params_after
-    for key in ("data_aware", "adaptive"):
+    for key in ("data_aware", "adaptive", "refine"):
         if key in sections:
             totals.extra[key] = sections[key]
     if not dry_run and totals.factorized:
@@ -348,6 +350,26 @@ def _check_whole_model(original: onnx.ModelProto, original_dir: Path | None, pro
     return baseline, base_dir
 
 
+def _refine(proto: onnx.ModelProto, plans: list[plan.LayerPlan], feeds: Any, source_dir: Path | None, cfg: CompressConfig,
+            threads: int | None, progress: Any) -> dict[str, Any]:
+    """Refit the factors of every chosen MatMul/Gemm plan on propagated activations (``refine``)."""
+    from . import decompose
+
+    chosen = [p for p in plans if p.reason is None and p.choice is not None and not p.is_conv and p.spectrum is not None]
+    factors = {id(p.group): decompose.factors(p.spectrum, p.rank) for p in chosen}
+    weights = {id(p.group): io.read_tensor(p.group.weight.tensor, source_dir) for p in chosen}
+    refitted, runs = activations.refit_factors(proto, [p.group for p in chosen], factors, weights, feeds, source_dir,
+                                               both=True, sequential=True, damping=cfg.damping, mask_input=cfg.calib_mask,
+                                               threads=threads, progress=progress)
+    changed = 0
+    for p in chosen:
+        a, b = refitted[id(p.group)]
+        if a is not factors[id(p.group)][0] or b is not factors[id(p.group)][1]:
+            p.refit = (a, b)
+            changed += 1
+    return {"layers_refitted": changed, "ort_runs": runs}
+
+
 def _calibration(proto: onnx.ModelProto, cfg: CompressConfig, *, calib: Any, calib_script: str | None,
                  labels: Any, calib_batch: int) -> tuple[Any, np.ndarray | None]:
     """The calibration feeds and labels that data-aware and adaptive modes need (validated up front)."""
@@ -355,7 +377,7 @@ def _calibration(proto: onnx.ModelProto, cfg: CompressConfig, *, calib: Any, cal
         if calib is not None or calib_script is not None:
             log.info("calibration data given but unused by rank selection: it serves --data-aware and --adaptive")
         return None, None
-    flag = "--data-aware" if cfg.data_aware else "--adaptive"
+    flag = "--data-aware" if cfg.data_aware else "--adaptive" if cfg.adaptive else "--refine"
     if calib is None and calib_script is None:
         raise UsageError(f"{flag} needs calibration data: pass --calib data.npz (keys = the model's input names) "
                          f"or --calib-script file.py:func.")

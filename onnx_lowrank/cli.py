@@ -156,6 +156,9 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
     b.add_argument("--adaptive", action="store_true", default=None,
                    help="allocate ranks by sensitivity measured on --calib (goal: --max-drop, accuracy with labels "
                         "else mean output cosine; or a budget)")
+    b.add_argument("--refine", action="store_true", default=None,
+                   help="after choosing ranks, refit the factors by least squares on --calib activations of the "
+                        "compressed model, layer by layer in graph order")
     b.add_argument("--calib-mask", metavar="INPUT",
                    help="with --data-aware: input whose zeros mark padded rows to leave out (e.g. attention_mask)")
     s = p.add_argument_group("layer selection")
@@ -260,7 +263,7 @@ def _compress_parser() -> argparse.ArgumentParser:
 
 _CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "conv_mode",
                  "allow_input_weights", "rank_rule", "target_params", "target_macs", "budget_scope", "data_aware", "damping",
-                 "calib_mask", "adaptive", "latency_aware", "threads", "batch", "input_shape", "min_speedup", "quantize")
+                 "calib_mask", "adaptive", "refine", "latency_aware", "threads", "batch", "input_shape", "min_speedup", "quantize")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -374,8 +377,8 @@ def _run_compress(argv: Sequence[str]) -> int:
             _print("not verified: add --calib data.npz (or --verify for random inputs) to compare with the original in onnxruntime")
     if check is not None:
         _warn(check.warnings)
-        if (args.data_aware or args.adaptive) and not check.synthetic:
-            _warn(["the check ran on the calibration data the ranks were chosen from; measure held-out data with "
+        if (args.data_aware or args.adaptive or args.refine) and not check.synthetic:
+            _warn(["the check ran on the calibration data the ranks were chosen from (or the factors refitted on); measure held-out data with "
                    f"'{PROG} verify {args.model} {args.output or 'OUT'} --calib HELDOUT'"])
     if args.dry_run:
         _print(f"dry run: {result.totals.factorized} layer(s) would be factorized; nothing written.")

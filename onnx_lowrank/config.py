@@ -65,6 +65,9 @@ class CompressConfig:
             calibration data, and ``max_drop`` or a budget).
         max_drop: With ``adaptive``: the largest allowed drop of the quality metric on the
             calibration data (accuracy with labels, else mean output cosine), e.g. 0.005.
+        refine: After the ranks are chosen, refit both factors of every MatMul/Gemm layer by
+            least squares on the calibration activations of the compressed model, level by
+            level in graph order (needs calibration data).
         latency_aware: Factorize a layer only where its factored form is measured faster than
             the dense one (onnxruntime, at every ``threads`` x ``batch`` setting), and check
             that the whole model is not slower.
@@ -94,6 +97,7 @@ class CompressConfig:
     calib_mask: str | None = None
     adaptive: bool = False
     max_drop: float | None = None
+    refine: bool = False
     latency_aware: bool = False
     threads: tuple[int, ...] = (1,)
     batch: tuple[int, ...] = (1,)
@@ -159,7 +163,7 @@ class CompressConfig:
                 raise UsageError(f"a budget (--target-params/--target-macs) allocates ranks itself; drop {flag}.")
             if self.rank_rule != "energy":
                 raise UsageError("--rank-rule applies per layer; a budget (--target-params/--target-macs) allocates ranks itself.")
-        for flag in ("data_aware", "adaptive", "allow_input_weights"):
+        for flag in ("data_aware", "adaptive", "refine", "allow_input_weights"):
             if not isinstance(getattr(self, flag), bool):
                 raise UsageError(f"--{flag.replace('_', '-')} is a switch (true or false), got {getattr(self, flag)!r}.")
         d = self.damping
@@ -189,8 +193,8 @@ class CompressConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether the options need calibration data (``data_aware`` or ``adaptive``)."""
-        return self.data_aware or self.adaptive
+        """Whether the options need calibration data (``data_aware``, ``adaptive`` or ``refine``)."""
+        return self.data_aware or self.adaptive or self.refine
 
     @property
     def effective_energy(self) -> float | None:

@@ -96,6 +96,8 @@ class LayerPlan:
         spectrum: Its SVD (``None`` until read, or when it could not be taken).
         choice: The rank rule's outcome.
         factor_names: Names of the two factors once rewritten.
+        refit: Factors ``(A, B)`` refitted on calibration activations; used instead of the
+            truncated SVD's when set.
         extra: Per-plan numbers that later stages add to the report (e.g. sensitivity).
         op_kind: ``"matrix"`` (MatMul/Gemm) or ``"conv"``.
         weight_shape: The weight's stored shape.
@@ -111,6 +113,7 @@ class LayerPlan:
     spectrum: decompose.Spectrum | None = None
     choice: RankChoice | None = None
     factor_names: tuple[str, str] | None = None
+    refit: tuple[np.ndarray, np.ndarray] | None = None
     extra: dict = field(default_factory=dict)
     op_kind: str = "matrix"
     weight_shape: tuple[int, ...] = ()
@@ -446,7 +449,10 @@ def apply(model: onnx.ModelProto, plans: list[LayerPlan]) -> None:
     names = NameScope(model)
     for plan in plans:
         if plan.reason is None and plan.choice is not None:
-            a, b = decompose.factors(plan.spectrum, plan.choice.rank, dtype=plan.dtype)
+            if plan.refit is not None and plan.refit[0].shape[1] == plan.choice.rank:
+                a, b = (np.ascontiguousarray(f, dtype=plan.dtype) for f in plan.refit)
+            else:
+                a, b = decompose.factors(plan.spectrum, plan.choice.rank, dtype=plan.dtype)
             if plan.is_conv:
                 first, second = decompose.conv_kernels(a, b, plan.weight_shape, plan.conv_mode)
                 plan.factor_names = factorize_conv_group(model, plan.group, first, second, plan.conv_mode, names)
