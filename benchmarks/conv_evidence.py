@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_lowrank.bench import machine_info
 import onnx_lowrank as ol
 from onnx_lowrank.verify import compare, make_session, run_batches
 
@@ -330,7 +331,7 @@ def main() -> None:
     env = {
         "command": "python benchmarks/conv_evidence.py" + (f" --epochs {args.epochs}" if args.epochs != 4 else "")
                    + (f" --threads {args.threads}" if args.threads != 2 else ""),
-        "machine": f"{platform.processor() or platform.machine()}, {_cpu_name()}", "cores": os.cpu_count(),
+        "machine": f"{platform.processor() or platform.machine()}, {machine_info()['cpu']}", "cores": os.cpu_count(),
         "threads": args.threads, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
         "numpy": np.__version__,
     }
@@ -342,16 +343,6 @@ def main() -> None:
     if not args.no_write:
         write_doc(text)
         RAW.write_text(json.dumps({"environment": env, "cnn": a, "resnet_block": b}, indent=2) + "\n", encoding="utf-8")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.platform()
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import onnx
 import torch
 from torch import nn
 
+from onnx_lowrank.bench import machine_info
 import onnx_lowrank
 from onnx_lowrank.torch import export_onnx, prune, svd_regularizer, to_svd
 from onnx_lowrank.verify import accuracy, macro_f1, make_session
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         import onnxruntime
 
         report.update(command="python benchmarks/svd_training_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                      machine=f"{platform.machine()} {platform.processor() or platform.system()}, {_cpu_name()}",
+                      machine=f"{platform.machine()} {platform.processor() or platform.system()}, {machine_info()['cpu']}",
                       torch=torch.__version__, onnxruntime=onnxruntime.__version__)
     text = render(report)
     print(text)
@@ -428,16 +429,6 @@ def main(argv: list[str] | None = None) -> int:
         write_doc(text)
         print(f"updated {DOC}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
