@@ -100,6 +100,15 @@ class Capture:
     masked: set[str] = field(default_factory=set)
 
 
+def _mask_of(feed: Mapping[str, np.ndarray], mask_input: str | None) -> np.ndarray | None:
+    """The padding mask of a feed (``--calib-mask``), or ``None`` when none was asked for."""
+    if mask_input is None:
+        return None
+    if mask_input not in feed:
+        raise CalibrationError(f"--calib-mask {mask_input}: not among the fed inputs {', '.join(sorted(feed))}.")
+    return np.asarray(feed[mask_input])
+
+
 @contextlib.contextmanager
 def open_session(model: onnx.ModelProto, source_dir: Path | None, threads: int | None = None) -> Iterator[object]:
     """An onnxruntime CPU session for ``model``, whose external data lives in ``source_dir``.
@@ -175,11 +184,7 @@ def capture_grams(
         batches = 0
         for feed in feeds:
             feed = dict(feed)
-            mask = None
-            if mask_input is not None:
-                if mask_input not in feed:
-                    raise CalibrationError(f"--calib-mask {mask_input}: not among the fed inputs {', '.join(sorted(feed))}.")
-                mask = np.asarray(feed[mask_input])
+            mask = _mask_of(feed, mask_input)
             values = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
             cap.runs += 1
             for key in wanted:
@@ -314,11 +319,7 @@ def capture_refit_stats(
         batches = 0
         for feed in feeds:
             feed = dict(feed)
-            mask = None
-            if mask_input is not None:
-                if mask_input not in feed:
-                    raise CalibrationError(f"--calib-mask {mask_input}: not among the fed inputs {', '.join(sorted(feed))}.")
-                mask = np.asarray(feed[mask_input])
+            mask = _mask_of(feed, mask_input)
             orig = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
             comp = dict(zip(fetch, sess.run(fetch, {**feed, **overrides}))) if fetch else {}
             stats.runs += 2

@@ -239,9 +239,13 @@ def energy_rank(s: np.ndarray, energy: float) -> int:
     """
     if not 0.0 < energy <= 1.0:
         raise ValueError(f"Got energy={energy!r}; expected a number in (0, 1].")
-    cum = _cumulative_energy(s)
-    r = int(np.searchsorted(cum, energy - _ENERGY_RTOL, side="left")) + 1
-    return max(1, min(r, len(s)))
+    return _threshold_rank(_cumulative_energy(s), energy)
+
+
+def _threshold_rank(cum: np.ndarray, threshold: float) -> int:
+    """Smallest ``r >= 1`` whose normalized cumulative share ``cum[r - 1]`` reaches ``threshold``."""
+    r = int(np.searchsorted(cum, threshold - _ENERGY_RTOL, side="left")) + 1
+    return max(1, min(r, len(cum)))
 
 
 def energy_kept(s: np.ndarray, rank: int) -> float:
@@ -337,9 +341,7 @@ def entropy_rank(s: np.ndarray, tau: float) -> int:
     total = h.sum()
     if total <= 0:  # a single non-zero value (or none): all information is in the first
         return 1
-    cum = np.cumsum(h) / total
-    r = int(np.searchsorted(cum, tau - _ENERGY_RTOL, side="left")) + 1
-    return max(1, min(r, len(s)))
+    return _threshold_rank(np.cumsum(h) / total, tau)
 
 
 def entropy_kept(s: np.ndarray, rank: int) -> float:
