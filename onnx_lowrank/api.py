@@ -295,7 +295,7 @@ def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _input_shapes(cfg: CompressConfig) -> dict[str, tuple[int, ...]]:
-    from .bench import parse_input_shapes
+    from .calibration import parse_input_shapes
 
     return parse_input_shapes(cfg.input_shape)
 

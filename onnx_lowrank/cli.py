@@ -31,73 +31,43 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _energy(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got '{text}'; e.g. --energy 0.93") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}; e.g. --energy 0.93")
-    return value
+def _number(kind: type, what: str, *, low: float | None = None, low_open: bool = False, high: float | None = None,
+            example: str | None = None) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` (int or float) within bounds, with one message for both failures."""
+    hint = f"; e.g. {example}" if example else ""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'{hint}") from None
+        ok = (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
+        if not ok:  # written so that NaN fails too
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}{hint}")
+        return value
+
+    return parse
+
+
+_energy = _number(float, "a number in (0, 1]", low=0.0, low_open=True, high=1.0, example="--energy 0.93")
+_non_negative_int = _number(int, "a non-negative integer", low=0)
+_drop_fraction = _number(float, "a fraction in [0, 1]", low=0.0, high=1.0, example="--max-drop 0.01 (one point)")
 
 
 def _fraction(flag: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got '{text}'; e.g. {flag} 0.5") from None
-        if not 0.0 < value <= 1.0:
-            raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}; e.g. {flag} 0.5")
-        return value
-
-    return parse
+    return _number(float, "a fraction in (0, 1]", low=0.0, low_open=True, high=1.0, example=f"{flag} 0.5")
 
 
 def _non_negative_float(flag: str, example: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a non-negative number, got '{text}'; e.g. {flag} {example}") from None
-        if not value >= 0.0:
-            raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}; e.g. {flag} {example}")
-        return value
-
-    return parse
+    return _number(float, "a non-negative number", low=0.0, example=f"{flag} {example}")
 
 
 def _positive_int(flag: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}; e.g. {flag} 8")
-        return value
-
-    return parse
+    return _number(int, "a positive integer", low=1, example=f"{flag} 8")
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
-
-
-def _drop_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got '{text}'; e.g. --max-drop 0.01 (one point)") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}; e.g. --max-drop 0.01 (one point)")
-    return value
+def _positive_float(flag: str) -> Callable[[str], float]:
+    return _number(float, "a positive number", low=0.0, low_open=True, example=f"{flag} 1.1")
 
 
 def _int_list(flag: str) -> Callable[[str], tuple[int, ...]]:
@@ -109,19 +79,6 @@ def _int_list(flag: str) -> Callable[[str], tuple[int, ...]]:
         if not values or any(v < 1 for v in values):
             raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got '{text}'; e.g. {flag} 1,2")
         return values
-
-    return parse
-
-
-def _positive_float(flag: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a positive number, got '{text}'; e.g. {flag} 1.1") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be a positive number, got {text}; e.g. {flag} 1.1")
-        return value
 
     return parse
 

@@ -138,7 +138,7 @@ class CompressConfig:
                 raise UsageError(f"{flag} must be positive integers, got {value!r}; e.g. {flag} 1,2.")
             object.__setattr__(self, name, values)
         shapes = (self.input_shape,) if isinstance(self.input_shape, str) else tuple(self.input_shape or ())
-        from .bench import parse_input_shapes
+        from .calibration import parse_input_shapes
 
         parse_input_shapes(shapes)
         object.__setattr__(self, "input_shape", shapes)
