@@ -230,7 +230,7 @@ def compress(
             sections["adaptive"]["final_drop"] = _verify_final(proto, source_dir, feeds, calib_labels, adaptive_outputs,
                                                                sections["adaptive"], threads)
         if cfg.quantize:
-            proto, source_dir = _quantize(proto, source_dir, plans, sections)
+            proto, source_dir = _quantize(proto, source_dir, plans, sections, cfg.quantize)
         if cfg.latency_aware and any(p.factor_names for p in plans):
             proto, source_dir = _check_whole_model(original, original_dir, proto, source_dir, plans, cfg, probe, sections)
     decisions = plan.decisions(found, plans, shapes=known)
@@ -301,16 +301,16 @@ def _input_shapes(cfg: CompressConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _quantize(proto: onnx.ModelProto, source_dir: Path | None, plans: list[plan.LayerPlan],
-              sections: dict[str, Any]) -> tuple[onnx.ModelProto, Path | None]:
+              sections: dict[str, Any], mode: str) -> tuple[onnx.ModelProto, Path | None]:
     """int8 after factorization; records whether every factor ended up quantized."""
-    from .quantize import unquantized, quantize_int8
+    from .quantize import quantize, unquantized
 
-    quantized = quantize_int8(proto, base_dir=source_dir)
+    quantized = quantize(proto, mode, base_dir=source_dir)
     factors = [name for p in plans if p.factor_names for name in p.factor_names]
     missed = unquantized(quantized, factors)
     if missed:
         log.warning("int8 quantization left %d factor(s) in float: %s", len(missed), ", ".join(missed))
-    sections["quantize"] = {"mode": "int8", "factors": len(factors), "factors_quantized": len(factors) - len(missed),
+    sections["quantize"] = {"mode": mode, "factors": len(factors), "factors_quantized": len(factors) - len(missed),
                             "unquantized_factors": missed}
     return quantized, None
 
@@ -327,13 +327,13 @@ def _check_whole_model(original: onnx.ModelProto, original_dir: Path | None, pro
 
     baseline, base_dir = original, original_dir
     if cfg.quantize:
-        from .quantize import quantize_int8
+        from .quantize import quantize
 
-        baseline, base_dir = quantize_int8(original, base_dir=original_dir), None
+        baseline, base_dir = quantize(original, cfg.quantize, base_dir=original_dir), None
     checks = latency.check_model(baseline, proto, threads=cfg.threads, batch=cfg.batch, input_shape=_input_shapes(cfg),
                                  probe=probe, before_dir=base_dir, after_dir=source_dir)
     sections["latency"]["model"] = checks
-    sections["latency"]["baseline"] = "input quantized to int8" if cfg.quantize else "input"
+    sections["latency"]["baseline"] = f"input quantized ({cfg.quantize})" if cfg.quantize else "input"
     worst = min(checks, key=lambda c: c["speedup"])
     if worst["speedup"] >= 1.0:
         return proto, source_dir

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .config import QUANTIZE_MODES
 from .errors import LowRankError, UsageError
 
 PROG = "onnx-lowrank"
@@ -139,7 +140,9 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
                           "for latency-aware mode and for random verification inputs")
     lat.add_argument("--min-speedup", type=_positive_float("--min-speedup"), metavar="X",
                      help="speed-up a layer must show at every setting in latency-aware mode (default 1.1)")
-    lat.add_argument("--quantize", choices=["int8"], help="onnxruntime dynamic int8 quantization after factorization")
+    lat.add_argument("--quantize", choices=list(QUANTIZE_MODES),
+                     help="onnxruntime dynamic int8 quantization after factorization: int8 (onnxruntime's defaults, one scale "
+                          "per weight) or int8-per-channel (one scale per output column; better quality, same size)")
 
 
 def _add_verify_options(p: argparse.ArgumentParser, title: str, *, run_settings: bool = True) -> None:
@@ -393,7 +396,7 @@ def _section_lines(sections: dict[str, Any]) -> list[str]:
             lines.append("               the whole model was not faster: factorization undone")
     q = sections.get("quantize")
     if q:
-        lines.append(f"int8:          onnxruntime dynamic quantization; {q['factors_quantized']} of {q['factors']} factor(s) quantized"
+        lines.append(f"int8:          onnxruntime dynamic quantization ({q['mode']}); {q['factors_quantized']} of {q['factors']} factor(s) quantized"
                      + (f"; left in float: {', '.join(q['unquantized_factors'])}" if q["unquantized_factors"] else ""))
     return lines
 

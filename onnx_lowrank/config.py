@@ -25,7 +25,7 @@ DEFAULT_ENERGY = 0.95
 DEFAULT_DAMPING = 0.01
 OP_TYPES = ("MatMul", "Gemm", "Conv")
 CONV_MODES = ("channel", "spatial", "auto")
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = ("int8", "int8-per-channel")
 RANK_RULES = ("energy", "entropy")
 BUDGET_SCOPES = ("weights", "model")
 
@@ -76,7 +76,8 @@ class CompressConfig:
         input_shape: Shapes of inputs with other dynamic axes, as ``NAME:DIMS`` items
             (``input_ids:1x128``); the batch axis is replaced by each ``batch``.
         min_speedup: In latency-aware mode, the speed-up a layer must show at every setting.
-        quantize: ``"int8"``: onnxruntime dynamic int8 quantization after factorization.
+        quantize: ``"int8"``: onnxruntime dynamic int8 quantization after factorization, with its
+            defaults (one scale per weight); ``"int8-per-channel"``: one scale per output column.
     """
 
     energy: float | None = None

@@ -172,10 +172,10 @@ class OrtProbe:
             if key in self._memory:
                 return self._memory[key]
         dense, factored = _micro_model(case.k_in, case.k_out, None), _micro_model(case.k_in, case.k_out, case.rank)
-        if case.quantize == "int8":
-            from .quantize import quantize_int8
+        if case.quantize:
+            from .quantize import quantize
 
-            dense, factored = quantize_int8(dense), quantize_int8(factored)
+            dense, factored = quantize(dense, case.quantize), quantize(factored, case.quantize)
         sessions = [bench.make_session(m, case.threads) for m in (dense, factored)]
         x = np.random.default_rng(0).standard_normal((case.rows, case.k_in)).astype(np.float32)
         calls = [(lambda s=s: s.run(None, {"x": x})) for s in sessions]
@@ -321,7 +321,7 @@ def filter_plans(model: onnx.ModelProto, plans: Sequence[Any], *, threads: Seque
         threads, batch: The settings the model will run at.
         input_shape: Shapes for inputs with dynamic axes other than the batch.
         min_speedup: Required ``t_dense / t_factored`` per layer.
-        quantize: ``"int8"`` when the factors will be quantized (timed quantized then).
+        quantize: The ``--quantize`` mode when the factors will be quantized (timed quantized then).
         probe: What measures.
 
     Returns:

@@ -73,7 +73,7 @@ def test_cli_quantize_writes_a_smaller_valid_model(tmp_path, capsys):
     out, rep = tmp_path / "small.onnx", tmp_path / "r.json"
     assert main([str(src), "-o", str(out), "--rank", "6", "--min-params", "0", "--quantize", "int8", "--report", str(rep)]) == 0
     text = capsys.readouterr().out
-    assert "int8:          onnxruntime dynamic quantization; 4 of 4 factor(s) quantized" in text
+    assert "int8:          onnxruntime dynamic quantization (int8); 4 of 4 factor(s) quantized" in text
     onnx.checker.check_model(str(out), full_check=True)
     doc = json.loads(rep.read_text())
     assert doc["config"]["quantize"] == "int8" and doc["quantize"]["factors_quantized"] == 4
@@ -97,7 +97,7 @@ def test_quantize_with_latency_aware_times_int8_and_checks_against_int8_baseline
     probe = Probe()
     res = compress(model(), rank=6, min_params=0, quantize="int8", latency_aware=True, probe=probe)
     assert {c.quantize for c in probe.cases} == {"int8"}
-    assert res.sections["latency"]["baseline"] == "input quantized to int8"
+    assert res.sections["latency"]["baseline"] == "input quantized (int8)"
     baseline_ops = {n.op_type for n in probe.baselines[0].graph.node}
     assert baseline_ops & set(INTEGER_MATMULS)
     assert res.totals.factorized == 2
@@ -140,3 +140,39 @@ def test_verify_after_int8_on_an_in_memory_model_with_external_data(tmp_path):
     proto = onnx.load(str(src / "m.onnx"), load_external_data=False)
     res = compress(proto, base_dir=src, rank=8, min_params=0, quantize="int8", verify={"samples": 4, "input_shape": "x:2x128"})
     assert res.verification is not None and res.verification.samples == 4
+
+
+def _outlier_model() -> onnx.ModelProto:
+    # a rank-8 weight with a few output columns 50x larger than the rest, as trained transformers
+    # have: one int8 scale per tensor leaves the ordinary columns a handful of levels
+    w = lowrank(128, 96, 8, 3)
+    w[:, :4] *= 50.0
+    return make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], [vi("x", ["batch", 128])],
+                      [vi("y", ["batch", 96])], [init("W", w.astype(np.float32))])
+
+
+def test_int8_per_channel_quantizes_every_factor_with_column_scales_and_loses_less():
+    src = _outlier_model()
+    x = np.random.default_rng(4).standard_normal((64, 128)).astype(np.float32)
+    ref = _outputs(src, x)
+    per_tensor = compress(src, rank=8, min_params=0, quantize="int8")
+    per_channel = compress(src, rank=8, min_params=0, quantize="int8-per-channel")
+    onnx.checker.check_model(per_channel.model, full_check=True)
+    assert per_channel.sections["quantize"] == {"mode": "int8-per-channel", "factors": 2, "factors_quantized": 2,
+                                                "unquantized_factors": []}
+    scales = [t for t in per_channel.model.graph.initializer if t.name.endswith("_scale")]
+    assert sorted(int(np.prod(t.dims)) for t in scales) == [8, 96]  # one scale per output column of each factor
+    ordinary = slice(4, None)  # the columns the outliers crowd out
+    err_t = compare("y", ref[:, ordinary], _outputs(per_tensor.model, x)[:, ordinary]).rel_l2_error
+    err_c = compare("y", ref[:, ordinary], _outputs(per_channel.model, x)[:, ordinary]).rel_l2_error
+    assert err_c < err_t / 2
+
+
+def test_cli_quantize_per_channel_names_the_mode(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(model(), str(src))
+    out = tmp_path / "small.onnx"
+    assert main([str(src), "-o", str(out), "--rank", "6", "--min-params", "0", "--quantize", "int8-per-channel"]) == 0
+    assert "int8:          onnxruntime dynamic quantization (int8-per-channel); 4 of 4 factor(s) quantized" in capsys.readouterr().out
+    assert main([str(src), "-o", str(tmp_path / "x.onnx"), "--quantize", "int4"]) == 2
+    assert "int8-per-channel" in capsys.readouterr().err
