@@ -187,7 +187,7 @@ def compress(
     found = discover(proto, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
                      allow_input_weights=cfg.allow_input_weights)
     params_model_before = _count_params(proto)
-    feeds, calib_labels = _calibration(proto, cfg, calib=calib, calib_script=calib_script, labels=labels,
+    feeds = _calibration(proto, cfg, calib=calib, calib_script=calib_script, labels=labels,
                                        calib_batch=calib_batch)
     threads = None  # calibration runs use onnxruntime's own thread choice
     sections: dict[str, Any] = {}
@@ -208,8 +208,12 @@ def compress(
         from . import adaptive
 
         base = plan.BudgetBase.of(found, plans, cfg, params_model_before)
-        sections["adaptive"], adaptive_outputs = adaptive.decide_adaptive(proto, plans, cfg, base, feeds, calib_labels,
-                                                                          source_dir, threads=threads, progress=progress)
+        adaptive_feeds = feeds.head(cfg.adaptive_samples) if cfg.adaptive_samples is not None else feeds
+        sections["adaptive"], adaptive_outputs = adaptive.decide_adaptive(proto, plans, cfg, base, adaptive_feeds,
+                                                                          adaptive_feeds.labels, source_dir, threads=threads,
+                                                                          progress=progress)
+        if adaptive_outputs:
+            sections["adaptive"]["samples"] = int(np.shape(adaptive_outputs[0])[0]) if np.ndim(adaptive_outputs[0]) else 1
     elif cfg.has_budget:
         plan.decide_budget(plans, cfg, plan.BudgetBase.of(found, plans, cfg, params_model_before))
     else:
@@ -227,8 +231,8 @@ def compress(
             sections["refine"] = _refine(proto, plans, feeds, source_dir, cfg, threads, progress)
         plan.apply(proto, plans)
         if cfg.adaptive and adaptive_outputs is not None and any(p.factor_names for p in plans):
-            sections["adaptive"]["final_drop"] = _verify_final(proto, source_dir, feeds, calib_labels, adaptive_outputs,
-                                                               sections["adaptive"], threads)
+            sections["adaptive"]["final_drop"] = _verify_final(proto, source_dir, adaptive_feeds, adaptive_feeds.labels,
+                                                               adaptive_outputs, sections["adaptive"], threads)
         if cfg.quantize:
             proto, source_dir = _quantize(proto, source_dir, plans, sections, cfg.quantize)
         if cfg.latency_aware and any(p.factor_names for p in plans):
@@ -371,20 +375,19 @@ def _refine(proto: onnx.ModelProto, plans: list[plan.LayerPlan], feeds: Any, sou
 
 
 def _calibration(proto: onnx.ModelProto, cfg: CompressConfig, *, calib: Any, calib_script: str | None,
-                 labels: Any, calib_batch: int) -> tuple[Any, np.ndarray | None]:
-    """The calibration feeds and labels that data-aware and adaptive modes need (validated up front)."""
+                 labels: Any, calib_batch: int) -> Any:
+    """The calibration data (feeds and labels) that data-aware and adaptive modes need (validated up front)."""
     if not cfg.needs_calibration:
         if calib is not None or calib_script is not None:
             log.info("calibration data given but unused by rank selection: it serves --data-aware and --adaptive")
-        return None, None
+        return None
     flag = "--data-aware" if cfg.data_aware else "--adaptive" if cfg.adaptive else "--refine"
     if calib is None and calib_script is None:
         raise UsageError(f"{flag} needs calibration data: pass --calib data.npz (keys = the model's input names) "
                          f"or --calib-script file.py:func.")
     from .calibration import load_calibration
 
-    data = load_calibration(proto, calib, calib_script=calib_script, calib_batch=calib_batch, labels=labels)
-    return data, data.labels
+    return load_calibration(proto, calib, calib_script=calib_script, calib_batch=calib_batch, labels=labels)
 
 
 def _verify_final(proto: onnx.ModelProto, source_dir: Path | None, feeds: Any, labels: np.ndarray | None,

@@ -431,6 +431,26 @@ class CalibrationData:
             raise CalibrationError(f"{self._labels_from} holds {len(self.labels)} class ids but the calibration data ({self.description}) held {total} samples; expected one per sample.")
 
 
+    def head(self, n: int) -> "CalibrationData":
+        """The first ``n`` samples (the last feed cut short), with their labels; ``self`` if it holds no more."""
+        if self.samples is not None and self.samples <= n:
+            return self
+
+        def produce(_: int) -> Iterator[dict[str, np.ndarray]]:
+            left = n
+            for feed in self:
+                if left <= 0:
+                    return
+                k = feed_samples(feed)
+                yield feed if k <= left else {name: v[:left] if np.ndim(v) else v for name, v in feed.items()}
+                left -= k
+
+        labels = self.labels[:n] if self.labels is not None else None
+        samples = min(n, self.samples) if self.samples is not None else None
+        return CalibrationData(self.specs, produce, description=f"the first {n} samples of {self.description}", labels=labels,
+                               samples=samples, synthetic=self.synthetic, labels_from=self._labels_from)
+
+
 # produce(pass number) -> feeds, sample count, labels, and where feed i came from (for errors).
 Source = Tuple[Callable[[int], Iterable[Any]], int, Optional[np.ndarray], Callable[[int], str]]
 

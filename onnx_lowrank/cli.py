@@ -114,6 +114,9 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
     b.add_argument("--adaptive", action="store_true", default=None,
                    help="allocate ranks by sensitivity measured on --calib (goal: --max-drop, accuracy with labels "
                         "else mean output cosine; or a budget)")
+    b.add_argument("--adaptive-samples", type=_positive_int("--adaptive-samples"), metavar="N",
+                   help="with --adaptive: measure sensitivity on the first N calibration samples (default all; "
+                        "--data-aware statistics still use all)")
     b.add_argument("--refine", action="store_true", default=None,
                    help="after choosing ranks, refit the factors by least squares on --calib activations of the "
                         "compressed model, layer by layer in graph order")
@@ -223,7 +226,7 @@ def _compress_parser() -> argparse.ArgumentParser:
 
 _CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "conv_mode",
                  "allow_input_weights", "rank_rule", "target_params", "target_macs", "budget_scope", "data_aware", "damping",
-                 "calib_mask", "adaptive", "refine", "latency_aware", "threads", "batch", "input_shape", "min_speedup", "quantize")
+                 "calib_mask", "adaptive", "adaptive_samples", "refine", "latency_aware", "threads", "batch", "input_shape", "min_speedup", "quantize")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -433,3 +433,34 @@ def test_data_aware_only_flags_without_data_aware_are_an_error(flags, tmp_path, 
     onnx.save(chain_model(), str(p))
     assert main([str(p), "-o", str(tmp_path / "o.onnx"), *flags]) == 2
     assert "--data-aware" in capsys.readouterr().err and not (tmp_path / "o.onnx").exists()
+
+
+def test_adaptive_samples_measures_on_a_subset_while_statistics_use_all():
+    model = two_branch_model()
+    calib = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)} for _ in range(3)]
+    res = ol.compress(model, adaptive=True, data_aware=True, target_params=0.4, min_params=0, calib=calib, adaptive_samples=20)
+    sec = res.totals.extra["adaptive"]
+    assert sec["samples"] == 20
+    assert sec["ort_runs"] == sec["passes"]  # one feed of 20 per pass, not three of 32
+    assert res.totals.extra["data_aware"]["ort_runs"] == 3
+    assert res.totals.params_after <= 0.4 * res.totals.params_before
+
+
+def test_calibration_head_cuts_feeds_and_labels(tmp_path):
+    from onnx_lowrank.calibration import load_calibration
+
+    x = RNG.standard_normal((50, 64)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x, labels=np.arange(50) % 10)
+    data = load_calibration(two_branch_model(), tmp_path / "c.npz", calib_batch=16)
+    head = data.head(20)
+    got = np.concatenate([f["x"] for f in head])
+    assert np.array_equal(got, x[:20]) and head.samples == 20
+    assert list(head.labels) == list(np.arange(20) % 10)
+    assert data.head(500) is data
+
+
+@pytest.mark.parametrize("options, needle", [(dict(adaptive_samples=16), "add --adaptive"),
+                                             (dict(adaptive=True, max_drop=0.01, adaptive_samples=0), "positive integer")])
+def test_adaptive_samples_bad_input(options, needle):
+    with pytest.raises(ol.UsageError, match=needle):
+        ol.CompressConfig(**options)
