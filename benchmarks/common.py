@@ -69,8 +69,9 @@ def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int =
     return run_batches(sess, parts)[0]
 
 
-def classification_quality(model: onnx.ModelProto, x: np.ndarray, labels: np.ndarray, ref: np.ndarray | None = None) -> dict[str, float]:
-    out = run_model(model, {"pixels": x})
+def classification_quality(model: onnx.ModelProto, x: np.ndarray, labels: np.ndarray, ref: np.ndarray | None = None,
+                           key: str = "pixels") -> dict[str, float]:
+    out = run_model(model, {key: x})
     pred = out.argmax(1)
     q = {"accuracy": accuracy(pred, labels), "macro_f1": macro_f1(pred, labels)}
     if ref is not None:

@@ -1,28 +1,36 @@
 """Latency users feel: fp32 vs int8 vs low-rank vs low-rank + int8, in onnxruntime on this CPU.
 
-    python benchmarks/latency.py [--only mlp|minilm] [--quick]
+    python benchmarks/latency.py [--only mlp|cnn|minilm] [--quick]
 
 For each real model (``benchmarks/real_models.py``):
 
-* **fp32**: the input; **int8**: onnxruntime ``quantize_dynamic`` of it (what a user would do
-  otherwise);
-* **low-rank**: the pass at the model's energy, plain and in latency-aware mode (a layer is
-  factorized only where onnxruntime runs it faster at every thread count and batch below);
-* **low-rank + int8**: latency-aware, then ``--quantize int8``.
+* **fp32**: the input; **int8** and **int8-per-channel**: onnxruntime ``quantize_dynamic`` of it
+  with its defaults (one scale per weight: what a user would do otherwise) and with
+  ``per_channel=True`` (one scale per output column);
+* **low-rank**: the pass with the model's options (MLP and CNN: ``--energy 0.80``; MiniLM:
+  ``--data-aware --adaptive --target-params F`` on calibration text), plain and in latency-aware
+  mode (a layer is factorized only where onnxruntime runs it faster at every thread count and
+  batch below, and the whole model is checked against the input);
+* **low-rank + int8**: latency-aware, then ``--quantize int8`` or ``--quantize int8-per-channel``
+  (layers timed quantized, whole model checked against the input quantized the same way).
 
-Quality is measured on held-out data (MLP: accuracy on 1,000 digits; MiniLM: cosine of the
-sentence embedding to fp32 on held-out text).  Every speed-up is the median over interleaved
+Quality is measured on held-out data (MLP and CNN: accuracy on 1,000 digits; MiniLM: cosine of
+the sentence embedding to fp32 on held-out text).  Every speed-up is the median over interleaved
 pairs (A B, B A, ...) at a pinned thread count.  At batch 64 the profiler's per-layer times also
 give how much of the MAC reduction of the factorized layers shows up as speed-up.
 
+MiniLM's adaptive allocation measures each layer's sensitivity once (64 calibration texts); the
+variants and the budget sweep reuse those curves (same model, same data: the same measurement).
+
 Writes ``docs/benchmarks/latency_<model>.{md,json}``, ``latency_<model>.png`` and
-``minilm_pareto.png``.  Layer timings of latency-aware mode are cached in
+``<model>_pareto.png``.  Layer timings of latency-aware mode are cached in
 ``benchmarks/_work/latency-cache``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -31,33 +39,72 @@ import numpy as np
 import onnx
 
 from common import (DOCS, classification_quality, command_line, compress, count_params, embedding_quality, environment,
-                    file_size, kib, markdown_table, paired, quantize_int8, run_model, write)
+                    file_size, kib, markdown_table, paired, run_model, write)
 import real_models
+from onnx_lowrank import adaptive
+from onnx_lowrank.quantize import quantize
 
 os.environ.setdefault("ONNX_LOWRANK_CACHE_DIR", str(Path(real_models.WORK) / "latency-cache"))
 
 SEQ = 128
 MINILM_SHAPES = (f"input_ids:1x{SEQ},attention_mask:1x{SEQ},token_type_ids:1x{SEQ}",)
+QUANT = ("int8", "int8-per-channel")
 
 CONFIGS = {
-    "mlp": dict(title="MNIST MLP 784-512-256-10", energy=0.80, sweep=(0.80, 0.85, 0.90, 0.95), threads=(1, 2), batch=(1, 64),
-                input_shape=None, runs={1: 200, 64: 100}, profile_batch=64),
-    "minilm": dict(title=f"all-MiniLM-L6-v2, sequence {SEQ}", energy=0.97, sweep=(0.99, 0.97, 0.95, 0.90), threads=(1, 2),
-                   batch=(1, 8), input_shape=MINILM_SHAPES, runs={1: 40, 8: 12}, profile_batch=8),
+    "mlp": dict(title="MNIST MLP 784-512-256-10", options=dict(energy=0.80), flags="--energy 0.8",
+                sweep=[dict(energy=e) for e in (0.80, 0.85, 0.90, 0.95)], sweep_label="energy",
+                threads=(1, 2), batch=(1, 64), input_shape=None, runs={1: 200, 64: 100}, warmup={1: 10, 64: 10}),
+    "cnn": dict(title="MNIST CNN (3 convs + linear)", options=dict(energy=0.80, op_types=("Conv",)),
+                flags="--energy 0.8 --op-types Conv",
+                sweep=[dict(energy=e) for e in (0.70, 0.80, 0.90, 0.95)], sweep_label="energy",
+                threads=(1, 2), batch=(1, 64), input_shape=None, runs={1: 200, 64: 60}, warmup={1: 10, 64: 5}),
+    "minilm": dict(title=f"all-MiniLM-L6-v2, sequence {SEQ}", options=dict(target_params=0.85),
+                   flags="--data-aware --adaptive --target-params 0.85 --adaptive-samples 64 --calib-mask attention_mask",
+                   sweep=[dict(target_params=f) for f in (0.95, 0.9, 0.85, 0.8)], sweep_label="target params",
+                   threads=(1, 2), batch=(1, 64), input_shape=MINILM_SHAPES, runs={1: 40, 64: 8}, warmup={1: 10, 64: 2}),
 }
 
 
-def load(name: str, holdout_n: int | None):
-    if name == "mlp":
-        real = real_models.mnist_mlp()
+def load(name: str):
+    """The model, a quality function on held-out data, the quality key, and extra compress options."""
+    if name in ("mlp", "cnn"):
+        real = real_models.mnist_mlp() if name == "mlp" else real_models.mnist_cnn()
+        key = "pixels" if name == "mlp" else "image"
         h = np.load(real.holdout)
-        x, y = h["pixels"], h["labels"]
-        return onnx.load(str(real.onnx)), (lambda m, ref: classification_quality(m, x, y)), "accuracy"
+        x, y = h[key], h["labels"]
+        model = onnx.load(str(real.onnx))
+        return model, (lambda m: classification_quality(m, x, y, key=key)), "accuracy", {}
     real = real_models.minilm(SEQ)
-    feeds = {k: v[:holdout_n] for k, v in np.load(real.holdout).items()}
+    feeds = {k: v for k, v in np.load(real.holdout).items()}
     model = onnx.load(str(real.onnx))
     ref = run_model(model, feeds, batch=32)
-    return model, (lambda m, _ref: embedding_quality(m, feeds, ref)), "cosine_mean"
+    extra = dict(data_aware=True, adaptive=True, adaptive_samples=64, calib=str(real.calib), calib_mask="attention_mask")
+    return model, (lambda m: embedding_quality(m, feeds, ref)), "cosine_mean", extra
+
+
+class SensitivityOnce:
+    """Measure adaptive sensitivity once per model and data, reuse it for every variant (and on disk)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.curves = json.loads(path.read_text()) if path.exists() else {}
+        self._measure = adaptive.measure_sensitivity
+
+    def __enter__(self):
+        def cached(ev, plans, rank_multiple=1, progress=None):
+            names = [p.group.weight.name for p in plans]
+            if all(n in self.curves for n in names):
+                return [adaptive.Curve(*self.curves[n]) for n in names]
+            curves = self._measure(ev, plans, rank_multiple, progress)
+            self.curves.update({n: (c.ranks, c.sens) for n, c in zip(names, curves)})
+            self.path.write_text(json.dumps(self.curves))
+            return curves
+
+        adaptive.measure_sensitivity = cached
+        return self
+
+    def __exit__(self, *exc):
+        adaptive.measure_sensitivity = self._measure
 
 
 def mac_realization(dense: onnx.ModelProto, result, *, batch: int, input_shape, runs: int) -> dict:
@@ -72,54 +119,68 @@ def mac_realization(dense: onnx.ModelProto, result, *, batch: int, input_shape, 
     t_fact = sum(after.layers.get(n, 0.0) for n in names)
     macs_b = sum(d.macs_before for d in result.layers if d.factorized)
     macs_a = sum(d.macs_after for d in result.layers if d.factorized)
+    scope = "factorized layers"
+    if not (t_dense and t_fact):
+        # onnxruntime's NCHWc layout pass renames fused Conv nodes after their outputs, so Conv
+        # layers cannot be found by name: compare every node of the op type (factorized or not)
+        # plus the layout reorders, against the MACs of every layer of that type.
+        ops = {d.op_type for d in result.layers if d.factorized}
+
+        def of(prof):
+            return sum(t for op, t in prof.op_types.items() if any(o in op for o in ops) or op.startswith("Reorder"))
+
+        t_dense, t_fact = of(before), of(after)
+        macs_b = sum(d.macs_before for d in result.layers if d.op_type in ops)
+        macs_a = sum(d.macs_after for d in result.layers if d.op_type in ops)
+        scope = f"all {'/'.join(sorted(ops))} nodes and layout reorders"
     speed = t_dense / t_fact if t_fact else float("nan")
     mac = macs_b / macs_a if macs_a else float("nan")
-    return {"layers": len(names), "dense_us": t_dense, "factored_us": t_fact, "speedup": speed, "mac_reduction": mac,
+    return {"layers": len(names), "scope": scope, "dense_us": t_dense, "factored_us": t_fact, "speedup": speed, "mac_reduction": mac,
             "realized_fraction": speed / mac if mac == mac and mac else float("nan"), "profiled_runs": runs, "batch": batch}
 
 
 def run(name: str, quick: bool) -> None:
     cfg = CONFIGS[name]
-    model, quality, key = load(name, 128 if name == "minilm" else None)
+    model, quality, key, extra = load(name)
     threads, batches, shapes = cfg["threads"], cfg["batch"], cfg["input_shape"]
     runs = {b: max(3, r // 10) if quick else r for b, r in cfg["runs"].items()}
     lat_opts = dict(latency_aware=True, threads=threads, batch=batches, input_shape=shapes or ())
+    opts = {**cfg["options"], **extra}
     print(f"{name}: building variants", file=sys.stderr)
-    int8 = quantize_int8(model)
-    plain = compress(model, energy=cfg["energy"])
-    aware = compress(model, energy=cfg["energy"], **lat_opts)
-    both = compress(model, energy=cfg["energy"], quantize="int8", **lat_opts)
-    plain8 = compress(model, energy=cfg["energy"], quantize="int8")
-    e = cfg["energy"]
-    results = {f"low-rank {e}": plain, f"low-rank {e} + int8": plain8, f"low-rank {e} latency-aware": aware,
-               f"low-rank {e} latency-aware + int8": both}
-    variants = {"fp32": model, "int8": int8, **{k: r.model for k, r in results.items()}}
-    rows, data = [], {"model": cfg["title"], "energy": cfg["energy"], "variants": {}, "latency": [], "sweep": []}
-    base_q = None
+    with SensitivityOnce(Path(real_models.WORK) / f"{name}_latency_sensitivity.json"):
+        results = {"low-rank": compress(model, **opts), "low-rank latency-aware": compress(model, **opts, **lat_opts)}
+        for q in QUANT:
+            results[f"low-rank + {q}"] = compress(model, **opts, quantize=q)
+        for q in QUANT:
+            results[f"low-rank latency-aware + {q}"] = compress(model, **opts, **lat_opts, quantize=q)
+        sweep_results = [(point, compress(model, **{**opts, **point})) for point in cfg["sweep"]]
+    variants = {"fp32": model, **{q: quantize(model, q) for q in QUANT}, **{k: r.model for k, r in results.items()}}
+    rows, data = [], {"model": cfg["title"], "flags": cfg["flags"], "variants": {}, "latency": [], "sweep": []}
     for vname, m in variants.items():
-        q = quality(m, None)
-        base_q = base_q or q
+        q = quality(m)
         info = {"size": file_size(m), "params": count_params(m), **q}
-        if vname.startswith("low-rank"):
+        if vname in results:
             res = results[vname]
-            info["factorized"] = res.totals.factorized
-            info["layers"] = res.totals.layers
-            info["skips"] = sorted({d.reason.split(" (")[0] for d in res.layers if not d.factorized and d.reason})
-            info["latency_section"] = res.sections.get("latency")
-            info["quantize_section"] = res.sections.get("quantize")
+            info.update(factorized=res.totals.factorized, layers=res.totals.layers,
+                        weight_params_kept=res.totals.params_after / res.totals.params_before,
+                        skips=sorted({d.reason.split(" (")[0] for d in res.layers if not d.factorized and d.reason}),
+                        latency_section=res.sections.get("latency"), quantize_section=res.sections.get("quantize"),
+                        adaptive_section=res.sections.get("adaptive"))
         data["variants"][vname] = info
         print(f"  {vname}: {info['size']} bytes, {key} {q[key]:.4f}", file=sys.stderr)
         rows.append([vname, kib(info["size"]), f"{model.ByteSize() / info['size']:.2f}x", f"{q[key]:.4f}",
-                     f"{info.get('factorized', '-')}"])
-    qual_table = markdown_table(["variant", "file size", "smaller than fp32", key.replace("_", " "), "layers factorized"], rows)
+                     f"{info.get('factorized', '-')}", f"{info['weight_params_kept']:.3f}" if "weight_params_kept" in info else "-"])
+    qual_table = markdown_table(["variant", "file size", "smaller than fp32", key.replace("_", " "), "layers factorized",
+                                 "weight params kept"], rows)
 
-    pairs = [("fp32", v) for v in variants if v != "fp32"] + [("int8", f"low-rank {e} + int8"),
-                                                               ("int8", f"low-rank {e} latency-aware + int8")]
+    pairs = [("fp32", v) for v in variants if v != "fp32"]
+    pairs += [(q, f"low-rank{aware} + {q}") for q in QUANT for aware in ("", " latency-aware")]
+    pairs.append(("int8", "low-rank latency-aware + int8-per-channel"))
     lat_rows = []
     for t in threads:
         for b in batches:
             for a, bb in pairs:
-                r = paired(variants[a], variants[bb], threads=t, batch=b, runs=runs[b], input_shape=shapes)
+                r = paired(variants[a], variants[bb], threads=t, batch=b, runs=runs[b], warmup=cfg["warmup"][b], input_shape=shapes)
                 data["latency"].append({"threads": t, "batch": b, "baseline": a, "variant": bb, **r})
                 print(f"  t={t} b={b} {bb} vs {a}: x{r['speedup']:.2f}", file=sys.stderr)
                 lat_rows.append([t, b, f"{bb} vs {a}", f"{r['a_p50_ms']:.3f}", f"{r['b_p50_ms']:.3f}",
@@ -127,55 +188,58 @@ def run(name: str, quick: bool) -> None:
     lat_table = markdown_table(["threads", "batch", "comparison", "baseline p50 ms", "variant p50 ms",
                                 "speed-up (p10-p90)", "pairs"], lat_rows)
 
-    target = aware if aware.totals.factorized else plain
-    mac = mac_realization(model, target, batch=cfg["profile_batch"], input_shape=shapes, runs=max(5, runs[cfg["profile_batch"]]))
+    aware = results["low-rank latency-aware"]
+    target = aware if aware.totals.factorized else results["low-rank"]
+    pb = max(batches)
+    mac = mac_realization(model, target, batch=pb, input_shape=shapes, runs=max(5, runs[pb]))
     data["mac_realization"] = {"variant": "latency-aware" if target is aware else "plain", **mac}
 
     sweep_rows = []
-    for e in cfg["sweep"]:
-        res = compress(model, energy=e)
-        q = quality(res.model, None)
-        mq = quantize_int8(res.model)
-        qq = quality(mq, None)
-        entry = {"energy": e, "factorized": res.totals.factorized, "size": file_size(res.model), key: q[key],
-                 "int8_size": file_size(mq), f"int8_{key}": qq[key]}
+    for point, res in sweep_results:
+        q = quality(res.model)
+        entry = {**point, "factorized": res.totals.factorized, "size": file_size(res.model), key: q[key],
+                 "weight_params_kept": res.totals.params_after / res.totals.params_before}
+        for mode in QUANT:
+            mq = quantize(res.model, mode)
+            entry[f"{mode}_size"], entry[f"{mode}_{key}"] = file_size(mq), quality(mq)[key]
         data["sweep"].append(entry)
-        sweep_rows.append([f"{e:.2f}", res.totals.factorized, kib(entry["size"]), f"{q[key]:.4f}", kib(entry["int8_size"]),
-                           f"{qq[key]:.4f}"])
-    data["int8"] = {"size": file_size(int8), key: data["variants"]["int8"][key]}
-    data["fp32"] = {"size": file_size(model), key: data["variants"]["fp32"][key]}
-    sweep_table = markdown_table(["energy", "layers factorized", "low-rank size", key.replace("_", " "),
-                                  "low-rank + int8 size", f"{key.replace('_', ' ')} (+ int8)"], sweep_rows)
+        sweep_rows.append([f"{next(iter(point.values())):.2f}", res.totals.factorized, f"{entry['weight_params_kept']:.3f}",
+                           kib(entry["size"]), f"{q[key]:.4f}", kib(entry["int8_size"]), f"{entry[f'int8_{key}']:.4f}",
+                           f"{entry[f'int8-per-channel_{key}']:.4f}"])
+    for v in ("fp32", *QUANT):
+        data[v] = {"size": data["variants"][v]["size"], key: data["variants"][v][key]}
+    k = key.replace("_", " ")
+    sweep_table = markdown_table([cfg["sweep_label"], "layers factorized", "weight params kept", "low-rank size", k,
+                                  "+ int8 size", f"{k} (+ int8)", f"{k} (+ int8-per-channel)"], sweep_rows)
 
-    shape_note = f"inputs {MINILM_SHAPES[0].replace('1x', 'Bx')}" if shapes else "input pixels Bx784"
+    shape_note = f"inputs {MINILM_SHAPES[0].replace('1x', 'Bx')}" if shapes else "batch B"
     text = "\n".join([
         f"### {cfg['title']}: fp32, int8, low-rank, low-rank + int8",
         "",
-        f"Latency-aware mode settings: `--latency-aware --threads {','.join(map(str, threads))} "
+        f"Low-rank: `{cfg['flags']}`; latency-aware adds `--latency-aware --threads {','.join(map(str, threads))} "
         f"--batch {','.join(map(str, batches))}" + (f" --input-shape {MINILM_SHAPES[0]}`" if shapes else "`")
-        + f" at `--energy {cfg['energy']}`; {shape_note}.",
+        + f"; {shape_note}. Quality on held-out data.",
         "",
         qual_table,
         "",
         lat_table,
         "",
-        f"Factorized layers at batch {cfg['profile_batch']}, 1 thread ({data['mac_realization']['variant']} model, "
-        f"onnxruntime profiler, {mac['profiled_runs']} runs): {mac['layers']} layers, "
+        f"Factorized layers at batch {pb}, 1 thread ({data['mac_realization']['variant']} model, "
+        f"onnxruntime profiler, {mac['profiled_runs']} runs, timing {mac['scope']}): {mac['layers']} layers factorized, "
         f"x{mac['speedup']:.2f} faster against x{mac['mac_reduction']:.2f} fewer MACs: "
         f"{mac['realized_fraction']:.2f} of the MAC reduction realized.",
         "",
-        "Energy sweep (plain energy rule, quality and size only):",
+        f"Sweep (quality and size only; {cfg['sweep_label']} as in the low-rank flags):",
         "",
         sweep_table,
         "",
-        environment(threads, "pairs per row as listed, 10 warm-up runs each"),
+        environment(threads, "pairs per row as listed, " + ", ".join(f"{w} warm-up runs at batch {b}" for b, w in cfg["warmup"].items())),
         "",
         f"Command: `{command_line()}`",
     ])
     write(f"latency_{name}", text, data)
     plot_bars(name, cfg, data)
-    if name == "minilm":
-        plot_pareto(data, key)
+    plot_pareto(name, cfg, data, key)
 
 
 def plot_bars(name: str, cfg: dict, data: dict) -> None:
@@ -202,28 +266,34 @@ def plot_bars(name: str, cfg: dict, data: dict) -> None:
     fig.savefig(DOCS / f"latency_{name}.png")
 
 
-def plot_pareto(data: dict, key: str) -> None:
+def plot_pareto(name: str, cfg: dict, data: dict, key: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(5.8, 3.8), dpi=100)
     sw = data["sweep"]
-    ax.plot([e["size"] / 2**20 for e in sw], [e[key] for e in sw], "o-", label="low-rank (fp32)")
-    ax.plot([e["int8_size"] / 2**20 for e in sw], [e[f"int8_{key}"] for e in sw], "s-", label="low-rank + int8")
-    ax.plot([data["int8"]["size"] / 2**20], [data["int8"][key]], "^", ms=9, label="int8 only")
-    ax.plot([data["fp32"]["size"] / 2**20], [data["fp32"][key]], "k*", ms=10, label="fp32")
+    mib = 2 ** 20
+    ax.plot([e["size"] / mib for e in sw], [e[key] for e in sw], "o-", label="low-rank (fp32)")
+    for mode, mark in zip(QUANT, "sD"):
+        ax.plot([e[f"{mode}_size"] / mib for e in sw], [e[f"{mode}_{key}"] for e in sw], mark + "-", ms=4,
+                label=f"low-rank + {mode}")
+        ax.plot([data[mode]["size"] / mib], [data[mode][key]], mark, ms=10, mfc="none", label=f"{mode} only")
+    ax.plot([data["fp32"]["size"] / mib], [data["fp32"][key]], "k*", ms=10, label="fp32")
     for e in sw:
-        ax.annotate(f"{e['energy']:.2f}", (e["size"] / 2**20, e[key]), fontsize=7, xytext=(3, -9), textcoords="offset points")
-    ax.axhline(0.95, color="gray", lw=0.6, ls="--")
+        ax.annotate(f"{e['weight_params_kept']:.2f}", (e["size"] / mib, e[key]), fontsize=7, xytext=(3, -9),
+                    textcoords="offset points")
+    if key == "cosine_mean":
+        ax.axhline(0.95, color="gray", lw=0.6, ls="--")
     ax.set_xlabel("file size (MiB)")
-    ax.set_ylabel("held-out embedding cosine to fp32")
-    ax.set_title("all-MiniLM-L6-v2: quality vs size (labels: energy)", fontsize=10)
+    ax.set_ylabel("held-out embedding cosine to fp32" if key == "cosine_mean" else "held-out accuracy")
+    ax.set_title(f"{cfg['title']}: quality vs size\n(labels: fraction of weight parameters kept)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(DOCS / "minilm_pareto.png")
+    fig.savefig(DOCS / f"{name}_pareto.png")
+    plt.close(fig)
 
 
 def main() -> None:

