@@ -19,11 +19,12 @@ the sentence embedding to fp32 on held-out text).  Every speed-up is the median 
 pairs (A B, B A, ...) at a pinned thread count.  At batch 64 the profiler's per-layer times also
 give how much of the MAC reduction of the factorized layers shows up as speed-up.
 
-MiniLM's adaptive allocation measures each layer's sensitivity once (64 calibration texts); the
-variants and the budget sweep reuse those curves (same model, same data: the same measurement).
+MiniLM's data-aware statistics (all calibration texts) and adaptive sensitivity (the first 128) are
+measured once; the variants and the budget sweep reuse them (same model, same data: the same
+measurement).
 
-Writes ``docs/benchmarks/latency_<model>.{md,json}``, ``latency_<model>.png`` and
-``<model>_pareto.png``.  Layer timings of latency-aware mode are cached in
+Writes ``docs/benchmarks/latency_<model>.{md,json}``, ``latency_<model>.png`` (speed-ups) and
+``latency_<model>_pareto.png`` (quality vs size).  Layer timings of latency-aware mode are cached in
 ``benchmarks/_work/latency-cache``.
 """
 
@@ -41,7 +42,7 @@ import onnx
 from common import (DOCS, classification_quality, command_line, compress, count_params, embedding_quality, environment,
                     file_size, kib, markdown_table, paired, run_model, write)
 import real_models
-from onnx_lowrank import adaptive
+from onnx_lowrank import activations, adaptive
 from onnx_lowrank.quantize import quantize
 
 os.environ.setdefault("ONNX_LOWRANK_CACHE_DIR", str(Path(real_models.WORK) / "latency-cache"))
@@ -58,10 +59,14 @@ CONFIGS = {
                 flags="--energy 0.8 --op-types Conv",
                 sweep=[dict(energy=e) for e in (0.70, 0.80, 0.90, 0.95)], sweep_label="energy",
                 threads=(1, 2), batch=(1, 64), input_shape=None, runs={1: 200, 64: 60}, warmup={1: 10, 64: 5}),
-    "minilm": dict(title=f"all-MiniLM-L6-v2, sequence {SEQ}", options=dict(target_params=0.85),
-                   flags="--data-aware --adaptive --target-params 0.85 --adaptive-samples 64 --calib-mask attention_mask",
-                   sweep=[dict(target_params=f) for f in (0.95, 0.9, 0.85, 0.8)], sweep_label="target params",
-                   threads=(1, 2), batch=(1, 64), input_shape=MINILM_SHAPES, runs={1: 40, 64: 8}, warmup={1: 10, 64: 2}),
+    "minilm": dict(title=f"all-MiniLM-L6-v2, sequence {SEQ}", options=dict(target_params=0.8),
+                   flags="--data-aware --adaptive --target-params 0.8 --adaptive-samples 128 --calib-mask attention_mask",
+                   sweep=[dict(target_params=f) for f in (0.95, 0.9, 0.85, 0.8, 0.7)], sweep_label="target params",
+                   threads=(1, 2), batch=(1, 64), input_shape=MINILM_SHAPES, runs={1: 40, 64: 6}, warmup={1: 5, 64: 1},
+                   # one batch-64 run takes seconds here: time the comparisons the targets need, not every pair
+                   pairs=[("fp32", "int8"), ("fp32", "int8-per-channel"), ("fp32", "low-rank"), ("fp32", "low-rank latency-aware"),
+                          ("int8", "low-rank latency-aware + int8"), ("int8-per-channel", "low-rank latency-aware + int8-per-channel"),
+                          ("int8", "low-rank latency-aware + int8-per-channel")]),
 }
 
 
@@ -78,33 +83,48 @@ def load(name: str):
     feeds = {k: v for k, v in np.load(real.holdout).items()}
     model = onnx.load(str(real.onnx))
     ref = run_model(model, feeds, batch=32)
-    extra = dict(data_aware=True, adaptive=True, adaptive_samples=64, calib=str(real.calib), calib_mask="attention_mask")
+    extra = dict(data_aware=True, adaptive=True, adaptive_samples=128, calib=str(real.calib), calib_mask="attention_mask")
     return model, (lambda m: embedding_quality(m, feeds, ref)), "cosine_mean", extra
 
 
-class SensitivityOnce:
-    """Measure adaptive sensitivity once per model and data, reuse it for every variant (and on disk)."""
+class MeasureOnce:
+    """Measure once per model and data, reuse for every variant: the activation statistics of
+    ``--data-aware`` (in memory) and the adaptive sensitivity curves (also on disk)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.curves = json.loads(path.read_text()) if path.exists() else {}
-        self._measure = adaptive.measure_sensitivity
+        self.captures: dict[tuple[str, ...], tuple] = {}
+        self._measure, self._capture = adaptive.measure_sensitivity, activations.capture_grams
+
+    def sensitivity(self, ev, plans, rank_multiple=1, progress=None):
+        names = [p.group.weight.name for p in plans]
+        if all(n in self.curves for n in names):
+            return [adaptive.Curve(*self.curves[n]) for n in names]
+        curves = self._measure(ev, plans, rank_multiple, progress)
+        self.curves.update({n: (c.ranks, c.sens) for n, c in zip(names, curves)})
+        self.path.write_text(json.dumps(self.curves))
+        return curves
+
+    def capture(self, model, groups, feeds, source_dir, **kw):
+        names = tuple(g.weight.name for g in groups)
+        if names not in self.captures:
+            cap = self._capture(model, groups, feeds, source_dir, **kw)
+            by_id = {id(g): g.weight.name for g in groups}
+            self.captures[names] = (cap, {by_id[k]: v for k, v in cap.grams.items()}, {by_id[k]: v for k, v in cap.rows.items()},
+                                    {by_id[k]: v for k, v in cap.skipped.items()})
+        cap, grams, rows, skipped = self.captures[names]
+        return activations.Capture(grams={id(g): grams[g.weight.name] for g in groups if g.weight.name in grams},
+                                   rows={id(g): rows[g.weight.name] for g in groups if g.weight.name in rows},
+                                   skipped={id(g): skipped[g.weight.name] for g in groups if g.weight.name in skipped},
+                                   runs=cap.runs, masked=cap.masked)
 
     def __enter__(self):
-        def cached(ev, plans, rank_multiple=1, progress=None):
-            names = [p.group.weight.name for p in plans]
-            if all(n in self.curves for n in names):
-                return [adaptive.Curve(*self.curves[n]) for n in names]
-            curves = self._measure(ev, plans, rank_multiple, progress)
-            self.curves.update({n: (c.ranks, c.sens) for n, c in zip(names, curves)})
-            self.path.write_text(json.dumps(self.curves))
-            return curves
-
-        adaptive.measure_sensitivity = cached
+        adaptive.measure_sensitivity, activations.capture_grams = self.sensitivity, self.capture
         return self
 
     def __exit__(self, *exc):
-        adaptive.measure_sensitivity = self._measure
+        adaptive.measure_sensitivity, activations.capture_grams = self._measure, self._capture
 
 
 def mac_realization(dense: onnx.ModelProto, result, *, batch: int, input_shape, runs: int) -> dict:
@@ -147,7 +167,7 @@ def run(name: str, quick: bool) -> None:
     lat_opts = dict(latency_aware=True, threads=threads, batch=batches, input_shape=shapes or ())
     opts = {**cfg["options"], **extra}
     print(f"{name}: building variants", file=sys.stderr)
-    with SensitivityOnce(Path(real_models.WORK) / f"{name}_latency_sensitivity.json"):
+    with MeasureOnce(Path(real_models.WORK) / f"{name}_latency_sensitivity.json"):
         results = {"low-rank": compress(model, **opts), "low-rank latency-aware": compress(model, **opts, **lat_opts)}
         for q in QUANT:
             results[f"low-rank + {q}"] = compress(model, **opts, quantize=q)
@@ -173,9 +193,11 @@ def run(name: str, quick: bool) -> None:
     qual_table = markdown_table(["variant", "file size", "smaller than fp32", key.replace("_", " "), "layers factorized",
                                  "weight params kept"], rows)
 
-    pairs = [("fp32", v) for v in variants if v != "fp32"]
-    pairs += [(q, f"low-rank{aware} + {q}") for q in QUANT for aware in ("", " latency-aware")]
-    pairs.append(("int8", "low-rank latency-aware + int8-per-channel"))
+    pairs = cfg.get("pairs")
+    if pairs is None:
+        pairs = [("fp32", v) for v in variants if v != "fp32"]
+        pairs += [(q, f"low-rank{aware} + {q}") for q in QUANT for aware in ("", " latency-aware")]
+        pairs.append(("int8", "low-rank latency-aware + int8-per-channel"))
     lat_rows = []
     for t in threads:
         for b in batches:
@@ -248,22 +270,25 @@ def plot_bars(name: str, cfg: dict, data: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [v for v in data["variants"] if v != "fp32"]
+    series = list(dict.fromkeys((e["baseline"], e["variant"]) for e in data["latency"]))
     settings = sorted({(e["threads"], e["batch"]) for e in data["latency"]})
-    fig, ax = plt.subplots(figsize=(6.5, 3.4), dpi=100)
-    width = 0.8 / len(series)
-    for k, v in enumerate(series):
-        ys = [next(e["speedup"] for e in data["latency"] if e["baseline"] == "fp32" and e["variant"] == v
-                   and (e["threads"], e["batch"]) == s) for s in settings]
-        ax.bar(np.arange(len(settings)) + (k - (len(series) - 1) / 2) * width, ys, width, label=v)
+    fig, ax = plt.subplots(figsize=(11, 4.2), dpi=100)
+    width = 0.85 / len(series)
+    colors = plt.cm.tab20(np.linspace(0, 1, max(len(series), 2)))
+    for k, (base, v) in enumerate(series):
+        ys = [next((e["speedup"] for e in data["latency"] if (e["baseline"], e["variant"], e["threads"], e["batch"]) == (base, v, *st)),
+                   np.nan) for st in settings]
+        ax.bar(np.arange(len(settings)) + (k - (len(series) - 1) / 2) * width, ys, width, color=colors[k],
+               label=f"{v} vs {base}", hatch="//" if base != "fp32" else None)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(np.arange(len(settings)), [f"{t} thr, batch {b}" for t, b in settings], fontsize=8)
-    ax.set_ylabel("speed-up over fp32 (median of pairs)")
-    ax.set_title(f"{cfg['title']}: onnxruntime CPU latency", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.set_ylabel("speed-up (median of interleaved pairs)")
+    ax.set_title(f"{cfg['title']}: onnxruntime CPU latency (hatched: against int8 alone)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(DOCS / f"latency_{name}.png")
+    plt.close(fig)
 
 
 def plot_pareto(name: str, cfg: dict, data: dict, key: str) -> None:
@@ -292,7 +317,7 @@ def plot_pareto(name: str, cfg: dict, data: dict, key: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(DOCS / f"{name}_pareto.png")
+    fig.savefig(DOCS / f"latency_{name}_pareto.png")
     plt.close(fig)
 
 
