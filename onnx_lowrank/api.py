@@ -212,8 +212,8 @@ def compress(
         sections["adaptive"], adaptive_outputs = adaptive.decide_adaptive(proto, plans, cfg, base, adaptive_feeds,
                                                                           adaptive_feeds.labels, source_dir, threads=threads,
                                                                           progress=progress)
-        if adaptive_outputs:
-            sections["adaptive"]["samples"] = int(np.shape(adaptive_outputs[0])[0]) if np.ndim(adaptive_outputs[0]) else 1
+        if adaptive_feeds.samples is not None:
+            sections["adaptive"]["samples"] = adaptive_feeds.samples
     elif cfg.has_budget:
         plan.decide_budget(plans, cfg, plan.BudgetBase.of(found, plans, cfg, params_model_before))
     else:

@@ -432,23 +432,32 @@ class CalibrationData:
 
 
     def head(self, n: int) -> "CalibrationData":
-        """The first ``n`` samples (the last feed cut short), with their labels; ``self`` if it holds no more."""
-        if self.samples is not None and self.samples <= n:
+        """The first feeds holding at least ``n`` samples (whole feeds: none is cut), with their labels.
+
+        Returns ``self`` when it holds no more than that.  Feeds are never sliced, so inputs
+        without a batch axis and models with a fixed batch size stay valid.
+        """
+        feeds = total = 0
+        for feed in self:
+            feeds += 1
+            total += feed_samples(feed)
+            if total >= n:
+                break
+        if total < n or (self.samples is not None and total >= self.samples):
+            if self.samples is None:
+                self.samples = total  # read to the end: now known
             return self
 
         def produce(_: int) -> Iterator[dict[str, np.ndarray]]:
-            left = n
-            for feed in self:
-                if left <= 0:
+            for k, feed in enumerate(self, start=1):
+                yield feed
+                if k == feeds:
                     return
-                k = feed_samples(feed)
-                yield feed if k <= left else {name: v[:left] if np.ndim(v) else v for name, v in feed.items()}
-                left -= k
 
-        labels = self.labels[:n] if self.labels is not None else None
-        samples = min(n, self.samples) if self.samples is not None else None
-        return CalibrationData(self.specs, produce, description=f"the first {n} samples of {self.description}", labels=labels,
-                               samples=samples, synthetic=self.synthetic, labels_from=self._labels_from)
+        labels = self.labels[:total] if self.labels is not None else None
+        return CalibrationData(self.specs, produce, description=f"the first {total} samples of {self.description}",
+                               labels=labels, samples=total, synthetic=self.synthetic, where=self._where,
+                               labels_from=self._labels_from)
 
 
 # produce(pass number) -> feeds, sample count, labels, and where feed i came from (for errors).

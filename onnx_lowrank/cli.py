@@ -115,8 +115,8 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
                    help="allocate ranks by sensitivity measured on --calib (goal: --max-drop, accuracy with labels "
                         "else mean output cosine; or a budget)")
     b.add_argument("--adaptive-samples", type=_positive_int("--adaptive-samples"), metavar="N",
-                   help="with --adaptive: measure sensitivity on the first N calibration samples (default all; "
-                        "--data-aware statistics still use all)")
+                   help="with --adaptive: measure sensitivity, search and check on the first N calibration samples, "
+                        "rounded up to whole feeds (default all; --data-aware statistics and verification use all)")
     b.add_argument("--refine", action="store_true", default=None,
                    help="after choosing ranks, refit the factors by least squares on --calib activations of the "
                         "compressed model, layer by layer in graph order")
@@ -145,7 +145,8 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
                      help="speed-up a layer must show at every setting in latency-aware mode (default 1.1)")
     lat.add_argument("--quantize", choices=list(QUANTIZE_MODES),
                      help="onnxruntime dynamic int8 quantization after factorization: int8 (onnxruntime's defaults, one scale "
-                          "per weight) or int8-per-channel (one scale per output column; better quality, same size)")
+                          "per weight) or int8-per-channel (one scale per output column of MatMul/Gemm weights; "
+                          "better quality, same size; Conv kernels keep one scale)")
 
 
 def _add_verify_options(p: argparse.ArgumentParser, title: str, *, run_settings: bool = True) -> None:

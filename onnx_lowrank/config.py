@@ -63,10 +63,11 @@ class CompressConfig:
             leave out of the activation statistics.
         adaptive: Allocate ranks by measured sensitivity on the calibration data (needs
             calibration data, and ``max_drop`` or a budget).
-        adaptive_samples: With ``adaptive``: measure sensitivity and search on the first this
-            many calibration samples only (``None``: all of them).  The activation statistics of
-            ``data_aware`` still use every sample; sensitivity costs about ``7 L`` passes for ``L``
-            layers, so a subset keeps it affordable.
+        adaptive_samples: With ``adaptive``: measure sensitivity, search and check on the first
+            calibration feeds holding this many samples (whole feeds; ``None``: all of them).
+            The activation statistics of ``data_aware`` and the verification gate still use
+            every sample; sensitivity costs about ``7 L`` passes for ``L`` layers, so a subset
+            keeps it affordable.
         max_drop: With ``adaptive``: the largest allowed drop of the quality metric on the
             calibration data (accuracy with labels, else mean output cosine), e.g. 0.005.
         refine: After the ranks are chosen, refit both factors of every MatMul/Gemm layer by

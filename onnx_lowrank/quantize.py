@@ -20,7 +20,8 @@ scales follow the singular values, often across two orders of magnitude.  With o
 whole tensor the columns of the small singular values get a handful of int8 levels; one scale per
 column gives each direction its own range.  Dense trained weights have outlier columns too, so
 per-channel also helps int8 alone (all-MiniLM-L6-v2, held-out text: mean embedding cosine 0.961
-per-tensor, 0.993 per-channel, at the same size).
+per-tensor, 0.993 per-channel, at the same size).  onnxruntime applies per-channel scales to
+MatMul weights only; Conv kernels (``ConvInteger``) keep one scale per tensor.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _check_float32(model: onnx.ModelProto) -> None:
         t = v.type.tensor_type
         if v.type.HasField("tensor_type") and t.elem_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE):
             name = TensorProto.DataType.Name(t.elem_type)
-            raise UsageError(f"--quantize int8 needs a float32 model; input '{v.name}' is {name}. "
+            raise UsageError(f"--quantize needs a float32 model; input '{v.name}' is {name}. "
                              "Quantize the float32 export, or drop --quantize.")
 
 
@@ -110,7 +111,7 @@ def quantize_int8(model: onnx.ModelProto, *, base_dir: str | os.PathLike | None 
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
-        raise UsageError(f"--quantize int8 needs onnxruntime's quantization tools ({exc}).") from None
+        raise UsageError(f"--quantize needs onnxruntime's quantization tools ({exc}).") from None
     _check_float32(model)
     large = io.uses_external_data(model) or model.ByteSize() > io.PROTOBUF_LIMIT // 2
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-int8-") as tmp:

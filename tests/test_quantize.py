@@ -81,7 +81,8 @@ def test_cli_quantize_writes_a_smaller_valid_model(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json", "small.onnx"]
 
 
-def test_quantize_with_latency_aware_times_int8_and_checks_against_int8_baseline():
+@pytest.mark.parametrize("mode", ["int8", "int8-per-channel"])
+def test_quantize_with_latency_aware_times_int8_and_checks_against_int8_baseline(mode):
     class Probe:
         def __init__(self):
             self.cases, self.baselines = [], []
@@ -95,11 +96,14 @@ def test_quantize_with_latency_aware_times_int8_and_checks_against_int8_baseline
             return 1.2
 
     probe = Probe()
-    res = compress(model(), rank=6, min_params=0, quantize="int8", latency_aware=True, probe=probe)
-    assert {c.quantize for c in probe.cases} == {"int8"}
-    assert res.sections["latency"]["baseline"] == "input quantized (int8)"
+    res = compress(model(), rank=6, min_params=0, quantize=mode, latency_aware=True, probe=probe)
+    assert {c.quantize for c in probe.cases} == {mode}
+    assert res.sections["latency"]["baseline"] == f"input quantized ({mode})"
     baseline_ops = {n.op_type for n in probe.baselines[0].graph.node}
     assert baseline_ops & set(INTEGER_MATMULS)
+    # the baseline is quantized the same way: one scale per column of the 96-wide W1 only per channel
+    scale_sizes = {int(np.prod(t.dims)) for t in probe.baselines[0].graph.initializer if t.name.endswith("_scale")}
+    assert (96 in scale_sizes) == (mode == "int8-per-channel")
     assert res.totals.factorized == 2
 
 

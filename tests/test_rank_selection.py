@@ -440,23 +440,33 @@ def test_adaptive_samples_measures_on_a_subset_while_statistics_use_all():
     calib = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)} for _ in range(3)]
     res = ol.compress(model, adaptive=True, data_aware=True, target_params=0.4, min_params=0, calib=calib, adaptive_samples=20)
     sec = res.totals.extra["adaptive"]
-    assert sec["samples"] == 20
-    assert sec["ort_runs"] == sec["passes"]  # one feed of 20 per pass, not three of 32
+    assert sec["samples"] == 32  # rounded up to the whole first feed
+    assert sec["ort_runs"] == sec["passes"]  # one feed per pass, not three
     assert res.totals.extra["data_aware"]["ort_runs"] == 3
     assert res.totals.params_after <= 0.4 * res.totals.params_before
 
 
-def test_calibration_head_cuts_feeds_and_labels(tmp_path):
+def test_calibration_head_takes_whole_feeds_and_their_labels(tmp_path):
     from onnx_lowrank.calibration import load_calibration
 
     x = RNG.standard_normal((50, 64)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x, labels=np.arange(50) % 10)
     data = load_calibration(two_branch_model(), tmp_path / "c.npz", calib_batch=16)
-    head = data.head(20)
-    got = np.concatenate([f["x"] for f in head])
-    assert np.array_equal(got, x[:20]) and head.samples == 20
-    assert list(head.labels) == list(np.arange(20) % 10)
-    assert data.head(500) is data
+    head = data.head(20)  # two feeds of 16: none is cut (fixed-batch models and batch-less inputs stay valid)
+    got = [f["x"] for f in head]
+    assert [len(g) for g in got] == [16, 16] and np.array_equal(np.concatenate(got), x[:32])
+    assert head.samples == 32 and list(head.labels) == list(np.arange(32) % 10)
+    assert [len(f["x"]) for f in head] == [16, 16]  # every pass reads the same feeds
+    assert data.head(50) is data and data.head(500) is data
+
+
+def test_calibration_head_of_a_list_learns_its_size():
+    from onnx_lowrank.calibration import load_calibration
+
+    feeds = [{"x": RNG.standard_normal((8, 64)).astype(np.float32)} for _ in range(3)]
+    data = load_calibration(two_branch_model(), feeds)
+    assert data.head(10).samples == 16
+    assert data.head(100) is data and data.samples == 24
 
 
 @pytest.mark.parametrize("options, needle", [(dict(adaptive_samples=16), "add --adaptive"),
