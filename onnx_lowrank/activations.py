@@ -148,35 +148,17 @@ def capture_grams(
     """
     cap = Capture()
     graph_inputs = {i.name for i in model.graph.input}
+    plan, cap.skipped = _layer_inputs(groups, model.graph)
     wanted: dict[tuple[str, int], list[int]] = {}  # (activation, axis) -> groups using it
-    plan: dict[int, tuple[str, list[tuple[str, int]]]] = {}
-    for group in groups:
-        sides = set()
-        acts = []
-        for layer in group.layers:
-            if layer.graph is not model.graph:
-                cap.skipped[id(group)] = "data-aware: the layer is inside a subgraph, whose activations are not captured; plain SVD used"
-                break
-            side, axis = layer_side(layer)
-            sides.add(side)
-            acts.append((layer.node.input[1 - layer.weight_index], axis))
-        else:
-            if len(sides) > 1:
-                cap.skipped[id(group)] = "data-aware: the weight's users meet it from different sides; plain SVD used"
-                continue
-            plan[id(group)] = (sides.pop(), acts)
-            for key in acts:
-                wanted.setdefault(key, []).append(id(group))
+    for gid, (_, acts) in plan.items():
+        for key in acts:
+            wanted.setdefault(key, []).append(gid)
     if not plan:
         return cap
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    outputs = {o.name for o in probe.graph.output}
-    fetch = sorted({name for name, _ in wanted if name not in graph_inputs})
-    for name in fetch:
-        if name not in outputs:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    fetch = _expose(probe, {name for name, _ in wanted if name not in graph_inputs})
     sums: dict[tuple[str, int], np.ndarray] = {}
     counts: dict[tuple[str, int], int] = {}
     total = len(feeds) if hasattr(feeds, "__len__") else 0  # type: ignore[arg-type]
@@ -258,16 +240,32 @@ class RefitStats:
     runs: int = 0
 
 
-def _layer_inputs(groups: list[WeightGroup], graph: onnx.GraphProto) -> dict[int, tuple[str, list[tuple[str, int]]]]:
+def _layer_inputs(groups: list[WeightGroup], graph: onnx.GraphProto
+                  ) -> tuple[dict[int, tuple[str, list[tuple[str, int]]]], dict[int, str]]:
+    """Per group ``id``: the side its users meet the weight from and their ``(activation, axis)``
+    inputs; and, for the groups left out, why (the plain SVD is used for them)."""
     plan: dict[int, tuple[str, list[tuple[str, int]]]] = {}
+    skipped: dict[int, str] = {}
     for group in groups:
         if any(layer.graph is not graph for layer in group.layers):
+            skipped[id(group)] = "data-aware: the layer is inside a subgraph, whose activations are not captured; plain SVD used"
             continue
         sides = {layer_side(layer)[0] for layer in group.layers}
         if len(sides) != 1:
+            skipped[id(group)] = "data-aware: the weight's users meet it from different sides; plain SVD used"
             continue
         plan[id(group)] = (sides.pop(), [(l.node.input[1 - l.weight_index], layer_side(l)[1]) for l in group.layers])
-    return plan
+    return plan, skipped
+
+
+def _expose(probe: onnx.ModelProto, names: set[str]) -> list[str]:
+    """Make the values ``names`` graph outputs of ``probe`` (in place); returns them sorted, to fetch."""
+    outputs = {o.name for o in probe.graph.output}
+    fetch = sorted(names)
+    for name in fetch:
+        if name not in outputs:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    return fetch
 
 
 def capture_refit_stats(
@@ -301,17 +299,13 @@ def capture_refit_stats(
         CalibrationError: no feeds, or the mask input is not fed.
     """
     stats = RefitStats()
-    plan = _layer_inputs(groups, model.graph)
+    plan, _ = _layer_inputs(groups, model.graph)
     if not plan:
         return stats
     graph_inputs = {i.name for i in model.graph.input}
     keys = sorted({key for _, acts in plan.values() for key in acts})
-    fetch = sorted({name for name, _ in keys if name not in graph_inputs})
     probe = overridable(model, replaced)
-    outputs = {o.name for o in probe.graph.output}
-    for name in fetch:
-        if name not in outputs:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    fetch = _expose(probe, {name for name, _ in keys if name not in graph_inputs})
     gsum: dict[tuple[str, int], np.ndarray] = {}
     csum: dict[tuple[str, int], np.ndarray] = {}
     overrides = {k: np.asarray(v) for k, v in replaced.items()}

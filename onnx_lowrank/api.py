@@ -231,8 +231,8 @@ def compress(
             sections["refine"] = _refine(proto, plans, feeds, source_dir, cfg, threads, progress)
         plan.apply(proto, plans)
         if cfg.adaptive and adaptive_outputs is not None and any(p.factor_names for p in plans):
-            sections["adaptive"]["final_drop"] = _verify_final(proto, source_dir, adaptive_feeds, adaptive_feeds.labels,
-                                                               adaptive_outputs, sections["adaptive"], threads)
+            sections["adaptive"]["final_drop"] = _verify_final(proto, source_dir, adaptive_feeds, adaptive_outputs,
+                                                               sections["adaptive"], threads)
         if cfg.quantize:
             proto, source_dir = _quantize(proto, source_dir, plans, sections, cfg.quantize)
         if cfg.latency_aware and any(p.factor_names for p in plans):
@@ -390,8 +390,8 @@ def _calibration(proto: onnx.ModelProto, cfg: CompressConfig, *, calib: Any, cal
     return load_calibration(proto, calib, calib_script=calib_script, calib_batch=calib_batch, labels=labels)
 
 
-def _verify_final(proto: onnx.ModelProto, source_dir: Path | None, feeds: Any, labels: np.ndarray | None,
-                  original: list[np.ndarray], section: dict[str, Any], threads: int | None) -> float:
+def _verify_final(proto: onnx.ModelProto, source_dir: Path | None, feeds: Any, original: list[np.ndarray],
+                  section: dict[str, Any], threads: int | None) -> float:
     """Run the rewritten model on the calibration set: the drop the user actually gets."""
     from .adaptive import quality_drop
     from .verify import run_batches
@@ -400,7 +400,7 @@ def _verify_final(proto: onnx.ModelProto, source_dir: Path | None, feeds: Any, l
         outs = run_batches(sess, feeds)
     section["ort_runs"] = section.get("ort_runs", 0) + sum(1 for _ in feeds)
     section["passes"] = section.get("passes", 0) + 1
-    drop = quality_drop(original, outs, labels)[1]
+    drop = quality_drop(original, outs, feeds.labels)[1]
     if section.get("max_drop") is not None and drop > section["max_drop"] + 1e-6:
         log.warning("the rewritten model loses %.5f on the calibration set, above --max-drop %g", drop, section["max_drop"])
     return drop

@@ -83,14 +83,20 @@ def _compressed(model, found, factors):
     return m
 
 
-def test_propagated_refit_lowers_the_chain_output_error():
-    # x -> W0 -> Relu -> W1 -> Relu -> W2 -> y, all three truncated in the whitened space.
+def _chain_problem():
+    # x -> W0 -> Relu -> W1 -> Relu -> W2 -> y with calibration and held-out data and its statistics
     model = chain_model()
     found = discover(model, min_params=0)
     calib = [{"x": anisotropic(200, 96, seed=s)} for s in (11, 12)]
     held = {"x": anisotropic(400, 96, seed=13)}
     cap = capture_grams(model, found.groups, calib, None)
     weights = {id(g): onnx.numpy_helper.to_array(g.weight.tensor) for g in found.groups}
+    return model, found, calib, held, cap, weights
+
+
+def test_propagated_refit_lowers_the_chain_output_error():
+    # x -> W0 -> Relu -> W1 -> Relu -> W2 -> y, all three truncated in the whitened space.
+    model, found, calib, held, cap, weights = _chain_problem()
     factors = {}
     for g in found.groups:
         gram, side = cap.grams[id(g)]
@@ -164,12 +170,7 @@ def test_sequential_refit_goes_level_by_level():
     levels = refit_levels(model.graph, found.groups)
     assert sorted(levels[id(g)] for g in found.groups) == [0, 1, 2]
     assert levels[id(found.groups[0])] == 0
-    model = chain_model()
-    found = discover(model, min_params=0)
-    calib = [{"x": anisotropic(200, 96, seed=s)} for s in (11, 12)]
-    held = {"x": anisotropic(400, 96, seed=13)}
-    cap = capture_grams(model, found.groups, calib, None)
-    weights = {id(g): onnx.numpy_helper.to_array(g.weight.tensor) for g in found.groups}
+    model, found, calib, held, cap, weights = _chain_problem()
     factors = {id(g): decompose.factors(decompose.whitened_spectrum(weights[id(g)], *cap.grams[id(g)]), 6) for g in found.groups}
     y = run(model, held)[0]
     before = float(np.linalg.norm(run(_compressed(model, found, factors), held)[0] - y))
