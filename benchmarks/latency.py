@@ -100,7 +100,8 @@ class MeasureOnce:
 
     def sensitivity(self, ev, plans, rank_multiple=1, progress=None):
         names = [p.group.weight.name for p in plans]
-        if all(n in self.curves for n in names):
+        grid = [adaptive.grid_ranks(p, rank_multiple) for p in plans]
+        if all(n in self.curves and list(self.curves[n][0]) == g for n, g in zip(names, grid)):  # same grid only
             return [adaptive.Curve(*self.curves[n]) for n in names]
         curves = self._measure(ev, plans, rank_multiple, progress)
         self.curves.update({n: (c.ranks, c.sens) for n, c in zip(names, curves)})

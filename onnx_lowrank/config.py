@@ -66,7 +66,7 @@ class CompressConfig:
         adaptive_samples: With ``adaptive``: measure sensitivity, search and check on the first
             calibration feeds holding this many samples (whole feeds; ``None``: all of them).
             The activation statistics of ``data_aware`` and the verification gate still use
-            every sample; sensitivity costs about ``7 L`` passes for ``L`` layers, so a subset
+            every sample; sensitivity costs about ``10 L`` passes for ``L`` layers, so a subset
             keeps it affordable.
         max_drop: With ``adaptive``: the largest allowed drop of the quality metric on the
             calibration data (accuracy with labels, else mean output cosine), e.g. 0.005.

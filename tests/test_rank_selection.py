@@ -354,6 +354,28 @@ def test_adaptive_keeps_more_rank_in_the_sensitive_layer():
     assert "sensitivity" in res.to_dict()["layers"][0]
 
 
+def test_sensitivity_grid_is_increasing_within_break_even_and_counts_the_passes():
+    from types import SimpleNamespace
+
+    from onnx_lowrank.adaptive import GRID, grid_ranks
+
+    for m, n, multiple in [(64, 64, 1), (384, 1536, 1), (384, 384, 8), (10, 3, 1)]:
+        ranks = grid_ranks(SimpleNamespace(m=m, n=n), multiple)
+        top = min(decompose.break_even_rank(m, n), m, n)
+        assert ranks == sorted(set(ranks)) and 1 <= ranks[0] and ranks[-1] <= top
+        assert len(ranks) <= len(GRID)
+        if multiple > 1:  # rounding up never crosses break-even, so the top rank may stay off the multiple
+            assert all(r % multiple == 0 for r in ranks[:-1])
+    assert grid_ranks(SimpleNamespace(m=384, n=384)) == [6, 12, 24, 48, 72, 96, 119, 143, 167, 191]
+    # the cost the docs state: one reference pass, one per grid rank and layer, one to measure the
+    # assignment, one to verify the rewritten model
+    model = two_branch_model()
+    calib = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)} for _ in range(2)]
+    res = ol.compress(model, adaptive=True, target_params=0.4, min_params=0, calib=calib)
+    per_layer = len(grid_ranks(SimpleNamespace(m=64, n=64)))
+    assert res.totals.extra["adaptive"]["passes"] == 1 + 2 * per_layer + 2
+
+
 def test_adaptive_max_drop_is_respected_and_verified():
     model = two_branch_model()
     calib = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)} for _ in range(2)]
