@@ -50,6 +50,7 @@ class CompressResult:
         totals: Parameters, MACs and file sizes before and after.
         config: The configuration used.
         source_dir: Directory that external data references of ``model`` are relative to.
+        source_path: The input model's file, when it was given as a path (never overwritten).
         dry_run: True when the model was planned but not rewritten.
         verification: What the onnxruntime check measured, when ``verify=`` was given.
     """
@@ -62,6 +63,7 @@ class CompressResult:
     dry_run: bool = False
     verification: VerifyReport | None = None
     sections: dict[str, Any] = field(default_factory=dict)
+    source_path: Path | None = None
 
     @property
     def modified(self) -> bool:
@@ -75,7 +77,7 @@ class CompressResult:
         """
         if self.dry_run:
             raise UsageError("this result is a dry run; nothing to save (run without dry_run=True).")
-        io.check_output_path(path)
+        io.check_output_path(path, self.source_path)
         written = io.save_model(self.model, path, base_dir=self.source_dir, external=external)
         self.totals.size_after = sum(p.stat().st_size for p in written)
         return written
@@ -91,6 +93,18 @@ class CompressResult:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
 
+def _latency_batch(model: onnx.ModelProto, cfg: CompressConfig) -> tuple[int, ...]:
+    """The batch sizes to time: ``cfg.batch``, except that the default (1) on a model whose batch
+    axis is fixed to another size times that size, the only one the model runs at."""
+    if tuple(cfg.batch) == (1,):
+        from .bench import fixed_batch
+
+        fixed = fixed_batch(model)
+        if fixed is not None:
+            return (fixed,)
+    return tuple(cfg.batch)
+
+
 def _resolve_config(config: CompressConfig | None, recipe: str | os.PathLike | None, overrides: dict[str, Any]) -> CompressConfig:
     base: dict[str, Any] = {}
     if recipe is not None:
@@ -101,6 +115,14 @@ def _resolve_config(config: CompressConfig | None, recipe: str | os.PathLike | N
         cfg = config
     else:
         cfg = CompressConfig.from_mapping(base, source=f"recipe {recipe}") if base else CompressConfig()
+    known = {f.name for f in dataclasses.fields(CompressConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f"; did you mean {close[0]}=?" if close else f"; the options are {', '.join(sorted(known))}."
+        raise UsageError(f"compress() got an unknown option {unknown[0]}={overrides[unknown[0]]!r}{hint}")
     return cfg.replace(**overrides) if overrides else cfg
 
 
@@ -223,7 +245,7 @@ def compress(
 
         probe = probe if probe is not None else latency.OrtProbe(latency.default_cache_dir())
         sections["latency"] = {"layers": latency.filter_plans(
-            proto, plans, threads=cfg.threads, batch=cfg.batch, input_shape=_input_shapes(cfg), min_speedup=cfg.min_speedup,
+            proto, plans, threads=cfg.threads, batch=_latency_batch(proto, cfg), input_shape=_input_shapes(cfg), min_speedup=cfg.min_speedup,
             quantize=cfg.quantize, probe=probe, base_dir=source_dir)}
     if not dry_run:
         original, original_dir = (_copy(proto) if cfg.latency_aware else None), source_dir
@@ -254,7 +276,7 @@ def compress(
     if not dry_run and totals.factorized:
         _record_metadata(proto, cfg, totals)
     result = CompressResult(model=proto, layers=decisions, totals=totals, config=cfg, source_dir=source_dir, dry_run=dry_run,
-                            sections=sections)
+                            sections=sections, source_path=Path(model) if isinstance(model, (str, os.PathLike)) else None)
     if vcfg is not None:
         # The caller's ModelProto was copied by _load, so it still is the original.
         result.verification = verify_models(model, proto, vcfg, base_dir=input_dir, compressed_dir=source_dir)
@@ -334,7 +356,7 @@ def _check_whole_model(original: onnx.ModelProto, original_dir: Path | None, pro
         from .quantize import quantize
 
         baseline, base_dir = quantize(original, cfg.quantize, base_dir=original_dir), None
-    checks = latency.check_model(baseline, proto, threads=cfg.threads, batch=cfg.batch, input_shape=_input_shapes(cfg),
+    checks = latency.check_model(baseline, proto, threads=cfg.threads, batch=_latency_batch(baseline, cfg), input_shape=_input_shapes(cfg),
                                  probe=probe, before_dir=base_dir, after_dir=source_dir)
     sections["latency"]["model"] = checks
     sections["latency"]["baseline"] = f"input quantized ({cfg.quantize})" if cfg.quantize else "input"

@@ -127,6 +127,9 @@ class CompressConfig:
             raise UsageError(f"--min-params must be a non-negative integer, got {self.min_params!r}.")
         for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
             if pattern is not None:
+                if not isinstance(pattern, str):
+                    raise UsageError(f"{flag} takes one regular expression (a string), got {pattern!r}; "
+                                     f"join alternatives with '|', e.g. 'q_proj|k_proj'.")
                 try:
                     re.compile(pattern)
                 except re.error as exc:

@@ -270,7 +270,14 @@ def discover(
         others = [n for n, _ in d.uses if n is None or id(n) not in layer_nodes]
         blocked = [l for l in group.layers if l.reason is not None]
         kinds = sorted({l.op_type for l in group.layers})
-        if others:
+        per_node: dict[int, int] = {}
+        for n, _ in d.uses:
+            if n is not None:
+                per_node[id(n)] = per_node.get(id(n), 0) + 1
+        twice = [l for l in group.layers if per_node.get(id(l.node), 0) > 1]
+        if twice:
+            group.reason = f"weight is also another input of {twice[0].display_name} (e.g. its bias), which cannot use the factors"
+        elif others:
             n = others[0]
             what = "a graph output" if n is None else f"{n.op_type} node '{n.name or '?'}'"
             group.reason = f"weight is also used by {what}, which cannot use the factors"
@@ -387,6 +394,17 @@ def _classify(node: onnx.NodeProto, graph: onnx.GraphProto, display: str, resolv
     return layer
 
 
+def _in_out(layer: Layer) -> tuple[int, int]:
+    """``(in, out)`` features of a MatMul/Gemm layer's 2-D weight, from its operand slot and transposes."""
+    s = layer.weight.shape
+    node = layer.node
+    if node.op_type == "Gemm":
+        flipped = bool(_attr(node, "transB", 0)) if layer.weight_index == 1 else not _attr(node, "transA", 0)
+    else:
+        flipped = layer.weight_index == 0
+    return (s[1], s[0]) if flipped else (s[0], s[1])
+
+
 def _mark_factor_pairs(result: Discovery) -> None:
     """Name the reason when two chained constant products already form a low-rank pair.
 
@@ -415,10 +433,12 @@ def _mark_factor_pairs(result: Discovery) -> None:
             if inner >= int(np.prod(s1[1:])) or inner >= s2[0] * int(np.prod(s2[2:])):
                 continue
         else:
-            if len(s1) != 2 or len(s2) != 2:
+            if len(s1) != 2 or len(s2) != 2 or first.is_conv or second.is_conv:
                 continue
-            inner = min(s1) if min(s1) == min(s2) else None
-            if inner is None or inner >= max(s1) or inner >= max(s2):
+            (m, inner), (inner2, n) = _in_out(first), _in_out(second)
+            # the dimension the two share is the inner rank; a pair only when it is below the
+            # composed product's break-even (a plain chain of two wide layers is not a factorization)
+            if inner != inner2 or inner * (m + n) >= m * n:
                 continue
         reason = f"already low-rank: factor pair {first.display_name} -> {second.display_name} (inner rank {inner})"
         for layer in (first, second):

@@ -195,16 +195,34 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     """
     out = Path(output)
     if out.is_dir():
-        raise UsageError(f"{flag} {out}: is a directory; pass a file path such as {out / 'model.lowrank.onnx'}.")
+        example = "report.json" if flag == "--report" or flag == "--json" else "model.lowrank.onnx"
+        raise UsageError(f"{flag} {out}: is a directory; pass a file path such as {out / example}.")
+    if out.exists() and not out.is_file():
+        raise UsageError(f"{flag} {out}: is not a regular file (a device, pipe or socket); pass a file path to write to.")
     parent = out.resolve().parent
     if not parent.is_dir():
         raise UsageError(f"{flag} {out}: directory '{parent}' does not exist; create it first or choose another {flag}.")
     if input_path is not None and _same_file(out, Path(input_path)):
         raise UsageError(f"{flag} {out}: is the input model; choose a different {flag} (the input is never overwritten).")
+    if input_path is not None and out.exists():
+        for data in external_files(input_path):
+            if _same_file(out, data):
+                raise UsageError(f"{flag} {out}: is the input's external data file; choose a different {flag} "
+                                 "(the input is never overwritten).")
     for other in keep:
         if other is not None and _same_file(out, Path(other)):
             raise UsageError(f"{flag} {out}: is also {other}, which this command reads or writes; choose a different {flag}.")
     return out
+
+
+def external_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files the model at ``path`` references (none when it cannot be read)."""
+    p = Path(path)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:  # an unreadable input is reported by the loader, not here
+        return []
+    return sorted({p.parent / _external_info(t)["location"] for t in _iter_all_tensors(model) if _is_external(t)})
 
 
 def model_size_on_disk(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> int:
@@ -263,10 +281,15 @@ def save_model(
         raise ModelError("model references external data; it can only be saved with external data.")
 
     data_name = out.name + ".data"
-    if external and has_external:
+    if has_external:
         target = (out_dir / data_name).resolve()
         for t in _iter_all_tensors(model):
-            if _is_external(t) and (Path(base_dir or ".") / _external_info(t)["location"]).resolve() == target:
+            if not _is_external(t):
+                continue
+            source = (Path(base_dir or ".") / _external_info(t)["location"]).resolve()
+            if source == out.resolve():
+                raise UsageError(f"{out}: is the input's external data file; choose another -o (the input is never overwritten).")
+            if external and source == target:
                 raise UsageError(
                     f"{out}: its data file '{data_name}' would overwrite the input's external data; choose another -o."
                 )
@@ -315,8 +338,13 @@ def _write_external(
     """
     offset = 0
     sources: dict[str, object] = {}
+    initializers = {id(t) for t in model_initializers(model)}
     try:
-        for tensor in model_initializers(model):
+        # Constant-node tensors too: those the input kept outside must be copied, or the output
+        # would point at a file beside the input (inline ones stay inline)
+        for tensor in _iter_all_tensors(model):
+            if id(tensor) not in initializers and not _is_external(tensor):
+                continue
             if _is_external(tensor):
                 info = _external_info(tensor)
                 src_path = base_dir / info["location"]

@@ -549,6 +549,10 @@ def verify_models(
         zs = _run(new, names, feed, "compressed", index, data)
         for acc, y, z in zip(accs, ys, zs):
             y, z = np.asarray(y), np.asarray(z)
+            if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+                raise CalibrationError(f"the original model's output '{acc.name}' holds NaN or Inf on feed {index} of "
+                                       f"{data.description}, so nothing can be compared; check the calibration values "
+                                       "(NaN inputs, scaling) or pass other --calib data.")
             if y.shape != z.shape:
                 raise ModelError(f"output '{acc.name}' has shape {list(y.shape)} from the original but {list(z.shape)} from the compressed model.")
             acc.add(y, z)

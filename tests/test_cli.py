@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+import onnx_lowrank as ol
 from onnx_lowrank.cli import main
 from models import matmul_model
 
@@ -142,3 +143,8 @@ def test_report_or_json_never_replaces_a_model(model_path, tmp_path, capsys):
     assert out.read_bytes() == before
     assert main(["verify", str(model_path), str(out), "--report", str(tmp_path / "nodir" / "r.json")]) == 2
     assert "choose another --report" in capsys.readouterr().err
+
+
+def test_api_include_given_as_a_list_is_a_usage_error():
+    with pytest.raises(ol.UsageError, match="one regular expression"):
+        ol.compress(matmul_model(), rank=3, min_params=0, include=["mm", "other"])

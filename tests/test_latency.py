@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from models import init, lowrank, make_model, run, vi
-from onnx_lowrank import compress, latency
+from onnx_lowrank import UsageError, compress, latency
 from onnx_lowrank.cli import main
 from onnx_lowrank.latency import MatMulCase, OrtProbe
 
@@ -197,3 +197,16 @@ def test_conv_plans_are_left_to_the_whole_model_check(tmp_path):
     assert res.layers[0].factorized
     assert res.sections["latency"]["layers"]["K"]["note"].startswith("Conv")
     assert len(probe.model_checks) == 1  # the whole model was timed instead
+
+
+def test_default_batch_on_a_fixed_batch_model_times_that_batch():
+    model = two_layer_model()
+    for v in (*model.graph.input, *model.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_value = 4
+    probe = MacProbe()
+    res = compress(model, rank=8, min_params=0, latency_aware=True, probe=probe)
+    assert {c.rows for c in probe.cases} == {4}
+    assert [shapes["x"] for _, shapes in probe.model_checks] == [(4, 256)]
+    assert res.totals.factorized >= 1
+    with pytest.raises(UsageError, match="--batch 2"):
+        compress(model, rank=8, min_params=0, latency_aware=True, batch=(2,), probe=MacProbe())
