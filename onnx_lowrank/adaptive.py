@@ -185,6 +185,7 @@ def decide_adaptive(
             p.reason = "adaptive mode measures weights of the main graph only; left alone"
             continue
         active.append(p)
+    base = base.with_decided_convs(plans)
     section: dict[str, Any] = {"grid": [round(f, 4) for f in GRID]}
     if not active:
         return section, None

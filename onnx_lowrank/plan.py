@@ -26,6 +26,7 @@ break-even guard of a Conv compares these MAC counts as well as parameters.
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -341,6 +342,13 @@ class BudgetBase:
             macs_fixed=macs - sum(p.macs_per_row(None) for p in active),
         )
 
+    def with_decided_convs(self, plans: list[LayerPlan]) -> "BudgetBase":
+        """The same base with every Conv the per-layer rule factorized counted at its factorized
+        size: those parameters are fixed, but not at their dense size (that would leave the
+        budget's difference unused)."""
+        saved = sum(p.dense_params - p.params_at(p.rank) for p in plans if p.is_conv and p.reason is None and p.choice is not None)
+        return dataclasses.replace(self, params_fixed=self.params_fixed - saved)
+
     def limits(self, cfg: CompressConfig, target_params: float | None = None) -> list[tuple[str, float, int]]:
         """``(flag, fraction, budget left for the active plans)`` for each budget in force."""
         out = []
@@ -409,6 +417,7 @@ def decide_budget(plans: list[LayerPlan], cfg: CompressConfig, base: BudgetBase)
     for plan in plans:
         if plan.is_conv and plan.reason is None:
             decide_conv(plan, cfg)  # Conv layers follow the per-layer rule; their cost counts as fixed
+    base = base.with_decided_convs(plans)
     active = [p for p in plans if p.active and not p.is_conv]
     limits = base.limits(cfg)
     flags = [f for f, _, _ in limits]

@@ -118,3 +118,20 @@ def test_an_unknown_api_option_is_a_usage_error_with_a_suggestion():
     model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", [2, 64])], [vi("y", [2, 64])], [init("W", lowrank(64, 64, 4))])
     with pytest.raises(ol.UsageError, match="did you mean energy="):
         ol.compress(model, enrgy=0.9)
+
+
+def test_a_budget_counts_a_factorized_conv_at_its_factorized_size():
+    # Conv (per-layer rule) + Gemm (budget): the Gemm may use what the Conv's factorization frees
+    k = (lowrank(64, 32 * 9, 8, 4)).reshape(64, 32, 3, 3)
+    w = RNG.standard_normal((4096, 256)).astype(np.float32)
+    model = make_model([helper.make_node("Conv", ["x", "K"], ["c"], pads=[1, 1, 1, 1]),
+                        helper.make_node("Reshape", ["c", "shape"], ["f"]),
+                        helper.make_node("Gemm", ["f", "W"], ["y"])],
+                       [vi("x", [1, 32, 8, 8])], [vi("y", [1, 256])],
+                       [init("K", k), init("W", w), init("shape", np.array([1, 4096], np.int64))])
+    res = ol.compress(model, target_params=0.1, min_params=0)
+    conv, gemm = res.layers
+    assert conv.factorized and gemm.factorized
+    budget = 0.1 * res.totals.params_before
+    assert res.totals.params_after <= budget
+    assert res.totals.params_after + (4096 + 256) > budget  # one more Gemm rank would not fit
