@@ -101,25 +101,29 @@ class MeasureOnce:
     def sensitivity(self, ev, plans, rank_multiple=1, progress=None):
         names = [p.group.weight.name for p in plans]
         grid = [adaptive.grid_ranks(p, rank_multiple) for p in plans]
-        if all(n in self.curves and list(self.curves[n][0]) == g for n, g in zip(names, grid)):  # same grid only
-            return [adaptive.Curve(*self.curves[n]) for n in names]
+        # same grid and same spectrum only (curves cached without a signature had input-only whitening)
+        sigs = [round(float(p.spectrum.s[0]), 3) for p in plans]
+
+        def valid(n, g, sig, p):
+            c = self.curves.get(n)
+            return c is not None and list(c[0]) == g and (c[2] == sig if len(c) > 2 else p.spectrum.out_whiten is None)
+
+        if all(valid(*x) for x in zip(names, grid, sigs, plans)):
+            return [adaptive.Curve(*self.curves[n][:2]) for n in names]
         curves = self._measure(ev, plans, rank_multiple, progress)
-        self.curves.update({n: (c.ranks, c.sens) for n, c in zip(names, curves)})
+        self.curves.update({n: (c.ranks, c.sens, sig) for n, c, sig in zip(names, curves, sigs)})
         self.path.write_text(json.dumps(self.curves))
         return curves
 
     def capture(self, model, groups, feeds, source_dir, **kw):
-        names = tuple(g.weight.name for g in groups)
+        names = (tuple(g.weight.name for g in groups), bool(kw.get("attention")))
         if names not in self.captures:
             cap = self._capture(model, groups, feeds, source_dir, **kw)
             by_id = {id(g): g.weight.name for g in groups}
-            self.captures[names] = (cap, {by_id[k]: v for k, v in cap.grams.items()}, {by_id[k]: v for k, v in cap.rows.items()},
-                                    {by_id[k]: v for k, v in cap.skipped.items()})
-        cap, grams, rows, skipped = self.captures[names]
-        return activations.Capture(grams={id(g): grams[g.weight.name] for g in groups if g.weight.name in grams},
-                                   rows={id(g): rows[g.weight.name] for g in groups if g.weight.name in rows},
-                                   skipped={id(g): skipped[g.weight.name] for g in groups if g.weight.name in skipped},
-                                   runs=cap.runs, masked=cap.masked)
+            self.captures[names] = (cap, *({by_id[k]: v for k, v in d.items()} for d in (cap.grams, cap.rows, cap.skipped, cap.out_grams)))
+        cap, *stats = self.captures[names]
+        grams, rows, skipped, out_grams = ({id(g): d[g.weight.name] for g in groups if g.weight.name in d} for d in stats)
+        return activations.Capture(grams=grams, rows=rows, skipped=skipped, runs=cap.runs, masked=cap.masked, out_grams=out_grams)
 
     def __enter__(self):
         adaptive.measure_sensitivity, activations.capture_grams = self.sensitivity, self.capture

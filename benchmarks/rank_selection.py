@@ -74,7 +74,8 @@ class Bench:
         t0 = time.perf_counter()
         self.plain = plan.build_plans(self.found, path.parent)
         groups = [g for g in self.found.groups if g.reason is None]
-        cap = activations.capture_grams(self.model, groups, calib_feeds, path.parent, mask_input=mask, threads=threads)
+        cap = activations.capture_grams(self.model, groups, calib_feeds, path.parent, mask_input=mask, threads=threads,
+                                        attention=True)
         self.whitened = self._whiten(cap)
         log(f"  spectra and activation statistics: {time.perf_counter() - t0:.1f}s ({cap.runs} runs)")
         t0 = time.perf_counter()
@@ -83,7 +84,12 @@ class Bench:
         # Measuring is the slow part and the curves depend only on model, data and grid: cached
         # points are reused, and only the grid ranks missing from the cache are measured.
         doc = json.loads(cache.read_text()) if cache.exists() else {"cost": None, "curves": [{}] * len(active)}
-        known = [{int(r): s for r, s in zip(c.get("ranks", []), c.get("sens", []))} for c in doc["curves"]]
+        # a curve belongs to one spectrum: its first singular value tells when the whitening changed
+        # (curves cached without one were measured with input-only whitening)
+        sigs = [round(float(p.spectrum.s[0]), 3) for p in active]
+        known = [{int(r): s for r, s in zip(c.get("ranks", []), c.get("sens", []))}
+                 if c.get("sig") == sig or ("sig" not in c and p.spectrum.out_whiten is None) else {}
+                 for c, sig, p in zip(doc["curves"], sigs, active)]
         if len(known) != len(active):
             known = [{} for _ in active]
         wanted = [adaptive.grid_ranks(p) for p in active]
@@ -101,19 +107,24 @@ class Bench:
                            "estimated": fresh["passes"] < passes}
         self.curves = [adaptive.Curve(w, [k[r] for r in w]) for w, k in zip(wanted, known)]
         self.adaptive_cost = doc["cost"]
-        cache.write_text(json.dumps({"cost": doc["cost"], "curves": [{"ranks": sorted(k), "sens": [k[r] for r in sorted(k)]} for k in known]}))
+        cache.write_text(json.dumps({"cost": doc["cost"], "curves": [{"ranks": sorted(k), "sens": [k[r] for r in sorted(k)], "sig": sig}
+                                                                    for k, sig in zip(known, sigs)]}))
         log(f"  sensitivity: {self.adaptive_cost}")
 
     def _whiten(self, cap):
         found = discover(self.model, min_params=4096)
-        grams = {}
+        grams, out_grams = {}, {}
         by_name = {g.weight.name: g for g in self.found.groups}
         for g in found.groups:
             src = by_name[g.weight.name]
             if id(src) in cap.grams:
                 grams[id(g)] = cap.grams[id(src)]
+            if id(src) in cap.out_grams:
+                out_grams[id(g)] = cap.out_grams[id(src)]
         self.found_w = found
-        return plan.build_plans(found, self.path.parent, grams=grams, damping=decompose.DEFAULT_DAMPING)
+        self.attention_weighted = len(out_grams)
+        log(f"  attention-aware: {len(out_grams)} projection(s)")
+        return plan.build_plans(found, self.path.parent, grams=grams, out_grams=out_grams, damping=decompose.DEFAULT_DAMPING)
 
     def _run(self, sess):
         names = [o.name for o in sess.get_outputs()][:1]

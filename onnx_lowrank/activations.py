@@ -22,6 +22,16 @@ Leading dimensions of N-D activations are flattened into rows.  With a padding m
 every activation whose leading shape matches the mask.  A weight shared by several nodes sums
 the statistics of all of them (they must meet it from the same side).  Layers inside If/Loop/Scan
 bodies are not captured; they keep the plain SVD and say why.
+
+Attention scores (``attention=True``): a projection whose output reaches one operand of a
+``MatMul`` of two activations (the ``q k^T`` of attention) only through a bias ``Add``, one
+``Reshape`` that splits heads, ``Transpose`` and scaling by a constant scalar, and whose
+contracted axis there is the head dimension, is weighted on its output side by the other
+operand's Gram per head (:mod:`onnx_lowrank.decompose`, "Output-side weighting").  The head
+layout is not inferred from the graph but checked on the first batch: the operand, heads moved
+back beside the channel axis, must equal the projection's output times a constant.  Anything
+else (fused attention ops, Einsum, a layout that fails the check, a weight with other users)
+keeps input-only whitening.
 """
 
 from __future__ import annotations
@@ -91,6 +101,8 @@ class Capture:
         skipped: Per weight group: why no statistics were taken (the plain SVD is used).
         runs: onnxruntime ``run`` calls made.
         masked: Activation tensors the padding mask was applied to.
+        out_grams: Per weight group: the output-side weight of an attention-score projection
+            (``attention=True``; module docstring).
     """
 
     grams: dict[int, tuple[np.ndarray, str]] = field(default_factory=dict)
@@ -98,6 +110,7 @@ class Capture:
     skipped: dict[int, str] = field(default_factory=dict)
     runs: int = 0
     masked: set[str] = field(default_factory=set)
+    out_grams: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def _mask_of(feed: Mapping[str, np.ndarray], mask_input: str | None) -> np.ndarray | None:
@@ -131,6 +144,7 @@ def capture_grams(
     mask_input: str | None = None,
     threads: int | None = None,
     progress: Progress | None = None,
+    attention: bool = False,
 ) -> Capture:
     """Accumulate ``G`` for every group's weight over the calibration feeds (one pass).
 
@@ -142,6 +156,8 @@ def capture_grams(
         mask_input: Name of an input whose zeros mark padded rows.
         threads: onnxruntime intra-op threads.
         progress: Called as ``progress(batches_done, total_or_0, "capturing activations")``.
+        attention: Also take the output-side weight of attention-score projections, in the same
+            pass (module docstring).
 
     Raises:
         CalibrationError: no feeds, or the mask input is not fed.
@@ -156,9 +172,12 @@ def capture_grams(
     if not plan:
         return cap
 
+    scores = _score_operands(model.graph, [g for g in groups if id(g) in plan]) if attention else []
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    fetch = _expose(probe, {name for name, _ in wanted if name not in graph_inputs})
+    extra = {name for op in scores for name in (op.operand, op.other, op.source)}
+    fetch = _expose(probe, {name for name, _ in wanted if name not in graph_inputs} | (extra - graph_inputs))
+    heads = _HeadGrams(scores)
     sums: dict[tuple[str, int], np.ndarray] = {}
     counts: dict[tuple[str, int], int] = {}
     total = len(feeds) if hasattr(feeds, "__len__") else 0  # type: ignore[arg-type]
@@ -179,6 +198,8 @@ def capture_grams(
                 g = r64.T @ r64
                 sums[key] = sums[key] + g if key in sums else g
                 counts[key] = counts.get(key, 0) + rows.shape[0]
+            if scores:
+                heads.add({**feed, **values}, mask)
             batches += 1
             if progress is not None:
                 progress(batches, total, "capturing activations")
@@ -193,8 +214,160 @@ def capture_grams(
             continue
         cap.grams[gid] = (g, side)
         cap.rows[gid] = sum(counts[k] for k in acts)
+    users = {id(g): len(g.layers) for g in groups}
+    cap.out_grams = {gid: h for gid, h in heads.result(users).items() if gid in cap.grams}
     log.info("captured input statistics of %d weight(s) in %d run(s)", len(cap.grams), cap.runs)
+    if attention:
+        log.info("attention scores: %d projection(s) weighted on their output side", len(cap.out_grams))
     return cap
+
+
+@dataclass(frozen=True)
+class ScoreOperand:
+    """One operand of a ``MatMul`` of two activations that a projection's output reaches.
+
+    Attributes:
+        group: ``id`` of the projection's weight group.
+        layer: The projection node's output.
+        operand: The operand's value name; ``other`` the other operand's.
+        index: 0 when ``operand`` is the first input (contracted on its last axis), 1 when it
+            is the second (contracted on its second to last).
+        source: The value the head split starts from (the projection's output after its bias):
+            the operand must equal it, heads moved back, times a constant.
+    """
+
+    group: int
+    layer: str
+    operand: str
+    other: str
+    index: int
+    source: str
+
+
+_SCORE_PASS = {"Transpose", "Identity", "Cast"}
+
+
+def _score_operands(graph: onnx.GraphProto, groups: list[WeightGroup]) -> list[ScoreOperand]:
+    """Every operand of a two-activation ``MatMul`` that a MatMul/Gemm group's output reaches
+    through a bias ``Add``, at most one ``Reshape``, ``Transpose`` and scalar ``Mul``/``Div``."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consts = {t.name: tuple(t.dims) for t in graph.initializer}
+    consts.update({n.output[0]: tuple(a.t.dims) for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"})
+    layer_out = {layer.node.output[0]: id(g) for g in groups for layer in g.layers
+                 if layer.graph is graph and not layer.is_conv and layer.node.output}
+
+    def scalar(name: str) -> bool:
+        return name in consts and int(np.prod(consts[name])) == 1
+
+    def trace(name: str) -> tuple[int, str, str] | None:
+        source, reshaped = None, False
+        for _ in range(16):
+            if name in layer_out:
+                return layer_out[name], name, source or name
+            node = producer.get(name)
+            if node is None or not node.input:
+                return None
+            op = node.op_type
+            if op in _SCORE_PASS:
+                name = node.input[0]
+            elif op == "Reshape" and not reshaped:
+                reshaped, source, name = True, node.input[0], node.input[0]
+            elif op in ("Mul", "Div") and len(node.input) == 2 and scalar(node.input[1]):
+                name = node.input[0]
+            elif op == "Mul" and len(node.input) == 2 and scalar(node.input[0]):
+                name = node.input[1]
+            elif op == "Add" and len(node.input) == 2 and (node.input[0] in consts) != (node.input[1] in consts):
+                if reshaped and source != node.output[0]:
+                    return None  # a bias added after the head split: not the layout checked here
+                source = source or node.output[0]
+                name = node.input[1] if node.input[0] in consts else node.input[0]
+            else:
+                return None
+        return None
+
+    found = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2 or node.output[0] in layer_out:
+            continue
+        if any(i in consts or not i for i in node.input):
+            continue
+        for index in (0, 1):
+            hit = trace(node.input[index])
+            if hit is not None:
+                found.append(ScoreOperand(hit[0], hit[1], node.input[index], node.input[1 - index], index, hit[2]))
+    return found
+
+
+def _as_heads(x: np.ndarray, contracted: int) -> np.ndarray | None:
+    """``x`` with its contracted axis last, as ``(batch, heads, rows, dim)``; ``None`` otherwise."""
+    x = np.moveaxis(x, contracted, -1)
+    if x.ndim == 3:
+        return x[:, None]
+    return x if x.ndim == 4 else None
+
+
+def _layout_matches(op4: np.ndarray, source: np.ndarray) -> bool:
+    """Whether ``op4`` (batch, heads, rows, dim), heads moved back beside ``dim``, is ``c * source``."""
+    b, h, t, d = op4.shape
+    if source.size != op4.size or source.shape[-1] != h * d:
+        return False
+    y = op4.transpose(0, 2, 1, 3).reshape(-1, h * d).astype(np.float64)
+    z = source.reshape(-1, h * d).astype(np.float64)
+    zz = float(np.vdot(z, z))
+    if zz == 0.0:
+        return False
+    c = float(np.vdot(y, z)) / zz
+    return c != 0.0 and float(np.linalg.norm(y - c * z)) <= 1e-3 * float(np.linalg.norm(y))
+
+
+class _HeadGrams:
+    """Accumulates, per score operand, the other operand's Gram per head (``attention=True``)."""
+
+    def __init__(self, scores: list[ScoreOperand]):
+        self.scores = scores
+        self.sums: dict[int, np.ndarray] = {}
+        self.bad: set[int] = set()
+
+    def add(self, values: Mapping[str, np.ndarray], mask: np.ndarray | None) -> None:
+        for k, op in enumerate(self.scores):
+            if k in self.bad:
+                continue
+            x = _as_heads(np.asarray(values[op.operand]), -1 if op.index == 0 else -2)
+            o = _as_heads(np.asarray(values[op.other]), -2 if op.index == 0 else -1)
+            if (x is None or o is None or o.shape[-1] != x.shape[-1] or o.shape[1] not in (1, x.shape[1])
+                    or (k not in self.sums and not _layout_matches(x, np.asarray(values[op.source])))):
+                self.bad.add(k)
+                self.sums.pop(k, None)
+                continue
+            g = np.zeros((x.shape[1], x.shape[-1], x.shape[-1]))
+            for h in range(x.shape[1]):
+                rows = o[:, h if o.shape[1] > 1 else 0]
+                if mask is not None and mask.shape == rows.shape[:2]:
+                    rows = rows[mask != 0]
+                r64 = rows.reshape(-1, rows.shape[-1]).astype(np.float64)
+                g[h] = r64.T @ r64
+            self.sums[k] = self.sums[k] + g if k in self.sums else g
+
+    def result(self, users: Mapping[int, int]) -> dict[int, np.ndarray]:
+        """Per group: the block-diagonal output Gram, for groups whose every user was matched."""
+        out: dict[int, np.ndarray] = {}
+        seen: dict[int, set[str]] = {}
+        for k, op in enumerate(self.scores):
+            seen.setdefault(op.group, set()).add(op.layer)
+        for k, op in enumerate(self.scores):
+            if k not in self.sums:
+                out[op.group] = None  # type: ignore[assignment]
+                continue
+            blocks = self.sums[k]
+            h, d, _ = blocks.shape
+            full = np.zeros((h * d, h * d))
+            for i in range(h):
+                full[i * d:(i + 1) * d, i * d:(i + 1) * d] = blocks[i]
+            if op.group in out:
+                out[op.group] = None if out[op.group] is None else out[op.group] + full  # type: ignore[operator]
+            else:
+                out[op.group] = full
+        return {gid: g for gid, g in out.items() if g is not None and len(seen[gid]) == users.get(gid, 0)}
 
 
 def overridable(model: onnx.ModelProto, weights: Iterable[str]) -> onnx.ModelProto:

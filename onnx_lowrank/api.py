@@ -214,17 +214,18 @@ def compress(
     threads = None  # calibration runs use onnxruntime's own thread choice
     sections: dict[str, Any] = {}
     adaptive_outputs = None
-    grams, notes = None, None
+    grams, notes, out_grams = None, None, None
     if cfg.data_aware:
         groups = [g for g in found.groups if g.reason is None and not g.layers[0].is_conv]
-        cap = activations.capture_grams(proto, groups, feeds, source_dir, mask_input=cfg.calib_mask, threads=threads, progress=progress)
-        grams, notes = cap.grams, cap.skipped
+        cap = activations.capture_grams(proto, groups, feeds, source_dir, mask_input=cfg.calib_mask, threads=threads, progress=progress,
+                                        attention=cfg.attention_aware)
+        grams, notes, out_grams = cap.grams, cap.skipped, cap.out_grams
         sections["data_aware"] = {"weights_whitened": len(cap.grams), "ort_runs": cap.runs, "damping": cfg.damping,
-                                  "mask": cfg.calib_mask}
+                                  "mask": cfg.calib_mask, "attention_weighted": len(cap.out_grams)}
     # Conv MACs scale with the output size, which only the model's shapes tell; read them
     # before the rewrite changes the graph.
     known = shapes.value_shapes(proto) if any(l.is_conv for l in found.layers) else None
-    plans = plan.build_plans(found, source_dir, progress, grams=grams, damping=cfg.damping, notes=notes,
+    plans = plan.build_plans(found, source_dir, progress, grams=grams, out_grams=out_grams, damping=cfg.damping, notes=notes,
                              conv_mode=cfg.conv_mode, shapes=known)
     if cfg.adaptive:
         from . import adaptive

@@ -109,6 +109,9 @@ def _add_pass_options(p: argparse.ArgumentParser) -> None:
                    help="what --target-params is a fraction of: the MatMul/Gemm weights (default) or the whole model")
     b.add_argument("--data-aware", action="store_true", default=None,
                    help="truncate in the space whitened by real input activations (needs --calib or --calib-script)")
+    b.add_argument("--no-attention-aware", dest="attention_aware", action="store_false", default=None,
+                   help="with --data-aware: weigh attention query/key projections by their input only, not also by "
+                        "the keys/queries their output is scored against")
     b.add_argument("--damping", type=_non_negative_float("--damping", "0.01"), metavar="D",
                    help="damping of the activation Gram matrix, relative to its mean diagonal (default 0.01)")
     b.add_argument("--adaptive", action="store_true", default=None,
@@ -226,7 +229,7 @@ def _compress_parser() -> argparse.ArgumentParser:
 
 
 _CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "conv_mode",
-                 "allow_input_weights", "rank_rule", "target_params", "target_macs", "budget_scope", "data_aware", "damping",
+                 "allow_input_weights", "rank_rule", "target_params", "target_macs", "budget_scope", "data_aware", "attention_aware", "damping",
                  "calib_mask", "adaptive", "adaptive_samples", "refine", "latency_aware", "threads", "batch", "input_shape", "min_speedup", "quantize")
 
 

@@ -58,6 +58,9 @@ class CompressConfig:
             weight in the report) or ``model`` (every parameter of the model).
         data_aware: Truncate in the space whitened by the layers' real input activations
             (needs calibration data).
+        attention_aware: With ``data_aware``: weigh a projection whose output is scored against
+            another activation (an attention query or key) also on its output side, by the
+            Gram of what it is scored against (``docs/rank-selection.md``).
         damping: Damping of the activation Gram matrix, relative to its mean diagonal.
         calib_mask: Name of a model input (an attention mask) whose zeros mark padded rows to
             leave out of the activation statistics.
@@ -99,6 +102,7 @@ class CompressConfig:
     target_macs: float | None = None
     budget_scope: str = "weights"
     data_aware: bool = False
+    attention_aware: bool = True
     damping: float = DEFAULT_DAMPING
     calib_mask: str | None = None
     adaptive: bool = False
@@ -173,9 +177,11 @@ class CompressConfig:
                 raise UsageError(f"a budget (--target-params/--target-macs) allocates ranks itself; drop {flag}.")
             if self.rank_rule != "energy":
                 raise UsageError("--rank-rule applies per layer; a budget (--target-params/--target-macs) allocates ranks itself.")
-        for flag in ("data_aware", "adaptive", "refine", "allow_input_weights"):
+        for flag in ("data_aware", "attention_aware", "adaptive", "refine", "allow_input_weights"):
             if not isinstance(getattr(self, flag), bool):
                 raise UsageError(f"--{flag.replace('_', '-')} is a switch (true or false), got {getattr(self, flag)!r}.")
+        if not self.attention_aware and not self.data_aware:
+            raise UsageError("--no-attention-aware changes the statistics of --data-aware; add --data-aware or drop it.")
         d = self.damping
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= float(d) < 1e6:
             raise UsageError(f"--damping must be a non-negative number, got {d!r}; e.g. --damping 0.01.")

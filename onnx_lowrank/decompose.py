@@ -58,6 +58,23 @@ Cholesky factorization fails (``G`` indefinite through rounding), the damping gr
 clipped from below gives ``L = Q diag(w)^(1/2)`` (not triangular, but ``L L^T`` is still the
 damped ``G``, which is all the derivation uses).
 
+Output-side weighting (attention scores)
+----------------------------------------
+Whitening weighs the error by what goes *into* the layer.  Some outputs are not equally
+important in every direction: a query projection's output ``q`` only matters through the
+scores ``q k^T`` against the keys, so an error ``e`` in ``q`` costs ``||e K^T||^2 = e K^T K e^T``.
+With ``H = K^T K`` (n, n) accumulated over the calibration keys (block-diagonal per attention
+head), ``H + d' I = R R^T``, and ``X = Q L^T`` as above::
+
+    ||X (W - A B) R||_F = ||L^T (W - A B) R||_F
+
+so the optimum is the truncated SVD of ``L^T W R = U S V^T`` mapped back on both sides::
+
+    A = L^{-T} U_r S_r^(1/2)      B = S_r^(1/2) V_r^T R^{-1}                  ("left" side)
+
+(on the "right" side the roles swap: ``R^T W L`` is truncated and ``A`` takes ``R^{-T}``).  The
+damping ``d'`` of ``H`` keeps directions the keys never excite from being free.
+
 Least-squares refit of one factor
 ---------------------------------
 In a chain of compressed layers, layer ``l`` no longer sees its original input ``X`` but the
@@ -164,6 +181,8 @@ class Spectrum:
             inverse maps the factors back; ``None`` for the plain SVD of the matrix.
         side: ``"left"`` when the whitened matrix is ``L^T W`` (activations ``x @ W``),
             ``"right"`` when it is ``W L`` (activations ``W @ x``).
+        out_whiten: For an output-weighted spectrum, the factor ``R`` of the output side
+            (``L^T W R`` left, ``R^T W L`` right); ``None`` otherwise.
     """
 
     u: np.ndarray
@@ -171,6 +190,7 @@ class Spectrum:
     vt: np.ndarray
     whiten: np.ndarray | None = None
     side: str = "left"
+    out_whiten: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -307,6 +327,12 @@ def factors(spec: Spectrum, rank: int, dtype: np.dtype | None = None) -> tuple[n
             a = np.linalg.solve(lt, a)
         else:  # B = S_r^(1/2) V_r^T L^{-1}, i.e. B^T = L^{-T} V_r S_r^(1/2)
             b = np.linalg.solve(lt, b.T).T
+    if spec.out_whiten is not None:
+        rt = spec.out_whiten.T
+        if spec.side == "left":  # B = S_r^(1/2) V_r^T R^{-1}
+            b = np.linalg.solve(rt, b.T).T
+        else:  # A = R^{-T} U_r S_r^(1/2)
+            a = np.linalg.solve(rt, a)
     if dtype is not None:
         a = a.astype(dtype)
         b = b.astype(dtype)
@@ -391,7 +417,8 @@ def whitening_factor(gram: np.ndarray, damping: float = DEFAULT_DAMPING) -> tupl
     return q * np.sqrt(w), floor
 
 
-def whitened_spectrum(w: np.ndarray, gram: np.ndarray, side: str = "left", damping: float = DEFAULT_DAMPING) -> Spectrum:
+def whitened_spectrum(w: np.ndarray, gram: np.ndarray, side: str = "left", damping: float = DEFAULT_DAMPING,
+                      out_gram: np.ndarray | None = None) -> Spectrum:
     """The SVD of ``W`` whitened by its input statistics (see the module docstring).
 
     Args:
@@ -399,11 +426,15 @@ def whitened_spectrum(w: np.ndarray, gram: np.ndarray, side: str = "left", dampi
         gram: ``G``: ``(m, m)`` for ``side="left"`` (inputs ``x @ W``), ``(n, n)`` for
             ``side="right"`` (inputs ``W @ x``).
         side: Which side of ``W`` the activations meet.
-        damping: Relative damping for :func:`whitening_factor`.
+        damping: Relative damping for :func:`whitening_factor` (of ``G`` and of ``out_gram``).
+        out_gram: Optional weight ``H`` on the output side (``(n, n)`` left, ``(m, m)`` right):
+            the error is measured as ``||X (W - A B) R||`` with ``R R^T`` the damped ``H``
+            (module docstring, "Output-side weighting").
 
     Returns:
-        The sign-fixed SVD of ``L^T W`` (left) or ``W L`` (right), carrying ``L`` so that
-        :func:`factors` maps the factors back.  Computed in float64.
+        The sign-fixed SVD of ``L^T W`` (left) or ``W L`` (right), or with ``out_gram`` of
+        ``L^T W R`` / ``R^T W L``, carrying ``L`` (and ``R``) so that :func:`factors` maps the
+        factors back.  Computed in float64.
     """
     if side not in ("left", "right"):
         raise ValueError(f"Got side={side!r}; expected 'left' or 'right'.")
@@ -416,8 +447,17 @@ def whitened_spectrum(w: np.ndarray, gram: np.ndarray, side: str = "left", dampi
     if gram.shape != (need, need):
         raise ValueError(f"Got a Gram matrix of shape {gram.shape} for a {side}-side {a.shape} matrix; expected ({need}, {need}).")
     lf, _ = whitening_factor(gram, damping)
-    spec = _svd(lf.T @ a if side == "left" else a @ lf)
-    return Spectrum(u=spec.u, s=spec.s, vt=spec.vt, whiten=lf, side=side)
+    a = lf.T @ a if side == "left" else a @ lf
+    rf = None
+    if out_gram is not None:
+        out = a.shape[1] if side == "left" else a.shape[0]
+        if out_gram.shape != (out, out):
+            raise ValueError(f"Got an output Gram matrix of shape {out_gram.shape} for a {side}-side {w.shape} matrix; "
+                             f"expected ({out}, {out}).")
+        rf, _ = whitening_factor(out_gram, damping)
+        a = a @ rf if side == "left" else rf.T @ a
+    spec = _svd(a)
+    return Spectrum(u=spec.u, s=spec.s, vt=spec.vt, whiten=lf, side=side, out_whiten=rf)
 def refit_factor(
     a: np.ndarray,
     b: np.ndarray,

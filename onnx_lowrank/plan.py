@@ -203,6 +203,7 @@ def build_plans(
     progress: Progress | None = None,
     *,
     grams: dict[int, tuple[np.ndarray, str]] | None = None,
+    out_grams: dict[int, np.ndarray] | None = None,
     damping: float = decompose.DEFAULT_DAMPING,
     notes: dict[int, str] | None = None,
     conv_mode: str = "auto",
@@ -216,13 +217,16 @@ def build_plans(
         progress: Called after each SVD.
         grams: Per group ``id``: ``(G, side)`` input statistics; those MatMul/Gemm groups get the
             whitened spectrum (data-aware mode).
-        damping: Relative damping of ``G``.
+        out_grams: Per group ``id``: an output-side weight for the whitened spectrum (attention
+            query/key projections; :func:`onnx_lowrank.activations.capture_grams`).
+        damping: Relative damping of ``G`` (and of the output-side weight).
         notes: Per group ``id``: a remark for the report (e.g. why the plain SVD was used).
         conv_mode: ``channel``, ``spatial`` or ``auto``; ``auto`` takes both views of a 2-D
             Conv kernel (two SVDs) so that :func:`decide` can compare them.
         shapes: Known value shapes, for Conv sizes; without them Conv MACs are per output pixel.
     """
     grams = grams or {}
+    out_grams = out_grams or {}
     notes = notes or {}
     plans = []
     todo = [g for g in found.groups if g.reason is None]
@@ -240,7 +244,9 @@ def build_plans(
             try:
                 if id(group) in grams:
                     g, side = grams[id(group)]
-                    plan.spectrum = decompose.whitened_spectrum(arr, g, side, damping)
+                    plan.spectrum = decompose.whitened_spectrum(arr, g, side, damping, out_gram=out_grams.get(id(group)))
+                    if id(group) in out_grams:
+                        plan.extra["note"] = "attention-aware"
                 else:
                     plan.spectrum = decompose.spectrum(arr)
             except ValueError as exc:
