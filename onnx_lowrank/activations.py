@@ -244,46 +244,68 @@ class ScoreOperand:
     source: str
 
 
-_SCORE_PASS = {"Transpose", "Identity", "Cast"}
+_SCORE_PASS = {"Identity", "Cast"}
 
 
 def _score_operands(graph: onnx.GraphProto, groups: list[WeightGroup]) -> list[ScoreOperand]:
     """Every operand of a two-activation ``MatMul`` that a MatMul/Gemm group's output reaches
-    through a bias ``Add``, at most one ``Reshape``, ``Transpose`` and scalar ``Mul``/``Div``."""
+    through a bias ``Add``, scaling (``Mul``/``Div`` by another value: the layout check on the
+    data tells a scalar from anything else), at most one ``Reshape`` that splits the channel axis,
+    and ``Transpose``s that leave the head dimension on the contracted axis.  Every value on the
+    way has no other consumer (``Shape`` aside): a projection whose output also goes elsewhere is
+    not weighed by the scores alone."""
     producer = {o: n for n in graph.node for o in n.output}
     consts = {t.name: tuple(t.dims) for t in graph.initializer}
     consts.update({n.output[0]: tuple(a.t.dims) for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"})
     layer_out = {layer.node.output[0]: id(g) for g in groups for layer in g.layers
                  if layer.graph is graph and not layer.is_conv and layer.node.output}
+    consumers: dict[str, int] = {o.name: 1 for o in graph.output}
+    for n in graph.node:
+        if n.op_type != "Shape":
+            for i in set(n.input):
+                consumers[i] = consumers.get(i, 0) + 1
 
-    def scalar(name: str) -> bool:
-        return name in consts and int(np.prod(consts[name])) == 1
-
-    def trace(name: str) -> tuple[int, str, str] | None:
-        source, reshaped = None, False
-        for _ in range(16):
-            if name in layer_out:
-                return layer_out[name], name, source or name
-            node = producer.get(name)
-            if node is None or not node.input:
-                return None
-            op = node.op_type
-            if op in _SCORE_PASS:
-                name = node.input[0]
-            elif op == "Reshape" and not reshaped:
-                reshaped, source, name = True, node.input[0], node.input[0]
-            elif op in ("Mul", "Div") and len(node.input) == 2 and scalar(node.input[1]):
-                name = node.input[0]
-            elif op == "Mul" and len(node.input) == 2 and scalar(node.input[0]):
-                name = node.input[1]
-            elif op == "Add" and len(node.input) == 2 and (node.input[0] in consts) != (node.input[1] in consts):
-                if reshaped and source != node.output[0]:
-                    return None  # a bias added after the head split: not the layout checked here
-                source = source or node.output[0]
-                name = node.input[1] if node.input[0] in consts else node.input[0]
-            else:
-                return None
+    def trace(name: str, path: list[onnx.NodeProto], depth: int = 0) -> tuple[int, str, list[onnx.NodeProto]] | None:
+        """Walk back from ``name`` to a projection's output; ``path`` collects the nodes (last first)."""
+        if depth > 16 or consumers.get(name, 0) != 1:
+            return None
+        if name in layer_out:
+            return layer_out[name], name, path
+        node = producer.get(name)
+        if node is None or not node.input:
+            return None
+        op = node.op_type
+        if op in _SCORE_PASS or op == "Transpose" or (op == "Reshape" and not any(n.op_type == "Reshape" for n in path)):
+            return trace(node.input[0], path + [node], depth + 1)
+        if op in ("Mul", "Div", "Add") and len(node.input) == 2:
+            # follow the operand that is not a constant; with two activations try each in turn
+            # (the numeric layout check rejects a factor that is not a scalar)
+            order = [0, 1] if op != "Div" else [0]
+            for k in order:
+                if node.input[k] in consts and op != "Add":
+                    continue
+                if op == "Add" and (node.input[1 - k] not in consts):
+                    continue  # a bias is a constant; the sum of two activations is not a scaling
+                hit = trace(node.input[k], path + [node], depth + 1)
+                if hit is not None:
+                    return hit
         return None
+
+    def head_axis_ok(path: list[onnx.NodeProto], index: int) -> tuple[bool, str]:
+        """Replay the path forward: where the head dimension ends up, and the layout-check source."""
+        pos, rank, source = -1, None, None
+        for node in reversed(path):  # forward order
+            if node.op_type == "Reshape":
+                pos, rank, source = -1, None, node.input[0]  # the channel axis splits into (heads, dim): dim last
+            elif node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                if perm is None:
+                    return False, ""
+                rank = len(perm)
+                pos = perm.index(rank + pos) - rank
+            elif node.op_type == "Add" and source is None:
+                source = node.output[0]
+        return pos == (-1 if index == 0 else -2), source or ""
 
     found = []
     for node in graph.node:
@@ -292,9 +314,13 @@ def _score_operands(graph: onnx.GraphProto, groups: list[WeightGroup]) -> list[S
         if any(i in consts or not i for i in node.input):
             continue
         for index in (0, 1):
-            hit = trace(node.input[index])
-            if hit is not None:
-                found.append(ScoreOperand(hit[0], hit[1], node.input[index], node.input[1 - index], index, hit[2]))
+            hit = trace(node.input[index], [])
+            if hit is None:
+                continue
+            gid, layer, path = hit
+            ok, source = head_axis_ok(path, index)
+            if ok:
+                found.append(ScoreOperand(gid, layer, node.input[index], node.input[1 - index], index, source or layer))
     return found
 
 
@@ -332,18 +358,23 @@ class _HeadGrams:
         for k, op in enumerate(self.scores):
             if k in self.bad:
                 continue
-            x = _as_heads(np.asarray(values[op.operand]), -1 if op.index == 0 else -2)
-            o = _as_heads(np.asarray(values[op.other]), -2 if op.index == 0 else -1)
-            if (x is None or o is None or o.shape[-1] != x.shape[-1] or o.shape[1] not in (1, x.shape[1])
+            raw_x, raw_o = np.asarray(values[op.operand]), np.asarray(values[op.other])
+            x = _as_heads(raw_x, -1 if op.index == 0 else -2)
+            o = _as_heads(raw_o, -2 if op.index == 0 else -1)
+            # same rank (a 3-D operand against a 4-D one broadcasts over heads, not batch); the other
+            # side has as many heads, or one (multi-query keys), or this side has one (its keys serve all)
+            if (x is None or o is None or raw_x.ndim != raw_o.ndim or o.shape[-1] != x.shape[-1]
+                    or not (o.shape[1] == x.shape[1] or 1 in (o.shape[1], x.shape[1]))
                     or (k not in self.sums and not _layout_matches(x, np.asarray(values[op.source])))):
                 self.bad.add(k)
                 self.sums.pop(k, None)
                 continue
             g = np.zeros((x.shape[1], x.shape[-1], x.shape[-1]))
             for h in range(x.shape[1]):
-                rows = o[:, h if o.shape[1] > 1 else 0]
-                if mask is not None and mask.shape == rows.shape[:2]:
-                    rows = rows[mask != 0]
+                rows = o[:, h] if o.shape[1] == x.shape[1] else o[:, 0] if o.shape[1] == 1 else o  # (b, [heads,] rows, dim)
+                if mask is not None and mask.shape == (rows.shape[0], rows.shape[-2]):
+                    keep = mask != 0
+                    rows = rows[keep] if rows.ndim == 3 else np.moveaxis(rows, 1, 0)[:, keep]
                 r64 = rows.reshape(-1, rows.shape[-1]).astype(np.float64)
                 g[h] = r64.T @ r64
             self.sums[k] = self.sums[k] + g if k in self.sums else g
@@ -541,6 +572,7 @@ def refit_factors(
     mask_input: str | None = None,
     threads: int | None = None,
     progress: Progress | None = None,
+    output_only: Iterable[int] = (),
 ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int]:
     """Refit the output-side factor of every compressed layer on propagated activations.
 
@@ -563,6 +595,10 @@ def refit_factors(
             pass per level instead of per ``passes``.
         both: Refit both factors (:func:`~onnx_lowrank.decompose.refit_lowrank`) instead of
             the output-side one only.
+        output_only: Groups (by ``id``) that refit only the output-side factor even with
+            ``both``: those truncated with an output-side weight (attention-aware), whose
+            input-side factor the unweighted refit of both would undo.  The output-side refit
+            does not depend on that weight.
         damping: Relative damping of ``G~``.
         mask_input: Name of an input whose zeros mark padded rows.
         threads: onnxruntime intra-op threads.
@@ -575,6 +611,7 @@ def refit_factors(
     from .decompose import refit_factor, refit_lowrank
 
     by_id = {id(g): g for g in groups if id(g) in factors}
+    keep_input = set(output_only)
     current = {gid: (np.asarray(a), np.asarray(b)) for gid, (a, b) in factors.items()}
     runs = 0
     if sequential:
@@ -591,15 +628,16 @@ def refit_factors(
         runs += stats.runs
         for gid, (g, side) in stats.grams.items():
             w = weights[gid]
+            pair = both and gid not in keep_input
             try:
-                if both:
+                if pair:
                     a, b = refit_lowrank(w, g, stats.cross[gid], factors[gid][0].shape[1], side, damping)
                 else:
                     a, b = refit_factor(*factors[gid], w, g, stats.cross[gid], side, damping)
             except ValueError as exc:
                 log.warning("refit of %s skipped: %s", by_id[gid].weight.name, exc)
                 continue
-            if both:
+            if pair:
                 current[gid] = (a.astype(w.dtype), b.astype(w.dtype))
             elif side == "left":
                 current[gid] = (np.asarray(factors[gid][0]), b.astype(w.dtype))

@@ -387,7 +387,8 @@ def _refine(proto: onnx.ModelProto, plans: list[plan.LayerPlan], feeds: Any, sou
     weights = {id(p.group): io.read_tensor(p.group.weight.tensor, source_dir) for p in chosen}
     refitted, runs = activations.refit_factors(proto, [p.group for p in chosen], factors, weights, feeds, source_dir,
                                                both=True, sequential=True, damping=cfg.damping, mask_input=cfg.calib_mask,
-                                               threads=threads, progress=progress)
+                                               threads=threads, progress=progress,
+                                               output_only={id(p.group) for p in chosen if p.spectrum.out_whiten is not None})
     changed = 0
     for p in chosen:
         a, b = refitted[id(p.group)]

@@ -244,9 +244,15 @@ def build_plans(
             try:
                 if id(group) in grams:
                     g, side = grams[id(group)]
-                    plan.spectrum = decompose.whitened_spectrum(arr, g, side, damping, out_gram=out_grams.get(id(group)))
+                    plan.spectrum = None
                     if id(group) in out_grams:
-                        plan.extra["note"] = "attention-aware"
+                        try:
+                            plan.spectrum = decompose.whitened_spectrum(arr, g, side, damping, out_gram=out_grams[id(group)])
+                            plan.extra["note"] = "attention-aware"
+                        except ValueError as exc:  # e.g. keys that never vary: weigh by the input only
+                            log.info("attention-aware weighting of %s skipped: %s", w.name, exc)
+                    if plan.spectrum is None:
+                        plan.spectrum = decompose.whitened_spectrum(arr, g, side, damping)
                 else:
                     plan.spectrum = decompose.spectrum(arr)
             except ValueError as exc:

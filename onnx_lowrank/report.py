@@ -165,7 +165,8 @@ def render_table(decisions: list[LayerDecision], *, max_name: int = 40) -> str:
     if any(d.whitened and d.rank is not None for d in decisions):
         lines.append("energy 'w': data-aware, the fraction of ||X W||^2 kept over the calibration activations")
     if any(d.note == "attention-aware" and d.rank is not None for d in decisions):
-        lines.append("attention-aware: a query/key projection, weighed also by the keys/queries it is scored against")
+        lines.append("attention-aware: a query/key projection, weighed also by the keys/queries it is scored against "
+                     "(its energy is of ||X W R||^2, R from those)")
     return "\n".join(lines)
 
 

@@ -165,3 +165,101 @@ def test_padded_keys_are_left_out_with_the_mask():
     keys = _keys(w, feed["x"]).astype(np.float64)
     rows = keys[:, 0][mask != 0]  # head 0, real tokens only
     assert np.allclose(cap.out_grams[id(by["Wq"])][:D, :D], rows.T @ rows, rtol=1e-5)
+
+
+def _variant(kind: str):
+    """Attention graphs from other exporters: the score operands reached in other ways.
+
+    ``bart``: the query is scaled before the head split; ``sdpa``: both sides scaled by a factor
+    computed at run time from the shape; ``mqa``: one key/value head shared by the query heads;
+    ``k_output``: the key projection's output is also a model output; ``memory``: the keys are a
+    3-D (heads, dim, keys) input, broadcast over the batch.
+    """
+    w = _weights(5)
+    hk = 1 if kind == "mqa" else H
+    w["Wk"], w["bk"] = w["Wk"][:, :hk * D].copy(), w["bk"][:hk * D].copy()
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q0"], name="q_proj"), helper.make_node("Add", ["q0", "bq"], ["q1"])]
+    q = "q1"
+    if kind == "bart":
+        nodes.append(helper.make_node("Mul", ["q1", "scale"], ["q1s"]))
+        q = "q1s"
+    nodes += [helper.make_node("Reshape", [q, "split"], ["q2"]), helper.make_node("Transpose", ["q2"], ["q3"], perm=[0, 2, 1, 3])]
+    q = "q3"
+    if kind == "sdpa":
+        nodes += [helper.make_node("Shape", ["q3"], ["qs"]), helper.make_node("Slice", ["qs", "m1", "big"], ["qd"]),
+                  helper.make_node("Cast", ["qd"], ["qdf"], to=onnx.TensorProto.FLOAT), helper.make_node("Sqrt", ["qdf"], ["qsq"]),
+                  helper.make_node("Div", ["one", "qsq"], ["inv"]), helper.make_node("Sqrt", ["inv"], ["root"]),
+                  helper.make_node("Mul", ["q3", "root"], ["q4"])]
+        q = "q4"
+    inputs = [vi("x", [B, T, N])]
+    outputs = [vi("y", [B, H, T, T])]
+    if kind == "memory":
+        inputs.append(vi("mem", [H, D, T]))
+        k = "mem"
+    else:
+        nodes += [helper.make_node("MatMul", ["x", "Wk"], ["k0"], name="k_proj"), helper.make_node("Add", ["k0", "bk"], ["k1"]),
+                  helper.make_node("Reshape", ["k1", "split_k"], ["k2"]), helper.make_node("Transpose", ["k2"], ["k3"], perm=[0, 2, 3, 1])]
+        k = "k3"
+        if kind == "sdpa":
+            nodes.append(helper.make_node("Mul", ["k3", "root"], ["k4"]))
+            k = "k4"
+        if kind == "k_output":
+            outputs.append(vi("k1", [B, T, N]))
+    nodes.append(helper.make_node("MatMul", [q, k], ["y"], name="scores"))
+    inits = [init("Wq", w["Wq"]), init("bq", w["bq"]), init("Wk", w["Wk"]), init("bk", w["bk"]),
+             init("split", np.array((0, 0, H, D), np.int64)), init("split_k", np.array((0, 0, hk, D), np.int64)),
+             init("scale", np.array(0.3, np.float32)), init("one", np.array(1.0, np.float32)),
+             init("m1", np.array([-1], np.int64)), init("big", np.array([9], np.int64))]
+    if kind == "memory":
+        inits = [t for t in inits if t.name not in ("Wk", "bk")]
+    return make_model(nodes, inputs, outputs, inits), w
+
+
+@pytest.mark.parametrize("kind, weighted", [("bart", {"Wq", "Wk"}), ("sdpa", {"Wq", "Wk"}), ("mqa", {"Wq", "Wk"}),
+                                            ("k_output", {"Wq"}), ("memory", set())])
+def test_exporter_variants(kind, weighted):
+    model, w = _variant(kind)
+    feeds = [{"x": RNG.standard_normal((B, T, N)).astype(np.float32)} for _ in range(2)]
+    if kind == "memory":
+        for f in feeds:
+            f["mem"] = RNG.standard_normal((H, D, T)).astype(np.float32)
+    found = discover(model, min_params=0)
+    cap = capture_grams(model, found.groups, feeds, None, attention=True)
+    got = {g.weight.name for g in found.groups if id(g) in cap.out_grams}
+    assert got == weighted
+    if kind == "mqa":  # the single key head serves every query head: its weight sums their Grams
+        xs = np.concatenate([f["x"] for f in feeds])
+        qh = (xs @ w["Wq"] + w["bq"]).reshape(-1, T, H, D).astype(np.float64)
+        k_gram = next(cap.out_grams[id(g)] for g in found.groups if g.weight.name == "Wk")
+        rows = qh.reshape(-1, D)
+        assert np.allclose(k_gram, rows.T @ rows, rtol=1e-5)
+
+
+def test_the_context_matmul_is_not_a_score_operand():
+    # probabilities @ values contracts the token axis of the values, not their head dimension:
+    # neither side is weighed, and the (batch, heads, T, T) probabilities are never fetched
+    from onnx_lowrank.activations import _score_operands
+
+    model, _ = attention_model()
+    found = discover(model, min_params=0)
+    ops = _score_operands(model.graph, found.groups)
+    assert {(op.operand, op.other) for op in ops} == {("q4", "k3"), ("k3", "q4")}
+
+
+def test_refine_keeps_the_attention_weighting():
+    model, w = attention_model()
+    calib = _calib()
+    kw = dict(rank=3, min_params=0, data_aware=True, include="q_proj", calib=calib)
+
+    def scores(m, feed):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(m)
+        probe.graph.output.append(onnx.ValueInfoProto(name="s"))
+        return run(probe, feed)[-1]
+
+    def score_error(result):
+        return sum(float(np.sum((scores(result.model, f) - scores(model, f)) ** 2)) for f in calib)
+
+    refined = ol.compress(model, refine=True, **kw)
+    plain = ol.compress(model, attention_aware=False, **kw)
+    assert score_error(refined) < 0.8 * score_error(plain)
