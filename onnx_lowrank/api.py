@@ -51,6 +51,8 @@ class CompressResult:
         config: The configuration used.
         source_dir: Directory that external data references of ``model`` are relative to.
         source_path: The input model's file, when it was given as a path (never overwritten).
+        source_external: Whether the input kept tensors in external data files; :meth:`save`
+            then writes the output's data to ``OUT.data`` too.
         dry_run: True when the model was planned but not rewritten.
         verification: What the onnxruntime check measured, when ``verify=`` was given.
     """
@@ -64,6 +66,7 @@ class CompressResult:
     verification: VerifyReport | None = None
     sections: dict[str, Any] = field(default_factory=dict)
     source_path: Path | None = None
+    source_external: bool = False
 
     @property
     def modified(self) -> bool:
@@ -78,6 +81,8 @@ class CompressResult:
         if self.dry_run:
             raise UsageError("this result is a dry run; nothing to save (run without dry_run=True).")
         io.check_output_path(path, self.source_path)
+        if external is None and self.source_external:
+            external = True  # the input kept its data outside; so does the output, even if every external tensor was factorized
         written = io.save_model(self.model, path, base_dir=self.source_dir, external=external)
         self.totals.size_after = sum(p.stat().st_size for p in written)
         return written
@@ -205,6 +210,7 @@ def compress(
     if vcfg is not None and dry_run:
         raise UsageError("--dry-run leaves the model as it is, so there is nothing to verify; drop --dry-run or the verification flags.")
     proto, source_dir, size_before = _load(model, base_dir)
+    source_external = io.uses_external_data(proto)
     input_dir = source_dir  # quantization may move the result's data in memory; the input's stays here
     found = discover(proto, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
                      allow_input_weights=cfg.allow_input_weights)
@@ -277,7 +283,8 @@ def compress(
     if not dry_run and totals.factorized:
         _record_metadata(proto, cfg, totals)
     result = CompressResult(model=proto, layers=decisions, totals=totals, config=cfg, source_dir=source_dir, dry_run=dry_run,
-                            sections=sections, source_path=Path(model) if isinstance(model, (str, os.PathLike)) else None)
+                            sections=sections, source_path=Path(model) if isinstance(model, (str, os.PathLike)) else None,
+                            source_external=source_external)
     if vcfg is not None:
         # The caller's ModelProto was copied by _load, so it still is the original.
         result.verification = verify_models(model, proto, vcfg, base_dir=input_dir, compressed_dir=source_dir)

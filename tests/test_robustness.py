@@ -135,3 +135,19 @@ def test_a_budget_counts_a_factorized_conv_at_its_factorized_size():
     budget = 0.1 * res.totals.params_before
     assert res.totals.params_after <= budget
     assert res.totals.params_after + (4096 + 256) > budget  # one more Gemm rank would not fit
+
+
+def test_an_external_data_input_gives_an_external_data_output_even_when_every_external_tensor_is_factorized(tmp_path):
+    w = lowrank(128, 128, 8, 3)
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [vi("x", [4, 128])], [vi("y", [4, 128])],
+                       [init("W", w)], ir_version=8)
+    src = tmp_path / "m.onnx"
+    onnx.save_model(model, src, save_as_external_data=True, location="m.bin", size_threshold=0)
+    out = tmp_path / "o.onnx"
+    assert main([str(src), "-o", str(out), "--rank", "8", "--min-params", "0", "-q"]) == 0
+    assert (tmp_path / "o.onnx.data").exists()
+    import onnxruntime as ort
+
+    x = RNG.standard_normal((4, 128)).astype(np.float32)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.allclose(got, x @ w, rtol=1e-3, atol=1e-3)
