@@ -487,29 +487,13 @@ def refit_factor(
     Raises:
         ValueError: mismatched shapes, an unknown side, non-finite or all-zero statistics.
     """
-    if side not in ("left", "right"):
-        raise ValueError(f"Got side={side!r}; expected 'left' or 'right'.")
-    w64 = np.asarray(w, dtype=np.float64)
+    w64, gd, cd = _refit_statistics(w, gram, cross, side, damping)
     a64 = np.asarray(a, dtype=np.float64)
     b64 = np.asarray(b, dtype=np.float64)
     m, n = w64.shape
     r = a64.shape[1]
     if a64.shape != (m, r) or b64.shape != (r, n):
         raise ValueError(f"Got factors {a64.shape} and {b64.shape} for a {w64.shape} matrix; expected (m, r) and (r, n).")
-    k = m if side == "left" else n
-    g = np.asarray(gram, dtype=np.float64)
-    c = np.asarray(cross, dtype=np.float64)
-    if g.shape != (k, k) or c.shape != (k, k):
-        raise ValueError(f"Got statistics {g.shape} and {c.shape} for a {side}-side {w64.shape} matrix; expected ({k}, {k}).")
-    if not (np.all(np.isfinite(g)) and np.all(np.isfinite(c))):
-        raise ValueError("Refit statistics hold NaN or Inf values; the calibration activations are not finite.")
-    scale = float(np.mean(np.diag(g)))
-    if scale <= 0:
-        raise ValueError("Refit Gram matrix is zero: the calibration data never reaches this layer's input.")
-    d = max(float(damping), 0.0) * scale
-    eye = np.eye(k)
-    gd = (g + g.T) / 2 + d * eye
-    cd = c + d * eye
     if side == "left":
         lhs = a64.T @ gd @ a64  # (r, r)
         rhs = a64.T @ cd @ w64  # (r, n)
@@ -535,6 +519,17 @@ def refit_lowrank(
     Returns:
         ``(A, B)`` in float64.
     """
+    w64, gd, cd = _refit_statistics(w, gram, cross, side, damping)
+    if side == "left":
+        m_ls = _solve_sym(gd, cd @ w64)
+    else:
+        m_ls = _solve_sym(gd, cd @ w64.T).T  # W C^T G^{-1} = (G^{-1} C W^T)^T
+    return factors(whitened_spectrum(m_ls, np.asarray(gram, dtype=np.float64), side, damping), rank)
+
+
+def _refit_statistics(w: np.ndarray, gram: np.ndarray, cross: np.ndarray, side: str, damping: float
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(W, G~ + d I, C + d I)`` in float64, validated (shapes, side, finite and non-zero ``G~``)."""
     if side not in ("left", "right"):
         raise ValueError(f"Got side={side!r}; expected 'left' or 'right'.")
     w64 = np.asarray(w, dtype=np.float64)
@@ -550,12 +545,7 @@ def refit_lowrank(
         raise ValueError("Refit Gram matrix is zero: the calibration data never reaches this layer's input.")
     d = max(float(damping), 0.0) * scale
     eye = np.eye(k)
-    gd = (g + g.T) / 2 + d * eye
-    if side == "left":
-        m_ls = _solve_sym(gd, (c + d * eye) @ w64)
-    else:
-        m_ls = _solve_sym(gd, (c + d * eye) @ w64.T).T  # W C^T G^{-1} = (G^{-1} C W^T)^T
-    return factors(whitened_spectrum(m_ls, g, side, damping), rank)
+    return w64, (g + g.T) / 2 + d * eye, c + d * eye
 
 
 def _solve_sym(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:

@@ -68,6 +68,18 @@ def _keys(w, xs):
     return k.reshape(B, T, H, D).transpose(0, 2, 1, 3)
 
 
+def _scores(m, feed):
+    """The attention scores ``s`` of a model built by :func:`attention_model`."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    probe.graph.output.append(onnx.ValueInfoProto(name="s"))
+    return run(probe, feed)[-1]
+
+
+def _score_error(model, result, calib) -> float:
+    return sum(float(np.sum((_scores(result.model, f) - _scores(model, f)) ** 2)) for f in calib)
+
+
 def test_two_sided_truncation_is_the_optimum_of_the_weighted_error():
     x = RNG.standard_normal((200, 12)) * np.linspace(2, 0.1, 12)
     k = RNG.standard_normal((300, 10)) * np.linspace(3, 0.05, 10)
@@ -129,16 +141,7 @@ def test_compress_lowers_the_score_error_at_equal_rank():
     # only the query projection is a candidate here; the keys it meets need not be one
     assert aware.totals.extra["data_aware"]["attention_weighted"] == 1
 
-    def scores(m, feed):
-        probe = onnx.ModelProto()
-        probe.CopyFrom(m)
-        probe.graph.output.append(onnx.ValueInfoProto(name="s"))
-        return run(probe, feed)[-1]
-
-    def score_error(result):
-        return sum(float(np.sum((scores(result.model, f) - scores(model, f)) ** 2)) for f in calib)
-
-    assert score_error(aware) < 0.8 * score_error(plain)
+    assert _score_error(model, aware, calib) < 0.8 * _score_error(model, plain, calib)
     assert "attention-aware" in render_table(aware.layers)
 
 
@@ -251,15 +254,6 @@ def test_refine_keeps_the_attention_weighting():
     calib = _calib()
     kw = dict(rank=3, min_params=0, data_aware=True, include="q_proj", calib=calib)
 
-    def scores(m, feed):
-        probe = onnx.ModelProto()
-        probe.CopyFrom(m)
-        probe.graph.output.append(onnx.ValueInfoProto(name="s"))
-        return run(probe, feed)[-1]
-
-    def score_error(result):
-        return sum(float(np.sum((scores(result.model, f) - scores(model, f)) ** 2)) for f in calib)
-
     refined = ol.compress(model, refine=True, **kw)
     plain = ol.compress(model, attention_aware=False, **kw)
-    assert score_error(refined) < 0.8 * score_error(plain)
+    assert _score_error(model, refined, calib) < 0.8 * _score_error(model, plain, calib)
