@@ -293,16 +293,15 @@ def _score_operands(graph: onnx.GraphProto, groups: list[WeightGroup]) -> list[S
 
     def head_axis_ok(path: list[onnx.NodeProto], index: int) -> tuple[bool, str]:
         """Replay the path forward: where the head dimension ends up, and the layout-check source."""
-        pos, rank, source = -1, None, None
+        pos, source = -1, None  # the head dimension's axis, counted from the end
         for node in reversed(path):  # forward order
             if node.op_type == "Reshape":
-                pos, rank, source = -1, None, node.input[0]  # the channel axis splits into (heads, dim): dim last
+                pos, source = -1, node.input[0]  # the channel axis splits into (heads, dim): dim last
             elif node.op_type == "Transpose":
                 perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-                if perm is None:
+                if perm is None or not -len(perm) <= pos < 0:
                     return False, ""
-                rank = len(perm)
-                pos = perm.index(rank + pos) - rank
+                pos = perm.index(len(perm) + pos) - len(perm)
             elif node.op_type == "Add" and source is None:
                 source = node.output[0]
         return pos == (-1 if index == 0 else -2), source or ""
