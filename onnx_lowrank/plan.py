@@ -555,8 +555,11 @@ def decisions(found: Discovery, plans: list[LayerPlan], shapes: ShapeInfo | None
             if shape and id(layer.weight) not in counted:
                 counted.add(id(layer.weight))
                 params = int(np.prod(shape))
+            matrix = not (layer.is_conv or layer.op_type == "ConvTranspose")
+            # a matrix left alone still runs: its MACs per activation row count, the same before and after
+            macs = int(np.prod(shape)) if matrix and shape and len(shape) == 2 else 0
             row = LayerDecision(node=layer.display_name, op_type=layer.op_type, weight=layer.weight_name,
                                 shape=shape, reason=layer.reason, params_before=params, params_after=params,
-                                macs_per=None if layer.is_conv or layer.op_type == "ConvTranspose" else "row")
+                                macs_before=macs, macs_after=macs, macs_per="row" if matrix else None)
         out.append(row)
     return out

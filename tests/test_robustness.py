@@ -151,3 +151,11 @@ def test_an_external_data_input_gives_an_external_data_output_even_when_every_ex
     x = RNG.standard_normal((4, 128)).astype(np.float32)
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.allclose(got, x @ w, rtol=1e-3, atol=1e-3)
+
+
+def test_layers_left_alone_before_planning_still_count_their_macs():
+    pair = make_model([helper.make_node("MatMul", ["x", "A"], ["h"]), helper.make_node("MatMul", ["h", "B"], ["y"])],
+                      [vi("x", [2, 64])], [vi("y", [2, 64])], [init("A", lowrank(64, 4, 4, 1)), init("B", lowrank(4, 64, 4, 2))])
+    t = ol.compress(pair, min_params=0, dry_run=True).totals
+    assert t.params_before == t.params_after == 512
+    assert t.macs_before == t.macs_after == 512
