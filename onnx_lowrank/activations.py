@@ -24,14 +24,13 @@ the statistics of all of them (they must meet it from the same side).  Layers in
 bodies are not captured; they keep the plain SVD and say why.
 
 Attention scores (``attention=True``): a projection whose output reaches one operand of a
-``MatMul`` of two activations (the ``q k^T`` of attention) only through a bias ``Add``, one
-``Reshape`` that splits heads, ``Transpose`` and scaling by a constant scalar, and whose
+``MatMul`` of two activations (the ``q k^T`` of attention) only through a bias ``Add``, scaling,
+one ``Reshape`` that splits heads and ``Transpose``s, with no other consumer on the way, and whose
 contracted axis there is the head dimension, is weighted on its output side by the other
 operand's Gram per head (:mod:`onnx_lowrank.decompose`, "Output-side weighting").  The head
 layout is not inferred from the graph but checked on the first batch: the operand, heads moved
 back beside the channel axis, must equal the projection's output times a constant.  Anything
-else (fused attention ops, Einsum, a layout that fails the check, a weight with other users)
-keeps input-only whitening.
+else (fused attention ops, Einsum, a layout that fails the check) keeps input-only whitening.
 """
 
 from __future__ import annotations
@@ -244,7 +243,7 @@ class ScoreOperand:
     source: str
 
 
-_SCORE_PASS = {"Identity", "Cast"}
+_SCORE_PASS = {"Identity", "Cast", "Transpose"}
 
 
 def _score_operands(graph: onnx.GraphProto, groups: list[WeightGroup]) -> list[ScoreOperand]:
@@ -275,7 +274,7 @@ def _score_operands(graph: onnx.GraphProto, groups: list[WeightGroup]) -> list[S
         if node is None or not node.input:
             return None
         op = node.op_type
-        if op in _SCORE_PASS or op == "Transpose" or (op == "Reshape" and not any(n.op_type == "Reshape" for n in path)):
+        if op in _SCORE_PASS or (op == "Reshape" and not any(n.op_type == "Reshape" for n in path)):
             return trace(node.input[0], path + [node], depth + 1)
         if op in ("Mul", "Div", "Add") and len(node.input) == 2:
             # follow the operand that is not a constant; with two activations try each in turn
@@ -291,7 +290,7 @@ def _score_operands(graph: onnx.GraphProto, groups: list[WeightGroup]) -> list[S
                     return hit
         return None
 
-    def head_axis_ok(path: list[onnx.NodeProto], index: int) -> tuple[bool, str]:
+    def head_axis_ok(path: list[onnx.NodeProto], index: int) -> tuple[bool, str | None]:
         """Replay the path forward: where the head dimension ends up, and the layout-check source."""
         pos, source = -1, None  # the head dimension's axis, counted from the end
         for node in reversed(path):  # forward order
@@ -300,11 +299,11 @@ def _score_operands(graph: onnx.GraphProto, groups: list[WeightGroup]) -> list[S
             elif node.op_type == "Transpose":
                 perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
                 if perm is None or not -len(perm) <= pos < 0:
-                    return False, ""
+                    return False, None
                 pos = perm.index(len(perm) + pos) - len(perm)
             elif node.op_type == "Add" and source is None:
                 source = node.output[0]
-        return pos == (-1 if index == 0 else -2), source or ""
+        return pos == (-1 if index == 0 else -2), source
 
     found = []
     for node in graph.node:
@@ -379,25 +378,22 @@ class _HeadGrams:
             self.sums[k] = self.sums[k] + g if k in self.sums else g
 
     def result(self, users: Mapping[int, int]) -> dict[int, np.ndarray]:
-        """Per group: the block-diagonal output Gram, for groups whose every user was matched."""
+        """Per group: the block-diagonal output Gram, for groups whose every user was matched and
+        every score operand passed the checks."""
+        failed = {op.group for k, op in enumerate(self.scores) if k not in self.sums}
+        matched: dict[int, set[str]] = {}
         out: dict[int, np.ndarray] = {}
-        seen: dict[int, set[str]] = {}
         for k, op in enumerate(self.scores):
-            seen.setdefault(op.group, set()).add(op.layer)
-        for k, op in enumerate(self.scores):
-            if k not in self.sums:
-                out[op.group] = None  # type: ignore[assignment]
+            matched.setdefault(op.group, set()).add(op.layer)
+            if op.group in failed:
                 continue
             blocks = self.sums[k]
             h, d, _ = blocks.shape
             full = np.zeros((h * d, h * d))
             for i in range(h):
                 full[i * d:(i + 1) * d, i * d:(i + 1) * d] = blocks[i]
-            if op.group in out:
-                out[op.group] = None if out[op.group] is None else out[op.group] + full  # type: ignore[operator]
-            else:
-                out[op.group] = full
-        return {gid: g for gid, g in out.items() if g is not None and len(seen[gid]) == users.get(gid, 0)}
+            out[op.group] = out[op.group] + full if op.group in out else full
+        return {gid: g for gid, g in out.items() if len(matched[gid]) == users.get(gid, 0)}
 
 
 def overridable(model: onnx.ModelProto, weights: Iterable[str]) -> onnx.ModelProto:

@@ -102,9 +102,9 @@ def _latency_batch(model: onnx.ModelProto, cfg: CompressConfig) -> tuple[int, ..
     """The batch sizes to time: ``cfg.batch``, except that the default (1) on a model whose batch
     axis is fixed to another size times that size, the only one the model runs at."""
     if tuple(cfg.batch) == (1,):
-        from .bench import fixed_batch
+        from .calibration import fixed_batch, model_inputs
 
-        fixed = fixed_batch(model)
+        fixed = fixed_batch(model_inputs(model))
         if fixed is not None:
             return (fixed,)
     return tuple(cfg.batch)

@@ -72,16 +72,6 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [v for v in model.graph.input if v.name not in inits]
 
 
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size a model is fixed to: the first axis every input states as the same number
-    (``None`` when some input's first axis is dynamic, the inputs disagree, or none states one)."""
-    init = {t.name for t in model.graph.initializer}
-    firsts = [(_model_dims(v) or [None])[0] for v in model.graph.input if v.name not in init]
-    if not firsts or any(not isinstance(d, int) for d in firsts) or len(set(firsts)) != 1:
-        return None
-    return int(firsts[0])
-
-
 def _model_dims(v: onnx.ValueInfoProto) -> list[int | str | None]:
     t = v.type.tensor_type
     if not t.HasField("shape"):

@@ -271,7 +271,7 @@ def feed_samples(feed: Mapping[str, np.ndarray]) -> int:
     return 1
 
 
-def _fixed_batch(specs: Sequence[InputSpec]) -> int | None:
+def fixed_batch(specs: Sequence[InputSpec]) -> int | None:
     """The sample count every feed must have, when the model fixes its leading dimension."""
     fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
     return fixed.pop() if len(fixed) == 1 else None
@@ -345,7 +345,7 @@ def _check_arrays(shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], specs:
     samples = next(iter(counts.values()))
     if samples == 0:
         raise CalibrationError(f"{where}: holds 0 samples; expected at least one along the first axis.")
-    fixed = _fixed_batch(specs)
+    fixed = fixed_batch(specs)
     if fixed is not None and samples % fixed:
         raise CalibrationError(f"{where}: holds {samples} samples, but the model takes feeds of exactly {fixed}; "
                                f"pass a multiple of {fixed} samples.")
@@ -650,7 +650,7 @@ def _synthetic_source(specs: Sequence[InputSpec], samples: int, batch: int, give
     shapes = _synthetic_shapes(specs, given, batch)
     free = {s.name for s in specs if s.name not in given and s.shape and not (isinstance(s.shape[0], int) and s.shape[0] > 0)}
     # Feeds shrink to the samples left only when no input pins the leading size.
-    flexible = bool(free) and not given and _fixed_batch(specs) is None
+    flexible = bool(free) and not given and fixed_batch(specs) is None
     per_feed = batch if flexible else next((shape[0] for shape in shapes.values() if shape), 1)
     total = samples if flexible else -(-samples // per_feed) * per_feed
 
@@ -702,7 +702,7 @@ def load_calibration(
     specs = model_inputs(model)
     if isinstance(calib_batch, bool) or not isinstance(calib_batch, int) or calib_batch < 1:
         raise UsageError(f"--calib-batch must be a positive integer, got {calib_batch!r}.")
-    batch = _fixed_batch(specs) or calib_batch
+    batch = fixed_batch(specs) or calib_batch
     shapes, ranges = parse_input_shapes(input_shape), parse_input_ranges(input_range)
     known = {s.name for s in specs}
     for flag, names in (("--input-shape", shapes), ("--input-range", ranges)):
