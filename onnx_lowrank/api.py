@@ -72,20 +72,48 @@ class CompressResult:
     def modified(self) -> bool:
         return self.totals.factorized > 0
 
-    def save(self, path: str | os.PathLike, *, external: bool | None = None) -> list[Path]:
-        """Write the model atomically to ``path``, external data beside it when needed.
+    @property
+    def data(self) -> io.DataFiles:
+        """Where the external data of :attr:`model` resolves."""
+        return io.DataFiles(self.source_dir, label=str(self.source_path) if self.source_path else "the model")
+
+    def save(self, path: str | os.PathLike, *, external: bool | None = None,
+             report: str | os.PathLike | None = None) -> list[Path]:
+        """Write the model to ``path``, its data file and the JSON report with it, all or nothing.
+
+        The data file is ``OUT.onnx.<hash>.data``, named after its content; an earlier output
+        at ``path`` is replaced whole, its data file included (``docs/safety.md``).
+
+        Args:
+            path: The ``.onnx`` file to write.
+            external: Force external data on or off (default: on when the input had it or the
+                model would pass 2 GiB).
+            report: Also write :meth:`to_json` here, in the same commit.
 
         Returns:
-            The files written.
+            The model files written: the model, then its data file when there is one.
         """
         if self.dry_run:
             raise UsageError("this result is a dry run; nothing to save (run without dry_run=True).")
         io.check_output_path(path, self.source_path)
+        if report is not None:
+            io.check_output_path(report, self.source_path, flag="--report", keep=(path,))
         if external is None and self.source_external:
             external = True  # the input kept its data outside; so does the output, even if every external tensor was factorized
-        written = io.save_model(self.model, path, base_dir=self.source_dir, external=external)
-        self.totals.size_after = sum(p.stat().st_size for p in written)
+        protect = tuple(io.external_files(self.source_path)) if self.source_path is not None else ()
+        with io.terminate_raises(), io.OutputSet() as files:
+            written = io.stage_model(files, self.model, path, data=self.data, external=external, protect=protect)
+            self.totals.size_after = sum(files.staged_size(p) for p in written)
+            if report is not None:
+                text = self.to_json() + "\n"
+                files.stage(report, lambda f: f.write(text.encode("utf-8")))
+            files.commit_reporting(written + ([Path(report)] if report is not None else []))
         return written
+
+    def write_report(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_json` to ``path`` alone (a dry run's plan), all or nothing."""
+        io.check_output_path(path, self.source_path, flag="--report")
+        return io.write_text(path, self.to_json() + "\n")
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data: layers, totals, config, and any extra sections."""
@@ -133,6 +161,7 @@ def _resolve_config(config: CompressConfig | None, recipe: str | os.PathLike | N
 
 def _load(model: str | os.PathLike | onnx.ModelProto, base_dir: str | os.PathLike | None) -> tuple[onnx.ModelProto, Path | None, int | None]:
     if isinstance(model, onnx.ModelProto):
+        io.check_tensors(model)
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         return copy, Path(base_dir) if base_dir is not None else None, None

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .config import QUANTIZE_MODES
-from .errors import LowRankError, UsageError
+from .errors import Interrupted, LowRankError, UsageError
 
 PROG = "onnx-lowrank"
 SUBCOMMANDS = ("demo", "verify", "bench")
@@ -89,6 +88,8 @@ def _op_types(text: str) -> tuple[str, ...]:
 
 
 def _add_pass_options(p: argparse.ArgumentParser) -> None:
+    from .config import QUANTIZE_MODES
+
     g = p.add_argument_group("rank selection (flags override --recipe)")
     rule = g.add_mutually_exclusive_group()
     rule.add_argument("--energy", type=_energy, metavar="E",
@@ -220,7 +221,7 @@ def _compress_parser() -> argparse.ArgumentParser:
     _add_pass_options(p)
     out = p.add_argument_group("output")
     out.add_argument("--report", metavar="JSON", help="also write the report as JSON")
-    out.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
+    out.add_argument("--dry-run", action="store_true", help="print the plan; write no model (only --report, if given)")
     _add_verify_options(p, "verification (runs before anything is written, when --verify or any of these is given)", run_settings=False)
     p.add_argument("--verify", action="store_true", help="compare with the original in onnxruntime (on random inputs unless --calib)")
     _add_common(p)
@@ -267,28 +268,6 @@ def _print(*parts: str) -> None:
     print(*parts, file=sys.stdout)
 
 
-def _write_report(path: str, doc_json: str) -> None:
-    import os
-    import tempfile
-
-    from .io import new_file_mode
-
-    target = Path(path)
-    parent = target.resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"--report {path}: directory '{parent}' does not exist; create it first.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(doc_json + "\n")
-        new_file_mode(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _warn(lines: Sequence[str]) -> None:
     for line in lines:
         print(f"{PROG}: warning: {line}", file=sys.stderr)
@@ -310,7 +289,7 @@ def _run_compress(argv: Sequence[str]) -> int:
             raise UsageError("missing -o/--output; pass -o small.onnx (or --dry-run to only print the plan).")
         check_output_path(args.output, args.model)
         if args.report:
-            check_output_path(args.report, args.model, flag="--report", keep=(args.output, f"{args.output}.data"))
+            check_output_path(args.report, args.model, flag="--report", keep=(args.output,))
     bar = _ProgressBar(enabled=not args.quiet)
     try:
         result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, verify=verify,
@@ -328,7 +307,9 @@ def _run_compress(argv: Sequence[str]) -> int:
         raise VerificationFailed(f"{exc}; nothing written (pass --keep-failed to write it anyway)", report=exc.report, result=refused) from None
     finally:
         bar.close()
-    written = [] if args.dry_run else result.save(args.output)
+    if args.dry_run and args.report:
+        check_output_path(args.report, args.model, flag="--report")
+    written = [] if args.dry_run else result.save(args.output, report=args.report)
     check = result.verification
     if not args.quiet:
         _print(render_table(result.layers))
@@ -348,10 +329,11 @@ def _run_compress(argv: Sequence[str]) -> int:
             _warn(["the check ran on the calibration data the ranks were chosen from (or the factors refitted on); measure held-out data with "
                    f"'{PROG} verify {args.model} {args.output or 'OUT'} --calib HELDOUT'"])
     if args.dry_run:
-        _print(f"dry run: {result.totals.factorized} layer(s) would be factorized; nothing written.")
+        if args.report:
+            result.write_report(args.report)
+        _print(f"dry run: {result.totals.factorized} layer(s) would be factorized; "
+               + (f"wrote only the plan to {args.report}." if args.report else "nothing written."))
         return 0
-    if args.report:
-        _write_report(args.report, result.to_json())
     files = " + ".join(str(p) for p in written)
     _print(f"wrote {files}" + (f" and report {args.report}" if args.report else "")
            + (f"; check {'passed' if check.passed else 'FAILED'}: {check.summary()}" if check is not None else ""))
@@ -361,7 +343,7 @@ def _run_compress(argv: Sequence[str]) -> int:
 
 
 def _run_verify(argv: Sequence[str]) -> int:
-    from .io import check_input_path, check_output_path
+    from .io import check_input_path, check_output_path, write_text
     from .report import dumps
     from .verify import render_verification, verify_models
 
@@ -384,7 +366,7 @@ def _run_verify(argv: Sequence[str]) -> int:
         _print(render_verification(report))
     _warn(report.warnings)
     if args.report:
-        _write_report(args.report, dumps({"verification": report.to_dict()}))
+        write_text(args.report, dumps({"verification": report.to_dict()}) + "\n")
     _print(f"check {'passed' if report.passed else 'FAILED'}: {report.summary()}")
     report.check()
     return 0
@@ -447,7 +429,7 @@ def _bench_parser() -> argparse.ArgumentParser:
 
 def _run_bench(argv: Sequence[str]) -> int:
     from .bench import bench, render_report
-    from .io import check_input_path, check_output_path
+    from .io import check_input_path, check_output_path, write_text
 
     args = _bench_parser().parse_args(argv)
     _setup_logging(args)
@@ -459,7 +441,7 @@ def _run_bench(argv: Sequence[str]) -> int:
     report = bench(paths, threads=args.threads, batch=args.batch, input_shape=args.input_shape, runs=args.runs,
                    warmup=args.warmup, profile=args.profile)
     if args.json:
-        _write_report(args.json, report.to_json())
+        write_text(args.json, report.to_json() + "\n")
     if args.quiet:
         for s in report.settings:
             if s.speedup is not None:
@@ -480,9 +462,15 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``onnx-lowrank``; returns the exit code."""
+    import signal
+
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
+    previous = None
     try:
+        if threading_main():
+            # SIGTERM raises like Ctrl-C does, so that temporary files are removed on the way out
+            previous = signal.signal(signal.SIGTERM, _terminate)
         if argv and argv[0] == "demo":
             return _run_demo(argv[1:])
         if argv and argv[0] == "verify":
@@ -495,11 +483,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        written = getattr(exc, "written", [])
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if written:
+            print(f"{PROG}: interrupted after writing {' + '.join(str(p) for p in written)}, which are complete.", file=sys.stderr)
+        else:
+            print(f"{PROG}: interrupted; nothing was written.", file=sys.stderr)
+        return 128 + int(signum)
     except Exception as exc:  # a bug or an unexpected model: one line unless --verbose
         if verbose:
             traceback.print_exc()
         print(f"{PROG}: error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)

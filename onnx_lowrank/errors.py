@@ -6,9 +6,11 @@ command line must change), every other :class:`LowRankError` exits 1.
 
 from __future__ import annotations
 
-from typing import Any
+import signal
+from pathlib import Path
+from typing import Any, Sequence
 
-__all__ = ["LowRankError", "UsageError", "ModelError", "CalibrationError", "VerificationFailed"]
+__all__ = ["LowRankError", "UsageError", "ModelError", "CalibrationError", "VerificationFailed", "Interrupted"]
 
 
 class LowRankError(Exception):
@@ -45,3 +47,19 @@ class VerificationFailed(LowRankError):
         super().__init__(message)
         self.report = report
         self.result = result
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived.  Raised (rather than dying on the spot) so that temporary files
+    are removed on the way out.
+
+    Attributes:
+        signum: The signal.
+        written: Files that were committed before the signal took effect (the outputs are then
+            complete); empty when nothing was written.
+    """
+
+    def __init__(self, signum: int = signal.SIGINT, written: Sequence[Path] = ()):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+        self.written = list(written)

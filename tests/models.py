@@ -66,6 +66,15 @@ def gemm_model(trans_a=0, trans_b=0, alpha=1.0, beta=1.0, bias_shape=(40,), weig
     return make_model([helper.make_node("Gemm", inputs, ["y"], name="gemm", **attrs)], [vi("x", x_shape)], [vi("y", out_shape)], inits, opset=opset)
 
 
+def data_files(folder, model_name: str) -> list:
+    """The content-named data files ``MODEL.<16 hex>.data`` in ``folder`` (at most one after a save)."""
+    import re
+    from pathlib import Path
+
+    pattern = re.compile(re.escape(model_name) + r"\.[0-9a-f]{16}\.data$")
+    return sorted(p for p in Path(folder).iterdir() if pattern.match(p.name))
+
+
 def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     import onnxruntime as ort
 

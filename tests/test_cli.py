@@ -34,9 +34,18 @@ def test_compress_writes_model_and_json_report(model_path, tmp_path, capsys):
 
 def test_dry_run_writes_nothing(model_path, tmp_path, capsys):
     before = sorted(tmp_path.iterdir())
-    assert main([str(model_path), "--dry-run", "--min-params", "0", "--report", str(tmp_path / "r.json")]) == 0
+    assert main([str(model_path), "--dry-run", "--min-params", "0"]) == 0
     assert "would be factorized" in capsys.readouterr().out
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_dry_run_writes_the_plan_as_its_report_and_no_model(model_path, tmp_path, capsys):
+    before = sorted(tmp_path.iterdir())
+    assert main([str(model_path), "--dry-run", "--min-params", "0", "--report", str(tmp_path / "r.json")]) == 0
+    assert "wrote only the plan" in capsys.readouterr().out
+    assert sorted(tmp_path.iterdir()) == sorted(before + [tmp_path / "r.json"])
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["dry_run"] is True and doc["totals"]["factorized"] == 1 and doc["layers"][0]["rank"] is not None
 
 
 def test_quiet_prints_one_line(model_path, tmp_path, capsys):

@@ -11,7 +11,7 @@ from onnx import helper
 
 import onnx_lowrank as ol
 from onnx_lowrank import io
-from models import init, lowrank, make_model, run, vi
+from models import data_files, init, lowrank, make_model, run, vi
 
 
 #   x[2,64] --MatMul(W1)--> h --Add(bias)--> y ; W1 factorizable, bias large but untouched
@@ -39,12 +39,12 @@ def test_external_data_round_trip_into_another_directory(tmp_path):
 
     res = ol.compress(src / "model.onnx", energy=1.0, min_params=0)
     written = res.save(dst / "small.onnx")
-    assert [p.name for p in written] == ["small.onnx", "small.onnx.data"]
+    assert written == [dst / "small.onnx", *data_files(dst, "small.onnx")] and len(written) == 2
     assert _digest(src) == before, "the input folder must not change"
     # every tensor of the output points at the output's own data file
     out = onnx.load(str(dst / "small.onnx"), load_external_data=False)
     locs = {e.value for t in out.graph.initializer for e in t.external_data if e.key == "location"}
-    assert locs == {"small.onnx.data"}
+    assert locs == {written[1].name}
     onnx.checker.check_model(str(dst / "small.onnx"), full_check=True)
     x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     full = onnx.load(str(dst / "small.onnx"))
@@ -62,10 +62,10 @@ def test_result_model_is_unchanged_by_save(tmp_path):
     _save_external(_two_weight_model(), tmp_path / "m.onnx")
     res = ol.compress(tmp_path / "m.onnx", energy=1.0, min_params=0)
     snapshot = res.model.SerializeToString()
-    res.save(tmp_path / "a.onnx")
+    a = res.save(tmp_path / "a.onnx")
     assert res.model.SerializeToString() == snapshot
-    res.save(tmp_path / "b.onnx")  # and saving twice works
-    assert (tmp_path / "b.onnx.data").stat().st_size == (tmp_path / "a.onnx.data").stat().st_size
+    b = res.save(tmp_path / "b.onnx")  # and saving twice works
+    assert b[1].read_bytes() == a[1].read_bytes() and b[1].name.startswith("b.onnx.")
 
 
 def test_large_output_goes_external(tmp_path, monkeypatch):
@@ -124,14 +124,21 @@ def test_model_size_on_disk_counts_external_data(tmp_path):
     assert os.path.getsize(tmp_path / "m.onnx") < total
 
 
-def test_output_whose_data_file_is_the_inputs_data_is_refused(tmp_path):
+def test_an_output_never_touches_input_data_named_like_its_own(tmp_path):
     m = _two_weight_model()
-    onnx.save(m, str(tmp_path / "a.onnx"), save_as_external_data=True, location="b.onnx.data", size_threshold=0)
-    before = _digest(tmp_path)
-    res = ol.compress(tmp_path / "a.onnx", energy=1.0, min_params=0)
-    with pytest.raises(ol.UsageError, match="overwrite the input's external data"):
-        res.save(tmp_path / "b.onnx")
-    assert _digest(tmp_path) == before
+    # the input's data carries the output's legacy name, then a name of the output's own pattern
+    for location in ("b.onnx.data", "b.onnx.0123456789abcdef.data"):
+        for p in tmp_path.iterdir():
+            p.unlink()
+        onnx.save(_two_weight_model(), str(tmp_path / "a.onnx"), save_as_external_data=True, location=location, size_threshold=0)
+        before = _digest(tmp_path)
+        res = ol.compress(tmp_path / "a.onnx", energy=1.0, min_params=0)
+        written = res.save(tmp_path / "b.onnx")
+        after = _digest(tmp_path)
+        assert {k: after[k] for k in before} == before, "the input's files must be left as they were"
+        assert set(after) == set(before) | {p.name for p in written}
+        x = np.ones((2, 64), np.float32)
+        np.testing.assert_allclose(run(onnx.load(str(written[0])), {"x": x})[0], run(m, {"x": x})[0], atol=1e-4)
 
 
 def test_output_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
