@@ -47,7 +47,7 @@ from onnx import helper
 
 from . import io
 from .discovery import Layer, WeightGroup
-from .errors import CalibrationError
+from .errors import CalibrationError, option, option_value
 
 __all__ = ["layer_side", "Capture", "capture_grams", "open_session", "overridable", "RefitStats", "capture_refit_stats", "refit_factors", "refit_levels", "Feeds"]
 
@@ -117,7 +117,7 @@ def _mask_of(feed: Mapping[str, np.ndarray], mask_input: str | None) -> np.ndarr
     if mask_input is None:
         return None
     if mask_input not in feed:
-        raise CalibrationError(f"--calib-mask {mask_input}: not among the fed inputs {', '.join(sorted(feed))}.")
+        raise CalibrationError(f"{option('calib_mask')} {mask_input}: not among the fed inputs {', '.join(sorted(feed))}.")
     return np.asarray(feed[mask_input])
 
 
@@ -203,7 +203,7 @@ def capture_grams(
             if progress is not None:
                 progress(batches, total, "capturing activations")
     if batches == 0:
-        raise CalibrationError("the calibration data holds no feeds; pass a non-empty --calib.")
+        raise CalibrationError(f"the calibration data holds no feeds; pass a non-empty {option('calib')}.")
     for gid, (side, acts) in plan.items():
         g = None
         for key in acts:
@@ -525,7 +525,7 @@ def capture_refit_stats(
                 csum[key] = csum[key] + c if key in csum else c
             batches += 1
     if batches == 0:
-        raise CalibrationError("the calibration data holds no feeds; pass a non-empty --calib.")
+        raise CalibrationError(f"the calibration data holds no feeds; pass a non-empty {option('calib')}.")
     for gid, (side, acts) in plan.items():
         stats.grams[gid] = (sum(gsum[k] for k in acts), side)
         stats.cross[gid] = sum(csum[k] for k in acts)

@@ -15,8 +15,8 @@ Approach
    assignment for any parameter budget.
 3. **Search.**  With ``max_drop``, a bisection on the global parameter budget finds the smallest
    one whose assignment, measured with all layers compressed together, loses at most
-   ``max_drop`` of the quality metric on the calibration set: accuracy when labels are given
-   and the first output holds class scores, else mean output cosine.  With a budget instead,
+   ``max_drop`` of the quality metric on the calibration set, read as the verification gate reads
+   it (``metric``, or each output's default; the worst output counts).  With a budget instead,
    the assignment for that budget is measured once.
 
 Nothing is written: the session's model lives in memory (or, with external data, in a
@@ -37,7 +37,7 @@ from . import decompose
 from .activations import Feeds, open_session, overridable
 from .config import CompressConfig
 from .plan import BudgetBase, LayerPlan, decide_conv, allocate_plans, budget_options
-from .verify import compare
+from .verify import compare, judge
 
 __all__ = ["GRID", "Evaluator", "Curve", "grid_ranks", "measure_sensitivity", "decide_adaptive", "quality_drop", "distortion"]
 
@@ -59,22 +59,28 @@ def _float_outputs(outs: list[np.ndarray]) -> list[int]:
     return [i for i, o in enumerate(outs) if np.issubdtype(o.dtype, np.floating)]
 
 
-def quality_drop(base: list[np.ndarray], outs: list[np.ndarray], labels: np.ndarray | None) -> tuple[str, float]:
-    """``(metric, drop)`` of ``outs`` against the original outputs ``base``.
-
-    Accuracy when labels fit the first output as class scores (drop in fractions: 0.01 is one
-    point); else ``1 - mean cosine`` over the floating-point outputs.
-    """
-    m = compare("output", base[0], outs[0], labels)
-    if m.accuracy_drop is not None:
-        return "accuracy", float(m.accuracy_drop)
-    return "cosine", distortion(base, outs)
+def quality_drop(base: list[np.ndarray], outs: list[np.ndarray], labels: np.ndarray | None, *,
+                 metric: str | None = None, names: list[str] | None = None) -> tuple[str, float]:
+    """``(metric, drop)`` of ``outs`` against the original outputs ``base``, as the verification
+    gate reads it: every output judged by ``metric`` (or its default), the worst counts."""
+    names = names or [f"output {i}" for i in range(len(base))]
+    metrics = [compare(n, y, z, labels) for n, y, z in zip(names, base, outs)]
+    judged, _ = judge(metrics, metric=metric, max_drop=None, have_labels=labels is not None)
+    worst = max(judged, key=lambda j: j.drop)
+    return worst.metric, float(worst.drop)
 
 
 def distortion(base: list[np.ndarray], outs: list[np.ndarray]) -> float:
-    """``1 - mean cosine`` of each sample's outputs, averaged over the floating-point outputs."""
+    """A layer's sensitivity: the squared-error distortion of the outputs, averaged over the
+    floating-point ones.  ``1 - mean cosine`` per sample; for an output with one value per sample,
+    where a cosine is only a sign, ``rel_l2^2 / 2`` (the same quantity when norms are kept)."""
     idx = _float_outputs(base) or list(range(len(base)))
-    return float(np.mean([1.0 - compare("o", base[i], outs[i]).cosine_mean for i in idx]))
+    parts = []
+    for i in idx:
+        m = compare("o", base[i], outs[i])
+        per_sample = int(np.prod(base[i].shape[1:])) if base[i].ndim > 1 else 1
+        parts.append(m.rel_l2_error ** 2 / 2 if per_sample == 1 else 1.0 - m.cosine_mean)
+    return float(np.mean(parts))
 
 
 class Evaluator:
@@ -191,7 +197,7 @@ def decide_adaptive(
         return section, None
     ev = Evaluator(model, [p.group.weight.name for p in active], feeds, source_dir, threads)
     try:
-        metric, _ = quality_drop(ev.base, ev.base, labels)
+        metric, _ = quality_drop(ev.base, ev.base, labels, metric=cfg.metric, names=ev.names)
         curves = measure_sensitivity(ev, active, cfg.rank_multiple, progress)
 
         def assign(target: float | None) -> None:
@@ -204,7 +210,7 @@ def decide_adaptive(
 
         def measure() -> float:
             overrides = {p.group.weight.name: _truncated(p, p.rank) for p in active if p.reason is None}
-            return quality_drop(ev.base, ev.run(overrides), labels)[1] if overrides else 0.0
+            return quality_drop(ev.base, ev.run(overrides), labels, metric=cfg.metric, names=ev.names)[1] if overrides else 0.0
 
         if cfg.max_drop is None:
             assign(None)

@@ -22,7 +22,7 @@ import onnx
 from . import __version__, activations, io, plan, shapes
 from .config import CompressConfig, load_recipe
 from .discovery import discover
-from .errors import UsageError
+from .errors import UsageError, option, option_value
 from .report import LayerDecision, Totals, to_json_dict
 from .verify import VerifyConfig, VerifyReport, verify_models
 
@@ -290,7 +290,7 @@ def compress(
         plan.apply(proto, plans)
         if cfg.adaptive and adaptive_outputs is not None and any(p.factor_names for p in plans):
             sections["adaptive"]["final_drop"] = _verify_final(proto, source_dir, adaptive_feeds, adaptive_outputs,
-                                                               sections["adaptive"], threads)
+                                                               sections["adaptive"], threads, cfg.metric)
         if cfg.quantize:
             proto, source_dir = _quantize(proto, source_dir, plans, sections, cfg.quantize)
         if cfg.latency_aware and any(p.factor_names for p in plans):
@@ -439,30 +439,31 @@ def _calibration(proto: onnx.ModelProto, cfg: CompressConfig, *, calib: Any, cal
     """The calibration data (feeds and labels) that data-aware and adaptive modes need (validated up front)."""
     if not cfg.needs_calibration:
         if calib is not None or calib_script is not None:
-            log.info("calibration data given but unused by rank selection: it serves --data-aware and --adaptive")
+            log.info("calibration data given but unused by rank selection: it serves %s and %s", option("data_aware"), option("adaptive"))
         return None
-    flag = "--data-aware" if cfg.data_aware else "--adaptive" if cfg.adaptive else "--refine"
+    flag = option("data_aware" if cfg.data_aware else "adaptive" if cfg.adaptive else "refine")
     if calib is None and calib_script is None:
-        raise UsageError(f"{flag} needs calibration data: pass --calib data.npz (keys = the model's input names) "
-                         f"or --calib-script file.py:func.")
+        raise UsageError(f"{flag} needs calibration data: pass {option_value('calib', 'data.npz')} (keys = the model's input names) "
+                         f"or {option_value('calib_script', 'file.py:func')}.")
     from .calibration import load_calibration
 
     return load_calibration(proto, calib, calib_script=calib_script, calib_batch=calib_batch, labels=labels)
 
 
 def _verify_final(proto: onnx.ModelProto, source_dir: Path | None, feeds: Any, original: list[np.ndarray],
-                  section: dict[str, Any], threads: int | None) -> float:
+                  section: dict[str, Any], threads: int | None, metric: str | None) -> float:
     """Run the rewritten model on the calibration set: the drop the user actually gets."""
     from .adaptive import quality_drop
     from .verify import run_batches
 
     with activations.open_session(proto, source_dir, threads) as sess:
         outs = run_batches(sess, feeds)
+        names = [o.name for o in sess.get_outputs()]
     section["ort_runs"] = section.get("ort_runs", 0) + sum(1 for _ in feeds)
     section["passes"] = section.get("passes", 0) + 1
-    drop = quality_drop(original, outs, feeds.labels)[1]
+    drop = quality_drop(original, outs, feeds.labels, metric=metric, names=names)[1]
     if section.get("max_drop") is not None and drop > section["max_drop"] + 1e-6:
-        log.warning("the rewritten model loses %.5f on the calibration set, above --max-drop %g", drop, section["max_drop"])
+        log.warning("the rewritten model loses %.5f on the calibration set, above %s %g", drop, option("max_drop"), section["max_drop"])
     return drop
 
 

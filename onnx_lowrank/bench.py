@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .errors import ModelError, UsageError
+from .errors import ModelError, UsageError, option, option_value
 from .calibration import parse_input_shapes, random_feed  # one syntax and one generator for random inputs
 
 __all__ = [
@@ -103,7 +103,7 @@ def resolve_shapes(model: onnx.ModelProto, *, batch: int | None = None,
     names = [v.name for v in inputs]
     unknown = sorted(set(given) - set(names))
     if unknown:
-        raise UsageError(f"--input-shape names {', '.join(unknown)}, which the model does not take; its inputs are {', '.join(names)}.")
+        raise UsageError(f"{option('input_shape')} names {', '.join(unknown)}, which the model does not take; its inputs are {', '.join(names)}.")
     # A named axis given for one input (input_ids' 'sequence') sizes the same axis of the others.
     symbols: dict[str, int] = {}
     for v in inputs:
@@ -118,13 +118,13 @@ def resolve_shapes(model: onnx.ModelProto, *, batch: int | None = None,
         if v.name in given:
             shape = list(given[v.name])
             if dims and len(dims) != len(shape):
-                raise UsageError(f"--input-shape {v.name}: got {len(shape)} sizes, but the input has {len(dims)} axes "
+                raise UsageError(f"{option('input_shape')} {v.name}: got {len(shape)} sizes, but the input has {len(dims)} axes "
                                  f"({_show(dims)}).")
             for i, (d, s) in enumerate(zip(dims, shape)):
                 if isinstance(d, int) and d != s:
-                    raise UsageError(f"--input-shape {v.name}: axis {i} is fixed to {d} in the model, got {s}.")
+                    raise UsageError(f"{option('input_shape')} {v.name}: axis {i} is fixed to {d} in the model, got {s}.")
         elif not v.type.tensor_type.HasField("shape"):
-            raise UsageError(f"input '{v.name}' has no shape in the model; pass one, e.g. --input-shape {v.name}:1x128.")
+            raise UsageError(f"input '{v.name}' has no shape in the model; pass one, e.g. {option_value('input_shape', f'{v.name}:1x128')}.")
         else:
             shape = []
             for i, d in enumerate(dims):
@@ -138,14 +138,14 @@ def resolve_shapes(model: onnx.ModelProto, *, batch: int | None = None,
                     hint = "x".join("1" if k == 0 and not isinstance(x, int) else str(x) if isinstance(x, int) else "N"
                                     for k, x in enumerate(dims))
                     raise UsageError(f"input '{v.name}' has a dynamic axis {i} ('{d or '?'}'); pass its full shape, "
-                                     f"e.g. --input-shape {v.name}:{hint} with N the size you run.")
+                                     f"e.g. {option_value('input_shape', f'{v.name}:{hint}')} with N the size you run.")
         if batch is not None and dims and not isinstance(dims[0], int):
             shape[0] = int(batch)
             batched = True
         out[v.name] = tuple(int(s) for s in shape)
     if batch is not None and not batched and any(s and s[0] != batch for s in out.values()):
-        raise UsageError(f"--batch {batch}: no input has a dynamic first axis ({_show_shapes(out)} are fixed); "
-                         f"re-export the model with a dynamic batch axis or drop --batch.")
+        raise UsageError(f"{option_value('batch', batch)}: no input has a dynamic first axis ({_show_shapes(out)} are fixed); "
+                         f"re-export the model with a dynamic batch axis or drop {option('batch')}.")
     return out
 
 
@@ -449,13 +449,13 @@ def bench(
     if not 1 <= len(items) <= 2:
         raise UsageError(f"got {len(items)} models; bench takes one model, or two to compare.")
     if runs < 1 or warmup < 0:
-        raise UsageError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}.")
+        raise UsageError(f"{option('runs')} must be >= 1 and {option('warmup')} >= 0, got {runs} and {warmup}.")
     thread_list = [threads] if isinstance(threads, int) else list(threads)
     batch_list: list[int | None] = [None] if batch is None else [batch] if isinstance(batch, int) else list(batch)
     if not thread_list or any(t < 1 for t in thread_list):
-        raise UsageError(f"--threads must be positive integers, got {thread_list}; e.g. --threads 1,2.")
+        raise UsageError(f"{option('threads')} must be positive integers, got {thread_list}; e.g. {option_value('threads', '1,2')}.")
     if not batch_list or any(b is not None and b < 1 for b in batch_list):
-        raise UsageError(f"--batch must be positive integers, got {batch_list}; e.g. --batch 1,64.")
+        raise UsageError(f"{option('batch')} must be positive integers, got {batch_list}; e.g. {option_value('batch', '1,64')}.")
     shapes_given = parse_input_shapes(input_shape)
     protos = [_load(m) for m in items]
     if labels is None:

@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import CalibrationError, UsageError
+from .errors import CalibrationError, UsageError, option, option_value
 
 __all__ = [
     "InputSpec",
@@ -65,7 +65,7 @@ DEFAULT_INT_RANGE = (0, 100)
 DEFAULT_SEED = 0
 SYNTHETIC_WARNING = (
     "no calibration data: compared the models on {n} random samples; this checks fidelity to the "
-    "original, not task accuracy (pass --calib with real data for that)"
+    "original, not task accuracy (pass {calib} with real data for that)"
 )
 LABELS_KEY = "labels"
 
@@ -139,10 +139,10 @@ def parse_input_shapes(value: str | Iterable[str] | Mapping[str, Sequence[int]] 
         items = list(value.items())
     else:
         items = []
-        for part in filter(None, (p.strip() for p in _join_specs(value, "--input-shape").split(","))):
+        for part in filter(None, (p.strip() for p in _join_specs(value, option("input_shape")).split(","))):
             name, sep, dims = part.rpartition(":")
             if not sep or not name:
-                raise UsageError(f"--input-shape '{part}': expected NAME:DIMxDIM..., e.g. --input-shape input_ids:1x128.")
+                raise UsageError(f"{option('input_shape')} '{part}': expected NAME:DIMxDIM..., e.g. {option_value('input_shape', 'input_ids:1x128')}.")
             items.append((name, dims.split("x")))
     out: dict[str, tuple[int, ...]] = {}
     for name, dims in items:
@@ -151,7 +151,7 @@ def parse_input_shapes(value: str | Iterable[str] | Mapping[str, Sequence[int]] 
         except (TypeError, ValueError):
             shape = ()
         if not shape or any(d < 1 for d in shape):
-            raise UsageError(f"--input-shape {name}: got {dims!r}; expected positive integer dimensions like {name}:1x128.")
+            raise UsageError(f"{option('input_shape')} {name}: got {dims!r}; expected positive integer dimensions like {name}:1x128.")
         out[str(name)] = shape
     return out
 
@@ -173,13 +173,13 @@ def parse_input_ranges(value: str | Iterable[str] | Mapping[str, Sequence[float]
     if isinstance(value, Mapping):
         items = [(str(k), v) for k, v in value.items()]
     else:
-        text = _join_specs(value, "--input-range").strip()
+        text = _join_specs(value, option("input_range")).strip()
         items = []
         pos = 0
         while pos < len(text):
             m = _RANGE.match(text, pos)
             if m is None:
-                raise UsageError(f"--input-range '{text[pos:]}': expected NAME:LOW,HIGH, e.g. --input-range input_ids:0,30522.")
+                raise UsageError(f"{option('input_range')} '{text[pos:]}': expected NAME:LOW,HIGH, e.g. {option_value('input_range', 'input_ids:0,30522')}.")
             items.append((m["name"].strip(), (m["low"], m["high"])))
             pos = m.end()
     out: dict[str, tuple[float, float]] = {}
@@ -187,9 +187,9 @@ def parse_input_ranges(value: str | Iterable[str] | Mapping[str, Sequence[float]
         try:
             low, high = (float(b) for b in bounds)
         except (TypeError, ValueError):
-            raise UsageError(f"--input-range {name}: got {bounds!r}; expected two numbers LOW,HIGH.") from None
+            raise UsageError(f"{option('input_range')} {name}: got {bounds!r}; expected two numbers LOW,HIGH.") from None
         if not low < high:
-            raise UsageError(f"--input-range {name}:{bounds[0]},{bounds[1]}: LOW must be below HIGH (values are drawn from [LOW, HIGH)).")
+            raise UsageError(f"{option('input_range')} {name}:{bounds[0]},{bounds[1]}: LOW must be below HIGH (values are drawn from [LOW, HIGH)).")
         out[name] = (low, high)
     return out
 
@@ -296,17 +296,17 @@ def _load_labels(value: Any) -> np.ndarray:
     if isinstance(value, (str, os.PathLike)):
         p = Path(value)
         if not p.is_file():
-            raise CalibrationError(f"--labels {p}: no such file; pass a .npy file with one class id per sample.")
+            raise CalibrationError(f"{option('labels')} {p}: no such file; pass a .npy file with one class id per sample.")
         try:
             data = np.load(p, allow_pickle=False)
         except Exception as exc:
-            raise CalibrationError(f"--labels {p}: not a readable .npy file ({type(exc).__name__}).") from None
+            raise CalibrationError(f"{option('labels')} {p}: not a readable .npy file ({type(exc).__name__}).") from None
         if isinstance(data, np.lib.npyio.NpzFile):
             with data:
                 if LABELS_KEY not in data.files:
-                    raise CalibrationError(f"--labels {p}: an .npz without a '{LABELS_KEY}' key; pass a .npy file of class ids.")
+                    raise CalibrationError(f"{option('labels')} {p}: an .npz without a '{LABELS_KEY}' key; pass a .npy file of class ids.")
                 data = data[LABELS_KEY]
-        return _check_labels(data, f"--labels {p}")
+        return _check_labels(data, f"{option('labels')} {p}")
     return _check_labels(value, "labels")
 
 
@@ -498,24 +498,24 @@ def _dir_source(path: Path, specs: Sequence[InputSpec]) -> Source:
 def _load_script(spec: str) -> Callable[[], Any]:
     file, sep, func = spec.rpartition(":")
     if not sep or not file or not func.isidentifier():
-        raise UsageError(f"--calib-script '{spec}': expected FILE.py:FUNCTION, e.g. --calib-script calib.py:feeds.")
+        raise UsageError(f"{option('calib_script')} '{spec}': expected FILE.py:FUNCTION, e.g. {option_value('calib_script', 'calib.py:feeds')}.")
     path = Path(file)
     if not path.is_file():
-        raise CalibrationError(f"--calib-script {spec}: no such file '{path}'.")
+        raise CalibrationError(f"{option('calib_script')} {spec}: no such file '{path}'.")
     mod_name = f"_onnx_lowrank_calib_{abs(hash(str(path.resolve())))}"
     mod_spec = importlib.util.spec_from_file_location(mod_name, path)
     if mod_spec is None or mod_spec.loader is None:
-        raise CalibrationError(f"--calib-script {spec}: '{path}' cannot be imported as Python.")
+        raise CalibrationError(f"{option('calib_script')} {spec}: '{path}' cannot be imported as Python.")
     module = importlib.util.module_from_spec(mod_spec)
     try:
         sys.modules[mod_name] = module
         mod_spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(mod_name, None)
-        raise CalibrationError(f"--calib-script {spec}: importing '{path}' raised {type(exc).__name__}: {exc}") from exc
+        raise CalibrationError(f"{option('calib_script')} {spec}: importing '{path}' raised {type(exc).__name__}: {exc}") from exc
     fn = getattr(module, func, None)
     if not callable(fn):
-        raise CalibrationError(f"--calib-script {spec}: '{path}' defines no function '{func}'.")
+        raise CalibrationError(f"{option('calib_script')} {spec}: '{path}' defines no function '{func}'.")
     return fn
 
 
@@ -526,9 +526,9 @@ def _script_source(spec: str) -> Callable[[int], Iterable[Any]]:
         try:
             result = fn()
         except Exception as exc:
-            raise CalibrationError(f"--calib-script {spec} raised {type(exc).__name__}: {exc}") from exc
+            raise CalibrationError(f"{option('calib_script')} {spec} raised {type(exc).__name__}: {exc}") from exc
         if isinstance(result, Mapping) or isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
-            raise CalibrationError(f"--calib-script {spec} returned a {type(result).__name__}; expected an iterable of feed dicts (input name -> array).")
+            raise CalibrationError(f"{option('calib_script')} {spec} returned a {type(result).__name__}; expected an iterable of feed dicts (input name -> array).")
         it = iter(result)
         while True:
             try:
@@ -536,7 +536,7 @@ def _script_source(spec: str) -> Callable[[int], Iterable[Any]]:
             except StopIteration:
                 return
             except Exception as exc:
-                raise CalibrationError(f"--calib-script {spec} raised {type(exc).__name__} while producing feeds: {exc}") from exc
+                raise CalibrationError(f"{option('calib_script')} {spec} raised {type(exc).__name__} while producing feeds: {exc}") from exc
             yield item
 
     return produce
@@ -562,7 +562,7 @@ def _iterable_source(feeds: Iterable[Any]) -> Callable[[int], Iterable[Any]]:
 
     def produce(pass_no: int) -> Iterable[Any]:
         if once and pass_no:
-            raise CalibrationError(f"this {type(feeds).__name__} of feeds was read once already; pass a list (or a function via --calib-script) to read it again.")
+            raise CalibrationError(f"this {type(feeds).__name__} of feeds was read once already; pass a list (or a function via {option('calib_script')}) to read it again.")
         return feeds
 
     return produce
@@ -574,13 +574,13 @@ def _synthetic_value(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Gen
     dtype = spec.dtype
     name = spec.name.lower()
     if dtype is None:
-        raise CalibrationError(f"input '{spec.name}' is not a plain tensor; random data cannot be made for it, pass --calib.")
+        raise CalibrationError(f"input '{spec.name}' is not a plain tensor; random data cannot be made for it, pass {option('calib')}.")
     if spec.name in ranges:
         low, high = ranges[spec.name]
         if dtype.kind in "iu":
             lo, hi = int(np.ceil(low)), int(np.ceil(high))
             if lo >= hi:
-                raise UsageError(f"--input-range {spec.name}:{low:g},{high:g} holds no integer; widen it.")
+                raise UsageError(f"{option('input_range')} {spec.name}:{low:g},{high:g} holds no integer; widen it.")
             return rng.integers(lo, hi, size=shape).astype(dtype)
         if dtype.kind == "b":
             return rng.uniform(low, high, size=shape) >= 0.5
@@ -596,7 +596,7 @@ def _synthetic_value(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Gen
         if "type_ids" in name or "segment" in name:
             return np.zeros(shape, dtype)
         return rng.integers(*DEFAULT_INT_RANGE, size=shape).astype(dtype)
-    raise CalibrationError(f"input '{spec.name}' is {dtype}; random data of that type cannot be made, pass --calib.")
+    raise CalibrationError(f"input '{spec.name}' is {dtype}; random data of that type cannot be made, pass {option('calib')}.")
 
 
 def random_feed(model: onnx.ModelProto | str | os.PathLike, shapes: Mapping[str, Sequence[int]], *, seed: int = DEFAULT_SEED,
@@ -613,7 +613,7 @@ def _synthetic_shapes(specs: Sequence[InputSpec], given: Mapping[str, tuple[int,
     for s in specs:
         if s.name in given and s.shape is not None:
             if len(given[s.name]) != len(s.shape):
-                raise UsageError(f"--input-shape {s.name}: got {len(given[s.name])} dimensions; the model expects {len(s.shape)} ({s.describe()}).")
+                raise UsageError(f"{option('input_shape')} {s.name}: got {len(given[s.name])} dimensions; the model expects {len(s.shape)} ({s.describe()}).")
             for dim, value in zip(s.shape, given[s.name]):
                 if isinstance(dim, str):
                     symbols.setdefault(dim, value)
@@ -624,11 +624,11 @@ def _synthetic_shapes(specs: Sequence[InputSpec], given: Mapping[str, tuple[int,
             if s.shape is not None:
                 for axis, (dim, value) in enumerate(zip(s.shape, given[s.name])):
                     if isinstance(dim, int) and dim > 0 and dim != value:
-                        raise UsageError(f"--input-shape {s.name}: axis {axis} is fixed to {dim} in the model, got {value}.")
+                        raise UsageError(f"{option('input_shape')} {s.name}: axis {axis} is fixed to {dim} in the model, got {value}.")
             out[s.name] = given[s.name]
             continue
         if s.shape is None:
-            raise UsageError(f"input '{s.name}' has no shape in the model; pass --input-shape {s.name}:DIMxDIM (e.g. {s.name}:1x128).")
+            raise UsageError(f"input '{s.name}' has no shape in the model; pass one, e.g. {option_value('input_shape', f'{s.name}:1x128')}.")
         shape = []
         for axis, dim in enumerate(s.shape):
             if isinstance(dim, int) and dim > 0:
@@ -640,7 +640,7 @@ def _synthetic_shapes(specs: Sequence[InputSpec], given: Mapping[str, tuple[int,
             else:
                 example = "x".join(str(d) if isinstance(d, int) and d > 0 else ("1" if i == 0 else "128") for i, d in enumerate(s.shape))
                 raise UsageError(f"input '{s.name}' ({s.describe()}): axis {axis} ('{dim or '?'}') has no fixed size; "
-                                 f"pass --input-shape {s.name}:{example}.")
+                                 f"pass {option_value('input_shape', f'{s.name}:{example}')}.")
         out[s.name] = tuple(shape)
     return out
 
@@ -701,39 +701,39 @@ def load_calibration(
     """
     specs = model_inputs(model)
     if isinstance(calib_batch, bool) or not isinstance(calib_batch, int) or calib_batch < 1:
-        raise UsageError(f"--calib-batch must be a positive integer, got {calib_batch!r}.")
+        raise UsageError(f"{option('calib_batch')} must be a positive integer, got {calib_batch!r}.")
     batch = fixed_batch(specs) or calib_batch
     shapes, ranges = parse_input_shapes(input_shape), parse_input_ranges(input_range)
     known = {s.name for s in specs}
-    for flag, names in (("--input-shape", shapes), ("--input-range", ranges)):
+    for flag, names in ((option("input_shape"), shapes), (option("input_range"), ranges)):
         unknown = [n for n in names if n not in known]
         if unknown:
             raise UsageError(f"{flag} names {', '.join(repr(u) for u in unknown)}, not an input of the model; its inputs are {_names(specs)}.")
     if calib is not None and calib_script is not None:
-        raise UsageError("got both --calib and --calib-script; pass only one source of calibration data.")
+        raise UsageError(f"got both {option('calib')} and {option('calib_script')}; pass only one source of calibration data.")
 
     if calib is None and calib_script is None:
         if labels is not None:
-            raise UsageError("--labels needs real data: pass --calib or --calib-script with it (random inputs have no labels).")
+            raise UsageError(f"{option('labels')} needs real data: pass {option('calib')} or {option('calib_script')} with it (random inputs have no labels).")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise UsageError(f"--samples must be a positive integer, got {samples!r}.")
+            raise UsageError(f"{option('samples')} must be a positive integer, got {samples!r}.")
         produce, total = _synthetic_source(specs, samples, batch, shapes, ranges, seed)
-        warning = SYNTHETIC_WARNING.format(n=total)
+        warning = SYNTHETIC_WARNING.format(n=total, calib=option("calib"))
         log.warning(warning)
         return CalibrationData(specs, produce, description="random inputs", samples=total, synthetic=True, warnings=[warning])
 
     if shapes or ranges:
-        flag = "--input-shape" if shapes else "--input-range"
-        raise UsageError(f"{flag} shapes random data only; drop it when passing --calib or --calib-script.")
+        flag = option("input_shape") if shapes else option("input_range")
+        raise UsageError(f"{flag} shapes random data only; drop it when passing {option('calib')} or {option('calib_script')}.")
 
     label_arr = _load_labels(labels) if labels is not None else None
-    labels_from = f"--labels {labels}" if isinstance(labels, (str, os.PathLike)) else "labels"
+    labels_from = f"{option('labels')} {labels}" if isinstance(labels, (str, os.PathLike)) else "labels"
     known_samples: int | None = None
     where = None
     if calib_script is not None:
         produce = _script_source(calib_script)
-        description = f"--calib-script {calib_script}"
-        where = lambda i: f"--calib-script {calib_script}: item {i}"  # noqa: E731
+        description = f"{option('calib_script')} {calib_script}"
+        where = lambda i: f"{option('calib_script')} {calib_script}: item {i}"  # noqa: E731
     elif isinstance(calib, (str, os.PathLike)):
         path = Path(calib)
         if path.is_dir():
@@ -741,10 +741,10 @@ def load_calibration(
         elif path.is_file() and path.suffix == ".npz":
             produce, known_samples, file_labels, where = _file_source(path, specs, batch)
         elif path.is_file():
-            raise CalibrationError(f"--calib {path}: expected an .npz file (keys = input names) or a directory of them, "
+            raise CalibrationError(f"{option('calib')} {path}: expected an .npz file (keys = input names) or a directory of them, "
                                    f"got a '{path.suffix or 'suffix-less'}' file.")
         else:
-            raise CalibrationError(f"--calib {path}: no such file or directory; pass an .npz file or a directory of them.")
+            raise CalibrationError(f"{option('calib')} {path}: no such file or directory; pass an .npz file or a directory of them.")
         description = path.name or str(path)
         if label_arr is None and file_labels is not None:
             label_arr, labels_from = file_labels, f"'{LABELS_KEY}' in {path}"

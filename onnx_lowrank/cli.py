@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .errors import Interrupted, LowRankError, UsageError
+from .errors import Interrupted, LowRankError, UsageError, flag_names
 
 PROG = "onnx-lowrank"
 SUBCOMMANDS = ("demo", "verify", "bench")
@@ -51,7 +51,7 @@ def _number(kind: type, what: str, *, low: float | None = None, low_open: bool =
 
 _energy = _number(float, "a number in (0, 1]", low=0.0, low_open=True, high=1.0, example="--energy 0.93")
 _non_negative_int = _number(int, "a non-negative integer", low=0)
-_drop_fraction = _number(float, "a fraction in [0, 1]", low=0.0, high=1.0, example="--max-drop 0.01 (one point)")
+_drop_limit = _number(float, "a non-negative number", low=0.0, example="--max-drop 0.01 (one point)")
 
 
 def _fraction(flag: str) -> Callable[[str], float]:
@@ -168,8 +168,10 @@ def _add_verify_options(p: argparse.ArgumentParser, title: str, *, run_settings:
     if run_settings:
         g.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="shape of a random input, e.g. input_ids:1x128 (repeatable, or comma-separated)")
     g.add_argument("--input-range", action="append", metavar="NAME:LOW,HIGH", help="values of a random input drawn from [LOW, HIGH), e.g. input_ids:0,30522")
-    g.add_argument("--max-drop", type=_drop_fraction, metavar="X", help="fail when the metric drops by more than X (a fraction: 0.01 is one point); with --adaptive also the goal of the rank search")
-    g.add_argument("--metric", choices=METRICS, help="what --max-drop is checked against (default: accuracy with labels, else top1 for outputs named like class scores, else cosine)")
+    g.add_argument("--max-drop", type=_drop_limit, metavar="X", help="fail when the metric drops by more than X (a fraction: 0.01 is one point; "
+                   "for --metric max_abs, in the output's units); with --adaptive also the goal of the rank search")
+    g.add_argument("--metric", choices=METRICS, help="what --max-drop is checked against (default: accuracy with labels, else top1 for "
+                   "outputs named like class scores, else rel_l2, the relative L2 error; use cosine for embeddings)")
     g.add_argument("--gate-output", metavar="NAME", help="judge only this model output (default: every output, the worst counts)")
     g.add_argument("--keep-failed", action="store_true", default=None, help="write the model even when the check fails (still exit 1)")
     if run_settings:
@@ -236,8 +238,9 @@ _CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "ex
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k, None) is not None}
-    if getattr(args, "adaptive", None) and getattr(args, "max_drop", None) is not None:
-        out["max_drop"] = args.max_drop  # one --max-drop: the goal of the search and the verification gate
+    if getattr(args, "adaptive", None):
+        # one --max-drop and one --metric: the goal of the search and the verification gate
+        out.update({k: getattr(args, k) for k in ("max_drop", "metric") if getattr(args, k, None) is not None})
     return out
 
 
@@ -471,13 +474,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if threading_main():
             # SIGTERM raises like Ctrl-C does, so that temporary files are removed on the way out
             previous = signal.signal(signal.SIGTERM, _terminate)
-        if argv and argv[0] == "demo":
-            return _run_demo(argv[1:])
-        if argv and argv[0] == "verify":
-            return _run_verify(argv[1:])
-        if argv and argv[0] == "bench":
-            return _run_bench(argv[1:])
-        return _run_compress(argv)
+        with flag_names():
+            if argv and argv[0] == "demo":
+                return _run_demo(argv[1:])
+            if argv and argv[0] == "verify":
+                return _run_verify(argv[1:])
+            if argv and argv[0] == "bench":
+                return _run_bench(argv[1:])
+            return _run_compress(argv)
     except LowRankError as exc:
         if verbose:
             traceback.print_exc()

@@ -17,7 +17,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-from .errors import UsageError
+from .errors import UsageError, option, option_value
 
 __all__ = ["CompressConfig", "DEFAULT_ENERGY", "load_recipe", "recipe_path", "list_recipes"]
 
@@ -27,6 +27,19 @@ OP_TYPES = ("MatMul", "Gemm", "Conv")
 CONV_MODES = ("channel", "spatial", "auto")
 QUANTIZE_MODES = ("int8", "int8-per-channel")
 RANK_RULES = ("energy", "entropy")
+#: What ``max_drop`` bounds: the verification gate's metrics (:mod:`onnx_lowrank.verify`).
+METRICS = ("accuracy", "f1", "top1", "cosine", "rel_l2", "max_abs")
+#: Metrics whose "drop" is an error (0 is perfect), not a fall from 1.
+ERROR_METRICS = ("rel_l2", "max_abs")
+
+
+def check_max_drop(value: Any, metric: str | None) -> None:
+    """``max_drop`` is a fraction in [0, 1], or any non-negative number for ``max_abs``."""
+    top = float("inf") if metric == "max_abs" else 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= top:
+        what = ("a non-negative number (in the output's units)" if metric == "max_abs" else
+                f"a number in [0, 1] (a fraction: 0.01 is one point; only {option('metric')} max_abs takes larger limits)")
+        raise UsageError(f"{option('max_drop')} must be {what}, got {value!r}.")
 BUDGET_SCOPES = ("weights", "model")
 
 
@@ -73,6 +86,9 @@ class CompressConfig:
             keeps it affordable.
         max_drop: With ``adaptive``: the largest allowed drop of the quality metric on the
             calibration data (accuracy with labels, else mean output cosine), e.g. 0.005.
+        metric: With ``adaptive``: the metric ``max_drop`` bounds, as the verification gate reads
+            it (``cosine`` for embeddings; default per output: accuracy with labels and class
+            scores, top-1 for outputs named like class scores, else the relative L2 error).
         refine: After the ranks are chosen, refit both factors of every MatMul/Gemm layer by
             least squares on the calibration activations of the compressed model, level by
             level in graph order (needs calibration data).
@@ -108,6 +124,7 @@ class CompressConfig:
     adaptive: bool = False
     adaptive_samples: int | None = None
     max_drop: float | None = None
+    metric: str | None = None
     refine: bool = False
     latency_aware: bool = False
     threads: tuple[int, ...] = (1,)
@@ -118,18 +135,18 @@ class CompressConfig:
 
     def __post_init__(self) -> None:
         if self.energy is not None and self.rank is not None:
-            raise UsageError("got both --energy and --rank; pass only one of them.")
+            raise UsageError(f"got both {option('energy')} and {option('rank')}; pass only one of them.")
         if self.energy is not None:
             e = self.energy
             if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0.0 < float(e) <= 1.0:
-                raise UsageError(f"--energy must be a number in (0, 1], got {e!r}; e.g. --energy 0.93.")
+                raise UsageError(f"{option('energy')} must be a number in (0, 1], got {e!r}; e.g. {option_value('energy', 0.93)}.")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise UsageError(f"--rank must be a positive integer, got {self.rank!r}; e.g. --rank 64.")
+            raise UsageError(f"{option('rank')} must be a positive integer, got {self.rank!r}; e.g. {option_value('rank', 64)}.")
         if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
-            raise UsageError(f"--rank-multiple must be a positive integer, got {self.rank_multiple!r}; e.g. --rank-multiple 8.")
+            raise UsageError(f"{option('rank_multiple')} must be a positive integer, got {self.rank_multiple!r}; e.g. {option_value('rank_multiple', 8)}.")
         if isinstance(self.min_params, bool) or not isinstance(self.min_params, int) or self.min_params < 0:
-            raise UsageError(f"--min-params must be a non-negative integer, got {self.min_params!r}.")
-        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
+            raise UsageError(f"{option('min_params')} must be a non-negative integer, got {self.min_params!r}.")
+        for flag, pattern in ((option("include"), self.include), (option("exclude"), self.exclude)):
             if pattern is not None:
                 if not isinstance(pattern, str):
                     raise UsageError(f"{flag} takes one regular expression (a string), got {pattern!r}; "
@@ -141,15 +158,16 @@ class CompressConfig:
         ops = (self.op_types,) if isinstance(self.op_types, str) else tuple(self.op_types)
         bad = [o for o in ops if o not in OP_TYPES]
         if bad or not ops:
-            raise UsageError(f"--op-types got {','.join(bad) or 'nothing'}; expected a comma-separated subset of {','.join(OP_TYPES)}.")
+            raise UsageError(f"{option('op_types')} got {','.join(bad) or 'nothing'}; expected a comma-separated subset of {','.join(OP_TYPES)}.")
         object.__setattr__(self, "op_types", ops)
         if self.conv_mode not in CONV_MODES:
-            raise UsageError(f"--conv-mode got {self.conv_mode!r}; expected one of {', '.join(CONV_MODES)}.")
-        for flag, name in (("--threads", "threads"), ("--batch", "batch")):
+            raise UsageError(f"{option('conv_mode')} got {self.conv_mode!r}; expected one of {', '.join(CONV_MODES)}.")
+        for name in ("threads", "batch"):
+            flag = option(name)
             value = getattr(self, name)
             values = (value,) if isinstance(value, int) and not isinstance(value, bool) else tuple(value) if isinstance(value, (list, tuple)) else None
             if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-                raise UsageError(f"{flag} must be positive integers, got {value!r}; e.g. {flag} 1,2.")
+                raise UsageError(f"{flag} must be positive integers, got {value!r}; e.g. {option_value(name, (1, 2))}.")
             object.__setattr__(self, name, values)
         shapes = (self.input_shape,) if isinstance(self.input_shape, str) else tuple(self.input_shape or ())
         from .calibration import parse_input_shapes
@@ -158,55 +176,59 @@ class CompressConfig:
         object.__setattr__(self, "input_shape", shapes)
         m = self.min_speedup
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < float(m) <= 100.0:
-            raise UsageError(f"--min-speedup must be a positive number, got {m!r}; e.g. --min-speedup 1.1.")
+            raise UsageError(f"{option('min_speedup')} must be a positive number, got {m!r}; e.g. {option_value('min_speedup', 1.1)}.")
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
-            raise UsageError(f"--quantize got {self.quantize!r}; expected one of {', '.join(QUANTIZE_MODES)}.")
+            raise UsageError(f"{option('quantize')} got {self.quantize!r}; expected one of {', '.join(QUANTIZE_MODES)}.")
         self._check_rank_selection()
 
     def _check_rank_selection(self) -> None:
         if self.rank_rule not in RANK_RULES:
-            raise UsageError(f"--rank-rule got {self.rank_rule!r}; expected one of {', '.join(RANK_RULES)}.")
-        for flag, value in (("--target-params", self.target_params), ("--target-macs", self.target_macs)):
+            raise UsageError(f"{option('rank_rule')} got {self.rank_rule!r}; expected one of {', '.join(RANK_RULES)}.")
+        for name in ("target_params", "target_macs"):
+            value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0):
-                raise UsageError(f"{flag} must be a fraction in (0, 1], got {value!r}; e.g. {flag} 0.5 keeps at most half.")
+                raise UsageError(f"{option(name)} must be a fraction in (0, 1], got {value!r}; e.g. {option_value(name, 0.5)} keeps at most half.")
         if self.budget_scope not in BUDGET_SCOPES:
-            raise UsageError(f"--budget-scope got {self.budget_scope!r}; expected one of {', '.join(BUDGET_SCOPES)}.")
+            raise UsageError(f"{option('budget_scope')} got {self.budget_scope!r}; expected one of {', '.join(BUDGET_SCOPES)}.")
         if self.has_budget:
             if self.rank is not None or self.energy is not None:
-                flag = "--rank" if self.rank is not None else "--energy"
-                raise UsageError(f"a budget (--target-params/--target-macs) allocates ranks itself; drop {flag}.")
+                flag = option("rank") if self.rank is not None else option("energy")
+                raise UsageError(f"a budget ({option('target_params')}/{option('target_macs')}) allocates ranks itself; drop {flag}.")
             if self.rank_rule != "energy":
-                raise UsageError("--rank-rule applies per layer; a budget (--target-params/--target-macs) allocates ranks itself.")
+                raise UsageError(f"{option('rank_rule')} applies per layer; a budget ({option('target_params')}/{option('target_macs')}) allocates ranks itself.")
         for flag in ("data_aware", "attention_aware", "adaptive", "refine", "allow_input_weights"):
             if not isinstance(getattr(self, flag), bool):
-                raise UsageError(f"--{flag.replace('_', '-')} is a switch (true or false), got {getattr(self, flag)!r}.")
+                raise UsageError(f"{option(flag)} is a switch (true or false), got {getattr(self, flag)!r}.")
         if not self.attention_aware and not self.data_aware:
-            raise UsageError("--no-attention-aware changes the statistics of --data-aware; add --data-aware or drop it.")
+            raise UsageError(f"{option_value('attention_aware', False)} changes the statistics of {option('data_aware')}; add {option('data_aware')} or drop it.")
         d = self.damping
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= float(d) < 1e6:
-            raise UsageError(f"--damping must be a non-negative number, got {d!r}; e.g. --damping 0.01.")
+            raise UsageError(f"{option('damping')} must be a non-negative number, got {d!r}; e.g. {option_value('damping', 0.01)}.")
         if not self.data_aware and (self.calib_mask is not None or float(d) != DEFAULT_DAMPING):
-            flag = "--calib-mask" if self.calib_mask is not None else "--damping"
-            raise UsageError(f"{flag} shapes the activation statistics of --data-aware; add --data-aware or drop {flag}.")
+            flag = option("calib_mask") if self.calib_mask is not None else option("damping")
+            raise UsageError(f"{flag} shapes the activation statistics of {option('data_aware')}; add {option('data_aware')} or drop {flag}.")
+        if self.metric is not None and self.metric not in METRICS:
+            raise UsageError(f"{option('metric')} got {self.metric!r}; expected one of {', '.join(METRICS)}.")
+        if self.metric is not None and not self.adaptive:
+            raise UsageError(f"{option('metric')} sets what {option('adaptive')} bounds with {option('max_drop')}; add "
+                             f"{option('adaptive')}, or give the metric to the verification (verify={{'metric': ...}}).")
         if self.max_drop is not None:
-            x = self.max_drop
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= float(x) < 1.0:
-                raise UsageError(f"--max-drop must be a number in [0, 1), got {x!r}; e.g. --max-drop 0.005 (half a point).")
+            check_max_drop(self.max_drop, self.metric)
             if not self.adaptive:
-                raise UsageError("--max-drop needs --adaptive (it bounds the drop that adaptive allocation measures).")
+                raise UsageError(f"{option('max_drop')} needs {option('adaptive')} (it bounds the drop that adaptive allocation measures).")
         if self.adaptive_samples is not None:
             n = self.adaptive_samples
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise UsageError(f"--adaptive-samples must be a positive integer, got {n!r}; e.g. --adaptive-samples 64.")
+                raise UsageError(f"{option('adaptive_samples')} must be a positive integer, got {n!r}; e.g. {option_value('adaptive_samples', 64)}.")
             if not self.adaptive:
-                raise UsageError("--adaptive-samples sets how many calibration samples --adaptive measures on; add --adaptive or drop it.")
+                raise UsageError(f"{option('adaptive_samples')} sets how many calibration samples {option('adaptive')} measures on; add {option('adaptive')} or drop it.")
         if self.adaptive:
             if self.max_drop is None and not self.has_budget:
-                raise UsageError("--adaptive needs a goal: --max-drop X, or a budget --target-params F / --target-macs F.")
+                raise UsageError(f"{option('adaptive')} needs a goal: {option('max_drop')} X, or a budget {option('target_params')} F / {option('target_macs')} F.")
             if self.max_drop is not None and self.has_budget:
-                raise UsageError("--adaptive takes either --max-drop or a budget (--target-params/--target-macs), not both.")
+                raise UsageError(f"{option('adaptive')} takes either {option('max_drop')} or a budget ({option('target_params')}/{option('target_macs')}), not both.")
             if self.rank is not None or self.energy is not None or self.rank_rule != "energy":
-                raise UsageError("--adaptive allocates ranks itself; drop --energy/--rank/--rank-rule.")
+                raise UsageError(f"{option('adaptive')} allocates ranks itself; drop {option('energy')}/{option('rank')}/{option('rank_rule')}.")
 
     @property
     def has_budget(self) -> bool:

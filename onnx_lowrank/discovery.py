@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from .errors import option
+
 __all__ = ["Weight", "Layer", "WeightGroup", "Discovery", "ConvSpec", "conv_spec", "discover", "FLOAT_TYPES"]
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
@@ -248,14 +250,14 @@ def discover(
         elif w.is_graph_input and not allow_input_weights:
             layer.reason = (
                 "weight is also a graph input, so it can be overridden at run time; "
-                "pass --allow-input-weights if it never is"
+                f"pass {option('allow_input_weights')} if it never is"
             )
         elif int(np.prod(w.shape)) < min_params:
-            layer.reason = f"{int(np.prod(w.shape)):,} parameters, fewer than --min-params {min_params:,}"
+            layer.reason = f"{int(np.prod(w.shape)):,} parameters, fewer than {option('min_params')} {min_params:,}"
         elif exc is not None and (exc.search(layer.display_name) or exc.search(w.name)):
-            layer.reason = f"excluded by --exclude '{exc.pattern}'"
+            layer.reason = f"excluded by {option('exclude')} '{exc.pattern}'"
         elif inc is not None and not (inc.search(layer.display_name) or inc.search(w.name)):
-            layer.reason = f"not matched by --include '{inc.pattern}'"
+            layer.reason = f"not matched by {option('include')} '{inc.pattern}'"
         group = groups.get(id(w))
         if group is None:
             group = groups[id(w)] = WeightGroup(weight=w, layers=[])

@@ -6,11 +6,45 @@ command line must change), every other :class:`LowRankError` exits 1.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import signal
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-__all__ = ["LowRankError", "UsageError", "ModelError", "CalibrationError", "VerificationFailed", "Interrupted"]
+__all__ = ["LowRankError", "UsageError", "ModelError", "CalibrationError", "VerificationFailed", "Interrupted",
+           "option", "option_value", "flag_names"]
+
+# How messages name an option: by its API keyword, unless the command line asked for flags.
+_STYLE: contextvars.ContextVar[str] = contextvars.ContextVar("onnx_lowrank_option_names", default="keyword")
+# Flags that are not simply ``--`` + the keyword with dashes.
+_FLAGS = {"attention_aware": "--no-attention-aware", "output": "-o"}
+
+
+def option(name: str) -> str:
+    """How messages name option ``name``: ``--max-drop`` under the command line, ``max_drop`` in Python."""
+    if _STYLE.get() == "flag":
+        return _FLAGS.get(name, "--" + name.replace("_", "-"))
+    return name
+
+
+def option_value(name: str, value: Any) -> str:
+    """An example setting: ``--energy 0.93`` under the command line, ``energy=0.93`` in Python."""
+    if _STYLE.get() == "flag":
+        if isinstance(value, bool):
+            return option(name)
+        return f"{option(name)} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
+    return f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}"
+
+
+@contextlib.contextmanager
+def flag_names() -> Iterator[None]:
+    """Within the block, messages name options by their command-line flags."""
+    token = _STYLE.set("flag")
+    try:
+        yield
+    finally:
+        _STYLE.reset(token)
 
 
 class LowRankError(Exception):

@@ -37,7 +37,7 @@ import onnx
 
 from . import io
 from .config import QUANTIZE_MODES
-from .errors import ModelError, UsageError
+from .errors import ModelError, UsageError, option, option_value
 
 __all__ = ["QUANTIZE_MODES", "quantize", "quantize_int8", "quantized_weights", "unquantized"]
 
@@ -81,14 +81,14 @@ def _check_float32(model: onnx.ModelProto) -> None:
         t = v.type.tensor_type
         if v.type.HasField("tensor_type") and t.elem_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE):
             name = TensorProto.DataType.Name(t.elem_type)
-            raise UsageError(f"--quantize needs a float32 model; input '{v.name}' is {name}. "
-                             "Quantize the float32 export, or drop --quantize.")
+            raise UsageError(f"{option('quantize')} needs a float32 model; input '{v.name}' is {name}. "
+                             f"Quantize the float32 export, or drop {option('quantize')}.")
 
 
 def quantize(model: onnx.ModelProto, mode: str, *, base_dir: str | os.PathLike | None = None) -> onnx.ModelProto:
     """Quantize by ``--quantize`` mode name (one of :data:`QUANTIZE_MODES`)."""
     if mode not in QUANTIZE_MODES:
-        raise UsageError(f"--quantize got {mode!r}; expected one of {', '.join(QUANTIZE_MODES)}.")
+        raise UsageError(f"{option('quantize')} got {mode!r}; expected one of {', '.join(QUANTIZE_MODES)}.")
     return quantize_int8(model, base_dir=base_dir, per_channel=mode == "int8-per-channel")
 
 
@@ -111,7 +111,7 @@ def quantize_int8(model: onnx.ModelProto, *, base_dir: str | os.PathLike | None 
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
-        raise UsageError(f"--quantize needs onnxruntime's quantization tools ({exc}).") from None
+        raise UsageError(f"{option('quantize')} needs onnxruntime's quantization tools ({exc}).") from None
     _check_float32(model)
     large = io.uses_external_data(model) or model.ByteSize() > io.PROTOBUF_LIMIT // 2
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-int8-") as tmp:

@@ -19,14 +19,19 @@ metric         before -> after                drop
 ``f1``         macro-F1 of each model         ``f1_before - f1_after``
 ``top1``       1 -> top-1 agreement           ``1 - top1_agreement``
 ``cosine``     1 -> mean cosine similarity    ``1 - cosine_mean``
+``rel_l2``     0 -> relative L2 error         ``rel_l2_error``
+``max_abs``    0 -> max abs error             ``max_abs_error`` (in the output's units)
 =============  =============================  ===============================
 
 Without ``metric`` each output is judged by ``accuracy`` when there are labels and it holds
 class scores, else ``top1`` when it holds class scores and its name says so (``logits``,
-``scores``, ``probabilities``, ``class...``, ``pred...``), else ``cosine`` (embeddings are 2-D
-float too, and their arg-max means nothing).  Every output is judged
-unless ``gate_output`` names one; the check passes when every judged drop is at most
-``max_drop``, and the worst drop is the one reported.
+``scores``, ``probabilities``, ``class...``, ``pred...``), else ``rel_l2``.  The relative L2
+error sees every kind of change on every output shape: a cosine is blind to a change of scale,
+and with one value per sample each sample's cosine is just the sign agreement (so a regression
+head 60 % off would pass a cosine gate).  Pass ``metric="cosine"`` where only the direction
+matters, as for sentence embeddings.  Every output is judged unless ``gate_output`` names one;
+the check passes when every judged drop is at most ``max_drop``, and the worst drop is the one
+reported.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import onnx
 
 from . import io
 from .calibration import CalibrationData, feed_samples, load_calibration, model_inputs, parse_input_ranges, parse_input_shapes
-from .errors import CalibrationError, ModelError, UsageError, VerificationFailed
+from .errors import CalibrationError, ModelError, UsageError, VerificationFailed, option, option_value
 
 __all__ = [
     "VerifyConfig",
@@ -67,7 +72,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METRICS = ("accuracy", "f1", "top1", "cosine")
+from .config import ERROR_METRICS, METRICS, check_max_drop  # noqa: E402  (shared with the adaptive search)
 
 
 @dataclass(frozen=True)
@@ -108,19 +113,17 @@ class VerifyConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        for flag, value in (("--calib-batch", self.calib_batch), ("--samples", self.samples)):
+        for flag, value in ((option("calib_batch"), self.calib_batch), (option("samples"), self.samples)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{flag} must be a positive integer, got {value!r}.")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
-            raise UsageError(f"--threads must be a positive integer, got {self.threads!r}; e.g. --threads 4.")
-        if self.max_drop is not None:
-            d = self.max_drop
-            if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= float(d) <= 1.0:
-                raise UsageError(f"--max-drop must be a number in [0, 1] (a fraction: 0.01 is one point), got {d!r}.")
+            raise UsageError(f"{option('threads')} must be a positive integer, got {self.threads!r}; e.g. {option_value('threads', 4)}.")
         if self.metric is not None and self.metric not in METRICS:
-            raise UsageError(f"--metric got {self.metric!r}; expected one of {', '.join(METRICS)}.")
+            raise UsageError(f"{option('metric')} got {self.metric!r}; expected one of {', '.join(METRICS)}.")
+        if self.max_drop is not None:
+            check_max_drop(self.max_drop, self.metric)
         if self.calib is not None and self.calib_script is not None:
-            raise UsageError("got both --calib and --calib-script; pass only one source of calibration data.")
+            raise UsageError(f"got both {option('calib')} and {option('calib_script')}; pass only one source of calibration data.")
         # Normalized once here so that a bad spec fails before any model is loaded.
         object.__setattr__(self, "input_shape", parse_input_shapes(self.input_shape) or None)
         object.__setattr__(self, "input_range", parse_input_ranges(self.input_range) or None)
@@ -180,6 +183,10 @@ class OutputMetrics:
             return 1.0, self.top1_agreement, 1.0 - self.top1_agreement
         if metric == "cosine":
             return 1.0, self.cosine_mean, 1.0 - self.cosine_mean
+        if metric == "rel_l2":
+            return 0.0, self.rel_l2_error, self.rel_l2_error
+        if metric == "max_abs":
+            return 0.0, self.max_abs_error, self.max_abs_error
         return None
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +198,12 @@ class OutputMetrics:
 
 @dataclass(frozen=True)
 class Judgement:
-    """The gate's verdict on one output."""
+    """The gate's verdict on one output.
+
+    Attributes:
+        why: Why this metric judged this output (``--metric``, or the default's reason).
+        cosine_min: The worst sample's cosine, beside a cosine judgement's mean.
+    """
 
     output: str
     metric: str
@@ -199,6 +211,15 @@ class Judgement:
     after: float
     drop: float
     passed: bool | None
+    why: str = ""
+    cosine_min: float | None = None
+
+    def describe(self, where: str = "") -> str:
+        """``cosine drop 0.0288{where} (1.0000 -> 0.9712, min 0.9011)``, or ``rel_l2 0.0412{where}``."""
+        if self.metric in ERROR_METRICS:
+            return f"{self.metric} {self.after:.4g}{where}"
+        worst = f", min {self.cosine_min:.4f}" if self.cosine_min is not None else ""
+        return f"{self.metric} drop {self.drop:.4f}{where} ({self.before:.4f} -> {self.after:.4f}{worst})"
 
 
 @dataclass
@@ -249,9 +270,8 @@ class VerifyReport:
         w = self.worst
         if w is None:
             return f"nothing to judge on {self.samples} samples from {self.source}"
-        verdict = "no gate" if self.max_drop is None else f"{'<=' if w.passed else '>'} --max-drop {self.max_drop:g}"
-        return (f"{w.metric} drop {w.drop:.4f} on output '{w.output}' ({w.before:.4f} -> {w.after:.4f}) {verdict}; "
-                f"{self.samples} samples from {self.source}")
+        verdict = "no gate" if self.max_drop is None else f"{'<=' if w.passed else '>'} {option('max_drop')} {self.max_drop:g}"
+        return f"{w.describe(f' on output {w.output!r}')} {verdict}; {self.samples} samples from {self.source}"
 
     def check(self, *, result: Any = None) -> None:
         """Raise :class:`VerificationFailed` carrying this report (and ``result``) when the gate failed."""
@@ -431,35 +451,43 @@ _ROUNDING = 1e-9
 _CLASS_SCORE_NAME = re.compile(r"logit|score|prob|class|pred", re.IGNORECASE)
 
 
-def _default_metric(m: OutputMetrics, have_labels: bool) -> str:
-    if m.top1_agreement is None:
-        return "cosine"
-    if have_labels:
-        return "accuracy"
-    return "top1" if _CLASS_SCORE_NAME.search(m.name) else "cosine"
+def default_metric(m: OutputMetrics, have_labels: bool) -> tuple[str, str]:
+    """``(metric, why)`` that judges output ``m`` when no metric is given (module docstring)."""
+    if m.top1_agreement is not None and have_labels:
+        return "accuracy", "default for class scores with labels"
+    if m.top1_agreement is not None and _CLASS_SCORE_NAME.search(m.name):
+        return "top1", "default for an output named like class scores"
+    return "rel_l2", f"default: sees any change of any output shape (pass {option('metric')} cosine for embeddings)"
 
 
-def _judge(metrics: Sequence[OutputMetrics], cfg: VerifyConfig, have_labels: bool) -> tuple[list[Judgement], dict[str, str]]:
+def judge(metrics: Sequence[OutputMetrics], *, metric: str | None, max_drop: float | None, have_labels: bool,
+          gate_output: str | None = None) -> tuple[list[Judgement], dict[str, str]]:
+    """Judge each output by ``metric`` (or its default); ``(judged, not judged with reasons)``.
+
+    Raises:
+        UsageError: ``metric`` applies to none of the outputs, or not to ``gate_output``.
+    """
     judged: list[Judgement] = []
     skipped: dict[str, str] = {}
     for m in metrics:
-        if cfg.gate_output is not None and m.name != cfg.gate_output:
-            skipped[m.name] = f"--gate-output is '{cfg.gate_output}'"
+        if gate_output is not None and m.name != gate_output:
+            skipped[m.name] = f"{option('gate_output')} is '{gate_output}'"
             continue
-        metric = cfg.metric or _default_metric(m, have_labels)
-        measured = m.measure(metric)
+        used, why = (metric, f"{option('metric')} {metric}") if metric else default_metric(m, have_labels)
+        measured = m.measure(used)
         if measured is None:
-            reason = f"--metric {metric} needs class scores [samples, classes]"
-            if cfg.gate_output is not None:
-                raise UsageError(f"output '{m.name}' does not hold class scores [samples, classes], so {reason[2:]}; use --metric cosine.")
+            reason = f"{option('metric')} {used} needs class scores [samples, classes]"
+            if gate_output is not None:
+                raise UsageError(f"output '{m.name}' does not hold class scores [samples, classes], so {reason}; "
+                                 f"use {option('metric')} rel_l2 or cosine.")
             skipped[m.name] = reason
             continue
         before, after, drop = measured
-        passed = None if cfg.max_drop is None else drop <= cfg.max_drop + _ROUNDING
-        judged.append(Judgement(m.name, metric, before, after, drop, passed))
+        passed = None if max_drop is None else drop <= max_drop + _ROUNDING
+        judged.append(Judgement(m.name, used, before, after, drop, passed, why, m.cosine_min if used == "cosine" else None))
     if not judged:
-        raise UsageError(f"--metric {cfg.metric} applies to none of the outputs ({', '.join(m.name for m in metrics)}): "
-                         "none holds class scores [samples, classes]; use --metric cosine.")
+        raise UsageError(f"{option('metric')} {metric} applies to none of the outputs ({', '.join(m.name for m in metrics)}): "
+                         f"none holds class scores [samples, classes]; use {option('metric')} rel_l2 or cosine.")
     return judged, skipped
 
 
@@ -491,7 +519,7 @@ def _run(session, names: list[str], feed: dict[str, np.ndarray], which: str, ind
                              f"although the original ran: {_first_line(exc)}") from exc
         hint = ""
         if data.synthetic and any(s.dtype is not None and s.dtype.kind in "iu" for s in data.specs):
-            hint = "; random integer inputs may be out of range for it: pass --input-range NAME:LOW,HIGH"
+            hint = f"; random integer inputs may be out of range for it: pass {option_value('input_range', 'NAME:LOW,HIGH')}"
         raise CalibrationError(f"onnxruntime failed to run the original model on feed {index} of {data.description}: "
                                f"{_first_line(exc)}{hint}") from exc
 
@@ -532,11 +560,11 @@ def verify_models(
     _check_same_interface(ref_proto, new_proto)
     out_names = [o.name for o in ref_proto.graph.output]
     if cfg.gate_output is not None and cfg.gate_output not in out_names:
-        raise UsageError(f"--gate-output '{cfg.gate_output}' is not an output of the model; its outputs are {', '.join(out_names)}.")
+        raise UsageError(f"{option('gate_output')} '{cfg.gate_output}' is not an output of the model; its outputs are {', '.join(out_names)}.")
     data = load_calibration(ref_proto, cfg.calib, calib_script=cfg.calib_script, calib_batch=cfg.calib_batch, labels=cfg.labels,
                             samples=cfg.samples, input_shape=cfg.input_shape, input_range=cfg.input_range)
     if cfg.metric in ("accuracy", "f1") and data.labels is None:
-        raise UsageError(f"--metric {cfg.metric} needs labels: pass --labels labels.npy or put a 'labels' array in the .npz.")
+        raise UsageError(f"{option('metric')} {cfg.metric} needs labels: pass {option_value('labels', 'labels.npy')} or put a 'labels' array in the .npz.")
 
     ref = make_session(original, threads=cfg.threads, base_dir=base_dir)
     new = make_session(compressed, threads=cfg.threads, base_dir=compressed_dir if compressed_dir is not None else base_dir)
@@ -552,13 +580,14 @@ def verify_models(
             if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
                 raise CalibrationError(f"the original model's output '{acc.name}' holds NaN or Inf on feed {index} of "
                                        f"{data.description}, so nothing can be compared; check the calibration values "
-                                       "(NaN inputs, scaling) or pass other --calib data.")
+                                       f"(NaN inputs, scaling) or pass other {option('calib')} data.")
             if y.shape != z.shape:
                 raise ModelError(f"output '{acc.name}' has shape {list(y.shape)} from the original but {list(z.shape)} from the compressed model.")
             acc.add(y, z)
         samples += feed_samples(feed)
     metrics = [a.result(data.labels) for a in accs]
-    judged, skipped = _judge(metrics, cfg, data.labels is not None)
+    judged, skipped = judge(metrics, metric=cfg.metric, max_drop=cfg.max_drop, have_labels=data.labels is not None,
+                            gate_output=cfg.gate_output)
     report = VerifyReport(
         samples=samples, outputs=metrics, judged=judged, not_judged={**skipped, **not_tensors},
         max_drop=None if cfg.max_drop is None else float(cfg.max_drop), source=data.description, synthetic=data.synthetic,
@@ -590,10 +619,10 @@ def render_verification(report: VerifyReport) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     for j in report.judged:
         if report.max_drop is None:
-            verdict = "measured (no gate: pass --max-drop to enforce one)"
+            verdict = f"measured (no gate: pass {option('max_drop')} to enforce one)"
         else:
             verdict = f"{'<=' if j.passed else '>'} {report.max_drop:g}: {'passed' if j.passed else 'FAILED'}"
-        lines.append(f"gate: {j.output}: {j.metric} {j.before:.4f} -> {j.after:.4f}, drop {j.drop:.4f} {verdict}")
+        lines.append(f"gate: {j.output}: {j.describe()} {verdict} [{j.why}]")
     for name, reason in report.not_judged.items():
         lines.append(f"gate: {name}: not judged ({reason})")
     return "\n".join(lines)

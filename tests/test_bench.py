@@ -55,13 +55,13 @@ def test_parse_input_shapes_syntax():
         "input_ids": (1, 128), "attention_mask": (1, 128), "x:0": (2, 3)}
     assert B.parse_input_shapes(None) == {}
     for bad in ("input_ids", "input_ids:1xN", "x:0x4", ":4"):
-        with pytest.raises(UsageError, match="--input-shape"):
+        with pytest.raises(UsageError, match="input_shape"):
             B.parse_input_shapes(bad)
 
 
 def test_resolve_shapes_batch_and_errors():
     m = seq_model()
-    with pytest.raises(UsageError, match=r"--input-shape ids:1xN"):
+    with pytest.raises(UsageError, match=r"input_shape='ids:1xN'"):
         B.resolve_shapes(m)
     shapes = B.resolve_shapes(m, batch=4, input_shape={"ids": (1, 16), "attention_mask": (1, 16)})
     assert shapes == {"ids": (4, 16), "attention_mask": (4, 16)}

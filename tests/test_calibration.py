@@ -147,7 +147,7 @@ def test_synthetic_fills_a_dynamic_batch_and_warns(model):
 
 
 def test_synthetic_unknown_dimension_names_the_flag():
-    with pytest.raises(UsageError, match=r"--input-shape input_ids:1x128") as exc:
+    with pytest.raises(UsageError, match=r"input_shape='input_ids:1x128'") as exc:
         load_calibration(token_model())
     assert "\n" not in str(exc.value) and "seq" in str(exc.value)
 
@@ -215,14 +215,14 @@ BAD = [
     (lambda t: dict(calib=[]), CalibrationError, ["no feeds"]),
     (lambda t: dict(calib=X.astype(np.int64)), CalibrationError, ["'x' is int64"]),
     (lambda t: dict(calib=42), UsageError, ["got a int", "expected an .npz path"]),
-    (lambda t: dict(labels=np.zeros(10)), UsageError, ["--labels needs real data"]),
-    (lambda t: dict(calib=X, input_shape="x:1x16"), UsageError, ["--input-shape", "random data only"]),
-    (lambda t: dict(input_shape="nope:1x16"), UsageError, ["--input-shape", "'nope'", "'x'"]),
-    (lambda t: dict(input_shape="x:1xa"), UsageError, ["--input-shape", "positive integer"]),
-    (lambda t: dict(input_shape="x:2x8"), UsageError, ["--input-shape x", "axis 1 is fixed to 16"]),
-    (lambda t: dict(input_range="x:3,1"), UsageError, ["--input-range", "LOW must be below HIGH"]),
-    (lambda t: dict(input_range="x:1"), UsageError, ["--input-range", "NAME:LOW,HIGH"]),
-    (lambda t: dict(calib_batch=0), UsageError, ["--calib-batch"]),
+    (lambda t: dict(labels=np.zeros(10)), UsageError, ["labels needs real data"]),
+    (lambda t: dict(calib=X, input_shape="x:1x16"), UsageError, ["input_shape", "random data only"]),
+    (lambda t: dict(input_shape="nope:1x16"), UsageError, ["input_shape", "'nope'", "'x'"]),
+    (lambda t: dict(input_shape="x:1xa"), UsageError, ["input_shape", "positive integer"]),
+    (lambda t: dict(input_shape="x:2x8"), UsageError, ["input_shape x", "axis 1 is fixed to 16"]),
+    (lambda t: dict(input_range="x:3,1"), UsageError, ["input_range", "LOW must be below HIGH"]),
+    (lambda t: dict(input_range="x:1"), UsageError, ["input_range", "NAME:LOW,HIGH"]),
+    (lambda t: dict(calib_batch=0), UsageError, ["calib_batch"]),
 ]
 
 
@@ -253,7 +253,7 @@ def test_bad_calibration_script(source, needle, model, tmp_path):
     script.write_text(source)
     with pytest.raises(CalibrationError) as exc:
         list(load_calibration(model, calib_script=f"{script}:feeds"))
-    assert needle in str(exc.value) and "--calib-script" in str(exc.value) and "\n" not in str(exc.value)
+    assert needle in str(exc.value) and "calib_script" in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_script_spec_without_function_is_a_usage_error(model, tmp_path):

@@ -349,8 +349,8 @@ def test_skip_weight_also_used_by_conv_transpose():
 
 def test_skip_selection_rules_apply_to_conv():
     m = conv_model(conv_weight(8, 4, (3, 3), 1, "channel"), (6, 6))
-    assert "--min-params" in _skip_reason(m, min_params=10_000)
-    assert "excluded by --exclude" in _skip_reason(m, exclude="^conv$")
+    assert "min_params" in _skip_reason(m, min_params=10_000)
+    assert "excluded by exclude" in _skip_reason(m, exclude="^conv$")
     assert ol.compress(m, energy=1.0, min_params=0, op_types=("MatMul", "Gemm")).layers == []
 
 
@@ -367,7 +367,7 @@ def test_rerun_on_split_conv_reports_factor_pair(mode):
 
 
 def test_config_rejects_unknown_conv_mode():
-    with pytest.raises(ol.UsageError, match="--conv-mode got 'diagonal'"):
+    with pytest.raises(ol.UsageError, match="conv_mode got 'diagonal'"):
         ol.CompressConfig(conv_mode="diagonal")
     assert "Conv" in ol.CompressConfig().op_types
 

@@ -208,5 +208,5 @@ def test_default_batch_on_a_fixed_batch_model_times_that_batch():
     assert {c.rows for c in probe.cases} == {4}
     assert [shapes["x"] for _, shapes in probe.model_checks] == [(4, 256)]
     assert res.totals.factorized >= 1
-    with pytest.raises(UsageError, match="--batch 2"):
+    with pytest.raises(UsageError, match="batch=2"):
         compress(model, rank=8, min_params=0, latency_aware=True, batch=(2,), probe=MacProbe())

@@ -255,7 +255,7 @@ def test_skip_weight_that_is_graph_input():
 
 
 def test_skip_min_params():
-    assert "--min-params" in _reason(matmul_model(), min_params=10_000)
+    assert "min_params" in _reason(matmul_model(), min_params=10_000)
 
 
 def test_skip_saves_nothing():
@@ -264,9 +264,9 @@ def test_skip_saves_nothing():
 
 
 def test_skip_excluded_and_not_included():
-    assert "excluded by --exclude" in _reason(matmul_model(), exclude="^mm$")
-    assert "not matched by --include" in _reason(matmul_model(), include="attention")
-    assert "excluded by --exclude" in _reason(matmul_model(), exclude="^W$")
+    assert "excluded by exclude" in _reason(matmul_model(), exclude="^mm$")
+    assert "not matched by include" in _reason(matmul_model(), include="attention")
+    assert "excluded by exclude" in _reason(matmul_model(), exclude="^W$")
 
 
 def test_skip_no_constant_weight_and_both_constant():

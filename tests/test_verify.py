@@ -63,7 +63,7 @@ def test_default_metric_per_output_and_worst_counts():
     a, b = token_model(), token_model(noise=0.5)
     report = verify_models(a, b, input_shape="input_ids:3x5", samples=12, max_drop=0.5)
     by = {j.output: j for j in report.judged}
-    assert by["logits"].metric == "top1" and by["hidden"].metric == "cosine"
+    assert by["logits"].metric == "top1" and by["hidden"].metric == "rel_l2"
     assert by["hidden"].drop == pytest.approx(0.0, abs=1e-9)  # the embedding is untouched
     assert report.worst.output == "logits" and report.synthetic and report.samples == 12
     assert report.passed == (by["logits"].drop <= 0.5)
@@ -88,18 +88,19 @@ def test_labels_make_accuracy_the_default_and_drop_is_checked():
     assert j.drop == pytest.approx(1.0 - j.after) and j.drop > 0.01 and not report.passed
     with pytest.raises(VerificationFailed) as exc:
         report.check()
-    assert exc.value.report is report and "accuracy drop" in str(exc.value) and "--max-drop 0.01" in str(exc.value)
+    # called from Python, the message names the keyword, not the flag
+    assert exc.value.report is report and "accuracy drop" in str(exc.value) and "> max_drop 0.01" in str(exc.value)
     f1 = verify_models(a, b, calib=x, labels=labels, metric="f1", max_drop=1.0)
     assert f1.worst.metric == "f1" and f1.passed
 
 
 @pytest.mark.parametrize("options,needle", [
-    (dict(metric="accuracy"), "--metric accuracy needs labels"),
-    (dict(gate_output="nope"), "--gate-output 'nope' is not an output"),
+    (dict(metric="accuracy"), "metric accuracy needs labels"),
+    (dict(gate_output="nope"), "gate_output 'nope' is not an output"),
     (dict(metric="top1", gate_output="hidden", input_shape="input_ids:1x4"), "does not hold class scores"),
-    (dict(max_drop=2.0), "--max-drop must be a number in [0, 1]"),
+    (dict(max_drop=2.0), "max_drop must be a number in [0, 1]"),
     (dict(metric="mse"), "expected one of accuracy, f1, top1, cosine"),
-    (dict(threads=0), "--threads must be a positive integer"),
+    (dict(threads=0), "threads must be a positive integer"),
 ])
 def test_gate_usage_errors(options, needle):
     options.setdefault("input_shape", "input_ids:1x4")
@@ -119,7 +120,7 @@ def test_models_that_do_not_match_are_refused():
 
 
 def test_out_of_range_ids_suggest_input_range():
-    with pytest.raises(CalibrationError, match="--input-range"):
+    with pytest.raises(CalibrationError, match="input_range="):
         verify_models(token_model(vocab=10), token_model(vocab=10), input_shape="input_ids:2x3")
     ok = verify_models(token_model(vocab=10), token_model(vocab=10), input_shape="input_ids:2x3", input_range="input_ids:0,10")
     assert ok.passed and ok.worst.drop == pytest.approx(0.0, abs=1e-9)
@@ -173,7 +174,7 @@ def test_cli_gate_passes_and_writes(model_path, calib_path, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "verification: 40 samples from calib.npz" in text and "passed" in text
     doc = json.loads(rep.read_text())["verification"]
-    assert doc["passed"] and doc["samples"] == 40 and doc["worst"]["metric"] == "cosine"  # output "y" is not named like class scores
+    assert doc["passed"] and doc["samples"] == 40 and doc["worst"]["metric"] == "rel_l2"  # output "y" is not named like class scores
     assert doc["config"]["calib"] == str(calib_path) and doc["config"]["max_drop"] == 0.001
     assert out.exists()
 
@@ -300,7 +301,7 @@ def test_digits_cli_and_verify_subcommand(tmp_path, capsys):
     assert "with labels" in capsys.readouterr().out
 
 
-def test_unlabelled_embedding_output_is_judged_by_cosine_not_argmax():
+def test_unlabelled_embedding_output_is_judged_by_rel_l2_not_argmax():
     def renamed(model, name):
         model.graph.node[0].output[0] = name
         model.graph.output[0].name = name
@@ -309,4 +310,81 @@ def test_unlabelled_embedding_output_is_judged_by_cosine_not_argmax():
     a, b = renamed(scores_model(n=32), "sentence_embedding"), renamed(scores_model(n=32, noise=0.3), "sentence_embedding")
     report = verify_models(a, b, input_shape="x:4x16", samples=8, max_drop=1.0)
     assert report.outputs[0].top1_agreement is not None  # still measured and reported
-    assert report.judged[0].metric == "cosine"
+    assert report.judged[0].metric == "rel_l2"
+
+
+# --------------------------------------------------------------------------- outputs a cosine cannot see
+
+#   x[N,16] --MatMul(W[16,1])--> y[N,1]  (one value per sample: a regression head)
+def _scalar_head(scale: float = 1.0, name: str = "y"):
+    from models import make_model, vi, init
+    from onnx import helper
+
+    w = (np.random.default_rng(3).standard_normal((16, 1)) * scale).astype(np.float32)
+    return make_model([helper.make_node("MatMul", ["x", "W"], [name])], [vi("x", ["N", 16])], [vi(name, ["N", 1])], [init("W", w)])
+
+
+@pytest.mark.parametrize("error", [0.10, 0.59, 6.77])
+def test_default_gate_catches_a_relative_error_on_one_value_per_sample(error):
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    report = verify_models(_scalar_head(), _scalar_head(1.0 + error), calib=x, max_drop=0.01)
+    j = report.worst
+    assert j.metric == "rel_l2" and j.drop == pytest.approx(error, rel=1e-4) and not report.passed
+    assert "rel_l2" in j.why or "default" in j.why
+    # the blindness the default avoids: each sample's cosine is +-1, so cosine sees nothing
+    blind = verify_models(_scalar_head(), _scalar_head(1.0 + error), calib=x, max_drop=0.01, metric="cosine")
+    assert blind.passed and blind.worst.drop == pytest.approx(0.0, abs=1e-6)
+
+
+def test_default_gate_catches_a_ten_percent_change_of_scale_on_vectors():
+    a, b = scores_model(), scores_model()
+    b.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(a.graph.initializer[0]) * 1.1,
+                                                                  a.graph.initializer[0].name))
+    x = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    renamed = []
+    for m in (a, b):
+        m.graph.node[0].output[0] = m.graph.output[0].name = "embedding"
+        renamed.append(m)
+    report = verify_models(*renamed, calib=x, max_drop=0.01)
+    assert report.worst.metric == "rel_l2" and report.worst.drop == pytest.approx(0.1, rel=1e-3) and not report.passed
+    assert verify_models(*renamed, calib=x, max_drop=0.01, metric="cosine").passed
+
+
+def test_cosine_judgements_carry_the_worst_sample():
+    a, b = scores_model(), scores_model(noise=0.3)
+    report = verify_models(a, b, input_shape="x:4x16", samples=16, metric="cosine")
+    j = report.worst
+    assert j.cosine_min == pytest.approx(report.outputs[0].cosine_min) and j.cosine_min <= j.after
+    assert f"min {j.cosine_min:.4f}" in report.summary() and f"min {j.cosine_min:.4f}" in render_verification(report)
+    assert report.to_dict()["worst"]["cosine_min"] == pytest.approx(j.cosine_min)
+
+
+def test_max_abs_is_gated_in_the_outputs_units():
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    a, b = _scalar_head(), _scalar_head(1.5)
+    m = verify_models(a, b, calib=x).outputs[0]
+    assert verify_models(a, b, calib=x, metric="max_abs", max_drop=m.max_abs_error * 1.01).passed
+    assert not verify_models(a, b, calib=x, metric="max_abs", max_drop=m.max_abs_error * 0.99).passed
+    with pytest.raises(UsageError, match="only --metric max_abs takes larger limits|only"):
+        verify_models(a, b, calib=x, metric="rel_l2", max_drop=1.5)
+
+
+def test_cli_scalar_regression_head_under_the_default_gate_writes_nothing(tmp_path, capsys):
+    from models import lowrank, make_model, vi, init
+    from onnx import helper
+
+    # x[N,64] --MatMul(W1[64,64])--> h --MatMul(W2[64,1])--> y[N,1]; W1 truncated at rank 2 is far off
+    w1 = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
+    w2 = np.random.default_rng(2).standard_normal((64, 1)).astype(np.float32)
+    m = make_model([helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("MatMul", ["h", "W2"], ["y"])],
+                   [vi("x", ["N", 64])], [vi("y", ["N", 1])], [init("W1", w1), init("W2", w2)])
+    src = tmp_path / "reg.onnx"
+    onnx.save(m, str(src))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main([str(src), "-o", str(out / "o.onnx"), "--rank", "2", "--min-params", "0", "--calib", str(tmp_path / "c.npz"),
+                 "--max-drop", "0.01"]) == 1
+    cap = capsys.readouterr()
+    assert "rel_l2" in cap.err and "nothing written" in cap.err and list(out.iterdir()) == []
+    assert "[default: sees any change" in cap.out
