@@ -425,7 +425,7 @@ def overridable(model: onnx.ModelProto, weights: Iterable[str]) -> onnx.ModelPro
 
 @dataclass
 class RefitStats:
-    """Statistics for the least-squares refit (see :func:`onnx_lowrank.decompose.refit_factor`).
+    """Statistics for the least-squares refit (see :func:`onnx_lowrank.linalg.refit_factor`).
 
     Attributes:
         grams: Per weight group (by ``id``): ``(G~, side)``, the Gram matrix of the inputs the
@@ -572,7 +572,7 @@ def refit_factors(
     """Refit the output-side factor of every compressed layer on propagated activations.
 
     Each pass collects :class:`RefitStats` with every layer at its current factors, then
-    refits all layers at once (:func:`onnx_lowrank.decompose.refit_factor`).  After ``p``
+    refits all layers at once (:func:`onnx_lowrank.linalg.refit_factor`).  After ``p``
     passes a layer with at most ``p - 1`` compressed layers upstream of it has seen inputs
     from the refitted ones; the rest approach that as the passes repeat.
 
@@ -588,7 +588,7 @@ def refit_factors(
         sequential: Refit level by level in graph order (:func:`refit_levels`), so every
             layer sees the inputs of the already refitted layers before it: one statistics
             pass per level instead of per ``passes``.
-        both: Refit both factors (:func:`~onnx_lowrank.decompose.refit_lowrank`) instead of
+        both: Refit both factors (:func:`~onnx_lowrank.linalg.refit_lowrank`) instead of
             the output-side one only.
         output_only: Groups (by ``id``) that refit only the output-side factor even with
             ``both``: those truncated with an output-side weight (attention-aware), whose
@@ -603,7 +603,7 @@ def refit_factors(
         ``(factors, runs)``: the refitted factors (cast to each weight's dtype) for every group
         that could be refitted, the others unchanged; and the onnxruntime runs made.
     """
-    from .decompose import refit_factor, refit_lowrank
+    from .linalg import refit_factor, refit_lowrank
 
     by_id = {id(g): g for g in groups if id(g) in factors}
     keep_input = set(output_only)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import onnx
 
-from . import decompose
+from . import linalg
 from .activations import Feeds, open_session, overridable
 from .config import CompressConfig
 from .plan import BudgetBase, LayerPlan, decide_conv, allocate_plans, budget_options
@@ -120,14 +120,14 @@ class Evaluator:
 
 
 def _truncated(plan: LayerPlan, rank: int) -> np.ndarray:
-    a, b = decompose.factors(plan.spectrum, rank)
+    a, b = linalg.factors(plan.spectrum, rank)
     return (a.astype(np.float64) @ b.astype(np.float64)).astype(plan.dtype)
 
 
 def grid_ranks(plan: LayerPlan, rank_multiple: int = 1) -> list[int]:
     """The ranks measured for a plan: :data:`GRID` fractions of break-even, rounded."""
-    top = min(decompose.break_even_rank(plan.m, plan.n), plan.m, plan.n)
-    ranks = {decompose.round_rank(max(1, int(round(f * top))), rank_multiple, plan.m, plan.n) for f in GRID}
+    top = min(linalg.break_even_rank(plan.m, plan.n), plan.m, plan.n)
+    ranks = {linalg.round_rank(max(1, int(round(f * top))), rank_multiple, plan.m, plan.n) for f in GRID}
     return sorted(r for r in ranks if 1 <= r <= top)
 
 

@@ -416,10 +416,10 @@ def _check_whole_model(original: onnx.ModelProto, original_dir: Path | None, pro
 def _refine(proto: onnx.ModelProto, plans: list[plan.LayerPlan], feeds: Any, source_dir: Path | None, cfg: CompressConfig,
             threads: int | None, progress: Any) -> dict[str, Any]:
     """Refit the factors of every chosen MatMul/Gemm plan on propagated activations (``refine``)."""
-    from . import decompose
+    from . import linalg
 
     chosen = [p for p in plans if p.reason is None and p.choice is not None and not p.is_conv and p.spectrum is not None]
-    factors = {id(p.group): decompose.factors(p.spectrum, p.rank) for p in chosen}
+    factors = {id(p.group): linalg.factors(p.spectrum, p.rank) for p in chosen}
     weights = {id(p.group): io.read_tensor(p.group.weight.tensor, source_dir) for p in chosen}
     refitted, runs = activations.refit_factors(proto, [p.group for p in chosen], factors, weights, feeds, source_dir,
                                                both=True, sequential=True, damping=cfg.damping, mask_input=cfg.calib_mask,

@@ -18,15 +18,17 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
 from .errors import UsageError, option, option_value
+from .linalg import CONV_MODES as _VIEWS
+from .linalg import DEFAULT_DAMPING, RULES
 
 __all__ = ["CompressConfig", "DEFAULT_ENERGY", "load_recipe", "recipe_path", "list_recipes"]
 
 DEFAULT_ENERGY = 0.95
-DEFAULT_DAMPING = 0.01
 OP_TYPES = ("MatMul", "Gemm", "Conv")
-CONV_MODES = ("channel", "spatial", "auto")
+#: ``auto`` picks, per layer, whichever view of :data:`~onnx_lowrank.linalg.CONV_MODES` needs fewer MACs.
+CONV_MODES = (*_VIEWS, "auto")
 QUANTIZE_MODES = ("int8", "int8-per-channel")
-RANK_RULES = ("energy", "entropy")
+RANK_RULES = RULES
 #: What ``max_drop`` bounds: the verification gate's metrics (:mod:`onnx_lowrank.verify`).
 METRICS = ("accuracy", "f1", "top1", "cosine", "rel_l2", "max_abs")
 #: Metrics whose "drop" is an error (0 is perfect), not a fall from 1.

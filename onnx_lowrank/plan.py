@@ -12,7 +12,7 @@ Stages, in order (``api.compress`` runs them):
 
 A plan sees a matrix ``M`` (m, n) and the users that run it; what ``M`` is for an op type is
 decided in :func:`build_plans`: the weight itself for MatMul/Gemm, a reshaped view of the kernel
-for Conv (:func:`~onnx_lowrank.decompose.conv_matrix`).  A Conv plan may hold both views
+for Conv (:func:`~onnx_lowrank.linalg.conv_matrix`).  A Conv plan may hold both views
 (``--conv-mode auto``); :func:`decide` picks the one with fewer multiply-accumulates.
 
 MACs: a MatMul/Gemm costs ``m n`` per activation row dense and ``r (m + n)`` factorized.  A Conv's
@@ -34,11 +34,11 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from . import decompose, io
+from . import io, linalg
 from .config import DEFAULT_ENERGY, CompressConfig
 from .discovery import Discovery, Layer, WeightGroup
 from .errors import ModelError, UsageError
-from .policies import BudgetError, Options, RankChoice, allocate, choice_at, choose_rank, rank_options
+from .linalg import BudgetError, Options, RankChoice, allocate, choice_at, choose_rank, rank_options
 from .report import LayerDecision
 from .rewrite import NameScope, factorize_conv_group, factorize_group
 from .shapes import ShapeInfo
@@ -73,7 +73,7 @@ class ConvUse:
             out, mid = self.out_size, self.in_size[-1]
         else:
             out, mid = (1,) * spec.ndim, spec.strides[-1]
-        return decompose.conv_macs(w_shape, rank, mode, out, mid)
+        return linalg.conv_macs(w_shape, rank, mode, out, mid)
 
 
 @dataclass(eq=False)
@@ -83,7 +83,7 @@ class ConvOption:
     mode: str
     m: int
     n: int
-    spectrum: decompose.Spectrum | None = None
+    spectrum: linalg.Spectrum | None = None
 
 
 @dataclass(eq=False)
@@ -111,7 +111,7 @@ class LayerPlan:
     m: int
     n: int
     dtype: np.dtype
-    spectrum: decompose.Spectrum | None = None
+    spectrum: linalg.Spectrum | None = None
     choice: RankChoice | None = None
     factor_names: tuple[str, str] | None = None
     refit: tuple[np.ndarray, np.ndarray] | None = None
@@ -161,7 +161,7 @@ class LayerPlan:
         return self.m * self.n
 
     def params_at(self, rank: int) -> int:
-        return decompose.lowrank_params(self.m, self.n, rank)
+        return linalg.lowrank_params(self.m, self.n, rank)
 
     def select(self, mode: str) -> None:
         """Make the Conv view ``mode`` the one that ``m``, ``n`` and ``spectrum`` describe."""
@@ -187,9 +187,9 @@ class LayerPlan:
     def break_even(self, mode: str | None = None) -> int:
         """Largest rank that saves both parameters and MACs (both are linear in the rank)."""
         if not self.is_conv:
-            return decompose.break_even_rank(self.m, self.n)
+            return linalg.break_even_rank(self.m, self.n)
         opt = self.conv_options[mode or self.conv_mode]
-        by_params = decompose.break_even_rank(opt.m, opt.n)
+        by_params = linalg.break_even_rank(opt.m, opt.n)
         by_macs = (self.macs(None) - 1) // max(1, self.macs(1, opt.mode))
         return min(by_params, by_macs)
 
@@ -204,7 +204,7 @@ def build_plans(
     *,
     grams: dict[int, tuple[np.ndarray, str]] | None = None,
     out_grams: dict[int, np.ndarray] | None = None,
-    damping: float = decompose.DEFAULT_DAMPING,
+    damping: float = linalg.DEFAULT_DAMPING,
     notes: dict[int, str] | None = None,
     conv_mode: str = "auto",
     shapes: ShapeInfo | None = None,
@@ -247,14 +247,14 @@ def build_plans(
                     plan.spectrum = None
                     if id(group) in out_grams:
                         try:
-                            plan.spectrum = decompose.whitened_spectrum(arr, g, side, damping, out_gram=out_grams[id(group)])
+                            plan.spectrum = linalg.whitened_spectrum(arr, g, side, damping, out_gram=out_grams[id(group)])
                             plan.extra["note"] = "attention-aware"
                         except ValueError as exc:  # e.g. keys that never vary: weigh by the input only
                             log.info("attention-aware weighting of %s skipped: %s", w.name, exc)
                     if plan.spectrum is None:
-                        plan.spectrum = decompose.whitened_spectrum(arr, g, side, damping)
+                        plan.spectrum = linalg.whitened_spectrum(arr, g, side, damping)
                 else:
-                    plan.spectrum = decompose.spectrum(arr)
+                    plan.spectrum = linalg.spectrum(arr)
             except ValueError as exc:
                 plan.reason = f"cannot factorize: {exc}"
         if id(group) in notes:
@@ -271,7 +271,7 @@ def _conv_use(layer: Layer, shapes: ShapeInfo | None) -> ConvUse:
     if shape is None or len(shape) != spec.ndim + 2 or any(d is None for d in shape[2:]):
         return ConvUse(layer)
     in_size = tuple(int(d) for d in shape[2:])
-    out = decompose.conv_output_size(in_size, spec.kernel, spec.strides, spec.pads, spec.dilations, spec.auto_pad)
+    out = linalg.conv_output_size(in_size, spec.kernel, spec.strides, spec.pads, spec.dilations, spec.auto_pad)
     if min(out) < 1:  # the model is inconsistent here; count per pixel rather than guess
         return ConvUse(layer)
     return ConvUse(layer, in_size=in_size, out_size=out)
@@ -287,13 +287,13 @@ def _conv_plan(group: WeightGroup, arr: np.ndarray, conv_mode: str, shapes: Shap
     if not modes:
         plan.reason = (f"spatial-wise decomposition needs a 2-D kernel (kh x kw); this Conv's kernel is {nd}-D "
                        f"{list(arr.shape[2:])}; use --conv-mode channel or auto")
-        plan.conv_options["channel"] = ConvOption("channel", *decompose.conv_matrix_shape(arr.shape, "channel"))
+        plan.conv_options["channel"] = ConvOption("channel", *linalg.conv_matrix_shape(arr.shape, "channel"))
         plan.select("channel")
         return plan
     for mode in modes:
-        opt = ConvOption(mode, *decompose.conv_matrix_shape(arr.shape, mode))
+        opt = ConvOption(mode, *linalg.conv_matrix_shape(arr.shape, mode))
         try:
-            opt.spectrum = decompose.spectrum(decompose.conv_matrix(arr, mode))
+            opt.spectrum = linalg.spectrum(linalg.conv_matrix(arr, mode))
         except ValueError as exc:
             plan.reason = f"cannot factorize: {exc}"
         plan.conv_options[mode] = opt
@@ -390,7 +390,7 @@ def budget_options(plan: LayerPlan, errors_at: Callable[[list[int]], np.ndarray]
 def truncation_errors(plan: LayerPlan) -> Callable[[list[int]], np.ndarray]:
     """Normalized squared truncation error ``1 - E(r)`` of a plan's spectrum (plain or whitened)."""
     s = plan.spectrum.s
-    return lambda ranks: np.array([1.0 - decompose.energy_kept(s, r) for r in ranks])
+    return lambda ranks: np.array([1.0 - linalg.energy_kept(s, r) for r in ranks])
 
 
 def allocate_plans(plans: list[LayerPlan], options: list[Options], limits: list[tuple[str, float, int]], base: BudgetBase) -> None:
@@ -473,9 +473,9 @@ def apply(model: onnx.ModelProto, plans: list[LayerPlan]) -> None:
             if plan.refit is not None and plan.refit[0].shape[1] == plan.choice.rank:
                 a, b = (np.ascontiguousarray(f, dtype=plan.dtype) for f in plan.refit)
             else:
-                a, b = decompose.factors(plan.spectrum, plan.choice.rank, dtype=plan.dtype)
+                a, b = linalg.factors(plan.spectrum, plan.choice.rank, dtype=plan.dtype)
             if plan.is_conv:
-                first, second = decompose.conv_kernels(a, b, plan.weight_shape, plan.conv_mode)
+                first, second = linalg.conv_kernels(a, b, plan.weight_shape, plan.conv_mode)
                 plan.factor_names = factorize_conv_group(model, plan.group, first, second, plan.conv_mode, names)
             else:
                 plan.factor_names = factorize_group(model, plan.group, a, b, names)
