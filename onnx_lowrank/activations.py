@@ -35,11 +35,10 @@ else (fused attention ops, Einsum, a layout that fails the check) keeps input-on
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -47,15 +46,13 @@ from onnx import helper
 
 from . import io
 from .discovery import Layer, WeightGroup
-from .errors import CalibrationError, option, option_value
+from .errors import CalibrationError, option
+from .runtime import Feeds, Progress, capture, overridable  # overridable: re-exported for one release
 
-__all__ = ["layer_side", "Capture", "capture_grams", "open_session", "overridable", "RefitStats", "capture_refit_stats", "refit_factors", "refit_levels", "Feeds"]
+__all__ = ["layer_side", "Capture", "capture_grams", "overridable", "RefitStats", "capture_refit_stats", "refit_factors", "refit_levels", "Feeds"]
 
 log = logging.getLogger(__name__)
 
-#: Calibration feeds: a re-iterable of ``{input name: array}``.
-Feeds = Iterable[Mapping[str, np.ndarray]]
-Progress = Callable[[int, int, str], None]
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
@@ -121,19 +118,6 @@ def _mask_of(feed: Mapping[str, np.ndarray], mask_input: str | None) -> np.ndarr
     return np.asarray(feed[mask_input])
 
 
-@contextlib.contextmanager
-def open_session(model: onnx.ModelProto, source_dir: Path | None, threads: int | None = None) -> Iterator[object]:
-    """An onnxruntime CPU session for ``model``, whose external data lives in ``source_dir``.
-
-    Nothing is written beside the user's files (see :func:`onnx_lowrank.verify.make_session`).
-    """
-    from .verify import make_session
-
-    if io.uses_external_data(model) and source_dir is None:
-        raise CalibrationError("the model keeps its weights in external data files; pass base_dir= to find them.")
-    yield make_session(model, threads=threads, base_dir=source_dir)
-
-
 def capture_grams(
     model: onnx.ModelProto,
     groups: list[WeightGroup],
@@ -162,7 +146,6 @@ def capture_grams(
         CalibrationError: no feeds, or the mask input is not fed.
     """
     cap = Capture()
-    graph_inputs = {i.name for i in model.graph.input}
     plan, cap.skipped = _layer_inputs(groups, model.graph)
     wanted: dict[tuple[str, int], list[int]] = {}  # (activation, axis) -> groups using it
     for gid, (_, acts) in plan.items():
@@ -172,38 +155,29 @@ def capture_grams(
         return cap
 
     scores = _score_operands(model.graph, [g for g in groups if id(g) in plan]) if attention else []
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
     extra = {name for op in scores for name in (op.operand, op.other, op.source)}
-    fetch = _expose(probe, {name for name, _ in wanted if name not in graph_inputs} | (extra - graph_inputs))
     heads = _HeadGrams(scores)
     sums: dict[tuple[str, int], np.ndarray] = {}
     counts: dict[tuple[str, int], int] = {}
-    total = len(feeds) if hasattr(feeds, "__len__") else 0  # type: ignore[arg-type]
-    with open_session(probe, source_dir, threads) as sess:
-        batches = 0
-        for feed in feeds:
-            feed = dict(feed)
-            mask = _mask_of(feed, mask_input)
-            values = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
-            cap.runs += 1
-            for key in wanted:
-                name, axis = key
-                x = np.asarray(values[name] if name in values else feed[name])
-                rows = _rows(x, axis, mask)
-                if mask is not None and rows.shape[0] != int(np.prod(x.shape[:-1] if x.ndim > 1 else (1,))):
-                    cap.masked.add(name)
-                r64 = rows.astype(np.float64, copy=False)
-                g = r64.T @ r64
-                sums[key] = sums[key] + g if key in sums else g
-                counts[key] = counts.get(key, 0) + rows.shape[0]
-            if scores:
-                heads.add({**feed, **values}, mask)
-            batches += 1
-            if progress is not None:
-                progress(batches, total, "capturing activations")
-    if batches == 0:
-        raise CalibrationError(f"the calibration data holds no feeds; pass a non-empty {option('calib')}.")
+
+    def add(feed: dict[str, np.ndarray], got: list[dict[str, np.ndarray]]) -> None:
+        values = got[0]
+        mask = _mask_of(feed, mask_input)
+        for key in wanted:
+            name, axis = key
+            x = values[name]
+            rows = _rows(x, axis, mask)
+            if mask is not None and rows.shape[0] != int(np.prod(x.shape[:-1] if x.ndim > 1 else (1,))):
+                cap.masked.add(name)
+            r64 = rows.astype(np.float64, copy=False)
+            g = r64.T @ r64
+            sums[key] = sums[key] + g if key in sums else g
+            counts[key] = counts.get(key, 0) + rows.shape[0]
+        if scores:
+            heads.add(values, mask)
+
+    cap.runs = capture(model, {name for name, _ in wanted} | extra, feeds, add, data=io.DataFiles(source_dir),
+                       threads=threads, progress=progress)
     for gid, (side, acts) in plan.items():
         g = None
         for key in acts:
@@ -396,33 +370,6 @@ class _HeadGrams:
         return {gid: g for gid, g in out.items() if len(matched[gid]) == users.get(gid, 0)}
 
 
-def overridable(model: onnx.ModelProto, weights: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` in which the named main-graph weights are also graph inputs.
-
-    A run that feeds such an input uses the fed array instead of the stored weight; a run that
-    does not uses the stored one.  Constant-node weights become initializers first.
-    """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    g = probe.graph
-    inputs = {i.name for i in g.input}
-    wanted = set(weights)
-    for k in range(len(g.node) - 1, -1, -1):
-        node = g.node[k]
-        if node.op_type == "Constant" and node.output[0] in wanted:
-            t = onnx.TensorProto()
-            t.CopyFrom(next(a.t for a in node.attribute if a.name == "value"))
-            t.name = node.output[0]
-            g.initializer.append(t)
-            del g.node[k]
-    if probe.ir_version < 4:
-        probe.ir_version = 4
-    for t in g.initializer:
-        if t.name in wanted and t.name not in inputs:
-            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return probe
-
-
 @dataclass
 class RefitStats:
     """Statistics for the least-squares refit (see :func:`onnx_lowrank.linalg.refit_factor`).
@@ -455,16 +402,6 @@ def _layer_inputs(groups: list[WeightGroup], graph: onnx.GraphProto
             continue
         plan[id(group)] = (sides.pop(), [(l.node.input[1 - l.weight_index], layer_side(l)[1]) for l in group.layers])
     return plan, skipped
-
-
-def _expose(probe: onnx.ModelProto, names: set[str]) -> list[str]:
-    """Make the values ``names`` graph outputs of ``probe`` (in place); returns them sorted, to fetch."""
-    outputs = {o.name for o in probe.graph.output}
-    fetch = sorted(names)
-    for name in fetch:
-        if name not in outputs:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    return fetch
 
 
 def capture_refit_stats(
@@ -501,31 +438,24 @@ def capture_refit_stats(
     plan, _ = _layer_inputs(groups, model.graph)
     if not plan:
         return stats
-    graph_inputs = {i.name for i in model.graph.input}
     keys = sorted({key for _, acts in plan.values() for key in acts})
-    probe = overridable(model, replaced)
-    fetch = _expose(probe, {name for name, _ in keys if name not in graph_inputs})
     gsum: dict[tuple[str, int], np.ndarray] = {}
     csum: dict[tuple[str, int], np.ndarray] = {}
     overrides = {k: np.asarray(v) for k, v in replaced.items()}
-    with open_session(probe, source_dir, threads) as sess:
-        batches = 0
-        for feed in feeds:
-            feed = dict(feed)
-            mask = _mask_of(feed, mask_input)
-            orig = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
-            comp = dict(zip(fetch, sess.run(fetch, {**feed, **overrides}))) if fetch else {}
-            stats.runs += 2
-            for key in keys:
-                name, axis = key
-                x = _rows(np.asarray(orig[name] if name in orig else feed[name]), axis, mask).astype(np.float64)
-                xt = _rows(np.asarray(comp[name] if name in comp else feed[name]), axis, mask).astype(np.float64)
-                g, c = xt.T @ xt, xt.T @ x
-                gsum[key] = gsum[key] + g if key in gsum else g
-                csum[key] = csum[key] + c if key in csum else c
-            batches += 1
-    if batches == 0:
-        raise CalibrationError(f"the calibration data holds no feeds; pass a non-empty {option('calib')}.")
+
+    def add(feed: dict[str, np.ndarray], got: list[dict[str, np.ndarray]]) -> None:
+        orig, comp = got
+        mask = _mask_of(feed, mask_input)
+        for key in keys:
+            name, axis = key
+            x = _rows(orig[name], axis, mask).astype(np.float64)
+            xt = _rows(comp[name], axis, mask).astype(np.float64)
+            g, c = xt.T @ xt, xt.T @ x
+            gsum[key] = gsum[key] + g if key in gsum else g
+            csum[key] = csum[key] + c if key in csum else c
+
+    stats.runs = capture(model, {name for name, _ in keys}, feeds, add,
+                         data=io.DataFiles(source_dir), threads=threads, overrides=({}, overrides))
     for gid, (side, acts) in plan.items():
         stats.grams[gid] = (sum(gsum[k] for k in acts), side)
         stats.cross[gid] = sum(csum[k] for k in acts)

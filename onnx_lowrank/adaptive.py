@@ -34,7 +34,8 @@ import numpy as np
 import onnx
 
 from . import linalg
-from .activations import Feeds, open_session, overridable
+from . import io
+from .runtime import Feeds, overridable, run_all, session
 from .config import CompressConfig
 from .plan import BudgetBase, LayerPlan, decide_conv, allocate_plans, budget_options
 from .verify import compare, judge
@@ -98,25 +99,19 @@ class Evaluator:
         self.feeds = feeds
         self.runs = 0
         self.passes = 0
-        probe = overridable(model, weights)
-        self._ctx = open_session(probe, source_dir, threads)
-        self.session = self._ctx.__enter__()
+        self.session = session(overridable(model, weights), threads=threads, data=io.DataFiles(source_dir))
         self.names = [o.name for o in self.session.get_outputs()]
         self.base = self.run({})
 
     def close(self) -> None:
-        self._ctx.__exit__(None, None, None)
+        self.session = None
 
     def run(self, overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """One pass over the calibration set; outputs concatenated along the first axis."""
-        parts: list[list[np.ndarray]] = [[] for _ in self.names]
-        for feed in self.feeds:
-            outs = self.session.run(self.names, {**dict(feed), **overrides})
-            self.runs += 1
-            for i, o in enumerate(outs):
-                parts[i].append(np.asarray(o))
+        outs = run_all(self.session, self.feeds, overrides=overrides, names=self.names)
+        self.runs += sum(1 for _ in self.feeds)
         self.passes += 1
-        return [np.concatenate(p, axis=0) if p and p[0].ndim > 0 else np.stack(p) for p in parts]
+        return outs
 
 
 def _truncated(plan: LayerPlan, rank: int) -> np.ndarray:

@@ -316,7 +316,7 @@ def compress(
                             source_external=source_external)
     if vcfg is not None:
         # The caller's ModelProto was copied by _load, so it still is the original.
-        result.verification = verify_models(model, proto, vcfg, base_dir=input_dir, compressed_dir=source_dir)
+        result.verification = verify_models(model, proto, vcfg, base_dir=input_dir, compressed_data=io.DataFiles(source_dir))
         if not vcfg.keep_failed:
             result.verification.check(result=result)
     return result
@@ -454,11 +454,11 @@ def _verify_final(proto: onnx.ModelProto, source_dir: Path | None, feeds: Any, o
                   section: dict[str, Any], threads: int | None, metric: str | None) -> float:
     """Run the rewritten model on the calibration set: the drop the user actually gets."""
     from .adaptive import quality_drop
-    from .verify import run_batches
+    from .runtime import run_all, session
 
-    with activations.open_session(proto, source_dir, threads) as sess:
-        outs = run_batches(sess, feeds)
-        names = [o.name for o in sess.get_outputs()]
+    sess = session(proto, threads=threads, data=io.DataFiles(source_dir))
+    outs = run_all(sess, feeds)
+    names = [o.name for o in sess.get_outputs()]
     section["ort_runs"] = section.get("ort_runs", 0) + sum(1 for _ in feeds)
     section["passes"] = section.get("passes", 0) + 1
     drop = quality_drop(original, outs, feeds.labels, metric=metric, names=names)[1]

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 
 from .errors import ModelError, UsageError, option, option_value
+from .runtime import session
 from .calibration import parse_input_shapes, random_feed  # one syntax and one generator for random inputs
 
 __all__ = [
@@ -276,45 +277,17 @@ def parse_profile(path: str | os.PathLike, label: str, threads: int) -> Profile:
 def profile_model(model: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, threads: int,
                   runs: int = 20, label: str = "model") -> Profile:
     """Run ``model`` ``runs + 1`` times under onnxruntime's profiler and aggregate the trace."""
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-prof-") as tmp:
-        opts = _session_options(threads)
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tmp) / "profile")
-        sess = ort.InferenceSession(_model_source(model), opts, providers=["CPUExecutionProvider"])
+        sess = session(model, threads=threads, profile_prefix=str(Path(tmp) / "profile"))
         for _ in range(runs + 1):
             sess.run(None, dict(feeds))
         trace = sess.end_profiling()
         return parse_profile(trace, label, threads)
 
 
-# --------------------------------------------------------------------------- sessions
-
-
-def _session_options(threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    return opts
-
-
-def _model_source(model: str | os.PathLike | onnx.ModelProto) -> str | bytes:
-    return model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-
-
 def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int):
-    """A CPU session with ``threads`` intra-op threads and one inter-op thread."""
-    import onnxruntime as ort
-
-    try:
-        return ort.InferenceSession(_model_source(model), _session_options(threads), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+    """:func:`onnx_lowrank.runtime.session` with ``threads`` intra-op threads (the seam the timing tests replace)."""
+    return session(model, threads=threads)
 
 
 def machine_info() -> dict[str, Any]:

@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 import traceback
-from pathlib import Path
+
 from typing import Any, Callable, Sequence
 
 from . import __version__

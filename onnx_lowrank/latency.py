@@ -45,6 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import bench, io
 from .discovery import Layer
+from .runtime import capture, session
 
 __all__ = ["MatMulCase", "LatencyProbe", "OrtProbe", "activation_rows", "layer_io", "filter_plans", "check_model",
            "default_cache_dir"]
@@ -176,7 +177,7 @@ class OrtProbe:
             from .quantize import quantize
 
             dense, factored = quantize(dense, case.quantize), quantize(factored, case.quantize)
-        sessions = [bench.make_session(m, case.threads) for m in (dense, factored)]
+        sessions = [session(m, threads=case.threads) for m in (dense, factored)]
         x = np.random.default_rng(0).standard_normal((case.rows, case.k_in)).astype(np.float32)
         calls = [(lambda s=s: s.run(None, {"x": x})) for s in sessions]
         times = bench.time_interleaved(calls, runs=self.runs, warmup=self.warmup, min_seconds=self.min_seconds,
@@ -191,7 +192,7 @@ class OrtProbe:
     def model_speedup(self, before, after, *, threads: int, shapes: Mapping[str, Sequence[int]]) -> float:
         proto = before if isinstance(before, onnx.ModelProto) else io.load_model(before).model
         feeds = bench.random_feeds(proto, shapes)
-        sessions = [bench.make_session(m, threads) for m in (before, after)]
+        sessions = [session(m, threads=threads) for m in (before, after)]
         calls = [(lambda s=s: s.run(None, feeds)) for s in sessions]
         times = bench.time_interleaved(calls, runs=self.model_runs, warmup=self.warmup, min_seconds=self.model_seconds,
                                        max_runs=self.max_runs)
@@ -254,7 +255,7 @@ def activation_rows(model: onnx.ModelProto, layers: Sequence[Layer], shapes: Map
             wanted[id(layer)] = layer.node.input[1 - layer.weight_index]
     missing = sorted({x for x in wanted.values() if x not in known})
     if missing:
-        known.update(_run_for_shapes(fixed, missing, shapes, base_dir))
+        known.update(_run_for_shapes(fixed, missing, shapes, io.DataFiles(Path(base_dir) if base_dir is not None else None)))
     rows: dict[int, int | None] = {}
     for layer in layers:
         x = wanted.get(id(layer))
@@ -270,25 +271,22 @@ def activation_rows(model: onnx.ModelProto, layers: Sequence[Layer], shapes: Map
 
 
 def _run_for_shapes(model: onnx.ModelProto, names: Sequence[str], shapes: Mapping[str, Sequence[int]],
-                    base_dir: str | os.PathLike | None) -> dict[str, tuple[int, ...]]:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in have:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+                    data: io.DataFiles | None) -> dict[str, tuple[int, ...]]:
+    found: dict[str, tuple[int, ...]] = {}
+
+    def keep(feed, got) -> None:
+        found.update({name: tuple(int(d) for d in np.shape(v)) for name, v in got[0].items() if name in names})
+
     try:
-        with _runnable(probe, base_dir) as src:
-            sess = bench.make_session(src, 1)
-            outs = sess.run(list(names), bench.random_feeds(model, shapes))
+        capture(model, names, [bench.random_feeds(model, shapes)], keep, data=data, threads=1)
     except Exception as exc:
         log.debug("could not size activations with onnxruntime: %s", exc)
         return {}
-    return {name: tuple(int(d) for d in np.shape(o)) for name, o in zip(names, outs)}
+    return found
 
 
 class _runnable:
-    """A model as onnxruntime can load it: the proto, or a temporary copy beside its external data."""
+    """A model a probe can time on its own: the proto, or a temporary copy with its external data."""
 
     def __init__(self, model: onnx.ModelProto, base_dir: str | os.PathLike | None):
         self.model, self.base_dir, self.tmp = model, base_dir, None

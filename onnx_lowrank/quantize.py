@@ -37,7 +37,7 @@ import onnx
 
 from . import io
 from .config import QUANTIZE_MODES
-from .errors import ModelError, UsageError, option, option_value
+from .errors import ModelError, UsageError, option
 
 __all__ = ["QUANTIZE_MODES", "quantize", "quantize_int8", "quantized_weights", "unquantized"]
 

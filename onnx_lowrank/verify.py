@@ -36,22 +36,22 @@ reported.
 
 from __future__ import annotations
 
-import re
-
 import dataclasses
 import logging
 import os
-import shutil
-import tempfile
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from . import io
+from .config import ERROR_METRICS, METRICS, check_max_drop
+from .runtime import first_line as _first_line
+from .runtime import run_all, session
 from .calibration import CalibrationData, feed_samples, load_calibration, model_inputs, parse_input_ranges, parse_input_shapes
 from .errors import CalibrationError, ModelError, UsageError, VerificationFailed, option, option_value
 
@@ -72,7 +72,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-from .config import ERROR_METRICS, METRICS, check_max_drop  # noqa: E402  (shared with the adaptive search)
 
 
 @dataclass(frozen=True)
@@ -299,68 +298,12 @@ class VerifyReport:
 
 def make_session(model: str | os.PathLike | onnx.ModelProto, *, threads: int | None = None,
                  base_dir: str | os.PathLike | None = None):
-    """An onnxruntime CPU session; ``threads`` pins ``intra_op_num_threads``.
-
-    An in-memory model whose tensors live in external data files is handed to onnxruntime as
-    bytes, with ``base_dir`` as the folder its external data resolves against: nothing is
-    copied and nothing is written beside the user's files.  An onnxruntime too old for that
-    setting gets a temporary copy instead.
-
-    Raises:
-        ModelError: onnxruntime cannot load the model.
-    """
-    import onnxruntime as ort
-
-    def options(data_dir: str | None = None):
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        if data_dir is not None:
-            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", data_dir)
-        return opts
-
-    label = "the model" if isinstance(model, onnx.ModelProto) else str(model)
-    external = isinstance(model, onnx.ModelProto) and io.uses_external_data(model)
-    tmp = None
-    try:
-        if not external:
-            src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-            return ort.InferenceSession(src, options(), providers=["CPUExecutionProvider"])
-        data_dir = str(Path(base_dir or ".").resolve())
-        try:
-            return ort.InferenceSession(model.SerializeToString(), options(data_dir), providers=["CPUExecutionProvider"])
-        except Exception:
-            log.debug("onnxruntime could not resolve external data from bytes; using a temporary copy")
-        tmp = tempfile.mkdtemp(prefix="onnx-lowrank-session-")
-        path = Path(tmp) / "model.onnx"
-        io.save_model(model, path, base_dir=base_dir)
-        return ort.InferenceSession(str(path), options(), providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        if isinstance(exc, (ModelError, UsageError)):
-            raise
-        raise ModelError(f"onnxruntime cannot load {label}: {_first_line(exc)}") from exc
-    finally:
-        if tmp is not None:
-            # The session holds its own copy of the weights by now.
-            shutil.rmtree(tmp, ignore_errors=True)
+    """Deprecated alias of :func:`onnx_lowrank.runtime.session` (``base_dir``: the model's data folder)."""
+    return session(model, threads=threads, data=io.DataFiles(Path(base_dir) if base_dir is not None else None))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def run_batches(session, feeds: Iterable[Mapping[str, np.ndarray]], output_names: Sequence[str] | None = None) -> list[np.ndarray]:
-    """Run every feed and concatenate each output along the first axis."""
-    names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
-    parts: list[list[np.ndarray]] = [[] for _ in names]
-    for feed in feeds:
-        outs = session.run(names, dict(feed))
-        for i, o in enumerate(outs):
-            parts[i].append(np.asarray(o))
-    return [np.concatenate(p, axis=0) if p and p[0].ndim > 0 else np.stack(p) for p in parts]
+#: Deprecated alias of :func:`onnx_lowrank.runtime.run_all`.
+run_batches = run_all
 
 
 def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
@@ -530,7 +473,7 @@ def verify_models(
     config: VerifyConfig | None = None,
     *,
     base_dir: str | os.PathLike | None = None,
-    compressed_dir: str | os.PathLike | None = None,
+    compressed_data: io.DataFiles | None = None,
     **options: Any,
 ) -> VerifyReport:
     """Run both models on the same calibration data and measure how far the second drifts.
@@ -544,7 +487,7 @@ def verify_models(
         config: A :class:`VerifyConfig`; its fields can also be given as keywords
             (``calib="data.npz", max_drop=0.01``), which override it.
         base_dir: Where external data of in-memory models lives.
-        compressed_dir: Where the compressed model's external data lives, when not ``base_dir``.
+        compressed_data: Where the compressed model's external data lives, when not ``base_dir``.
 
     Returns:
         A :class:`VerifyReport`; call :meth:`VerifyReport.check` to raise when the gate failed.
@@ -566,8 +509,9 @@ def verify_models(
     if cfg.metric in ("accuracy", "f1") and data.labels is None:
         raise UsageError(f"{option('metric')} {cfg.metric} needs labels: pass {option_value('labels', 'labels.npy')} or put a 'labels' array in the .npz.")
 
-    ref = make_session(original, threads=cfg.threads, base_dir=base_dir)
-    new = make_session(compressed, threads=cfg.threads, base_dir=compressed_dir if compressed_dir is not None else base_dir)
+    ref = session(original, threads=cfg.threads, data=io.DataFiles(Path(base_dir) if base_dir is not None else None))
+    new = session(compressed, threads=cfg.threads,
+                  data=compressed_data or io.DataFiles(Path(base_dir) if base_dir is not None else None))
     names = [o.name for o in ref.get_outputs() if o.type.startswith("tensor")]
     not_tensors = {o.name: "not a tensor" for o in ref.get_outputs() if o.name not in names}
     accs = [_Accumulator(n) for n in names]

@@ -297,9 +297,9 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _check(proto: onnx.ModelProto, in_names: list[str], args: tuple[Any, ...], expected: list[np.ndarray], atol: float, rtol: float) -> float:
-    from onnx_lowrank.verify import make_session
+    from onnx_lowrank.runtime import session as ort_session
 
-    session = make_session(proto, threads=1)
+    session = ort_session(proto, threads=1)
     feeds = {nm: a.detach().cpu().numpy() for nm, a in zip(in_names, [a for a in args if isinstance(a, torch.Tensor)])}
     got = session.run(None, feeds)
     worst = 0.0

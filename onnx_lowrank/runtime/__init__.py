@@ -1,0 +1,8 @@
+"""Everything that runs a model: the one session factory, the one capture loop, input specs."""
+
+from __future__ import annotations
+
+from .run import Feeds, Progress, capture, expose, overridable, run_all
+from .session import first_line, session
+
+__all__ = ["session", "first_line", "capture", "expose", "overridable", "run_all", "Feeds", "Progress"]

@@ -1,0 +1,139 @@
+"""Running a model over calibration feeds: one loop for every stage that needs activations.
+
+:func:`capture` makes the requested values extra outputs of a copy of the model, optionally
+lets named weights be replaced at run time (they become graph inputs with their stored value as
+default), and hands each feed's values to a callback, so that statistics are accumulated batch
+by batch and no activation is held beyond one batch.  :func:`run_all` runs a session's outputs
+over every feed and joins them along the sample axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .. import io
+from ..errors import CalibrationError, option
+from .session import session
+
+__all__ = ["Feeds", "Progress", "expose", "overridable", "run_all", "capture"]
+
+#: Calibration feeds: a re-iterable of ``{input name: array}``.
+Feeds = Iterable[Mapping[str, np.ndarray]]
+#: ``progress(done, total, label)``; ``total`` is 0 when unknown.
+Progress = Callable[[int, int, str], None]
+
+
+def expose(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:
+    """Make the values ``names`` graph outputs of ``model`` (in place); returns them sorted, to fetch.
+
+    Graph inputs are left out: their values are the feed's own.
+    """
+    inputs = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    fetch = sorted(set(names) - inputs)
+    for name in fetch:
+        if name not in outputs:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    return fetch
+
+
+def overridable(model: onnx.ModelProto, weights: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` in which the named main-graph weights are also graph inputs.
+
+    A run that feeds such an input uses the fed array instead of the stored weight; a run that
+    does not uses the stored one.  Constant-node weights become initializers first.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    g = probe.graph
+    inputs = {i.name for i in g.input}
+    wanted = set(weights)
+    for k in range(len(g.node) - 1, -1, -1):
+        node = g.node[k]
+        if node.op_type == "Constant" and node.output[0] in wanted:
+            t = onnx.TensorProto()
+            t.CopyFrom(next(a.t for a in node.attribute if a.name == "value"))
+            t.name = node.output[0]
+            g.initializer.append(t)
+            del g.node[k]
+    if probe.ir_version < 4:
+        probe.ir_version = 4
+    for t in g.initializer:
+        if t.name in wanted and t.name not in inputs:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return probe
+
+
+def run_all(sess: Any, feeds: Feeds, *, overrides: Mapping[str, np.ndarray] | None = None,
+            names: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Run every feed (with ``overrides`` fed too) and join each output along the first axis."""
+    names = list(names) if names else [o.name for o in sess.get_outputs()]
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    for feed in feeds:
+        outs = sess.run(names, {**dict(feed), **(overrides or {})})
+        for i, o in enumerate(outs):
+            parts[i].append(np.asarray(o))
+    return [np.concatenate(p, axis=0) if p and p[0].ndim > 0 else np.stack(p) for p in parts]
+
+
+def capture(
+    model: onnx.ModelProto,
+    values: Iterable[str],
+    feeds: Feeds,
+    each: Callable[[dict[str, np.ndarray], list[dict[str, np.ndarray]]], None],
+    *,
+    data: io.DataFiles | None = None,
+    threads: int | None = None,
+    overrides: Sequence[Mapping[str, np.ndarray]] = ({},),
+    progress: Progress | None = None,
+    label: str = "capturing activations",
+) -> int:
+    """Run ``model`` over ``feeds`` and hand the named ``values`` of each feed to ``each``.
+
+    Args:
+        model: The model (not modified: a copy gets the extra outputs).
+        values: Names of the values to fetch (graph inputs are taken from the feed).
+        feeds: Calibration feeds.
+        each: Called as ``each(feed, [values under overrides[0], values under overrides[1], ...])``.
+        data: Where the model's external data lives.
+        threads: onnxruntime intra-op threads.
+        overrides: Weight replacements, one run per entry and feed (``{}``: the stored weights).
+        progress: Called after each feed.
+
+    Returns:
+        The onnxruntime runs made.
+
+    Raises:
+        CalibrationError: there were no feeds.
+    """
+    replaced = sorted({name for ov in overrides for name in ov})
+    probe = overridable(model, replaced) if replaced else _copy(model)
+    wanted = set(values)
+    fetch = expose(probe, wanted)
+    sess = session(probe, threads=threads, data=data)
+    total = len(feeds) if hasattr(feeds, "__len__") else 0  # type: ignore[arg-type]
+    runs = batches = 0
+    for feed in feeds:
+        feed = dict(feed)
+        got = []
+        for ov in overrides:
+            fetched = dict(zip(fetch, sess.run(fetch, {**feed, **ov}))) if fetch else {}
+            got.append({**{k: np.asarray(v) for k, v in feed.items() if k in wanted}, **fetched})
+            runs += 1
+        each(feed, got)
+        batches += 1
+        if progress is not None:
+            progress(batches, total, label)
+    if batches == 0:
+        raise CalibrationError(f"the calibration data holds no feeds; pass a non-empty {option('calib')}.")
+    return runs
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
