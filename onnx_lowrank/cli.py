@@ -280,7 +280,7 @@ def _run_compress(argv: Sequence[str]) -> int:
     from .api import compress
     from .errors import VerificationFailed
     from .io import check_input_path, check_output_path
-    from .report import render_table, render_totals
+    from .report import render_sections, render_table, render_totals
     from .verify import render_verification
 
     args = _compress_parser().parse_args(argv)
@@ -304,6 +304,8 @@ def _run_compress(argv: Sequence[str]) -> int:
             _print(render_table(refused.layers))
             _print("")
             _print(render_totals(refused.totals))
+            if refused.sections:
+                _print(render_sections(refused.sections))
             _print("")
             _print(render_verification(exc.report))
         _warn(exc.report.warnings)
@@ -318,8 +320,8 @@ def _run_compress(argv: Sequence[str]) -> int:
         _print(render_table(result.layers))
         _print("")
         _print(render_totals(result.totals))
-        for line in _section_lines(result.sections):
-            _print(line)
+        if result.sections:
+            _print(render_sections(result.sections))
         if check is not None:
             _print("")
             _print(render_verification(check))
@@ -373,24 +375,6 @@ def _run_verify(argv: Sequence[str]) -> int:
     _print(f"check {'passed' if report.passed else 'FAILED'}: {report.summary()}")
     report.check()
     return 0
-
-
-def _section_lines(sections: dict[str, Any]) -> list[str]:
-    lines = []
-    lat = sections.get("latency")
-    if lat:
-        kept = sum(1 for v in lat.get("layers", {}).values() if v.get("kept"))
-        lines.append(f"latency:       {kept} of {len(lat.get('layers', {}))} planned layer(s) measured faster factored")
-        for c in lat.get("model", []):
-            lines.append(f"               whole model x{c['speedup']:.2f} vs {lat.get('baseline', 'input')} "
-                         f"at {c['threads']} thread(s), batch {c['batch']}")
-        if lat.get("undone"):
-            lines.append("               the whole model was not faster: factorization undone")
-    q = sections.get("quantize")
-    if q:
-        lines.append(f"int8:          onnxruntime dynamic quantization ({q['mode']}); {q['factors_quantized']} of {q['factors']} factor(s) quantized"
-                     + (f"; left in float: {', '.join(q['unquantized_factors'])}" if q["unquantized_factors"] else ""))
-    return lines
 
 
 def _run_demo(argv: Sequence[str]) -> int:

@@ -295,7 +295,7 @@ def _recipe_dirs() -> list[Path]:
     """Where shipped recipes live: inside the installed package, or the repository's ``passes/``
     (an editable install maps the package there without copying it)."""
     here = Path(__file__).resolve().parent
-    return [d for d in (here / "passes", here.parent / "passes") if d.is_dir()]
+    return [d for d in (here / "passes" / "recipes", here.parent / "passes" / "recipes") if d.is_dir()]
 
 
 def list_recipes() -> list[str]:

@@ -50,6 +50,7 @@ __all__ = [
     "OutputSet",
     "load_model",
     "read_tensor",
+    "as_data",
     "iter_graphs",
     "iter_tensors",
     "uses_external_data",
@@ -352,10 +353,14 @@ def _inline_copy(tensor: TensorProto, raw: bytes) -> TensorProto:
     return t
 
 
+def as_data(data: DataFiles | str | os.PathLike | None) -> DataFiles:
+    """``data`` itself, or the :class:`DataFiles` of a model in that folder (``None``: no external data)."""
+    return data if isinstance(data, DataFiles) else DataFiles(Path(data) if data is not None else None)
+
+
 def read_tensor(tensor: TensorProto, data: DataFiles | str | os.PathLike | None) -> np.ndarray:
     """The values of ``tensor``; ``data`` is the model's :class:`DataFiles` or its folder."""
-    files = data if isinstance(data, DataFiles) else DataFiles(Path(data) if data is not None else None)
-    return files.read(tensor)
+    return as_data(data).read(tensor)
 
 
 def tensor_nbytes(tensor: TensorProto) -> int:

@@ -15,10 +15,10 @@ The totals add them up; :attr:`Totals.macs_note` says when the units differ.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["LayerDecision", "Totals", "render_table", "render_totals", "to_json_dict", "human_bytes"]
+__all__ = ["LayerDecision", "Totals", "render_table", "render_totals", "render_sections", "to_json_dict", "human_bytes"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class LayerDecision:
         macs_after: Multiply-accumulates after.
         factorized: Whether the node now uses low-rank factors.
         reason: Why the node was left alone (``None`` when factorized).
+        skip_code: The reason's stable code (:class:`~onnx_lowrank.plan.SkipCode`).
+        skip_stage: The stage that decided to leave the node alone.
         factors: Names of the two factor tensors.
         shared_with: Display name of the first user when the weight is shared.
         whitened: Whether the spectrum (so ``energy``, ``rel_error``) is data-aware: then the
@@ -68,6 +70,8 @@ class LayerDecision:
     macs_after: int = 0
     factorized: bool = False
     reason: str | None = None
+    skip_code: str | None = None
+    skip_stage: str | None = None
     factors: tuple[str, str] | None = None
     shared_with: str | None = None
     whitened: bool = False
@@ -98,7 +102,6 @@ class Totals:
     size_after: int | None = None
     macs_per: str = "row"
     macs_note: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def human_bytes(n: int | None) -> str:
@@ -182,8 +185,29 @@ def render_totals(t: Totals) -> str:
         lines.append(f"               note: {t.macs_note}")
     if t.size_before is not None or t.size_after is not None:
         lines.append(f"file size:     {human_bytes(t.size_before)} -> {human_bytes(t.size_after)}{_ratio(t.size_before, t.size_after)}")
-    for key, value in t.extra.items():
-        lines.append(f"{(key.replace('_', '-') + ':').ljust(14)} {_fmt_extra(value)}")
+    return "\n".join(lines)
+
+
+#: Sections shown in full under the totals, one line each.
+_NUMBER_SECTIONS = ("data_aware", "adaptive", "refine")
+
+
+def render_sections(sections: dict[str, Any]) -> str:
+    """The stages' numbers under the totals: data-aware, adaptive, refine, latency and int8."""
+    lines = [f"{(key.replace('_', '-') + ':').ljust(14)} {_fmt_extra(sections[key])}" for key in _NUMBER_SECTIONS if key in sections]
+    lat = sections.get("latency")
+    if lat:
+        kept = sum(1 for v in lat.get("layers", {}).values() if v.get("kept"))
+        lines.append(f"latency:       {kept} of {len(lat.get('layers', {}))} planned layer(s) measured faster factored")
+        for c in lat.get("model") or []:
+            lines.append(f"               whole model x{c['speedup']:.2f} vs {lat.get('baseline', 'input')} "
+                         f"at {c['threads']} thread(s), batch {c['batch']}")
+        if lat.get("undone"):
+            lines.append("               the whole model was not faster: factorization undone")
+    q = sections.get("quantize")
+    if q:
+        lines.append(f"int8:          onnxruntime dynamic quantization ({q['mode']}); {q['factors_quantized']} of {q['factors']} factor(s) quantized"
+                     + (f"; left in float: {', '.join(q['unquantized_factors'])}" if q["unquantized_factors"] else ""))
     return "\n".join(lines)
 
 

@@ -111,13 +111,13 @@ def test_capture_weighs_query_and_key_by_each_other_per_head():
     found = discover(model, min_params=0)
     by = {g.weight.name: g for g in found.groups}
     cap = capture_grams(model, found.groups, calib, None, attention=True)
-    assert set(cap.out_grams) == {id(by["Wq"]), id(by["Wk"])}  # not the value or output projections
+    assert set(cap.out_grams) == {by["Wq"].key, by["Wk"].key}  # not the value or output projections
     keys = np.concatenate([_keys(w, f["x"]) for f in calib]).astype(np.float64)
     expect = np.zeros((N, N))
     for h in range(H):
         rows = keys[:, h].reshape(-1, D)
         expect[h * D:(h + 1) * D, h * D:(h + 1) * D] = rows.T @ rows
-    assert np.allclose(cap.out_grams[id(by["Wq"])], expect, rtol=1e-5)
+    assert np.allclose(cap.out_grams[by["Wq"].key], expect, rtol=1e-5)
     assert not capture_grams(model, found.groups, calib, None).out_grams  # only when asked
 
 
@@ -139,7 +139,7 @@ def test_compress_lowers_the_score_error_at_equal_rank():
     assert row.factorized and row.note == "attention-aware"
     assert next(d for d in plain.layers if d.node == "q_proj").note is None
     # only the query projection is a candidate here; the keys it meets need not be one
-    assert aware.totals.extra["data_aware"]["attention_weighted"] == 1
+    assert aware.sections["data_aware"]["attention_weighted"] == 1
 
     assert _score_error(model, aware, calib) < 0.8 * _score_error(model, plain, calib)
     assert "attention-aware" in render_table(aware.layers)
@@ -167,7 +167,7 @@ def test_padded_keys_are_left_out_with_the_mask():
     cap = capture_grams(model, found.groups, [feed], None, mask_input="mask", attention=True)
     keys = _keys(w, feed["x"]).astype(np.float64)
     rows = keys[:, 0][mask != 0]  # head 0, real tokens only
-    assert np.allclose(cap.out_grams[id(by["Wq"])][:D, :D], rows.T @ rows, rtol=1e-5)
+    assert np.allclose(cap.out_grams[by["Wq"].key][:D, :D], rows.T @ rows, rtol=1e-5)
 
 
 def _variant(kind: str):
@@ -228,12 +228,12 @@ def test_exporter_variants(kind, weighted):
             f["mem"] = RNG.standard_normal((H, D, T)).astype(np.float32)
     found = discover(model, min_params=0)
     cap = capture_grams(model, found.groups, feeds, None, attention=True)
-    got = {g.weight.name for g in found.groups if id(g) in cap.out_grams}
+    got = {g.weight.name for g in found.groups if g.key in cap.out_grams}
     assert got == weighted
     if kind == "mqa":  # the single key head serves every query head: its weight sums their Grams
         xs = np.concatenate([f["x"] for f in feeds])
         qh = (xs @ w["Wq"] + w["bq"]).reshape(-1, T, H, D).astype(np.float64)
-        k_gram = next(cap.out_grams[id(g)] for g in found.groups if g.weight.name == "Wk")
+        k_gram = next(cap.out_grams[g.key] for g in found.groups if g.weight.name == "Wk")
         rows = qh.reshape(-1, D)
         assert np.allclose(k_gram, rows.T @ rows, rtol=1e-5)
 

@@ -78,7 +78,7 @@ def _compressed(model, found, factors):
     groups = {g.weight.name: g for g in discover(m, min_params=0).groups}
     names = NameScope(m)
     for g in found.groups:
-        a, b = factors[id(g)]
+        a, b = factors[g.key]
         factorize_group(m, groups[g.weight.name], a.astype(np.float32), b.astype(np.float32), names)
     return m
 
@@ -90,7 +90,7 @@ def _chain_problem():
     calib = [{"x": anisotropic(200, 96, seed=s)} for s in (11, 12)]
     held = {"x": anisotropic(400, 96, seed=13)}
     cap = capture_grams(model, found.groups, calib, None)
-    weights = {id(g): onnx.numpy_helper.to_array(g.weight.tensor) for g in found.groups}
+    weights = {g.key: onnx.numpy_helper.to_array(g.weight.tensor) for g in found.groups}
     return model, found, calib, held, cap, weights
 
 
@@ -99,8 +99,8 @@ def test_propagated_refit_lowers_the_chain_output_error():
     model, found, calib, held, cap, weights = _chain_problem()
     factors = {}
     for g in found.groups:
-        gram, side = cap.grams[id(g)]
-        factors[id(g)] = decompose.factors(decompose.whitened_spectrum(weights[id(g)], gram, side), 6)
+        gram, side = cap.grams[g.key]
+        factors[g.key] = decompose.factors(decompose.whitened_spectrum(weights[g.key], gram, side), 6)
     y = run(model, held)[0]
 
     def err(f):
@@ -111,7 +111,7 @@ def test_propagated_refit_lowers_the_chain_output_error():
     two, runs2 = refit_factors(model, found.groups, factors, weights, calib, None, passes=2)
     assert runs1 == 4 and runs2 == 8  # two runs (original, compressed) per feed and pass
     # the first layer sees the original input: nothing to correct there
-    g0 = id(found.groups[0])
+    g0 = found.groups[0].key
     assert np.allclose(one[g0][1], factors[g0][1], rtol=1e-5, atol=1e-6)
     assert err(one) < 0.95 * before
     assert err(two) < 0.95 * before
@@ -129,10 +129,10 @@ def test_refit_stats_pair_original_and_compressed_rows_under_a_mask():
     stats = capture_refit_stats(model, [g1], {found.groups[0].weight.name: w0_small}, [{"x": x}], None)
     orig = np.maximum(x @ w1, 0).astype(np.float64)
     comp = np.maximum(x @ w0_small, 0).astype(np.float64)
-    gram, side = stats.grams[id(g1)]
+    gram, side = stats.grams[g1.key]
     assert side == "left" and stats.runs == 2
     assert np.allclose(gram, comp.T @ comp, rtol=1e-5, atol=1e-6)
-    assert np.allclose(stats.cross[id(g1)], comp.T @ orig, rtol=1e-5, atol=1e-6)
+    assert np.allclose(stats.cross[g1.key], comp.T @ orig, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -168,10 +168,10 @@ def test_sequential_refit_goes_level_by_level():
     model = chain_model(shared=True)  # W2 has two users on the same activation
     found = discover(model, min_params=0)
     levels = refit_levels(model.graph, found.groups)
-    assert sorted(levels[id(g)] for g in found.groups) == [0, 1, 2]
-    assert levels[id(found.groups[0])] == 0
+    assert sorted(levels[g.key] for g in found.groups) == [0, 1, 2]
+    assert levels[found.groups[0].key] == 0
     model, found, calib, held, cap, weights = _chain_problem()
-    factors = {id(g): decompose.factors(decompose.whitened_spectrum(weights[id(g)], *cap.grams[id(g)]), 6) for g in found.groups}
+    factors = {g.key: decompose.factors(decompose.whitened_spectrum(weights[g.key], *cap.grams[g.key]), 6) for g in found.groups}
     y = run(model, held)[0]
     before = float(np.linalg.norm(run(_compressed(model, found, factors), held)[0] - y))
     seq, runs = refit_factors(model, found.groups, factors, weights, calib, None, sequential=True)
@@ -192,7 +192,7 @@ def test_compress_refine_lowers_the_output_error_on_held_out_data():
     refined = ol.compress(model, refine=True, **opts)
     assert [d.rank for d in refined.layers] == [d.rank for d in base.layers]
     assert refined.totals.params_after == base.totals.params_after
-    assert refined.totals.extra["refine"]["layers_refitted"] == 3
+    assert refined.sections["refine"]["layers_refitted"] == 3
     err_base = np.linalg.norm(run(base.model, held)[0] - y)
     err_refined = np.linalg.norm(run(refined.model, held)[0] - y)
     assert err_refined < 0.97 * err_base

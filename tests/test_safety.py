@@ -246,6 +246,9 @@ def test_an_error_at_any_step_of_a_save_changes_nothing(tmp_path, monkeypatch, c
     if len(seen) < fail_at:
         assert rc == 0 and gen.state() == "new"
         return
+    if rc == 0:  # only the folder's fsync after the renames is best effort: the outputs are complete
+        assert seen[fail_at - 1] == "fsync" and gen.state() == "new"
+        return
     assert rc == 1 and "No space left on device" in err
     assert gen.state() == "old"
 
@@ -359,7 +362,8 @@ def test_real_signals_never_pair_a_model_with_another_generations_data(tmp_path,
         assert "Traceback" not in err
         state = gen.state(temps_allowed=sig == signal.SIGKILL)
         if sig == signal.SIGTERM:
-            # -15: the signal came after the command had finished its work, on the way out
-            assert rc == 143 or (rc in (0, -15) and state == "new"), (rc, err)
+            # -15: the signal came before the command installed its handler (interpreter start-up)
+            # or after it had finished its work, on the way out; either way nothing is half-done
+            assert rc in (143, -15) or (rc == 0 and state == "new"), (rc, err)
         seen.add(state)
     assert seen <= {"old", "new"}

@@ -31,9 +31,10 @@ class Spectrum:
     """The thin SVD of a matrix, sign-fixed.
 
     Attributes:
-        u: Left singular vectors, shape ``(m, k)`` with ``k = min(m, n)``.
-        s: Singular values, shape ``(k,)``, descending.
-        vt: Right singular vectors (transposed), shape ``(k, n)``.
+        u: Left singular vectors, shape ``(m, q)``: ``q = min(m, n)``, or fewer once
+            :meth:`truncated` (the singular values stay whole, so energies stay exact).
+        s: Singular values, shape ``(min(m, n),)``, descending.
+        vt: Right singular vectors (transposed), shape ``(q, n)``.
         whiten: For a whitened spectrum, the factor ``L`` (``L L^T`` = damped ``G``) whose
             inverse maps the factors back; ``None`` for the plain SVD of the matrix.
         side: ``"left"`` when the whitened matrix is ``L^T W`` (activations ``x @ W``),
@@ -56,6 +57,19 @@ class Spectrum:
     @property
     def full_rank(self) -> int:
         return int(self.s.shape[0])
+
+    @property
+    def kept(self) -> int:
+        """How many singular vectors are held: the highest rank :func:`factors` can give."""
+        return int(self.u.shape[1])
+
+    def truncated(self, rank: int) -> "Spectrum":
+        """The same spectrum holding only the first ``rank`` singular vectors (copies, so the
+        full ones can be freed)."""
+        if rank >= self.kept:
+            return self
+        return Spectrum(u=self.u[:, :rank].copy(), s=self.s, vt=self.vt[:rank].copy(), whiten=self.whiten, side=self.side,
+                        out_whiten=self.out_whiten)
 
 
 def _compute_dtype(dtype: np.dtype) -> np.dtype:
@@ -104,8 +118,8 @@ def factors(spec: Spectrum, rank: int, dtype: np.dtype | None = None) -> tuple[n
         rank: Rank to keep, ``1 <= rank <= spec.full_rank``.
         dtype: Cast the factors to this dtype (the weight's own); defaults to the compute dtype.
     """
-    if not 1 <= rank <= spec.full_rank:
-        raise ValueError(f"Got rank={rank}; expected 1 <= rank <= {spec.full_rank}.")
+    if not 1 <= rank <= spec.kept:
+        raise ValueError(f"Got rank={rank}; expected 1 <= rank <= {spec.kept}.")
     root = np.sqrt(spec.s[:rank])
     a = spec.u[:, :rank] * root
     b = root[:, None] * spec.vt[:rank]

@@ -1,0 +1,349 @@
+"""Accuracy-adaptive allocation: ranks chosen by sensitivity measured on calibration data.
+
+Approach
+--------
+1. **Sensitivity.**  For every layer and every rank of a grid (fractions of its break-even rank,
+   :data:`GRID`), only that layer is replaced by its rank-``r`` truncation and the model runs
+   on the calibration set.  The layer's sensitivity at ``r`` is ``1 - mean cosine`` between the
+   outputs and the original outputs (averaged over the floating-point outputs): smooth, and
+   defined for every model.  One onnxruntime session serves every measurement: the weights
+   become overridable initializers (graph inputs with a default), and each run feeds the
+   truncated matrix ``A @ B`` of the layer under test.  ``1 + L x grid`` passes in all.
+2. **Allocation.**  Sensitivities between grid ranks are interpolated linearly.  With the
+   measured curves as errors, the budget allocator of :mod:`onnx_lowrank.policies` (greedy by
+   sensitivity per parameter saved, over the lower convex hull of each curve) gives the best
+   assignment for any parameter budget.
+3. **Search.**  With ``max_drop``, a bisection on the global parameter budget finds the smallest
+   one whose assignment, measured with all layers compressed together, loses at most
+   ``max_drop`` of the quality metric on the calibration set, read as the verification gate reads
+   it (``metric``, or each output's default; the worst output counts).  With a budget instead,
+   the assignment for that budget is measured once.
+
+Nothing is written: the session's model lives in memory (or, with external data, in a
+temporary file beside the data that is removed on exit, interruption included).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import onnx
+
+from onnx_lowrank import io, linalg
+from onnx_lowrank.config import CompressConfig
+from onnx_lowrank.errors import option
+from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.plan import Decision, LayerPlan, Skip, SkipCode
+from onnx_lowrank.runtime import Feeds, overridable, run_all, session
+from onnx_lowrank.verify import compare, judge
+
+from .decide import BudgetBase, Decided, allocate_decisions, budget_options, decide_conv
+
+__all__ = ["GRID", "Evaluator", "Curve", "grid_ranks", "measure_sensitivity", "decide_adaptive", "quality_drop", "distortion",
+           "Adapt", "Adapted", "CheckAdaptive", "Checked"]
+
+STAGE = "adaptive"
+
+log = logging.getLogger(__name__)
+
+#: Ranks measured per layer, as fractions of its break-even rank.  Geometric at the low end, in
+#: eighths from a quarter up, where budgets of 10-30 % fewer parameters put most layers: with
+#: the allocator interpolating linearly between grid ranks, a sparse upper grid leaves it only
+#: a few coarse steps per layer (all-MiniLM-L6-v2 at 20 % fewer: held-out cosine 0.9616 with
+#: 7 points, 0.9627 with these 10; ``docs/rank-selection.md``).
+GRID = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
+#: Bisection steps on the budget (each one full pass over the calibration set).
+SEARCH_STEPS = 7
+
+Progress = Callable[[int, int, str], None]
+
+
+def _float_outputs(outs: list[np.ndarray]) -> list[int]:
+    return [i for i, o in enumerate(outs) if np.issubdtype(o.dtype, np.floating)]
+
+
+def quality_drop(base: list[np.ndarray], outs: list[np.ndarray], labels: np.ndarray | None, *,
+                 metric: str | None = None, names: list[str] | None = None) -> tuple[str, float]:
+    """``(metric, drop)`` of ``outs`` against the original outputs ``base``, as the verification
+    gate reads it: every output judged by ``metric`` (or its default), the worst counts."""
+    names = names or [f"output {i}" for i in range(len(base))]
+    metrics = [compare(n, y, z, labels) for n, y, z in zip(names, base, outs)]
+    judged, _ = judge(metrics, metric=metric, max_drop=None, have_labels=labels is not None)
+    worst = max(judged, key=lambda j: j.drop)
+    return worst.metric, float(worst.drop)
+
+
+def distortion(base: list[np.ndarray], outs: list[np.ndarray]) -> float:
+    """A layer's sensitivity: the squared-error distortion of the outputs, averaged over the
+    floating-point ones.  ``1 - mean cosine`` per sample; for an output with one value per sample,
+    where a cosine is only a sign, ``rel_l2^2 / 2`` (the same quantity when norms are kept)."""
+    idx = _float_outputs(base) or list(range(len(base)))
+    parts = []
+    for i in idx:
+        m = compare("o", base[i], outs[i])
+        per_sample = int(np.prod(base[i].shape[1:])) if base[i].ndim > 1 else 1
+        parts.append(m.rel_l2_error ** 2 / 2 if per_sample == 1 else 1.0 - m.cosine_mean)
+    return float(np.mean(parts))
+
+
+class Evaluator:
+    """Runs the model on the calibration set with some weights replaced, counting runs.
+
+    Args:
+        model: The original model (a copy is made overridable).
+        weights: Names of main-graph weights that may be replaced.
+        feeds: Calibration feeds.
+        data: Where external data lives.
+        threads: onnxruntime intra-op threads.
+    """
+
+    def __init__(self, model: onnx.ModelProto, weights: list[str], feeds: Feeds, data: io.DataFiles | Path | None,
+                 threads: int | None):
+        self.feeds = feeds
+        self.runs = 0
+        self.passes = 0
+        self.session = session(overridable(model, weights), threads=threads, data=io.as_data(data))
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.base = self.run({})
+
+    def close(self) -> None:
+        self.session = None
+
+    def run(self, overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """One pass over the calibration set; outputs concatenated along the first axis."""
+        outs = run_all(self.session, self.feeds, overrides=overrides, names=self.names)
+        self.runs += sum(1 for _ in self.feeds)
+        self.passes += 1
+        return outs
+
+
+def _truncated(plan: LayerPlan, rank: int) -> np.ndarray:
+    a, b = linalg.factors(plan.view().spectrum, rank)
+    return (a.astype(np.float64) @ b.astype(np.float64)).astype(plan.dtype)
+
+
+def grid_ranks(plan: LayerPlan, rank_multiple: int = 1) -> list[int]:
+    """The ranks measured for a plan (anything with ``m`` and ``n``): :data:`GRID` fractions of
+    break-even, rounded."""
+    m, n = plan.m, plan.n
+    top = min(linalg.break_even_rank(m, n), m, n)
+    ranks = {linalg.round_rank(max(1, int(round(f * top))), rank_multiple, m, n) for f in GRID}
+    return sorted(r for r in ranks if 1 <= r <= top)
+
+
+@dataclass
+class Curve:
+    """Measured sensitivity of one layer at the grid ranks; :meth:`at` interpolates."""
+
+    ranks: list[int]
+    sens: list[float] = field(default_factory=list)
+
+    def at(self, ranks: list[int]) -> np.ndarray:
+        return np.interp(ranks, self.ranks, self.sens)
+
+
+def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: int = 1,
+                        progress: Progress | None = None) -> list[Curve]:
+    """Each plan's sensitivity at its :func:`grid_ranks`, compressing one layer at a time."""
+    curves = []
+    total = sum(len(grid_ranks(p, rank_multiple)) for p in plans)
+    done = 0
+    for p in plans:
+        curve = Curve(grid_ranks(p, rank_multiple))
+        for r in curve.ranks:
+            outs = ev.run({p.name: _truncated(p, r)})
+            curve.sens.append(distortion(ev.base, outs))
+            done += 1
+            if progress is not None:
+                progress(done, total, f"sensitivity {p.name} rank {r}")
+        log.debug("sensitivity of %s: %s", p.name, dict(zip(curve.ranks, curve.sens)))
+        curves.append(curve)
+    return curves
+
+
+@dataclass
+class Adapted(Decided):
+    """Decisions by measured sensitivity, the numbers behind them, and the original outputs on the
+    calibration feeds (for the check after the rewrite)."""
+
+    section = "adaptive"
+    numbers: dict[str, Any] = field(default_factory=dict)
+    base: list[np.ndarray] | None = None
+    names: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.numbers)
+
+
+def _measurable(model: onnx.ModelProto, plans: dict[int, LayerPlan]) -> tuple[list[LayerPlan], dict[int, Decision]]:
+    """The MatMul/Gemm plans adaptive mode can measure (main-graph weights), and a decision for
+    every other plan (Conv: the per-layer rule)."""
+    main = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    active, other = [], {}
+    for k, p in plans.items():
+        if not p.active:
+            other[k] = Decision(k, p.view().mode, skip=p.skip)
+        elif p.is_conv:
+            other[k] = None  # decided by the caller with its config
+        elif p.group.weight.scope or p.name not in main:
+            other[k] = Decision(k, skip=Skip(SkipCode.NOT_MEASURED, "adaptive mode measures weights of the main graph only; "
+                                             "left alone", STAGE))
+        else:
+            active.append(p)
+    return active, other
+
+
+def _options(active: list[LayerPlan], cfg: CompressConfig, names: list[str]) -> list[linalg.Options]:
+    """The options the search allocates over, before any error is measured (costs only)."""
+    return [budget_options(p, lambda ranks: np.zeros(len(ranks)), names, cfg.rank_multiple,
+                           min_rank=grid_ranks(p, cfg.rank_multiple)[0]) for p in active]
+
+
+def _cheapest(active: list[LayerPlan], cfg: CompressConfig, base: BudgetBase, target: float | None) -> dict[int, Decision]:
+    """Allocate with nothing measured yet: raises when a budget cannot be met at all."""
+    limits = base.limits(cfg, target_params=target)
+    return allocate_decisions(active, _options(active, cfg, [name for name, _, _ in limits]), limits, base, STAGE)
+
+
+def _lowest_budget(active: list[LayerPlan], cfg: CompressConfig, base: BudgetBase) -> float:
+    """The smallest ``target_params`` the allocator can meet: each layer at its cheapest option,
+    counted exactly as the allocator counts it."""
+    cost = sum(float(o.costs[0][0]) for o in _options(active, cfg, ["target_params"]))
+    return min(1.0, (cost + base.params_fixed + 0.5) / base.params_total)
+
+
+def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase, feeds: Feeds,
+                    labels: np.ndarray | None, data: io.DataFiles | None, *, threads: int | None = None,
+                    progress: Progress | None = None) -> Adapted:
+    """Measure, allocate and search (see the module docstring)."""
+    active, decisions = _measurable(model, plans)
+    for k, d in list(decisions.items()):
+        if d is None:
+            decisions[k] = decide_conv(plans[k], cfg)  # Conv layers follow the per-layer rule
+    base = base.with_decided_convs(plans, decisions)
+    numbers: dict[str, Any] = {"grid": [round(f, 4) for f in GRID]}
+    if not active:
+        return Adapted(decisions, numbers)
+    # What can fail fails before the long measurement: a budget given must fit the cheapest
+    # assignment, and the search starts from that assignment's own cost, counted as the
+    # allocator counts it.
+    lo = _lowest_budget(active, cfg, base)
+    if cfg.max_drop is None:
+        _cheapest(active, cfg, base, None)
+    ev = Evaluator(model, [p.name for p in active], feeds, data, threads)
+    try:
+        metric, _ = quality_drop(ev.base, ev.base, labels, metric=cfg.metric, names=ev.names)
+        curves = measure_sensitivity(ev, active, cfg.rank_multiple, progress)
+
+        def assign(target: float | None) -> dict[int, Decision]:
+            limits = base.limits(cfg, target_params=target)
+            names = [name for name, _, _ in limits]
+            options = [budget_options(p, c.at, names, cfg.rank_multiple, min_rank=c.ranks[0]) for p, c in zip(active, curves)]
+            return allocate_decisions(active, options, limits, base, STAGE)
+
+        def measure(chosen: dict[int, Decision]) -> float:
+            overrides = {p.name: _truncated(p, chosen[p.key].rank) for p in active if chosen[p.key].factorize}
+            return quality_drop(ev.base, ev.run(overrides), labels, metric=cfg.metric, names=ev.names)[1] if overrides else 0.0
+
+        if cfg.max_drop is None:
+            chosen = assign(None)
+            drop, found = measure(chosen), cfg.target_params
+        else:
+            hi, hi_drop = 1.0, 0.0
+            chosen = assign(lo)
+            drop = measure(chosen)
+            if drop <= cfg.max_drop:
+                hi, hi_drop = lo, drop
+            else:
+                for _ in range(SEARCH_STEPS):
+                    mid = (lo + hi) / 2
+                    d = measure(assign(mid))
+                    if progress is not None:
+                        progress(ev.passes, ev.passes, f"budget {mid:.4f}: drop {d:.5f}")
+                    if d <= cfg.max_drop:
+                        hi, hi_drop = mid, d
+                    else:
+                        lo = mid
+            chosen = assign(hi)
+            drop, found = hi_drop, hi
+        for p, c in zip(active, curves):
+            d = chosen[p.key]
+            decisions[p.key] = d.replace(sensitivity=float(c.at([d.rank])[0])) if d.factorize else d
+        numbers.update(metric=metric, max_drop=cfg.max_drop, target_params=round(found, 6) if found is not None else None,
+                       measured_drop=drop, layers_measured=len(active), ort_runs=ev.runs, passes=ev.passes)
+        log.info("adaptive: %d layer(s) measured in %d onnxruntime run(s); drop %.5f (%s)", len(active), ev.runs, drop, metric)
+        return Adapted(decisions, numbers, ev.base, list(ev.names))
+    finally:
+        ev.close()
+
+
+class Adapt:
+    """Allocate ranks by sensitivity measured on the calibration data (``adaptive``)."""
+
+    name = STAGE
+    changes_model = False
+
+    def applies(self, ctx: Context) -> bool:
+        return ctx.config.adaptive
+
+    def run(self, ctx: Context) -> Adapted:
+        from onnx_lowrank.passes.calibrate import Calibration
+        from onnx_lowrank.passes.discover import Discovery
+        from onnx_lowrank.passes.load import Loaded
+        from onnx_lowrank.passes.spectra import Spectra
+
+        cfg = ctx.config
+        plans = ctx.need(Spectra).plans
+        active = [p for p in plans.values() if p.active and not p.is_conv]
+        base = BudgetBase.of(ctx.need(Discovery).groups, active, cfg, ctx.need(Loaded).params)
+        feeds = ctx.need(Calibration).adaptive_feeds(cfg.adaptive_samples)
+        adapted = decide_adaptive(ctx.model, plans, cfg, base, feeds, feeds.labels, ctx.data, progress=ctx.progress)
+        if feeds.samples is not None and adapted.base is not None:
+            adapted.numbers["samples"] = feeds.samples
+        return adapted
+
+
+@dataclass
+class Checked(StageResult):
+    """The drop the rewritten model actually gives on the adaptive feeds, beside the search's numbers."""
+
+    section = "adaptive"
+    numbers: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.numbers)
+
+
+class CheckAdaptive:
+    """Run the rewritten model on the calibration feeds: the drop the user actually gets."""
+
+    name = "adaptive-check"
+    changes_model = False
+
+    def applies(self, ctx: Context) -> bool:
+        from onnx_lowrank.passes.rewrite import Rewritten
+
+        adapted = ctx.get(Adapted)
+        rewritten = ctx.get(Rewritten)
+        return adapted is not None and adapted.base is not None and rewritten is not None and bool(rewritten.factors)
+
+    def run(self, ctx: Context) -> Checked:
+        from onnx_lowrank.passes.calibrate import Calibration
+
+        adapted = ctx.need(Adapted)
+        feeds = ctx.need(Calibration).adaptive_feeds(ctx.config.adaptive_samples)
+        sess = session(ctx.model, data=ctx.data)
+        outs = run_all(sess, feeds)
+        numbers = dict(adapted.numbers)
+        numbers["ort_runs"] = numbers.get("ort_runs", 0) + sum(1 for _ in feeds)
+        numbers["passes"] = numbers.get("passes", 0) + 1
+        drop = quality_drop(adapted.base, outs, feeds.labels, metric=ctx.config.metric, names=[o.name for o in sess.get_outputs()])[1]
+        max_drop = numbers.get("max_drop")
+        if max_drop is not None and drop > max_drop + 1e-6:
+            log.warning("the rewritten model loses %.5f on the calibration set, above %s %g", drop, option("max_drop"), max_drop)
+        numbers["final_drop"] = drop
+        return Checked(numbers)

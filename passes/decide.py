@@ -1,0 +1,235 @@
+"""Decide: each layer's rank, by the per-layer rule or under a global budget.
+
+* Per-layer (``energy``, ``rank``, ``rank_rule``): each plan's rank from its own spectrum
+  (:mod:`onnx_lowrank.linalg.rank`); a rank that saves nothing leaves the layer alone.
+* Budget (``target_params``, ``target_macs``): the ranks of all MatMul/Gemm plans at once, by
+  greedy water-filling on the normalized truncation error ``1 - E(r)`` (of the whitened spectrum
+  in data-aware mode; :mod:`onnx_lowrank.linalg.allocate`).
+* A Conv keeps the per-layer rule under every mode (at the default energy when none is set),
+  and with both views in play keeps the one with fewer MACs (``channel`` on a tie: one fewer
+  odd-shaped kernel).  Its factorized size then counts as fixed in a budget.
+
+Adaptive allocation (:mod:`.adaptive`) replaces this stage when ``adaptive`` is on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from onnx_lowrank import linalg
+from onnx_lowrank.config import DEFAULT_ENERGY, CompressConfig
+from onnx_lowrank.errors import UsageError, option, option_value
+from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.plan import MATRIX, Decision, LayerPlan, Skip, SkipCode
+
+__all__ = ["Decide", "Decided", "BudgetBase", "per_layer", "decide_conv", "decide_budget", "budget_options",
+           "allocate_decisions", "rank_ceiling", "BUDGETS"]
+
+STAGE = "decide"
+#: The budget options, as config keys.
+BUDGETS = ("target_params", "target_macs")
+
+
+@dataclass
+class Decided(StageResult):
+    """The current decision for every plan, by weight-group key (later deciders return their own)."""
+
+    decisions: dict[int, Decision] = field(default_factory=dict)
+
+
+def _conv_energy(cfg: CompressConfig) -> float | None:
+    # A Conv keeps the per-layer rule, at the default energy when the configuration sets none.
+    return cfg.effective_energy if cfg.effective_energy is not None or cfg.rank is not None else DEFAULT_ENERGY
+
+
+def rank_ceiling(cfg: CompressConfig, plan: LayerPlan, mode: str) -> int:
+    """The highest rank any decider can give view ``mode`` of ``plan``: the spectra stage keeps
+    only that many singular vectors, so memory follows the factors, not the weights."""
+    v = plan.views[mode]
+    if not plan.is_conv and (cfg.has_budget or cfg.adaptive):
+        return min(plan.break_even(mode), v.m, v.n)
+    energy = _conv_energy(cfg) if plan.is_conv else cfg.effective_energy
+    return linalg.choose_rank(v.spectrum.s, v.m, v.n, energy=energy, rank=cfg.rank, rank_multiple=cfg.rank_multiple,
+                              rule=cfg.rank_rule, break_even=plan.break_even(mode) if plan.is_conv else None).rank
+
+
+def per_layer(plan: LayerPlan, cfg: CompressConfig) -> Decision:
+    """The per-layer rule's decision for one plan."""
+    if plan.is_conv:
+        return decide_conv(plan, cfg)
+    v = plan.view()
+    choice = linalg.choose_rank(v.spectrum.s, v.m, v.n, energy=cfg.effective_energy, rank=cfg.rank,
+                                rank_multiple=cfg.rank_multiple, rule=cfg.rank_rule)
+    if choice.saves:
+        return Decision(plan.key, MATRIX, choice)
+    r, m, n = choice.rank, v.m, v.n
+    skip = Skip(SkipCode.SAVES_NOTHING, f"rank {r} saves nothing: {r}*({m}+{n}) >= {m}*{n} (break-even {choice.break_even})", STAGE)
+    return Decision(plan.key, MATRIX, choice, skip)
+
+
+def decide_conv(plan: LayerPlan, cfg: CompressConfig) -> Decision:
+    """A Conv's rank in each view it has, and the view with fewer MACs."""
+    dense = plan.macs(None)
+    unit = "MACs" if plan.macs_known else "MACs per output pixel"
+    outcomes = []
+    for v in plan.views.values():
+        if v.spectrum is None:
+            continue
+        choice = linalg.choose_rank(v.spectrum.s, v.m, v.n, energy=_conv_energy(cfg), rank=cfg.rank,
+                                    rank_multiple=cfg.rank_multiple, rule=cfg.rank_rule, break_even=plan.break_even(v.mode))
+        outcomes.append((not choice.saves, plan.macs(choice.rank, v.mode), v.mode != "channel", v.mode, choice))
+    outcomes.sort(key=lambda o: o[:3])
+    mode, choice = outcomes[0][3], outcomes[0][4]
+    if choice.saves:
+        return Decision(plan.key, mode, choice)
+    tried = []
+    for _, macs_r, _, mode_r, choice_r in outcomes:
+        params_r = plan.params_at(choice_r.rank, mode_r)
+        tried.append(f"{mode_r}-wise rank {choice_r.rank} needs {macs_r:,} {unit} and {params_r:,} parameters "
+                     f"(break-even rank {choice_r.break_even})")
+    skip = Skip(SkipCode.SAVES_NOTHING, f"factoring saves nothing: {'; '.join(tried)}; the dense Conv needs {dense:,} {unit} "
+                f"and {plan.dense_params:,} parameters", STAGE)
+    return Decision(plan.key, mode, choice, skip)
+
+
+@dataclass(frozen=True)
+class BudgetBase:
+    """What a budget fraction is a fraction of, and what no decision here can change.
+
+    Attributes:
+        params_total: Parameters the fraction applies to (all candidate weights, or the model).
+        params_fixed: Of those, parameters outside the plans being allocated (whatever happens to them).
+        macs_total: MACs per row of every candidate layer.
+        macs_fixed: Of those, MACs outside the plans being allocated.
+    """
+
+    params_total: int
+    params_fixed: int
+    macs_total: int
+    macs_fixed: int
+
+    @classmethod
+    def of(cls, groups, plans: list[LayerPlan], cfg: CompressConfig, model_params: int) -> "BudgetBase":
+        """The base for allocating ``plans`` (the active MatMul/Gemm ones) among discovery's ``groups``."""
+        weights = macs = 0
+        for group in groups:
+            if group.weight.tensor is not None:
+                dense = int(np.prod(group.weight.shape))
+                weights += dense
+                macs += dense * len(group.layers)
+        base = model_params if cfg.budget_scope == "model" else weights
+        return cls(params_total=base, params_fixed=base - sum(p.dense_params for p in plans),
+                   macs_total=macs, macs_fixed=macs - sum(p.macs(None) for p in plans))
+
+    def with_decided_convs(self, plans: dict[int, LayerPlan], decisions: dict[int, Decision]) -> "BudgetBase":
+        """The same base with every Conv the per-layer rule factorized counted at its factorized
+        size: those parameters are fixed, but not at their dense size (that would leave the
+        budget's difference unused)."""
+        saved = sum(plans[k].dense_params - plans[k].params_at(d.rank, d.mode) for k, d in decisions.items()
+                    if plans[k].is_conv and d.factorize)
+        return dataclasses.replace(self, params_fixed=self.params_fixed - saved)
+
+    def limits(self, cfg: CompressConfig, target_params: float | None = None) -> list[tuple[str, float, int]]:
+        """``(option, fraction, budget left for the allocated plans)`` for each budget in force."""
+        out = []
+        fp = cfg.target_params if target_params is None else target_params
+        if fp is not None:
+            out.append(("target_params", float(fp), int(np.floor(fp * self.params_total)) - self.params_fixed))
+        if cfg.target_macs is not None:
+            out.append(("target_macs", float(cfg.target_macs), int(np.floor(cfg.target_macs * self.macs_total)) - self.macs_fixed))
+        return out
+
+
+def budget_options(plan: LayerPlan, errors_at: Callable[[list[int]], np.ndarray], budgets: list[str], rank_multiple: int,
+                   min_rank: int = 1) -> linalg.Options:
+    """A plan's options under a budget: ranks up to break-even, then dense, with their costs."""
+    v = plan.view()
+    ranks = [r for r in linalg.rank_options(v.m, v.n, rank_multiple) if r >= min_rank]
+    errs = np.append(errors_at(ranks), 0.0) if ranks else np.zeros(1)
+    cols = []
+    for budget in budgets:
+        if budget == "target_params":
+            cols.append([plan.params_at(r) for r in ranks] + [plan.dense_params])
+        else:
+            cols.append([plan.macs(r) for r in ranks] + [plan.macs(None)])
+    costs = np.array(cols, dtype=np.float64).T.reshape(len(ranks) + 1, len(budgets))
+    return linalg.Options(ranks=tuple(ranks) + (None,), errors=errs, costs=costs)
+
+
+def truncation_errors(plan: LayerPlan) -> Callable[[list[int]], np.ndarray]:
+    """Normalized squared truncation error ``1 - E(r)`` of a plan's spectrum (plain or whitened)."""
+    s = plan.view().spectrum.s
+    return lambda ranks: np.array([1.0 - linalg.energy_kept(s, r) for r in ranks])
+
+
+def allocate_decisions(plans: list[LayerPlan], options: list[linalg.Options], limits: list[tuple[str, float, int]],
+                       base: BudgetBase, stage: str = STAGE) -> dict[int, Decision]:
+    """Run the allocator: each plan's rank, or "left dense".
+
+    Raises:
+        UsageError: a budget is below what every plan at its lowest rank costs (names the option).
+    """
+    try:
+        chosen = linalg.allocate(options, [b for _, _, b in limits])
+    except linalg.BudgetError:
+        lowest = np.sum([o.costs[0] for o in options], axis=0) if options else np.zeros(len(limits))
+        for (name, frac, budget), need in zip(limits, lowest):
+            if need > budget:
+                total, fixed = (base.params_total, base.params_fixed) if name == "target_params" else (base.macs_total, base.macs_fixed)
+                reach = (need + fixed) / total if total else 1.0
+                raise UsageError(f"{option(name)} {frac:g} cannot be met: with every layer at its lowest rank {reach:.4f} remains; "
+                                 f"pass {option_value(name, np.ceil(reach * 1e4) / 1e4)} or more, or widen the layer "
+                                 "selection.") from None
+        raise
+    out = {}
+    for plan, opt, k in zip(plans, options, chosen):
+        r = opt.ranks[k]
+        if r is None:
+            v = plan.view()
+            out[plan.key] = Decision(plan.key, MATRIX, plan.choice(min(v.m, v.n)), Skip(
+                SkipCode.LEFT_DENSE_BY_BUDGET, "left dense by the budget: other layers lose less per parameter saved", stage))
+        else:
+            out[plan.key] = Decision(plan.key, MATRIX, plan.choice(r))
+    return out
+
+
+def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase) -> dict[int, Decision]:
+    """Allocate ``target_params``/``target_macs`` across the MatMul/Gemm plans (module docstring)."""
+    decisions = {k: decide_conv(p, cfg) for k, p in plans.items() if p.is_conv and p.active}
+    base = base.with_decided_convs(plans, decisions)
+    active = [p for p in plans.values() if p.active and not p.is_conv]
+    limits = base.limits(cfg)
+    names = [name for name, _, _ in limits]
+    options = [budget_options(p, truncation_errors(p), names, cfg.rank_multiple) for p in active]
+    decisions.update(allocate_decisions(active, options, limits, base))
+    return decisions
+
+
+class Decide:
+    """The per-layer rule, or a global budget (not with ``adaptive``, which decides itself)."""
+
+    name = STAGE
+    changes_model = False
+
+    def applies(self, ctx: Context) -> bool:
+        return not ctx.config.adaptive
+
+    def run(self, ctx: Context) -> Decided:
+        from onnx_lowrank.passes.discover import Discovery
+        from onnx_lowrank.passes.load import Loaded
+        from onnx_lowrank.passes.spectra import Spectra
+
+        cfg = ctx.config
+        plans = ctx.need(Spectra).plans
+        decisions = {k: Decision(k, p.view().mode, skip=p.skip) for k, p in plans.items() if not p.active}
+        if cfg.has_budget:
+            matrices = [p for p in plans.values() if p.active and not p.is_conv]
+            base = BudgetBase.of(ctx.need(Discovery).groups, matrices, cfg, ctx.need(Loaded).params)
+            decisions.update(decide_budget(plans, cfg, base))
+        else:
+            decisions.update({k: per_layer(p, cfg) for k, p in plans.items() if p.active})
+        return Decided(decisions)

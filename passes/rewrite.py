@@ -1,0 +1,360 @@
+"""Graph surgery: replace a weight ``W`` by its factors ``A @ B`` in every node that uses it.
+
+The rewrite works on the ``ModelProto`` in place and touches nothing but the nodes and tensors
+involved, so metadata, value_info, functions, opsets, the IR version, initializer graph inputs of
+old IR versions, and tensors in other scopes all stay exactly as they were.
+
+With ``W = A @ B`` (``A``: (m, r), ``B``: (r, n)), each user becomes two chained products:
+
+=====================  ==========================================================
+``MatMul(x, W)``       ``MatMul(MatMul(x, A), B)``
+``MatMul(W, x)``       ``MatMul(A, MatMul(B, x))``
+``Gemm(x, W)``         ``Gemm(Gemm(x, A, transA), B, C, alpha, beta)``
+``Gemm(x, W^T)``       ``Gemm(Gemm(x, B^T, transA), A^T, C, alpha, beta)``
+``Gemm(W, x)``         ``Gemm(A, Gemm(B, x, transB), C, alpha, beta)``
+``Gemm(W^T, x)``       ``Gemm(B^T, Gemm(A^T, x, transB), C, alpha, beta)``
+=====================  ==========================================================
+
+The bias, alpha and beta stay on the second product, so Gemm's semantics are kept exactly; the
+transposes are Gemm's own ``transA``/``transB`` flags, so every user shares the same two
+tensors.  The factors are stored as two constants and never as a constant product: a
+constant-folding optimizer would multiply them back into ``W``.
+
+A Conv ``Conv(x, W, bias)`` becomes two chained convs with the kernels of
+:func:`~onnx_lowrank.decompose.conv_kernels` (shared by every user of ``W``; each user keeps its
+own attributes):
+
+===========  =======================================================  ================================
+mode         first conv (no bias)                                     second conv (with the bias)
+===========  =======================================================  ================================
+channel      ``k_1 x .. x k_d``, ``C_in -> r``: strides, pads,        ``1 x .. x 1``, ``r -> C_out``
+             dilations, auto_pad of the original
+spatial      ``kh x 1``, ``C_in -> r``: vertical stride, dilation,     ``1 x kw``, ``r -> C_out``:
+             pads (top, bottom)                                       horizontal ones (left, right)
+===========  =======================================================  ================================
+
+The split is exact for every padding: the first spatial conv leaves the columns alone, and
+its output is zero wherever the input was horizontal padding (it has no bias), so padding the
+intermediate instead of the input changes nothing.  ``SAME_UPPER``/``SAME_LOWER`` pad each axis
+on its own from that axis's size, stride, kernel and dilation; a ``kh x 1`` conv with stride
+``(sh, 1)`` pads the rows as the original did and the columns not at all, so ``auto_pad`` carries
+over to both halves unchanged and no input size is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnx_lowrank import io, linalg
+from onnx_lowrank.io import iter_graphs
+from onnx_lowrank.pipeline import Context, StageResult
+
+from .discover import ConvSpec, Layer, Weight, WeightGroup
+
+__all__ = ["NameScope", "factorize_group", "factorize_conv_group", "opset_version", "Rewrite", "Rewritten"]
+
+log = logging.getLogger(__name__)
+
+
+class NameScope:
+    """Hands out tensor and node names that are unused anywhere in the model."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.used: set[str] = set()
+        for g in iter_graphs(model.graph):
+            self.used.update(t.name for t in g.initializer)
+            self.used.update(v.name for v in g.input)
+            self.used.update(v.name for v in g.output)
+            self.used.update(v.name for v in g.value_info)
+            for n in g.node:
+                self.used.update(n.input)
+                self.used.update(n.output)
+                if n.name:
+                    self.used.add(n.name)
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name = f"{base}_{k}"
+            k += 1
+        self.used.add(name)
+        return name
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 1
+
+
+def _index_of(container, item) -> int:
+    for i, x in enumerate(container):
+        if x is item:
+            return i
+    for i, x in enumerate(container):
+        if x == item:
+            return i
+    raise ValueError("element not found")
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def factorize_group(
+    model: onnx.ModelProto,
+    group: WeightGroup,
+    a: np.ndarray,
+    b: np.ndarray,
+    names: NameScope,
+    spill: io.Spill | None = None,
+) -> tuple[str, str]:
+    """Replace ``group.weight`` by factors ``a`` (m, r) and ``b`` (r, n) in all of its users.
+
+    Args:
+        spill: Write initializer factors there (external data) instead of into the model.
+
+    Returns:
+        The names given to the two factors.
+    """
+    w = group.weight
+    a_name = names.fresh(f"{w.name}__lowrank_A")
+    b_name = names.fresh(f"{w.name}__lowrank_B")
+    opset = opset_version(model)
+    zero_name = None
+    if opset < 11 and any(l.op_type == "Gemm" for l in group.layers):
+        # Gemm before opset 11 needs C; the first product gets an explicit zero.
+        zero_name = names.fresh(f"{w.name}__lowrank_zero")
+    _add_factors(model, w, [(a_name, a), (b_name, b)] + ([(zero_name, np.zeros((1,), a.dtype))] if zero_name else []), spill)
+    for layer in group.layers:
+        _rewrite_user(layer, a_name, b_name, zero_name, opset, names)
+    _remove_weight(model, w)
+    log.info("factorized %s %s -> %s %s + %s %s", w.name, list(w.shape), a_name, list(a.shape), b_name, list(b.shape))
+    return a_name, b_name
+
+
+def _add_factors(model: onnx.ModelProto, w: Weight, tensors: list[tuple[str, np.ndarray]], spill: io.Spill | None = None) -> None:
+    if spill is not None and w.constant_node is None:
+        protos = [spill.add(name, arr, w.tensor.data_type) for name, arr in tensors]
+    else:
+        protos = [numpy_helper.from_array(arr, name) for name, arr in tensors]
+    for p in protos:
+        p.data_type = w.tensor.data_type  # keep bfloat16/float16 exactly as the weight had it
+    if w.constant_node is not None:
+        idx = _index_of(w.graph.node, w.constant_node)
+        for k, p in enumerate(protos):
+            node = helper.make_node("Constant", [], [p.name], name=p.name, value=p)
+            w.graph.node.insert(idx + k, node)
+        return
+    w.graph.initializer.extend(protos)
+    if model.ir_version < 4 or w.is_graph_input:
+        # IR < 4 requires every initializer to be listed as a graph input.
+        for p in protos:
+            w.graph.input.append(helper.make_tensor_value_info(p.name, p.data_type, list(p.dims)))
+
+
+def _remove_weight(model: onnx.ModelProto, w: Weight) -> None:
+    g = w.graph
+    if w.constant_node is not None:
+        del g.node[_index_of(g.node, w.constant_node)]
+    else:
+        for i, t in enumerate(g.initializer):
+            if t.name == w.name:
+                del g.initializer[i]
+                break
+        for i, v in enumerate(g.input):
+            if v.name == w.name:
+                del g.input[i]
+                break
+    for i, v in enumerate(g.value_info):
+        if v.name == w.name:
+            del g.value_info[i]
+            break
+
+
+def _rewrite_user(layer: Layer, a: str, b: str, zero: str | None, opset: int, names: NameScope) -> None:
+    node, graph = layer.node, layer.graph
+    x = node.input[1 - layer.weight_index]
+    out = node.output[0]
+    mid = names.fresh(f"{out}__lowrank")
+    base = node.name or out
+    n1, n2 = names.fresh(f"{base}__lowrank_1"), names.fresh(f"{base}__lowrank_2")
+
+    if node.op_type == "MatMul":
+        if layer.weight_index == 1:
+            first = helper.make_node("MatMul", [x, a], [mid], name=n1)
+            second = helper.make_node("MatMul", [mid, b], [out], name=n2)
+        else:
+            first = helper.make_node("MatMul", [b, x], [mid], name=n1)
+            second = helper.make_node("MatMul", [a, mid], [out], name=n2)
+    else:
+        at = _attrs(node)
+        ta, tb = int(at.get("transA", 0)), int(at.get("transB", 0))
+        second_kw = {k: at[k] for k in ("alpha", "beta", "broadcast") if k in at}
+        c = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
+        first_c = [zero] if zero is not None else []
+        first_kw = {"broadcast": 1} if opset < 7 else {}
+        if layer.weight_index == 1:
+            if tb == 0:  # y = op(x) @ W = (op(x) @ A) @ B
+                first = _gemm([x, a, *first_c], mid, n1, transA=ta, **first_kw)
+                second = _gemm([mid, b, *c], out, n2, **second_kw)
+            else:  # y = op(x) @ W^T = (op(x) @ B^T) @ A^T
+                first = _gemm([x, b, *first_c], mid, n1, transA=ta, transB=1, **first_kw)
+                second = _gemm([mid, a, *c], out, n2, transB=1, **second_kw)
+        else:
+            if ta == 0:  # y = W @ op(x) = A @ (B @ op(x))
+                first = _gemm([b, x, *first_c], mid, n1, transB=tb, **first_kw)
+                second = _gemm([a, mid, *c], out, n2, **second_kw)
+            else:  # y = W^T @ op(x) = B^T @ (A^T @ op(x))
+                first = _gemm([a, x, *first_c], mid, n1, transA=1, transB=tb, **first_kw)
+                second = _gemm([b, mid, *c], out, n2, transA=1, **second_kw)
+    for n in (first, second):
+        n.domain = node.domain
+    idx = _index_of(graph.node, node)
+    graph.node.insert(idx, first)
+    node.CopyFrom(second)
+
+
+def _gemm(inputs: Iterable[str], out: str, name: str, **attrs) -> onnx.NodeProto:
+    kept = {k: v for k, v in attrs.items() if not (k in ("transA", "transB") and v == 0)}
+    return helper.make_node("Gemm", list(inputs), [out], name=name, **kept)
+
+
+def factorize_conv_group(
+    model: onnx.ModelProto,
+    group: WeightGroup,
+    first: np.ndarray,
+    second: np.ndarray,
+    mode: str,
+    names: NameScope,
+    spill: io.Spill | None = None,
+) -> tuple[str, str]:
+    """Replace the Conv weight ``group.weight`` by two chained convs in all of its users.
+
+    Args:
+        first: Kernel of the first conv, ``(r, C_in, ...)``.
+        second: Kernel of the second conv, ``(C_out, r, ...)``.
+        mode: ``"channel"`` or ``"spatial"``, as the kernels were built.
+
+    Returns:
+        The names given to the two kernels, first conv's first.
+    """
+    w = group.weight
+    k1 = names.fresh(f"{w.name}__lowrank_K1")
+    k2 = names.fresh(f"{w.name}__lowrank_K2")
+    _add_factors(model, w, [(k1, first), (k2, second)], spill)
+    for layer in group.layers:
+        _rewrite_conv_user(layer, k1, k2, mode, names)
+    _remove_weight(model, w)
+    log.info("factorized %s %s (%s-wise) -> %s %s + %s %s", w.name, list(w.shape), mode, k1, list(first.shape),
+             k2, list(second.shape))
+    return k1, k2
+
+
+def _conv_attrs(spec: ConvSpec, mode: str) -> tuple[dict, dict]:
+    nd = spec.ndim
+    if mode == "channel":
+        a1 = {"kernel_shape": list(spec.kernel), "strides": list(spec.strides), "dilations": list(spec.dilations)}
+        a2 = {"kernel_shape": [1] * nd}
+        if spec.auto_pad == "NOTSET":
+            a1["pads"] = list(spec.pads)
+        else:
+            a1["auto_pad"] = spec.auto_pad
+        return a1, a2
+    (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.strides, spec.dilations
+    top, left, bottom, right = spec.pads
+    a1 = {"kernel_shape": [kh, 1], "strides": [sh, 1], "dilations": [dh, 1]}
+    a2 = {"kernel_shape": [1, kw], "strides": [1, sw], "dilations": [1, dw]}
+    if spec.auto_pad == "NOTSET":
+        a1["pads"] = [top, 0, bottom, 0]
+        a2["pads"] = [0, left, 0, right]
+    else:
+        a1["auto_pad"] = a2["auto_pad"] = spec.auto_pad
+    return a1, a2
+
+
+def _rewrite_conv_user(layer: Layer, k1: str, k2: str, mode: str, names: NameScope) -> None:
+    node, graph = layer.node, layer.graph
+    x = node.input[0]
+    bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
+    out = node.output[0]
+    mid = names.fresh(f"{out}__lowrank")
+    base = node.name or out
+    n1, n2 = names.fresh(f"{base}__lowrank_1"), names.fresh(f"{base}__lowrank_2")
+    a1, a2 = _conv_attrs(layer.conv, mode)
+    first = helper.make_node("Conv", [x, k1], [mid], name=n1, **a1)
+    second = helper.make_node("Conv", [mid, k2, *bias], [out], name=n2, **a2)
+    for n in (first, second):
+        n.domain = node.domain
+    graph.node.insert(_index_of(graph.node, node), first)
+    node.CopyFrom(second)
+
+
+@dataclass
+class Rewritten(StageResult):
+    """The rewritten model, and the names of each factorized group's two factors.
+
+    Attributes:
+        model: The model with every chosen weight replaced (the pipeline's working copy, edited
+            in place: a large model is not copied).
+        data: Where its external data resolves (the input's folder, and the spill file the
+            factors went to when the input kept its data outside).
+        factors: Per weight-group key, the names of its two factors (or Conv kernels).
+        before, before_data: A copy of the model as it was, kept only for the latency check.
+    """
+
+    model: onnx.ModelProto
+    data: io.DataFiles
+    factors: dict[int, tuple[str, str]] = field(default_factory=dict)
+    before: onnx.ModelProto | None = None
+    before_data: io.DataFiles | None = None
+
+
+class Rewrite:
+    """Replace every weight with a chosen rank by its factors (not in a dry run)."""
+
+    name = "rewrite"
+    changes_model = True
+
+    def applies(self, ctx: Context) -> bool:
+        return not ctx.request.dry_run
+
+    def run(self, ctx: Context) -> Rewritten:
+        from .decide import Decided
+        from .refit import Refits
+        from .spectra import Spectra
+
+        model, data = ctx.model, ctx.data
+        before = None
+        if ctx.config.latency_aware:
+            before = onnx.ModelProto()
+            before.CopyFrom(model)
+        if data.spill is None and data.base_dir is not None and io.uses_external_data(model):
+            # the input keeps its weights outside: so do the factors, written as they are made
+            data = io.DataFiles(data.base_dir, data.label, io.Spill())
+        plans = ctx.need(Spectra).plans
+        refits = ctx.get(Refits)
+        names = NameScope(model)
+        factors = {}
+        for key, d in ctx.latest(Decided).decisions.items():
+            if not d.factorize:
+                continue
+            plan = plans[key]
+            refit = refits.factors.get(key) if refits is not None else None
+            if refit is not None and refit[0].shape[1] == d.rank:
+                a, b = (np.ascontiguousarray(f, dtype=plan.dtype) for f in refit)
+            else:
+                a, b = linalg.factors(plan.view(d.mode).spectrum, d.rank, dtype=plan.dtype)
+            if plan.is_conv:
+                first, second = linalg.conv_kernels(a, b, plan.weight_shape, d.mode)
+                factors[key] = factorize_conv_group(model, plan.group, first, second, d.mode, names, data.spill)
+            else:
+                factors[key] = factorize_group(model, plan.group, a, b, names, data.spill)
+        return Rewritten(model, data, factors, before, ctx.data if before is not None else None)

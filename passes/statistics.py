@@ -1,0 +1,423 @@
+"""Input statistics of the candidate layers, captured with onnxruntime on calibration data.
+
+For data-aware truncation (see :mod:`onnx_lowrank.decompose`) each weight needs
+``G = sum X^T X`` over the rows of real input activations that meet it.  On a copy of the model
+every needed activation tensor becomes an extra graph output; the calibration feeds run one at a
+time and each batch's contribution is added to ``G`` in float64, so activations are never stored
+beyond one batch.
+
+Which rows, and which side of the stored matrix ``W`` (m, n) they meet, depends on the form:
+
+==============================  ==================  =======================================
+node                            feature axis of x   side of ``W`` (``G`` is k x k)
+==============================  ==================  =======================================
+``MatMul(x, W)``                last                left  (``x @ W``, k = m)
+``MatMul(W, x)``                second to last      right (``W @ x``, k = n)
+``Gemm(x, W)`` transA=0/1       last / first        left; right with transB=1 (``x @ W^T``)
+``Gemm(W, x)`` transB=0/1       first / last        right; left with transA=1 (``W^T @ x``)
+==============================  ==================  =======================================
+
+Leading dimensions of N-D activations are flattened into rows.  With a padding mask input (e.g.
+``attention_mask`` of shape ``[batch, seq]``), rows whose mask is 0 are left out of ``G`` for
+every activation whose leading shape matches the mask.  A weight shared by several nodes sums
+the statistics of all of them (they must meet it from the same side).  Layers inside If/Loop/Scan
+bodies are not captured; they keep the plain SVD and say why.
+
+Attention scores (``attention=True``): a projection whose output reaches one operand of a
+``MatMul`` of two activations (the ``q k^T`` of attention) only through a bias ``Add``, scaling,
+one ``Reshape`` that splits heads and ``Transpose``s, with no other consumer on the way, and whose
+contracted axis there is the head dimension, is weighted on its output side by the other
+operand's Gram per head (:mod:`onnx_lowrank.decompose`, "Output-side weighting").  The head
+layout is not inferred from the graph but checked on the first batch: the operand, heads moved
+back beside the channel axis, must equal the projection's output times a constant.  Anything
+else (fused attention ops, Einsum, a layout that fails the check) keeps input-only whitening.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnx_lowrank import io
+from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.passes.discover import Layer, WeightGroup
+from onnx_lowrank.errors import CalibrationError, option
+from onnx_lowrank.runtime import Feeds, Progress, capture
+
+__all__ = ["layer_side", "Capture", "capture_grams", "Statistics", "CaptureStatistics", "layer_inputs"]
+
+log = logging.getLogger(__name__)
+
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(helper.get_attribute_value(a))
+    return default
+
+
+def layer_side(layer: Layer) -> tuple[str, int]:
+    """``(side, axis)``: the side of the stored weight the activation meets, and the axis of
+    the activation input that holds the features (``-1`` or ``-2``)."""
+    node = layer.node
+    if node.op_type == "MatMul":
+        return ("left", -1) if layer.weight_index == 1 else ("right", -2)
+    ta, tb = _attr(node, "transA"), _attr(node, "transB")
+    if layer.weight_index == 1:
+        return ("right" if tb else "left"), (-2 if ta else -1)
+    return ("left" if ta else "right"), (-1 if tb else -2)
+
+
+def _rows(x: np.ndarray, axis: int, mask: np.ndarray | None) -> np.ndarray:
+    """The activation rows of ``x`` (features on ``axis``) as a 2-D array, padded rows removed."""
+    if x.ndim == 1:
+        return x[None, :]
+    if axis == -1 and mask is not None:
+        keep = mask != 0
+        if x.shape[:-1] == keep.shape:
+            return x[keep]
+        if x.ndim == 2 and x.shape[0] == keep.size:
+            return x[keep.reshape(-1)]
+    return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+
+
+@dataclass
+class Capture:
+    """What :func:`capture_grams` collected.
+
+    Attributes:
+        grams: Per weight group (by its ``key``): ``(G, side)``.
+        rows: Per weight group: activation rows accumulated.
+        skipped: Per weight group: why no statistics were taken (the plain SVD is used).
+        runs: onnxruntime ``run`` calls made.
+        masked: Activation tensors the padding mask was applied to.
+        out_grams: Per weight group: the output-side weight of an attention-score projection
+            (``attention=True``; module docstring).
+    """
+
+    grams: dict[int, tuple[np.ndarray, str]] = field(default_factory=dict)
+    rows: dict[int, int] = field(default_factory=dict)
+    skipped: dict[int, str] = field(default_factory=dict)
+    runs: int = 0
+    masked: set[str] = field(default_factory=set)
+    out_grams: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def _mask_of(feed: Mapping[str, np.ndarray], mask_input: str | None) -> np.ndarray | None:
+    """The padding mask of a feed (``--calib-mask``), or ``None`` when none was asked for."""
+    if mask_input is None:
+        return None
+    if mask_input not in feed:
+        raise CalibrationError(f"{option('calib_mask')} {mask_input}: not among the fed inputs {', '.join(sorted(feed))}.")
+    return np.asarray(feed[mask_input])
+
+
+def capture_grams(
+    model: onnx.ModelProto,
+    groups: list[WeightGroup],
+    feeds: Feeds,
+    data: io.DataFiles | Path | None,
+    *,
+    mask_input: str | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    attention: bool = False,
+) -> Capture:
+    """Accumulate ``G`` for every group's weight over the calibration feeds (one pass).
+
+    Args:
+        model: The model (not modified; a copy gets the extra outputs).
+        groups: The weight groups to capture.
+        feeds: Calibration feeds.
+        data: Where the model's external data lives (its :class:`~onnx_lowrank.io.DataFiles` or folder).
+        mask_input: Name of an input whose zeros mark padded rows.
+        threads: onnxruntime intra-op threads.
+        progress: Called as ``progress(batches_done, total_or_0, "capturing activations")``.
+        attention: Also take the output-side weight of attention-score projections, in the same
+            pass (module docstring).
+
+    Raises:
+        CalibrationError: no feeds, or the mask input is not fed.
+    """
+    cap = Capture()
+    plan, cap.skipped = layer_inputs(groups, model.graph)
+    wanted: dict[tuple[str, int], list[int]] = {}  # (activation, axis) -> groups using it
+    for gid, (_, acts) in plan.items():
+        for key in acts:
+            wanted.setdefault(key, []).append(gid)
+    if not plan:
+        return cap
+
+    scores = _score_operands(model.graph, [g for g in groups if g.key in plan]) if attention else []
+    extra = {name for op in scores for name in (op.operand, op.other, op.source)}
+    heads = _HeadGrams(scores)
+    sums: dict[tuple[str, int], np.ndarray] = {}
+    counts: dict[tuple[str, int], int] = {}
+
+    def add(feed: dict[str, np.ndarray], got: list[dict[str, np.ndarray]]) -> None:
+        values = got[0]
+        mask = _mask_of(feed, mask_input)
+        for key in wanted:
+            name, axis = key
+            x = values[name]
+            rows = _rows(x, axis, mask)
+            if mask is not None and rows.shape[0] != int(np.prod(x.shape[:-1] if x.ndim > 1 else (1,))):
+                cap.masked.add(name)
+            r64 = rows.astype(np.float64, copy=False)
+            g = r64.T @ r64
+            sums[key] = sums[key] + g if key in sums else g
+            counts[key] = counts.get(key, 0) + rows.shape[0]
+        if scores:
+            heads.add(values, mask)
+
+    cap.runs = capture(model, {name for name, _ in wanted} | extra, feeds, add, data=io.as_data(data),
+                       threads=threads, progress=progress)
+    for gid, (side, acts) in plan.items():
+        g = None
+        for key in acts:
+            g = sums[key] if g is None else g + sums[key]
+        if g is None or not np.any(np.diag(g) > 0):
+            cap.skipped[gid] = "data-aware: the calibration data never reaches this layer's input; plain SVD used"
+            continue
+        cap.grams[gid] = (g, side)
+        cap.rows[gid] = sum(counts[k] for k in acts)
+    users = {g.key: len(g.layers) for g in groups}
+    cap.out_grams = {gid: h for gid, h in heads.result(users).items() if gid in cap.grams}
+    log.info("captured input statistics of %d weight(s) in %d run(s)", len(cap.grams), cap.runs)
+    if attention:
+        log.info("attention scores: %d projection(s) weighted on their output side", len(cap.out_grams))
+    return cap
+
+
+@dataclass(frozen=True)
+class ScoreOperand:
+    """One operand of a ``MatMul`` of two activations that a projection's output reaches.
+
+    Attributes:
+        group: ``id`` of the projection's weight group.
+        layer: The projection node's output.
+        operand: The operand's value name; ``other`` the other operand's.
+        index: 0 when ``operand`` is the first input (contracted on its last axis), 1 when it
+            is the second (contracted on its second to last).
+        source: The value the head split starts from (the projection's output after its bias):
+            the operand must equal it, heads moved back, times a constant.
+    """
+
+    group: int
+    layer: str
+    operand: str
+    other: str
+    index: int
+    source: str
+
+
+_SCORE_PASS = {"Identity", "Cast", "Transpose"}
+
+
+def _score_operands(graph: onnx.GraphProto, groups: list[WeightGroup]) -> list[ScoreOperand]:
+    """Every operand of a two-activation ``MatMul`` that a MatMul/Gemm group's output reaches
+    through a bias ``Add``, scaling (``Mul``/``Div`` by another value: the layout check on the
+    data tells a scalar from anything else), at most one ``Reshape`` that splits the channel axis,
+    and ``Transpose``s that leave the head dimension on the contracted axis.  Every value on the
+    way has no other consumer (``Shape`` aside): a projection whose output also goes elsewhere is
+    not weighed by the scores alone."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consts = {t.name: tuple(t.dims) for t in graph.initializer}
+    consts.update({n.output[0]: tuple(a.t.dims) for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"})
+    layer_out = {layer.node.output[0]: g.key for g in groups for layer in g.layers
+                 if not layer.scope and not layer.is_conv and layer.node.output}
+    consumers: dict[str, int] = {o.name: 1 for o in graph.output}
+    for n in graph.node:
+        if n.op_type != "Shape":
+            for i in set(n.input):
+                consumers[i] = consumers.get(i, 0) + 1
+
+    def trace(name: str, path: list[onnx.NodeProto], depth: int = 0) -> tuple[int, str, list[onnx.NodeProto]] | None:
+        """Walk back from ``name`` to a projection's output; ``path`` collects the nodes (last first)."""
+        if depth > 16 or consumers.get(name, 0) != 1:
+            return None
+        if name in layer_out:
+            return layer_out[name], name, path
+        node = producer.get(name)
+        if node is None or not node.input:
+            return None
+        op = node.op_type
+        if op in _SCORE_PASS or (op == "Reshape" and not any(n.op_type == "Reshape" for n in path)):
+            return trace(node.input[0], path + [node], depth + 1)
+        if op in ("Mul", "Div", "Add") and len(node.input) == 2:
+            # follow the operand that is not a constant; with two activations try each in turn
+            # (the numeric layout check rejects a factor that is not a scalar)
+            order = [0, 1] if op != "Div" else [0]
+            for k in order:
+                if node.input[k] in consts and op != "Add":
+                    continue
+                if op == "Add" and (node.input[1 - k] not in consts):
+                    continue  # a bias is a constant; the sum of two activations is not a scaling
+                hit = trace(node.input[k], path + [node], depth + 1)
+                if hit is not None:
+                    return hit
+        return None
+
+    def head_axis_ok(path: list[onnx.NodeProto], index: int) -> tuple[bool, str | None]:
+        """Replay the path forward: where the head dimension ends up, and the layout-check source."""
+        pos, source = -1, None  # the head dimension's axis, counted from the end
+        for node in reversed(path):  # forward order
+            if node.op_type == "Reshape":
+                pos, source = -1, node.input[0]  # the channel axis splits into (heads, dim): dim last
+            elif node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                if perm is None or not -len(perm) <= pos < 0:
+                    return False, None
+                pos = perm.index(len(perm) + pos) - len(perm)
+            elif node.op_type == "Add" and source is None:
+                source = node.output[0]
+        return pos == (-1 if index == 0 else -2), source
+
+    found = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2 or node.output[0] in layer_out:
+            continue
+        if any(i in consts or not i for i in node.input):
+            continue
+        for index in (0, 1):
+            hit = trace(node.input[index], [])
+            if hit is None:
+                continue
+            gid, layer, path = hit
+            ok, source = head_axis_ok(path, index)
+            if ok:
+                found.append(ScoreOperand(gid, layer, node.input[index], node.input[1 - index], index, source or layer))
+    return found
+
+
+def _as_heads(x: np.ndarray, contracted: int) -> np.ndarray | None:
+    """``x`` with its contracted axis last, as ``(batch, heads, rows, dim)``; ``None`` otherwise."""
+    x = np.moveaxis(x, contracted, -1)
+    if x.ndim == 3:
+        return x[:, None]
+    return x if x.ndim == 4 else None
+
+
+def _layout_matches(op4: np.ndarray, source: np.ndarray) -> bool:
+    """Whether ``op4`` (batch, heads, rows, dim), heads moved back beside ``dim``, is ``c * source``."""
+    b, h, t, d = op4.shape
+    if source.size != op4.size or source.shape[-1] != h * d:
+        return False
+    y = op4.transpose(0, 2, 1, 3).reshape(-1, h * d).astype(np.float64)
+    z = source.reshape(-1, h * d).astype(np.float64)
+    zz = float(np.vdot(z, z))
+    if zz == 0.0:
+        return False
+    c = float(np.vdot(y, z)) / zz
+    return c != 0.0 and float(np.linalg.norm(y - c * z)) <= 1e-3 * float(np.linalg.norm(y))
+
+
+class _HeadGrams:
+    """Accumulates, per score operand, the other operand's Gram per head (``attention=True``)."""
+
+    def __init__(self, scores: list[ScoreOperand]):
+        self.scores = scores
+        self.sums: dict[int, np.ndarray] = {}
+        self.bad: set[int] = set()
+
+    def add(self, values: Mapping[str, np.ndarray], mask: np.ndarray | None) -> None:
+        for k, op in enumerate(self.scores):
+            if k in self.bad:
+                continue
+            raw_x, raw_o = np.asarray(values[op.operand]), np.asarray(values[op.other])
+            x = _as_heads(raw_x, -1 if op.index == 0 else -2)
+            o = _as_heads(raw_o, -2 if op.index == 0 else -1)
+            # same rank (a 3-D operand against a 4-D one broadcasts over heads, not batch); the other
+            # side has as many heads, or one (multi-query keys), or this side has one (its keys serve all)
+            if (x is None or o is None or raw_x.ndim != raw_o.ndim or o.shape[-1] != x.shape[-1]
+                    or not (o.shape[1] == x.shape[1] or 1 in (o.shape[1], x.shape[1]))
+                    or (k not in self.sums and not _layout_matches(x, np.asarray(values[op.source])))):
+                self.bad.add(k)
+                self.sums.pop(k, None)
+                continue
+            g = np.zeros((x.shape[1], x.shape[-1], x.shape[-1]))
+            for h in range(x.shape[1]):
+                rows = o[:, h] if o.shape[1] == x.shape[1] else o[:, 0] if o.shape[1] == 1 else o  # (b, [heads,] rows, dim)
+                if mask is not None and mask.shape == (rows.shape[0], rows.shape[-2]):
+                    keep = mask != 0
+                    rows = rows[keep] if rows.ndim == 3 else np.moveaxis(rows, 1, 0)[:, keep]
+                r64 = rows.reshape(-1, rows.shape[-1]).astype(np.float64)
+                g[h] = r64.T @ r64
+            self.sums[k] = self.sums[k] + g if k in self.sums else g
+
+    def result(self, users: Mapping[int, int]) -> dict[int, np.ndarray]:
+        """Per group: the block-diagonal output Gram, for groups whose every user was matched and
+        every score operand passed the checks."""
+        failed = {op.group for k, op in enumerate(self.scores) if k not in self.sums}
+        matched: dict[int, set[str]] = {}
+        out: dict[int, np.ndarray] = {}
+        for k, op in enumerate(self.scores):
+            matched.setdefault(op.group, set()).add(op.layer)
+            if op.group in failed:
+                continue
+            blocks = self.sums[k]
+            h, d, _ = blocks.shape
+            full = np.zeros((h * d, h * d))
+            for i in range(h):
+                full[i * d:(i + 1) * d, i * d:(i + 1) * d] = blocks[i]
+            out[op.group] = out[op.group] + full if op.group in out else full
+        return {gid: g for gid, g in out.items() if len(matched[gid]) == users.get(gid, 0)}
+
+
+def layer_inputs(groups: list[WeightGroup], graph: onnx.GraphProto
+                  ) -> tuple[dict[int, tuple[str, list[tuple[str, int]]]], dict[int, str]]:
+    """Per group key: the side its users meet the weight from and their ``(activation, axis)``
+    inputs; and, for the groups left out, why (the plain SVD is used for them)."""
+    plan: dict[int, tuple[str, list[tuple[str, int]]]] = {}
+    skipped: dict[int, str] = {}
+    for group in groups:
+        if any(layer.scope for layer in group.layers):  # only the main graph's activations are captured
+            skipped[group.key] = "data-aware: the layer is inside a subgraph, whose activations are not captured; plain SVD used"
+            continue
+        sides = {layer_side(layer)[0] for layer in group.layers}
+        if len(sides) != 1:
+            skipped[group.key] = "data-aware: the weight's users meet it from different sides; plain SVD used"
+            continue
+        plan[group.key] = (sides.pop(), [(l.node.input[1 - l.weight_index], layer_side(l)[1]) for l in group.layers])
+    return plan, skipped
+
+
+@dataclass
+class Statistics(StageResult):
+    """What data-aware truncation whitens by, per weight group (``Capture``) and as report numbers."""
+
+    section = "data_aware"
+    capture: Capture
+    damping: float
+    mask: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weights_whitened": len(self.capture.grams), "ort_runs": self.capture.runs, "damping": self.damping,
+                "mask": self.mask, "attention_weighted": len(self.capture.out_grams)}
+
+
+class CaptureStatistics:
+    """Capture each MatMul/Gemm weight's input Gram (and, for attention scores, output weight)."""
+
+    name = "statistics"
+    changes_model = False
+
+    def applies(self, ctx: Context) -> bool:
+        return ctx.config.data_aware
+
+    def run(self, ctx: Context) -> Statistics:
+        from onnx_lowrank.passes.calibrate import Calibration
+        from onnx_lowrank.passes.discover import Discovery
+
+        cfg = ctx.config
+        groups = [g for g in ctx.need(Discovery).candidates if not g.layers[0].is_conv]
+        cap = capture_grams(ctx.model, groups, ctx.need(Calibration).feeds, ctx.data, mask_input=cfg.calib_mask,
+                            progress=ctx.progress, attention=cfg.attention_aware)
+        return Statistics(cap, cfg.damping, cfg.calib_mask)
