@@ -159,7 +159,7 @@ def _resolve_config(config: CompressConfig | None, recipe: str | os.PathLike | N
         cfg = config
     else:
         cfg = CompressConfig.from_mapping(base, source=f"{option('recipe')} {recipe}") if base else CompressConfig()
-    known = {f.name for f in dataclasses.fields(CompressConfig)}
+    known = {f.name for f in CompressConfig.fields()}
     unknown = sorted(set(overrides) - known)
     if unknown:
         import difflib
@@ -232,6 +232,46 @@ def compress(
     if result.verification is not None and not request.verify.keep_failed:
         result.verification.check(result=result)
     return result
+
+
+#: Calibration options: they feed rank selection and, when a check is asked for, the check.
+_CALIBRATION = ("calib", "calib_script", "labels", "calib_batch")
+
+
+def keywords(given: Mapping[str, Any], *, verify: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    """``compress()`` keywords from option values named as everywhere (``max_drop``, ``calib``).
+
+    This is where the command line's flags become a request, so that the rules live behind the
+    API: options of :class:`CompressConfig` configure the pass; ``max_drop`` and ``metric`` are
+    the goal of ``adaptive`` and the gate at once; the options of :class:`VerifyConfig` ask for
+    a check, except the run settings the pass shares with it (``threads``; ``input_shape`` in
+    latency-aware mode, and only for random data) and, in a dry run of a data-aware or adaptive
+    pass, the calibration data (which then feeds rank selection only).
+
+    Args:
+        given: The options given (``None`` values count as not given).
+        verify: Check even when no option asks for it (``--verify``).
+        dry_run: Plan only.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    config = {f.name for f in CompressConfig.fields()} - {"max_drop", "metric"}
+    out: dict[str, Any] = {k: given[k] for k in config if k in given}
+    if given.get("adaptive"):
+        out.update({k: given[k] for k in ("max_drop", "metric") if k in given})
+    checks = {k: given[k] for k in (f.name for f in dataclasses.fields(VerifyConfig)) if k in given}
+    shared = {"threads"}
+    if given.get("latency_aware"):
+        shared.add("input_shape")
+        if "calib" in checks or "calib_script" in checks:
+            checks.pop("input_shape", None)  # real data needs no shapes; they were for the latency probes
+    if dry_run and (given.get("data_aware") or given.get("adaptive")):
+        shared.update(_CALIBRATION)
+    if set(checks) - shared or verify:
+        if isinstance(checks.get("threads"), tuple):
+            checks["threads"] = checks["threads"][0]  # the pass takes a list of settings; the check runs once
+        out["verify"] = VerifyConfig(**checks)
+    out.update({k: given[k] for k in _CALIBRATION if k in given})
+    return out
 
 
 def _resolve_verify(verify: VerifyConfig | Mapping[str, Any] | None) -> VerifyConfig | None:

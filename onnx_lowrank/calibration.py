@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import onnx
 from onnx import helper
 
 from .errors import CalibrationError, UsageError, option, option_value
+from .options import parse_input_ranges, parse_input_shapes
 
 __all__ = [
     "InputSpec",
@@ -112,86 +112,6 @@ def model_inputs(model: onnx.ModelProto | str | os.PathLike) -> list[InputSpec]:
                 )
         specs.append(InputSpec(vi.name, dtype, shape))
     return specs
-
-
-# --------------------------------------------------------------------------- flag parsing
-
-def _join_specs(value: str | Iterable[str], flag: str) -> str:
-    if isinstance(value, str):
-        return value
-    parts = list(value)
-    if not all(isinstance(p, str) for p in parts):
-        raise UsageError(f"{flag} got {value!r}; expected strings like 'name:...' or a dict.")
-    return ",".join(parts)
-
-
-def parse_input_shapes(value: str | Iterable[str] | Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
-    """``"ids:1x128,mask:1x128"`` (or a list of such strings, or a dict) -> ``{name: shape}``.
-
-    Names may contain ``:`` (``input:0``); the last ``:`` separates the shape.
-
-    Raises:
-        UsageError: a part is not ``NAME:DIMxDIM...`` with positive integer dimensions.
-    """
-    if value is None:
-        return {}
-    if isinstance(value, Mapping):
-        items = list(value.items())
-    else:
-        items = []
-        for part in filter(None, (p.strip() for p in _join_specs(value, option("input_shape")).split(","))):
-            name, sep, dims = part.rpartition(":")
-            if not sep or not name:
-                raise UsageError(f"{option('input_shape')} '{part}': expected NAME:DIMxDIM..., e.g. {option_value('input_shape', 'input_ids:1x128')}.")
-            items.append((name, dims.split("x")))
-    out: dict[str, tuple[int, ...]] = {}
-    for name, dims in items:
-        try:
-            shape = tuple(int(d) for d in dims)
-        except (TypeError, ValueError):
-            shape = ()
-        if not shape or any(d < 1 for d in shape):
-            raise UsageError(f"{option('input_shape')} {name}: got {dims!r}; expected positive integer dimensions like {name}:1x128.")
-        out[str(name)] = shape
-    return out
-
-
-_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_RANGE = re.compile(rf"(?P<name>.+?):(?P<low>{_NUM}),(?P<high>{_NUM})(?:,|$)")
-
-
-def parse_input_ranges(value: str | Iterable[str] | Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, float]]:
-    """``"ids:0,30522,mask:0,2"`` (or a list of such strings, or a dict) -> ``{name: (low, high)}``.
-
-    Values are drawn from the half-open ``[low, high)``, so ``ids:0,30522`` is a vocabulary of 30522.
-
-    Raises:
-        UsageError: a part is not ``NAME:LOW,HIGH`` with ``LOW < HIGH``.
-    """
-    if value is None:
-        return {}
-    if isinstance(value, Mapping):
-        items = [(str(k), v) for k, v in value.items()]
-    else:
-        text = _join_specs(value, option("input_range")).strip()
-        items = []
-        pos = 0
-        while pos < len(text):
-            m = _RANGE.match(text, pos)
-            if m is None:
-                raise UsageError(f"{option('input_range')} '{text[pos:]}': expected NAME:LOW,HIGH, e.g. {option_value('input_range', 'input_ids:0,30522')}.")
-            items.append((m["name"].strip(), (m["low"], m["high"])))
-            pos = m.end()
-    out: dict[str, tuple[float, float]] = {}
-    for name, bounds in items:
-        try:
-            low, high = (float(b) for b in bounds)
-        except (TypeError, ValueError):
-            raise UsageError(f"{option('input_range')} {name}: got {bounds!r}; expected two numbers LOW,HIGH.") from None
-        if not low < high:
-            raise UsageError(f"{option('input_range')} {name}:{bounds[0]},{bounds[1]}: LOW must be below HIGH (values are drawn from [LOW, HIGH)).")
-        out[name] = (low, high)
-    return out
 
 
 # --------------------------------------------------------------------------- feed checks

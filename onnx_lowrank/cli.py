@@ -11,6 +11,7 @@ Exit codes: 0 done, 1 failure (unreadable model, failed check), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import traceback
@@ -31,51 +32,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _number(kind: type, what: str, *, low: float | None = None, low_open: bool = False, high: float | None = None,
-            example: str | None = None) -> Callable[[str], Any]:
-    """An argparse type: ``kind`` (int or float) within bounds, with one message for both failures."""
-    hint = f"; e.g. {example}" if example else ""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'{hint}") from None
-        ok = (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
-        if not ok:  # written so that NaN fails too
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}{hint}")
-        return value
-
-    return parse
-
-
-_energy = _number(float, "a number in (0, 1]", low=0.0, low_open=True, high=1.0, example="--energy 0.93")
-_non_negative_int = _number(int, "a non-negative integer", low=0)
-_drop_limit = _number(float, "a non-negative number", low=0.0, example="--max-drop 0.01 (one point)")
-
-
-def _fraction(flag: str) -> Callable[[str], float]:
-    return _number(float, "a fraction in (0, 1]", low=0.0, low_open=True, high=1.0, example=f"{flag} 0.5")
-
-
-def _non_negative_float(flag: str, example: str) -> Callable[[str], float]:
-    return _number(float, "a non-negative number", low=0.0, example=f"{flag} {example}")
-
-
-def _positive_int(flag: str) -> Callable[[str], int]:
-    return _number(int, "a positive integer", low=1, example=f"{flag} 8")
-
-
-def _positive_float(flag: str) -> Callable[[str], float]:
-    return _number(float, "a positive number", low=0.0, low_open=True, example=f"{flag} 1.1")
-
-
 def _int_list(flag: str) -> Callable[[str], tuple[int, ...]]:
     def parse(text: str) -> tuple[int, ...]:
         try:
             values = tuple(int(s) for s in text.split(",") if s.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got '{text}'; e.g. {flag} 1,2") from None
+            values = ()
         if not values or any(v < 1 for v in values):
             raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got '{text}'; e.g. {flag} 1,2")
         return values
@@ -83,126 +45,38 @@ def _int_list(flag: str) -> Callable[[str], tuple[int, ...]]:
     return parse
 
 
-def _op_types(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
+def _positive_int(flag: str, example: int = 8, *, low: int = 1) -> Callable[[str], int]:
+    what = "a positive integer" if low == 1 else "a non-negative integer"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'; e.g. {flag} {example}")
+        return value
+
+    return parse
 
 
-def _add_pass_options(p: argparse.ArgumentParser) -> None:
-    from .config import QUANTIZE_MODES
+def _pass_options(p: argparse.ArgumentParser) -> None:
+    """Every option of the pass, a group per config section; ``--max-drop``/``--metric`` come
+    with the verification flags (one flag each: they are the adaptive goal and the gate)."""
+    from .config import SECTIONS
+    from .options import add_arguments
 
-    g = p.add_argument_group("rank selection (flags override --recipe)")
-    rule = g.add_mutually_exclusive_group()
-    rule.add_argument("--energy", type=_energy, metavar="E",
-                      help="keep per layer the smallest rank holding this fraction of the squared singular values (default 0.95)")
-    rule.add_argument("--rank", type=_positive_int("--rank"), metavar="N", help="fixed rank for every layer")
-    g.add_argument("--rank-multiple", type=_positive_int("--rank-multiple"), metavar="K",
-                   help="round ranks up to a multiple of K, never past break-even")
-    g.add_argument("--rank-rule", choices=["energy", "entropy"],
-                   help="per-layer rule that --energy thresholds: squared singular values (energy, default) or "
-                        "ARSVD's spectral entropy (entropy)")
-    g.add_argument("--recipe", metavar="NAME|FILE", help="a pass recipe: a shipped name (balanced, ...) or a TOML file")
-    b = p.add_argument_group("global budgets and data-aware selection (replace the per-layer rule)")
-    b.add_argument("--target-params", type=_fraction("--target-params"), metavar="F",
-                   help="keep at most this fraction of the parameters; ranks are allocated across layers")
-    b.add_argument("--target-macs", type=_fraction("--target-macs"), metavar="F",
-                   help="keep at most this fraction of the candidate layers' MACs per row")
-    b.add_argument("--budget-scope", choices=["weights", "model"],
-                   help="what --target-params is a fraction of: the MatMul/Gemm weights (default) or the whole model")
-    b.add_argument("--data-aware", action="store_true", default=None,
-                   help="truncate in the space whitened by real input activations (needs --calib or --calib-script)")
-    b.add_argument("--no-attention-aware", dest="attention_aware", action="store_false", default=None,
-                   help="with --data-aware: weigh attention query/key projections by their input only, not also by "
-                        "the keys/queries their output is scored against")
-    b.add_argument("--damping", type=_non_negative_float("--damping", "0.01"), metavar="D",
-                   help="damping of the activation Gram matrix, relative to its mean diagonal (default 0.01)")
-    b.add_argument("--adaptive", action="store_true", default=None,
-                   help="allocate ranks by sensitivity measured on --calib (goal: --max-drop, accuracy with labels "
-                        "else mean output cosine; or a budget)")
-    b.add_argument("--adaptive-samples", type=_positive_int("--adaptive-samples"), metavar="N",
-                   help="with --adaptive: measure sensitivity, search and check on the first N calibration samples, "
-                        "rounded up to whole feeds (default all; --data-aware statistics and verification use all)")
-    b.add_argument("--refine", action="store_true", default=None,
-                   help="after choosing ranks, refit the factors by least squares on --calib activations of the "
-                        "compressed model, layer by layer in graph order")
-    b.add_argument("--calib-mask", metavar="INPUT",
-                   help="with --data-aware: input whose zeros mark padded rows to leave out (e.g. attention_mask)")
-    s = p.add_argument_group("layer selection")
-    s.add_argument("--min-params", type=_non_negative_int, metavar="N", help="leave weights with fewer elements alone (default 4096)")
-    s.add_argument("--include", metavar="REGEX", help="only factorize nodes or weights whose name matches")
-    s.add_argument("--exclude", metavar="REGEX", help="leave nodes or weights whose name matches alone")
-    s.add_argument("--op-types", type=_op_types, metavar="LIST",
-                   help="node types to consider, a comma-separated subset of MatMul,Gemm,Conv (default: all three)")
-    s.add_argument("--conv-mode", choices=("channel", "spatial", "auto"),
-                   help="how a Conv is split: channel (k x k conv to r channels, then 1 x 1), spatial (kh x 1, then 1 x kw), "
-                        "or auto: per layer, whichever needs fewer MACs (default auto)")
-    s.add_argument("--allow-input-weights", action="store_true", default=None,
-                   help="also factorize weights that are graph inputs (every initializer is one in IR < 4)")
-    lat = p.add_argument_group("latency and int8")
-    lat.add_argument("--latency-aware", action="store_true", default=None,
-                     help="factorize a layer only where onnxruntime runs its factored form faster, at every --threads x --batch")
-    lat.add_argument("--threads", type=_int_list("--threads"), metavar="LIST", help="onnxruntime intra-op thread counts the model runs with (default 1); verification uses the first")
-    lat.add_argument("--batch", type=_int_list("--batch"), metavar="LIST", help="batch sizes the model runs at (default 1)")
-    lat.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
-                     help="shape of an input with dynamic axes, e.g. input_ids:1x128 (comma-separated, repeatable); "
-                          "for latency-aware mode and for random verification inputs")
-    lat.add_argument("--min-speedup", type=_positive_float("--min-speedup"), metavar="X",
-                     help="speed-up a layer must show at every setting in latency-aware mode (default 1.1)")
-    lat.add_argument("--quantize", choices=list(QUANTIZE_MODES),
-                     help="onnxruntime dynamic int8 quantization after factorization: int8 (onnxruntime's defaults, one scale "
-                          "per weight) or int8-per-channel (one scale per output column of MatMul/Gemm weights; "
-                          "better quality, same size; Conv kernels keep one scale)")
+    for k, section in enumerate(SECTIONS):
+        add_arguments(p, dataclasses.fields(section), section.title, skip=("max_drop", "metric"))
+        if k == 0:
+            p.add_argument("--recipe", metavar="NAME|FILE", help="a pass recipe: a shipped name (balanced, ...) or a TOML file")
 
 
-def _add_verify_options(p: argparse.ArgumentParser, title: str, *, run_settings: bool = True) -> None:
-    """The verification flags.  ``run_settings`` off: ``--threads`` and ``--input-shape`` come from
-    the pass's latency group instead (one flag each, shared by both)."""
-    from .verify import METRICS
-
-    g = p.add_argument_group(title)
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("--calib", metavar="PATH", help="calibration data: an .npz (keys = input names, first axis = samples) or a directory of .npz files, one feed each")
-    src.add_argument("--calib-script", metavar="FILE.py:FUNC", help="a function returning an iterable of feed dicts")
-    g.add_argument("--calib-batch", type=_positive_int("--calib-batch"), metavar="N", help="samples per onnxruntime run when cutting an .npz (default 32)")
-    g.add_argument("--labels", metavar="NPY", help="class ids, one per sample (else a 'labels' array in the .npz)")
-    g.add_argument("--samples", type=_positive_int("--samples"), metavar="N", help="without --calib: random samples to compare on (default 32)")
-    if run_settings:
-        g.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="shape of a random input, e.g. input_ids:1x128 (repeatable, or comma-separated)")
-    g.add_argument("--input-range", action="append", metavar="NAME:LOW,HIGH", help="values of a random input drawn from [LOW, HIGH), e.g. input_ids:0,30522")
-    g.add_argument("--max-drop", type=_drop_limit, metavar="X", help="fail when the metric drops by more than X (a fraction: 0.01 is one point; "
-                   "for --metric max_abs, in the output's units); with --adaptive also the goal of the rank search")
-    g.add_argument("--metric", choices=METRICS, help="what --max-drop is checked against (default: accuracy with labels, else top1 for "
-                   "outputs named like class scores, else rel_l2, the relative L2 error; use cosine for embeddings)")
-    g.add_argument("--gate-output", metavar="NAME", help="judge only this model output (default: every output, the worst counts)")
-    g.add_argument("--keep-failed", action="store_true", default=None, help="write the model even when the check fails (still exit 1)")
-    if run_settings:
-        g.add_argument("--threads", type=_positive_int("--threads"), metavar="N", help="onnxruntime intra-op threads (default: onnxruntime's choice)")
-
-
-_VERIFY_FLAGS = ("calib", "calib_script", "calib_batch", "labels", "samples", "input_shape", "input_range", "max_drop", "metric",
-                 "gate_output", "keep_failed", "threads")
-
-
-def _verify_config(args: argparse.Namespace, *, always: bool = False):
-    """A VerifyConfig from the flags given, or None when none was given (and ``always`` is off)."""
+def _verify_options(p: argparse.ArgumentParser, title: str, *, skip: Sequence[str] = ()) -> None:
+    from .options import add_arguments
     from .verify import VerifyConfig
 
-    given = {k: getattr(args, k) for k in _VERIFY_FLAGS if getattr(args, k, None) is not None}
-    # --threads is a run setting, never a request for a check; --input-shape also serves
-    # latency-aware mode, and there, alone, does not ask for one either.
-    shared = ["threads"]
-    if getattr(args, "latency_aware", None):
-        shared.append("input_shape")
-        if "calib" in given or "calib_script" in given:
-            given.pop("input_shape", None)  # real data needs no shapes; they were for the latency probes
-    if getattr(args, "dry_run", False) and (getattr(args, "data_aware", None) or getattr(args, "adaptive", None)):
-        # In a dry run the calibration flags feed rank selection only; nothing is written to check.
-        shared += ["calib", "calib_script", "labels", "calib_batch"]
-    asked = {k for k in given if k not in shared}
-    if not asked and not always and not getattr(args, "verify", False):
-        return None
-    if isinstance(given.get("threads"), tuple):
-        given["threads"] = given["threads"][0]  # the pass takes a list of settings; the check runs once
-    return VerifyConfig(**given)
+    add_arguments(p, dataclasses.fields(VerifyConfig), title, skip=skip)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -220,28 +94,16 @@ def _compress_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", metavar="OUT", help="output .onnx path (external data is written beside it)")
-    _add_pass_options(p)
+    _pass_options(p)
     out = p.add_argument_group("output")
     out.add_argument("--report", metavar="JSON", help="also write the report as JSON")
     out.add_argument("--dry-run", action="store_true", help="print the plan; write no model (only --report, if given)")
-    _add_verify_options(p, "verification (runs before anything is written, when --verify or any of these is given)", run_settings=False)
+    _verify_options(p, "verification (runs before anything is written, when --verify or any of these is given)",
+                    skip=("threads", "input_shape"))
     p.add_argument("--verify", action="store_true", help="compare with the original in onnxruntime (on random inputs unless --calib)")
     _add_common(p)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
-
-
-_CONFIG_FLAGS = ("energy", "rank", "rank_multiple", "min_params", "include", "exclude", "op_types", "conv_mode",
-                 "allow_input_weights", "rank_rule", "target_params", "target_macs", "budget_scope", "data_aware", "attention_aware", "damping",
-                 "calib_mask", "adaptive", "adaptive_samples", "refine", "latency_aware", "threads", "batch", "input_shape", "min_speedup", "quantize")
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k, None) is not None}
-    if getattr(args, "adaptive", None):
-        # one --max-drop and one --metric: the goal of the search and the verification gate
-        out.update({k: getattr(args, k) for k in ("max_drop", "metric") if getattr(args, k, None) is not None})
-    return out
 
 
 class _ProgressBar:
@@ -283,9 +145,11 @@ def _run_compress(argv: Sequence[str]) -> int:
     from .report import render_sections, render_table, render_totals
     from .verify import render_verification
 
+    from .api import keywords
+
     args = _compress_parser().parse_args(argv)
     _setup_logging(args)
-    verify = _verify_config(args)
+    options = keywords(vars(args), verify=args.verify, dry_run=args.dry_run)
     check_input_path(args.model)
     if not args.dry_run:
         if not args.output:
@@ -295,9 +159,7 @@ def _run_compress(argv: Sequence[str]) -> int:
             check_output_path(args.report, args.model, flag="--report", keep=(args.output,))
     bar = _ProgressBar(enabled=not args.quiet)
     try:
-        result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, verify=verify,
-                          calib=args.calib, calib_script=args.calib_script, labels=args.labels,
-                          calib_batch=args.calib_batch or 32, **_overrides(args))
+        result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, **options)
     except VerificationFailed as exc:
         refused = exc.result
         if refused is not None and not args.quiet:
@@ -350,12 +212,12 @@ def _run_compress(argv: Sequence[str]) -> int:
 def _run_verify(argv: Sequence[str]) -> int:
     from .io import check_input_path, check_output_path, write_text
     from .report import dumps
-    from .verify import render_verification, verify_models
+    from .verify import VerifyConfig, render_verification, verify_models
 
     p = _Parser(prog=f"{PROG} verify", description="Compare two models in onnxruntime on the same data; exit 1 when --max-drop is exceeded.")
     p.add_argument("original", help="the reference .onnx model")
     p.add_argument("compressed", help="the .onnx model to check (same inputs and outputs)")
-    _add_verify_options(p, "data and gate")
+    _verify_options(p, "data and gate")
     p.add_argument("--report", metavar="JSON", help="also write the measured numbers as JSON (written on failure too)")
     _add_common(p)
     args = p.parse_args(argv)
@@ -366,7 +228,9 @@ def _run_verify(argv: Sequence[str]) -> int:
         check_input_path(path)
     if args.report:
         check_output_path(args.report, args.original, flag="--report", keep=(args.compressed,))
-    report = verify_models(args.original, args.compressed, _verify_config(args, always=True))
+    fields = {f.name for f in dataclasses.fields(VerifyConfig)}
+    report = verify_models(args.original, args.compressed, VerifyConfig(**{k: v for k, v in vars(args).items()
+                                                                           if v is not None and k in fields}))
     if not args.quiet:
         _print(render_verification(report))
     _warn(report.warnings)
@@ -382,9 +246,10 @@ def _run_demo(argv: Sequence[str]) -> int:
 
     p = _Parser(prog=f"{PROG} demo", description="Compress a small real model shipped with the package and check it on held-out digits.")
     p.add_argument("-o", "--output", metavar="OUT", default="digits_mlp.lowrank.onnx", help="where to write the result (default: %(default)s)")
-    rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--energy", type=_energy, metavar="E", default=None, help="energy threshold (default 0.93)")
-    rule.add_argument("--rank", type=_positive_int("--rank"), metavar="N", help="fixed rank for every layer")
+    from .config import RankRule
+    from .options import add_arguments
+
+    add_arguments(p, [f for f in dataclasses.fields(RankRule) if f.name in ("energy", "rank")], "rank (default: --energy 0.93)")
     _add_common(p)
     args = p.parse_args(argv)
     _setup_logging(args)
@@ -406,7 +271,7 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", default=None, metavar="NAME:DIMS",
                    help="shape of an input with dynamic axes, e.g. input_ids:1x128 (comma-separated, repeatable)")
     p.add_argument("--runs", type=_positive_int("--runs"), default=100, metavar="N", help="timed runs per model (default 100)")
-    p.add_argument("--warmup", type=_non_negative_int, default=10, metavar="N", help="untimed runs first (default 10)")
+    p.add_argument("--warmup", type=_positive_int("--warmup", 10, low=0), default=10, metavar="N", help="untimed runs first (default 10)")
     p.add_argument("--profile", action="store_true", help="also show per-op and per-layer times from onnxruntime's profiler")
     p.add_argument("--top", type=_positive_int("--top"), default=8, metavar="N", help="rows of the profile tables (default 8)")
     p.add_argument("--json", metavar="OUT", help="also write the measurements as JSON")

@@ -54,6 +54,7 @@ from .runtime import first_line as _first_line
 from .runtime import run_all, session
 from .calibration import CalibrationData, feed_samples, load_calibration, model_inputs, parse_input_ranges, parse_input_shapes
 from .errors import CalibrationError, ModelError, UsageError, VerificationFailed, option, option_value
+from .options import check, opt
 
 __all__ = [
     "VerifyConfig",
@@ -98,27 +99,33 @@ class VerifyConfig:
         threads: ``--threads``: onnxruntime intra-op threads; ``None`` lets onnxruntime choose.
     """
 
-    calib: Any = None
-    calib_script: str | None = None
-    calib_batch: int = 32
-    labels: Any = None
-    samples: int = 32
-    input_shape: Any = None
-    input_range: Any = None
-    max_drop: float | None = None
-    metric: str | None = None
-    gate_output: str | None = None
-    keep_failed: bool = False
-    threads: int | None = None
+    calib: Any = opt(None, "any", "calibration data: an .npz (keys = input names, first axis = samples) or a directory of "
+                     ".npz files, one feed each", metavar="PATH", exclusive="source")
+    calib_script: str | None = opt(None, "text", "a function returning an iterable of feed dicts", metavar="FILE.py:FUNC",
+                                   exclusive="source")
+    calib_batch: int = opt(32, "positive_int", "samples per onnxruntime run when cutting an .npz (default 32)", metavar="N")
+    labels: Any = opt(None, "any", "class ids, one per sample (else a 'labels' array in the .npz)", metavar="NPY")
+    samples: int = opt(32, "positive_int", "without --calib: random samples to compare on (default 32)", metavar="N")
+    input_shape: Any = opt(None, "shapes", "shape of a random input, e.g. input_ids:1x128 (repeatable, or comma-separated)",
+                           metavar="NAME:DIMS")
+    input_range: Any = opt(None, "ranges", "values of a random input drawn from [LOW, HIGH), e.g. input_ids:0,30522",
+                           metavar="NAME:LOW,HIGH")
+    max_drop: float | None = opt(None, "non_negative_float", "fail when the metric drops by more than X (a fraction: 0.01 is "
+                                 "one point; for --metric max_abs, in the output's units); with --adaptive also the goal of "
+                                 "the rank search", metavar="X", example="0.01 (one point)")
+    metric: str | None = opt(None, "choice", "what --max-drop is checked against (default: accuracy with labels, else top1 for "
+                             "outputs named like class scores, else rel_l2, the relative L2 error; use cosine for embeddings)",
+                             choices=METRICS)
+    gate_output: str | None = opt(None, "text", "judge only this model output (default: every output, the worst counts)",
+                                  metavar="NAME")
+    keep_failed: bool = opt(False, "switch", "write the model even when the check fails (still exit 1)")
+    threads: int | None = opt(None, "positive_int", "onnxruntime intra-op threads (default: onnxruntime's choice)", metavar="N",
+                              example=4)
 
     def __post_init__(self) -> None:
-        for flag, value in ((option("calib_batch"), self.calib_batch), (option("samples"), self.samples)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{flag} must be a positive integer, got {value!r}.")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
-            raise UsageError(f"{option('threads')} must be a positive integer, got {self.threads!r}; e.g. {option_value('threads', 4)}.")
-        if self.metric is not None and self.metric not in METRICS:
-            raise UsageError(f"{option('metric')} got {self.metric!r}; expected one of {', '.join(METRICS)}.")
+        for f in dataclasses.fields(self):
+            if f.name not in ("max_drop", "input_shape", "input_range"):
+                check(f.name, f.metadata["opt"], getattr(self, f.name))
         if self.max_drop is not None:
             check_max_drop(self.max_drop, self.metric)
         if self.calib is not None and self.calib_script is not None:

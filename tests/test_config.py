@@ -1,0 +1,75 @@
+"""Options: one declaration per option, read by the API, the recipes and the command line alike."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import onnx_lowrank as ol
+from onnx_lowrank import config
+from onnx_lowrank.cli import _compress_parser
+from onnx_lowrank.options import flag_of
+from onnx_lowrank.verify import VerifyConfig
+
+
+def _flags() -> set[str]:
+    return {s for a in _compress_parser()._actions for s in a.option_strings}
+
+
+def test_every_option_is_a_flag_a_recipe_key_and_a_keyword_of_one_name():
+    flags = _flags()
+    for f in (*ol.CompressConfig.fields(), *dataclasses.fields(VerifyConfig)):
+        assert flag_of(f) in flags, f.name
+        if f.name in {g.name for g in ol.CompressConfig.fields()} and f.name not in ("max_drop", "metric"):
+            assert flag_of(f) == "--" + f.name.replace("_", "-") or f.name == "attention_aware"
+    for f in ol.CompressConfig.fields():
+        # a recipe key is the field's name
+        assert ol.CompressConfig.from_mapping({f.name: f.default}).values()[f.name] == f.default
+
+
+@pytest.mark.parametrize("section,values,match", [
+    (config.RankRule, dict(energy=2), "energy must be a number in \\(0, 1\\]"),
+    (config.RankRule, dict(energy=0.9, rank=4), "got both energy and rank"),
+    (config.Budget, dict(target_params=0), "target_params must be a fraction"),
+    (config.DataAware, dict(damping=0.1), "damping shapes the activation statistics of data_aware"),
+    (config.Adaptive, dict(max_drop=0.01), "max_drop needs adaptive"),
+    (config.Selection, dict(op_types="MatMul,Foo"), "op_types got Foo"),
+    (config.Latency, dict(threads=(0,)), "threads must be positive integers"),
+])
+def test_each_section_validates_itself(section, values, match):
+    with pytest.raises(ol.UsageError, match=match):
+        section(**values)
+
+
+def test_rules_between_sections_live_in_the_config():
+    with pytest.raises(ol.UsageError, match="allocates ranks itself; drop energy"):
+        ol.CompressConfig(target_params=0.5, energy=0.9)
+    with pytest.raises(ol.UsageError, match="adaptive needs a goal"):
+        ol.CompressConfig(adaptive=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'energi'"):
+        ol.CompressConfig(energi=0.9)
+
+
+def test_config_is_immutable_comparable_and_picklable():
+    import pickle
+
+    c = ol.CompressConfig(energy=0.9, op_types="MatMul,Gemm")
+    assert c.op_types == ("MatMul", "Gemm") and c.section(config.RankRule).energy == 0.9
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.energy = 0.5
+    assert pickle.loads(pickle.dumps(c)) == c and hash(c) == hash(ol.CompressConfig(energy=0.9, op_types=("MatMul", "Gemm")))
+    assert c.replace(rank=8).energy is None and c.replace(rank=8).rank == 8
+
+
+def test_which_options_ask_for_a_check_is_decided_behind_the_api():
+    from onnx_lowrank.api import keywords
+
+    assert "verify" not in keywords({"threads": (1, 2), "energy": 0.9})  # a run setting asks for nothing
+    kw = keywords({"calib": "c.npz", "threads": (2, 4)})
+    assert kw["verify"].calib == "c.npz" and kw["verify"].threads == 2 and kw["calib"] == "c.npz"
+    assert "verify" not in keywords({"calib": "c.npz", "data_aware": True}, dry_run=True)  # feeds rank selection only
+    assert "verify" not in keywords({"input_shape": ["x:1x4"], "latency_aware": True})
+    kw = keywords({"adaptive": True, "max_drop": 0.01, "metric": "cosine", "calib": "c.npz"})
+    assert kw["max_drop"] == 0.01 and kw["metric"] == "cosine" and kw["verify"].max_drop == 0.01
+    assert keywords({}, verify=True)["verify"] == VerifyConfig()
