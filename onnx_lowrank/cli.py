@@ -32,17 +32,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _int_list(flag: str) -> Callable[[str], tuple[int, ...]]:
-    def parse(text: str) -> tuple[int, ...]:
-        try:
-            values = tuple(int(s) for s in text.split(",") if s.strip())
-        except ValueError:
-            values = ()
-        if not values or any(v < 1 for v in values):
-            raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got '{text}'; e.g. {flag} 1,2")
-        return values
+def _int_list(name: str) -> Callable[[str], tuple[int, ...]]:
+    from .options import Opt, int_list
 
-    return parse
+    return int_list(name, Opt("int_list", "", example=(1, 2)))
 
 
 def _positive_int(flag: str, example: int = 8, *, low: int = 1) -> Callable[[str], int]:
@@ -264,9 +257,9 @@ def _bench_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="the .onnx model (the baseline when two are given)")
     p.add_argument("other", nargs="?", help="a second model to compare, e.g. the compressed one")
-    p.add_argument("--threads", type=_int_list("--threads"), default=(1,), metavar="LIST",
+    p.add_argument("--threads", type=_int_list("threads"), default=(1,), metavar="LIST",
                    help="intra-op thread counts, comma-separated (default 1)")
-    p.add_argument("--batch", type=_int_list("--batch"), default=None, metavar="LIST",
+    p.add_argument("--batch", type=_int_list("batch"), default=None, metavar="LIST",
                    help="sizes of the dynamic first axis, comma-separated (default: from --input-shape, else 1)")
     p.add_argument("--input-shape", action="append", default=None, metavar="NAME:DIMS",
                    help="shape of an input with dynamic axes, e.g. input_ids:1x128 (comma-separated, repeatable)")

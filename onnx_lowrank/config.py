@@ -67,6 +67,12 @@ class Section:
         """Rules between this section's own options."""
 
 
+def _needs(given: bool, name: str, switch: bool, switch_name: str, what: str) -> None:
+    """``name`` was given but only means something with ``switch_name``: say so."""
+    if given and not switch:
+        raise UsageError(f"{option(name)} {what}; add {option(switch_name)} or drop {option(name)}.")
+
+
 @dataclass(frozen=True)
 class RankRule(Section):
     """The per-layer rule: an energy threshold (ARSVD) or a fixed rank."""
@@ -119,10 +125,9 @@ class DataAware(Section):
         if not self.attention_aware and not self.data_aware:
             raise UsageError(f"{option_value('attention_aware', False)} changes the statistics of {option('data_aware')}; add "
                              f"{option('data_aware')} or drop it.")
-        if not self.data_aware and (self.calib_mask is not None or float(self.damping) != DEFAULT_DAMPING):
-            flag = option("calib_mask") if self.calib_mask is not None else option("damping")
-            raise UsageError(f"{flag} shapes the activation statistics of {option('data_aware')}; add {option('data_aware')} "
-                             f"or drop {flag}.")
+        what = f"shapes the activation statistics of {option('data_aware')}"
+        _needs(self.calib_mask is not None, "calib_mask", self.data_aware, "data_aware", what)
+        _needs(float(self.damping) != DEFAULT_DAMPING, "damping", self.data_aware, "data_aware", what)
 
 
 @dataclass(frozen=True)
@@ -147,9 +152,8 @@ class Adaptive(Section):
             if not self.adaptive:
                 raise UsageError(f"{option('max_drop')} needs {option('adaptive')} (it bounds the drop that adaptive allocation "
                                  "measures).")
-        if self.adaptive_samples is not None and not self.adaptive:
-            raise UsageError(f"{option('adaptive_samples')} sets how many calibration samples {option('adaptive')} measures on; "
-                             f"add {option('adaptive')} or drop it.")
+        _needs(self.adaptive_samples is not None, "adaptive_samples", self.adaptive, "adaptive",
+               f"sets how many calibration samples {option('adaptive')} measures on")
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,9 @@ def _text_parser(name: str, o: Opt) -> Callable[[str], Any]:
     return parse
 
 
-def _int_list(name: str, o: Opt) -> Callable[[str], tuple[int, ...]]:
+def int_list(name: str, o: Opt) -> Callable[[str], tuple[int, ...]]:
+    """An argparse ``type`` for comma-separated positive integers (``--threads 1,2``)."""
+
     def parse(text: str) -> tuple[int, ...]:
         try:
             values = tuple(int(s) for s in text.split(",") if s.strip())
@@ -219,7 +221,7 @@ def add_arguments(parser: argparse.ArgumentParser, fields: Iterable[dataclasses.
             if o.kind in _WHAT:
                 kw["type"] = _text_parser(f.name, o)
             elif o.kind == "int_list":
-                kw["type"] = _int_list(f.name, o)
+                kw["type"] = int_list(f.name, o)
             elif o.kind == "choice":
                 kw.update(choices=list(o.choices), metavar=None)
             elif o.kind == "names":

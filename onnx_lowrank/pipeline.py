@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .config import CompressConfig
     from .verify import VerifyConfig
 
-__all__ = ["Request", "Context", "Stage", "StageResult", "StageError", "run", "Progress"]
+__all__ = ["Request", "Context", "Stage", "Step", "StageResult", "StageError", "run", "Progress"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,18 @@ class Stage(Protocol):
 
     def run(self, ctx: Context) -> StageResult:
         ...
+
+
+class Step:
+    """What most stages share: the model is read, not changed, and the stage applies to every
+    request, or to those whose config turns on ``switch`` (``"adaptive"``, ``"data_aware"``)."""
+
+    name: ClassVar[str]
+    changes_model: ClassVar[bool] = False
+    switch: ClassVar[str | None] = None
+
+    def applies(self, ctx: Context) -> bool:
+        return self.switch is None or bool(getattr(ctx.config, self.switch))
 
 
 class StageError(ModelError):

@@ -36,12 +36,17 @@ import onnx
 from onnx_lowrank import io, linalg
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.errors import option
-from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import Decision, LayerPlan, Skip, SkipCode
 from onnx_lowrank.runtime import Feeds, overridable, run_all, session
 from onnx_lowrank.verify import compare, judge
 
+from .calibrate import Calibration
 from .decide import BudgetBase, Decided, allocate_decisions, budget_options, decide_conv
+from .discover import Discovery
+from .load import Loaded
+from .rewrite import Rewritten
+from .spectra import Spectra
 
 __all__ = ["GRID", "Evaluator", "Curve", "grid_ranks", "measure_sensitivity", "decide_adaptive", "quality_drop", "distortion",
            "Adapt", "Adapted", "CheckAdaptive", "Checked"]
@@ -281,21 +286,13 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
         ev.close()
 
 
-class Adapt:
+class Adapt(Step):
     """Allocate ranks by sensitivity measured on the calibration data (``adaptive``)."""
 
     name = STAGE
-    changes_model = False
-
-    def applies(self, ctx: Context) -> bool:
-        return ctx.config.adaptive
+    switch = "adaptive"
 
     def run(self, ctx: Context) -> Adapted:
-        from onnx_lowrank.passes.calibrate import Calibration
-        from onnx_lowrank.passes.discover import Discovery
-        from onnx_lowrank.passes.load import Loaded
-        from onnx_lowrank.passes.spectra import Spectra
-
         cfg = ctx.config
         plans = ctx.need(Spectra).plans
         active = [p for p in plans.values() if p.active and not p.is_conv]
@@ -318,22 +315,17 @@ class Checked(StageResult):
         return dict(self.numbers)
 
 
-class CheckAdaptive:
+class CheckAdaptive(Step):
     """Run the rewritten model on the calibration feeds: the drop the user actually gets."""
 
     name = "adaptive-check"
-    changes_model = False
 
     def applies(self, ctx: Context) -> bool:
-        from onnx_lowrank.passes.rewrite import Rewritten
-
         adapted = ctx.get(Adapted)
         rewritten = ctx.get(Rewritten)
         return adapted is not None and adapted.base is not None and rewritten is not None and bool(rewritten.factors)
 
     def run(self, ctx: Context) -> Checked:
-        from onnx_lowrank.passes.calibrate import Calibration
-
         adapted = ctx.need(Adapted)
         feeds = ctx.need(Calibration).adaptive_feeds(ctx.config.adaptive_samples)
         sess = session(ctx.model, data=ctx.data)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from onnx_lowrank.calibration import CalibrationData, load_calibration
 from onnx_lowrank.errors import UsageError, option, option_value
-from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.pipeline import Context, StageResult, Step
 
 __all__ = ["Calibrate", "Calibration"]
 
@@ -30,9 +30,8 @@ class Calibration(StageResult):
         return self.feeds.head(samples) if samples is not None else self.feeds
 
 
-class Calibrate:
+class Calibrate(Step):
     name = "calibrate"
-    changes_model = False
 
     def applies(self, ctx: Context) -> bool:
         req = ctx.request

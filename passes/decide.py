@@ -23,7 +23,7 @@ import numpy as np
 from onnx_lowrank import linalg
 from onnx_lowrank.config import DEFAULT_ENERGY, CompressConfig
 from onnx_lowrank.errors import UsageError, option, option_value
-from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import MATRIX, Decision, LayerPlan, Skip, SkipCode
 
 __all__ = ["Decide", "Decided", "BudgetBase", "per_layer", "decide_conv", "decide_budget", "budget_options",
@@ -209,19 +209,18 @@ def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: Budget
     return decisions
 
 
-class Decide:
+class Decide(Step):
     """The per-layer rule, or a global budget (not with ``adaptive``, which decides itself)."""
 
     name = STAGE
-    changes_model = False
 
     def applies(self, ctx: Context) -> bool:
         return not ctx.config.adaptive
 
     def run(self, ctx: Context) -> Decided:
-        from onnx_lowrank.passes.discover import Discovery
-        from onnx_lowrank.passes.load import Loaded
-        from onnx_lowrank.passes.spectra import Spectra
+        from .discover import Discovery
+        from .load import Loaded
+        from .spectra import Spectra
 
         cfg = ctx.config
         plans = ctx.need(Spectra).plans

@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto
 
 from onnx_lowrank.errors import option
-from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import Skip, SkipCode
 
 __all__ = ["Weight", "Layer", "WeightGroup", "Discovery", "ConvSpec", "conv_spec", "discover", "Discover", "FLOAT_TYPES"]
@@ -551,14 +551,10 @@ def _mark_factor_pairs(result: Discovery) -> None:
                 layer.skip = _skip(SkipCode.ALREADY_LOW_RANK, reason)
 
 
-class Discover:
+class Discover(Step):
     """Find the candidate layers and group them by weight (reads the model, writes nothing)."""
 
     name = STAGE
-    changes_model = False
-
-    def applies(self, ctx: Context) -> bool:
-        return True
 
     def run(self, ctx: Context) -> Discovery:
         cfg = ctx.config

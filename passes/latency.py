@@ -44,12 +44,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank import bench, io
-from onnx_lowrank.pipeline import Context
+from onnx_lowrank.pipeline import Context, Step
 from onnx_lowrank.plan import Decision, Skip, SkipCode
 from onnx_lowrank.runtime import capture, session
 
 from .decide import Decided
 from .discover import Layer
+from .rewrite import Rewritten
+from .spectra import Spectra
 
 __all__ = ["TimeLayers", "TimeModel", "Timed", "ModelTimed", "filter_decisions", "latency_batch", "MatMulCase", "LatencyProbe", "OrtProbe", "activation_rows", "layer_io", "check_model",
            "default_cache_dir"]
@@ -435,18 +437,13 @@ class Timed(Decided):
         return {"layers": self.layers}
 
 
-class TimeLayers:
+class TimeLayers(Step):
     """Keep a layer factored only where onnxruntime runs its factored form faster (``latency_aware``)."""
 
     name = STAGE
-    changes_model = False
-
-    def applies(self, ctx: Context) -> bool:
-        return ctx.config.latency_aware
+    switch = "latency_aware"
 
     def run(self, ctx: Context) -> Timed:
-        from .spectra import Spectra
-
         cfg = ctx.config
         decisions, layers = filter_decisions(
             ctx.model, ctx.need(Spectra).plans, ctx.latest(Decided).decisions, threads=cfg.threads,
@@ -474,7 +471,7 @@ class ModelTimed(Decided):
         return out
 
 
-class TimeModel:
+class TimeModel(Step):
     """Time the rewritten model against the input; undo the factorization if it is slower anywhere.
 
     With ``quantize``, the baseline is the input quantized the same way, so the check asks
@@ -485,14 +482,10 @@ class TimeModel:
     changes_model = True
 
     def applies(self, ctx: Context) -> bool:
-        from .rewrite import Rewritten
-
         rewritten = ctx.get(Rewritten)
         return ctx.config.latency_aware and rewritten is not None and bool(rewritten.factors)
 
     def run(self, ctx: Context) -> ModelTimed:
-        from .rewrite import Rewritten
-
         cfg = ctx.config
         rewritten = ctx.need(Rewritten)
         baseline, base_data = rewritten.before, rewritten.before_data

@@ -17,7 +17,7 @@ import onnx
 
 from onnx_lowrank import io
 from onnx_lowrank.errors import UsageError
-from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.pipeline import Context, StageResult, Step
 
 __all__ = ["Load", "Loaded", "count_params"]
 
@@ -52,12 +52,9 @@ def count_params(model: onnx.ModelProto) -> int:
     return total
 
 
-class Load:
+class Load(Step):
     name = "load"
     changes_model = True
-
-    def applies(self, ctx: Context) -> bool:
-        return True
 
     def run(self, ctx: Context) -> Loaded:
         source: Any = ctx.request.source

@@ -39,7 +39,9 @@ import onnx
 from onnx_lowrank import io
 from onnx_lowrank.config import QUANTIZE_MODES
 from onnx_lowrank.errors import ModelError, UsageError, option
-from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.pipeline import Context, StageResult, Step
+
+from .rewrite import Rewritten
 
 __all__ = ["QUANTIZE_MODES", "quantize", "quantize_int8", "quantized_weights", "unquantized", "Quantize", "Quantized"]
 
@@ -176,7 +178,7 @@ class Quantized(StageResult):
                 "unquantized_factors": list(self.missed)}
 
 
-class Quantize:
+class Quantize(Step):
     """int8 after factorization (``quantize``); records whether every factor ended up quantized."""
 
     name = "quantize"
@@ -186,8 +188,6 @@ class Quantize:
         return ctx.config.quantize is not None and not ctx.request.dry_run
 
     def run(self, ctx: Context) -> Quantized:
-        from .rewrite import Rewritten
-
         mode = ctx.config.quantize
         quantized = quantize(ctx.model, mode, base_dir=ctx.data)
         factors = [name for names in ctx.need(Rewritten).factors.values() for name in names]

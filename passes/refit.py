@@ -18,8 +18,13 @@ import numpy as np
 import onnx
 
 from onnx_lowrank import io
-from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.pipeline import Context, StageResult, Step
+from onnx_lowrank import linalg
 from onnx_lowrank.passes.discover import WeightGroup
+
+from .calibrate import Calibration
+from .decide import Decided
+from .spectra import Spectra
 from onnx_lowrank.passes.statistics import _mask_of, _rows, layer_inputs
 from onnx_lowrank.runtime import Feeds, Progress, capture
 
@@ -226,22 +231,15 @@ class Refits(StageResult):
         return {"layers_refitted": len(self.factors), "ort_runs": self.runs}
 
 
-class Refine:
+class Refine(Step):
     """Refit both factors of every chosen MatMul/Gemm layer, level by level in graph order (``refine``)."""
 
     name = "refine"
-    changes_model = False
 
     def applies(self, ctx: Context) -> bool:
         return ctx.config.refine and not ctx.request.dry_run
 
     def run(self, ctx: Context) -> Refits:
-        from onnx_lowrank import linalg
-
-        from .calibrate import Calibration
-        from .decide import Decided
-        from .spectra import Spectra
-
         cfg = ctx.config
         plans = ctx.need(Spectra).plans
         chosen = [(plans[k], d) for k, d in ctx.latest(Decided).decisions.items() if d.factorize and not plans[k].is_conv]

@@ -16,12 +16,16 @@ import numpy as np
 import onnx
 
 from onnx_lowrank import io
-from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import Decision, LayerPlan
 from onnx_lowrank.report import LayerDecision, Totals
 from onnx_lowrank.shapes import ShapeInfo
 
+from .decide import Decided
 from .discover import Discovery, Layer
+from .load import Loaded
+from .rewrite import Rewritten
+from .spectra import Spectra, conv_use
 
 __all__ = ["rows", "totals", "stamp", "Report", "Reported", "METADATA_KEY"]
 
@@ -29,8 +33,6 @@ __all__ = ["rows", "totals", "stamp", "Report", "Reported", "METADATA_KEY"]
 def _conv_macs(layer: Layer, plan: LayerPlan | None, decision: Decision | None, known: ShapeInfo | None
                ) -> tuple[int, int, str | None]:
     """``(macs_before, macs_after, unit)`` of one Conv row; zeros when its geometry is unknown."""
-    from .spectra import conv_use
-
     use = None
     if plan is not None:
         use = next((u for u in plan.conv_uses if u.layer.index == layer.index), None)
@@ -178,21 +180,13 @@ def stamp(model: onnx.ModelProto, config: dict, t: Totals) -> None:
     model.metadata_props.add(key=METADATA_KEY, value=value)
 
 
-class Report:
+class Report(Step):
     """Make the rows and totals from every stage's result; stamp a rewritten model's metadata."""
 
     name = "report"
     changes_model = True
 
-    def applies(self, ctx: Context) -> bool:
-        return True
-
     def run(self, ctx: Context) -> Reported:
-        from .decide import Decided
-        from .load import Loaded
-        from .rewrite import Rewritten
-        from .spectra import Spectra
-
         spectra = ctx.need(Spectra)
         decided = ctx.latest(Decided)
         rewritten = ctx.get(Rewritten)

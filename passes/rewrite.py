@@ -53,9 +53,12 @@ from onnx import helper, numpy_helper
 
 from onnx_lowrank import io, linalg
 from onnx_lowrank.io import iter_graphs
-from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.pipeline import Context, StageResult, Step
 
+from .decide import Decided
 from .discover import ConvSpec, Layer, Weight, WeightGroup
+from .refit import Refits
+from .spectra import Spectra
 
 __all__ = ["NameScope", "factorize_group", "factorize_conv_group", "opset_version", "Rewrite", "Rewritten"]
 
@@ -317,7 +320,7 @@ class Rewritten(StageResult):
     before_data: io.DataFiles | None = None
 
 
-class Rewrite:
+class Rewrite(Step):
     """Replace every weight with a chosen rank by its factors (not in a dry run)."""
 
     name = "rewrite"
@@ -327,10 +330,6 @@ class Rewrite:
         return not ctx.request.dry_run
 
     def run(self, ctx: Context) -> Rewritten:
-        from .decide import Decided
-        from .refit import Refits
-        from .spectra import Spectra
-
         model, data = ctx.model, ctx.data
         before = None
         if ctx.config.latency_aware:

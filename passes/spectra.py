@@ -21,7 +21,10 @@ import numpy as np
 from onnx_lowrank import linalg, shapes
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.errors import ModelError, option
-from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.pipeline import Context, StageResult, Step
+
+from .discover import Discovery
+from .statistics import Statistics
 from onnx_lowrank.plan import MATRIX, ConvUse, LayerPlan, Skip, SkipCode, View
 
 __all__ = ["Spectra", "TakeSpectra", "plan_weight", "conv_use"]
@@ -88,7 +91,7 @@ def plan_weight(key: int, group, arr: np.ndarray, cfg: CompressConfig, *, gram=N
                                        skip=Skip(SkipCode.NOT_FACTORIZABLE, f"cannot factorize: {exc}", STAGE))
     if not plan.active:
         return plan
-    from onnx_lowrank.passes.decide import rank_ceiling
+    from .decide import rank_ceiling  # the deciders own their rules (a later stage: imported here)
 
     kept = {mode: dataclasses.replace(v, spectrum=v.spectrum.truncated(rank_ceiling(cfg, plan, mode)))
             for mode, v in plan.views.items() if v.spectrum is not None}
@@ -117,19 +120,12 @@ def _conv_plan(key: int, group, arr: np.ndarray, conv_mode: str, known: shapes.S
     return dataclasses.replace(plan, views=views, skip=skip)
 
 
-class TakeSpectra:
+class TakeSpectra(Step):
     """Read each weight discovery left in and take its spectrum, one weight at a time."""
 
     name = STAGE
-    changes_model = False
-
-    def applies(self, ctx: Context) -> bool:
-        return True
 
     def run(self, ctx: Context) -> Spectra:
-        from onnx_lowrank.passes.discover import Discovery
-        from onnx_lowrank.passes.statistics import Statistics
-
         found = ctx.need(Discovery)
         stats = ctx.get(Statistics)
         cap = stats.capture if stats is not None else None

@@ -45,8 +45,10 @@ import onnx
 from onnx import helper
 
 from onnx_lowrank import io
-from onnx_lowrank.pipeline import Context, StageResult
-from onnx_lowrank.passes.discover import Layer, WeightGroup
+from onnx_lowrank.pipeline import Context, StageResult, Step
+
+from .calibrate import Calibration
+from .discover import Discovery, Layer, WeightGroup
 from onnx_lowrank.errors import CalibrationError, option
 from onnx_lowrank.runtime import Feeds, Progress, capture
 
@@ -403,19 +405,13 @@ class Statistics(StageResult):
                 "mask": self.mask, "attention_weighted": len(self.capture.out_grams)}
 
 
-class CaptureStatistics:
+class CaptureStatistics(Step):
     """Capture each MatMul/Gemm weight's input Gram (and, for attention scores, output weight)."""
 
     name = "statistics"
-    changes_model = False
-
-    def applies(self, ctx: Context) -> bool:
-        return ctx.config.data_aware
+    switch = "data_aware"
 
     def run(self, ctx: Context) -> Statistics:
-        from onnx_lowrank.passes.calibrate import Calibration
-        from onnx_lowrank.passes.discover import Discovery
-
         cfg = ctx.config
         groups = [g for g in ctx.need(Discovery).candidates if not g.layers[0].is_conv]
         cap = capture_grams(ctx.model, groups, ctx.need(Calibration).feeds, ctx.data, mask_input=cfg.calib_mask,

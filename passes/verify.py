@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from onnx_lowrank.pipeline import Context, StageResult
+from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.verify import VerifyReport, verify_models
+
+from .load import Loaded
 
 __all__ = ["Verify", "Verified"]
 
@@ -26,16 +28,13 @@ class Verified(StageResult):
         return self.report.to_dict()
 
 
-class Verify:
+class Verify(Step):
     name = "verify"
-    changes_model = False
 
     def applies(self, ctx: Context) -> bool:
         return ctx.request.verify is not None
 
     def run(self, ctx: Context) -> Verified:
-        from .load import Loaded
-
         loaded = ctx.need(Loaded)
         # the caller's ModelProto was copied by the load stage, so it still is the original
         report = verify_models(ctx.request.source, ctx.model, ctx.request.verify, base_dir=loaded.data.base_dir,

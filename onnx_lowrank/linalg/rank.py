@@ -58,13 +58,17 @@ def energy_rank(s: np.ndarray, energy: float) -> int:
     Returns:
         The rank, between 1 and ``len(s)``.
     """
-    if not 0.0 < energy <= 1.0:
-        raise ValueError(f"Got energy={energy!r}; expected a number in (0, 1].")
-    return _threshold_rank(_cumulative_energy(s), energy)
+    return _threshold_rank(_cumulative_energy(s), energy, "energy")
 
 
-def _threshold_rank(cum: np.ndarray, threshold: float) -> int:
+def _check_threshold(value: float, name: str) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"Got {name}={value!r}; expected a number in (0, 1].")
+
+
+def _threshold_rank(cum: np.ndarray, threshold: float, name: str = "threshold") -> int:
     """Smallest ``r >= 1`` whose normalized cumulative share ``cum[r - 1]`` reaches ``threshold``."""
+    _check_threshold(threshold, name)
     r = int(np.searchsorted(cum, threshold - _ENERGY_RTOL, side="left")) + 1
     return max(1, min(r, len(cum)))
 
@@ -122,22 +126,14 @@ def entropy_terms(s: np.ndarray) -> np.ndarray:
 
 
 def entropy_rank(s: np.ndarray, tau: float) -> int:
-    """Smallest ``k >= 1`` with ``sum_{i<=k} -p_i log p_i >= tau H`` (ARSVD's spectral-entropy rule).
-
-    Args:
-        s: Singular values, descending.
-        tau: Threshold in ``(0, 1]``.
-
-    Returns:
-        The rank, between 1 and ``len(s)``.
-    """
-    if not 0.0 < tau <= 1.0:
-        raise ValueError(f"Got tau={tau!r}; expected a number in (0, 1].")
+    """Smallest ``k >= 1`` with ``sum_{i<=k} -p_i log p_i >= tau H`` (ARSVD's spectral-entropy rule),
+    for singular values ``s`` (descending) and ``tau`` in ``(0, 1]``; between 1 and ``len(s)``."""
+    _check_threshold(tau, "tau")
     h = entropy_terms(s)
     total = h.sum()
     if total <= 0:  # a single non-zero value (or none): all information is in the first
         return 1
-    return _threshold_rank(np.cumsum(h) / total, tau)
+    return _threshold_rank(np.cumsum(h) / total, tau, "tau")
 
 
 def entropy_kept(s: np.ndarray, rank: int) -> float:
