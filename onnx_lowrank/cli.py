@@ -301,7 +301,14 @@ def _run_bench(argv: Sequence[str]) -> int:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    if getattr(args, "verbose", False):
+    # Python warnings (numpy's among them) go to the log: stderr holds one line unless --verbose.
+    verbose = bool(getattr(args, "verbose", False))
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.propagate = verbose
+    if not warnings_log.handlers:
+        warnings_log.addHandler(logging.NullHandler())
+    if verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 

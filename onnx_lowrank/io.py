@@ -34,7 +34,7 @@ import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -98,33 +98,41 @@ def _node_subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
                 yield from iter_graphs(g)
 
 
-def _node_tensors(nodes) -> Iterator[TensorProto]:
+def _node_tensors(nodes) -> Iterator[tuple[TensorProto, bool]]:
     for node in nodes:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
+                yield attr.t, False
             elif attr.type == onnx.AttributeProto.TENSORS:
-                yield from attr.tensors
+                for t in attr.tensors:
+                    yield t, False
             elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
-                yield attr.sparse_tensor.values
-                yield attr.sparse_tensor.indices
+                yield attr.sparse_tensor.values, True
+                yield attr.sparse_tensor.indices, True
 
 
-def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
-    """Every tensor that can hold data: initializers (sparse ones too) and attribute tensors of
-    every graph, subgraph and model-local function."""
+def _tensor_slots(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, bool]]:
+    """``(tensor, part of a sparse tensor)`` for every tensor that can hold data."""
     graphs = list(iter_graphs(model.graph))
     for f in model.functions:
         for node in f.node:
             graphs.extend(_node_subgraphs(node))
     for g in graphs:
-        yield from g.initializer
-        for sparse in g.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
+        for t in g.initializer:
+            yield t, False
+        for s in g.sparse_initializer:
+            yield s.values, True
+            yield s.indices, True
         yield from _node_tensors(g.node)
     for f in model.functions:
         yield from _node_tensors(f.node)
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every tensor that can hold data: initializers (sparse ones too) and attribute tensors of
+    every graph, subgraph and model-local function."""
+    for t, _ in _tensor_slots(model):
+        yield t
 
 
 def _is_external(tensor: TensorProto) -> bool:
@@ -196,6 +204,9 @@ def external_ref(tensor: TensorProto, where: str = "") -> ExternalRef:
     """
     entries = {e.key: e.value for e in tensor.external_data}
     location = entries.get("location", "")
+    if not all(isinstance(x, str) for kv in entries.items() for x in kv):
+        raise ModelError(f"{where}tensor '{tensor.name}' has an external-data entry that is not valid UTF-8 text "
+                         f"({entries!r}); the file is corrupt: re-export the model.")
     if not location:
         raise ModelError(f"{where}tensor '{tensor.name}' is marked as external data but names no data file (no 'location'); "
                          "re-export the model.")
@@ -442,12 +453,35 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(model=model, path=p, data=data)
 
 
+def _names_of(graph) -> Iterator[tuple[str, Any]]:
+    """``(what, value)`` for every name a graph or function holds (values as protobuf gives them)."""
+    for v in (*getattr(graph, "input", ()), *getattr(graph, "output", ()), *getattr(graph, "value_info", ())):
+        yield "a value name", getattr(v, "name", v)
+    for t in getattr(graph, "initializer", ()):
+        yield "an initializer name", t.name
+    for node in graph.node:
+        yield "a node name", node.name
+        yield "an op type", node.op_type
+        yield "a domain", node.domain
+        for name in (*node.input, *node.output):
+            yield f"an input or output of node '{node.name if isinstance(node.name, str) else '?'}'", name
+
+
 def check_tensors(model: onnx.ModelProto, where: str = "") -> None:
-    """Every tensor has a known element type, and every external reference is well formed.
+    """Every name is text, every tensor has a known element type, and every external reference
+    is well formed.
 
     Raises:
-        ModelError: naming the first tensor that is not.
+        ModelError: naming the first one that is not.
     """
+    graphs: list[Any] = list(iter_graphs(model.graph)) + list(model.functions)
+    for f in model.functions:
+        for node in f.node:
+            graphs.extend(_node_subgraphs(node))
+    for g in graphs:
+        for what, value in _names_of(g):
+            if not isinstance(value, str):
+                raise ModelError(f"{where}{what} is not valid UTF-8 text ({value!r}); the file is corrupt: re-export the model.")
     for tensor in iter_tensors(model):
         if tensor.data_type == TensorProto.UNDEFINED and not tensor.dims and not _is_external(tensor):
             continue  # an empty placeholder (e.g. a sparse tensor's missing part)
@@ -899,7 +933,9 @@ def _write_data(model: onnx.ModelProto, data: DataFiles, out: BinaryIO, moved: l
     offset = 0
     handles: dict[Path, BinaryIO] = {}
     try:
-        for tensor in iter_tensors(model):
+        # Sparse tensors keep their parts inline, as onnx.save does (the checker reads them
+        # there); parts the input kept outside are copied like any external tensor.
+        for tensor, sparse_part in _tensor_slots(model):
             if _is_external(tensor):
                 src, ref = data.path(tensor)
                 f = handles.get(src)
@@ -918,7 +954,7 @@ def _write_data(model: onnx.ModelProto, data: DataFiles, out: BinaryIO, moved: l
                 _set_external(tensor, "", offset, ref.length)
                 offset += ref.length
                 continue
-            if tensor_nbytes(tensor) < EXTERNAL_MIN_BYTES:
+            if sparse_part or tensor_nbytes(tensor) < EXTERNAL_MIN_BYTES:
                 continue
             typed = None
             if tensor.raw_data:

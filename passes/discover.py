@@ -468,6 +468,9 @@ def _classify(node: onnx.NodeProto, graph: onnx.GraphProto, display: str, resolv
             layer.weight, layer.weight_index = d.weight, 1
         layer.skip = _skip(SkipCode.CONV_TRANSPOSE, "ConvTranspose is left alone: only Conv (group=1) is factorized")
         return layer
+    if not node.output or not node.output[0]:
+        layer.skip = _skip(SkipCode.MALFORMED_NODE, "malformed node: no output")
+        return layer
     if len(node.input) < 2 or not node.input[0] or not node.input[1]:
         layer.skip = _skip(SkipCode.MALFORMED_NODE, "malformed node: fewer than two inputs")
         return layer

@@ -24,7 +24,7 @@ from onnx_lowrank.shapes import ShapeInfo
 from .decide import Decided
 from .discover import Discovery, Layer
 from .load import Loaded
-from .rewrite import Rewritten
+from .rewrite import Rewritten, needs_zero_bias, opset_version
 from .spectra import Spectra, conv_use
 
 __all__ = ["rows", "totals", "stamp", "Report", "Reported", "METADATA_KEY"]
@@ -47,7 +47,7 @@ def _conv_macs(layer: Layer, plan: LayerPlan | None, decision: Decision | None, 
 
 
 def rows(found: Discovery, plans: Mapping[int, LayerPlan], decisions: Mapping[int, Decision],
-         factors: Mapping[int, tuple[str, str]], known: ShapeInfo | None = None) -> list[LayerDecision]:
+         factors: Mapping[int, tuple[str, str]], known: ShapeInfo | None = None, opset: int = 17) -> list[LayerDecision]:
     """One report row per discovered node, in graph order.
 
     Args:
@@ -56,6 +56,7 @@ def rows(found: Discovery, plans: Mapping[int, LayerPlan], decisions: Mapping[in
         decisions: The final decisions, by key.
         factors: The factor names the rewrite gave, by key.
         known: Known value shapes, to count the MACs of Conv nodes.
+        opset: The model's opset (before 11 a factorized Gemm adds a one-element zero ``C``).
     """
     by_layer: dict[int, LayerDecision] = {}
     for group in found.groups:
@@ -65,7 +66,7 @@ def rows(found: Discovery, plans: Mapping[int, LayerPlan], decisions: Mapping[in
         choice = d.choice if d is not None else None
         factorized = d is not None and d.factorize
         dense = int(np.prod(shape)) if shape else 0
-        low = plan.params_at(d.rank, d.mode) if factorized else dense
+        low = plan.params_at(d.rank, d.mode) + needs_zero_bias(opset, group) if factorized else dense
         skip = group.skip or (plan.skip if plan is not None else None) or (d.skip if d is not None else None)
         for k, layer in enumerate(group.layers):
             if layer.is_conv:
@@ -192,7 +193,7 @@ class Report(Step):
         rewritten = ctx.get(Rewritten)
         loaded = ctx.need(Loaded)
         layers = rows(ctx.need(Discovery), spectra.plans, decided.decisions if decided else {},
-                      rewritten.factors if rewritten else {}, spectra.shapes)
+                      rewritten.factors if rewritten else {}, spectra.shapes, opset_version(loaded.model))
         t = totals(layers, loaded.params, loaded.size, spectra.shapes)
         if not ctx.request.dry_run and t.factorized:
             stamp(ctx.model, ctx.config.to_dict(), t)

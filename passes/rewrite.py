@@ -132,7 +132,7 @@ def factorize_group(
     b_name = names.fresh(f"{w.name}__lowrank_B")
     opset = opset_version(model)
     zero_name = None
-    if opset < 11 and any(l.op_type == "Gemm" for l in group.layers):
+    if needs_zero_bias(opset, group):
         # Gemm before opset 11 needs C; the first product gets an explicit zero.
         zero_name = names.fresh(f"{w.name}__lowrank_zero")
     _add_factors(model, w, [(a_name, a), (b_name, b)] + ([(zero_name, np.zeros((1,), a.dtype))] if zero_name else []), spill)
@@ -141,6 +141,11 @@ def factorize_group(
     _remove_weight(model, w)
     log.info("factorized %s %s -> %s %s + %s %s", w.name, list(w.shape), a_name, list(a.shape), b_name, list(b.shape))
     return a_name, b_name
+
+
+def needs_zero_bias(opset: int, group: WeightGroup) -> bool:
+    """Whether the factors of ``group`` come with a one-element zero ``C`` (Gemm before opset 11)."""
+    return opset < 11 and any(layer.op_type == "Gemm" for layer in group.layers)
 
 
 def _add_factors(model: onnx.ModelProto, w: Weight, tensors: list[tuple[str, np.ndarray]], spill: io.Spill | None = None) -> None:

@@ -41,7 +41,9 @@ RULES = ("energy", "entropy")
 
 
 def _cumulative_energy(s: np.ndarray) -> np.ndarray:
-    sq = np.square(s.astype(np.float64))
+    s = s.astype(np.float64)
+    top = float(np.max(s)) if s.size else 0.0
+    sq = np.square(s / top) if top > 0 else np.square(s)  # scaled: the squares of huge values stay finite
     total = sq.sum()
     if total == 0:
         return np.ones_like(sq)

@@ -84,10 +84,12 @@ def spectrum(w: np.ndarray) -> Spectrum:
         w: Matrix of shape ``(m, n)``, any floating dtype.
 
     Returns:
-        The :class:`Spectrum`; computed in float32, or float64 when ``w`` is float64.
+        The :class:`Spectrum`; computed in float32, or float64 when ``w`` is float64 or its
+        singular values would overflow float32.
 
     Raises:
-        ValueError: ``w`` is not 2-D, is empty, or holds non-finite values.
+        ValueError: ``w`` is not 2-D, is empty, holds non-finite values, or is so large that its
+            singular values overflow even float64.
     """
     if w.ndim != 2:
         raise ValueError(f"Got a {w.ndim}-D array; expected a 2-D matrix.")
@@ -96,7 +98,23 @@ def spectrum(w: np.ndarray) -> Spectrum:
     a = np.asarray(w, dtype=_compute_dtype(w.dtype))
     if not np.all(np.isfinite(a)):
         raise ValueError("Matrix holds NaN or Inf values; expected finite weights.")
-    return _svd(a)
+    spec = _svd(a) if _fits(a) else None
+    if spec is None and a.dtype != np.float64:  # a finite matrix whose norm passes float32's range
+        a = np.asarray(w, dtype=np.float64)
+        spec = _svd(a) if _fits(a) else None
+    if spec is None:
+        raise ValueError("Matrix is too large in magnitude: its singular values overflow float64; rescale the weights.")
+    return spec
+
+
+def _fits(a: np.ndarray) -> bool:
+    """Whether the SVD of ``a`` stays finite in its dtype: its Frobenius norm bounds every
+    singular value (computed scaled, so the check itself cannot overflow)."""
+    peak = float(np.max(np.abs(a)))
+    if peak == 0.0:
+        return True
+    norm = peak * float(np.linalg.norm((a / peak).astype(np.float64)))
+    return norm * 4 < float(np.finfo(a.dtype).max)
 
 
 def _svd(a: np.ndarray) -> Spectrum:
