@@ -36,6 +36,7 @@ CONV_MODES = (*_VIEWS, "auto")
 QUANTIZE_MODES = ("int8", "int8-per-channel")
 RANK_RULES = RULES
 BUDGET_SCOPES = ("weights", "model")
+SVD_METHODS = ("auto", "exact")
 #: What ``max_drop`` bounds: the verification gate's metrics (:mod:`onnx_lowrank.verify`).
 METRICS = ("accuracy", "f1", "top1", "cosine", "rel_l2", "max_abs")
 #: Metrics whose "drop" is an error (0 is perfect), not a fall from 1.
@@ -84,6 +85,9 @@ class RankRule(Section):
     rank_multiple: int = opt(1, "positive_int", "round ranks up to a multiple of K, never past break-even", metavar="K", example=8)
     rank_rule: str = opt("energy", "choice", "per-layer rule that --energy thresholds: squared singular values (energy, default) "
                          "or ARSVD's spectral entropy (entropy)", choices=RANK_RULES)
+    svd: str = opt("auto", "choice", "auto: under an energy threshold compute only the leading singular values when that "
+                   "certifies the exact rule's rank (much faster on large, low-rank weights), else the full SVD; exact: "
+                   "always the full SVD", choices=SVD_METHODS)
 
     def rules(self) -> None:
         if self.energy is not None and self.rank is not None:

@@ -234,7 +234,8 @@ class LayerPlan:
     def choice(self, rank: int, mode: str | None = None) -> linalg.RankChoice:
         """The :class:`~onnx_lowrank.linalg.RankChoice` for ``rank`` in view ``mode``."""
         v = self.view(mode)
-        return linalg.choice_at(v.spectrum.s, v.m, v.n, rank, break_even=self.break_even(mode) if self.is_conv else None)
+        return linalg.choice_at(v.spectrum.s, v.m, v.n, rank, break_even=self.break_even(mode) if self.is_conv else None,
+                                total=v.spectrum.total)
 
 
 @dataclass(frozen=True)

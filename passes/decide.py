@@ -52,9 +52,18 @@ def rank_ceiling(cfg: CompressConfig, plan: LayerPlan, mode: str) -> int:
     v = plan.views[mode]
     if not plan.is_conv and (cfg.has_budget or cfg.adaptive):
         return min(plan.break_even(mode), v.m, v.n)
-    energy = _conv_energy(cfg) if plan.is_conv else cfg.effective_energy
-    return linalg.choose_rank(v.spectrum.s, v.m, v.n, energy=energy, rank=cfg.rank, rank_multiple=cfg.rank_multiple,
-                              rule=cfg.rank_rule, break_even=plan.break_even(mode) if plan.is_conv else None).rank
+    return _rule(cfg, plan, v).rank
+
+
+def rule_energy(cfg: CompressConfig, is_conv: bool) -> float | None:
+    """The energy threshold the per-layer rule applies to a layer (``None``: a fixed rank)."""
+    return _conv_energy(cfg) if is_conv else cfg.effective_energy
+
+
+def _rule(cfg: CompressConfig, plan: LayerPlan, v) -> linalg.RankChoice:
+    return linalg.choose_rank(v.spectrum.s, v.m, v.n, energy=rule_energy(cfg, plan.is_conv), rank=cfg.rank,
+                              rank_multiple=cfg.rank_multiple, rule=cfg.rank_rule,
+                              break_even=plan.break_even(v.mode) if plan.is_conv else None, total=v.spectrum.total)
 
 
 def per_layer(plan: LayerPlan, cfg: CompressConfig) -> Decision:
@@ -62,8 +71,7 @@ def per_layer(plan: LayerPlan, cfg: CompressConfig) -> Decision:
     if plan.is_conv:
         return decide_conv(plan, cfg)
     v = plan.view()
-    choice = linalg.choose_rank(v.spectrum.s, v.m, v.n, energy=cfg.effective_energy, rank=cfg.rank,
-                                rank_multiple=cfg.rank_multiple, rule=cfg.rank_rule)
+    choice = _rule(cfg, plan, v)
     if choice.saves:
         return Decision(plan.key, MATRIX, choice)
     r, m, n = choice.rank, v.m, v.n
@@ -79,8 +87,7 @@ def decide_conv(plan: LayerPlan, cfg: CompressConfig) -> Decision:
     for v in plan.views.values():
         if v.spectrum is None:
             continue
-        choice = linalg.choose_rank(v.spectrum.s, v.m, v.n, energy=_conv_energy(cfg), rank=cfg.rank,
-                                    rank_multiple=cfg.rank_multiple, rule=cfg.rank_rule, break_even=plan.break_even(v.mode))
+        choice = _rule(cfg, plan, v)
         outcomes.append((not choice.saves, plan.macs(choice.rank, v.mode), v.mode != "channel", v.mode, choice))
     outcomes.sort(key=lambda o: o[:3])
     mode, choice = outcomes[0][3], outcomes[0][4]

@@ -57,33 +57,43 @@ def conv_use(layer, known: shapes.ShapeInfo | None) -> ConvUse:
 
 
 def _matrix_view(arr: np.ndarray, gram: tuple[np.ndarray, str] | None, out_gram: np.ndarray | None, damping: float,
-                 name: str) -> tuple[View, str | None]:
+                 name: str, energy: float | None, method: str) -> tuple[View, str | None]:
     m, n = arr.shape
     note = None
     if gram is None:
-        return View(MATRIX, m, n, linalg.spectrum(arr)), None
+        return View(MATRIX, m, n, linalg.spectrum(arr, energy=energy, method=method)), None
     g, side = gram
     spec = None
     if out_gram is not None:
         try:
-            spec = linalg.whitened_spectrum(arr, g, side, damping, out_gram=out_gram)
+            spec = linalg.whitened_spectrum(arr, g, side, damping, out_gram=out_gram, energy=energy, method=method)
             note = "attention-aware"
         except ValueError as exc:  # e.g. keys that never vary: weigh by the input only
             log.info("attention-aware weighting of %s skipped: %s", name, exc)
     if spec is None:
-        spec = linalg.whitened_spectrum(arr, g, side, damping)
+        spec = linalg.whitened_spectrum(arr, g, side, damping, energy=energy, method=method)
     return View(MATRIX, m, n, spec), note
+
+
+def _energy(cfg: CompressConfig, is_conv: bool) -> float | None:
+    """The threshold that will choose the rank, when only it does (so the leading part of the
+    spectrum may serve): the per-layer energy rule, not a fixed rank, entropy or a budget."""
+    from .decide import rule_energy  # the deciders own their rules (a later stage: imported here)
+
+    if cfg.rank is not None or cfg.rank_rule != "energy" or (not is_conv and (cfg.has_budget or cfg.adaptive)):
+        return None
+    return rule_energy(cfg, is_conv)
 
 
 def plan_weight(key: int, group, arr: np.ndarray, cfg: CompressConfig, *, gram=None, out_gram=None, note: str | None = None,
                 known: shapes.ShapeInfo | None = None) -> LayerPlan:
     """The plan of one weight: its view(s) and spectra, truncated to what a decider can use."""
     if group.layers[0].is_conv:
-        plan = _conv_plan(key, group, arr, cfg.conv_mode, known)
+        plan = _conv_plan(key, group, arr, cfg, known)
     else:
         plan = LayerPlan(key, group, arr.dtype, tuple(arr.shape), note=note)
         try:
-            view, extra = _matrix_view(arr, gram, out_gram, cfg.damping, group.weight.name)
+            view, extra = _matrix_view(arr, gram, out_gram, cfg.damping, group.weight.name, _energy(cfg, False), cfg.svd)
             plan = dataclasses.replace(plan, views={MATRIX: view}, note=extra or note)
         except ValueError as exc:
             m, n = arr.shape
@@ -91,16 +101,16 @@ def plan_weight(key: int, group, arr: np.ndarray, cfg: CompressConfig, *, gram=N
                                        skip=Skip(SkipCode.NOT_FACTORIZABLE, f"cannot factorize: {exc}", STAGE))
     if not plan.active:
         return plan
-    from .decide import rank_ceiling  # the deciders own their rules (a later stage: imported here)
+    from .decide import rank_ceiling  # (a later stage, as in _energy)
 
     kept = {mode: dataclasses.replace(v, spectrum=v.spectrum.truncated(rank_ceiling(cfg, plan, mode)))
             for mode, v in plan.views.items() if v.spectrum is not None}
     return dataclasses.replace(plan, views={**plan.views, **kept})
 
 
-def _conv_plan(key: int, group, arr: np.ndarray, conv_mode: str, known: shapes.ShapeInfo | None) -> LayerPlan:
+def _conv_plan(key: int, group, arr: np.ndarray, cfg: CompressConfig, known: shapes.ShapeInfo | None) -> LayerPlan:
     nd = arr.ndim - 2
-    modes = ["channel", "spatial"] if conv_mode == "auto" else [conv_mode]
+    modes = ["channel", "spatial"] if cfg.conv_mode == "auto" else [cfg.conv_mode]
     if nd != 2 and "spatial" in modes:
         modes.remove("spatial")  # auto: spatial-wise needs kh x kw
     plan = LayerPlan(key, group, arr.dtype, tuple(arr.shape), conv_uses=tuple(conv_use(layer, known) for layer in group.layers))
@@ -113,7 +123,7 @@ def _conv_plan(key: int, group, arr: np.ndarray, conv_mode: str, known: shapes.S
     for mode in modes:
         m, n = linalg.conv_matrix_shape(arr.shape, mode)
         try:
-            views[mode] = View(mode, m, n, linalg.spectrum(linalg.conv_matrix(arr, mode)))
+            views[mode] = View(mode, m, n, linalg.spectrum(linalg.conv_matrix(arr, mode), energy=_energy(cfg, True), method=cfg.svd))
         except ValueError as exc:
             views[mode] = View(mode, m, n)
             skip = Skip(SkipCode.NOT_FACTORIZABLE, f"cannot factorize: {exc}", STAGE)

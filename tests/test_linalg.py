@@ -36,3 +36,40 @@ def test_one_definition_of_each_constant():
 
     assert config.DEFAULT_DAMPING is linalg.DEFAULT_DAMPING
     assert config.CONV_MODES[:2] == linalg.CONV_MODES and config.RANK_RULES is linalg.RULES
+
+
+@pytest.mark.parametrize("m,n,r,noise", [(512, 384, 40, 0.0), (768, 768, 64, 1e-3), (300, 900, 30, 1e-2)])
+@pytest.mark.parametrize("energy", [0.9, 0.99, 0.999])
+def test_leading_part_certifies_the_exact_rank_and_its_factors(m, n, r, noise, energy):
+    rng = np.random.default_rng(m + r)
+    w = (rng.standard_normal((m, r)) @ rng.standard_normal((r, n)) / np.sqrt(r) + noise * rng.standard_normal((m, n))).astype(np.float32)
+    exact = linalg.spectrum(w, method="exact")
+    fast = linalg.spectrum(w, energy=energy)
+    assert fast.partial and fast.kept < min(m, n) and fast.total == pytest.approx(float(np.sum(w.astype(np.float64) ** 2)), rel=1e-9)
+    rank = linalg.energy_rank(exact.s, energy)
+    assert linalg.energy_rank(fast.s, energy, fast.total) == rank
+    got, want = linalg.choose_rank(fast.s, m, n, energy=energy, total=fast.total), linalg.choose_rank(exact.s, m, n, energy=energy)
+    assert got.rank == want.rank and got.energy == pytest.approx(want.energy, abs=1e-6)
+    a, b = linalg.factors(exact, rank)
+    c, d = linalg.factors(fast, rank)
+    assert np.linalg.norm(a @ b - c @ d) <= 1e-4 * np.linalg.norm(a @ b)
+
+
+def test_a_slowly_decaying_spectrum_gets_the_full_svd():
+    w = np.random.default_rng(3).standard_normal((512, 512)).astype(np.float32)
+    assert not linalg.spectrum(w, energy=0.93).partial
+    with pytest.raises(ValueError, match="entropy rule needs every value"):
+        linalg.choose_rank(np.array([3.0, 2.0]), 8, 8, energy=0.5, rule="entropy", total=20.0)
+
+
+def test_the_exact_path_is_kept_when_asked_for():
+    import onnx_lowrank as ol
+    from models import lowrank, make_model, vi, init
+    from onnx import helper
+
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", [2, 512])], [vi("y", [2, 512])],
+                   [init("W", lowrank(512, 512, 16))])
+    fast = ol.compress(m, energy=0.99, min_params=0)
+    exact = ol.compress(m, energy=0.99, min_params=0, svd="exact")
+    assert fast.layers[0].rank == exact.layers[0].rank == 16 and fast.to_dict()["config"]["svd"] == "auto"
+    assert fast.layers[0].energy == pytest.approx(exact.layers[0].energy, abs=1e-6)

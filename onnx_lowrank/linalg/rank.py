@@ -40,27 +40,31 @@ _ENERGY_RTOL = 1e-9
 RULES = ("energy", "entropy")
 
 
-def _cumulative_energy(s: np.ndarray) -> np.ndarray:
+def _cumulative_energy(s: np.ndarray, total: float | None = None) -> np.ndarray:
+    """``E(1), E(2), ...``; ``total`` is ``sum_i s_i^2`` over the whole spectrum when ``s`` holds
+    only its leading values (``||W||_F^2``, known without the rest)."""
     s = s.astype(np.float64)
     top = float(np.max(s)) if s.size else 0.0
-    sq = np.square(s / top) if top > 0 else np.square(s)  # scaled: the squares of huge values stay finite
-    total = sq.sum()
-    if total == 0:
+    scale = top if top > 0 else 1.0  # scaled: the squares of huge values stay finite
+    sq = np.square(s / scale)
+    whole = sq.sum() if total is None else float(total) / scale**2
+    if whole == 0:
         return np.ones_like(sq)
-    return np.cumsum(sq) / total
+    return np.cumsum(sq) / whole
 
 
-def energy_rank(s: np.ndarray, energy: float) -> int:
+def energy_rank(s: np.ndarray, energy: float, total: float | None = None) -> int:
     """Smallest ``r >= 1`` with ``E(r) >= energy``.
 
     Args:
-        s: Singular values, descending.
+        s: Singular values, descending (the leading ones, with ``total``).
         energy: Threshold in ``(0, 1]``.
+        total: ``sum_i s_i^2`` of the whole spectrum, when ``s`` is only its top.
 
     Returns:
         The rank, between 1 and ``len(s)``.
     """
-    return _threshold_rank(_cumulative_energy(s), energy, "energy")
+    return _threshold_rank(_cumulative_energy(s, total), energy, "energy")
 
 
 def _check_threshold(value: float, name: str) -> None:
@@ -75,17 +79,17 @@ def _threshold_rank(cum: np.ndarray, threshold: float, name: str = "threshold") 
     return max(1, min(r, len(cum)))
 
 
-def energy_kept(s: np.ndarray, rank: int) -> float:
-    """``E(rank)``: the fraction of ``sum s_i^2`` held by the top ``rank`` values."""
+def energy_kept(s: np.ndarray, rank: int, total: float | None = None) -> float:
+    """``E(rank)``: the fraction of ``sum s_i^2`` (or of ``total``) held by the top ``rank`` values."""
     if rank <= 0:
         return 0.0
-    cum = _cumulative_energy(s)
+    cum = _cumulative_energy(s, total)
     return float(min(1.0, cum[min(rank, len(s)) - 1]))
 
 
-def relative_error(s: np.ndarray, rank: int) -> float:
+def relative_error(s: np.ndarray, rank: int, total: float | None = None) -> float:
     """Relative Frobenius error of the rank-``rank`` truncation, ``sqrt(1 - E(rank))``."""
-    return float(np.sqrt(max(0.0, 1.0 - energy_kept(s, rank))))
+    return float(np.sqrt(max(0.0, 1.0 - energy_kept(s, rank, total))))
 
 
 def break_even_rank(m: int, n: int) -> int:
@@ -182,6 +186,7 @@ def choose_rank(
     rank_multiple: int = 1,
     rule: str = "energy",
     break_even: int | None = None,
+    total: float | None = None,
 ) -> RankChoice:
     """Apply the configured rule to singular values ``s`` of an ``(m, n)`` matrix.
 
@@ -191,14 +196,18 @@ def choose_rank(
     Args:
         break_even: The largest rank that still saves, when it is not the parameter break-even
             of ``(m, n)`` (a Conv's MAC count can break even earlier).
+        total: ``sum_i s_i^2`` of the whole spectrum, when ``s`` holds only its leading values
+            (the entropy rule needs every value).
     """
     full = min(m, n)
     if rank is not None:
         r = min(int(rank), full)
     elif energy is not None:
         if rule == "energy":
-            r = energy_rank(s, energy)
+            r = energy_rank(s, energy, total)
         elif rule == "entropy":
+            if total is not None and len(s) < full:
+                raise ValueError("Got the leading singular values only; the entropy rule needs every value.")
             r = entropy_rank(s, energy)
         else:
             raise ValueError(f"Got rule={rule!r}; expected one of {', '.join(RULES)}.")
@@ -206,15 +215,15 @@ def choose_rank(
         raise ValueError("Got neither energy nor rank; expected one of them.")
     be = break_even_rank(m, n) if break_even is None else break_even
     r = round_rank(r, rank_multiple, m, n, limit=be)
-    return choice_at(s, m, n, r, break_even=be)
+    return choice_at(s, m, n, r, break_even=be, total=total)
 
 
-def choice_at(s: np.ndarray, m: int, n: int, r: int, break_even: int | None = None) -> RankChoice:
+def choice_at(s: np.ndarray, m: int, n: int, r: int, break_even: int | None = None, total: float | None = None) -> RankChoice:
     """The :class:`RankChoice` for a rank decided elsewhere (a budget, a measurement)."""
     return RankChoice(
         rank=r,
         full_rank=min(m, n),
         break_even=break_even_rank(m, n) if break_even is None else break_even,
-        energy=energy_kept(s, r),
-        rel_error=relative_error(s, r),
+        energy=energy_kept(s, r, total),
+        rel_error=relative_error(s, r, total),
     )

@@ -12,6 +12,18 @@ The factors split the singular values evenly so both have the same scale::
     A = U_r diag(s_r)^(1/2)      shape (m, r)
     B = diag(s_r)^(1/2) V_r^T    shape (r, n)       W_r = A @ B
 
+Leading part only
+-----------------
+Under an energy threshold only the top of the spectrum matters, and its whole is known for free:
+``sum_i s_i^2 = ||W||_F^2``.  :func:`spectrum` with ``energy`` first tries a randomized range
+finder with power iterations (Halko, Martinsson and Tropp): ``Q`` orthonormal (m, l) spanning
+``(W W^T)^q W Omega``, and the SVD of the small ``B = Q^T W``.  For any ``r`` orthonormal columns
+``V``, ``||W V||^2 = ||Q B V||^2 + ||(I - Q Q^T) W V||^2``, so the true top-``r`` energy lies
+between ``E_B(r)`` and ``E_B(r) + ||W||^2 - ||B||^2``.  When the smallest ``r`` reaching the
+threshold is the same for both bounds, the rank is certified to be the exact rule's; a gap of
+ten between the kept and the last computed value bounds the error of the kept vectors.  ``l``
+doubles until both hold; past a quarter of ``min(m, n)`` the full SVD is cheaper and is taken.
+
 Factoring pays only below break-even (:mod:`.rank`).  Signs are fixed so that the largest-magnitude entry of every left singular vector is positive
 (the matching right vector flips with it); the factors are then identical across runs and
 platforms for the same input.
@@ -23,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Spectrum", "spectrum", "factors"]
+__all__ = ["Spectrum", "spectrum", "leading", "factors"]
 
 
 @dataclass(frozen=True)
@@ -32,8 +44,9 @@ class Spectrum:
 
     Attributes:
         u: Left singular vectors, shape ``(m, q)``: ``q = min(m, n)``, or fewer once
-            :meth:`truncated` (the singular values stay whole, so energies stay exact).
-        s: Singular values, shape ``(min(m, n),)``, descending.
+            :meth:`truncated` or when only the leading part was computed.
+        s: Singular values, descending: all ``min(m, n)`` of them, or the leading ones with
+            :attr:`total`.
         vt: Right singular vectors (transposed), shape ``(q, n)``.
         whiten: For a whitened spectrum, the factor ``L`` (``L L^T`` = damped ``G``) whose
             inverse maps the factors back; ``None`` for the plain SVD of the matrix.
@@ -49,6 +62,7 @@ class Spectrum:
     whiten: np.ndarray | None = None
     side: str = "left"
     out_whiten: np.ndarray | None = None
+    total: float | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -56,7 +70,12 @@ class Spectrum:
 
     @property
     def full_rank(self) -> int:
-        return int(self.s.shape[0])
+        return int(min(self.shape))
+
+    @property
+    def partial(self) -> bool:
+        """Whether only the leading singular values were computed (``total`` is then the whole)."""
+        return self.total is not None
 
     @property
     def kept(self) -> int:
@@ -69,7 +88,7 @@ class Spectrum:
         if rank >= self.kept:
             return self
         return Spectrum(u=self.u[:, :rank].copy(), s=self.s, vt=self.vt[:rank].copy(), whiten=self.whiten, side=self.side,
-                        out_whiten=self.out_whiten)
+                        out_whiten=self.out_whiten, total=self.total)
 
 
 def _compute_dtype(dtype: np.dtype) -> np.dtype:
@@ -77,11 +96,15 @@ def _compute_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-def spectrum(w: np.ndarray) -> Spectrum:
-    """Thin, sign-fixed SVD of a 2-D matrix.
+def spectrum(w: np.ndarray, *, energy: float | None = None, method: str = "auto") -> Spectrum:
+    """Thin, sign-fixed SVD of a 2-D matrix, or its certified leading part.
 
     Args:
         w: Matrix of shape ``(m, n)``, any floating dtype.
+        energy: The energy threshold the rank will be chosen by: with ``method="auto"``, only the
+            leading part of the spectrum is computed when that certifies the rank (module
+            docstring, "Leading part only"), else the full SVD.
+        method: ``"auto"``, or ``"exact"`` for the full SVD whatever ``energy``.
 
     Returns:
         The :class:`Spectrum`; computed in float32, or float64 when ``w`` is float64 or its
@@ -98,13 +121,71 @@ def spectrum(w: np.ndarray) -> Spectrum:
     a = np.asarray(w, dtype=_compute_dtype(w.dtype))
     if not np.all(np.isfinite(a)):
         raise ValueError("Matrix holds NaN or Inf values; expected finite weights.")
-    spec = _svd(a) if _fits(a) else None
-    if spec is None and a.dtype != np.float64:  # a finite matrix whose norm passes float32's range
+    if method not in ("auto", "exact"):
+        raise ValueError(f"Got method={method!r}; expected 'auto' or 'exact'.")
+    if not _fits(a) and a.dtype != np.float64:  # a finite matrix whose norm passes float32's range
         a = np.asarray(w, dtype=np.float64)
-        spec = _svd(a) if _fits(a) else None
-    if spec is None:
+    if not _fits(a):
         raise ValueError("Matrix is too large in magnitude: its singular values overflow float64; rescale the weights.")
-    return spec
+    if energy is not None and method == "auto":
+        lead = leading(a, energy)
+        if lead is not None:
+            return lead
+    return _svd(a)
+
+
+def _square_sum(a: np.ndarray) -> float:
+    """``||a||_F^2`` accumulated in float64, a block of rows at a time (no full-size copy)."""
+    step = max(1, (1 << 22) // max(1, a.shape[1]))
+    return float(sum(np.einsum("ij,ij->", b, b, dtype=np.float64) for b in (a[i:i + step] for i in range(0, a.shape[0], step))))
+
+
+def leading(a: np.ndarray, energy: float, *, start: int = 32, oversample: int = 16, power: int = 2,
+            most: float = 0.25, seed: int = 0, smallest: int = 256) -> Spectrum | None:
+    """The leading singular triplets of ``a``, enough to certify its energy rank (module
+    docstring), or ``None`` when that would take more than ``most`` of ``min(m, n)`` vectors (or
+    ``min(m, n) < smallest``, where the full SVD costs next to nothing).
+
+    The result holds ``s``, ``u``, ``vt`` for the computed part and ``total = ||a||_F^2``; it is
+    deterministic for a given ``seed``.
+    """
+    from .rank import _ENERGY_RTOL
+
+    m, n = a.shape
+    q = min(m, n)
+    if q < smallest:
+        return None
+    total = _square_sum(a)
+    if total == 0.0:
+        return None
+    rng = np.random.default_rng(seed)
+    want = (energy - _ENERGY_RTOL) * total
+    k = start
+    while k + oversample <= most * q:
+        width = k + oversample
+        basis = _orth(a @ rng.standard_normal((n, width)).astype(a.dtype))
+        for _ in range(power):
+            basis = _orth(a @ _orth(a.T @ basis))
+        ub, s, vt = np.linalg.svd(basis.T @ a, full_matrices=False)
+        cum = np.cumsum(np.square(s.astype(np.float64)))
+        rest = max(total - float(cum[-1]), 0.0)
+        hi = int(np.searchsorted(cum, want, side="left")) + 1  # certainly enough
+        lo = int(np.searchsorted(cum + rest, want, side="left")) + 1  # certainly not fewer
+        if hi <= k and lo == hi and s[-1] <= 0.1 * s[hi - 1]:
+            spec = _signed(basis @ ub, s, vt)
+            return Spectrum(u=spec.u, s=spec.s, vt=spec.vt, total=total)
+        if cum[-1] < want:
+            # not even reached: at the rate the last half of the values holds energy, would it be
+            # within reach of the budget of vectors?  (a slowly decaying spectrum: take the full SVD)
+            rate = (cum[-1] - cum[len(cum) // 2 - 1]) / max(1, len(cum) - len(cum) // 2)
+            if rate <= 0 or width + (want - cum[-1]) / rate > most * q:
+                return None
+        k *= 2
+    return None
+
+
+def _orth(y: np.ndarray) -> np.ndarray:
+    return np.linalg.qr(y)[0]
 
 
 def _fits(a: np.ndarray) -> bool:
@@ -119,6 +200,10 @@ def _fits(a: np.ndarray) -> bool:
 
 def _svd(a: np.ndarray) -> Spectrum:
     u, s, vt = np.linalg.svd(a, full_matrices=False)
+    return _signed(u, s, vt)
+
+
+def _signed(u: np.ndarray, s: np.ndarray, vt: np.ndarray) -> Spectrum:
     # Deterministic signs: the largest-|.| entry of each left singular vector is positive.
     pivots = np.argmax(np.abs(u), axis=0)
     signs = np.sign(u[pivots, np.arange(u.shape[1])])

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .svd import Spectrum, _svd
+from .svd import Spectrum, _svd, leading
 
 __all__ = ["DEFAULT_DAMPING", "whitening_factor", "whitened_spectrum"]
 
@@ -98,7 +98,7 @@ def whitening_factor(gram: np.ndarray, damping: float = DEFAULT_DAMPING) -> tupl
 
 
 def whitened_spectrum(w: np.ndarray, gram: np.ndarray, side: str = "left", damping: float = DEFAULT_DAMPING,
-                      out_gram: np.ndarray | None = None) -> Spectrum:
+                      out_gram: np.ndarray | None = None, *, energy: float | None = None, method: str = "auto") -> Spectrum:
     """The SVD of ``W`` whitened by its input statistics (see the module docstring).
 
     Args:
@@ -110,6 +110,8 @@ def whitened_spectrum(w: np.ndarray, gram: np.ndarray, side: str = "left", dampi
         out_gram: Optional weight ``H`` on the output side (``(n, n)`` left, ``(m, m)`` right):
             the error is measured as ``||X (W - A B) R||`` with ``R R^T`` the damped ``H``
             (module docstring, "Output-side weighting").
+        energy, method: As for :func:`~onnx_lowrank.linalg.spectrum`: only the certified leading
+            part of the whitened matrix's spectrum when an energy threshold will choose the rank.
 
     Returns:
         The sign-fixed SVD of ``L^T W`` (left) or ``W L`` (right), or with ``out_gram`` of
@@ -136,5 +138,6 @@ def whitened_spectrum(w: np.ndarray, gram: np.ndarray, side: str = "left", dampi
                              f"expected ({out}, {out}).")
         rf, _ = whitening_factor(out_gram, damping)
         a = a @ rf if side == "left" else rf.T @ a
-    spec = _svd(a)
-    return Spectrum(u=spec.u, s=spec.s, vt=spec.vt, whiten=lf, side=side, out_whiten=rf)
+    spec = leading(a, energy) if energy is not None and method == "auto" else None
+    spec = spec if spec is not None else _svd(a)
+    return Spectrum(u=spec.u, s=spec.s, vt=spec.vt, whiten=lf, side=side, out_whiten=rf, total=spec.total)
