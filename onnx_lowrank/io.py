@@ -331,18 +331,18 @@ class DataFiles:
                                  "the file is corrupt: re-export the model.") from None
         path, ref = self.path(tensor)
         dtype = _element_type(tensor, self.where)
+        packed = tensor.data_type in _BITS
+        out = np.empty(ref.length, np.uint8) if packed else np.empty(tuple(tensor.dims), dtype)
         try:
             with open(path, "rb") as f:
                 f.seek(ref.offset)
-                buf = f.read(ref.length)
+                got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))  # straight into the array: no second copy
         except OSError as exc:
             raise ModelError(f"{self.where}cannot read the external data of tensor '{tensor.name}' from {path}: {exc.strerror}.") from None
-        if len(buf) != ref.length:
+        if got != ref.length:
             raise ModelError(f"{self.where}external data of tensor '{tensor.name}' in '{path.name}' is truncated "
-                             f"({len(buf)} of {ref.length} bytes).")
-        if tensor.data_type in _BITS:
-            return onnx.numpy_helper.to_array(_inline_copy(tensor, buf))
-        return np.frombuffer(buf, dtype=dtype).reshape(tuple(tensor.dims)).copy()
+                             f"({got} of {ref.length} bytes).")
+        return onnx.numpy_helper.to_array(_inline_copy(tensor, out.tobytes())) if packed else out
 
     def files(self, model: onnx.ModelProto) -> list[Path]:
         """The input data files ``model`` references (not the spill), confined."""

@@ -136,8 +136,7 @@ def spectrum(w: np.ndarray, *, energy: float | None = None, method: str = "auto"
 
 def _square_sum(a: np.ndarray) -> float:
     """``||a||_F^2`` accumulated in float64, a block of rows at a time (no full-size copy)."""
-    step = max(1, (1 << 22) // max(1, a.shape[1]))
-    return float(sum(np.einsum("ij,ij->", b, b, dtype=np.float64) for b in (a[i:i + step] for i in range(0, a.shape[0], step))))
+    return float(sum(np.einsum("ij,ij->", b, b, dtype=np.float64) for b in _blocks(a)))
 
 
 def leading(a: np.ndarray, energy: float, *, start: int = 32, oversample: int = 16, power: int = 2,
@@ -188,13 +187,18 @@ def _orth(y: np.ndarray) -> np.ndarray:
     return np.linalg.qr(y)[0]
 
 
+def _blocks(a: np.ndarray):
+    step = max(1, (1 << 22) // max(1, a.shape[1]))  # about 4 M elements at a time: no full-size temporary
+    return (a[i:i + step] for i in range(0, a.shape[0], step))
+
+
 def _fits(a: np.ndarray) -> bool:
     """Whether the SVD of ``a`` stays finite in its dtype: its Frobenius norm bounds every
     singular value (computed scaled, so the check itself cannot overflow)."""
-    peak = float(np.max(np.abs(a)))
+    peak = max(float(np.max(np.abs(b))) for b in _blocks(a))
     if peak == 0.0:
         return True
-    norm = peak * float(np.linalg.norm((a / peak).astype(np.float64)))
+    norm = peak * float(np.sqrt(sum(np.sum(np.square(b / peak), dtype=np.float64) for b in _blocks(a))))
     return norm * 4 < float(np.finfo(a.dtype).max)
 
 
