@@ -16,12 +16,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, TypeVar
 
 import onnx
 
 from . import io
 from .errors import LowRankError, ModelError
+from .runtime.run import Progress
 
 if TYPE_CHECKING:
     from .config import CompressConfig
@@ -32,7 +33,6 @@ __all__ = ["Request", "Context", "Stage", "Step", "StageResult", "StageError", "
 log = logging.getLogger(__name__)
 
 #: ``progress(done, total, label)``: called as each SVD, calibration batch and measurement ends.
-Progress = Callable[[int, int, str], None]
 
 R = TypeVar("R", bound="StageResult")
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -38,7 +38,7 @@ from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.errors import option
 from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import Decision, LayerPlan, Skip, SkipCode
-from onnx_lowrank.runtime import Feeds, overridable, run_all, session
+from onnx_lowrank.runtime import Feeds, Progress, overridable, run_all, session
 from onnx_lowrank.verify import compare, judge
 
 from .calibrate import Calibration
@@ -63,8 +63,6 @@ log = logging.getLogger(__name__)
 GRID = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 #: Bisection steps on the budget (each one full pass over the calibration set).
 SEARCH_STEPS = 7
-
-Progress = Callable[[int, int, str], None]
 
 
 def _float_outputs(outs: list[np.ndarray]) -> list[int]:

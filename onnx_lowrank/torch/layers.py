@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from onnx_lowrank.errors import UsageError
+from onnx_lowrank.linalg import CONV_MODES
 
 __all__ = ["SVDLayer", "SVDLinear", "SVDConv2d", "CONV_MODES", "INITS"]
 
-CONV_MODES = ("channel", "spatial")
 INITS = ("weights", "random")
 
 
