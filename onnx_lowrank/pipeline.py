@@ -32,7 +32,6 @@ __all__ = ["Request", "Context", "Stage", "Step", "StageResult", "StageError", "
 
 log = logging.getLogger(__name__)
 
-#: ``progress(done, total, label)``: called as each SVD, calibration batch and measurement ends.
 
 R = TypeVar("R", bound="StageResult")
 
