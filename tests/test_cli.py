@@ -157,3 +157,11 @@ def test_report_or_json_never_replaces_a_model(model_path, tmp_path, capsys):
 def test_api_include_given_as_a_list_is_a_usage_error():
     with pytest.raises(ol.UsageError, match="one regular expression"):
         ol.compress(matmul_model(), rank=3, min_params=0, include=["mm", "other"])
+
+
+def test_the_command_line_starts_without_loading_onnx_so_ctrl_c_there_is_one_line():
+    import subprocess
+    import sys
+
+    code = "import sys, onnx_lowrank.cli; heavy = {'onnx', 'onnxruntime', 'numpy'} & set(sys.modules); assert not heavy, heavy"
+    subprocess.run([sys.executable, "-c", code], check=True)
