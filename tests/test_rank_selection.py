@@ -521,3 +521,37 @@ def test_cli_messages_name_flags_and_api_messages_name_keywords(tmp_path, capsys
         ol.compress(chain_model(), damping=0.1)
     with pytest.raises(ol.UsageError, match="^max_drop needs adaptive"):
         ol.compress(chain_model(), max_drop=0.01)
+
+
+@pytest.mark.parametrize("max_drop,multiple", [(0.99, 1), (0.99, 8), (0.2, 8), (0.02, 1)])
+def test_cli_adaptive_max_drop_without_a_budget_on_layers_of_several_ranks(tmp_path, capsys, max_drop, multiple):
+    # The search starts from the lowest budget the allocator can meet; a loose goal accepts it at
+    # once. That start used to be counted differently from the allocator and failed with a
+    # "--target-params ... cannot be met" the user never gave, after every sensitivity run.
+    from onnx_lowrank.cli import main
+
+    src, out, data = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "c.npz"
+    onnx.save(chain_model(), str(src))
+    np.savez(data, x=RNG.standard_normal((48, 96)).astype(np.float32))
+    rc = main([str(src), "-o", str(out), "--adaptive", "--max-drop", str(max_drop), "--metric", "cosine", "--calib", str(data),
+               "--min-params", "0", "--rank-multiple", str(multiple), "--report", str(tmp_path / "r.json")])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "target-params" not in cap.err
+    doc = json.loads((tmp_path / "r.json").read_text())
+    sec = doc["adaptive"]
+    assert sec["measured_drop"] <= max_drop and sec["final_drop"] <= max_drop + 1e-6
+    assert doc["verification"]["worst"]["metric"] == "cosine" and doc["verification"]["passed"]
+    assert len({l["rank"] for l in doc["layers"] if l["factorized"]}) >= 1
+
+
+def test_a_budget_adaptive_cannot_meet_fails_before_any_sensitivity_run(monkeypatch):
+    from onnx_lowrank.passes import adaptive
+
+    def never(*a, **k):
+        raise AssertionError("sensitivity was measured before the budget was checked")
+
+    monkeypatch.setattr(adaptive, "measure_sensitivity", never)
+    calib = [{"x": RNG.standard_normal((16, 96)).astype(np.float32)}]
+    with pytest.raises(ol.UsageError, match="target_params 0.001 cannot be met"):
+        ol.compress(chain_model(), adaptive=True, target_params=0.001, min_params=0, calib=calib)
