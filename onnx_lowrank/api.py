@@ -227,8 +227,10 @@ def compress(
         raise UsageError(f"{option('dry_run')} leaves the model as it is, so there is nothing to verify; drop "
                          f"{option('dry_run')} or the verification options.")
     from .passes import PIPELINE
+    from .runtime import limit
 
-    result = CompressResult.of(pipeline.run(PIPELINE, pipeline.Context(request)))
+    with limit(request.config.cores):  # BLAS and the pass's onnxruntime sessions share the cores given
+        result = CompressResult.of(pipeline.run(PIPELINE, pipeline.Context(request)))
     if result.verification is not None and not request.verify.keep_failed:
         result.verification.check(result=result)
     return result

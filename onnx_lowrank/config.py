@@ -27,7 +27,7 @@ from .linalg import DEFAULT_DAMPING, RULES
 from .options import check, opt
 
 __all__ = ["CompressConfig", "DEFAULT_ENERGY", "load_recipe", "recipe_path", "list_recipes", "SECTIONS", "Selection", "RankRule",
-           "Budget", "DataAware", "Adaptive", "Refine", "Latency", "Quantize"]
+           "Budget", "DataAware", "Adaptive", "Refine", "Latency", "Quantize", "Compute"]
 
 DEFAULT_ENERGY = 0.95
 OP_TYPES = ("MatMul", "Gemm", "Conv")
@@ -208,8 +208,20 @@ class Quantize(Section):
                                "weights; better quality, same size; Conv kernels keep one scale)", choices=QUANTIZE_MODES)
 
 
+@dataclass(frozen=True)
+class Compute(Section):
+    """How the pass runs its own work; never what it produces."""
+
+    title = "compute (the pass's own work; the result is the same)"
+    cores: int | None = opt(None, "positive_int", "CPU cores the pass uses: BLAS threads of its SVDs and onnxruntime threads of its "
+                            "calibration runs, never more together (default: the cores this process may run on)", metavar="N",
+                            example=2)
+
+
 #: The sections of :class:`CompressConfig`, in the order their flags appear.
-SECTIONS: tuple[type[Section], ...] = (RankRule, Budget, DataAware, Adaptive, Refine, Selection, Latency, Quantize)
+SECTIONS: tuple[type[Section], ...] = (RankRule, Budget, DataAware, Adaptive, Refine, Selection, Latency, Quantize, Compute)
+#: Sections that change how the pass runs, not what it produces (left out of the model's stamp).
+RUN_ONLY: tuple[type[Section], ...] = (Compute,)
 _OWNER = {f.name: cls for cls in SECTIONS for f in fields(cls)}
 
 
@@ -229,7 +241,8 @@ class CompressConfig:
     * :class:`Selection`: ``min_params``, ``include``, ``exclude``, ``op_types``, ``conv_mode``,
       ``allow_input_weights``;
     * :class:`Latency`: ``latency_aware``, ``threads``, ``batch``, ``input_shape``, ``min_speedup``;
-    * :class:`Quantize`: ``quantize``.
+    * :class:`Quantize`: ``quantize``;
+    * :class:`Compute`: ``cores`` (how the pass runs; the result is the same).
 
     Instances are immutable; :meth:`replace` gives a changed copy.
     """
@@ -336,8 +349,11 @@ class CompressConfig:
             changes.setdefault("rank", None)
         return CompressConfig(**{**self.values(), **changes})
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.values().items()}
+    def to_dict(self, *, results_only: bool = False) -> dict[str, Any]:
+        """Every option as JSON-ready data; ``results_only`` leaves out those that only change how
+        the pass runs (:data:`RUN_ONLY`)."""
+        skip = {f.name for cls in RUN_ONLY for f in fields(cls)} if results_only else set()
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.values().items() if k not in skip}
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, source: str = "config") -> "CompressConfig":

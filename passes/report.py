@@ -196,5 +196,5 @@ class Report(Step):
                       rewritten.factors if rewritten else {}, spectra.shapes, opset_version(loaded.model))
         t = totals(layers, loaded.params, loaded.size, spectra.shapes)
         if not ctx.request.dry_run and t.factorized:
-            stamp(ctx.model, ctx.config.to_dict(), t)
+            stamp(ctx.model, ctx.config.to_dict(results_only=True), t)
         return Reported(layers, t, ctx.model, ctx.data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -73,3 +74,28 @@ def test_the_exact_path_is_kept_when_asked_for():
     exact = ol.compress(m, energy=0.99, min_params=0, svd="exact")
     assert fast.layers[0].rank == exact.layers[0].rank == 16 and fast.to_dict()["config"]["svd"] == "auto"
     assert fast.layers[0].energy == pytest.approx(exact.layers[0].energy, abs=1e-6)
+
+
+def test_the_pass_caps_blas_threads_and_its_sessions_at_the_cores_given(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    import onnx_lowrank as ol
+    from onnx_lowrank import runtime
+    from onnx_lowrank.passes import spectra
+    from models import matmul_model
+
+    seen = []
+    real = spectra.plan_weight
+
+    def spy(*a, **k):
+        seen.append([(i["internal_api"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(spectra, "plan_weight", spy)
+    res = ol.compress(matmul_model(), energy=0.9, min_params=0, cores=1)
+    assert seen and all(n == 1 for per_lib in seen for _, n in per_lib)
+    assert "cores" not in json.loads(next(p.value for p in res.model.metadata_props if p.key == "onnx_lowrank"))["config"]
+    with runtime.limit(1):
+        sess = runtime.session(matmul_model())
+        assert runtime.threads.session_threads() == 1 and sess.get_session_options().intra_op_num_threads == 1
+    assert runtime.threads.session_threads() is None and runtime.available_cores() >= 1

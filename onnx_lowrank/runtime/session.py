@@ -21,6 +21,7 @@ import onnx
 
 from .. import io
 from ..errors import LowRankError, ModelError
+from .threads import session_threads
 
 __all__ = ["session", "first_line"]
 
@@ -39,6 +40,10 @@ def _options(threads: int | None, folder: str | None = None, profile_prefix: str
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not threads and session_threads() is not None:
+        # the pass's own session, inside its thread budget: no idle spinning against numpy
+        threads = session_threads()
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
@@ -72,7 +77,8 @@ def session(model: str | os.PathLike | onnx.ModelProto, *, threads: int | None =
 
     Args:
         model: A path, or a ``ModelProto``.
-        threads: ``intra_op_num_threads`` (with one inter-op thread); ``None`` lets onnxruntime choose.
+        threads: ``intra_op_num_threads`` (with one inter-op thread); ``None``: the pass's thread
+            budget when one is set (:func:`~onnx_lowrank.runtime.threads.limit`), else onnxruntime's choice.
         data: Where an in-memory model's external data resolves.
         profile_prefix: Turn on onnxruntime's profiler, writing traces with this prefix.
 
