@@ -228,9 +228,12 @@ def compress(
                          f"{option('dry_run')} or the verification options.")
     from .passes import PIPELINE
     from .runtime import limit
+    from .runtime.executor import make_executor
 
-    with limit(request.config.cores):  # BLAS and the pass's onnxruntime sessions share the cores given
-        result = CompressResult.of(pipeline.run(PIPELINE, pipeline.Context(request)))
+    cfg = request.config
+    executor = make_executor(cfg.workers, cfg.executor, cfg.cores, cfg.ray_address)
+    with limit(cfg.cores):  # BLAS and the pass's onnxruntime sessions share the cores given
+        result = CompressResult.of(pipeline.run(PIPELINE, pipeline.Context(request, executor=executor)))
     if result.verification is not None and not request.verify.keep_failed:
         result.verification.check(result=result)
     return result

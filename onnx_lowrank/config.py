@@ -36,6 +36,7 @@ CONV_MODES = (*_VIEWS, "auto")
 QUANTIZE_MODES = ("int8", "int8-per-channel")
 RANK_RULES = RULES
 BUDGET_SCOPES = ("weights", "model")
+EXECUTORS = ("local", "ray")
 SVD_METHODS = ("auto", "exact")
 #: What ``max_drop`` bounds: the verification gate's metrics (:mod:`onnx_lowrank.verify`).
 METRICS = ("accuracy", "f1", "top1", "cosine", "rel_l2", "max_abs")
@@ -216,6 +217,16 @@ class Compute(Section):
     cores: int | None = opt(None, "positive_int", "CPU cores the pass uses: BLAS threads of its SVDs and onnxruntime threads of its "
                             "calibration runs, never more together (default: the cores this process may run on)", metavar="N",
                             example=2)
+    workers: int = opt(1, "positive_int", "run the spectra, the calibration statistics and the sensitivity runs in N worker "
+                       "processes, each with cores/N threads (default 1: here)", metavar="N", example=2)
+    executor: str = opt("local", "choice", "where the workers run: local (this machine) or ray (a Ray cluster; needs "
+                        "pip install 'onnx-lowrank[ray]')", choices=EXECUTORS)
+    ray_address: str | None = opt(None, "text", "with --executor ray: the cluster to join, e.g. ray://head:10001 (default: a "
+                                  "local Ray started for the run)", metavar="ADDR")
+
+    def rules(self) -> None:
+        if self.ray_address is not None and self.executor != "ray":
+            raise UsageError(f"{option('ray_address')} names a Ray cluster; add {option_value('executor', 'ray')} or drop it.")
 
 
 #: The sections of :class:`CompressConfig`, in the order their flags appear.
@@ -242,7 +253,8 @@ class CompressConfig:
       ``allow_input_weights``;
     * :class:`Latency`: ``latency_aware``, ``threads``, ``batch``, ``input_shape``, ``min_speedup``;
     * :class:`Quantize`: ``quantize``;
-    * :class:`Compute`: ``cores`` (how the pass runs; the result is the same).
+    * :class:`Compute`: ``cores``, ``workers``, ``executor``, ``ray_address`` (how the pass runs;
+      the result is the same).
 
     Instances are immutable; :meth:`replace` gives a changed copy.
     """

@@ -83,6 +83,8 @@ class Context:
         data: Where :attr:`model`'s external data resolves.
         results: Each stage's result, by stage name, in the order they ran.
         seconds: Wall time of each stage that ran.
+        executor: Where the parallel stages run their tasks (:mod:`onnx_lowrank.runtime.executor`;
+            ``None``: here, in order).
     """
 
     request: Request
@@ -90,6 +92,7 @@ class Context:
     data: io.DataFiles = field(default_factory=io.DataFiles)
     results: dict[str, StageResult] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    executor: Any = None
 
     @property
     def config(self) -> "CompressConfig":

@@ -39,6 +39,7 @@ from onnx_lowrank.errors import option
 from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import Decision, LayerPlan, Skip, SkipCode
 from onnx_lowrank.runtime import Feeds, Progress, overridable, run_all, session
+from onnx_lowrank.runtime.executor import Executor, InProcess
 from onnx_lowrank.verify import compare, judge
 
 from .calibrate import Calibration
@@ -109,9 +110,16 @@ class Evaluator:
         self.feeds = feeds
         self.runs = 0
         self.passes = 0
-        self.session = session(overridable(model, weights), threads=threads, data=io.as_data(data))
+        self.probe = overridable(model, weights)
+        self.data = io.as_data(data)
+        self.session = session(self.probe, threads=threads, data=self.data)
         self.names = [o.name for o in self.session.get_outputs()]
         self.base = self.run({})
+
+    def shared(self) -> tuple:
+        """What a worker process needs to measure as this evaluator does (picklable)."""
+        folder = str(self.data.base_dir) if self.data.base_dir is not None else None
+        return self.probe.SerializeToString(), folder, [dict(f) for f in self.feeds], self.base, self.names
 
     def close(self) -> None:
         self.session = None
@@ -149,22 +157,48 @@ class Curve:
         return np.interp(ranks, self.ranks, self.sens)
 
 
+def _sensitivity_setup(shared: tuple) -> tuple:
+    """A worker's evaluator: a session of the overridable model, the feeds, the original outputs."""
+    model_bytes, folder, feeds, base, names = shared
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes)
+    return session(model, data=io.as_data(folder)), feeds, base, names
+
+
+def _sensitivity_task(state: tuple, item: tuple) -> float:
+    """The distortion with one weight replaced by the product of its factors (one pass)."""
+    sess, feeds, base, names = state
+    name, a, b, dtype = item
+    w = (a.astype(np.float64) @ b.astype(np.float64)).astype(dtype)
+    return distortion(base, run_all(sess, feeds, overrides={name: w}, names=names))
+
+
 def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: int = 1,
-                        progress: Progress | None = None) -> list[Curve]:
-    """Each plan's sensitivity at its :func:`grid_ranks`, compressing one layer at a time."""
-    curves = []
-    total = sum(len(grid_ranks(p, rank_multiple)) for p in plans)
-    done = 0
-    for p in plans:
-        curve = Curve(grid_ranks(p, rank_multiple))
-        for r in curve.ranks:
-            outs = ev.run({p.name: _truncated(p, r)})
-            curve.sens.append(distortion(ev.base, outs))
-            done += 1
-            if progress is not None:
-                progress(done, total, f"sensitivity {p.name} rank {r}")
+                        progress: Progress | None = None, executor: Executor | None = None) -> list[Curve]:
+    """Each plan's sensitivity at its :func:`grid_ranks`, compressing one layer at a time.
+
+    The runs are independent: an ``executor`` with several workers spreads them, each worker
+    building its own session once (:mod:`onnx_lowrank.runtime.executor`).
+    """
+    curves = [Curve(grid_ranks(p, rank_multiple)) for p in plans]
+    items = [(p.name, *linalg.factors(p.view().spectrum, r), p.dtype) for p, c in zip(plans, curves) for r in c.ranks]
+    labels = [f"sensitivity {p.name} rank {r}" for p, c in zip(plans, curves) for r in c.ranks]
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total, labels[done - 1] if executor is None or executor.workers == 1 else "sensitivity")
+
+    if executor is None or executor.workers == 1:  # here, on the evaluator's own session
+        values = InProcess().run(lambda _: (ev.session, ev.feeds, ev.base, ev.names), _sensitivity_task, None, items, report)
+    else:
+        values = executor.run(_sensitivity_setup, _sensitivity_task, ev.shared(), items, report)
+    feeds = sum(1 for _ in ev.feeds)
+    ev.runs += len(items) * feeds
+    ev.passes += len(items)
+    it = iter(values)
+    for p, curve in zip(plans, curves):
+        curve.sens = [next(it) for _ in curve.ranks]
         log.debug("sensitivity of %s: %s", p.name, dict(zip(curve.ranks, curve.sens)))
-        curves.append(curve)
     return curves
 
 
@@ -221,7 +255,7 @@ def _lowest_budget(active: list[LayerPlan], cfg: CompressConfig, base: BudgetBas
 
 def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase, feeds: Feeds,
                     labels: np.ndarray | None, data: io.DataFiles | None, *, threads: int | None = None,
-                    progress: Progress | None = None) -> Adapted:
+                    progress: Progress | None = None, executor: Executor | None = None) -> Adapted:
     """Measure, allocate and search (see the module docstring)."""
     active, decisions = _measurable(model, plans)
     for k, d in list(decisions.items()):
@@ -240,7 +274,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     ev = Evaluator(model, [p.name for p in active], feeds, data, threads)
     try:
         metric, _ = quality_drop(ev.base, ev.base, labels, metric=cfg.metric, names=ev.names)
-        curves = measure_sensitivity(ev, active, cfg.rank_multiple, progress)
+        curves = measure_sensitivity(ev, active, cfg.rank_multiple, progress, executor)
 
         def assign(target: float | None) -> dict[int, Decision]:
             limits = base.limits(cfg, target_params=target)
@@ -296,7 +330,8 @@ class Adapt(Step):
         active = [p for p in plans.values() if p.active and not p.is_conv]
         base = BudgetBase.of(ctx.need(Discovery).groups, active, cfg, ctx.need(Loaded).params)
         feeds = ctx.need(Calibration).adaptive_feeds(cfg.adaptive_samples)
-        adapted = decide_adaptive(ctx.model, plans, cfg, base, feeds, feeds.labels, ctx.data, progress=ctx.progress)
+        adapted = decide_adaptive(ctx.model, plans, cfg, base, feeds, feeds.labels, ctx.data, progress=ctx.progress,
+                                  executor=ctx.executor)
         if feeds.samples is not None and adapted.base is not None:
             adapted.numbers["samples"] = feeds.samples
         return adapted

@@ -46,13 +46,13 @@ def _conv_energy(cfg: CompressConfig) -> float | None:
     return cfg.effective_energy if cfg.effective_energy is not None or cfg.rank is not None else DEFAULT_ENERGY
 
 
-def rank_ceiling(cfg: CompressConfig, plan: LayerPlan, mode: str) -> int:
-    """The highest rank any decider can give view ``mode`` of ``plan``: the spectra stage keeps
-    only that many singular vectors, so memory follows the factors, not the weights."""
-    v = plan.views[mode]
-    if not plan.is_conv and (cfg.has_budget or cfg.adaptive):
-        return min(plan.break_even(mode), v.m, v.n)
-    return _rule(cfg, plan, v).rank
+def rank_ceiling(cfg: CompressConfig, is_conv: bool, view, break_even: int) -> int:
+    """The highest rank any decider can give ``view`` (its spectrum taken; ``break_even`` its
+    layer's): the spectra stage keeps only that many singular vectors, so memory follows the
+    factors, not the weights."""
+    if not is_conv and (cfg.has_budget or cfg.adaptive):
+        return min(break_even, view.m, view.n)
+    return rule_choice(cfg, is_conv, view, break_even).rank
 
 
 def rule_energy(cfg: CompressConfig, is_conv: bool) -> float | None:
@@ -60,10 +60,15 @@ def rule_energy(cfg: CompressConfig, is_conv: bool) -> float | None:
     return _conv_energy(cfg) if is_conv else cfg.effective_energy
 
 
+def rule_choice(cfg: CompressConfig, is_conv: bool, v, break_even: int | None = None) -> linalg.RankChoice:
+    """The per-layer rule's choice for view ``v`` (a Conv's ``break_even`` counts its MACs too)."""
+    return linalg.choose_rank(v.spectrum.s, v.m, v.n, energy=rule_energy(cfg, is_conv), rank=cfg.rank,
+                              rank_multiple=cfg.rank_multiple, rule=cfg.rank_rule, break_even=break_even if is_conv else None,
+                              total=v.spectrum.total)
+
+
 def _rule(cfg: CompressConfig, plan: LayerPlan, v) -> linalg.RankChoice:
-    return linalg.choose_rank(v.spectrum.s, v.m, v.n, energy=rule_energy(cfg, plan.is_conv), rank=cfg.rank,
-                              rank_multiple=cfg.rank_multiple, rule=cfg.rank_rule,
-                              break_even=plan.break_even(v.mode) if plan.is_conv else None, total=v.spectrum.total)
+    return rule_choice(cfg, plan.is_conv, v, plan.break_even(v.mode) if plan.is_conv else None)
 
 
 def per_layer(plan: LayerPlan, cfg: CompressConfig) -> Decision:

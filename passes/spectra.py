@@ -18,16 +18,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnx_lowrank import linalg, shapes
+import onnx
+
+from onnx_lowrank import io, linalg, shapes
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.errors import ModelError, option
 from onnx_lowrank.pipeline import Context, StageResult, Step
+from onnx_lowrank.runtime.executor import InProcess
+
+from onnx_lowrank.plan import MATRIX, ConvUse, LayerPlan, Skip, SkipCode, View
 
 from .discover import Discovery
 from .statistics import Statistics
-from onnx_lowrank.plan import MATRIX, ConvUse, LayerPlan, Skip, SkipCode, View
 
-__all__ = ["Spectra", "TakeSpectra", "plan_weight", "conv_use"]
+__all__ = ["Spectra", "TakeSpectra", "WeightTask", "take_spectra", "plan_weight", "conv_use"]
 
 log = logging.getLogger(__name__)
 
@@ -85,49 +89,98 @@ def _energy(cfg: CompressConfig, is_conv: bool) -> float | None:
     return rule_energy(cfg, is_conv)
 
 
-def plan_weight(key: int, group, arr: np.ndarray, cfg: CompressConfig, *, gram=None, out_gram=None, note: str | None = None,
-                known: shapes.ShapeInfo | None = None) -> LayerPlan:
-    """The plan of one weight: its view(s) and spectra, truncated to what a decider can use."""
-    if group.layers[0].is_conv:
-        plan = _conv_plan(key, group, arr, cfg, known)
-    else:
-        plan = LayerPlan(key, group, arr.dtype, tuple(arr.shape), note=note)
-        try:
-            view, extra = _matrix_view(arr, gram, out_gram, cfg.damping, group.weight.name, _energy(cfg, False), cfg.svd)
-            plan = dataclasses.replace(plan, views={MATRIX: view}, note=extra or note)
-        except ValueError as exc:
-            m, n = arr.shape
-            plan = dataclasses.replace(plan, views={MATRIX: View(MATRIX, m, n)},
-                                       skip=Skip(SkipCode.NOT_FACTORIZABLE, f"cannot factorize: {exc}", STAGE))
-    if not plan.active:
-        return plan
+@dataclass(frozen=True)
+class WeightTask:
+    """What a worker needs to take one weight's spectra (picklable: no graph objects).
+
+    Attributes:
+        key: The weight group's handle.
+        tensor: The weight's tensor (without its data when that lives in a file).
+        is_conv: A Conv kernel (one or two views), else a matrix.
+        cfg: The configuration (which views, the rank rule, damping, ``svd``).
+        break_even: Per view, the largest rank that saves (a Conv's counts its MACs).
+        gram, out_gram, note: Data-aware statistics, and a remark for the report.
+    """
+
+    key: int
+    tensor: onnx.TensorProto
+    is_conv: bool
+    cfg: CompressConfig
+    break_even: dict[str, int]
+    gram: tuple[np.ndarray, str] | None = None
+    out_gram: np.ndarray | None = None
+    note: str | None = None
+
+
+def take_spectra(data: io.DataFiles, task: WeightTask) -> tuple[dict[str, View], str | None, Skip | None]:
+    """Read one weight and take its views' spectra, truncated to what a decider can use.
+
+    Returns:
+        ``(views, note, skip)``.
+    """
     from .decide import rank_ceiling  # (a later stage, as in _energy)
 
-    kept = {mode: dataclasses.replace(v, spectrum=v.spectrum.truncated(rank_ceiling(cfg, plan, mode)))
-            for mode, v in plan.views.items() if v.spectrum is not None}
-    return dataclasses.replace(plan, views={**plan.views, **kept})
+    try:
+        arr = data.read(task.tensor)
+    except OSError as exc:
+        raise ModelError(f"cannot read weight '{task.tensor.name}': {exc}") from None
+    cfg, note, skip = task.cfg, task.note, None
+    if task.is_conv:
+        views = {}
+        for mode in task.break_even:
+            m, n = linalg.conv_matrix_shape(arr.shape, mode)
+            try:
+                views[mode] = View(mode, m, n, linalg.spectrum(linalg.conv_matrix(arr, mode), energy=_energy(cfg, True), method=cfg.svd))
+            except ValueError as exc:
+                views[mode] = View(mode, m, n)
+                skip = Skip(SkipCode.NOT_FACTORIZABLE, f"cannot factorize: {exc}", STAGE)
+    else:
+        try:
+            view, extra = _matrix_view(arr, task.gram, task.out_gram, cfg.damping, task.tensor.name, _energy(cfg, False), cfg.svd)
+            views, note = {MATRIX: view}, extra or note
+        except ValueError as exc:
+            views = {MATRIX: View(MATRIX, *arr.shape)}
+            skip = Skip(SkipCode.NOT_FACTORIZABLE, f"cannot factorize: {exc}", STAGE)
+    del arr
+    if skip is None:
+        views = {mode: dataclasses.replace(v, spectrum=v.spectrum.truncated(rank_ceiling(cfg, task.is_conv, v, task.break_even[mode])))
+                 for mode, v in views.items()}
+    return views, note, skip
 
 
-def _conv_plan(key: int, group, arr: np.ndarray, cfg: CompressConfig, known: shapes.ShapeInfo | None) -> LayerPlan:
-    nd = arr.ndim - 2
+def _skeleton(key: int, group, cfg: CompressConfig, known: shapes.ShapeInfo | None) -> LayerPlan:
+    """A weight's plan before its spectra: shape, views (their sizes), Conv uses, and a skip the
+    shape alone decides."""
+    w = group.weight
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(w.tensor.data_type))
+    if not group.layers[0].is_conv:
+        m, n = w.shape
+        return LayerPlan(key, group, dtype, w.shape, views={MATRIX: View(MATRIX, m, n)})
+    nd = len(w.shape) - 2
     modes = ["channel", "spatial"] if cfg.conv_mode == "auto" else [cfg.conv_mode]
     if nd != 2 and "spatial" in modes:
         modes.remove("spatial")  # auto: spatial-wise needs kh x kw
-    plan = LayerPlan(key, group, arr.dtype, tuple(arr.shape), conv_uses=tuple(conv_use(layer, known) for layer in group.layers))
+    plan = LayerPlan(key, group, dtype, w.shape, conv_uses=tuple(conv_use(layer, known) for layer in group.layers))
     if not modes:
         skip = Skip(SkipCode.NO_SPATIAL_VIEW, f"spatial-wise decomposition needs a 2-D kernel (kh x kw); this Conv's kernel is {nd}-D "
-                    f"{list(arr.shape[2:])}; use {option('conv_mode')} channel or auto", STAGE)
-        return dataclasses.replace(plan, views={"channel": View("channel", *linalg.conv_matrix_shape(arr.shape, "channel"))},
+                    f"{list(w.shape[2:])}; use {option('conv_mode')} channel or auto", STAGE)
+        return dataclasses.replace(plan, views={"channel": View("channel", *linalg.conv_matrix_shape(w.shape, "channel"))},
                                    skip=skip)
-    views, skip = {}, None
-    for mode in modes:
-        m, n = linalg.conv_matrix_shape(arr.shape, mode)
-        try:
-            views[mode] = View(mode, m, n, linalg.spectrum(linalg.conv_matrix(arr, mode), energy=_energy(cfg, True), method=cfg.svd))
-        except ValueError as exc:
-            views[mode] = View(mode, m, n)
-            skip = Skip(SkipCode.NOT_FACTORIZABLE, f"cannot factorize: {exc}", STAGE)
-    return dataclasses.replace(plan, views=views, skip=skip)
+    return dataclasses.replace(plan, views={mode: View(mode, *linalg.conv_matrix_shape(w.shape, mode)) for mode in modes})
+
+
+def plan_weight(key: int, group, arr: np.ndarray, cfg: CompressConfig, *, gram=None, out_gram=None, note: str | None = None,
+                known: shapes.ShapeInfo | None = None) -> LayerPlan:
+    """The plan of one weight given as an array: its view(s) and spectra, truncated to what a
+    decider can use (the stage does the same, reading each weight where it lives)."""
+    skeleton = _skeleton(key, group, cfg, known)
+    if skeleton.skip is not None:
+        return skeleton
+    tensor = onnx.numpy_helper.from_array(arr, group.weight.name)
+    task = WeightTask(key, tensor, skeleton.is_conv, cfg, {mode: skeleton.break_even(mode) for mode in skeleton.views},
+                      gram, out_gram, note)
+    views, note, skip = take_spectra(io.DataFiles(), task)
+    return dataclasses.replace(skeleton, views=views, note=note, skip=skip)
 
 
 class TakeSpectra(Step):
@@ -141,17 +194,24 @@ class TakeSpectra(Step):
         cap = stats.capture if stats is not None else None
         # Conv MACs scale with the output size, which only the model's shapes tell.
         known = shapes.value_shapes(ctx.model) if any(l.is_conv for l in found.layers) else None
-        todo = found.candidates
-        plans = {}
-        for k, group in enumerate(todo, 1):
-            try:
-                arr = ctx.data.read(group.weight.tensor)
-            except OSError as exc:
-                raise ModelError(f"cannot read weight '{group.weight.name}': {exc}") from None
-            gram = cap.grams.get(group.key) if cap is not None else None
-            out_gram = cap.out_grams.get(group.key) if cap is not None else None
-            note = cap.skipped.get(group.key) if cap is not None else None
-            plans[group.key] = plan_weight(group.key, group, arr, ctx.config, gram=gram, out_gram=out_gram, note=note, known=known)
-            del arr
-            ctx.progress(k, len(todo), group.weight.name)
+        plans, tasks = {}, []
+        for group in found.candidates:
+            skeleton = plans[group.key] = _skeleton(group.key, group, ctx.config, known)
+            if skeleton.skip is not None:
+                continue
+            tasks.append(WeightTask(group.key, group.weight.tensor, skeleton.is_conv, ctx.config,
+                                    {mode: skeleton.break_even(mode) for mode in skeleton.views},
+                                    cap.grams.get(group.key) if cap is not None else None,
+                                    cap.out_grams.get(group.key) if cap is not None else None,
+                                    cap.skipped.get(group.key) if cap is not None else None))
+        executor = ctx.executor or InProcess()
+        labels = [found.group(t.key).weight.name for t in tasks]
+        # workers read each weight where it lives (external data) or get it with its task
+        results = executor.run(_setup, take_spectra, ctx.data, tasks, lambda done, total: ctx.progress(done, total, labels[done - 1]))
+        for task, (views, note, skip) in zip(tasks, results):
+            plans[task.key] = dataclasses.replace(plans[task.key], views=views, note=note, skip=skip)
         return Spectra(plans, known)
+
+
+def _setup(data: io.DataFiles) -> io.DataFiles:
+    return data

@@ -35,6 +35,7 @@ else (fused attention ops, Einsum, a layout that fails the check) keeps input-on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ from .calibrate import Calibration
 from .discover import Discovery, Layer, WeightGroup
 from onnx_lowrank.errors import CalibrationError, option
 from onnx_lowrank.runtime import Feeds, Progress, capture
+from onnx_lowrank.runtime.executor import Executor
 
 __all__ = ["layer_side", "Capture", "capture_grams", "Statistics", "CaptureStatistics", "layer_inputs"]
 
@@ -131,8 +133,12 @@ def capture_grams(
     threads: int | None = None,
     progress: Progress | None = None,
     attention: bool = False,
+    executor: Executor | None = None,
 ) -> Capture:
     """Accumulate ``G`` for every group's weight over the calibration feeds (one pass).
+
+    The sums add up over shards of the feeds: an ``executor`` with several workers gives each a
+    shard and adds their sums.
 
     Args:
         model: The model (not modified; a copy gets the extra outputs).
@@ -144,6 +150,7 @@ def capture_grams(
         progress: Called as ``progress(batches_done, total_or_0, "capturing activations")``.
         attention: Also take the output-side weight of attention-score projections, in the same
             pass (module docstring).
+        executor: Where the shards run (:mod:`onnx_lowrank.runtime.executor`; default: here).
 
     Raises:
         CalibrationError: no feeds, or the mask input is not fed.
@@ -158,29 +165,19 @@ def capture_grams(
         return cap
 
     scores = _score_operands(model.graph, [g for g in groups if g.key in plan]) if attention else []
-    extra = {name for op in scores for name in (op.operand, op.other, op.source)}
-    heads = _HeadGrams(scores)
-    sums: dict[tuple[str, int], np.ndarray] = {}
-    counts: dict[tuple[str, int], int] = {}
-
-    def add(feed: dict[str, np.ndarray], got: list[dict[str, np.ndarray]]) -> None:
-        values = got[0]
-        mask = _mask_of(feed, mask_input)
-        for key in wanted:
-            name, axis = key
-            x = values[name]
-            rows = _rows(x, axis, mask)
-            if mask is not None and rows.shape[0] != int(np.prod(x.shape[:-1] if x.ndim > 1 else (1,))):
-                cap.masked.add(name)
-            r64 = rows.astype(np.float64, copy=False)
-            g = r64.T @ r64
-            sums[key] = sums[key] + g if key in sums else g
-            counts[key] = counts.get(key, 0) + rows.shape[0]
-        if scores:
-            heads.add(values, mask)
-
-    cap.runs = capture(model, {name for name, _ in wanted} | extra, feeds, add, data=io.as_data(data),
-                       threads=threads, progress=progress)
+    folder = io.as_data(data)
+    spec = _ShardSpec(None, folder, sorted(wanted), scores, mask_input, threads)
+    if executor is None or executor.workers == 1:
+        part = _accumulate(spec, feeds, model=model, progress=progress)  # streaming, here
+    else:
+        shards = _shards([dict(f) for f in feeds], executor.workers)
+        spec = dataclasses.replace(spec, model=model.SerializeToString())
+        part = _Sums.total(executor.run(_shard_setup, _shard_task, spec, shards,
+                                        lambda done, total: progress(done, total, "capturing activations") if progress else None))
+    if part.runs == 0:
+        raise CalibrationError(f"the calibration data holds no feeds; pass a non-empty {option('calib')}.")
+    sums, counts, cap.masked, cap.runs = part.sums, part.counts, part.masked, part.runs
+    heads = _HeadGrams(scores, part.head_sums, part.head_bad)
     for gid, (side, acts) in plan.items():
         g = None
         for key in acts:
@@ -324,10 +321,10 @@ def _layout_matches(op4: np.ndarray, source: np.ndarray) -> bool:
 class _HeadGrams:
     """Accumulates, per score operand, the other operand's Gram per head (``attention=True``)."""
 
-    def __init__(self, scores: list[ScoreOperand]):
+    def __init__(self, scores: list[ScoreOperand], sums: dict[int, np.ndarray] | None = None, bad: set[int] | None = None):
         self.scores = scores
-        self.sums: dict[int, np.ndarray] = {}
-        self.bad: set[int] = set()
+        self.sums: dict[int, np.ndarray] = dict(sums or {})
+        self.bad: set[int] = set(bad or ())
 
     def add(self, values: Mapping[str, np.ndarray], mask: np.ndarray | None) -> None:
         for k, op in enumerate(self.scores):
@@ -391,6 +388,94 @@ def layer_inputs(groups: list[WeightGroup], graph: onnx.GraphProto
     return plan, skipped
 
 
+@dataclass(frozen=True)
+class _ShardSpec:
+    """What a worker needs to capture statistics on a shard of the feeds (picklable)."""
+
+    model: bytes | None
+    data: io.DataFiles
+    wanted: list[tuple[str, int]]
+    scores: list[ScoreOperand]
+    mask_input: str | None
+    threads: int | None
+
+
+@dataclass
+class _Sums:
+    """Gram sums over some feeds; the sums of two shards add up (:meth:`total`)."""
+
+    sums: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    counts: dict[tuple[str, int], int] = field(default_factory=dict)
+    masked: set[str] = field(default_factory=set)
+    head_sums: dict[int, np.ndarray] = field(default_factory=dict)
+    head_bad: set[int] = field(default_factory=set)
+    runs: int = 0
+
+    @staticmethod
+    def total(parts: list["_Sums"]) -> "_Sums":
+        out = _Sums()
+        for p in parts:
+            for k, g in p.sums.items():
+                out.sums[k] = out.sums[k] + g if k in out.sums else g
+            for k, c in p.counts.items():
+                out.counts[k] = out.counts.get(k, 0) + c
+            for k, h in p.head_sums.items():
+                out.head_sums[k] = out.head_sums[k] + h if k in out.head_sums else h
+            out.masked |= p.masked
+            out.head_bad |= p.head_bad
+            out.runs += p.runs
+        out.head_sums = {k: h for k, h in out.head_sums.items() if k not in out.head_bad}
+        return out
+
+
+def _accumulate(spec: _ShardSpec, feeds: Feeds, *, model: onnx.ModelProto, progress: Progress | None = None) -> _Sums:
+    """One pass over ``feeds``: the Gram of every wanted activation (padded rows left out)."""
+    part = _Sums()
+    heads = _HeadGrams(spec.scores)
+    extra = {name for op in spec.scores for name in (op.operand, op.other, op.source)}
+
+    def add(feed: dict[str, np.ndarray], got: list[dict[str, np.ndarray]]) -> None:
+        values = got[0]
+        mask = _mask_of(feed, spec.mask_input)
+        for key in spec.wanted:
+            name, axis = key
+            x = values[name]
+            rows = _rows(x, axis, mask)
+            if mask is not None and rows.shape[0] != int(np.prod(x.shape[:-1] if x.ndim > 1 else (1,))):
+                part.masked.add(name)
+            r64 = rows.astype(np.float64, copy=False)
+            g = r64.T @ r64
+            part.sums[key] = part.sums[key] + g if key in part.sums else g
+            part.counts[key] = part.counts.get(key, 0) + rows.shape[0]
+        if spec.scores:
+            heads.add(values, mask)
+
+    try:
+        part.runs = capture(model, {name for name, _ in spec.wanted} | extra, feeds, add, data=spec.data,
+                            threads=spec.threads, progress=progress)
+    except CalibrationError as exc:
+        if "holds no feeds" not in str(exc):
+            raise
+    part.head_sums, part.head_bad = heads.sums, heads.bad
+    return part
+
+
+def _shards(feeds: list, n: int) -> list[list]:
+    size = -(-len(feeds) // n) if feeds else 1
+    return [feeds[i:i + size] for i in range(0, len(feeds), size)] or [[]]
+
+
+def _shard_setup(spec: _ShardSpec) -> tuple[_ShardSpec, onnx.ModelProto]:
+    model = onnx.ModelProto()
+    model.ParseFromString(spec.model)
+    return spec, model
+
+
+def _shard_task(state: tuple[_ShardSpec, onnx.ModelProto], shard: list) -> _Sums:
+    spec, model = state
+    return _accumulate(spec, shard, model=model)
+
+
 @dataclass
 class Statistics(StageResult):
     """What data-aware truncation whitens by, per weight group (``Capture``) and as report numbers."""
@@ -415,5 +500,5 @@ class CaptureStatistics(Step):
         cfg = ctx.config
         groups = [g for g in ctx.need(Discovery).candidates if not g.layers[0].is_conv]
         cap = capture_grams(ctx.model, groups, ctx.need(Calibration).feeds, ctx.data, mask_input=cfg.calib_mask,
-                            progress=ctx.progress, attention=cfg.attention_aware)
+                            progress=ctx.progress, attention=cfg.attention_aware, executor=ctx.executor)
         return Statistics(cap, cfg.damping, cfg.calib_mask)

@@ -85,13 +85,13 @@ def test_the_pass_caps_blas_threads_and_its_sessions_at_the_cores_given(monkeypa
     from models import matmul_model
 
     seen = []
-    real = spectra.plan_weight
+    real = spectra.take_spectra
 
     def spy(*a, **k):
         seen.append([(i["internal_api"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"])
         return real(*a, **k)
 
-    monkeypatch.setattr(spectra, "plan_weight", spy)
+    monkeypatch.setattr(spectra, "take_spectra", spy)
     res = ol.compress(matmul_model(), energy=0.9, min_params=0, cores=1)
     assert seen and all(n == 1 for per_lib in seen for _, n in per_lib)
     assert "cores" not in json.loads(next(p.value for p in res.model.metadata_props if p.key == "onnx_lowrank"))["config"]

@@ -1,0 +1,154 @@
+"""Where the pass's parallel work runs: in this process, in a local process pool, or on Ray.
+
+Three stages are embarrassingly parallel: the spectra (one task per weight), the calibration
+statistics (one task per shard of the feeds, whose sums add up) and the sensitivity runs of
+adaptive mode (one task per layer and rank).  Each is written once, as
+
+* ``setup(shared) -> state``: what every worker builds once from data shared by all tasks (an
+  onnxruntime session, the model's data folder), and
+* ``task(state, item) -> result``: one unit of work,
+
+both plain module-level functions, and handed to an :class:`Executor`:
+
+* :class:`InProcess` (``workers=1``, the default): calls them in order, here;
+* :class:`ProcessPool` (``workers=N``): N local processes (spawned, so no thread state is
+  inherited), each running ``setup`` once and then its share of the tasks;
+* :class:`RayExecutor` (``executor="ray"``): N Ray actors, each running ``setup`` once; the
+  shared data crosses the network once, through Ray's object store, never once per task.
+
+Results come back in the order of the items, whatever the executor, and every worker keeps to
+``cores // workers`` threads (BLAS and onnxruntime), so results match the in-process run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+from typing import Any, Callable, Protocol, Sequence, TypeVar
+
+from ..errors import UsageError, option
+from .threads import available_cores, limit
+
+__all__ = ["Executor", "InProcess", "ProcessPool", "RayExecutor", "make_executor", "EXECUTORS"]
+
+S = TypeVar("S")
+W = TypeVar("W")
+T = TypeVar("T")
+R = TypeVar("R")
+
+EXECUTORS = ("local", "ray")
+
+
+class Executor(Protocol):
+    """Runs ``task(setup(shared), item)`` for every item; see the module docstring."""
+
+    workers: int
+
+    def run(self, setup: Callable[[S], W], task: Callable[[W, T], R], shared: S, items: Sequence[T],
+            progress: Callable[[int, int], None] | None = None) -> list[R]:
+        ...
+
+
+class InProcess:
+    """Everything here, in order."""
+
+    workers = 1
+
+    def run(self, setup, task, shared, items, progress=None):
+        state = setup(shared)
+        out = []
+        for k, item in enumerate(items, 1):
+            out.append(task(state, item))
+            if progress is not None:
+                progress(k, len(items))
+        return out
+
+
+# The state a pool worker built with ``setup``, and the task it runs (one per worker process).
+_WORKER: dict[str, Any] = {}
+
+
+def _pool_init(setup, task, shared, threads: int) -> None:
+    _WORKER["limit"] = limit(threads)
+    _WORKER["limit"].__enter__()  # held for the life of the worker process
+    _WORKER["task"] = task
+    _WORKER["state"] = setup(shared)
+
+
+def _pool_call(item):
+    return _WORKER["task"](_WORKER["state"], item)
+
+
+class ProcessPool:
+    """``workers`` local processes, each with ``cores // workers`` threads."""
+
+    def __init__(self, workers: int, cores: int | None = None):
+        self.workers = int(workers)
+        self.threads = max(1, (cores or available_cores()) // self.workers)
+
+    def run(self, setup, task, shared, items, progress=None):
+        if not items:
+            return []
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_pool_init,
+                                                    initargs=(setup, task, shared, self.threads)) as pool:
+            futures = [pool.submit(_pool_call, item) for item in items]
+            for k, _ in enumerate(concurrent.futures.as_completed(futures), 1):
+                if progress is not None:
+                    progress(k, len(items))
+            return [f.result() for f in futures]
+
+
+class RayExecutor:
+    """``workers`` Ray actors (``address``: the cluster; default: a local Ray started here)."""
+
+    def __init__(self, workers: int, cores: int | None = None, address: str | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise UsageError(f"{option('executor')} ray needs Ray: pip install 'onnx-lowrank[ray]'.") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": cores or available_cores()}
+            ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, **kwargs)
+        self.workers = int(workers)
+        self.threads = max(1, (cores or available_cores()) // self.workers)
+
+    def run(self, setup, task, shared, items, progress=None):
+        if not items:
+            return []
+        ray = self.ray
+        actor = ray.remote(num_cpus=self.threads)(_RayWorker)
+        shared_ref = ray.put(shared)  # once into the object store, not once per task
+        actors = [actor.remote(setup, task, shared_ref, self.threads) for _ in range(min(self.workers, len(items)))]
+        from ray.util import ActorPool
+
+        pool = ActorPool(actors)
+        out = []
+        for k, result in enumerate(pool.map(lambda a, item: a.call.remote(item), list(items)), 1):
+            out.append(result)
+            if progress is not None:
+                progress(k, len(items))
+        for a in actors:
+            ray.kill(a)
+        return out
+
+
+class _RayWorker:
+    def __init__(self, setup, task, shared, threads: int):
+        self.limit = limit(threads)
+        self.limit.__enter__()
+        self.task = task
+        self.state = setup(shared)
+
+    def call(self, item):
+        return self.task(self.state, item)
+
+
+def make_executor(workers: int = 1, executor: str = "local", cores: int | None = None, address: str | None = None) -> Executor:
+    """The executor a configuration asks for (``workers=1`` locally: :class:`InProcess`)."""
+    if executor == "ray":
+        return RayExecutor(workers, cores, address)
+    if workers <= 1:
+        return InProcess()
+    return ProcessPool(workers, cores)
