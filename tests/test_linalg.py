@@ -99,3 +99,21 @@ def test_the_pass_caps_blas_threads_and_its_sessions_at_the_cores_given(monkeypa
         sess = runtime.session(matmul_model())
         assert runtime.threads.session_threads() == 1 and sess.get_session_options().intra_op_num_threads == 1
     assert runtime.threads.session_threads() is None and runtime.available_cores() >= 1
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (64, 64)])
+def test_the_gram_route_gives_the_svd(shape):
+    rng = np.random.default_rng(sum(shape))
+    w = rng.standard_normal(shape).astype(np.float32)
+    g, exact = linalg.svd.gram_svd(w), linalg.spectrum(w, method="exact")
+    assert g.u.shape == exact.u.shape and g.vt.shape == exact.vt.shape and g.u.dtype == np.float32
+    np.testing.assert_allclose(g.s, exact.s, rtol=1e-5, atol=1e-6 * exact.s[0])
+    for r in (1, 5, min(shape)):
+        a, b = linalg.factors(g, r)
+        c, d = linalg.factors(exact, r)
+        assert np.linalg.norm(a @ b - c @ d) <= 1e-4 * np.linalg.norm(c @ d)
+    low = (rng.standard_normal((shape[0], 3)) @ rng.standard_normal((3, shape[1]))).astype(np.float32)
+    spec = linalg.spectrum(low)
+    a, b = linalg.factors(spec, linalg.energy_rank(spec.s, 1.0))
+    assert a.shape[1] == 3 and np.linalg.norm(a @ b - low) <= 1e-5 * np.linalg.norm(low)
+    assert np.all(np.isfinite(linalg.factors(spec, min(shape))[0]))  # values below 1e-10 s_1 carry zero vectors

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .svd import Spectrum, _svd, leading
+from .svd import Spectrum, _whole
 
 __all__ = ["DEFAULT_DAMPING", "whitening_factor", "whitened_spectrum"]
 
@@ -138,6 +138,5 @@ def whitened_spectrum(w: np.ndarray, gram: np.ndarray, side: str = "left", dampi
                              f"expected ({out}, {out}).")
         rf, _ = whitening_factor(out_gram, damping)
         a = a @ rf if side == "left" else rf.T @ a
-    spec = leading(a, energy) if energy is not None and method == "auto" else None
-    spec = spec if spec is not None else _svd(a)
+    spec = _whole(a, energy, method)
     return Spectrum(u=spec.u, s=spec.s, vt=spec.vt, whiten=lf, side=side, out_whiten=rf, total=spec.total)
