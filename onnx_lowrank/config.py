@@ -145,6 +145,9 @@ class Adaptive(Section):
     adaptive_samples: int | None = opt(None, "positive_int", "with --adaptive: measure sensitivity, search and check on the "
                                        "first N calibration samples, rounded up to whole feeds (default all; --data-aware "
                                        "statistics and verification use all)", metavar="N", example=64)
+    sensitivity_points: int | None = opt(None, "positive_int", "with --adaptive: measure each layer at N of its 10 grid ranks "
+                                         "and scale its whitened truncation loss to them for the rest (default: all 10); 1 or 2 "
+                                         "cut the sensitivity runs 10x or 5x", metavar="N", example=2)
     max_drop: float | None = opt(None, "any", "with --adaptive: the largest drop of the metric allowed (also the gate)")
     metric: str | None = opt(None, "choice", "with --adaptive: the metric --max-drop bounds (also the gate's)", choices=METRICS)
 
@@ -159,6 +162,8 @@ class Adaptive(Section):
                                  "measures).")
         _needs(self.adaptive_samples is not None, "adaptive_samples", self.adaptive, "adaptive",
                f"sets how many calibration samples {option('adaptive')} measures on")
+        _needs(self.sensitivity_points is not None, "sensitivity_points", self.adaptive, "adaptive",
+               f"sets how many ranks per layer {option('adaptive')} measures")
 
 
 @dataclass(frozen=True)

@@ -173,16 +173,56 @@ def _sensitivity_task(state: tuple, item: tuple) -> float:
     return distortion(base, run_all(sess, feeds, overrides={name: w}, names=names))
 
 
+def measured_ranks(ranks: list[int], points: int) -> list[int]:
+    """The grid ranks actually measured when only ``points`` of them are: spread evenly over the
+    grid, the middle one for a single point."""
+    if points >= len(ranks):
+        return list(ranks)
+    picks = np.linspace(0, len(ranks) - 1, points + 2)[1:-1] if points > 1 else [(len(ranks) - 1) / 2]
+    return sorted({ranks[int(round(float(i)))] for i in picks})
+
+
+def truncation_loss(plan: LayerPlan, ranks: list[int]) -> np.ndarray:
+    """``1 - E(r)``: the normalized squared truncation error of the plan's (whitened) spectrum."""
+    spec = plan.view().spectrum
+    return np.array([1.0 - linalg.energy_kept(spec.s, r, spec.total) for r in ranks])
+
+
+def fit_curve(ranks: list[int], loss: np.ndarray, at: list[int], measured: list[float]) -> list[float]:
+    """Sensitivities at ``ranks`` from the truncation loss, scaled to the measured points.
+
+    ``d(r) = c * loss(r) ** p``: one point fixes ``c`` (``p = 1``), two or more fit ``c`` and ``p``
+    in log space (SVD-LLM v2's observation that the whitened truncation loss tracks the output
+    error, calibrated per layer).  Measured points keep their measured values.
+    """
+    where = [ranks.index(r) for r in at]
+    x, y = np.log(np.maximum(loss[where], 1e-30)), np.log(np.maximum(np.asarray(measured, dtype=np.float64), 1e-30))
+    if len(at) >= 2 and np.ptp(x) > 1e-9:
+        p, logc = np.polyfit(x, y, 1)
+        p = float(np.clip(p, 0.25, 4.0))
+        logc = float(np.mean(y - p * x))
+    else:
+        p, logc = 1.0, float(np.mean(y - x))
+    out = list(np.exp(logc + p * np.log(np.maximum(loss, 1e-30))))
+    for k, v in zip(where, measured):
+        out[k] = v
+    return out
+
+
 def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: int = 1,
-                        progress: Progress | None = None, executor: Executor | None = None) -> list[Curve]:
+                        progress: Progress | None = None, executor: Executor | None = None,
+                        points: int | None = None) -> list[Curve]:
     """Each plan's sensitivity at its :func:`grid_ranks`, compressing one layer at a time.
 
-    The runs are independent: an ``executor`` with several workers spreads them, each worker
-    building its own session once (:mod:`onnx_lowrank.runtime.executor`).
+    With ``points`` (fewer than the grid), only that many ranks per layer are measured and the
+    rest follow the layer's truncation loss, scaled to them (:func:`fit_curve`).  The runs are
+    independent: an ``executor`` with several workers spreads them, each worker building its own
+    session once (:mod:`onnx_lowrank.runtime.executor`).
     """
     curves = [Curve(grid_ranks(p, rank_multiple)) for p in plans]
-    items = [(p.name, *linalg.factors(p.view().spectrum, r), p.dtype) for p, c in zip(plans, curves) for r in c.ranks]
-    labels = [f"sensitivity {p.name} rank {r}" for p, c in zip(plans, curves) for r in c.ranks]
+    at = [measured_ranks(c.ranks, points or len(GRID)) for c in curves]
+    items = [(p.name, *linalg.factors(p.view().spectrum, r), p.dtype) for p, rs in zip(plans, at) for r in rs]
+    labels = [f"sensitivity {p.name} rank {r}" for p, rs in zip(plans, at) for r in rs]
 
     def report(done: int, total: int) -> None:
         if progress is not None:
@@ -196,9 +236,10 @@ def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: in
     ev.runs += len(items) * feeds
     ev.passes += len(items)
     it = iter(values)
-    for p, curve in zip(plans, curves):
-        curve.sens = [next(it) for _ in curve.ranks]
-        log.debug("sensitivity of %s: %s", p.name, dict(zip(curve.ranks, curve.sens)))
+    for p, curve, rs in zip(plans, curves, at):
+        measured = [next(it) for _ in rs]
+        curve.sens = measured if rs == curve.ranks else fit_curve(curve.ranks, truncation_loss(p, curve.ranks), rs, measured)
+        log.debug("sensitivity of %s: %s (measured at %s)", p.name, dict(zip(curve.ranks, curve.sens)), rs)
     return curves
 
 
@@ -262,7 +303,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
         if d is None:
             decisions[k] = decide_conv(plans[k], cfg)  # Conv layers follow the per-layer rule
     base = base.with_decided_convs(plans, decisions)
-    numbers: dict[str, Any] = {"grid": [round(f, 4) for f in GRID]}
+    numbers: dict[str, Any] = {"grid": [round(f, 4) for f in GRID], "points": min(cfg.sensitivity_points or len(GRID), len(GRID))}
     if not active:
         return Adapted(decisions, numbers)
     # What can fail fails before the long measurement: a budget given must fit the cheapest
@@ -274,7 +315,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     ev = Evaluator(model, [p.name for p in active], feeds, data, threads)
     try:
         metric, _ = quality_drop(ev.base, ev.base, labels, metric=cfg.metric, names=ev.names)
-        curves = measure_sensitivity(ev, active, cfg.rank_multiple, progress, executor)
+        curves = measure_sensitivity(ev, active, cfg.rank_multiple, progress, executor, cfg.sensitivity_points)
 
         def assign(target: float | None) -> dict[int, Decision]:
             limits = base.limits(cfg, target_params=target)

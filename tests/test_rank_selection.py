@@ -555,3 +555,30 @@ def test_a_budget_adaptive_cannot_meet_fails_before_any_sensitivity_run(monkeypa
     calib = [{"x": RNG.standard_normal((16, 96)).astype(np.float32)}]
     with pytest.raises(ol.UsageError, match="target_params 0.001 cannot be met"):
         ol.compress(chain_model(), adaptive=True, target_params=0.001, min_params=0, calib=calib)
+
+
+def test_sensitivity_from_a_few_measured_ranks_follows_the_truncation_loss():
+    from onnx_lowrank.passes.adaptive import fit_curve, measured_ranks
+
+    ranks = [6, 12, 24, 48, 72, 96, 119, 143, 167, 191]
+    assert measured_ranks(ranks, 1) == [72] and measured_ranks(ranks, 2) == [48, 119] and measured_ranks(ranks, 12) == ranks
+    loss = np.geomspace(0.5, 0.001, 10)
+    one = fit_curve(ranks, loss, [72], [0.02])
+    assert one[4] == 0.02 and one[0] == pytest.approx(0.02 * loss[0] / loss[4]) and all(np.diff(one) < 0)
+    exact = 0.3 * loss ** 1.5  # a power law is recovered from two points
+    two = fit_curve(ranks, loss, [48, 143], [exact[3], exact[7]])
+    assert two == pytest.approx(list(exact), rel=1e-9)
+
+
+def test_adaptive_with_two_measured_points_per_layer_runs_a_fifth_of_the_passes():
+    model = two_branch_model()
+    calib = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)} for _ in range(2)]
+    full = ol.compress(model, adaptive=True, target_params=0.4, min_params=0, calib=calib)
+    cheap = ol.compress(model, adaptive=True, target_params=0.4, min_params=0, calib=calib, sensitivity_points=2)
+    per_layer = len(full.sections["adaptive"]["grid"])
+    assert full.sections["adaptive"]["passes"] - cheap.sections["adaptive"]["passes"] == 2 * (per_layer - 2)
+    assert cheap.sections["adaptive"]["points"] == 2
+    ranks = {d.weight: d.rank for d in cheap.layers if d.factorized}
+    assert ranks.get("Ws", 64) > ranks["Wq"]  # still tells the sensitive branch from the quiet one
+    with pytest.raises(ol.UsageError, match="sensitivity_points sets how many ranks per layer adaptive measures"):
+        ol.CompressConfig(sensitivity_points=2)
