@@ -46,13 +46,14 @@ def _conv_energy(cfg: CompressConfig) -> float | None:
     return cfg.effective_energy if cfg.effective_energy is not None or cfg.rank is not None else DEFAULT_ENERGY
 
 
-def rank_ceiling(cfg: CompressConfig, is_conv: bool, view, break_even: int) -> int:
-    """The highest rank any decider can give ``view`` (its spectrum taken; ``break_even`` its
-    layer's): the spectra stage keeps only that many singular vectors, so memory follows the
-    factors, not the weights."""
+def rank_ceiling(cfg: CompressConfig, is_conv: bool, s, total: float | None, m: int, n: int, break_even: int) -> int:
+    """The highest rank any decider can give an ``(m, n)`` view with singular values ``s`` (of
+    ``total`` energy; ``break_even`` its layer's): the spectra stage keeps only that many
+    singular vectors, so memory follows the factors, not the weights."""
     if not is_conv and (cfg.has_budget or cfg.adaptive):
-        return min(break_even, view.m, view.n)
-    return rule_choice(cfg, is_conv, view, break_even).rank
+        return min(break_even, m, n)
+    return linalg.choose_rank(s, m, n, energy=rule_energy(cfg, is_conv), rank=cfg.rank, rank_multiple=cfg.rank_multiple,
+                              rule=cfg.rank_rule, break_even=break_even if is_conv else None, total=total).rank
 
 
 def rule_energy(cfg: CompressConfig, is_conv: bool) -> float | None:

@@ -61,21 +61,21 @@ def conv_use(layer, known: shapes.ShapeInfo | None) -> ConvUse:
 
 
 def _matrix_view(arr: np.ndarray, gram: tuple[np.ndarray, str] | None, out_gram: np.ndarray | None, damping: float,
-                 name: str, energy: float | None, method: str) -> tuple[View, str | None]:
+                 name: str, energy: float | None, method: str, keep) -> tuple[View, str | None]:
     m, n = arr.shape
     note = None
     if gram is None:
-        return View(MATRIX, m, n, linalg.spectrum(arr, energy=energy, method=method)), None
+        return View(MATRIX, m, n, linalg.spectrum(arr, energy=energy, method=method, keep=keep)), None
     g, side = gram
     spec = None
     if out_gram is not None:
         try:
-            spec = linalg.whitened_spectrum(arr, g, side, damping, out_gram=out_gram, energy=energy, method=method)
+            spec = linalg.whitened_spectrum(arr, g, side, damping, out_gram=out_gram, energy=energy, method=method, keep=keep)
             note = "attention-aware"
         except ValueError as exc:  # e.g. keys that never vary: weigh by the input only
             log.info("attention-aware weighting of %s skipped: %s", name, exc)
     if spec is None:
-        spec = linalg.whitened_spectrum(arr, g, side, damping, energy=energy, method=method)
+        spec = linalg.whitened_spectrum(arr, g, side, damping, energy=energy, method=method, keep=keep)
     return View(MATRIX, m, n, spec), note
 
 
@@ -125,26 +125,28 @@ def take_spectra(data: io.DataFiles, task: WeightTask) -> tuple[dict[str, View],
     except OSError as exc:
         raise ModelError(f"cannot read weight '{task.tensor.name}': {exc}") from None
     cfg, note, skip = task.cfg, task.note, None
+
+    def keep(mode: str, m: int, n: int):
+        return lambda s, total: rank_ceiling(cfg, task.is_conv, s, total, m, n, task.break_even[mode])
+
     if task.is_conv:
         views = {}
         for mode in task.break_even:
             m, n = linalg.conv_matrix_shape(arr.shape, mode)
             try:
-                views[mode] = View(mode, m, n, linalg.spectrum(linalg.conv_matrix(arr, mode), energy=_energy(cfg, True), method=cfg.svd))
+                views[mode] = View(mode, m, n, linalg.spectrum(linalg.conv_matrix(arr, mode), energy=_energy(cfg, True), method=cfg.svd,
+                                                               keep=keep(mode, m, n)))
             except ValueError as exc:
                 views[mode] = View(mode, m, n)
                 skip = Skip(SkipCode.NOT_FACTORIZABLE, f"cannot factorize: {exc}", STAGE)
     else:
         try:
-            view, extra = _matrix_view(arr, task.gram, task.out_gram, cfg.damping, task.tensor.name, _energy(cfg, False), cfg.svd)
+            view, extra = _matrix_view(arr, task.gram, task.out_gram, cfg.damping, task.tensor.name, _energy(cfg, False), cfg.svd,
+                                       keep(MATRIX, *arr.shape))
             views, note = {MATRIX: view}, extra or note
         except ValueError as exc:
             views = {MATRIX: View(MATRIX, *arr.shape)}
             skip = Skip(SkipCode.NOT_FACTORIZABLE, f"cannot factorize: {exc}", STAGE)
-    del arr
-    if skip is None:
-        views = {mode: dataclasses.replace(v, spectrum=v.spectrum.truncated(rank_ceiling(cfg, task.is_conv, v, task.break_even[mode])))
-                 for mode, v in views.items()}
     return views, note, skip
 
 

@@ -17,11 +17,11 @@ from .conv import CONV_MODES, conv_kernels, conv_macs, conv_matrix, conv_matrix_
 from .rank import (RULES, RankChoice, break_even_rank, choice_at, choose_rank, energy_kept, energy_rank, entropy_kept,
                    entropy_rank, entropy_terms, lowrank_params, relative_error, round_rank)
 from .refit import refit_factor, refit_lowrank
-from .svd import Spectrum, factors, spectrum
+from .svd import Spectrum, factors, leading, spectrum
 from .whiten import DEFAULT_DAMPING, whitened_spectrum, whitening_factor
 
 __all__ = [
-    "Spectrum", "spectrum", "factors",
+    "Spectrum", "spectrum", "leading", "factors",
     "RULES", "RankChoice", "choose_rank", "choice_at", "energy_rank", "energy_kept", "relative_error", "break_even_rank",
     "lowrank_params", "round_rank", "entropy_terms", "entropy_rank", "entropy_kept",
     "DEFAULT_DAMPING", "whitening_factor", "whitened_spectrum",

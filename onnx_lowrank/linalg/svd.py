@@ -40,6 +40,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable
+
 import numpy as np
 
 __all__ = ["Spectrum", "spectrum", "leading", "factors"]
@@ -103,7 +105,8 @@ def _compute_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-def spectrum(w: np.ndarray, *, energy: float | None = None, method: str = "auto") -> Spectrum:
+def spectrum(w: np.ndarray, *, energy: float | None = None, method: str = "auto",
+             keep: Callable[[np.ndarray, float | None], int] | None = None) -> Spectrum:
     """Thin, sign-fixed SVD of a 2-D matrix, or its certified leading part.
 
     Args:
@@ -112,6 +115,8 @@ def spectrum(w: np.ndarray, *, energy: float | None = None, method: str = "auto"
             leading part of the spectrum is computed when that certifies the rank (module
             docstring, "Leading part only"), else the whole, from the Gram matrix.
         method: ``"auto"``, or ``"exact"`` for LAPACK's full SVD whatever ``energy``.
+        keep: ``keep(s, total)``: how many singular vectors to form once the values are known
+            (the most any rank decision can use); default all.
 
     Returns:
         The :class:`Spectrum`; computed in float32, or float64 when ``w`` is float64 or its
@@ -134,20 +139,25 @@ def spectrum(w: np.ndarray, *, energy: float | None = None, method: str = "auto"
         a = np.asarray(w, dtype=np.float64)
     if not _fits(a):
         raise ValueError("Matrix is too large in magnitude: its singular values overflow float64; rescale the weights.")
-    return _whole(a, energy, method)
+    return _whole(a, energy, method, keep)
 
 
-def _whole(a: np.ndarray, energy: float | None, method: str) -> Spectrum:
-    """The spectrum by ``method``: the certified leading part, the Gram route, or LAPACK's SVD."""
+def _whole(a: np.ndarray, energy: float | None, method: str,
+           keep: Callable[[np.ndarray, float | None], int] | None = None) -> Spectrum:
+    """The spectrum by ``method``: the certified leading part, the Gram route, or LAPACK's SVD,
+    holding the vectors ``keep`` asks for."""
     if method == "exact":
-        return _svd(a)
-    lead = leading(a, energy) if energy is not None else None
-    return lead if lead is not None else gram_svd(a)
+        spec = _svd(a)
+    else:
+        spec = leading(a, energy) if energy is not None else None
+        if spec is None:
+            return gram_svd(a, keep)
+    return spec.truncated(keep(spec.s, spec.total)) if keep is not None else spec
 
 
-def gram_svd(a: np.ndarray) -> Spectrum:
+def gram_svd(a: np.ndarray, keep: Callable[[np.ndarray, float | None], int] | None = None) -> Spectrum:
     """The thin SVD of ``a`` through the ``eigh`` of its smaller Gram matrix, in float64 (module
-    docstring), in ``a``'s dtype."""
+    docstring), in ``a``'s dtype; only the vectors ``keep(s, None)`` asks for are formed."""
     x = np.asarray(a, dtype=np.float64)
     wide = x.shape[0] < x.shape[1]
     if wide:
@@ -155,9 +165,11 @@ def gram_svd(a: np.ndarray) -> Spectrum:
     lam, v = np.linalg.eigh(x.T @ x)
     lam, v = lam[::-1], v[:, ::-1]
     s = np.sqrt(np.maximum(lam, 0.0))
-    live = s > 1e-10 * (s[0] if s.size else 0.0)
-    u = np.zeros((x.shape[0], s.size))
-    u[:, live] = (x @ v[:, live]) / s[live]
+    k = s.size if keep is None else max(1, min(s.size, int(keep(s.astype(a.dtype), None))))
+    v = v[:, :k]
+    live = s[:k] > 1e-10 * (s[0] if s.size else 0.0)
+    u = np.zeros((x.shape[0], k))
+    u[:, live] = (x @ v[:, live]) / s[:k][live]
     if wide:  # a^T = U S V^T, so a = V S U^T
         u, v = v, u
     spec = _signed(u.astype(a.dtype), s.astype(a.dtype), np.ascontiguousarray(v.T).astype(a.dtype))
@@ -170,7 +182,7 @@ def _square_sum(a: np.ndarray) -> float:
 
 
 def leading(a: np.ndarray, energy: float, *, start: int = 32, oversample: int = 16, power: int = 2,
-            most: float = 0.25, seed: int = 0, smallest: int = 256) -> Spectrum | None:
+            most: float = 0.25, seed: int = 0, smallest: int = 1024) -> Spectrum | None:
     """The leading singular triplets of ``a``, enough to certify its energy rank (module
     docstring), or ``None`` when that would take more than ``most`` of ``min(m, n)`` vectors (or
     ``min(m, n) < smallest``, where the full SVD costs next to nothing).

@@ -98,7 +98,8 @@ def whitening_factor(gram: np.ndarray, damping: float = DEFAULT_DAMPING) -> tupl
 
 
 def whitened_spectrum(w: np.ndarray, gram: np.ndarray, side: str = "left", damping: float = DEFAULT_DAMPING,
-                      out_gram: np.ndarray | None = None, *, energy: float | None = None, method: str = "auto") -> Spectrum:
+                      out_gram: np.ndarray | None = None, *, energy: float | None = None, method: str = "auto",
+                      keep=None) -> Spectrum:
     """The SVD of ``W`` whitened by its input statistics (see the module docstring).
 
     Args:
@@ -110,8 +111,9 @@ def whitened_spectrum(w: np.ndarray, gram: np.ndarray, side: str = "left", dampi
         out_gram: Optional weight ``H`` on the output side (``(n, n)`` left, ``(m, m)`` right):
             the error is measured as ``||X (W - A B) R||`` with ``R R^T`` the damped ``H``
             (module docstring, "Output-side weighting").
-        energy, method: As for :func:`~onnx_lowrank.linalg.spectrum`: only the certified leading
-            part of the whitened matrix's spectrum when an energy threshold will choose the rank.
+        energy, method, keep: As for :func:`~onnx_lowrank.linalg.spectrum`: only the certified
+            leading part of the whitened matrix's spectrum when an energy threshold will choose
+            the rank; only the vectors ``keep`` asks for.
 
     Returns:
         The sign-fixed SVD of ``L^T W`` (left) or ``W L`` (right), or with ``out_gram`` of
@@ -138,5 +140,5 @@ def whitened_spectrum(w: np.ndarray, gram: np.ndarray, side: str = "left", dampi
                              f"expected ({out}, {out}).")
         rf, _ = whitening_factor(out_gram, damping)
         a = a @ rf if side == "left" else rf.T @ a
-    spec = _whole(a, energy, method)
+    spec = _whole(a, energy, method, keep)
     return Spectrum(u=spec.u, s=spec.s, vt=spec.vt, whiten=lf, side=side, out_whiten=rf, total=spec.total)
