@@ -69,6 +69,7 @@ class CompressResult:
     sections: dict[str, Any] = field(default_factory=dict)
     source_path: Path | None = None
     source_external: bool = False
+    source_files: tuple[Path, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -89,7 +90,7 @@ class CompressResult:
         verified = ctx.get(Verified)
         return cls(model=ctx.model, layers=reported.layers, totals=reported.totals, config=ctx.config, data=ctx.data,
                    dry_run=ctx.request.dry_run, verification=verified.report if verified else None, sections=sections,
-                   source_path=loaded.path, source_external=loaded.external, seconds=dict(ctx.seconds))
+                   source_path=loaded.path, source_external=loaded.external, source_files=loaded.files, seconds=dict(ctx.seconds))
 
     @property
     def modified(self) -> bool:
@@ -118,12 +119,12 @@ class CompressResult:
         """
         if self.dry_run:
             raise UsageError("this result is a dry run; nothing to save (run without dry_run=True).")
-        io.check_output_path(path, self.source_path)
+        protect = self.source_files
+        io.check_output_path(path, self.source_path, input_files=protect)
         if report is not None:
-            io.check_output_path(report, self.source_path, flag="--report", keep=(path,))
+            io.check_output_path(report, self.source_path, flag="--report", keep=(path,), input_files=protect)
         if external is None and self.source_external:
             external = True  # the input kept its data outside; so does the output, even if every external tensor was factorized
-        protect = tuple(io.external_files(self.source_path)) if self.source_path is not None else ()
         with io.terminate_raises(), io.OutputSet() as files:
             written = io.stage_model(files, self.model, path, data=self.data, external=external, protect=protect)
             self.totals.size_after = sum(files.staged_size(p) for p in written)

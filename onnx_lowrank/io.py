@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import mmap
 import os
 import re
 import signal
@@ -34,7 +35,7 @@ import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -379,8 +380,7 @@ def tensor_nbytes(tensor: TensorProto) -> int:
     try:
         if _is_external(tensor):
             return external_ref(tensor).length
-        if tensor.raw_data:
-            return len(tensor.raw_data)
+        # from the type and shape: len(tensor.raw_data) would copy the bytes out of protobuf
         return storage_bytes(tensor)
     except ModelError:
         return 0
@@ -539,7 +539,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None = None, *, flag: str = "-o",
-                      keep: tuple[str | os.PathLike | None, ...] = ()) -> Path:
+                      keep: tuple[str | os.PathLike | None, ...] = (), input_files: Iterable[Path] | None = None) -> Path:
     """Validate where an output goes before any work is done.
 
     Args:
@@ -547,6 +547,7 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
         input_path: The input model, which is never overwritten (nor its data files).
         flag: The flag (or keyword) that names ``output``, for the error message.
         keep: Other files this command reads or writes, which ``output`` must not replace either.
+        input_files: The input's external data files, when known (else read from the input).
 
     Raises:
         UsageError: the directory is missing, the path is a directory, or it is one of the files above.
@@ -563,7 +564,7 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     if input_path is not None and _same_file(out, Path(input_path)):
         raise UsageError(f"{flag} {out}: is the input model; choose a different {flag} (the input is never overwritten).")
     if input_path is not None and out.exists():
-        for data in external_files(input_path):
+        for data in (external_files(input_path) if input_files is None else input_files):
             if _same_file(out, data):
                 raise UsageError(f"{flag} {out}: is the input's external data file; choose a different {flag} "
                                  "(the input is never overwritten).")
@@ -831,7 +832,7 @@ def _previous_data_files(out: Path) -> list[Path]:
     folder = out.resolve().parent
     prefix = out.name
     found = [p for p in folder.glob(f"{glob_escape(prefix)}.*.data") if _DATA_NAME.search(p.name[len(prefix):])]
-    if out.is_file() and out.stat().st_size < 256 * 2**20:
+    if out.is_file() and out.stat().st_size < 256 * 2**20 and _mentions(out, b"location"):
         with contextlib.suppress(Exception):
             old = onnx.load(str(out), load_external_data=False)
             old_files = DataFiles(base_dir=folder, label=str(out))
@@ -840,6 +841,16 @@ def _previous_data_files(out: Path) -> list[Path]:
                     with contextlib.suppress(ModelError):
                         found.append(old_files.path(t)[0])
     return sorted(set(found))
+
+
+def _mentions(path: Path, needle: bytes) -> bool:
+    """Whether the file's bytes contain ``needle`` (a model with no external reference has no
+    ``location`` key, and then is not parsed at all); ``True`` when it cannot be read."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return view.find(needle) >= 0
+    except (OSError, ValueError):
+        return True
 
 
 def glob_escape(text: str) -> str:

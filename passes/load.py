@@ -33,6 +33,7 @@ class Loaded(StageResult):
         external: Whether the input kept tensors in external data files.
         size: Bytes of the input on disk, its data files included (``None`` in memory).
         params: Parameters of every initializer and Constant node.
+        files: The input's external data files (never overwritten).
     """
 
     model: onnx.ModelProto
@@ -41,6 +42,7 @@ class Loaded(StageResult):
     external: bool
     size: int | None
     params: int
+    files: tuple[Path, ...] = ()
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -68,5 +70,6 @@ class Load(Step):
         if isinstance(source, (str, os.PathLike)):
             loaded = io.load_model(source)
             return Loaded(loaded.model, loaded.data, loaded.path, io.uses_external_data(loaded.model),
-                          io.model_size_on_disk(loaded.path, loaded.model), count_params(loaded.model))
+                          io.model_size_on_disk(loaded.path, loaded.model), count_params(loaded.model),
+                          tuple(loaded.data.files(loaded.model)))
         raise UsageError(f"got a {type(source).__name__} as model; expected a path or an onnx.ModelProto.")

@@ -118,3 +118,13 @@ def test_the_gram_route_gives_the_svd(shape):
     a, b = linalg.factors(spec, linalg.energy_rank(spec.s, 1.0))
     assert a.shape[1] == 3 and np.linalg.norm(a @ b - low) <= 1e-5 * np.linalg.norm(low)
     assert np.all(np.isfinite(linalg.factors(spec, min(shape))[0]))  # values below 1e-10 s_1 carry zero vectors
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e297])
+def test_huge_float64_weights_whose_squares_overflow_still_get_their_spectrum(scale):
+    w = np.random.default_rng(5).standard_normal((120, 80))
+    spec = linalg.spectrum(w * scale)  # the Gram matrix of w * scale overflows float64: worked scaled
+    want = np.linalg.svd(w, compute_uv=False) * scale
+    assert np.all(np.isfinite(spec.s)) and np.allclose(spec.s, want, rtol=1e-10)
+    a, b = linalg.factors(spec, 80)
+    assert np.linalg.norm(a @ b / scale - w) <= 1e-10 * np.linalg.norm(w)

@@ -130,26 +130,27 @@ def spectrum(w: np.ndarray, *, energy: float | None = None, method: str = "auto"
         raise ValueError(f"Got a {w.ndim}-D array; expected a 2-D matrix.")
     if w.size == 0:
         raise ValueError(f"Got an empty matrix of shape {w.shape}; expected at least one element.")
-    a = np.asarray(w, dtype=_compute_dtype(w.dtype))
-    if not np.all(np.isfinite(a)):
-        raise ValueError("Matrix holds NaN or Inf values; expected finite weights.")
     if method not in ("auto", "exact"):
         raise ValueError(f"Got method={method!r}; expected 'auto' or 'exact'.")
-    if not _fits(a) and a.dtype != np.float64:  # a finite matrix whose norm passes float32's range
+    a = np.asarray(w, dtype=_compute_dtype(w.dtype))
+    norm = _norm(a)
+    if np.isnan(norm):
+        raise ValueError("Matrix holds NaN or Inf values; expected finite weights.")
+    if not _fits(norm, a.dtype) and a.dtype != np.float64:  # a finite matrix whose norm passes float32's range
         a = np.asarray(w, dtype=np.float64)
-    if not _fits(a):
+    if not _fits(norm, a.dtype):
         raise ValueError("Matrix is too large in magnitude: its singular values overflow float64; rescale the weights.")
-    return _whole(a, energy, method, keep)
+    return _whole(a, energy, method, keep, total=norm * norm if norm * norm < np.inf else None)
 
 
 def _whole(a: np.ndarray, energy: float | None, method: str,
-           keep: Callable[[np.ndarray, float | None], int] | None = None) -> Spectrum:
+           keep: Callable[[np.ndarray, float | None], int] | None = None, *, total: float | None = None) -> Spectrum:
     """The spectrum by ``method``: the certified leading part, the Gram route, or LAPACK's SVD,
     holding the vectors ``keep`` asks for."""
     if method == "exact":
         spec = _svd(a)
     else:
-        spec = leading(a, energy) if energy is not None else None
+        spec = leading(a, energy, total=total) if energy is not None else None
         if spec is None:
             return gram_svd(a, keep)
     return spec.truncated(keep(spec.s, spec.total)) if keep is not None else spec
@@ -162,14 +163,23 @@ def gram_svd(a: np.ndarray, keep: Callable[[np.ndarray, float | None], int] | No
     wide = x.shape[0] < x.shape[1]
     if wide:
         x = x.T
-    lam, v = np.linalg.eigh(x.T @ x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        gram, scale = x.T @ x, 1.0
+    if not np.all(np.isfinite(gram)):  # a norm past 1e154: the squares overflow; work scaled
+        scale = float(np.max(np.abs(x)))
+        x = x / scale
+        gram = x.T @ x
+    lam, v = np.linalg.eigh(gram)
     lam, v = lam[::-1], v[:, ::-1]
     s = np.sqrt(np.maximum(lam, 0.0))
-    k = s.size if keep is None else max(1, min(s.size, int(keep(s.astype(a.dtype), None))))
+    k = s.size if keep is None else max(1, min(s.size, int(keep((s * scale).astype(a.dtype), None))))
     v = v[:, :k]
     live = s[:k] > 1e-10 * (s[0] if s.size else 0.0)
-    u = np.zeros((x.shape[0], k))
-    u[:, live] = (x @ v[:, live]) / s[:k][live]
+    # U = W V / s in the weight's own dtype (it is returned in it), unless scaled above
+    src = x if scale != 1.0 else (a.T if wide else a)
+    u = np.zeros((x.shape[0], k), dtype=src.dtype)
+    u[:, live] = (src @ v[:, live].astype(src.dtype)) / s[:k][live].astype(src.dtype)
+    s = s * scale
     if wide:  # a^T = U S V^T, so a = V S U^T
         u, v = v, u
     spec = _signed(u.astype(a.dtype), s.astype(a.dtype), np.ascontiguousarray(v.T).astype(a.dtype))
@@ -182,13 +192,13 @@ def _square_sum(a: np.ndarray) -> float:
 
 
 def leading(a: np.ndarray, energy: float, *, start: int = 32, oversample: int = 16, power: int = 2,
-            most: float = 0.25, seed: int = 0, smallest: int = 1024) -> Spectrum | None:
+            most: float = 0.25, seed: int = 0, smallest: int = 1024, total: float | None = None) -> Spectrum | None:
     """The leading singular triplets of ``a``, enough to certify its energy rank (module
     docstring), or ``None`` when that would take more than ``most`` of ``min(m, n)`` vectors (or
     ``min(m, n) < smallest``, where the full SVD costs next to nothing).
 
     The result holds ``s``, ``u``, ``vt`` for the computed part and ``total = ||a||_F^2``; it is
-    deterministic for a given ``seed``.
+    deterministic for a given ``seed``; pass ``total`` when it is already known.
     """
     from .rank import _ENERGY_RTOL
 
@@ -196,7 +206,7 @@ def leading(a: np.ndarray, energy: float, *, start: int = 32, oversample: int = 
     q = min(m, n)
     if q < smallest:
         return None
-    total = _square_sum(a)
+    total = _square_sum(a) if total is None else total
     if total == 0.0:
         return None
     rng = np.random.default_rng(seed)
@@ -234,14 +244,21 @@ def _blocks(a: np.ndarray):
     return (a[i:i + step] for i in range(0, a.shape[0], step))
 
 
-def _fits(a: np.ndarray) -> bool:
-    """Whether the SVD of ``a`` stays finite in its dtype: its Frobenius norm bounds every
-    singular value (computed scaled, so the check itself cannot overflow)."""
+def _norm(a: np.ndarray) -> float:
+    """``||a||_F`` (one pass, accumulated in float64); NaN when ``a`` holds NaN or Inf, and
+    computed scaled when its square passes float64's range, so it never overflows itself."""
+    square = _square_sum(a)
+    if np.isfinite(square):
+        return float(np.sqrt(square))
+    if not all(np.all(np.isfinite(b)) for b in _blocks(a)):
+        return float("nan")
     peak = max(float(np.max(np.abs(b))) for b in _blocks(a))
-    if peak == 0.0:
-        return True
-    norm = peak * float(np.sqrt(sum(np.sum(np.square(b / peak), dtype=np.float64) for b in _blocks(a))))
-    return norm * 4 < float(np.finfo(a.dtype).max)
+    return peak * float(np.sqrt(sum(np.sum(np.square(b / peak), dtype=np.float64) for b in _blocks(a))))
+
+
+def _fits(norm: float, dtype: np.dtype) -> bool:
+    """Whether an SVD stays finite in ``dtype``: the Frobenius norm bounds every singular value."""
+    return norm * 4 < float(np.finfo(dtype).max)
 
 
 def _svd(a: np.ndarray) -> Spectrum:
