@@ -23,8 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from onnx_lowrank import compress  # noqa: E402
 from onnx_lowrank.bench import bench, machine_info  # noqa: E402
-from onnx_lowrank.quantize import quantize_int8  # noqa: E402
-from onnx_lowrank.verify import accuracy, compare, macro_f1, make_session, run_batches  # noqa: E402
+from onnx_lowrank.passes.quantize import quantize_int8  # noqa: E402
+from onnx_lowrank.runtime import run_all, session  # noqa: E402
+from onnx_lowrank.verify import accuracy, compare, macro_f1  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks"
 
@@ -63,10 +64,10 @@ def environment(threads: Sequence[int], runs: str) -> str:
 
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int = 256) -> np.ndarray:
     """First output over all samples, in batches, 2 threads."""
-    sess = make_session(model, threads=2)
+    sess = session(model, threads=2)
     n = len(next(iter(feeds.values())))
     parts = [{k: v[i:i + batch] for k, v in feeds.items()} for i in range(0, n, batch)]
-    return run_batches(sess, parts)[0]
+    return run_all(sess, parts)[0]
 
 
 def classification_quality(model: onnx.ModelProto, x: np.ndarray, labels: np.ndarray, ref: np.ndarray | None = None,
@@ -101,11 +102,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def write(name: str, text: str, data: Any) -> None:
-    DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / f"{name}.md").write_text(text + "\n", encoding="utf-8")
-    (DOCS / f"{name}.json").write_text(json.dumps(data, indent=1, default=float) + "\n", encoding="utf-8")
-    print(f"wrote {DOCS / name}.md and .json", file=sys.stderr)
+def write(name: str, text: str, data: Any, folder: Path = DOCS) -> None:
+    """``folder/name.md`` and ``folder/name.json`` (``folder``: ``docs/benchmarks`` unless a smoke run says otherwise)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.md").write_text(text + "\n", encoding="utf-8")
+    (folder / f"{name}.json").write_text(json.dumps(data, indent=1, default=float) + "\n", encoding="utf-8")
+    print(f"wrote {folder / name}.md and .json", file=sys.stderr)
 
 
 def kib(n: int) -> str:

@@ -1,6 +1,6 @@
 """Latency users feel: fp32 vs int8 vs low-rank vs low-rank + int8, in onnxruntime on this CPU.
 
-    python benchmarks/latency.py [--only mlp|cnn|minilm] [--quick]
+    python benchmarks/latency.py [--only mlp|cnn|minilm] [--quick] [--out DIR]
 
 For each real model (``benchmarks/real_models.py``):
 
@@ -24,8 +24,10 @@ measured once; the variants and the budget sweep reuse them (same model, same da
 measurement).
 
 Writes ``docs/benchmarks/latency_<model>.{md,json}``, ``latency_<model>.png`` (speed-ups) and
-``latency_<model>_pareto.png`` (quality vs size).  Layer timings of latency-aware mode are cached in
-``benchmarks/_work/latency-cache``.
+``latency_<model>_pareto.png`` (quality vs size); ``--quick`` (a smoke run: a tenth of the runs,
+and for MiniLM also 1 thread, batches 1 and 8, the first encoder layer, 64 calibration texts, 32
+for the sensitivity and two sweep points) writes them to ``benchmarks/_work/latency-quick/``.
+Layer timings of latency-aware mode are cached in ``benchmarks/_work/latency-cache``.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ import onnx
 from common import (DOCS, classification_quality, command_line, compress, count_params, embedding_quality, environment,
                     file_size, kib, markdown_table, paired, run_model, write)
 import real_models
-from onnx_lowrank import activations, adaptive
-from onnx_lowrank.quantize import quantize
+from onnx_lowrank.passes import adaptive, statistics
+from onnx_lowrank.passes.quantize import quantize
 
 os.environ.setdefault("ONNX_LOWRANK_CACHE_DIR", str(Path(real_models.WORK) / "latency-cache"))
 
@@ -64,6 +66,13 @@ CONFIGS = {
                    sweep=[dict(target_params=f) for f in (0.95, 0.9, 0.85, 0.8, 0.7)], sweep_label="target params",
                    threads=(1, 2), batch=(1, 64), input_shape=MINILM_SHAPES, runs={1: 40, 64: 6}, warmup={1: 5, 64: 1},
                    # one batch-64 run takes seconds here: time the comparisons the targets need, not every pair
+                   # --quick: what a smoke run changes (runs are cut to a tenth on top)
+                   # (with the first encoder layer alone, 0.8 of all the weights cannot be met)
+                   quick=dict(threads=(1,), batch=(1, 8), runs={1: 40, 8: 30}, warmup={1: 5, 8: 2}, calib_texts=64,
+                              adaptive_samples=32, include=r"/layer\.0/", options=dict(target_params=0.9),
+                              flags="--data-aware --adaptive --target-params 0.9 --adaptive-samples 32 --calib-mask "
+                                    "attention_mask --include '/layer\\.0/' (calibration: the first 64 texts)",
+                              sweep=[dict(target_params=f) for f in (0.95, 0.9)]),
                    pairs=[("fp32", "int8"), ("fp32", "int8-per-channel"), ("fp32", "low-rank"), ("fp32", "low-rank latency-aware"),
                           ("int8", "low-rank latency-aware + int8"), ("int8-per-channel", "low-rank latency-aware + int8-per-channel"),
                           ("int8", "low-rank latency-aware + int8-per-channel"), ("int8", "low-rank + int8-per-channel"),
@@ -71,8 +80,9 @@ CONFIGS = {
 }
 
 
-def load(name: str):
-    """The model, a quality function on held-out data, the quality key, and extra compress options."""
+def load(name: str, quick: dict | None = None):
+    """The model, a quality function on held-out data, the quality key, and extra compress options
+    (``quick``: the smoke-run settings of ``CONFIGS``)."""
     if name in ("mlp", "cnn"):
         real = real_models.mnist_mlp() if name == "mlp" else real_models.mnist_cnn()
         key = "pixels" if name == "mlp" else "image"
@@ -84,53 +94,66 @@ def load(name: str):
     feeds = {k: v for k, v in np.load(real.holdout).items()}
     model = onnx.load(str(real.onnx))
     ref = run_model(model, feeds, batch=32)
-    extra = dict(data_aware=True, adaptive=True, adaptive_samples=128, calib=str(real.calib), calib_mask="attention_mask")
+    # metric: the adaptive section's drops are cosine drops, as before the gate's default for
+    # embeddings became rel_l2
+    extra = dict(data_aware=True, adaptive=True, adaptive_samples=128, calib=str(real.calib), calib_mask="attention_mask",
+                 metric="cosine")
+    if quick:
+        with np.load(real.calib) as d:
+            extra["calib"] = {k: d[k][:quick["calib_texts"]] for k in d.files}
+        extra.update(adaptive_samples=quick["adaptive_samples"], include=quick["include"])
     return model, (lambda m: embedding_quality(m, feeds, ref)), "cosine_mean", extra
 
 
 class MeasureOnce:
     """Measure once per model and data, reuse for every variant: the activation statistics of
-    ``--data-aware`` (in memory) and the adaptive sensitivity curves (also on disk)."""
+    ``--data-aware`` (in memory) and the adaptive sensitivity curves (also on disk).
+
+    Every variant is a full ``compress()`` run; this replaces, for the duration, the two
+    functions its stages measure with (``passes.statistics.capture_grams`` and
+    ``passes.adaptive.measure_sensitivity``) by versions that answer from what was measured.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.curves = json.loads(path.read_text()) if path.exists() else {}
         self.captures: dict[tuple[str, ...], tuple] = {}
-        self._measure, self._capture = adaptive.measure_sensitivity, activations.capture_grams
+        self._measure, self._capture = adaptive.measure_sensitivity, statistics.capture_grams
 
-    def sensitivity(self, ev, plans, rank_multiple=1, progress=None):
-        names = [p.group.weight.name for p in plans]
+    def sensitivity(self, ev, plans, rank_multiple=1, *args, **kwargs):
+        names = [p.name for p in plans]
         grid = [adaptive.grid_ranks(p, rank_multiple) for p in plans]
         # same grid and same spectrum only (curves cached without a signature had input-only whitening)
-        sigs = [round(float(p.spectrum.s[0]), 3) for p in plans]
+        sigs = [round(float(p.view().spectrum.s[0]), 3) for p in plans]
 
         def valid(n, g, sig, p):
             c = self.curves.get(n)
-            return c is not None and list(c[0]) == g and (c[2] == sig if len(c) > 2 else p.spectrum.out_whiten is None)
+            return c is not None and list(c[0]) == g and (c[2] == sig if len(c) > 2 else p.view().spectrum.out_whiten is None)
 
         if all(valid(*x) for x in zip(names, grid, sigs, plans)):
             return [adaptive.Curve(*self.curves[n][:2]) for n in names]
-        curves = self._measure(ev, plans, rank_multiple, progress)
+        curves = self._measure(ev, plans, rank_multiple, *args, **kwargs)
         self.curves.update({n: (c.ranks, c.sens, sig) for n, c, sig in zip(names, curves, sigs)})
         self.path.write_text(json.dumps(self.curves))
         return curves
 
-    def capture(self, model, groups, feeds, source_dir, **kw):
+    def capture(self, model, groups, feeds, data, **kw):
+        # by weight name: every compress() run discovers its own groups (same model, same names)
         names = (tuple(g.weight.name for g in groups), bool(kw.get("attention")))
         if names not in self.captures:
-            cap = self._capture(model, groups, feeds, source_dir, **kw)
-            by_id = {id(g): g.weight.name for g in groups}
-            self.captures[names] = (cap, *({by_id[k]: v for k, v in d.items()} for d in (cap.grams, cap.rows, cap.skipped, cap.out_grams)))
+            cap = self._capture(model, groups, feeds, data, **kw)
+            by_key = {g.key: g.weight.name for g in groups}
+            self.captures[names] = (cap, *({by_key[k]: v for k, v in d.items()} for d in (cap.grams, cap.rows, cap.skipped, cap.out_grams)))
         cap, *stats = self.captures[names]
-        grams, rows, skipped, out_grams = ({id(g): d[g.weight.name] for g in groups if g.weight.name in d} for d in stats)
-        return activations.Capture(grams=grams, rows=rows, skipped=skipped, runs=cap.runs, masked=cap.masked, out_grams=out_grams)
+        grams, rows, skipped, out_grams = ({g.key: d[g.weight.name] for g in groups if g.weight.name in d} for d in stats)
+        return statistics.Capture(grams=grams, rows=rows, skipped=skipped, runs=cap.runs, masked=cap.masked, out_grams=out_grams)
 
     def __enter__(self):
-        adaptive.measure_sensitivity, activations.capture_grams = self.sensitivity, self.capture
+        adaptive.measure_sensitivity, statistics.capture_grams = self.sensitivity, self.capture
         return self
 
     def __exit__(self, *exc):
-        adaptive.measure_sensitivity, activations.capture_grams = self._measure, self._capture
+        adaptive.measure_sensitivity, statistics.capture_grams = self._measure, self._capture
 
 
 def mac_realization(dense: onnx.ModelProto, result, *, batch: int, input_shape, runs: int) -> dict:
@@ -165,15 +188,18 @@ def mac_realization(dense: onnx.ModelProto, result, *, batch: int, input_shape, 
             "realized_fraction": speed / mac if mac == mac and mac else float("nan"), "profiled_runs": runs, "batch": batch}
 
 
-def run(name: str, quick: bool) -> None:
+def run(name: str, quick: bool, out: Path = DOCS) -> None:
     cfg = CONFIGS[name]
-    model, quality, key, extra = load(name)
+    if quick and "quick" in cfg:
+        cfg = {**cfg, **{k: v for k, v in cfg["quick"].items() if k in cfg}}
+    model, quality, key, extra = load(name, cfg.get("quick") if quick else None)
     threads, batches, shapes = cfg["threads"], cfg["batch"], cfg["input_shape"]
     runs = {b: max(3, r // 10) if quick else r for b, r in cfg["runs"].items()}
     lat_opts = dict(latency_aware=True, threads=threads, batch=batches, input_shape=shapes or ())
     opts = {**cfg["options"], **extra}
     print(f"{name}: building variants", file=sys.stderr)
-    with MeasureOnce(Path(real_models.WORK) / f"{name}_latency_sensitivity.json"):
+    # a smoke run measures on other samples: its curves must not stand in for the real ones
+    with MeasureOnce(Path(real_models.WORK) / f"{name}_latency_sensitivity{'_quick' if quick else ''}.json"):
         results = {"low-rank": compress(model, **opts), "low-rank latency-aware": compress(model, **opts, **lat_opts)}
         for q in QUANT:
             results[f"low-rank + {q}"] = compress(model, **opts, quantize=q)
@@ -265,12 +291,14 @@ def run(name: str, quick: bool) -> None:
         "",
         f"Command: `{command_line()}`",
     ])
-    write(f"latency_{name}", text, data)
-    plot_bars(name, cfg, data)
-    plot_pareto(name, cfg, data, key)
+    if quick:
+        data["quick"] = {k: v for k, v in cfg.get("quick", {}).items() if k != "sweep"} | {"runs_cut_to_a_tenth": True}
+    write(f"latency_{name}", text, data, folder=out)
+    plot_bars(name, cfg, data, out)
+    plot_pareto(name, cfg, data, key, out)
 
 
-def plot_bars(name: str, cfg: dict, data: dict) -> None:
+def plot_bars(name: str, cfg: dict, data: dict, out: Path = DOCS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,11 +321,11 @@ def plot_bars(name: str, cfg: dict, data: dict) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(DOCS / f"latency_{name}.png")
+    fig.savefig(out / f"latency_{name}.png")
     plt.close(fig)
 
 
-def plot_pareto(name: str, cfg: dict, data: dict, key: str) -> None:
+def plot_pareto(name: str, cfg: dict, data: dict, key: str, out: Path = DOCS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,17 +351,22 @@ def plot_pareto(name: str, cfg: dict, data: dict, key: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(DOCS / f"latency_{name}_pareto.png")
+    fig.savefig(out / f"latency_{name}_pareto.png")
     plt.close(fig)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=sorted(CONFIGS), help="run one model")
-    p.add_argument("--quick", action="store_true", help="a tenth of the runs (a smoke run, not for the docs)")
+    p.add_argument("--quick", action="store_true", help="a tenth of the runs, and for MiniLM less data and work (a smoke "
+                                                        "run, not for the docs: written to benchmarks/_work/latency-quick/)")
+    p.add_argument("--out", help="folder for the tables, JSON and plots (default docs/benchmarks/; with --quick "
+                                 "benchmarks/_work/latency-quick/)")
     args = p.parse_args()
+    out = Path(args.out) if args.out else Path(real_models.WORK) / "latency-quick" if args.quick else DOCS
+    out.mkdir(parents=True, exist_ok=True)
     for name in ([args.only] if args.only else list(CONFIGS)):
-        run(name, args.quick)
+        run(name, args.quick, out)
 
 
 if __name__ == "__main__":
