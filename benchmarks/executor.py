@@ -1,6 +1,6 @@
 """Workers: the sensitivity stage of adaptive mode with 1 and 2 workers, each on one thread.
 
-    python benchmarks/executor.py [--layers 6] [--size 512] [--samples 512] [--repeats 3] [--ray]
+    python benchmarks/executor.py [--layers 6] [--size 1024] [--samples 2048] [--repeats 3] [--ray]
 
 A chain of ``--layers`` dense ``--size`` x ``--size`` MatMul weights with ReLUs goes through
 ``compress(..., adaptive=True, target_params=0.5, cores=N)`` in a child process per run:
@@ -82,8 +82,8 @@ def run(path: Path, data: Path, workers: int, executor: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--samples", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ray", action="store_true")
     args = ap.parse_args()

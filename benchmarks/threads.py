@@ -122,7 +122,11 @@ def main() -> None:
         lines.append(f"| {label[setting]} | {ip:.2f} s | {isp:.2f} s | {lp:.2f} s | {lsp:.2f} s | x{lp / ip:.2f} |")
     lines += ["", "The pass caps BLAS threads (threadpoolctl) and the intra-op threads of its own onnxruntime sessions at "
               "`--cores` (default: the cores it may run on), with onnxruntime's spinning off, so the two never "
-              "oversubscribe the machine; sessions that time the model keep the threads they are given."]
+              "oversubscribe the machine; sessions that time the model keep the threads they are given.",
+              "",
+              "The default takes every core the process may run on; it cannot know that another job holds one of "
+              "them. On a shared machine give the pass the cores that are free (`--cores 1` above): BLAS threads "
+              "that wait on a busy core cost more than they bring."]
     DOCS.parent.mkdir(exist_ok=True)
     DOCS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

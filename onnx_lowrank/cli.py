@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import time
 import traceback
 
 from typing import Any, Callable, Sequence
@@ -99,26 +100,59 @@ def _compress_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _ProgressBar:
-    """A one-line progress bar on stderr; silent unless stderr is a terminal."""
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
+
+class _ProgressBar:
+    """Progress on stderr with the time left in the current step: a one-line bar on a terminal;
+    elsewhere (a log) a plain line at most every ``every`` seconds, once a step has run long
+    enough to be worth waiting on."""
+
+    def __init__(self, enabled: bool, *, tty: bool | None = None, every: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.every, self.clock = every, clock
         self.shown = False
+        self.step: tuple[int, int, float] | None = None  # (total, done at its first call, time of it)
+        self.done = 0
+        self.last_line = -float("inf")
+
+    def left(self, done: int, total: int) -> float | None:
+        """Seconds left in this step at the rate since its first call (``None`` before a rate)."""
+        if self.step is None or done <= self.step[1]:
+            return None
+        _, first, start = self.step
+        return (self.clock() - start) / (done - first) * (total - done)
 
     def __call__(self, done: int, total: int, label: str) -> None:
         if not self.enabled or total <= 0:
             return
-        width = 24
-        filled = int(width * done / total)
-        label = label if len(label) <= 40 else "..." + label[-37:]
-        sys.stderr.write(f"\rworking [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}")
-        sys.stderr.flush()
-        self.shown = True
+        now = self.clock()
+        if self.step is None or self.step[0] != total or done < self.done:  # a new step
+            self.step = (total, done, now)
+        self.done = done
+        left = self.left(done, total)
+        eta = f", about {_duration(left)} left" if left is not None and done < total else ""
+        if self.tty:
+            width = 24
+            filled = int(width * done / total)
+            label = label if len(label) <= 40 else "..." + label[-37:]
+            sys.stderr.write(f"\rworking [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{eta} {label:<40}")
+            sys.stderr.flush()
+            self.shown = True
+        elif eta and now - self.step[2] >= 30.0 and now - self.last_line >= self.every:
+            sys.stderr.write(f"{PROG}: working {done}/{total}{eta} ({label})\n")
+            sys.stderr.flush()
+            self.last_line = now
 
     def close(self) -> None:
         if self.shown:
-            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.write("\r" + " " * 120 + "\r")
             sys.stderr.flush()
 
 

@@ -165,3 +165,26 @@ def test_the_command_line_starts_without_loading_onnx_so_ctrl_c_there_is_one_lin
 
     code = "import sys, onnx_lowrank.cli; heavy = {'onnx', 'onnxruntime', 'numpy'} & set(sys.modules); assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_progress_gives_the_time_left_in_a_step_on_a_terminal_and_in_a_log(capsys):
+    from onnx_lowrank.cli import _ProgressBar
+
+    now = [0.0]
+    bar = _ProgressBar(True, tty=False, every=60.0, clock=lambda: now[0])
+    for done in range(1, 101):  # a step of 100 runs, 1 s each
+        now[0] += 1.0
+        bar(done, 100, "sensitivity")
+    lines = capsys.readouterr().err.splitlines()
+    # a log gets a line once the step ran 30 s, then at most one a minute, with the time left at the rate so far
+    assert lines == ["onnx-lowrank: working 31/100, about 69 s left (sensitivity)",
+                     "onnx-lowrank: working 91/100, about 9 s left (sensitivity)"]
+    assert bar.left(100, 100) == 0.0
+    bar(1, 10, "budget")  # a new step starts its own clock
+    assert bar.left(1, 10) is None
+
+    tty = _ProgressBar(True, tty=True, clock=lambda: now[0])
+    tty(1, 4, "w1")
+    now[0] += 10
+    tty(2, 4, "w2")
+    assert "2/4, about 20 s left w2" in capsys.readouterr().err
