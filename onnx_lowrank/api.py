@@ -190,7 +190,9 @@ def compress(
     """Factorize the constant weights of a model's MatMul/Gemm/Conv nodes.
 
     Args:
-        model: A path to an ``.onnx`` file, or an ``onnx.ModelProto`` (left unmodified).
+        model: A path to an ``.onnx`` file, or an ``onnx.ModelProto`` (left unmodified).  An
+            ``onnx_graphsurgeon.Graph`` (left unmodified) gives a result whose ``model`` is the
+            compressed graph (:mod:`onnx_lowrank.integrations.graphsurgeon`).
         config: A :class:`CompressConfig`; its fields can also be given as keywords
             (``energy=0.93``), which override the config or recipe.
         recipe: A recipe name (``"balanced"``) or TOML path, as with ``--recipe``.
@@ -221,6 +223,12 @@ def compress(
         VerificationFailed: the gate failed and ``keep_failed`` is off; the exception carries
             ``.report`` and the refused ``.result``.
     """
+    from .integrations import graphsurgeon
+
+    if graphsurgeon.is_graph(model):  # the same type back: result.model is a gs.Graph
+        return graphsurgeon.compress_graph(model, config, recipe=recipe, dry_run=dry_run, base_dir=base_dir, progress=progress,
+                                           calib=calib, labels=labels, calib_batch=calib_batch, calib_script=calib_script,
+                                           verify=verify, probe=probe, **options)
     request = pipeline.Request(source=model, config=_resolve_config(config, recipe, options), verify=_resolve_verify(verify),
                                dry_run=dry_run, base_dir=Path(base_dir) if base_dir is not None else None, calib=calib,
                                labels=labels, calib_batch=calib_batch, calib_script=calib_script, probe=probe, progress=progress)
