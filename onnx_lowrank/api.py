@@ -94,7 +94,7 @@ class CompressResult:
 
     @property
     def modified(self) -> bool:
-        return self.totals.factorized > 0
+        return self.totals.factorized > 0 or self.totals.narrowed > 0
 
     @property
     def source_dir(self) -> Path | None:

@@ -130,9 +130,39 @@ class DataAware(Section):
         if not self.attention_aware and not self.data_aware:
             raise UsageError(f"{option_value('attention_aware', False)} changes the statistics of {option('data_aware')}; add "
                              f"{option('data_aware')} or drop it.")
-        what = f"shapes the activation statistics of {option('data_aware')}"
-        _needs(self.calib_mask is not None, "calib_mask", self.data_aware, "data_aware", what)
-        _needs(float(self.damping) != DEFAULT_DAMPING, "damping", self.data_aware, "data_aware", what)
+
+
+@dataclass(frozen=True)
+class Width(Section):
+    """Width reduction of feed-forward blocks: hidden neurons dropped, the second projection
+    refitted on calibration data (:mod:`onnx_lowrank.linalg.width`)."""
+
+    title = "width reduction of feed-forward blocks (needs --calib)"
+    ffn_keep: Any = opt(None, "any", "keep this fraction of the hidden neurons of every feed-forward block (x W1 -> activation "
+                        "-> W2): the rest leave W1, its bias and W2, and W2 is refitted on the calibration data; those weights "
+                        "are not factorized. auto: with --data-aware and a budget, the budget chooses each block's width "
+                        "against the factorization of the other layers", metavar="F|auto", example=0.75)
+
+    def rules(self) -> None:
+        value = self.ffn_keep
+        if value is None:
+            return
+        text = value.strip().lower() if isinstance(value, str) else None
+        if text == "auto":
+            object.__setattr__(self, "ffn_keep", "auto")
+            return
+        try:
+            number = float(text if text is not None else value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if isinstance(value, bool) or not 0.0 < number <= 1.0:
+            raise UsageError(f"{option('ffn_keep')} must be a fraction in (0, 1] or auto, got {value!r}; "
+                             f"e.g. {option_value('ffn_keep', 0.75)}.")
+        object.__setattr__(self, "ffn_keep", number)
+
+    @property
+    def auto(self) -> bool:
+        return self.ffn_keep == "auto"
 
 
 @dataclass(frozen=True)
@@ -235,7 +265,8 @@ class Compute(Section):
 
 
 #: The sections of :class:`CompressConfig`, in the order their flags appear.
-SECTIONS: tuple[type[Section], ...] = (RankRule, Budget, DataAware, Adaptive, Refine, Selection, Latency, Quantize, Compute)
+SECTIONS: tuple[type[Section], ...] = (RankRule, Budget, DataAware, Width, Adaptive, Refine, Selection, Latency, Quantize,
+                                       Compute)
 #: Sections that change how the pass runs, not what it produces (left out of the model's stamp).
 RUN_ONLY: tuple[type[Section], ...] = (Compute,)
 _OWNER = {f.name: cls for cls in SECTIONS for f in fields(cls)}
@@ -251,6 +282,7 @@ class CompressConfig:
     * :class:`RankRule`: ``energy``, ``rank``, ``rank_multiple``, ``rank_rule``;
     * :class:`Budget`: ``target_params``, ``target_macs``, ``budget_scope``;
     * :class:`DataAware`: ``data_aware``, ``attention_aware``, ``damping``, ``calib_mask``;
+    * :class:`Width`: ``ffn_keep``;
     * :class:`Adaptive`: ``adaptive``, ``adaptive_samples``, ``max_drop``, ``metric`` (the
       drop is read as the verification gate reads it; ``cosine`` for embeddings);
     * :class:`Refine`: ``refine``;
@@ -306,6 +338,15 @@ class CompressConfig:
 
     def _rules(self) -> None:
         """Rules between sections: the ways of choosing ranks exclude each other."""
+        stats = self.data_aware or self.ffn_keep is not None
+        if self.ffn_keep == "auto" and not (self.has_budget and self.data_aware and not self.adaptive):
+            raise UsageError(f"{option_value('ffn_keep', 'auto')} lets a budget choose each block's width against the "
+                             f"factorization's whitened errors: add {option('data_aware')} and {option('target_params')} F "
+                             f"(or {option('target_macs')} F), without {option('adaptive')}; or give a fraction, e.g. "
+                             f"{option_value('ffn_keep', 0.75)}.")
+        what = f"shapes the activation statistics of {option('data_aware')} or {option('ffn_keep')}"
+        _needs(self.calib_mask is not None, "calib_mask", stats, "data_aware", what)
+        _needs(float(self.damping) != DEFAULT_DAMPING, "damping", stats, "data_aware", what)
         if self.has_budget:
             if self.rank is not None or self.energy is not None:
                 flag = option("rank") if self.rank is not None else option("energy")
@@ -331,8 +372,13 @@ class CompressConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether the options need calibration data (``data_aware``, ``adaptive`` or ``refine``)."""
-        return self.data_aware or self.adaptive or self.refine
+        """Whether the options need calibration data (``data_aware``, ``ffn_keep``, ``adaptive`` or ``refine``)."""
+        return self.data_aware or self.ffn_keep is not None or self.adaptive or self.refine
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether the activation statistics are captured (``data_aware`` or ``ffn_keep``)."""
+        return self.data_aware or self.ffn_keep is not None
 
     @property
     def effective_energy(self) -> float | None:

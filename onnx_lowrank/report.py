@@ -53,6 +53,8 @@ class LayerDecision:
         conv_mode: For a Conv with a chosen rank: ``channel`` or ``spatial``.
         macs_per: What the MAC counts are per: ``row``, ``sample`` or ``output pixel``
             (``None`` when not counted).
+        width: For a projection of a width-reduced feed-forward block: ``[kept, hidden]``
+            neurons (then ``factorized`` is false: the weight is narrower, not split).
     """
 
     node: str
@@ -79,6 +81,7 @@ class LayerDecision:
     note: str | None = None
     conv_mode: str | None = None
     macs_per: str | None = "row"
+    width: tuple[int, int] | None = None
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Totals:
 
     layers: int = 0
     factorized: int = 0
+    narrowed: int = 0
     params_before: int = 0
     params_after: int = 0
     model_params_before: int = 0
@@ -131,6 +135,9 @@ def _fmt_row(d: LayerDecision) -> list[str]:
     if d.factorized:
         params = f"{d.params_before:,} -> {d.params_after:,}" if d.params_before else f"shared with {d.shared_with}"
         status = f"factorized ({d.conv_mode}-wise)" if d.conv_mode else "factorized"
+    elif d.width is not None:
+        params = f"{d.params_before:,} -> {d.params_after:,}"
+        status = f"narrowed: {d.width[0]} of {d.width[1]} neurons"
     else:
         params = f"{d.params_before:,}" if d.params_before else "-"
         status = f"skipped: {d.reason}"
@@ -175,7 +182,8 @@ def render_table(decisions: list[LayerDecision], *, max_name: int = 40) -> str:
 
 def render_totals(t: Totals) -> str:
     lines = [
-        f"layers:        {t.factorized} of {t.layers} candidate nodes factorized",
+        f"layers:        {t.factorized} of {t.layers} candidate nodes factorized"
+        + (f", {t.narrowed} narrowed (feed-forward width)" if t.narrowed else ""),
         f"weights:       {t.params_before:,} -> {t.params_after:,} parameters in candidate layers{_ratio(t.params_before, t.params_after)}",
         f"model:         {t.model_params_before:,} -> {t.model_params_after:,} parameters{_ratio(t.model_params_before, t.model_params_after)}",
         f"{'MACs/row:' if t.macs_per == 'row' else 'MACs:':<15}{t.macs_before:,} -> {t.macs_after:,} in candidate layers"
@@ -192,9 +200,22 @@ def render_totals(t: Totals) -> str:
 _NUMBER_SECTIONS = ("data_aware", "adaptive", "refine")
 
 
+def _fmt_width(w: dict[str, Any]) -> str:
+    blocks = w.get("blocks", [])
+    kept, hidden = sum(b["kept"] for b in blocks), sum(b["hidden"] for b in blocks)
+    text = f"{len(blocks)} feed-forward block(s) keep {kept:,} of {hidden:,} neurons (ffn_keep {w.get('ffn_keep')})"
+    if blocks:
+        text += f", refit error {min(b['refit_error'] for b in blocks):.4f}-{max(b['refit_error'] for b in blocks):.4f}"
+    for n in w.get("not_reduced", []):
+        text += f"\n               not reduced: {n['node']}: {n['reason']}"
+    return text
+
+
 def render_sections(sections: dict[str, Any]) -> str:
     """The stages' numbers under the totals: data-aware, adaptive, refine, latency and int8."""
     lines = [f"{(key.replace('_', '-') + ':').ljust(14)} {_fmt_extra(sections[key])}" for key in _NUMBER_SECTIONS if key in sections]
+    if "width" in sections:
+        lines.append(f"{'width:':<14} {_fmt_width(sections['width'])}")
     lat = sections.get("latency")
     if lat:
         kept = sum(1 for v in lat.get("layers", {}).values() if v.get("kept"))

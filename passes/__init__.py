@@ -2,7 +2,7 @@
 
 Data flows one way::
 
-    load -> discover -> calibrate -> statistics -> spectra -> decide | adaptive -> latency
+    load -> discover -> blocks -> calibrate -> statistics -> width -> spectra -> decide | adaptive -> latency
          -> refine -> rewrite -> adaptive-check -> quantize -> latency-model -> report -> verify
 
 Each stage reads the request and what earlier stages returned, and returns a typed result
@@ -24,12 +24,14 @@ from .report import Report
 from .rewrite import Rewrite
 from .spectra import TakeSpectra
 from .statistics import CaptureStatistics
+from .width import FindBlocks, Narrow
 from .verify import Verify
 
 __all__ = ["PIPELINE"]
 
 #: The stages of ``compress()``, in order.
 PIPELINE = (
-    Load(), Discover(), Calibrate(), CaptureStatistics(), TakeSpectra(), Decide(), Adapt(), TimeLayers(), Refine(),
+    Load(), Discover(), FindBlocks(), Calibrate(), CaptureStatistics(), Narrow(), TakeSpectra(), Decide(), Adapt(), TimeLayers(),
+    Refine(),
     Rewrite(), CheckAdaptive(), Quantize(), TimeModel(), Report(), Verify(),
 )

@@ -45,7 +45,8 @@ class Calibrate(Step):
     def run(self, ctx: Context) -> Calibration:
         req, cfg = ctx.request, ctx.config
         if req.calib is None and req.calib_script is None:
-            flag = option("data_aware" if cfg.data_aware else "adaptive" if cfg.adaptive else "refine")
+            flag = option("data_aware" if cfg.data_aware else "ffn_keep" if cfg.ffn_keep is not None else
+                          "adaptive" if cfg.adaptive else "refine")
             raise UsageError(f"{flag} needs calibration data: pass {option_value('calib', 'data.npz')} (keys = the model's "
                              f"input names) or {option_value('calib_script', 'file.py:func')}.")
         return Calibration(load_calibration(ctx.model, req.calib, calib_script=req.calib_script, calib_batch=req.calib_batch,

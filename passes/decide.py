@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -36,9 +36,21 @@ BUDGETS = ("target_params", "target_macs")
 
 @dataclass
 class Decided(StageResult):
-    """The current decision for every plan, by weight-group key (later deciders return their own)."""
+    """The current decision for every plan, by weight-group key (later deciders return their own).
+
+    ``widths``: with ``ffn_keep="auto"``, the feed-forward widths the budget chose (a new
+    :class:`~.width.Narrowed`, which is then also the report's ``width`` section).
+    """
 
     decisions: dict[int, Decision] = field(default_factory=dict)
+    widths: Any = field(default=None, kw_only=True)
+
+    @property
+    def section(self) -> str | None:  # type: ignore[override]
+        return "width" if self.widths is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.widths.to_dict() if self.widths is not None else {}
 
 
 def _conv_energy(cfg: CompressConfig) -> float | None:
@@ -138,6 +150,13 @@ class BudgetBase:
         return cls(params_total=base, params_fixed=base - sum(p.dense_params for p in plans),
                    macs_total=macs, macs_fixed=macs - sum(p.macs(None) for p in plans))
 
+    def with_widths(self, narrowed) -> "BudgetBase":
+        """The same base with the feed-forward blocks of width reduction taken out of the fixed
+        part: a block narrowed to a fraction counts at its narrowed size, a block the budget
+        sizes (``ffn_keep="auto"``) is allocated, not fixed."""
+        out = narrowed.saved_params() + sum(u.dense_params for u in narrowed.units.values())
+        return dataclasses.replace(self, params_fixed=self.params_fixed - out, macs_fixed=self.macs_fixed - out)
+
     def with_decided_convs(self, plans: dict[int, LayerPlan], decisions: dict[int, Decision]) -> "BudgetBase":
         """The same base with every Conv the per-layer rule factorized counted at its factorized
         size: those parameters are fixed, but not at their dense size (that would leave the
@@ -180,14 +199,21 @@ def truncation_errors(plan: LayerPlan) -> Callable[[list[int]], np.ndarray]:
 
 
 def allocate_decisions(plans: list[LayerPlan], options: list[linalg.Options], limits: list[tuple[str, float, int]],
-                       base: BudgetBase, stage: str = STAGE) -> dict[int, Decision]:
+                       base: BudgetBase, stage: str = STAGE, units: list[linalg.Options] = (),
+                       chosen_units: list[int] | None = None) -> dict[int, Decision]:
     """Run the allocator: each plan's rank, or "left dense".
+
+    ``units``: further options allocated with the plans (the widths of feed-forward blocks);
+    their chosen option indices are appended to ``chosen_units``.
 
     Raises:
         UsageError: a budget is below what every plan at its lowest rank costs (names the option).
     """
+    options = list(options) + list(units)
     try:
         chosen = linalg.allocate(options, [b for _, _, b in limits])
+        if chosen_units is not None:
+            chosen_units.extend(chosen[len(plans):])
     except linalg.BudgetError:
         lowest = np.sum([o.costs[0] for o in options], axis=0) if options else np.zeros(len(limits))
         for (name, frac, budget), need in zip(limits, lowest):
@@ -210,16 +236,29 @@ def allocate_decisions(plans: list[LayerPlan], options: list[linalg.Options], li
     return out
 
 
-def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase) -> dict[int, Decision]:
-    """Allocate ``target_params``/``target_macs`` across the MatMul/Gemm plans (module docstring)."""
+def width_options(unit, budgets: list[str]) -> linalg.Options:
+    """A feed-forward block's options under a budget: its widths, then whole; its costs are
+    its two projections' parameters (and MACs per row, the same number)."""
+    costs = np.array([[unit.params(k)] * len(budgets) for k in unit.ks] + [[unit.dense_params] * len(budgets)], dtype=np.float64)
+    return linalg.Options(ranks=tuple(unit.ks) + (None,), errors=np.append(unit.errors, 0.0), costs=costs)
+
+
+def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase, units: dict | None = None
+                  ) -> tuple[dict[int, Decision], dict[int, int | None]]:
+    """Allocate ``target_params``/``target_macs`` across the MatMul/Gemm plans (module docstring)
+    and the feed-forward blocks whose width the budget sizes (``units``, by key: their chosen
+    width, ``None`` for whole)."""
     decisions = {k: decide_conv(p, cfg) for k, p in plans.items() if p.is_conv and p.active}
     base = base.with_decided_convs(plans, decisions)
     active = [p for p in plans.values() if p.active and not p.is_conv]
     limits = base.limits(cfg)
     names = [name for name, _, _ in limits]
     options = [budget_options(p, truncation_errors(p), names, cfg.rank_multiple) for p in active]
-    decisions.update(allocate_decisions(active, options, limits, base))
-    return decisions
+    units = units or {}
+    unit_options = [width_options(u, names) for u in units.values()]
+    chosen: list[int] = []
+    decisions.update(allocate_decisions(active, options, limits, base, units=unit_options, chosen_units=chosen))
+    return decisions, {key: opt.ranks[i] for key, opt, i in zip(units, unit_options, chosen)}
 
 
 class Decide(Step):
@@ -235,13 +274,25 @@ class Decide(Step):
         from .load import Loaded
         from .spectra import Spectra
 
+        from .width import Narrowed
+
         cfg = ctx.config
         plans = ctx.need(Spectra).plans
+        narrowed = ctx.get(Narrowed)
         decisions = {k: Decision(k, p.view().mode, skip=p.skip) for k, p in plans.items() if not p.active}
         if cfg.has_budget:
             matrices = [p for p in plans.values() if p.active and not p.is_conv]
             base = BudgetBase.of(ctx.need(Discovery).groups, matrices, cfg, ctx.need(Loaded).params)
-            decisions.update(decide_budget(plans, cfg, base))
+            if narrowed is not None:
+                base = base.with_widths(narrowed)
+            budgeted, widths = decide_budget(plans, cfg, base, narrowed.units if narrowed is not None else None)
+            decisions.update(budgeted)
+            if narrowed is not None and narrowed.units:
+                chosen = {key: narrowed.units[key].plan(k) for key, k in widths.items() if k is not None}
+                whole = [(narrowed.units[key].block.name, "left whole by the budget: other layers lose less per parameter "
+                          "saved") for key, k in widths.items() if k is None]
+                return Decided(decisions, widths=dataclasses.replace(narrowed, plans=chosen, units={},
+                                                                       skipped=narrowed.skipped + whole))
         else:
             decisions.update({k: per_layer(p, cfg) for k, p in plans.items() if p.active})
         return Decided(decisions)

@@ -26,6 +26,7 @@ from .discover import Discovery, Layer
 from .load import Loaded
 from .rewrite import Rewritten, needs_zero_bias, opset_version
 from .spectra import Spectra, conv_use
+from .width import WidthPlan, current_widths
 
 __all__ = ["rows", "totals", "stamp", "Report", "Reported", "METADATA_KEY"]
 
@@ -47,7 +48,8 @@ def _conv_macs(layer: Layer, plan: LayerPlan | None, decision: Decision | None, 
 
 
 def rows(found: Discovery, plans: Mapping[int, LayerPlan], decisions: Mapping[int, Decision],
-         factors: Mapping[int, tuple[str, str]], known: ShapeInfo | None = None, opset: int = 17) -> list[LayerDecision]:
+         factors: Mapping[int, tuple[str, str]], known: ShapeInfo | None = None, opset: int = 17,
+         widths: Mapping[int, "WidthPlan"] | None = None) -> list[LayerDecision]:
     """One report row per discovered node, in graph order.
 
     Args:
@@ -57,23 +59,29 @@ def rows(found: Discovery, plans: Mapping[int, LayerPlan], decisions: Mapping[in
         factors: The factor names the rewrite gave, by key.
         known: Known value shapes, to count the MACs of Conv nodes.
         opset: The model's opset (before 11 a factorized Gemm adds a one-element zero ``C``).
+        widths: Per weight-group key of a width-reduced block's projection: its plan.
     """
     by_layer: dict[int, LayerDecision] = {}
     for group in found.groups:
         plan, d = plans.get(group.key), decisions.get(group.key)
         w = group.weight
         shape = w.shape if w.tensor is not None else None
+        narrowed = (widths or {}).get(group.key)
+        if narrowed is not None:  # the rewrite narrowed the tensor in place: its shape as found
+            shape = narrowed.block.shapes[0 if group.key == narrowed.block.up.key else 1]
         choice = d.choice if d is not None else None
         factorized = d is not None and d.factorize
         dense = int(np.prod(shape)) if shape else 0
         low = plan.params_at(d.rank, d.mode) + needs_zero_bias(opset, group) if factorized else dense
         skip = group.skip or (plan.skip if plan is not None else None) or (d.skip if d is not None else None)
+        if narrowed is not None:
+            low = dense // narrowed.block.hidden * narrowed.kept
         for k, layer in enumerate(group.layers):
             if layer.is_conv:
                 macs_before, macs_after, unit = _conv_macs(layer, plan, d, known)
             else:
                 macs_before, macs_after, unit = dense, low, "row"
-            why = None if factorized else (layer.skip or skip)
+            why = None if factorized or narrowed is not None else (layer.skip or skip)
             by_layer[layer.index] = LayerDecision(
                 node=layer.display_name,
                 op_type=layer.op_type,
@@ -99,6 +107,7 @@ def rows(found: Discovery, plans: Mapping[int, LayerPlan], decisions: Mapping[in
                 note=plan.note if plan is not None else None,
                 conv_mode=d.mode if plan is not None and plan.is_conv and choice is not None else None,
                 macs_per=unit,
+                width=(narrowed.kept, narrowed.block.hidden) if narrowed is not None else None,
             )
     out = []
     counted = {g.weight.no for g in found.groups}
@@ -143,7 +152,8 @@ def _macs_units(decisions: list[LayerDecision], known: ShapeInfo | None) -> tupl
 
 def totals(layers: list[LayerDecision], model_params: int, size_before: int | None, known: ShapeInfo | None) -> Totals:
     """Parameters, MACs and sizes before and after, summed over the rows."""
-    t = Totals(layers=len(layers), factorized=sum(d.factorized for d in layers), size_before=size_before)
+    t = Totals(layers=len(layers), factorized=sum(d.factorized for d in layers), size_before=size_before,
+               narrowed=sum(d.width is not None for d in layers))
     for d in layers:
         t.params_before += d.params_before
         t.params_after += d.params_after
@@ -172,7 +182,7 @@ def stamp(model: onnx.ModelProto, config: dict, t: Totals) -> None:
     """Record in the model's metadata (key ``onnx_lowrank``) what the pass did to it."""
     from onnx_lowrank import __version__
 
-    value = json.dumps({"version": __version__, "config": config, "factorized": t.factorized,
+    value = json.dumps({"version": __version__, "config": config, "factorized": t.factorized, "narrowed": t.narrowed,
                         "weight_params_before": t.params_before, "weight_params_after": t.params_after}, sort_keys=True)
     for entry in model.metadata_props:
         if entry.key == METADATA_KEY:
@@ -193,8 +203,9 @@ class Report(Step):
         rewritten = ctx.get(Rewritten)
         loaded = ctx.need(Loaded)
         layers = rows(ctx.need(Discovery), spectra.plans, decided.decisions if decided else {},
-                      rewritten.factors if rewritten else {}, spectra.shapes, opset_version(loaded.model))
+                      rewritten.factors if rewritten else {}, spectra.shapes, opset_version(loaded.model),
+                      current_widths(ctx))
         t = totals(layers, loaded.params, loaded.size, spectra.shapes)
-        if not ctx.request.dry_run and t.factorized:
+        if not ctx.request.dry_run and (t.factorized or t.narrowed):
             stamp(ctx.model, ctx.config.to_dict(results_only=True), t)
         return Reported(layers, t, ctx.model, ctx.data)

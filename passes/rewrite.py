@@ -58,6 +58,7 @@ from onnx_lowrank.pipeline import Context, StageResult, Step
 from .decide import Decided
 from .discover import ConvSpec, Layer, Weight, WeightGroup
 from .refit import Refits
+from .width import current_widths
 from .spectra import Spectra
 
 __all__ = ["NameScope", "factorize_group", "factorize_conv_group", "opset_version", "Rewrite", "Rewritten"]
@@ -305,6 +306,43 @@ def _rewrite_conv_user(layer: Layer, k1: str, k2: str, mode: str, names: NameSco
     node.CopyFrom(second)
 
 
+def narrow_block(model: onnx.ModelProto, plan, data: io.DataFiles) -> None:
+    """Apply a width reduction (:mod:`.width`): slice ``W1`` and ``b1``, write the refitted
+    ``W2``, shift ``b2``, in place (each tensor keeps its name, type and storage: an external
+    one goes to the spill file).  The tensors between the projections lose their recorded
+    shapes, which no longer hold."""
+    from .width import narrowed_arrays
+
+    block = plan.block
+    holders = {block.up.weight.name: block.up.weight.tensor, block.down.weight.name: block.down.weight.tensor}
+    for bias in (block.up_bias, block.down_bias):
+        if bias is not None:
+            holders[bias.name] = bias.holder if isinstance(bias.holder, onnx.TensorProto) else next(
+                a.t for a in bias.holder.attribute if a.name == "value")
+    for name, arr in narrowed_arrays(plan, data).items():
+        tensor = holders[name]
+        external = tensor.data_location == onnx.TensorProto.EXTERNAL
+        if external and data.spill is not None:
+            proto = data.spill.add(name, arr, tensor.data_type)
+        else:
+            proto = numpy_helper.from_array(arr, name)
+        proto.data_type = tensor.data_type
+        tensor.CopyFrom(proto)
+    graph = block.up.layers[0].graph
+    stale = set(block.between)
+    keep = [v for v in graph.value_info if v.name not in stale]
+    if len(keep) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+    for v in graph.input:  # initializers listed as graph inputs (IR < 4) carry their shapes
+        if v.name in holders:
+            dims = list(holders[v.name].dims)
+            v.type.tensor_type.shape.ClearField("dim")
+            for d in dims:
+                v.type.tensor_type.shape.dim.add().dim_value = d
+    log.info("narrowed %s to %d of %d neurons", block.name, plan.kept, block.hidden)
+
+
 @dataclass
 class Rewritten(StageResult):
     """The rewritten model, and the names of each factorized group's two factors.
@@ -343,6 +381,8 @@ class Rewrite(Step):
         if data.spill is None and data.base_dir is not None and io.uses_external_data(model):
             # the input keeps its weights outside: so do the factors, written as they are made
             data = io.DataFiles(data.base_dir, data.label, io.Spill())
+        for plan in {p.block.up.key: p for p in current_widths(ctx).values()}.values():
+            narrow_block(model, plan, data)
         plans = ctx.need(Spectra).plans
         refits = ctx.get(Refits)
         names = NameScope(model)

@@ -30,6 +30,7 @@ from onnx_lowrank.plan import MATRIX, ConvUse, LayerPlan, Skip, SkipCode, View
 
 from .discover import Discovery
 from .statistics import Statistics
+from .width import Narrowed
 
 __all__ = ["Spectra", "TakeSpectra", "WeightTask", "take_spectra", "plan_weight", "conv_use"]
 
@@ -193,11 +194,15 @@ class TakeSpectra(Step):
     def run(self, ctx: Context) -> Spectra:
         found = ctx.need(Discovery)
         stats = ctx.get(Statistics)
-        cap = stats.capture if stats is not None else None
+        cap = stats.capture if stats is not None and ctx.config.data_aware else None  # (else for width reduction only)
         # Conv MACs scale with the output size, which only the model's shapes tell.
         known = shapes.value_shapes(ctx.model) if any(l.is_conv for l in found.layers) else None
         plans, tasks = {}, []
+        narrowed = ctx.get(Narrowed)
+        claimed = narrowed.claimed if narrowed is not None else {}
         for group in found.candidates:
+            if group.key in claimed:
+                continue  # width-reduced: not factorized (passes/width.py)
             skeleton = plans[group.key] = _skeleton(group.key, group, ctx.config, known)
             if skeleton.skip is not None:
                 continue

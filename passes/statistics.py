@@ -104,6 +104,8 @@ class Capture:
         masked: Activation tensors the padding mask was applied to.
         out_grams: Per weight group: the output-side weight of an attention-score projection
             (``attention=True``; module docstring).
+        row_sums: Per weight group: the sum of its activation rows (``X^T 1``, the same rows
+            as ``G``), for fits with an intercept.
     """
 
     grams: dict[int, tuple[np.ndarray, str]] = field(default_factory=dict)
@@ -112,6 +114,7 @@ class Capture:
     runs: int = 0
     masked: set[str] = field(default_factory=set)
     out_grams: dict[int, np.ndarray] = field(default_factory=dict)
+    row_sums: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def _mask_of(feed: Mapping[str, np.ndarray], mask_input: str | None) -> np.ndarray | None:
@@ -187,6 +190,7 @@ def capture_grams(
             continue
         cap.grams[gid] = (g, side)
         cap.rows[gid] = sum(counts[k] for k in acts)
+        cap.row_sums[gid] = sum(part.row_sums[k] for k in acts)
     users = {g.key: len(g.layers) for g in groups}
     cap.out_grams = {gid: h for gid, h in heads.result(users).items() if gid in cap.grams}
     log.info("captured input statistics of %d weight(s) in %d run(s)", len(cap.grams), cap.runs)
@@ -406,6 +410,7 @@ class _Sums:
 
     sums: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     counts: dict[tuple[str, int], int] = field(default_factory=dict)
+    row_sums: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     masked: set[str] = field(default_factory=set)
     head_sums: dict[int, np.ndarray] = field(default_factory=dict)
     head_bad: set[int] = field(default_factory=set)
@@ -419,6 +424,8 @@ class _Sums:
                 out.sums[k] = out.sums[k] + g if k in out.sums else g
             for k, c in p.counts.items():
                 out.counts[k] = out.counts.get(k, 0) + c
+            for k, v in p.row_sums.items():
+                out.row_sums[k] = out.row_sums[k] + v if k in out.row_sums else v
             for k, h in p.head_sums.items():
                 out.head_sums[k] = out.head_sums[k] + h if k in out.head_sums else h
             out.masked |= p.masked
@@ -447,6 +454,8 @@ def _accumulate(spec: _ShardSpec, feeds: Feeds, *, model: onnx.ModelProto, progr
             g = r64.T @ r64
             part.sums[key] = part.sums[key] + g if key in part.sums else g
             part.counts[key] = part.counts.get(key, 0) + rows.shape[0]
+            v = r64.sum(axis=0)
+            part.row_sums[key] = part.row_sums[key] + v if key in part.row_sums else v
         if spec.scores:
             heads.add(values, mask)
 
@@ -494,11 +503,18 @@ class CaptureStatistics(Step):
     """Capture each MatMul/Gemm weight's input Gram (and, for attention scores, output weight)."""
 
     name = "statistics"
-    switch = "data_aware"
+
+    def applies(self, ctx: Context) -> bool:
+        return ctx.config.needs_statistics
 
     def run(self, ctx: Context) -> Statistics:
         cfg = ctx.config
         groups = [g for g in ctx.need(Discovery).candidates if not g.layers[0].is_conv]
+        if not cfg.data_aware:  # for width reduction alone: the blocks' hidden activations only
+            from .width import FoundBlocks
+
+            wanted = ctx.need(FoundBlocks).down_keys
+            groups = [g for g in groups if g.key in wanted]
         cap = capture_grams(ctx.model, groups, ctx.need(Calibration).feeds, ctx.data, mask_input=cfg.calib_mask,
-                            progress=ctx.progress, attention=cfg.attention_aware, executor=ctx.executor)
+                            progress=ctx.progress, attention=cfg.attention_aware and cfg.data_aware, executor=ctx.executor)
         return Statistics(cap, cfg.damping, cfg.calib_mask)

@@ -32,7 +32,8 @@ def test_every_option_is_a_flag_a_recipe_key_and_a_keyword_of_one_name():
     (config.RankRule, dict(energy=2), "energy must be a number in \\(0, 1\\]"),
     (config.RankRule, dict(energy=0.9, rank=4), "got both energy and rank"),
     (config.Budget, dict(target_params=0), "target_params must be a fraction"),
-    (config.DataAware, dict(damping=0.1), "damping shapes the activation statistics of data_aware"),
+    (config.DataAware, dict(attention_aware=False), "attention_aware=False changes the statistics of data_aware"),
+    (config.Width, dict(ffn_keep=1.5), "ffn_keep must be a fraction"),
     (config.Adaptive, dict(max_drop=0.01), "max_drop needs adaptive"),
     (config.Selection, dict(op_types="MatMul,Foo"), "op_types got Foo"),
     (config.Latency, dict(threads=(0,)), "threads must be positive integers"),
@@ -43,6 +44,9 @@ def test_each_section_validates_itself(section, values, match):
 
 
 def test_rules_between_sections_live_in_the_config():
+    with pytest.raises(ol.UsageError, match="damping shapes the activation statistics of data_aware or ffn_keep"):
+        ol.CompressConfig(damping=0.1)
+    assert ol.CompressConfig(damping=0.1, ffn_keep=0.5).damping == 0.1
     with pytest.raises(ol.UsageError, match="allocates ranks itself; drop energy"):
         ol.CompressConfig(target_params=0.5, energy=0.9)
     with pytest.raises(ol.UsageError, match="adaptive needs a goal"):

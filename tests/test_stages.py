@@ -27,6 +27,7 @@ from onnx_lowrank.passes.rewrite import Rewrite, Rewritten
 from onnx_lowrank.passes.spectra import Spectra, TakeSpectra
 from onnx_lowrank.passes.statistics import CaptureStatistics, Statistics
 from onnx_lowrank.passes.verify import Verified, Verify
+from onnx_lowrank.passes.width import FindBlocks, FoundBlocks, Narrow, Narrowed
 from onnx_lowrank.plan import SkipCode
 from onnx_lowrank.verify import VerifyConfig
 from models import init, lowrank, make_model, run, vi
@@ -56,8 +57,8 @@ def upto(stage, model=None, *, verify=None, probe=None, dry_run=False, calib=Non
 
 
 def test_every_stage_of_the_pipeline_has_a_test_here():
-    tested = {Load, Discover, Calibrate, CaptureStatistics, TakeSpectra, Decide, Adapt, TimeLayers, Refine, Rewrite, CheckAdaptive,
-              Quantize, TimeModel, Report, Verify}
+    tested = {Load, Discover, FindBlocks, Calibrate, CaptureStatistics, Narrow, TakeSpectra, Decide, Adapt, TimeLayers, Refine,
+              Rewrite, CheckAdaptive, Quantize, TimeModel, Report, Verify}
     assert {type(s) for s in passes.PIPELINE} == tested
 
 
@@ -93,6 +94,23 @@ def test_statistics_whitens_each_matmul_by_its_input():
     assert sorted(stats.capture.grams) == [0, 1] and stats.to_dict()["weights_whitened"] == 2 and stats.capture.runs == 3
     g, side = stats.capture.grams[0]
     assert side == "left" and g.shape == (64, 64)
+
+
+def test_blocks_and_width_narrow_a_feed_forward_block_and_claim_its_weights():
+    m = chain()
+    m.graph.node.insert(1, helper.make_node("Relu", ["h"], ["a"]))
+    m.graph.node[2].input[0] = "a"
+    ctx = upto(Narrow, m, calib=feeds(), ffn_keep=0.5, energy=0.9)
+    (block,) = ctx.need(FoundBlocks).found.blocks
+    assert (block.hidden, block.activation, block.up_bias, block.down_bias) == (64, ("Relu",), None, None)
+    assert sorted(ctx.need(Statistics).capture.grams) == [1]  # width alone: only the block's hidden activations
+    narrowed = ctx.need(Narrowed)
+    assert narrowed.plans[0].kept == 32 and sorted(narrowed.claimed) == [0, 1] and narrowed.plans[0].fit.shift is None
+    assert narrowed.to_dict()["blocks"][0]["kept"] == 32
+    assert upto(TakeSpectra, m, calib=feeds(), ffn_keep=0.5, energy=0.9).need(Spectra).plans == {}  # claimed: no spectra
+    # a chain with no activation is no block, and says why
+    plain = upto(Narrow, calib=feeds(), ffn_keep=0.5, energy=0.9).need(Narrowed)
+    assert plain.plans == {} and plain.skipped == [("mm1", "no activation between the projections")]
 
 
 def test_spectra_keeps_only_the_vectors_a_decider_can_use():

@@ -19,6 +19,7 @@ from .rank import (RULES, RankChoice, break_even_rank, choice_at, choose_rank, e
 from .refit import refit_factor, refit_lowrank
 from .svd import Spectrum, factors, leading, spectrum
 from .whiten import DEFAULT_DAMPING, whitened_spectrum, whitening_factor
+from .width import WidthFit, keep_neurons, neuron_scores, refit_width, width_errors
 
 __all__ = [
     "Spectrum", "spectrum", "leading", "factors",
@@ -28,4 +29,5 @@ __all__ = [
     "refit_factor", "refit_lowrank",
     "CONV_MODES", "conv_matrix_shape", "conv_matrix", "conv_kernels", "conv_output_size", "conv_macs",
     "BudgetError", "Options", "rank_options", "allocate",
+    "WidthFit", "neuron_scores", "keep_neurons", "refit_width", "width_errors",
 ]

@@ -1,0 +1,347 @@
+"""Find feed-forward blocks: two constant projections with an elementwise activation between.
+
+A block is, in the main graph::
+
+    u = x @ W1 (+ b1)          MatMul(x, W1) [+ Add(., b1)], or Gemm(x, W1[, b1]) with transA=0
+    h = act(u)                 nodes that only combine u's values elementwise with scalars
+    y = h @ W2 (+ b2)          MatMul(h, W2) [+ Add(., b2)], or Gemm(h, W2[, b2]) with transA=0
+
+with ``f`` hidden neurons (the last axis of ``u`` and ``h``; ``W1`` may be stored transposed for a
+Gemm with ``transB=1``, ``W2`` likewise).  The activation is any chain of the elementwise
+operators in :data:`ELEMENTWISE` whose other operands are single values (``Relu``, ``Gelu``, the
+``Erf`` form ``0.5 x (1 + erf(x / sqrt 2))``, the ``Tanh`` approximation, ``x * Sigmoid(x)``,
+...), so that neuron ``j`` of ``h`` depends on neuron ``j`` of ``u`` alone and dropping it from
+``W1``, ``b1`` and ``W2`` is exact.  Every tensor between the two projections must be used by
+the block only (not a graph output, nor read by another node or a subgraph).
+
+Every pair of projections joined by an elementwise path that is not a block says why
+(:attr:`Blocks.skipped`); those are the blocks a user would expect to be found.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnx_lowrank import io
+from onnx_lowrank.errors import ModelError
+
+from .discover import Discovery, Layer, WeightGroup
+
+__all__ = ["ELEMENTWISE", "Bias", "FfnBlock", "Blocks", "find_blocks"]
+
+#: Operators an activation chain may hold: each output element depends on the same element of
+#: its inputs (other operands: single values).
+ELEMENTWISE = frozenset({
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "FastGelu", "QuickGelu", "Erf", "Sigmoid", "HardSigmoid",
+    "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Mul", "Add", "Sub", "Div", "Pow", "Sqrt",
+    "Exp", "Log", "Abs", "Neg", "Reciprocal", "Clip", "Identity", "Cast", "Min", "Max", "Sin", "Cos",
+})
+
+
+@dataclass(frozen=True)
+class Bias:
+    """A bias over the neurons (or outputs) of a projection.
+
+    Attributes:
+        name: The tensor's name.
+        value: Its values, flattened (shape ``(size,)``).
+        shape: Its stored shape (``(size,)``, ``(1, size)``, ...).
+        dtype: Its ONNX element type.
+        holder: The initializer, or the Constant node whose value it is.
+    """
+
+    name: str
+    value: np.ndarray
+    shape: tuple[int, ...]
+    dtype: int
+    holder: onnx.TensorProto | onnx.NodeProto
+
+
+@dataclass
+class FfnBlock:
+    """One feed-forward block (module docstring).
+
+    Attributes:
+        up, down: The weight groups of ``W1`` and ``W2`` (one node each).
+        up_bias, down_bias: ``b1`` and ``b2`` when the block has them.
+        hidden: ``f``, the number of neurons.
+        up_t, down_t: Whether ``W1`` / ``W2`` are stored transposed (a Gemm's ``transB``):
+            neuron ``j`` is then row ``j`` of ``W1`` / column ``j`` of ``W2``.
+        activation: The activation's operators, in graph order.
+        between: The tensors between the two projections (their shapes change with the width).
+    """
+
+    up: WeightGroup
+    down: WeightGroup
+    up_bias: Bias | None
+    down_bias: Bias | None
+    hidden: int
+    up_t: bool
+    down_t: bool
+    activation: tuple[str, ...]
+    between: tuple[str, ...] = ()
+    shapes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # W1's and W2's, as found
+
+    @property
+    def name(self) -> str:
+        return self.up.layers[0].display_name
+
+    def w2_rows(self, w2: np.ndarray) -> np.ndarray:
+        """``W2`` with one row per neuron."""
+        return w2.T if self.down_t else w2
+
+
+@dataclass
+class Blocks:
+    """The blocks found, and why each near miss is not one (``(up node, reason)``)."""
+
+    blocks: list[FfnBlock] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _attr(node: onnx.NodeProto, name: str, default=0):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+class _Graph:
+    """Who produces and who reads each tensor of the main graph, and its constants."""
+
+    def __init__(self, graph: onnx.GraphProto, data: io.DataFiles | None = None):
+        self.graph, self.data = graph, data
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.constants: dict[str, onnx.TensorProto | onnx.NodeProto] = {t.name: t for t in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
+        self.captured: set[str] = set()  # names that subgraphs read from here
+        for node in graph.node:
+            for name in node.input:
+                if name:
+                    self.readers.setdefault(name, []).append(node)
+            for name in node.output:
+                self.producer[name] = node
+            if node.op_type == "Constant" and node.output:
+                self.constants[node.output[0]] = node
+            for a in node.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    self.captured |= _names_read(sub)
+        inputs = {i.name for i in graph.input}
+        for name in inputs:  # a graph input with a default initializer is not a constant
+            self.constants.pop(name, None)
+
+    def value(self, name: str) -> tuple[np.ndarray, onnx.TensorProto, onnx.TensorProto | onnx.NodeProto] | None:
+        """A constant's values, its tensor and its holder (``None``: not a constant, or unreadable)."""
+        holder = self.constants.get(name)
+        if holder is None:
+            return None
+        tensor = holder if isinstance(holder, onnx.TensorProto) else next(
+            (a.t for a in holder.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if tensor is None:
+            return None
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if self.data is None:
+                return None
+            try:
+                return self.data.read(tensor), tensor, holder
+            except (OSError, ModelError):
+                return None
+        try:
+            return numpy_helper.to_array(tensor), tensor, holder
+        except Exception:  # a malformed constant is no bias
+            return None
+
+    def private(self, name: str, users: int = 1) -> bool:
+        """Whether ``name`` is read by exactly ``users`` nodes here and nothing else."""
+        return (name not in self.outputs and name not in self.captured
+                and len(self.readers.get(name, [])) == users)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    out: set[str] = set()
+    for node in graph.node:
+        out |= {n for n in node.input if n}
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                out |= _names_read(sub)
+    return out
+
+
+def _bias(g: _Graph, name: str, size: int) -> Bias | str:
+    got = g.value(name)
+    if got is None:
+        return f"its bias '{name}' cannot be read as a constant"
+    value, tensor, holder = got
+    if value.size != size or (value.ndim and value.shape[-1] != size):
+        return f"its bias '{name}' has shape {list(value.shape)}, not one value per neuron ({size})"
+    if not g.private(name):
+        return f"its bias '{name}' is shared with other nodes"
+    return Bias(name, value.reshape(-1), tuple(value.shape), tensor.data_type, holder)
+
+
+def _projection(layer: Layer) -> tuple[bool, int, str | None]:
+    """``(transposed, neurons, problem)`` of a projection ``x @ W`` (MatMul) or ``Gemm(x, W)``."""
+    node, shape = layer.node, layer.weight.shape
+    if layer.weight_index != 1:
+        return False, 0, "its weight is the first operand (W @ x)"
+    if node.op_type == "Gemm":
+        if _attr(node, "transA"):
+            return False, 0, "a Gemm with transA=1"
+        t = bool(_attr(node, "transB"))
+        return t, shape[0] if t else shape[1], None
+    return False, shape[1], None
+
+
+def _after(g: _Graph, layer: Layer, size: int) -> tuple[str, Bias | None] | str:
+    """The projection's output past its bias: ``(tensor, bias)``."""
+    node = layer.node
+    if node.op_type == "Gemm":
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            if float(_attr(node, "beta", 1.0)) != 1.0:
+                return "a Gemm with beta != 1"
+            got = _bias(g, node.input[2], size)
+            if isinstance(got, str):
+                return got
+            bias = got
+        return node.output[0], bias
+    out = node.output[0]
+    readers = g.readers.get(out, [])
+    if len(readers) == 1 and readers[0].op_type == "Add" and g.private(out):
+        add = readers[0]
+        other = add.input[1] if add.input[0] == out else add.input[0]
+        if other in g.constants:
+            got = _bias(g, other, size)
+            if isinstance(got, str):
+                return got
+            return add.output[0], got
+    return out, None
+
+
+def _scalar(g: _Graph, name: str) -> bool:
+    got = g.value(name)
+    return got is not None and got[0].size == 1
+
+
+def _chain(g: _Graph, start: str, down_inputs: dict[str, Layer]) -> tuple[list[onnx.NodeProto], Layer | None, str | None]:
+    """Follow ``start`` through elementwise nodes to a projection's input: the nodes, the
+    projection, and why the path is not a block.  ``(.., None, None)``: no elementwise path
+    reaches a projection at all (a residual add, a norm, an attention product ...)."""
+    nodes: list[onnx.NodeProto] = []
+    inside = {start}
+    frontier = [start]
+    ends: list[Layer] = []
+    others: list[str] = []  # readers that are neither elementwise nor the projection
+    while frontier:
+        name = frontier.pop()
+        for reader in g.readers.get(name, []):
+            if reader in nodes:
+                continue
+            layer = down_inputs.get(name)
+            if layer is not None and reader is layer.node:
+                if layer not in ends:
+                    ends.append(layer)
+                continue
+            if reader.op_type not in ELEMENTWISE or reader.domain not in ("", "ai.onnx", "com.microsoft"):
+                others.append(f"{reader.op_type} '{reader.name or reader.output[0]}'")
+                continue
+            nodes.append(reader)
+            for out in reader.output:
+                if out and out not in inside:
+                    inside.add(out)
+                    frontier.append(out)
+    if not ends:
+        return nodes, None, None
+    if len(ends) > 1:
+        return nodes, None, "the activation reaches two projections"
+    end = ends[0]
+    for node in nodes:
+        for other in node.input:
+            if other and other not in inside and not _scalar(g, other) and other not in g.constants:
+                return nodes, None, None  # joins another activation (a residual add ...): no block
+    if others:
+        return nodes, None, f"the activation is also read by {others[0]}"
+    if not nodes:
+        return nodes, None, "no activation between the projections"
+    h = end.node.input[0]
+    for name in inside:
+        if name in g.outputs or name in g.captured:
+            return nodes, None, f"'{name}' between the projections is also a graph output or read by a subgraph"
+        if name != h and not g.readers.get(name):
+            return nodes, None, f"'{name}' is computed between the projections but not used"
+    for node in nodes:
+        for other in node.input:
+            if other and other not in inside and not _scalar(g, other):
+                return nodes, None, (f"{node.op_type} '{node.name or node.output[0]}' combines the activation with "
+                                     f"'{other}', which is not a single value")
+        if node.op_type == "FastGelu" and len(node.input) > 1 and node.input[1]:
+            return nodes, None, f"FastGelu '{node.name}' adds a bias inside the activation"
+    return nodes, end, None
+
+
+def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | None = None) -> Blocks:
+    """Every feed-forward block among discovery's candidates (module docstring); ``data``
+    resolves biases held in external data."""
+    g = _Graph(model.graph, data)
+    result = Blocks()
+    by_node: dict[int, WeightGroup] = {}
+    down_inputs: dict[str, Layer] = {}
+    for group in found.candidates:
+        layer = group.layers[0]
+        if layer.is_conv or layer.scope or layer.graph is not model.graph:
+            continue
+        by_node[id(layer.node)] = group
+        if layer.weight_index == 1 and layer.node.input:
+            down_inputs[layer.node.input[0]] = layer
+    claimed: set[int] = set()
+    for group in found.candidates:
+        up = group.layers[0]
+        if id(up.node) not in by_node:
+            continue
+        t1, f, problem = _projection(up)
+        if problem is not None:
+            continue
+        after = _after(g, up, f)
+        if isinstance(after, str):
+            start = up.node.output[0]
+            nodes, end, why = _chain(g, start, down_inputs)
+            if end is not None or why is not None:
+                result.skipped.append((up.display_name, after))
+            continue
+        start, b1 = after
+        nodes, end, why = _chain(g, start, down_inputs)
+        if end is None and why is None:
+            continue  # no elementwise path to another projection: not a block at all
+        if why is not None:
+            result.skipped.append((up.display_name, why))
+            continue
+        down = by_node[id(end.node)]
+        problems = []
+        if len(group.layers) > 1:
+            problems.append(f"W1 '{group.weight.name}' is shared by {len(group.layers)} nodes")
+        if len(down.layers) > 1:
+            problems.append(f"W2 '{down.weight.name}' is shared by {len(down.layers)} nodes")
+        t2, _, p2 = _projection(end)
+        if p2 is not None:
+            problems.append(f"the second projection: {p2}")
+        rows = down.weight.shape[1] if t2 else down.weight.shape[0]
+        if rows != f:
+            problems.append(f"W2 has {rows} inputs for {f} neurons")
+        if group.key in claimed or down.key in claimed:
+            problems.append("a projection already belongs to another block")
+        if problems:
+            result.skipped.append((up.display_name, "; ".join(problems)))
+            continue
+        out_size = down.weight.shape[0] if t2 else down.weight.shape[1]
+        b2 = _after(g, end, out_size)
+        down_bias = None if isinstance(b2, str) else b2[1]
+        between = (up.node.output[0], start) + tuple(o for n in nodes for o in n.output if o)
+        result.blocks.append(FfnBlock(group, down, b1, down_bias, f, t1, t2, tuple(n.op_type for n in nodes),
+                                      tuple(dict.fromkeys(between)), (group.weight.shape, down.weight.shape)))
+        claimed |= {group.key, down.key}
+    return result

@@ -1,0 +1,234 @@
+"""Width reduction: the feed-forward blocks (:mod:`.ffn`) keep a fraction of their hidden neurons.
+
+Two stages:
+
+* ``blocks`` (after discovery): find the blocks, so that the statistics stage captures what
+  they need (the Gram ``C = H^T H`` and the column sums of each block's hidden activations,
+  which are the second projection's input statistics);
+* ``width`` (after the statistics): per block, keep ``round(ffn_keep * f)`` neurons by their
+  output energy and refit the second projection in closed form
+  (:func:`onnx_lowrank.linalg.refit_width`).
+
+The two weights of a reduced block are *claimed*: no spectrum is taken of them and they are not
+factorized; the rewrite stage slices ``W1`` and ``b1``, writes the refitted ``W2`` and shifts
+``b2`` by the fitted intercept, adding no node.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from onnx_lowrank import io, linalg
+from onnx_lowrank.errors import ModelError
+from onnx_lowrank.pipeline import Context, StageResult, Step
+
+from .discover import Discovery
+from .ffn import Blocks, FfnBlock, find_blocks
+from .statistics import Statistics
+
+__all__ = ["FindBlocks", "Narrow", "Narrowed", "WidthPlan", "WidthUnit", "FoundBlocks", "current_widths"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoundBlocks(StageResult):
+    """The feed-forward blocks of the model (:class:`~.ffn.Blocks`)."""
+
+    found: Blocks
+
+    @property
+    def down_keys(self) -> set[int]:
+        return {b.down.key for b in self.found.blocks}
+
+
+class FindBlocks(Step):
+    """Find the feed-forward blocks (only when width reduction is asked for)."""
+
+    name = "blocks"
+
+    def applies(self, ctx: Context) -> bool:
+        return ctx.config.ffn_keep is not None
+
+    def run(self, ctx: Context) -> FoundBlocks:
+        found = find_blocks(ctx.model, ctx.need(Discovery), ctx.data)
+        log.info("found %d feed-forward block(s)", len(found.blocks))
+        return FoundBlocks(found)
+
+
+@dataclass(frozen=True)
+class WidthPlan:
+    """One block's reduction: the neurons kept and the refitted second projection.
+
+    Attributes:
+        block: The block.
+        fit: The kept neurons, the refitted rows of ``W2`` (one per kept neuron) and the shift
+            of ``b2`` (:class:`onnx_lowrank.linalg.WidthFit`).
+    """
+
+    block: FfnBlock
+    fit: linalg.WidthFit
+
+    @property
+    def kept(self) -> int:
+        return len(self.fit.keep)
+
+
+@dataclass(frozen=True)
+class WidthUnit:
+    """A block whose width a budget chooses (``ffn_keep="auto"``): its options and what refits it.
+
+    Attributes:
+        block: The block.
+        ks: Neurons it may keep, ascending (keeping all ``f`` is the dense option, not listed).
+        errors: :attr:`~onnx_lowrank.linalg.WidthFit.error` at each of ``ks``.
+        gram, w2, sums, count: The refit's inputs (:func:`onnx_lowrank.linalg.refit_width`).
+        damping: The ridge.
+    """
+
+    block: FfnBlock
+    ks: tuple[int, ...]
+    errors: np.ndarray
+    gram: np.ndarray
+    w2: np.ndarray
+    sums: np.ndarray | None
+    count: int
+    damping: float
+
+    @property
+    def dense_params(self) -> int:
+        return int(np.prod(self.block.shapes[0])) + int(np.prod(self.block.shapes[1]))
+
+    def params(self, k: int) -> int:
+        """Weight parameters (and MACs per row) of the block's two projections at width ``k``."""
+        return self.dense_params // self.block.hidden * k
+
+    def plan(self, k: int) -> WidthPlan:
+        return WidthPlan(self.block, linalg.refit_width(self.gram, self.w2, k, sums=self.sums, count=self.count,
+                                                        damping=self.damping))
+
+
+#: How finely a budget may set a block's width: multiples of ``f / WIDTH_STEPS``.
+WIDTH_STEPS = 16
+
+
+@dataclass
+class Narrowed(StageResult):
+    """Every reduced block (by its first projection's group key), the blocks a budget will size
+    (``units``, with ``ffn_keep="auto"``), and the blocks left whole."""
+
+    section = "width"
+    plans: dict[int, WidthPlan] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    keep: float | str = 1.0
+    units: dict[int, WidthUnit] = field(default_factory=dict)
+
+    @property
+    def claimed(self) -> dict[int, WidthPlan | WidthUnit]:
+        """Per weight-group key of either projection: its block's plan (or unit)."""
+        out: dict[int, WidthPlan | WidthUnit] = {}
+        for p in (*self.units.values(), *self.plans.values()):
+            out[p.block.up.key] = out[p.block.down.key] = p
+        return out
+
+    def saved_params(self) -> int:
+        """Weight parameters the reduced blocks no longer have."""
+        return sum((int(np.prod(p.block.shapes[0])) + int(np.prod(p.block.shapes[1]))) * (p.block.hidden - p.kept)
+                   // p.block.hidden for p in self.plans.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ffn_keep": self.keep,
+            "blocks": [{"node": p.block.name, "second": p.block.down.layers[0].display_name, "hidden": p.block.hidden,
+                        "kept": p.kept, "activation": list(p.block.activation), "refit_error": round(p.fit.error, 6),
+                        "bias_shifted": p.fit.shift is not None} for p in self.plans.values()],
+            "not_reduced": [{"node": n, "reason": r} for n, r in self.skipped],
+        }
+
+
+class Narrow(Step):
+    """Choose each block's neurons and refit its second projection."""
+
+    name = "width"
+
+    def applies(self, ctx: Context) -> bool:
+        return ctx.config.ffn_keep is not None
+
+    def run(self, ctx: Context) -> Narrowed:
+        cfg = ctx.config
+        found = ctx.need(FoundBlocks).found
+        cap = ctx.need(Statistics).capture
+        auto = cfg.ffn_keep == "auto"
+        out = Narrowed(skipped=list(found.skipped), keep=cfg.ffn_keep)
+        for block in found.blocks:
+            key = block.down.key
+            k = block.hidden if auto else max(1, int(round(cfg.ffn_keep * block.hidden)))
+            if k >= block.hidden and not auto:
+                out.skipped.append((block.name, f"keeps all {block.hidden} neurons at {cfg.ffn_keep:g}"))
+                continue
+            if key not in cap.grams:
+                why = cap.skipped.get(key, "no statistics of its hidden activations")
+                out.skipped.append((block.name, f"no statistics of its hidden activations: {why}"))
+                continue
+            gram, _ = cap.grams[key]
+            try:
+                w2 = ctx.data.read(block.down.weight.tensor)
+            except (OSError, ModelError) as exc:
+                raise ModelError(f"cannot read weight '{block.down.weight.name}': {exc}") from None
+            sums = cap.row_sums.get(key) if block.down_bias is not None else None
+            if auto:
+                ks = tuple(sorted({max(1, round(block.hidden * j / WIDTH_STEPS)) for j in range(1, WIDTH_STEPS)} - {block.hidden}))
+                rows, count = block.w2_rows(w2), cap.rows.get(key, 0)
+                try:
+                    errors = linalg.width_errors(gram, rows, list(ks), sums=sums, count=count, damping=cfg.damping)
+                except ValueError as exc:
+                    out.skipped.append((block.name, f"cannot refit: {exc}"))
+                    continue
+                out.units[block.up.key] = WidthUnit(block, ks, errors, gram, np.asarray(rows, np.float64), sums, count,
+                                                    cfg.damping)
+                ctx.progress(len(out.units), len(found.blocks), f"width options of {block.name}")
+                continue
+            try:
+                fit = linalg.refit_width(gram, block.w2_rows(w2), k, sums=sums, count=cap.rows.get(key, 0), damping=cfg.damping)
+            except ValueError as exc:
+                out.skipped.append((block.name, f"cannot refit: {exc}"))
+                continue
+            out.plans[block.up.key] = WidthPlan(block, fit)
+            log.info("%s: keep %d of %d neurons, refit error %.4f", block.name, k, block.hidden, fit.error)
+        return out
+
+
+def narrowed_arrays(plan: WidthPlan, data: io.DataFiles) -> dict[str, np.ndarray]:
+    """The new values of the block's tensors, by name: ``W1`` and ``b1`` sliced, ``W2``
+    refitted, ``b2`` shifted (each in its own dtype and layout)."""
+    b, keep = plan.block, plan.fit.keep
+    w1 = data.read(b.up.weight.tensor)
+    w2 = data.read(b.down.weight.tensor)
+    out = {b.up.weight.name: np.ascontiguousarray(w1[keep] if b.up_t else w1[:, keep])}
+    rows = plan.fit.w2.astype(w2.dtype)
+    out[b.down.weight.name] = np.ascontiguousarray(rows.T if b.down_t else rows)
+    if b.up_bias is not None:
+        v = b.up_bias.value[keep]
+        shape = b.up_bias.shape[:-1] + (len(keep),) if b.up_bias.shape else (len(keep),)
+        out[b.up_bias.name] = v.reshape(shape)
+    if b.down_bias is not None and plan.fit.shift is not None:
+        v = b.down_bias.value.astype(np.float64) + plan.fit.shift
+        out[b.down_bias.name] = v.astype(b.down_bias.value.dtype).reshape(b.down_bias.shape)
+    return out
+
+
+def current_widths(ctx: Context) -> dict[int, WidthPlan]:
+    """The width reductions in force, by each projection's group key: the budget's choice
+    (``ffn_keep="auto"``, carried by the decisions) or the uniform fraction's."""
+    from .decide import Decided
+
+    chosen = next((r.widths for r in reversed(list(ctx.results.values())) if isinstance(r, Decided) and r.widths is not None),
+                  None)
+    if chosen is not None:
+        return chosen.claimed
+    narrowed = ctx.get(Narrowed)
+    return {k: p for k, p in narrowed.claimed.items() if isinstance(p, WidthPlan)} if narrowed is not None else {}

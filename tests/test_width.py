@@ -1,0 +1,244 @@
+"""Width reduction of feed-forward blocks: the math, the block finder, and the pass end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import onnx_lowrank as ol
+from models import init, make_model, ops, run, vi
+from onnx_lowrank import linalg
+from onnx_lowrank.errors import UsageError
+from onnx_lowrank.passes.discover import discover
+from onnx_lowrank.passes.ffn import find_blocks
+
+D, F, E = 24, 96, 20
+
+
+def _hidden(n=3000, seed=0):
+    """Correlated hidden activations: a ReLU of a few directions (so dropped neurons are predictable)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, D))
+    w1 = rng.standard_normal((D, F)) / np.sqrt(D)
+    return np.maximum(x @ w1 + 0.1, 0.0), rng.standard_normal((F, E))
+
+
+def test_the_refit_is_the_least_squares_fit_and_its_error_is_the_residual():
+    h, w2 = _hidden()
+    c, s, n = h.T @ h, h.sum(0), len(h)
+    for sums in (s, None):
+        fit = linalg.refit_width(c, w2, 40, sums=sums, count=n, damping=1e-12)
+        z = h[:, fit.keep] if sums is None else np.hstack([h[:, fit.keep], np.ones((n, 1))])
+        want = np.linalg.lstsq(z, h @ w2, rcond=None)[0]
+        got = fit.w2 if sums is None else np.vstack([fit.w2, fit.shift[None]])
+        assert np.allclose(got, want, atol=1e-6 * np.abs(want).max())
+        y, approx = h @ w2, z @ got
+        assert fit.error == pytest.approx(np.sum((y - approx) ** 2) / np.sum(y ** 2), rel=1e-6, abs=1e-12)
+    # the neurons kept are those of most output energy, in order; dropping them with no refit is worse
+    scores = np.sum(h ** 2, 0) * np.sum(w2 ** 2, 1)
+    assert list(fit.keep) == sorted(np.argsort(-scores)[:40])
+    drop = np.sum((h @ w2 - h[:, fit.keep] @ w2[fit.keep]) ** 2) / np.sum((h @ w2) ** 2)
+    assert fit.error < 0.5 * drop
+    errors = linalg.width_errors(c, w2, [10, 40, 80, F], sums=s, count=n, damping=1e-12)
+    assert np.all(np.diff(errors) < 0) and errors[-1] < 1e-9
+
+
+def test_refit_rejects_what_cannot_be_fitted():
+    h, w2 = _hidden()
+    with pytest.raises(ValueError, match="cannot keep 0 of 96"):
+        linalg.refit_width(h.T @ h, w2, 0)
+    with pytest.raises(ValueError, match="does not match 96 neurons"):
+        linalg.refit_width(np.eye(5), w2, 3)
+    bad = h.T @ h
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        linalg.refit_width(bad, w2, 3)
+
+
+def _gelu(x, out, nodes, inits, tag):
+    """The Erf form exporters write: 0.5 x (1 + erf(x / sqrt 2))."""
+    inits += [init(f"{tag}s2", np.array(1.4142135, np.float32)), init(f"{tag}one", np.array(1.0, np.float32)),
+              init(f"{tag}half", np.array(0.5, np.float32))]
+    nodes += [helper.make_node("Div", [x, f"{tag}s2"], [f"{tag}d"]), helper.make_node("Erf", [f"{tag}d"], [f"{tag}e"]),
+              helper.make_node("Add", [f"{tag}e", f"{tag}one"], [f"{tag}a"]), helper.make_node("Mul", [x, f"{tag}a"], [f"{tag}m"]),
+              helper.make_node("Mul", [f"{tag}m", f"{tag}half"], [out])]
+
+
+def ffn_model(act="gelu", gemm=False, bias2=True, extra_output=False, vector_scale=False, seed=0):
+    """x [B, S, D] -> two stacked feed-forward blocks (with a residual between them)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, outputs = [], [], [vi("y", ["B", D] if gemm else ["B", "S", D])]
+    x = "x"
+    for b in range(2):
+        w1 = (rng.standard_normal((D, F)) / np.sqrt(D)).astype(np.float32)
+        w2 = (rng.standard_normal((F, D)) / np.sqrt(F)).astype(np.float32)
+        b1 = (0.1 * rng.standard_normal(F)).astype(np.float32)
+        b2 = (0.1 * rng.standard_normal(D)).astype(np.float32)
+        if gemm:  # Gemm with transB: weights stored (out, in)
+            inits += [init(f"W1_{b}", w1.T.copy()), init(f"b1_{b}", b1), init(f"W2_{b}", w2.T.copy()), init(f"b2_{b}", b2)]
+            nodes.append(helper.make_node("Gemm", [x, f"W1_{b}", f"b1_{b}"], [f"u{b}"], transB=1))
+        else:
+            inits += [init(f"W1_{b}", w1), init(f"b1_{b}", b1), init(f"W2_{b}", w2), init(f"b2_{b}", b2)]
+            nodes += [helper.make_node("MatMul", [x, f"W1_{b}"], [f"p{b}"]), helper.make_node("Add", [f"p{b}", f"b1_{b}"], [f"u{b}"])]
+        if act == "gelu":
+            _gelu(f"u{b}", f"h{b}", nodes, inits, f"g{b}")
+        elif act == "silu":
+            nodes += [helper.make_node("Sigmoid", [f"u{b}"], [f"sg{b}"]), helper.make_node("Mul", [f"u{b}", f"sg{b}"], [f"h{b}"])]
+        else:
+            nodes.append(helper.make_node("Relu", [f"u{b}"], [f"h{b}"]))
+        if vector_scale and b == 0:  # a per-neuron scale inside the activation: not elementwise-with-scalars
+            inits.append(init("scale", np.full(F, 0.5, np.float32)))
+            nodes.append(helper.make_node("Mul", [f"h{b}", "scale"], [f"hs{b}"]))
+            hin = f"hs{b}"
+        else:
+            hin = f"h{b}"
+        if gemm:
+            nodes.append(helper.make_node("Gemm", [hin, f"W2_{b}"] + ([f"b2_{b}"] if bias2 else []), [f"o{b}"], transB=1))
+        else:
+            nodes.append(helper.make_node("MatMul", [hin, f"W2_{b}"], [f"q{b}"]))
+            nodes.append(helper.make_node("Add", [f"q{b}", f"b2_{b}"], [f"o{b}"]) if bias2 else
+                         helper.make_node("Identity", [f"q{b}"], [f"o{b}"]))
+        nodes.append(helper.make_node("Add", [f"o{b}", x], ["y" if b == 1 else f"r{b}"]))
+        x = f"r{b}"
+        if extra_output and b == 0:
+            outputs.append(vi(hin, ["B", "S", F]))
+    return make_model(nodes, [vi("x", ["B", D] if gemm else ["B", "S", D])], outputs, inits)
+
+
+def _feeds(n, gemm=False, seed=1):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((n, D) if gemm else (n, 4, D)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("act", ["gelu", "silu", "relu"])
+@pytest.mark.parametrize("gemm", [False, True])
+def test_blocks_are_found_in_every_form(act, gemm):
+    m = ffn_model(act, gemm)
+    found = find_blocks(m, discover(m, min_params=0))
+    assert len(found.blocks) == 2 and found.skipped == []
+    b = found.blocks[0]
+    assert (b.hidden, b.up_t, b.down_t) == (F, gemm, gemm)
+    assert b.up_bias is not None and b.up_bias.name == "b1_0" and b.down_bias is not None and b.down_bias.name == "b2_0"
+
+
+def test_near_misses_say_why_and_other_products_are_not_blocks():
+    m = ffn_model(extra_output=True)
+    found = find_blocks(m, discover(m, min_params=0))
+    assert len(found.blocks) == 1 and len(found.skipped) == 1
+    assert "graph output" in found.skipped[0][1]
+    m = ffn_model(vector_scale=True)
+    found = find_blocks(m, discover(m, min_params=0))
+    assert len(found.blocks) == 1 and "not a single value" in found.skipped[0][1]
+    # a projection into a residual add and a norm is no block, and not listed as one
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["p"]), helper.make_node("Add", ["p", "x"], ["r"]),
+             helper.make_node("LayerNormalization", ["r", "g"], ["n"]), helper.make_node("MatMul", ["n", "V"], ["y"])]
+    m = make_model(nodes, [vi("x", [2, D])], [vi("y", [2, D])],
+                   [init("W", np.ones((D, D), np.float32)), init("V", np.ones((D, D), np.float32)), init("g", np.ones(D, np.float32))])
+    found = find_blocks(m, discover(m, min_params=0))
+    assert found.blocks == [] and found.skipped == []
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+def test_the_pass_narrows_blocks_without_new_nodes_and_the_refit_beats_dropping(gemm):
+    m = ffn_model("gelu", gemm)
+    calib, held = _feeds(400, gemm), _feeds(200, gemm, seed=7)
+    res = ol.compress(m, ffn_keep=0.5, calib=calib, min_params=0, energy=1.0)
+    assert ops(res.model) == ops(m)  # the same nodes: only the tensors are narrower
+    weights = {t.name: tuple(t.dims) for t in res.model.graph.initializer}
+    assert weights["W1_0"] == ((F // 2, D) if gemm else (D, F // 2)) and weights["b1_0"] == (F // 2,)
+    assert weights["W2_0"] == ((D, F // 2) if gemm else (F // 2, D)) and weights["b2_0"] == (D,)
+    assert res.totals.narrowed == 4 and res.totals.factorized == 0 and res.modified
+    rows = {d.weight: d for d in res.layers}
+    assert rows["W1_0"].width == (F // 2, F) and rows["W1_0"].params_after == D * F // 2 and rows["W1_0"].reason is None
+    assert res.totals.params_after == res.totals.params_before // 2
+    assert len(res.sections["width"]["blocks"]) == 2
+    want, got = run(m, held)[0], run(res.model, held)[0]
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    # the same neurons dropped with no refit
+    plain = onnx.ModelProto()
+    plain.CopyFrom(m)
+    by_name = {t.name: t for t in plain.graph.initializer}
+    for b in range(2):
+        w1 = onnx.numpy_helper.to_array(by_name[f"W1_{b}"])
+        new_w1 = onnx.numpy_helper.to_array(next(t for t in res.model.graph.initializer if t.name == f"W1_{b}"))
+        cols = [j for j in range(F) if any(np.array_equal(w1[j] if gemm else w1[:, j], new_w1[i] if gemm else new_w1[:, i])
+                                            for i in range(F // 2))]
+        assert len(cols) == F // 2
+        mask = np.zeros(F, np.float32)
+        mask[cols] = 1.0
+        w2 = onnx.numpy_helper.to_array(by_name[f"W2_{b}"])
+        by_name[f"W2_{b}"].CopyFrom(onnx.numpy_helper.from_array(w2 * (mask[None, :] if gemm else mask[:, None]), f"W2_{b}"))
+    dropped = run(plain, held)[0]
+    assert err < 0.7 * np.linalg.norm(dropped - want) / np.linalg.norm(want)
+
+
+def test_width_needs_calibration_data_and_a_dry_run_changes_nothing():
+    m = ffn_model()
+    with pytest.raises(UsageError, match="--ffn-keep needs calibration data|ffn_keep needs calibration data"):
+        ol.compress(m, ffn_keep=0.5, min_params=0)
+    with pytest.raises(UsageError, match="calib_mask"):
+        ol.compress(m, calib_mask="x", min_params=0)
+    res = ol.compress(m, ffn_keep=0.5, calib=_feeds(64), min_params=0, energy=1.0, dry_run=True)
+    assert res.totals.narrowed == 4 and res.model.graph == m.graph
+
+
+def test_width_and_factorization_together_on_a_model_with_external_data(tmp_path):
+    m = ffn_model("relu")
+    # attention-like square projection before the blocks, for the factorization
+    rng = np.random.default_rng(3)
+    q = (rng.standard_normal((D, 6)) @ rng.standard_normal((6, D))).astype(np.float32)
+    m.graph.initializer.append(init("Q", q))
+    m.graph.node.insert(0, helper.make_node("MatMul", ["x", "Q"], ["xq"]))
+    for node in m.graph.node[1:]:
+        node.input[:] = ["xq" if i == "x" else i for i in node.input]
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    out = tmp_path / "o.onnx"
+    res = ol.compress(path, ffn_keep=0.75, energy=0.99, calib=_feeds(200), min_params=0)
+    res.save(out)
+    rows = {d.weight: d for d in res.layers}
+    assert rows["Q"].factorized and rows["Q"].rank == 6 and rows["W1_1"].width == (72, F)
+    feeds = _feeds(50, seed=9)
+    want, got = run(onnx.load(str(path)), feeds)[0], run(onnx.load(str(out)), feeds)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.2
+    assert len(res.sections["width"]["blocks"]) == 2
+
+
+def _with_projection(m):
+    """A square low-rank projection in front of the blocks, for the factorization to compete."""
+    rng = np.random.default_rng(3)
+    q = (rng.standard_normal((D, 6)) @ rng.standard_normal((6, D)) + 0.05 * rng.standard_normal((D, D))).astype(np.float32)
+    m.graph.initializer.append(init("Q", q))
+    m.graph.node.insert(0, helper.make_node("MatMul", ["x", "Q"], ["xq"]))
+    for node in m.graph.node[1:]:
+        node.input[:] = ["xq" if i == "x" else i for i in node.input]
+    return m
+
+
+@pytest.mark.parametrize("target", [0.7, 0.4])
+def test_a_budget_sizes_the_blocks_against_the_factorization(target):
+    m = _with_projection(ffn_model("gelu"))
+    res = ol.compress(m, ffn_keep="auto", data_aware=True, target_params=target, calib=_feeds(300), min_params=0)
+    t = res.totals
+    assert t.params_after <= target * t.params_before  # one budget over both forms
+    widths = {d.weight: d.width for d in res.layers if d.width is not None}
+    assert widths and all(k < F and f == F for k, f in widths.values())
+    assert widths["W1_0"] == widths["W2_0"] and widths["W1_1"] == widths["W2_1"]  # a block's two weights narrow together
+    section = res.sections["width"]
+    assert section["ffn_keep"] == "auto" and {b["kept"] for b in section["blocks"]} == {k for k, _ in widths.values()}
+    feeds = _feeds(50, seed=9)
+    want, got = run(m, feeds)[0], run(res.model, feeds)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.5
+
+
+def test_a_uniform_width_counts_against_the_budget_at_its_narrowed_size():
+    m = _with_projection(ffn_model("relu"))
+    res = ol.compress(m, ffn_keep=0.5, data_aware=True, target_params=0.5, calib=_feeds(300), min_params=0)
+    # the blocks alone already reach about half: Q is left its whole budget share
+    assert res.totals.params_after <= 0.5 * res.totals.params_before
+    rows = {d.weight: d for d in res.layers}
+    assert rows["W1_0"].width == (F // 2, F) and rows["Q"].params_after > 0
+    with pytest.raises(UsageError, match="ffn_keep='auto' lets a budget choose"):
+        ol.compress(m, ffn_keep="auto", target_params=0.5, calib=_feeds(30), min_params=0)
