@@ -33,7 +33,7 @@ DEFAULT_ENERGY = 0.95
 OP_TYPES = ("MatMul", "Gemm", "Conv")
 #: ``auto`` picks, per layer, whichever view of :data:`~onnx_lowrank.linalg.CONV_MODES` needs fewer MACs.
 CONV_MODES = (*_VIEWS, "auto")
-QUANTIZE_MODES = ("int8", "int8-per-channel")
+QUANTIZE_MODES = ("int8", "int8-per-channel", "int4")
 RANK_RULES = RULES
 BUDGET_SCOPES = ("weights", "model")
 EXECUTORS = ("local", "ray")
@@ -238,10 +238,65 @@ class Latency(Section):
 
 @dataclass(frozen=True)
 class Quantize(Section):
-    title = "int8"
-    quantize: str | None = opt(None, "choice", "onnxruntime dynamic int8 quantization after factorization: int8 (onnxruntime's "
-                               "defaults, one scale per weight) or int8-per-channel (one scale per output column of MatMul/Gemm "
-                               "weights; better quality, same size; Conv kernels keep one scale)", choices=QUANTIZE_MODES)
+    """Quantization after factorization: onnxruntime's int8, or 4-bit blocks with a low-rank correction."""
+
+    title = "quantization"
+    quantize: str | None = opt(None, "choice", "quantize after factorization: int8 (onnxruntime's dynamic int8, one scale per "
+                               "weight), int8-per-channel (one scale per output column of MatMul/Gemm weights; better quality, "
+                               "same size; Conv kernels keep one scale), or int4 (4-bit blocks as onnxruntime's MatMulNBits, "
+                               "with a low-rank correction of their error; docs/int4.md)", choices=QUANTIZE_MODES)
+    int4_block: int = opt(32, "positive_int", "with --quantize int4: weights per block along the input axis, one of 16, 32, 64, "
+                          "128, 256 (default 32)", metavar="N", example=32)
+    int4_accuracy_level: int = opt(0, "non_negative_int", "with --quantize int4: MatMulNBits's compute type: 0 unset (float, "
+                                   "default), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (faster on most CPUs, less exact)",
+                                   metavar="L", example=4)
+    int4_correction: Any = opt("auto", "any", "with --quantize int4: the low-rank branch that corrects each layer's 4-bit "
+                               "error: a number in (0, 1) keeps the smallest rank holding that share of the residual's energy "
+                               "(whitened by the layer's inputs under --data-aware), an integer is a fixed rank, 0 turns the "
+                               "branch off; auto (default): 0.5 with --data-aware, off without (the plain residual repays "
+                               "little)", metavar="E|R", example=0.5)
+    int4_max_rank: int = opt(64, "positive_int", "with --quantize int4: the highest rank a correction branch gets (default 64)",
+                             metavar="R", example=32)
+    int4_factors: str = opt("int8", "choice", "with --quantize int4: how low-rank factors (correction branches and the "
+                            "factorization's pairs) are stored: int8 (one scale per singular direction, default) or float",
+                            choices=("int8", "float"))
+
+    def rules(self) -> None:
+        object.__setattr__(self, "int4_correction", _correction(self.int4_correction))
+        if self.quantize != "int4":
+            for f in fields(self):
+                if f.name.startswith("int4_") and getattr(self, f.name) != f.default:
+                    raise UsageError(f"{option(f.name)} sets the 4-bit quantization; add {option_value('quantize', 'int4')} "
+                                     f"or drop {option(f.name)}.")
+            return
+        blocks = (16, 32, 64, 128, 256)
+        if self.int4_block not in blocks:
+            raise UsageError(f"{option('int4_block')} must be one of {', '.join(map(str, blocks))}, got {self.int4_block!r}.")
+        if self.int4_accuracy_level > 4:
+            raise UsageError(f"{option('int4_accuracy_level')} must be 0, 1, 2, 3 or 4, got {self.int4_accuracy_level!r}.")
+        from .passes.int4 import require_runtime  # the runtime is checked before any work
+
+        require_runtime(self.int4_block, self.int4_accuracy_level)
+
+
+def _correction(value: Any) -> float | int | str:
+    """``int4_correction`` as a share of energy (a float in (0, 1)), a rank (an int; 0: off) or ``"auto"``."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text == "auto":
+        return text
+    if value is None or text in ("none", "off"):
+        return 0
+    if text is not None:
+        try:
+            value = int(text) if text.isdigit() else float(text)
+        except ValueError:
+            value = text
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, float) and 0.0 < value < 1.0:
+        return value
+    raise UsageError(f"{option('int4_correction')} takes a share of energy in (0, 1), a rank (a whole number), 0 to turn "
+                     f"the branch off, or auto; got {value!r}; e.g. {option_value('int4_correction', 0.5)}.")
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,9 @@ class Totals:
     size_after: int | None = None
     macs_per: str = "row"
     macs_note: str | None = None
+    #: Bytes of the model's constants by kind (``matmul weights``, ``embeddings``, ...): ``[before, after]``
+    #: (after ``None`` in a dry run).
+    tensor_bytes: dict[str, list[int]] | None = None
 
 
 def human_bytes(n: int | None) -> str:
@@ -193,6 +196,11 @@ def render_totals(t: Totals) -> str:
         lines.append(f"               note: {t.macs_note}")
     if t.size_before is not None or t.size_after is not None:
         lines.append(f"file size:     {human_bytes(t.size_before)} -> {human_bytes(t.size_after)}{_ratio(t.size_before, t.size_after)}")
+    if t.tensor_bytes:
+        parts = [f"{kind} {human_bytes(b)}" + ("" if a is None else f" -> {human_bytes(a)}" if a != b else " (unchanged)")
+                 for kind, (b, a) in t.tensor_bytes.items()]
+        dry = any(a is None for _, a in t.tensor_bytes.values())
+        lines.append(f"tensor bytes:  {'; '.join(parts)}" + (" (as loaded)" if dry else ""))
     return "\n".join(lines)
 
 
@@ -229,7 +237,26 @@ def render_sections(sections: dict[str, Any]) -> str:
     if q:
         lines.append(f"int8:          onnxruntime dynamic quantization ({q['mode']}); {q['factors_quantized']} of {q['factors']} factor(s) quantized"
                      + (f"; left in float: {', '.join(q['unquantized_factors'])}" if q["unquantized_factors"] else ""))
+    q4 = sections.get("int4")
+    if q4:
+        lines.append(_fmt_int4(q4))
     return "\n".join(lines)
+
+
+def _fmt_int4(q: dict[str, Any]) -> str:
+    text = (f"int4:          {q['weights_quantized']} weight(s) as MatMulNBits (block {q['block']}), {q['corrected']} with a "
+            f"correction branch ({q['correction']}; {q['statistics']}); MatMul weights "
+            f"{human_bytes(q['matmul_weight_bytes_before'])} -> {human_bytes(q['matmul_weight_bytes_after'])}")
+    errors = [(l["error_int4"], l["error_corrected"]) for l in q.get("layers", [])]
+    if errors:
+        text += (f"\n               relative output error per layer: 4-bit alone {min(e[0] for e in errors):.4f}-"
+                 f"{max(e[0] for e in errors):.4f}, with the branch {min(e[1] for e in errors):.4f}-{max(e[1] for e in errors):.4f}")
+    left = list(q.get("left_float", {}).items())
+    for name, why in left[:5]:
+        text += f"\n               left float: {name}: {why}"
+    if len(left) > 5:
+        text += f"\n               left float: {len(left) - 5} more (the JSON report lists them)"
+    return text
 
 
 def _fmt_extra(value: Any) -> str:

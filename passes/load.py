@@ -8,7 +8,7 @@ in-memory ``ModelProto`` is copied, so the caller's object is never touched.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class Loaded(StageResult):
         size: Bytes of the input on disk, its data files included (``None`` in memory).
         params: Parameters of every initializer and Constant node.
         files: The input's external data files (never overwritten).
+        tensor_bytes: Bytes of its constants by kind (:func:`tensor_bytes`), as loaded.
     """
 
     model: onnx.ModelProto
@@ -43,6 +44,71 @@ class Loaded(StageResult):
     size: int | None
     params: int
     files: tuple[Path, ...] = ()
+    tensor_bytes: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tensor_bytes:  # counted before any stage changes the model
+            self.tensor_bytes = tensor_bytes(self.model)
+
+
+#: The kinds :func:`tensor_bytes` sorts a model's constants into, by what finally reads them.
+TENSOR_KINDS = ("matmul weights", "conv weights", "embeddings", "other")
+_MATMULS = {"MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+            "QLinearMatMul", "FusedMatMul", "GatherBlockQuantized"}
+_CONVS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv"}
+#: Operators a weight passes through on its way to the product (dequantization, layout).
+_THROUGH = {"DequantizeLinear", "Cast", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
+
+
+#: Input slots of the products that hold a bias, not the weight: they count as "other".
+_BIAS_SLOTS = {"Gemm": 2, "MatMulNBits": 5, "DynamicQuantizeMatMul": 4, "MatMulIntegerToFloat": 6, "Conv": 2,
+               "ConvTranspose": 2, "QLinearConv": 8}
+
+
+def _kind(op: str, slot: int) -> str | None:
+    if slot == _BIAS_SLOTS.get(op, -1):
+        return None
+    if op in _MATMULS and op != "GatherBlockQuantized":
+        return "matmul weights"
+    if op in _CONVS:
+        return "conv weights"
+    if op in ("Gather", "GatherBlockQuantized") and slot == 0:
+        return "embeddings"
+    return None
+
+
+def tensor_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of every constant (initializers and ``Constant`` nodes, in every graph), by
+    :data:`TENSOR_KINDS`: what reads it, looking through dequantization and layout operators.
+
+    A MatMul's int8 or int4 codes, scales and zero points count as its weight; a vocabulary
+    table read by ``Gather`` counts as embeddings (a user sees at once where the bytes are).
+    """
+    out = dict.fromkeys(TENSOR_KINDS, 0)
+    for graph in io.iter_graphs(model.graph):
+        readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in graph.node:
+            for slot, name in enumerate(node.input):
+                if name:
+                    readers.setdefault(name, []).append((node, slot))
+        consts = [(t.name, t) for t in graph.initializer]
+        consts += [(n.output[0], a.t) for n in graph.node if n.op_type == "Constant" and n.output
+                   for a in n.attribute if a.name == "value" and a.HasField("t")]
+        for name, tensor in consts:
+            kind, frontier, seen = None, [name], {name}
+            for _ in range(4):  # a few steps through DequantizeLinear, Cast, Transpose, ...
+                nxt = []
+                for value in frontier:
+                    for node, slot in readers.get(value, []):
+                        kind = kind or _kind(node.op_type, slot)
+                        if node.op_type in _THROUGH and slot == 0:
+                            nxt += [o for o in node.output if o not in seen]
+                            seen.update(node.output)
+                if kind or not nxt:
+                    break
+                frontier = nxt
+            out[kind or "other"] += io.tensor_nbytes(tensor)
+    return out
 
 
 def count_params(model: onnx.ModelProto) -> int:

@@ -93,6 +93,10 @@ def quantize(model: onnx.ModelProto, mode: str, *, base_dir: str | os.PathLike |
     """Quantize by ``--quantize`` mode name (one of :data:`QUANTIZE_MODES`)."""
     if mode not in QUANTIZE_MODES:
         raise UsageError(f"{option('quantize')} got {mode!r}; expected one of {', '.join(QUANTIZE_MODES)}.")
+    if mode == "int4":  # with the default int4 options and no input statistics (passes/int4.py)
+        from .int4 import quantize_int4
+
+        return quantize_int4(model, base_dir=base_dir)[0]
     return quantize_int8(model, base_dir=base_dir, per_channel=mode == "int8-per-channel")
 
 
@@ -179,7 +183,8 @@ class Quantized(StageResult):
 
 
 class Quantize(Step):
-    """int8 after factorization (``quantize``); records whether every factor ended up quantized."""
+    """int8 after factorization (``quantize``); records whether every factor ended up quantized.
+    ``int4`` is :mod:`.int4`'s (its result is an :class:`~.int4.Int4Quantized`)."""
 
     name = "quantize"
     changes_model = True
@@ -187,8 +192,12 @@ class Quantize(Step):
     def applies(self, ctx: Context) -> bool:
         return ctx.config.quantize is not None and not ctx.request.dry_run
 
-    def run(self, ctx: Context) -> Quantized:
+    def run(self, ctx: Context) -> StageResult:
         mode = ctx.config.quantize
+        if mode == "int4":
+            from .int4 import run_stage
+
+            return run_stage(ctx)
         quantized = quantize(ctx.model, mode, base_dir=ctx.data)
         factors = [name for names in ctx.need(Rewritten).factors.values() for name in names]
         missed = unquantized(quantized, factors)

@@ -23,13 +23,12 @@ from onnx_lowrank.shapes import ShapeInfo
 
 from .decide import Decided
 from .discover import Discovery, Layer
-from .load import Loaded
+from .load import TENSOR_KINDS, Loaded, tensor_bytes
 from .rewrite import Rewritten, needs_zero_bias, opset_version
 from .spectra import Spectra, conv_use
 from .width import WidthPlan, current_widths
 
 __all__ = ["rows", "totals", "stamp", "Report", "Reported", "METADATA_KEY"]
-
 
 def _conv_macs(layer: Layer, plan: LayerPlan | None, decision: Decision | None, known: ShapeInfo | None
                ) -> tuple[int, int, str | None]:
@@ -206,6 +205,10 @@ class Report(Step):
                       rewritten.factors if rewritten else {}, spectra.shapes, opset_version(loaded.model),
                       current_widths(ctx))
         t = totals(layers, loaded.params, loaded.size, spectra.shapes)
+        before = loaded.tensor_bytes
+        after = None if ctx.request.dry_run else tensor_bytes(ctx.model)  # a dry run writes nothing: as loaded
+        t.tensor_bytes = {k: [before[k], after[k] if after else None] for k in TENSOR_KINDS
+                          if before[k] or (after and after[k])}
         if not ctx.request.dry_run and (t.factorized or t.narrowed):
             stamp(ctx.model, ctx.config.to_dict(results_only=True), t)
         return Reported(layers, t, ctx.model, ctx.data)

@@ -170,21 +170,29 @@ def _add_factors(model: onnx.ModelProto, w: Weight, tensors: list[tuple[str, np.
 
 
 def _remove_weight(model: onnx.ModelProto, w: Weight) -> None:
-    g = w.graph
-    if w.constant_node is not None:
-        del g.node[_index_of(g.node, w.constant_node)]
+    remove_constant(w.graph, w.name, constant=w.constant_node is not None)
+
+
+def remove_constant(graph: onnx.GraphProto, name: str, *, constant: bool = False) -> None:
+    """Remove the constant value ``name`` from ``graph``: its ``Constant`` node (``constant``), or
+    its initializer and the graph input of the same name; and its value_info either way."""
+    if constant:
+        for i, n in enumerate(graph.node):
+            if n.op_type == "Constant" and list(n.output) == [name]:
+                del graph.node[i]
+                break
     else:
-        for i, t in enumerate(g.initializer):
-            if t.name == w.name:
-                del g.initializer[i]
+        for i, t in enumerate(graph.initializer):
+            if t.name == name:
+                del graph.initializer[i]
                 break
-        for i, v in enumerate(g.input):
-            if v.name == w.name:
-                del g.input[i]
+        for i, v in enumerate(graph.input):
+            if v.name == name:
+                del graph.input[i]
                 break
-    for i, v in enumerate(g.value_info):
-        if v.name == w.name:
-            del g.value_info[i]
+    for i, v in enumerate(graph.value_info):
+        if v.name == name:
+            del graph.value_info[i]
             break
 
 

@@ -143,7 +143,7 @@ def test_config_values_are_validated(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(two_layer_model(), str(path))
     for flags, needle in ((["--threads", "0"], "--threads"), (["--batch", "x"], "--batch"),
-                          (["--min-speedup", "-1"], "--min-speedup"), (["--quantize", "int4"], "--quantize"),
+                          (["--min-speedup", "-1"], "--min-speedup"), (["--quantize", "int2"], "--quantize"),
                           (["--input-shape", "x"], "--input-shape")):
         assert main([str(path), "-o", str(tmp_path / "o.onnx"), *flags]) == 2
         assert needle in capsys.readouterr().err

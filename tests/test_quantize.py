@@ -178,5 +178,5 @@ def test_cli_quantize_per_channel_names_the_mode(tmp_path, capsys):
     out = tmp_path / "small.onnx"
     assert main([str(src), "-o", str(out), "--rank", "6", "--min-params", "0", "--quantize", "int8-per-channel"]) == 0
     assert "int8:          onnxruntime dynamic quantization (int8-per-channel); 4 of 4 factor(s) quantized" in capsys.readouterr().out
-    assert main([str(src), "-o", str(tmp_path / "x.onnx"), "--quantize", "int4"]) == 2
+    assert main([str(src), "-o", str(tmp_path / "x.onnx"), "--quantize", "int3"]) == 2
     assert "int8-per-channel" in capsys.readouterr().err

@@ -7,7 +7,8 @@ One module per concern, each stating its math in its docstring:
 * :mod:`.whiten`: data-aware truncation in the space whitened by activation statistics;
 * :mod:`.refit`: least-squares refit of factors on propagated activations;
 * :mod:`.conv`: Conv weights as matrices, the kernels of the split, their MACs;
-* :mod:`.allocate`: one rank per layer under a global budget (greedy water-filling).
+* :mod:`.allocate`: one rank per layer under a global budget (greedy water-filling);
+* :mod:`.quant`: 4-bit block quantization and the low-rank correction of its error.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .allocate import BudgetError, Options, allocate, rank_options
 from .conv import CONV_MODES, conv_kernels, conv_macs, conv_matrix, conv_matrix_shape, conv_output_size
 from .rank import (RULES, RankChoice, break_even_rank, choice_at, choose_rank, energy_kept, energy_rank, entropy_kept,
                    entropy_rank, entropy_terms, lowrank_params, relative_error, round_rank)
+from .quant import BlockQuantized, Correction, correction, dequantize, dequantize_columns, quantize_blocks, quantize_columns
 from .refit import refit_factor, refit_lowrank
 from .svd import Spectrum, factors, leading, spectrum
 from .whiten import DEFAULT_DAMPING, whitened_spectrum, whitening_factor
@@ -30,4 +32,5 @@ __all__ = [
     "CONV_MODES", "conv_matrix_shape", "conv_matrix", "conv_kernels", "conv_output_size", "conv_macs",
     "BudgetError", "Options", "rank_options", "allocate",
     "WidthFit", "neuron_scores", "keep_neurons", "refit_width", "width_errors",
+    "BlockQuantized", "quantize_blocks", "dequantize", "Correction", "correction", "quantize_columns", "dequantize_columns",
 ]

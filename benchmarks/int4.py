@@ -1,0 +1,175 @@
+"""int4 with a whitened low-rank correction, against fp32, int8 and onnxruntime's own int4, on all-MiniLM-L6-v2.
+
+    OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=1 python benchmarks/int4.py          # writes docs/benchmarks/int4.{md,json}
+    python benchmarks/int4.py --quick                                           # smoke run; writes benchmarks/_work/ only
+
+Inputs (built by ``benchmarks/real_models.py``): ``benchmarks/_work/minilm.onnx``, the calibration
+texts ``minilm_calib_128.npz`` (the first 256 are used, padded rows left out with
+``calib_mask="attention_mask"``) and the held-out texts ``minilm_holdout_128.npz`` (never used
+for calibration).  Quality is the cosine of each held-out sentence embedding to fp32's.
+
+Variants, side by side in one run:
+
+* ``fp32``; ``int8-per-channel`` (``onnxruntime.quantization.quantize_dynamic``, per channel);
+* ``ort-int4`` (onnxruntime's ``MatMulNBitsQuantizer``, block 32, asymmetric: the reference for
+  speed); ``ort-int4-acc4`` the same with ``accuracy_level=4`` (int8 activations);
+* ``ours`` (``compress(..., quantize="int4")``, factorization off with ``energy=1``) without a
+  correction, with the plain residual SVD, and whitened (``--data-aware``) at a few energies and
+  ranks and block sizes; ``-acc4`` at accuracy level 4;
+* ``onnxsim-lqer-r*`` (onnxsim 0.8.1's ``apply_lqer`` on its ``quantize_weight_only_int4``,
+  opset 21) when onnxsim is installed, at a rank near our bytes and at rank 16.
+
+Bytes: "MatMul weight bytes" are the constants that MatMul/Gemm/MatMulNBits/DequantizeLinear/
+MatMulInteger nodes read (codes, scales, zero points, factors); "file" the whole model.
+Latency: :func:`onnx_lowrank.bench.bench` (``common.paired``), each model interleaved with
+``ort-int4`` at 1 thread, batch 1 and 64 of 128 tokens; the ratio is ``ort-int4``'s time over
+the variant's (below 1: slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (DOCS, ROOT, command_line, compress, embedding_quality, environment, markdown_table, paired,  # noqa: E402
+                    quantize_int8, run_model, write)
+
+from onnx_lowrank.passes.int4 import weight_bytes  # noqa: E402
+
+WORK = ROOT / "benchmarks" / "_work"
+SEQ = 128
+SHAPES = (f"input_ids:1x{SEQ},attention_mask:1x{SEQ},token_type_ids:1x{SEQ}",)
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+#: Our variants: label -> compress() keywords (``energy=1`` keeps every weight dense).
+OURS = {
+    "ours-b32": dict(int4_correction=0),
+    "ours-b32-plain-r16": dict(int4_correction=16),
+    "ours-b32-auto": dict(data_aware=True),
+    "ours-b32-e0.6": dict(data_aware=True, int4_correction=0.6),
+    "ours-b32-r16": dict(data_aware=True, int4_correction=16),
+    "ours-b64-r32": dict(data_aware=True, int4_block=64, int4_correction=32),
+    "ours-b64-r32-acc4": dict(data_aware=True, int4_block=64, int4_correction=32, int4_accuracy_level=4),
+    "ours-b32-r16-float": dict(data_aware=True, int4_correction=16, int4_factors="float"),
+}
+
+
+def ort_int4(model: onnx.ModelProto, block: int, accuracy_level: int | None) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # the quantizer edits the model it is given
+    q = MatMulNBitsQuantizer(copy, block_size=block, is_symmetric=False, accuracy_level=accuracy_level)
+    q.process()
+    return q.model.model
+
+
+def onnxsim_lqer(model: onnx.ModelProto, rank: int, calib: list[dict[str, np.ndarray]]) -> onnx.ModelProto | str:
+    """onnxsim 0.8.1's LQER, or why it could not run."""
+    try:
+        import onnxsim
+        from onnx import version_converter
+    except ImportError as exc:
+        return f"onnxsim not installed ({exc})"
+    m21 = version_converter.convert_version(model, 21)  # its int4 is opset 21's INT4 + DequantizeLinear(block_size)
+    q = onnxsim.quantize_weight_only_int4(m21)
+    return onnxsim.apply_lqer(m21, q, rank=rank, calibration_data=calib)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: few texts and runs; writes benchmarks/_work/ only")
+    ap.add_argument("--only", nargs="*", default=None, help="labels of the variants to run (default: all)")
+    ap.add_argument("--calib", type=int, default=256, help="calibration texts (default 256)")
+    ap.add_argument("--runs1", type=int, default=40, help="timed runs at batch 1 (default 40)")
+    ap.add_argument("--runs64", type=int, default=4, help="timed runs at batch 64 (default 4)")
+    ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--lqer-ranks", type=int, nargs="*", default=[4, 16], help="onnxsim LQER ranks (default 4 16)")
+    args = ap.parse_args(argv)
+
+    model = onnx.load(str(WORK / "minilm.onnx"))
+    cal = np.load(WORK / "minilm_calib_128.npz")
+    hold = np.load(WORK / "minilm_holdout_128.npz")
+    n_cal, n_hold = (32, 32) if args.quick else (args.calib, len(hold["input_ids"]))
+    calib = {k: cal[k][:n_cal] for k in INPUTS}
+    feeds = {k: hold[k][:n_hold] for k in INPUTS}
+    batches = (1, 8) if args.quick else (1, 64)
+    runs = {batches[0]: 5 if args.quick else args.runs1, batches[1]: 2 if args.quick else args.runs64}
+    ref = run_model(model, feeds, batch=32)
+
+    variants: dict[str, tuple[onnx.ModelProto, dict]] = {}
+    wanted = (lambda label: args.only is None or label in args.only)
+    t0 = time.perf_counter()
+    variants["fp32"] = (model, {})
+    variants["ort-int4"] = (ort_int4(model, 32, None), {"seconds": round(time.perf_counter() - t0, 1)})
+    if wanted("ort-int4-acc4"):
+        variants["ort-int4-acc4"] = (ort_int4(model, 32, 4), {})
+    if wanted("int8-per-channel"):
+        variants["int8-per-channel"] = (quantize_int8(model, per_channel=True), {})
+    for label, kw in OURS.items():
+        if not wanted(label):
+            continue
+        t = time.perf_counter()
+        extra = dict(calib=calib, calib_mask="attention_mask") if kw.get("data_aware") else {}
+        res = compress(model, energy=1.0, quantize="int4", **kw, **extra)
+        sec = res.sections["int4"]
+        variants[label] = (res.model, {"seconds": round(time.perf_counter() - t, 1), "correction": sec["correction"],
+                                       "statistics": sec["statistics"], "ranks": sec["correction_ranks"],
+                                       "weights_quantized": sec["weights_quantized"], "left_float": sec["left_float"],
+                                       "report_bytes_after": sec["matmul_weight_bytes_after"]})
+        print(f"{label}: {variants[label][1]['seconds']} s, {sec['correction']}, ranks {sec['correction_ranks']}", file=sys.stderr)
+    lqer_note = None
+    for r in args.lqer_ranks:
+        label = f"onnxsim-lqer-r{r}"
+        if not wanted(label):
+            continue
+        t = time.perf_counter()
+        cb = [{k: v[i:i + 32] for k, v in calib.items()} for i in range(0, n_cal, 32)]
+        got = onnxsim_lqer(model, r, cb)
+        if isinstance(got, str):
+            lqer_note = got
+            break
+        variants[label] = (got, {"seconds": round(time.perf_counter() - t, 1)})
+
+    rows, data = [], {}
+    base = variants["ort-int4"][0]
+    for label, (m, info) in variants.items():
+        q = embedding_quality(m, feeds, ref)
+        entry = {"matmul_weight_bytes": weight_bytes(m), "file_bytes": m.ByteSize(), **q, **info}
+        if not args.no_latency:
+            for b in batches:
+                p = paired(base, m, threads=1, batch=b, runs=runs[b], warmup=1 if b > 1 else 5, input_shape=SHAPES)
+                entry[f"p50_ms_b{b}"] = p["b_p50_ms"]
+                entry[f"vs_ort_int4_b{b}"] = p["speedup"]
+        data[label] = entry
+        print(label, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items() if k != "left_float"},
+              file=sys.stderr, flush=True)
+        lat = [f"{entry[f'p50_ms_b{b}']:.1f} (x{entry[f'vs_ort_int4_b{b}']:.2f})" for b in batches] if not args.no_latency else []
+        rows.append([label, f"{entry['matmul_weight_bytes'] / 1e6:.2f}", f"{entry['file_bytes'] / 1e6:.2f}",
+                     f"{entry['cosine_mean']:.4f}", f"{entry['cosine_min']:.4f}", *lat])
+    headers = ["variant", "MatMul weights (MB)", "file (MB)", "cosine mean", "cosine min"]
+    headers += [f"ms batch {b} (vs ort-int4)" for b in batches] if not args.no_latency else []
+    text = "\n".join([
+        "# int4 + whitened low-rank correction on all-MiniLM-L6-v2", "",
+        f"`{command_line()}`", "",
+        environment((1,), f"batch {batches[0]}: {runs[batches[0]]} paired runs, batch {batches[1]}: {runs[batches[1]]}; "
+                    f"{SEQ} tokens"), "",
+        f"Held-out texts: {n_hold}; calibration texts: {n_cal}. x: ort-int4's time / the variant's (below 1: slower).", "",
+        markdown_table(headers, rows), "",
+        *([f"onnxsim: {lqer_note}"] if lqer_note else []),
+    ])
+    print(text)
+    write("int4", text, {"variants": data, "calib": n_cal, "holdout": n_hold, "batches": list(batches), "runs": runs},
+          folder=WORK / "quick" if args.quick else DOCS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""4-bit block quantization with a low-rank correction of its error.  Pure NumPy.
+
+Block quantization (onnxruntime's ``MatMulNBits`` layout)
+----------------------------------------------------------
+A weight ``W`` of shape ``(K, N)``, multiplied as ``x @ W``, is cut along ``K`` into blocks of
+``block`` consecutive rows (the last one padded with zeros).  Each block of each column ``j``
+gets a scale ``s`` and an integer zero point ``z`` in ``[0, 15]``, and its values become codes
+``q`` in ``[0, 15]``::
+
+    q = clip(round(w / s) + z, 0, 15)        w ~ (q - z) s                      (dequantized)
+
+with ``lo = min(w, 0)``, ``hi = max(w, 0)`` over the block shrunk by a clipping factor ``c``,
+``s = c (hi - lo) / 15`` and ``z = clip(round(-c lo / s), 0, 15)``; ``c`` is chosen per block from
+:data:`CLIP_GRID` to minimize the squared error of the block (clipping a few large values often
+buys finer steps for all others).  Zero always lies in the range, so exact zeros stay exact.
+
+Stored as onnxruntime reads them (``com.microsoft.MatMulNBits``, ``bits=4``):
+
+* ``B``: uint8 ``(N, blocks, block / 2)``: column ``j``, block ``b``, two codes per byte, the
+  earlier row in the low nibble;
+* ``scales``: float32 ``(N, blocks)``;
+* ``zero_points``: uint8 ``(N, ceil(blocks / 2))``: two 4-bit zero points per byte, the earlier
+  block in the low nibble.
+
+:func:`dequantize` computes ``(q - z) * s`` in float32, element by element, exactly as the
+runtime's float path does, so ``x @ dequantize(quantize(W))`` matches ``MatMulNBits`` to float32
+rounding of the sums (``accuracy_level`` 0 or 1; level 4 also rounds ``x`` to int8).
+
+Low-rank correction (LQER, QERA)
+--------------------------------
+The quantization error ``R = W - Q(W)`` (``Q(W)`` the dequantized weight, as the runtime sees
+it) is spread over all directions, but what matters is ``||X R||_F`` over real inputs ``X``.
+With ``G = X^T X`` and ``G + d I = L L^T`` (:func:`~onnx_lowrank.linalg.whitening_factor`)::
+
+    ||X (R - A B)||_F = ||L^T R - L^T A B||_F            (d = 0)
+
+so the best rank-``r`` branch is the truncated SVD of the whitened residual
+``L^T R = U S V^T``, mapped back::
+
+    A = L^{-T} U_r S_r    (K, r)        B = V_r^T    (r, N)        x W ~ x Q(W) + (x A) B
+
+All singular values go into ``A`` and ``B`` keeps orthonormal rows: when the factors are stored
+as int8 with one scale per column (:func:`quantize_columns`), each column of ``A`` gets the
+range of its own singular direction and ``B``'s columns hold values of one scale.  Without
+statistics (``G = None``) the plain SVD of ``R`` is used, which removes little: the
+quantization error has a flat spectrum; the whitened one does not, because inputs concentrate
+on a few directions (outlier features).
+
+Alternating (as LoftQ does for fine-tuning): once the branch exists, the blocks are refitted to
+``W - A B`` and the branch to what they leave, a few times.  The blocks then stop spending
+their levels on what the branch already carries.  :func:`fit` keeps the best pair seen, so
+more rounds never leave a larger whitened error.
+
+The rank per layer: the smallest ``r`` whose share of the whitened residual's squared singular
+values ``E(r) = sum_{i<=r} s_i^2 / ||L^T R||_F^2`` reaches ``energy`` (or a fixed ``rank``),
+never more than ``max_rank``.  ``1 - E(r)`` is the share of the layer's output error left, so
+the same energy asks every layer for the same relative repair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .rank import energy_kept, energy_rank
+from .svd import spectrum
+from .whiten import DEFAULT_DAMPING, whitening_factor
+
+__all__ = ["BLOCK_SIZES", "CLIP_GRID", "BlockQuantized", "quantize_blocks", "dequantize", "Correction", "correction",
+           "Fit", "fit", "quantize_columns", "dequantize_columns"]
+
+#: Block sizes ``MatMulNBits`` takes on CPU (powers of two, at least 16).
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+#: Clipping factors tried per block (1 = the block's full range).
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8)
+
+_LEVELS = 15  # 4 bits: codes 0..15
+
+
+@dataclass(frozen=True)
+class BlockQuantized:
+    """A ``(K, N)`` weight in onnxruntime's 4-bit block layout (module docstring).
+
+    Attributes:
+        packed: uint8 ``(N, blocks, block // 2)``.
+        scales: float32 ``(N, blocks)``.
+        zero_points: uint8 ``(N, (blocks + 1) // 2)``, two per byte.
+        k, n: The weight's shape.
+        block: Rows per block.
+    """
+
+    packed: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    k: int
+    n: int
+    block: int
+
+    @property
+    def blocks(self) -> int:
+        return int(self.scales.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: codes, scales and zero points."""
+        return int(self.packed.nbytes + self.scales.nbytes + self.zero_points.nbytes)
+
+    def codes(self) -> np.ndarray:
+        """The codes, uint8 ``(N, blocks, block)``."""
+        lo = self.packed & 0x0F
+        hi = self.packed >> 4
+        return np.stack([lo, hi], axis=-1).reshape(self.n, self.blocks, self.block)
+
+    def zeros(self) -> np.ndarray:
+        """The zero points, uint8 ``(N, blocks)``."""
+        z = np.stack([self.zero_points & 0x0F, self.zero_points >> 4], axis=-1).reshape(self.n, -1)
+        return z[:, : self.blocks]
+
+
+def _check_block(block: int) -> None:
+    if block not in BLOCK_SIZES:
+        raise ValueError(f"Got block={block!r}; expected one of {', '.join(map(str, BLOCK_SIZES))}.")
+
+
+def _pack_pairs(values: np.ndarray) -> np.ndarray:
+    """uint8 values < 16 along the last axis, two per byte (the earlier one low); odd counts padded."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def quantize_blocks(w: np.ndarray, block: int = 32, clip: tuple[float, ...] = CLIP_GRID) -> BlockQuantized:
+    """Asymmetric 4-bit quantization of ``w`` (K, N) in blocks of ``block`` rows per column.
+
+    Args:
+        w: The weight as multiplied, ``x @ w``; any float dtype (computed in float32).
+        block: Rows per block, one of :data:`BLOCK_SIZES`.
+        clip: Clipping factors to try per block; ``(1.0,)`` is plain min/max rounding.
+
+    Returns:
+        The codes, scales and zero points in onnxruntime's layout.
+
+    Raises:
+        ValueError: ``w`` is not a finite, non-empty 2-D matrix, or ``block`` is not supported.
+    """
+    _check_block(block)
+    w = np.asarray(w)
+    if w.ndim != 2 or w.size == 0:
+        raise ValueError(f"Got an array of shape {w.shape}; expected a non-empty 2-D matrix.")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("Matrix holds NaN or Inf values; expected finite weights.")
+    if not clip or not all(0.0 < c <= 1.0 for c in clip):
+        raise ValueError(f"Got clip={clip!r}; expected factors in (0, 1].")
+    k, n = w.shape
+    blocks = -(-k // block)
+    padded = np.zeros((blocks * block, n), np.float32)
+    padded[:k] = w
+    x = padded.reshape(blocks, block, n).transpose(2, 0, 1)  # (N, blocks, block)
+    lo = np.minimum(x.min(axis=-1), 0.0)
+    hi = np.maximum(x.max(axis=-1), 0.0)
+    best_err = best_s = best_z = None
+    for c in clip:
+        s, z = _scale_zero(np.float32(c) * lo, np.float32(c) * hi)
+        q = _codes(x, s, z)
+        err = np.square((q.astype(np.float32) - z[..., None]) * s[..., None] - x).sum(axis=-1)
+        if best_err is None:
+            best_err, best_s, best_z = err, s, z
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_s = np.where(better, s, best_s)
+            best_z = np.where(better, z, best_z)
+    q = _codes(x, best_s, best_z)
+    return BlockQuantized(packed=_pack_pairs(q), scales=np.ascontiguousarray(best_s, np.float32),
+                          zero_points=_pack_pairs(best_z.astype(np.uint8)), k=k, n=n, block=block)
+
+
+def _scale_zero(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point (as float32 holding integers) of ranges ``[lo, hi]`` that hold 0."""
+    span = (hi - lo).astype(np.float32)
+    s = np.where(span > 0, span / np.float32(_LEVELS), np.float32(1.0)).astype(np.float32)
+    z = np.clip(np.rint(-lo / s), 0, _LEVELS).astype(np.float32)
+    return s, z
+
+
+def _codes(x: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x / s[..., None]) + z[..., None], 0, _LEVELS).astype(np.uint8)
+
+
+def dequantize(q: BlockQuantized) -> np.ndarray:
+    """The float32 ``(K, N)`` weight the runtime multiplies by: ``(q - z) * s`` per element."""
+    codes = q.codes().astype(np.float32)
+    z = q.zeros().astype(np.float32)
+    w = (codes - z[..., None]) * q.scales[..., None]  # (N, blocks, block)
+    return np.ascontiguousarray(w.transpose(1, 2, 0).reshape(q.blocks * q.block, q.n)[: q.k])
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A rank-``r`` branch ``A B`` fitted to a quantization residual.
+
+    Attributes:
+        a: float32 ``(K, r)`` (carries the singular values).
+        b: float32 ``(r, N)`` (orthonormal rows).
+        rank: ``r`` (0: no branch; ``a`` and ``b`` are then empty).
+        whitened: Whether the residual was whitened by input statistics.
+        energy: ``E(r)``, the share of the (whitened) residual's squared norm the branch holds.
+    """
+
+    a: np.ndarray
+    b: np.ndarray
+    rank: int
+    whitened: bool
+    energy: float
+
+
+def correction(residual: np.ndarray, gram: np.ndarray | None = None, *, energy: float | None = None,
+               rank: int | None = None, max_rank: int | None = None, damping: float = DEFAULT_DAMPING) -> Correction:
+    """The low-rank branch that best fits ``residual`` (K, N) in the space whitened by ``gram``.
+
+    Args:
+        residual: ``W - Q(W)``, multiplied as ``x @ residual``.
+        gram: ``G = X^T X`` of the inputs, ``(K, K)``; ``None`` fits the plain residual.
+        energy: Keep the smallest rank whose share of the squared singular values reaches this
+            (in ``(0, 1]``).
+        rank: A fixed rank instead (``0``: no branch).
+        max_rank: Never more than this (``None``: ``min(K, N)``).
+        damping: Relative damping of ``gram`` (:func:`~onnx_lowrank.linalg.whitening_factor`).
+
+    Returns:
+        The branch (module docstring, "Low-rank correction").
+
+    Raises:
+        ValueError: neither or both of ``energy`` and ``rank``; a Gram of the wrong shape.
+    """
+    r_in = np.asarray(residual, dtype=np.float64)
+    if r_in.ndim != 2 or r_in.size == 0:
+        raise ValueError(f"Got a residual of shape {r_in.shape}; expected a non-empty 2-D matrix.")
+    if (energy is None) == (rank is None):
+        raise ValueError("Pass exactly one of energy and rank.")
+    k, n = r_in.shape
+    cap = min(k, n) if max_rank is None else max(0, min(int(max_rank), k, n))
+    whitened = gram is not None
+    empty = Correction(np.zeros((k, 0), np.float32), np.zeros((0, n), np.float32), 0, whitened, 0.0)
+    if rank is not None and (rank <= 0 or cap == 0):
+        return empty
+    if not np.any(r_in):
+        return empty
+    lf = None
+    a = r_in
+    if gram is not None:
+        if gram.shape != (k, k):
+            raise ValueError(f"Got a Gram matrix of shape {gram.shape} for a ({k}, {n}) residual; expected ({k}, {k}).")
+        lf, _ = whitening_factor(gram, damping)
+        a = lf.T @ r_in
+    spec = spectrum(a, method="exact")
+    r = min(rank, cap) if rank is not None else min(energy_rank(spec.s, float(energy)), cap)
+    if r <= 0:
+        return empty
+    left = spec.u[:, :r] * spec.s[:r]
+    if lf is not None:
+        left = np.linalg.solve(lf.T, left)
+    return Correction(np.ascontiguousarray(left, np.float32), np.ascontiguousarray(spec.vt[:r], np.float32), r, whitened,
+                      energy_kept(spec.s, r))
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A weight as 4-bit blocks plus a correction branch (:func:`fit`).
+
+    Attributes:
+        q: The blocks.
+        correction: The branch (rank 0: none).
+        error_int4: ``||L^T (W - Q(W))||_F / ||L^T W||_F`` of plain rounding (``L = I`` without
+            statistics): the error the branch starts from.
+        error: The same with the branch and the final blocks: ``W - Q'(W) - A B``.
+        rounds: Alternations made (module docstring, "Alternating").
+    """
+
+    q: BlockQuantized
+    correction: Correction
+    error_int4: float
+    error: float
+    rounds: int
+
+
+def fit(w: np.ndarray, gram: np.ndarray | None = None, *, block: int = 32, energy: float | None = None, rank: int | None = None,
+        max_rank: int | None = None, damping: float = DEFAULT_DAMPING, rounds: int = 2) -> Fit:
+    """Quantize ``w`` (K, N) to 4-bit blocks with a low-rank branch for the error.
+
+    The rank is chosen on the residual of plain rounding (``energy`` or ``rank``, at most
+    ``max_rank``; neither: no branch).  Then, ``rounds`` times, the blocks are refitted to
+    ``W - A B`` and the branch to the new residual; the pair with the smallest whitened error
+    is kept (so more rounds never make it worse).
+
+    Args:
+        w: The weight as multiplied, ``x @ w``.
+        gram: The input Gram ``X^T X`` (K, K), or ``None`` (plain residual).
+        block, energy, rank, max_rank, damping: As for :func:`quantize_blocks` and :func:`correction`.
+        rounds: Alternations after the first fit.
+    """
+    w64 = np.asarray(w, dtype=np.float64)
+    lf = whitening_factor(gram, damping)[0] if gram is not None else None
+
+    def norm(m: np.ndarray) -> float:
+        return float(np.linalg.norm(lf.T @ m if lf is not None else m))
+
+    whole = norm(w64) or 1.0
+    q = quantize_blocks(w, block)
+    residual = w64 - dequantize(q)
+    first = norm(residual) / whole
+    k, n = w64.shape
+    none = Correction(np.zeros((k, 0), np.float32), np.zeros((0, n), np.float32), 0, gram is not None, 0.0)
+    if energy is None and not rank:
+        return Fit(q, none, first, first, 0)
+    corr = correction(residual, gram, energy=energy, rank=None if energy is not None else rank, max_rank=max_rank,
+                      damping=damping)
+    if corr.rank == 0:
+        return Fit(q, corr, first, first, 0)
+    best = Fit(q, corr, first, norm(residual - _product(corr)) / whole, 0)
+    for i in range(rounds):
+        q = quantize_blocks((w64 - _product(corr)).astype(np.float32), block)
+        residual = w64 - dequantize(q)
+        corr = correction(residual, gram, rank=best.correction.rank, damping=damping)
+        err = norm(residual - _product(corr)) / whole
+        if err < best.error:
+            best = Fit(q, corr, first, err, i + 1)
+    return best
+
+
+def _product(c: Correction) -> np.ndarray:
+    return c.a.astype(np.float64) @ c.b.astype(np.float64)
+
+
+def quantize_columns(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one scale per column: ``a ~ q * scale`` (``q`` in [-127, 127]).
+
+    Returns:
+        ``(q, scale)``: int8 ``a.shape`` and float32 ``(a.shape[1],)``, as ``DequantizeLinear``
+        with ``axis=1`` reads them.
+    """
+    a = np.asarray(a, dtype=np.float32)
+    top = np.abs(a).max(axis=0) if a.size else np.zeros(a.shape[1], np.float32)
+    scale = np.where(top > 0, top / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+    q = np.clip(np.rint(a / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def dequantize_columns(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``q * scale`` per column, in float32 (``DequantizeLinear``, zero point 0)."""
+    return q.astype(np.float32) * scale.astype(np.float32)

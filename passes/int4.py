@@ -1,0 +1,662 @@
+"""int4: 4-bit block-quantized weights (onnxruntime's ``MatMulNBits``) with a low-rank correction.
+
+Approach
+--------
+Every constant MatMul/Gemm weight that the factorization left dense becomes a
+``com.microsoft.MatMulNBits`` node: 4-bit codes in blocks of ``int4_block`` rows per column,
+one scale and one zero point per block (:mod:`onnx_lowrank.linalg.quant`).  Its error
+``R = W - Q(W)``, taken against the weight *as the runtime dequantizes it*, is repaired by a
+rank-``r`` branch fitted in the space whitened by the layer's input Gram (LQER, QERA)::
+
+    MatMul(x, W)       ->  Add(MatMulNBits(x), MatMul(MatMul(x, A), B))
+    Gemm(x, W, C)      ->  the same, then Mul(., alpha) and Add(., C) (or Add(., Mul(C, beta)))
+
+``Gemm`` maps when the weight is its second input and ``transA = 0`` (a ``transB = 1`` weight is
+quantized transposed); ``alpha``, ``beta`` and ``C`` stay in the graph unchanged.  Anything else
+(``MatMul(W, x)``, ``Gemm`` with ``transA = 1`` or the weight first, weights that are not
+float32 2-D matrices, weights that something other than a supported product also reads, layers
+inside If/Loop bodies) stays float, with the reason in the report.  The float weight leaves the
+file: only the codes, scales and zero points (and the branch) remain.
+
+The rank per layer comes from the energy of the whitened residual (``int4_correction``: an
+energy, or a fixed rank, at most ``int4_max_rank``), whitened by the input Gram the statistics
+stage captured (``data_aware`` with calibration data).  Without statistics the plain residual
+is fitted, which removes little; the report says which.
+
+Low-rank factors (the correction branches, and the factor pairs the factorization produced)
+are stored per ``int4_factors``: ``int8`` (symmetric, one scale per singular direction, read by
+``DequantizeLinear``; ``Cast`` and ``Mul`` before opset 13) or ``float``.  Factor pairs are not
+quantized to 4 bits: their ranks were chosen for float factors, 4-bit codes on both factors
+compound, and at ``r (m + n)`` weights they are already a small part of the bytes.
+
+``MatMulNBits`` is a contrib op: before any work, :func:`require_runtime` checks that the
+installed onnxruntime creates and runs a one-node model in exactly the layout written here, and
+refuses otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_lowrank import io, linalg
+from onnx_lowrank.errors import ModelError, UsageError, option, option_value
+from onnx_lowrank.linalg import quant
+from onnx_lowrank.pipeline import Context, StageResult
+
+from .rewrite import NameScope, opset_version, remove_constant
+
+__all__ = ["DOMAIN", "Int4Options", "Int4Layer", "Int4Pair", "Int4Summary", "Int4Quantized", "quantize_int4",
+           "runtime_problem", "require_runtime", "run_stage", "weight_bytes"]
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "com.microsoft"
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+FACTOR_STORAGE = ("int8", "float")
+
+
+@dataclass(frozen=True)
+class Int4Options:
+    """How :func:`quantize_int4` quantizes (the ``int4_*`` options of ``compress()``).
+
+    Attributes:
+        block: Rows per block (``int4_block``).
+        accuracy_level: ``MatMulNBits``'s compute type (``int4_accuracy_level``; 0: unset).
+        energy: Correction rank per layer: the smallest holding this share of the residual's
+            energy; or ``rank``, a fixed rank.  Both ``None`` (or ``rank=0``): no correction.
+        max_rank: The most any correction gets.
+        factors: How low-rank factors are stored: ``int8`` or ``float``.
+        damping: Relative damping of the input Grams.
+        rounds: Alternations of blocks and branch (:func:`~onnx_lowrank.linalg.quant.fit`).
+    """
+
+    block: int = 32
+    accuracy_level: int = 0
+    energy: float | None = None
+    rank: int | None = None
+    max_rank: int = 64
+    factors: str = "int8"
+    damping: float = linalg.DEFAULT_DAMPING
+    rounds: int = 2
+
+    @property
+    def corrects(self) -> bool:
+        return self.energy is not None or bool(self.rank)
+
+    def describe(self) -> str:
+        if self.energy is not None:
+            return f"energy {self.energy:g} (at most rank {self.max_rank})"
+        return f"rank {self.rank}" if self.rank else "off"
+
+
+# --------------------------------------------------------------------------------------------
+# Whether the runtime has the op
+# --------------------------------------------------------------------------------------------
+
+def _nbits_node(x: str, names: tuple[str, str, str], out: str, k: int, n: int, opts: Int4Options, name: str = "") -> onnx.NodeProto:
+    kw: dict[str, Any] = {"K": k, "N": n, "bits": 4, "block_size": opts.block}
+    if opts.accuracy_level:
+        kw["accuracy_level"] = opts.accuracy_level
+    return helper.make_node("MatMulNBits", [x, *names], [out], name=name, domain=DOMAIN, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def runtime_problem(block: int = 32, accuracy_level: int = 0) -> str | None:
+    """Why the installed onnxruntime cannot run the ``MatMulNBits`` this module writes (``None``: it can).
+
+    A one-node model in exactly the written layout is created and run on the CPU, and its
+    output checked against ``x @ dequantize(...)``: a runtime that reads the layout differently
+    is refused too.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
+        return f"onnxruntime is not importable ({exc})"
+    k, n = 2 * block, 8
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    q = quant.quantize_blocks(w, block)
+    opts = Int4Options(block=block, accuracy_level=accuracy_level)
+    inits = [numpy_helper.from_array(q.packed, "B"), numpy_helper.from_array(q.scales, "S"),
+             numpy_helper.from_array(q.zero_points, "Z")]
+    graph = helper.make_graph([_nbits_node("x", ("B", "S", "Z"), "y", k, n, opts)], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = min(model.ir_version, 8)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    try:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.log_severity_level = 4
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        y = sess.run(None, {"x": x})[0]
+    except Exception as exc:  # onnxruntime raises its own exception types
+        text = str(exc).strip().splitlines()
+        return f"onnxruntime {getattr(ort, '__version__', '?')} cannot run it ({text[0] if text else type(exc).__name__})"
+    ref = x.astype(np.float64) @ quant.dequantize(q).astype(np.float64)
+    tol = 0.05 if accuracy_level == 4 else 1e-4  # level 4 rounds x to int8
+    if y.shape != ref.shape or not np.allclose(y, ref, rtol=tol, atol=tol * float(np.abs(ref).max())):
+        return f"onnxruntime {ort.__version__} reads the weight layout differently than written"
+    return None
+
+
+def require_runtime(block: int = 32, accuracy_level: int = 0) -> None:
+    """Refuse (one line) when the runtime cannot run ``MatMulNBits`` as written.
+
+    Raises:
+        UsageError: naming the problem, and what to do instead.
+    """
+    problem = runtime_problem(block, accuracy_level)
+    if problem is not None:
+        raise UsageError(f"{option_value('quantize', 'int4')} needs onnxruntime's MatMulNBits (block {block}, accuracy level "
+                         f"{accuracy_level}), but {problem}; upgrade onnxruntime (pip install -U onnxruntime), or use "
+                         f"{option_value('quantize', 'int8-per-channel')}.")
+
+
+# --------------------------------------------------------------------------------------------
+# What the report says
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Int4Layer:
+    """One weight quantized to int4.
+
+    Attributes:
+        weight: The weight's name; ``nodes`` the nodes that used it.
+        shape: ``(K, N)`` as multiplied (``x @ W``).
+        rank: The correction's rank (0: none); ``energy`` the residual share it holds.
+        whitened: Whether the correction was fitted in the whitened space.
+        bytes_before, bytes_after: The float weight; the codes, scales, zero points and branch.
+        error_int4, error_corrected: ``||L^T (W - Q(W))|| / ||L^T W||`` before and after the
+            branch (``L`` the whitening factor; the plain Frobenius ratio without statistics).
+    """
+
+    weight: str
+    nodes: list[str]
+    shape: tuple[int, int]
+    block: int
+    rank: int
+    energy: float
+    whitened: bool
+    bytes_before: int
+    bytes_after: int
+    error_int4: float
+    error_corrected: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weight": self.weight, "nodes": self.nodes, "shape": list(self.shape), "block": self.block, "rank": self.rank,
+                "whitened": self.whitened, "energy": round(self.energy, 4), "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after, "error_int4": round(self.error_int4, 5),
+                "error_corrected": round(self.error_corrected, 5)}
+
+
+@dataclass
+class Int4Pair:
+    """A factor (of the factorization) stored per ``int4_factors``."""
+
+    factor: str
+    storage: str
+    bytes_before: int
+    bytes_after: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor, "storage": self.storage, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
+
+
+@dataclass
+class Int4Summary:
+    """What :func:`quantize_int4` did: per weight, per factor, and what it left float and why."""
+
+    options: Int4Options
+    layers: list[Int4Layer] = field(default_factory=list)
+    factors: list[Int4Pair] = field(default_factory=list)
+    left_float: dict[str, str] = field(default_factory=dict)
+    statistics: str = "plain"
+    auto: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        o = self.options
+        before = sum(l.bytes_before for l in self.layers) + sum(p.bytes_before for p in self.factors)
+        after = sum(l.bytes_after for l in self.layers) + sum(p.bytes_after for p in self.factors)
+        return {
+            "mode": "int4", "block": o.block, "accuracy_level": o.accuracy_level,
+            "correction": f"auto: {o.describe()}" if self.auto else o.describe(),
+            "factor_storage": o.factors, "statistics": self.statistics,
+            "weights_quantized": len(self.layers), "corrected": sum(l.rank > 0 for l in self.layers),
+            "whitened": sum(l.whitened and l.rank > 0 for l in self.layers),
+            "correction_ranks": sum(l.rank for l in self.layers),
+            "matmul_weight_bytes_before": before, "matmul_weight_bytes_after": after,
+            "layers": [l.to_dict() for l in self.layers], "factors": [p.to_dict() for p in self.factors],
+            "left_float": dict(self.left_float),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# The graph
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Const:
+    """A constant weight in the main graph: an initializer or a Constant node's output."""
+
+    name: str
+    tensor: TensorProto
+    node: onnx.NodeProto | None  # the Constant node, if any
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, _Const]:
+    found = {t.name: _Const(t.name, t, None) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+            if value is not None:
+                found[node.output[0]] = _Const(node.output[0], value, node)
+    return found
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[int, int]]]:
+    """Per value: ``(node index, input slot)`` of every reader in the main graph; ``(-1, -1)`` for
+    a graph output or a read from inside a subgraph (both keep the float value needed)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for i, node in enumerate(graph.node):
+        for k, name in enumerate(node.input):
+            if name:
+                out.setdefault(name, []).append((i, k))
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                for sub in io.iter_graphs(g):
+                    for n in sub.node:
+                        for name in n.input:
+                            out.setdefault(name, []).append((-1, -1))
+    for v in graph.output:
+        out.setdefault(v.name, []).append((-1, -1))
+    return out
+
+
+def _orientation(graph: onnx.GraphProto, users: list[tuple[int, int]], opset: int) -> tuple[bool | None, str | None]:
+    """Whether the weight is multiplied transposed (a ``transB`` Gemm), or why it cannot map."""
+    transposed: set[bool] = set()
+    for i, slot in users:
+        if i < 0:
+            return None, "the float weight is also a graph output or read inside a subgraph"
+        node = graph.node[i]
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+            return None, f"the float weight is also read by {node.op_type} '{node.name}'"
+        if slot != 1:
+            return None, f"{node.op_type} '{node.name}' takes the weight as its first input (W @ x); MatMulNBits computes x @ W"
+        if node.op_type == "Gemm":
+            if opset < 7:
+                return None, f"Gemm '{node.name}' is at opset {opset} (its bias broadcasts by attribute before opset 7)"
+            if int(_attr(node, "transA", 0)):
+                return None, f"Gemm '{node.name}' transposes its input (transA=1)"
+            transposed.add(bool(int(_attr(node, "transB", 0))))
+        else:
+            transposed.add(False)
+    if len(transposed) != 1:
+        return None, "its users multiply it in different orientations"
+    return transposed.pop(), None
+
+
+def _add_init(graph: onnx.GraphProto, ir_version: int, arr: np.ndarray, name: str) -> str:
+    t = numpy_helper.from_array(arr, name)
+    graph.initializer.append(t)
+    if ir_version < 4:  # IR < 4 lists every initializer as a graph input
+        graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    return name
+
+
+class _Builder:
+    """Collects the nodes that go before every other node (dequantized factors) and the
+    replacement nodes of each rewritten user."""
+
+    def __init__(self, model: onnx.ModelProto, opts: Int4Options):
+        self.model, self.graph, self.opts = model, model.graph, opts
+        self.names = NameScope(model)
+        self.opset = opset_version(model)
+        self.head: list[onnx.NodeProto] = []
+        self.replace: dict[int, list[onnx.NodeProto]] = {}
+
+    def init(self, arr: np.ndarray, base: str) -> str:
+        return _add_init(self.graph, self.model.ir_version, arr, self.names.fresh(base))
+
+    def factor(self, arr: np.ndarray, base: str, axis: int) -> tuple[str, int]:
+        """A factor as the graph reads it: an initializer, or int8 codes dequantized by a node.
+        ``axis``: the factor's rank axis (one scale per singular direction).  Returns the value
+        name and the bytes stored."""
+        arr = np.asarray(arr, np.float32)
+        if self.opts.factors == "float":
+            return self.init(arr, base), arr.nbytes
+        moved = np.moveaxis(arr, axis, 1) if arr.ndim == 2 else arr
+        q, scale = quant.quantize_columns(moved)
+        q = np.ascontiguousarray(np.moveaxis(q, 1, axis))
+        qn, sn = self.init(q, f"{base}_int8"), self.init(scale, f"{base}_scale")
+        out = self.names.fresh(base)
+        if self.opset >= 13:
+            self.head.append(helper.make_node("DequantizeLinear", [qn, sn], [out], name=self.names.fresh(f"{base}_dequantize"),
+                                              axis=axis))
+        else:  # per-axis DequantizeLinear needs opset 13: the same product, spelled out
+            cast = self.names.fresh(f"{base}_float")
+            shape = [1, 1]
+            shape[axis] = scale.size
+            sn2 = self.init(scale.reshape(shape), f"{base}_scale_{'row' if axis == 1 else 'col'}")
+            self.head.append(helper.make_node("Cast", [qn], [cast], name=self.names.fresh(f"{base}_cast"), to=TensorProto.FLOAT))
+            self.head.append(helper.make_node("Mul", [cast, sn2], [out], name=self.names.fresh(f"{base}_dequantize")))
+        return out, q.nbytes + scale.nbytes
+
+    def finish(self) -> None:
+        nodes = list(self.head)
+        for i, node in enumerate(self.graph.node):
+            nodes.extend(self.replace.get(i, [node]))
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        if not any(o.domain == DOMAIN for o in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+
+
+def _user_nodes(b: _Builder, node: onnx.NodeProto, packed: tuple[str, str, str], k: int, n: int,
+                branch: tuple[str, str] | None) -> list[onnx.NodeProto]:
+    """The nodes that replace one MatMul/Gemm user (module docstring)."""
+    x, out = node.input[0], node.output[0]
+    base = node.name or out
+    is_gemm = node.op_type == "Gemm"
+    alpha = float(_attr(node, "alpha", 1.0)) if is_gemm else 1.0
+    beta = float(_attr(node, "beta", 1.0)) if is_gemm else 1.0
+    c = node.input[2] if is_gemm and len(node.input) > 2 and node.input[2] else None
+    has_c = c is not None and beta != 0.0
+    last_is_nbits = branch is None and alpha == 1.0 and not has_c
+    nodes = []
+    y = out if last_is_nbits else b.names.fresh(f"{out}_q4")
+    nodes.append(_nbits_node(x, packed, y, k, n, b.opts, name=b.names.fresh(f"{base}_q4")))
+    steps: list[tuple[str, list[str], dict[str, Any]]] = []
+    if branch is not None:
+        mid = b.names.fresh(f"{out}_lqer_mid")
+        nodes.append(helper.make_node("MatMul", [x, branch[0]], [mid], name=b.names.fresh(f"{base}_lqer_a")))
+        corr = b.names.fresh(f"{out}_lqer")
+        nodes.append(helper.make_node("MatMul", [mid, branch[1]], [corr], name=b.names.fresh(f"{base}_lqer_b")))
+        steps.append(("Add", [corr], {}))
+    if alpha != 1.0:
+        steps.append(("Mul", [b.init(np.array(alpha, np.float32), f"{base}_alpha")], {}))
+    if has_c:
+        if beta != 1.0:
+            scaled = b.names.fresh(f"{c}_beta")
+            nodes.append(helper.make_node("Mul", [c, b.init(np.array(beta, np.float32), f"{base}_beta")], [scaled],
+                                          name=b.names.fresh(f"{base}_beta")))
+            c = scaled
+        steps.append(("Add", [c], {}))
+    for j, (op, args, kw) in enumerate(steps):
+        nxt = out if j == len(steps) - 1 else b.names.fresh(f"{out}_{op.lower()}")
+        nodes.append(helper.make_node(op, [y, *args], [nxt], name=b.names.fresh(f"{base}_{op.lower()}"), **kw))
+        y = nxt
+    return nodes
+
+
+def weight_bytes(model: onnx.ModelProto, op_types: Iterable[str] = ("MatMul", "Gemm", "MatMulNBits", "DequantizeLinear",
+                                                                      "MatMulInteger", "DynamicQuantizeMatMul")) -> int:
+    """Bytes of the main graph's constants read by ``op_types`` nodes (MatMul weights and their
+    codes, scales and zero points; a ``Cast`` of int8 factors counts through the ``Mul`` after it)."""
+    consts = _constants(model.graph)
+    wanted = set(op_types)
+    seen: set[str] = set()
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in wanted or (node.op_type == "Cast" and node.name.endswith("_cast")):
+            for name in node.input:
+                if name in consts and name not in seen:
+                    seen.add(name)
+                    total += io.tensor_nbytes(consts[name].tensor)
+    return total
+
+
+def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None = None, options: Int4Options = Int4Options(),
+                  weights: Iterable[str] | None = None, grams: Mapping[str, np.ndarray] | None = None,
+                  factors: Iterable[str] = (), inline: bool = True, skipped: Mapping[str, str] | None = None
+                  ) -> tuple[onnx.ModelProto, Int4Summary]:
+    """Quantize constant MatMul/Gemm weights to int4 ``MatMulNBits``, with a correction branch.
+
+    Args:
+        model: The model; left unmodified.
+        base_dir: Where its external data references point.
+        options: Block size, accuracy level, correction rule, factor storage.
+        weights: Names of the weights to quantize; ``None``: every main-graph constant that
+            only MatMul/Gemm nodes read (``factors`` aside).
+        grams: Per weight name, its input Gram ``X^T X`` (K, K); a weight without one gets the
+            plain residual SVD.
+        factors: Names of low-rank factors (of the factorization) to store per ``options.factors``.
+        inline: Read external data into the result (else unchanged tensors keep their references).
+        skipped: Per weight name, why it has no statistics (for the report).
+
+    Returns:
+        The new model and what was done.
+    """
+    _check_float32(model)
+    require_runtime(options.block, options.accuracy_level)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    data = io.as_data(base_dir)
+    grams = dict(grams or {})
+    factor_names = [f for f in factors]
+    summary = Int4Summary(options)
+    graph = out.graph
+    consts = _constants(graph)
+    users = _consumers(graph)
+    if weights is None:
+        names = [name for name in consts if name not in set(factor_names) and len(consts[name].tensor.dims) == 2
+                 and any(i >= 0 and slot == 1 and graph.node[i].op_type in ("MatMul", "Gemm") for i, slot in users.get(name, []))]
+    else:
+        names = list(dict.fromkeys(weights))
+    b = _Builder(out, options)
+    inputs = {v.name for v in graph.input}
+    done: list[_Const] = []
+    for name in names:
+        c = consts.get(name)
+        why = _why_not(c, name, users.get(name, []), inputs, out)
+        if why is None:
+            transposed, why = _orientation(graph, users[name], b.opset)
+        if why is not None:
+            summary.left_float[name] = why
+            log.debug("int4: %s stays float: %s", name, why)
+            continue
+        w = data.read(c.tensor).astype(np.float32)
+        wk = np.ascontiguousarray(w.T) if transposed else w
+        try:
+            layer = _quantize_one(b, name, wk, grams.get(name), [i for i, _ in users[name]])
+        except ValueError as exc:
+            summary.left_float[name] = f"cannot quantize: {exc}"
+            continue
+        summary.layers.append(layer)
+        done.append(c)
+    for name in factor_names:
+        c = consts.get(name)
+        if c is None or options.factors == "float":
+            if c is not None:
+                n_bytes = io.tensor_nbytes(c.tensor)
+                summary.factors.append(Int4Pair(name, "float", n_bytes, n_bytes))
+            continue
+        why = _factor_why_not(c, users.get(name, []), inputs, graph)
+        if why is not None:
+            n_bytes = io.tensor_nbytes(c.tensor)
+            summary.factors.append(Int4Pair(name, "float", n_bytes, n_bytes))
+            summary.left_float[name] = why
+            continue
+        arr = data.read(c.tensor).astype(np.float32)
+        value, n_bytes = b.factor(arr, f"{name}_q", axis=int(np.argmin(arr.shape)))
+        for i, slot in users[name]:
+            graph.node[i].input[slot] = value
+        summary.factors.append(Int4Pair(name, "int8", arr.nbytes, n_bytes))
+        done.append(c)
+    b.finish()
+    for c in done:
+        remove_constant(graph, c.name, constant=c.node is not None)
+    if inline:
+        _inline(out, data)
+    summary.statistics = _statistics_note(summary, skipped or {})
+    log.info("int4: %d weight(s) as MatMulNBits (block %d), %d with a correction branch (%d whitened); %d left float",
+             len(summary.layers), options.block, sum(l.rank > 0 for l in summary.layers),
+             sum(l.rank > 0 and l.whitened for l in summary.layers), len(summary.left_float))
+    return out, summary
+
+
+def _statistics_note(summary: Int4Summary, skipped: Mapping[str, str]) -> str:
+    white = sum(l.whitened for l in summary.layers)
+    hint = f"pass {option('data_aware')} with {option('calib')} to whiten"
+    if not summary.options.corrects:
+        return "no correction" + (f" (no input statistics; {hint} and correct)" if white == 0 and summary.layers else "")
+    if white == len(summary.layers):
+        return "whitened by each layer's input Gram"
+    if white == 0:
+        return f"plain residual SVD (no input statistics: {hint})"
+    return f"whitened for {white} of {len(summary.layers)} weight(s); plain residual SVD for the others ({hint})"
+
+
+def _why_not(c: _Const | None, name: str, users: list[tuple[int, int]], inputs: set[str], model: onnx.ModelProto) -> str | None:
+    if c is None:
+        return "not a constant of the main graph"
+    if name in inputs and c.node is None and model.ir_version >= 4:
+        return "it is a graph input (a caller may feed another value)"
+    if not users:
+        return "no node reads it"
+    if c.tensor.data_type != TensorProto.FLOAT:
+        return f"MatMulNBits takes float32 weights here; this one is {TensorProto.DataType.Name(c.tensor.data_type)}"
+    if len(c.tensor.dims) != 2:
+        return f"not a 2-D matrix (shape {list(c.tensor.dims)})"
+    return None
+
+
+def _factor_why_not(c: _Const, users: list[tuple[int, int]], inputs: set[str], graph: onnx.GraphProto) -> str | None:
+    if c.tensor.data_type != TensorProto.FLOAT or len(c.tensor.dims) != 2:
+        return "int8 storage takes float32 2-D factors"
+    if c.name in inputs and c.node is None:
+        return "the factor is a graph input"
+    if not users or any(i < 0 or graph.node[i].op_type not in ("MatMul", "Gemm") for i, _ in users):
+        return "the factor is read by something other than MatMul/Gemm"
+    return None
+
+
+def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | None, nodes: list[int]) -> Int4Layer:
+    """Quantize one weight (as multiplied, ``x @ wk``), fit its branch, and schedule its users' rewrite."""
+    opts = b.opts
+    k, n = wk.shape
+    if gram is not None and gram.shape != (k, k):
+        log.debug("int4: %s: Gram of shape %s does not fit (%d, %d); plain residual used", name, gram.shape, k, n)
+        gram = None
+    f = quant.fit(wk, gram, block=opts.block, energy=opts.energy, rank=None if opts.energy is not None else opts.rank,
+                  max_rank=opts.max_rank, damping=opts.damping, rounds=opts.rounds)
+    q, corr = f.q, f.correction
+    packed = (b.init(q.packed, f"{name}_q4"), b.init(q.scales, f"{name}_q4_scales"), b.init(q.zero_points, f"{name}_q4_zero_points"))
+    n_bytes = q.nbytes
+    branch = None
+    if corr.rank > 0:
+        a_name, a_bytes = b.factor(corr.a, f"{name}_lqer_a", axis=1)
+        b_name, b_bytes = b.factor(corr.b, f"{name}_lqer_b", axis=0)
+        branch = (a_name, b_name)
+        n_bytes += a_bytes + b_bytes
+    for i in nodes:
+        b.replace[i] = _user_nodes(b, b.graph.node[i], packed, k, n, branch)
+    return Int4Layer(name, [b.graph.node[i].name or b.graph.node[i].output[0] for i in nodes], (k, n), opts.block, corr.rank,
+                     corr.energy, gram is not None, wk.size * 4, n_bytes, f.error_int4, f.error)
+
+
+def _check_float32(model: onnx.ModelProto) -> None:
+    from .quantize import _check_float32 as check
+
+    check(model)
+
+
+def _inline(model: onnx.ModelProto, data: io.DataFiles) -> None:
+    """Read every external tensor into the model."""
+    for t in io.iter_tensors(model):
+        if t.data_location == TensorProto.EXTERNAL:
+            arr = data.read(t)
+            fresh = numpy_helper.from_array(arr, t.name)
+            fresh.data_type = t.data_type
+            t.CopyFrom(fresh)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Int4Quantized(StageResult):
+    """The model with int4 weights and correction branches (the quantize stage, ``quantize="int4"``)."""
+
+    section = "int4"
+    model: onnx.ModelProto
+    data: io.DataFiles
+    summary: Int4Summary
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.summary.to_dict()
+
+
+#: The energy ``int4_correction="auto"`` asks for when there are input statistics.
+AUTO_ENERGY = 0.5
+
+
+def options_of(cfg: Any, whitened: bool = False) -> Int4Options:
+    """The :class:`Int4Options` of a configuration (its ``int4_*`` options); ``whitened``: whether
+    input statistics were captured (``auto`` corrects only then)."""
+    corr = cfg.int4_correction
+    if corr == "auto":
+        corr = AUTO_ENERGY if whitened else 0
+    energy = float(corr) if isinstance(corr, float) else None
+    rank = int(corr) if isinstance(corr, int) and not isinstance(corr, bool) else None
+    return Int4Options(block=cfg.int4_block, accuracy_level=cfg.int4_accuracy_level, energy=energy, rank=rank,
+                       max_rank=cfg.int4_max_rank, factors=cfg.int4_factors, damping=cfg.damping)
+
+
+def run_stage(ctx: Context) -> Int4Quantized:
+    """The quantize stage under ``quantize="int4"``: the dense weights the factorization left, with
+    the input Grams of the statistics stage when it ran; the factor pairs per ``int4_factors``."""
+    from .discover import Discovery
+    from .rewrite import Rewritten
+    from .statistics import Statistics
+
+    rewritten = ctx.need(Rewritten)
+    found = ctx.need(Discovery)
+    stats = ctx.get(Statistics)
+    opts = options_of(ctx.config, whitened=stats is not None and ctx.config.data_aware)
+    weights, grams, skipped = [], {}, {}
+    left: dict[str, str] = {}
+    for group in found.groups:
+        name = group.weight.name
+        if group.key in rewritten.factors:
+            continue
+        if group.layers[0].is_conv:
+            continue
+        if group.skip is not None:
+            left[name] = f"not a candidate: {group.skip.message}"
+            continue
+        if any(layer.scope for layer in group.layers):
+            left[name] = "inside an If/Loop/Scan body"
+            continue
+        weights.append(name)
+        if stats is not None:
+            if group.key in stats.capture.grams:
+                grams[name] = stats.capture.grams[group.key][0]
+            elif group.key in stats.capture.skipped:
+                skipped[name] = stats.capture.skipped[group.key]
+    factor_names = [f for key, pair in rewritten.factors.items() if not found.group(key).layers[0].is_conv for f in pair]
+    model, summary = quantize_int4(ctx.model, base_dir=ctx.data, options=opts, weights=weights, grams=grams,
+                                   factors=factor_names, inline=False, skipped=skipped)
+    if ctx.config.int4_correction == "auto":
+        summary.auto = True
+    for name, why in left.items():
+        summary.left_float.setdefault(name, why)
+    return Int4Quantized(model, ctx.data, summary)

@@ -1,0 +1,264 @@
+"""--quantize int4: 4-bit blocks as onnxruntime's MatMulNBits, with a whitened low-rank correction."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from models import init, lowrank, make_model, run, vi
+from onnx_lowrank import compress
+from onnx_lowrank.cli import main
+from onnx_lowrank.errors import UsageError
+from onnx_lowrank.linalg import quant
+from onnx_lowrank.passes import int4
+from onnx_lowrank.verify import compare
+
+
+def _w(k, n, seed=0):
+    return np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
+
+
+def _inputs(rows, k, seed=1, outliers=(3, 17)):
+    """Inputs with a few outlier features, as transformer activations have."""
+    x = np.random.default_rng(seed).standard_normal((rows, k)).astype(np.float32)
+    x[:, list(outliers)] *= 25.0
+    return x
+
+
+#   x[batch, 128] --Gemm(W1[96, 128], b1, transB=1)--> --Relu--> --MatMul(W2[96, 64])--> y[batch, 64]
+def model(opset=17) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    return make_model(
+        [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc1", transB=1),
+         helper.make_node("Relu", ["h"], ["a"], name="relu"),
+         helper.make_node("MatMul", ["a", "W2"], ["y"], name="fc2")],
+        [vi("x", ["batch", 128])], [vi("y", ["batch", 64])],
+        [init("W1", _w(96, 128, 3) * 0.1), init("b1", rng.standard_normal(96).astype(np.float32)),
+         init("W2", _w(96, 64, 4) * 0.1)], opset=opset)
+
+
+# ------------------------------------------------------------------ the block layout
+
+@pytest.mark.parametrize("block", quant.BLOCK_SIZES)
+def test_blocks_round_trip_within_half_a_step_and_keep_zeros_exact(block):
+    w = _w(70, 9)  # 70 rows: the last block is padded
+    w[5, 2] = 0.0
+    q = quant.quantize_blocks(w, block, clip=(1.0,))
+    d = quant.dequantize(q)
+    assert d.shape == w.shape and d.dtype == np.float32
+    steps = np.repeat(q.scales.T, block, axis=0)[: w.shape[0]]
+    assert np.all(np.abs(d - w) <= 0.5 * steps + 1e-6)
+    assert d[5, 2] == 0.0
+    assert q.packed.shape == (9, -(-70 // block), block // 2) and q.packed.dtype == np.uint8
+    # the clipping search never makes a block worse than plain min/max rounding
+    clipped = quant.dequantize(quant.quantize_blocks(w, block))
+    assert np.square(clipped - w).sum() <= np.square(d - w).sum() + 1e-9
+
+
+def test_blocks_reject_what_cannot_be_quantized():
+    with pytest.raises(ValueError, match="block"):
+        quant.quantize_blocks(_w(32, 4), 24)
+    with pytest.raises(ValueError, match="NaN"):
+        quant.quantize_blocks(np.full((32, 4), np.nan, np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        quant.quantize_blocks(np.zeros((0, 4), np.float32))
+
+
+@pytest.mark.parametrize("block,accuracy", [(16, 0), (32, 0), (64, 1), (128, 0)])
+def test_the_runtime_reads_the_layout_as_written(block, accuracy):
+    assert int4.runtime_problem(block, accuracy) is None
+
+
+def test_int8_columns_round_trip():
+    a = _w(40, 6)
+    q, s = quant.quantize_columns(a)
+    assert q.dtype == np.int8 and s.shape == (6,)
+    assert np.all(np.abs(quant.dequantize_columns(q, s) - a) <= s / 2 + 1e-7)
+
+
+# ------------------------------------------------------------------ the correction
+
+def test_the_whitened_correction_repairs_the_output_error_the_plain_one_does_not():
+    k, n = 128, 96
+    w, x = _w(k, n), _inputs(2000, k)
+    gram = x.T.astype(np.float64) @ x
+    q = quant.quantize_blocks(w, 32)
+    residual = w.astype(np.float64) - quant.dequantize(q)
+
+    def out_err(c):
+        return np.linalg.norm(x @ (residual - c.a.astype(np.float64) @ c.b)) / np.linalg.norm(x @ residual)
+
+    white = quant.correction(residual, gram, rank=8)
+    plain = quant.correction(residual, None, rank=8)
+    assert white.rank == plain.rank == 8 and white.whitened and not plain.whitened
+    assert out_err(white) < 0.6 * out_err(plain)
+    # the energy rule: a higher share needs a higher rank, and the branch holds what it says
+    low, high = (quant.correction(residual, gram, energy=e) for e in (0.3, 0.8))
+    assert 0 < low.rank < high.rank and low.energy >= 0.3 and high.energy >= 0.8
+    assert quant.correction(residual, gram, energy=0.99, max_rank=5).rank == 5
+    assert quant.correction(residual, gram, rank=0).rank == 0
+    with pytest.raises(ValueError, match="exactly one"):
+        quant.correction(residual, gram)
+
+
+def test_alternating_fits_never_end_worse_than_the_first():
+    w, x = _w(96, 64, 2), _inputs(500, 96)
+    gram = x.T.astype(np.float64) @ x
+    first = quant.fit(w, gram, rank=8, rounds=0)
+    more = quant.fit(w, gram, rank=8, rounds=2)
+    assert more.error <= first.error < first.error_int4
+    assert quant.fit(w, gram).correction.rank == 0  # neither energy nor rank: no branch
+
+
+# ------------------------------------------------------------------ the graph
+
+def _weights_of(m, *names):
+    return {t.name for t in m.graph.initializer} & set(names)
+
+
+def test_int4_alone_matches_the_runtime_dequantization_and_drops_the_float_weights():
+    src = model()
+    out, summary = int4.quantize_int4(src)
+    onnx.checker.check_model(out)
+    assert [n.op_type for n in out.graph.node].count("MatMulNBits") == 2
+    assert not _weights_of(out, "W1", "W2") and _weights_of(src, "W1", "W2") == {"W1", "W2"}  # input untouched
+    assert {l.weight for l in summary.layers} == {"W1", "W2"} and all(l.rank == 0 for l in summary.layers)
+    # the graph computes exactly x @ dequantize(Q(W)) (+ bias): same layout as the runtime reads
+    x = np.random.default_rng(5).standard_normal((16, 128)).astype(np.float32)
+    b1 = numpy_helper.to_array(src.graph.initializer[1])
+    w1 = numpy_helper.to_array(src.graph.initializer[0])
+    q1 = quant.dequantize(quant.quantize_blocks(np.ascontiguousarray(w1.T), 32))
+    a = np.maximum(x @ q1 + b1, 0)
+    w2 = numpy_helper.to_array(src.graph.initializer[2])
+    expect = a @ quant.dequantize(quant.quantize_blocks(w2, 32))
+    got = run(out, {"x": x})[0]
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
+    assert int4.weight_bytes(out) < int4.weight_bytes(src) / 5
+
+
+def test_compress_with_data_whitens_the_branch_and_beats_int4_alone():
+    src = model()
+    calib = {"x": _inputs(400, 128, seed=2)}
+    held = _inputs(200, 128, seed=9)
+    ref = run(src, {"x": held})[0]
+    alone = compress(src, energy=1.0, min_params=0, quantize="int4", int4_correction=0)
+    fixed = compress(src, energy=1.0, min_params=0, quantize="int4", data_aware=True, calib=calib, int4_correction=16)
+    sec = fixed.sections["int4"]
+    assert sec["weights_quantized"] == 2 and sec["corrected"] == 2 and sec["whitened"] == 2
+    assert all(l["error_corrected"] < l["error_int4"] for l in sec["layers"])
+    e_alone = compare("y", ref, run(alone.model, {"x": held})[0]).rel_l2_error
+    e_fixed = compare("y", ref, run(fixed.model, {"x": held})[0]).rel_l2_error
+    assert e_fixed < 0.7 * e_alone
+    # the branch is stored int8 by default, read through DequantizeLinear
+    ops = [n.op_type for n in fixed.model.graph.node]
+    assert ops.count("DequantizeLinear") == 4 and ops.count("MatMulNBits") == 2
+    json.dumps(fixed.to_dict() if hasattr(fixed, "to_dict") else sec)
+
+
+def test_factor_pairs_are_stored_int8_and_dense_weights_int4():
+    src = make_model([helper.make_node("MatMul", ["x", "W1"], ["h"], name="low"),
+                      helper.make_node("MatMul", ["h", "W2"], ["y"], name="dense")],
+                     [vi("x", ["batch", 128])], [vi("y", ["batch", 64])],
+                     [init("W1", lowrank(128, 96, 4, 1)), init("W2", _w(96, 64) * 0.1)])
+    res = compress(src, energy=0.999, min_params=0, quantize="int4")
+    assert res.totals.factorized == 1
+    sec = res.sections["int4"]
+    assert [l["weight"] for l in sec["layers"]] == ["W2"]
+    assert {p["storage"] for p in sec["factors"]} == {"int8"} and len(sec["factors"]) == 2
+    x = np.random.default_rng(3).standard_normal((8, 128)).astype(np.float32)
+    m = compare("y", run(src, {"x": x})[0], run(res.model, {"x": x})[0])
+    assert m.cosine_min > 0.99
+
+
+def test_old_opsets_and_constant_nodes():
+    # opset 11: int8 factors are read through Cast and Mul; W2 is held in a Constant node
+    src = model(opset=11)
+    const = helper.make_node("Constant", [], ["W2"], name="w2_const", value=src.graph.initializer[2])
+    del src.graph.initializer[2]
+    src.graph.node.insert(0, const)
+    calib = {"x": _inputs(200, 128, seed=2)}
+    res = compress(src, energy=1.0, min_params=0, quantize="int4", data_aware=True, calib=calib, int4_correction=4)
+    onnx.checker.check_model(res.model)
+    ops = [n.op_type for n in res.model.graph.node]
+    assert "DequantizeLinear" not in ops and "Cast" in ops and ops.count("MatMulNBits") == 2
+    assert "Constant" not in ops  # the float weight left the file
+    x = np.random.default_rng(4).standard_normal((8, 128)).astype(np.float32)
+    assert compare("y", run(src, {"x": x})[0], run(res.model, {"x": x})[0]).cosine_min > 0.98
+
+
+def test_weights_that_cannot_map_stay_float_and_say_why():
+    w = _w(64, 40)
+    src = make_model([helper.make_node("Gemm", ["x", "W"], ["a"], name="ta", transA=1),
+                      helper.make_node("MatMul", ["V", "z"], ["b"], name="first")],
+                     [vi("x", [64, 5]), vi("z", [40, 3])], [vi("a", [5, 40]), vi("b", [64, 3])],
+                     [init("W", w), init("V", _w(64, 40, 1))])
+    out, summary = int4.quantize_int4(src, weights=["W", "V"])
+    assert summary.layers == []
+    assert "transA" in summary.left_float["W"] and "first input" in summary.left_float["V"]
+    assert [n.op_type for n in out.graph.node] == ["Gemm", "MatMul"]
+
+
+# ------------------------------------------------------------------ options and refusals
+
+def test_options_are_checked_before_any_work(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(model(), str(src))
+    out = tmp_path / "o.onnx"
+    for flags, needle in ((["--int4-block", "64"], "--quantize int4"),
+                          (["--quantize", "int4", "--int4-block", "24"], "--int4-block"),
+                          (["--quantize", "int4", "--int4-accuracy-level", "7"], "--int4-accuracy-level"),
+                          (["--quantize", "int4", "--int4-correction", "1.5"], "--int4-correction")):
+        assert main([str(src), "-o", str(out), "--min-params", "0", *flags]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+        assert not out.exists()
+
+
+def test_a_runtime_without_the_op_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(int4, "runtime_problem", lambda *a: "onnxruntime 0.0 cannot run it (no kernel)")
+    src = tmp_path / "m.onnx"
+    onnx.save(model(), str(src))
+    before = src.read_bytes()
+    assert main([str(src), "-o", str(tmp_path / "o.onnx"), "--quantize", "int4", "--min-params", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MatMulNBits" in err[0] and "int8-per-channel" in err[0]
+    assert not (tmp_path / "o.onnx").exists() and src.read_bytes() == before
+
+
+def test_cli_reports_the_int4_section(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(model(), str(src))
+    rep = tmp_path / "r.json"
+    assert main([str(src), "-o", str(tmp_path / "o.onnx"), "--energy", "1", "--min-params", "0", "--quantize", "int4",
+                 "--int4-correction", "4", "--report", str(rep)]) == 0
+    text = capsys.readouterr().out
+    assert "int4:          2 weight(s) as MatMulNBits (block 32), 2 with a correction branch" in text
+    assert "plain residual SVD" in text  # no statistics: the report says so, and how to whiten
+    doc = json.loads(rep.read_text())
+    assert doc["int4"]["matmul_weight_bytes_after"] < doc["int4"]["matmul_weight_bytes_before"]
+
+
+# ------------------------------------------------------------------ where the bytes are
+
+def test_the_report_gives_bytes_by_tensor_kind_before_and_after():
+    from onnx_lowrank.passes.load import tensor_bytes
+
+    table = np.random.default_rng(0).standard_normal((500, 128)).astype(np.float32)
+    src = model()
+    src.graph.node.insert(0, helper.make_node("Gather", ["E", "ids"], ["x"], name="embed"))
+    src.graph.input[0].CopyFrom(vi("ids", ["batch"], onnx.TensorProto.INT64))
+    src.graph.initializer.append(init("E", table))
+    kinds = tensor_bytes(src)
+    assert kinds == {"matmul weights": (96 * 128 + 96 * 64) * 4, "conv weights": 0, "embeddings": table.nbytes, "other": 96 * 4}
+    res = compress(src, energy=1.0, min_params=0, quantize="int4")
+    tb = res.totals.tensor_bytes
+    assert tb["embeddings"] == [table.nbytes, table.nbytes] and tb["other"] == [384, 384]
+    before, after = tb["matmul weights"]
+    assert before == kinds["matmul weights"] and after == int4.weight_bytes(res.model) < before / 5
+    # int8 codes read through DequantizeLinear still count as the MatMul's weight
+    res8 = compress(src, rank=8, min_params=0, quantize="int8")
+    assert 0 < res8.totals.tensor_bytes["matmul weights"][1] < (128 + 96 + 96 + 64) * 8 * 4 / 3
+    dry = compress(src, rank=8, min_params=0, dry_run=True)
+    assert dry.totals.tensor_bytes["matmul weights"] == [before, None]
