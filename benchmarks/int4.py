@@ -58,6 +58,9 @@ OURS = {
     "ours-b64-r32": dict(data_aware=True, int4_block=64, int4_correction=32),
     "ours-b64-r32-acc4": dict(data_aware=True, int4_block=64, int4_correction=32, int4_accuracy_level=4),
     "ours-b32-r16-float": dict(data_aware=True, int4_correction=16, int4_factors="float"),
+    # one byte budget over factor pairs and int4 + branch, per layer (0.174 of fp32: ours-b64-r32's bytes)
+    "ours-budget-b32": dict(data_aware=True, target_bytes=0.174),
+    "ours-budget-b64": dict(data_aware=True, target_bytes=0.174, int4_block=64),
 }
 
 
@@ -86,7 +89,8 @@ def onnxsim_lqer(model: onnx.ModelProto, rank: int, calib: list[dict[str, np.nda
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: few texts and runs; writes benchmarks/_work/ only")
-    ap.add_argument("--only", nargs="*", default=None, help="labels of the variants to run (default: all)")
+    ap.add_argument("--only", nargs="*", default=None, help="labels of the variants to run (default: all; fp32 and "
+                    "ort-int4 always run); the results then go to benchmarks/_work/partial/")
     ap.add_argument("--calib", type=int, default=256, help="calibration texts (default 256)")
     ap.add_argument("--runs1", type=int, default=40, help="timed runs at batch 1 (default 40)")
     ap.add_argument("--runs64", type=int, default=4, help="timed runs at batch 64 (default 4)")
@@ -118,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t = time.perf_counter()
         extra = dict(calib=calib, calib_mask="attention_mask") if kw.get("data_aware") else {}
-        res = compress(model, energy=1.0, quantize="int4", **kw, **extra)
+        rule = {} if "target_bytes" in kw else {"energy": 1.0}  # a budget allocates itself
+        res = compress(model, quantize="int4", **rule, **kw, **extra)
         sec = res.sections["int4"]
         variants[label] = (res.model, {"seconds": round(time.perf_counter() - t, 1), "correction": sec["correction"],
                                        "statistics": sec["statistics"], "ranks": sec["correction_ranks"],
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(text)
     write("int4", text, {"variants": data, "calib": n_cal, "holdout": n_hold, "batches": list(batches), "runs": runs},
-          folder=WORK / "quick" if args.quick else DOCS)
+          folder=WORK / "quick" if args.quick else WORK / "partial" if args.only is not None else DOCS)
     return 0
 
 

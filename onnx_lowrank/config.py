@@ -104,12 +104,16 @@ class Budget(Section):
                                       "across layers", metavar="F", example=0.5)
     target_macs: float | None = opt(None, "fraction", "keep at most this fraction of the candidate layers' MACs per row",
                                     metavar="F", example=0.5)
+    target_bytes: float | None = opt(None, "fraction", "keep at most this fraction of the MatMul/Gemm weights' bytes; with "
+                                     "--quantize int4 each layer's candidates are a factor pair at any rank or 4-bit blocks "
+                                     "with a correction branch of any rank, priced in bytes (docs/int4.md)", metavar="F",
+                                     example=0.2)
     budget_scope: str = opt("weights", "choice", "what --target-params is a fraction of: the MatMul/Gemm weights (default) or "
                             "the whole model", choices=BUDGET_SCOPES)
 
     @property
     def given(self) -> bool:
-        return self.target_params is not None or self.target_macs is not None
+        return self.target_params is not None or self.target_macs is not None or self.target_bytes is not None
 
 
 @dataclass(frozen=True)
@@ -405,10 +409,25 @@ class CompressConfig:
         if self.has_budget:
             if self.rank is not None or self.energy is not None:
                 flag = option("rank") if self.rank is not None else option("energy")
-                raise UsageError(f"a budget ({option('target_params')}/{option('target_macs')}) allocates ranks itself; drop {flag}.")
+                raise UsageError(f"a budget ({option('target_params')}/{option('target_macs')}/{option('target_bytes')}) allocates ranks "
+                                 f"itself; drop {flag}.")
             if self.rank_rule != "energy":
                 raise UsageError(f"{option('rank_rule')} applies per layer; a budget ({option('target_params')}/"
                                  f"{option('target_macs')}) allocates ranks itself.")
+        if self.target_bytes is not None:
+            if self.quantize == "int4" and (self.target_params is not None or self.target_macs is not None):
+                raise UsageError(f"with {option_value('quantize', 'int4')}, {option('target_bytes')} is the budget (int4 changes "
+                                 f"bytes, not parameters); drop {option('target_params')}/{option('target_macs')}.")
+            if self.adaptive:
+                raise UsageError(f"{option('adaptive')} measures sensitivities for parameter and MAC budgets only; use "
+                                 f"{option('target_bytes')} without {option('adaptive')} (with {option('data_aware')}), or "
+                                 f"{option('target_params')} F.")
+            if self.ffn_keep is not None:
+                raise UsageError(f"{option('target_bytes')} does not price feed-forward widths yet; use {option('target_params')} "
+                                 f"F with {option('ffn_keep')}, or drop {option('ffn_keep')}.")
+            if self.budget_scope != "weights":
+                raise UsageError(f"{option('target_bytes')} is a fraction of the MatMul/Gemm weights' bytes; drop "
+                                 f"{option('budget_scope')}.")
         if self.adaptive:
             if self.max_drop is None and not self.has_budget:
                 raise UsageError(f"{option('adaptive')} needs a goal: {option('max_drop')} X, or a budget {option('target_params')} F "
@@ -422,7 +441,7 @@ class CompressConfig:
 
     @property
     def has_budget(self) -> bool:
-        """Whether a global budget (``target_params`` or ``target_macs``) is set."""
+        """Whether a global budget (``target_params``, ``target_macs`` or ``target_bytes``) is set."""
         return self.section(Budget).given
 
     @property

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+from onnx import helper
 
 from onnx_lowrank import linalg
 from onnx_lowrank.config import DEFAULT_ENERGY, CompressConfig
@@ -31,7 +32,9 @@ __all__ = ["Decide", "Decided", "BudgetBase", "per_layer", "decide_conv", "decid
 
 STAGE = "decide"
 #: The budget options, as config keys.
-BUDGETS = ("target_params", "target_macs")
+BUDGETS = ("target_params", "target_macs", "target_bytes")
+#: Correction ranks a byte budget may give a weight in 4-bit blocks (``--quantize int4``).
+INT4_RANKS = (0, 4, 8, 16, 24, 32, 48, 64)
 
 
 @dataclass
@@ -44,6 +47,9 @@ class Decided(StageResult):
 
     decisions: dict[int, Decision] = field(default_factory=dict)
     widths: Any = field(default=None, kw_only=True)
+    #: With ``--quantize int4`` and ``target_bytes``: the weights the budget gave 4-bit blocks, by
+    #: group key, and the rank of each one's correction branch.
+    int4_ranks: dict[int, int] | None = field(default=None, kw_only=True)
 
     @property
     def section(self) -> str | None:  # type: ignore[override]
@@ -136,19 +142,25 @@ class BudgetBase:
     params_fixed: int
     macs_total: int
     macs_fixed: int
+    bytes_total: int = 0
+    bytes_fixed: int = 0
 
     @classmethod
     def of(cls, groups, plans: list[LayerPlan], cfg: CompressConfig, model_params: int) -> "BudgetBase":
         """The base for allocating ``plans`` (the active MatMul/Gemm ones) among discovery's ``groups``."""
-        weights = macs = 0
+        weights = macs = n_bytes = 0
         for group in groups:
             if group.weight.tensor is not None:
                 dense = int(np.prod(group.weight.shape))
                 weights += dense
                 macs += dense * len(group.layers)
+                n_bytes += dense * itemsize(group)
         base = model_params if cfg.budget_scope == "model" else weights
+        keys = {p.key for p in plans}
+        plan_bytes = sum(int(np.prod(g.weight.shape)) * itemsize(g) for g in groups if g.key in keys)
         return cls(params_total=base, params_fixed=base - sum(p.dense_params for p in plans),
-                   macs_total=macs, macs_fixed=macs - sum(p.macs(None) for p in plans))
+                   macs_total=macs, macs_fixed=macs - sum(p.macs(None) for p in plans),
+                   bytes_total=n_bytes, bytes_fixed=n_bytes - plan_bytes)
 
     def with_widths(self, narrowed) -> "BudgetBase":
         """The same base with the feed-forward blocks of width reduction taken out of the fixed
@@ -173,12 +185,41 @@ class BudgetBase:
             out.append(("target_params", float(fp), int(np.floor(fp * self.params_total)) - self.params_fixed))
         if cfg.target_macs is not None:
             out.append(("target_macs", float(cfg.target_macs), int(np.floor(cfg.target_macs * self.macs_total)) - self.macs_fixed))
+        if cfg.target_bytes is not None:
+            out.append(("target_bytes", float(cfg.target_bytes),
+                        int(np.floor(cfg.target_bytes * self.bytes_total)) - self.bytes_fixed))
         return out
+
+    def total(self, name: str) -> tuple[int, int]:
+        """``(total, fixed)`` of one budget."""
+        return {"target_params": (self.params_total, self.params_fixed), "target_macs": (self.macs_total, self.macs_fixed),
+                "target_bytes": (self.bytes_total, self.bytes_fixed)}[name]
+
+
+def itemsize(group) -> int:
+    """Bytes per element of a weight group's tensor (4 when its type is unknown)."""
+    try:
+        return int(np.dtype(helper.tensor_dtype_to_np_dtype(group.weight.tensor.data_type)).itemsize)
+    except Exception:  # an unknown or non-numeric type: priced as float32
+        return 4
+
+
+def stored_bytes(cfg: CompressConfig, elements: int, size: int, rank: int | None) -> int:
+    """Bytes ``elements`` weights (a rank-``rank`` factor pair's, or a dense matrix's for
+    ``None``) take once the output is written: int8 after ``--quantize int8*`` (its scales
+    aside); under ``int4``, factors stored int8 (``int4_factors``) carry one float32 scale per
+    singular direction on each side."""
+    if cfg.quantize in ("int8", "int8-per-channel"):
+        return elements
+    if cfg.quantize == "int4" and rank is not None and cfg.int4_factors == "int8":
+        return elements + 8 * rank
+    return elements * size
 
 
 def budget_options(plan: LayerPlan, errors_at: Callable[[list[int]], np.ndarray], budgets: list[str], rank_multiple: int,
-                   min_rank: int = 1) -> linalg.Options:
-    """A plan's options under a budget: ranks up to break-even, then dense, with their costs."""
+                   min_rank: int = 1, byte_cost: Callable[[int | None], int] | None = None) -> linalg.Options:
+    """A plan's options under a budget: ranks up to break-even, then dense, with their costs
+    (``byte_cost(rank)``, ``byte_cost(None)`` for dense: the bytes, for ``target_bytes``)."""
     v = plan.view()
     ranks = [r for r in linalg.rank_options(v.m, v.n, rank_multiple) if r >= min_rank]
     errs = np.append(errors_at(ranks), 0.0) if ranks else np.zeros(1)
@@ -186,6 +227,10 @@ def budget_options(plan: LayerPlan, errors_at: Callable[[list[int]], np.ndarray]
     for budget in budgets:
         if budget == "target_params":
             cols.append([plan.params_at(r) for r in ranks] + [plan.dense_params])
+        elif budget == "target_bytes":
+            if byte_cost is None:
+                raise ValueError("a byte budget needs byte_cost")
+            cols.append([byte_cost(r) for r in ranks] + [byte_cost(None)])
         else:
             cols.append([plan.macs(r) for r in ranks] + [plan.macs(None)])
     costs = np.array(cols, dtype=np.float64).T.reshape(len(ranks) + 1, len(budgets))
@@ -200,7 +245,7 @@ def truncation_errors(plan: LayerPlan) -> Callable[[list[int]], np.ndarray]:
 
 def allocate_decisions(plans: list[LayerPlan], options: list[linalg.Options], limits: list[tuple[str, float, int]],
                        base: BudgetBase, stage: str = STAGE, units: list[linalg.Options] = (),
-                       chosen_units: list[int] | None = None) -> dict[int, Decision]:
+                       chosen_units: list[int] | None = None, chosen_plans: list[int] | None = None) -> dict[int, Decision]:
     """Run the allocator: each plan's rank, or "left dense".
 
     ``units``: further options allocated with the plans (the widths of feed-forward blocks);
@@ -214,11 +259,13 @@ def allocate_decisions(plans: list[LayerPlan], options: list[linalg.Options], li
         chosen = linalg.allocate(options, [b for _, _, b in limits])
         if chosen_units is not None:
             chosen_units.extend(chosen[len(plans):])
+        if chosen_plans is not None:
+            chosen_plans.extend(chosen[:len(plans)])
     except linalg.BudgetError:
         lowest = np.sum([o.costs[0] for o in options], axis=0) if options else np.zeros(len(limits))
         for (name, frac, budget), need in zip(limits, lowest):
             if need > budget:
-                total, fixed = (base.params_total, base.params_fixed) if name == "target_params" else (base.macs_total, base.macs_fixed)
+                total, fixed = base.total(name)
                 reach = (need + fixed) / total if total else 1.0
                 raise UsageError(f"{option(name)} {frac:g} cannot be met: with every layer at its lowest rank {reach:.4f} remains; "
                                  f"pass {option_value(name, np.ceil(reach * 1e4) / 1e4)} or more, or widen the layer "
@@ -243,22 +290,87 @@ def width_options(unit, budgets: list[str]) -> linalg.Options:
     return linalg.Options(ranks=tuple(unit.ks) + (None,), errors=np.append(unit.errors, 0.0), costs=costs)
 
 
-def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase, units: dict | None = None
-                  ) -> tuple[dict[int, Decision], dict[int, int | None]]:
-    """Allocate ``target_params``/``target_macs`` across the MatMul/Gemm plans (module docstring)
-    and the feed-forward blocks whose width the budget sizes (``units``, by key: their chosen
-    width, ``None`` for whole)."""
+def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase, units: dict | None = None,
+                  sizes: dict[int, int] | None = None, int4: dict[int, "Int4Candidate"] | None = None,
+                  chosen_int4_out: dict[int, int] | None = None) -> tuple[dict[int, Decision], dict[int, int | None]]:
+    """Allocate ``target_params``/``target_macs``/``target_bytes`` across the MatMul/Gemm plans
+    (module docstring) and the feed-forward blocks whose width the budget sizes (``units``, by
+    key: their chosen width, ``None`` for whole).
+
+    ``sizes``: bytes per element of each plan's weight (for ``target_bytes``).  ``int4``: the
+    plans that may take 4-bit blocks with a correction instead (``--quantize int4``); the ranks
+    chosen for those that do go into ``chosen_int4_out``."""
     decisions = {k: decide_conv(p, cfg) for k, p in plans.items() if p.is_conv and p.active}
     base = base.with_decided_convs(plans, decisions)
     active = [p for p in plans.values() if p.active and not p.is_conv]
     limits = base.limits(cfg)
     names = [name for name, _, _ in limits]
-    options = [budget_options(p, truncation_errors(p), names, cfg.rank_multiple) for p in active]
+    sizes = sizes or {}
+    int4 = int4 or {}
+    options, labels = [], []
+    for p in active:
+        size = sizes.get(p.key, 4)
+        cost = (lambda r, p=p, size=size: stored_bytes(cfg, p.params_at(r) if r is not None else p.dense_params, size, r)
+                ) if "target_bytes" in names else None
+        errors_at = int4[p.key].pair_errors if p.key in int4 and int4[p.key].values is not None else truncation_errors(p)
+        opt = budget_options(p, errors_at, names, cfg.rank_multiple, byte_cost=cost)
+        if p.key in int4:
+            opt, lab = with_int4(opt, int4[p.key], drop_dense=True)
+        else:
+            lab = [("rank", r) if r is not None else ("dense", None) for r in opt.ranks]
+        options.append(opt)
+        labels.append(lab)
     units = units or {}
     unit_options = [width_options(u, names) for u in units.values()]
     chosen: list[int] = []
-    decisions.update(allocate_decisions(active, options, limits, base, units=unit_options, chosen_units=chosen))
+    picked: list[int] = []
+    decisions.update(allocate_decisions(active, options, limits, base, units=unit_options, chosen_units=chosen,
+                                        chosen_plans=picked))
+    chosen_int4 = {}
+    for p, lab, i in zip(active, labels, picked):
+        form, c = lab[i]
+        if form == "int4":
+            chosen_int4[p.key] = c
+            decisions[p.key] = dataclasses.replace(decisions[p.key], skip=Skip(
+                SkipCode.LEFT_DENSE_BY_BUDGET, f"int4 blocks with a rank-{c} correction, chosen by the budget: "
+                "a factor pair loses more per byte saved", STAGE))
+    if int4 and chosen_int4_out is not None:
+        chosen_int4_out.update(chosen_int4)
     return decisions, {key: opt.ranks[i] for key, opt, i in zip(units, unit_options, chosen)}
+
+
+@dataclass(frozen=True)
+class Int4Candidate:
+    """What 4-bit blocks with a correction branch cost a weight, by branch rank: bytes, and the
+    error on the same scale as the plan's truncation error (:func:`linalg.quant.correction_errors`)."""
+
+    ranks: tuple[int, ...]
+    costs: tuple[int, ...]
+    errors: tuple[float, ...]
+    #: Singular values of the (input-)whitened weight: a factor pair's errors on the same scale.
+    values: np.ndarray | None = None
+
+    def pair_errors(self, ranks: list[int]) -> np.ndarray:
+        return np.array([1.0 - linalg.energy_kept(self.values, r) for r in ranks])
+
+
+def with_int4(opt: linalg.Options, cand: Int4Candidate, drop_dense: bool = True) -> tuple[linalg.Options, list]:
+    """A plan's byte-budget options (one cost column) with the int4 forms added: every option
+    sorted by bytes, ties and options that cost more for no less error dropped (the allocator
+    wants costs rising).  ``drop_dense``: the float option goes (under ``--quantize int4`` a
+    dense weight is written in 4 bits)."""
+    points = [(float(opt.costs[i, 0]), float(opt.errors[i]), ("rank", r) if r is not None else ("dense", None))
+              for i, r in enumerate(opt.ranks) if not (drop_dense and r is None)]
+    points += [(float(c), float(e), ("int4", r)) for r, c, e in zip(cand.ranks, cand.costs, cand.errors)]
+    points.sort(key=lambda t: (t[0], t[1]))
+    kept: list[tuple[float, float, tuple]] = []
+    for p in points:
+        if kept and (p[0] == kept[-1][0] or p[1] >= kept[-1][1]):
+            continue  # the same bytes for more error, or more bytes for no less error
+        kept.append(p)
+    options = linalg.Options(ranks=tuple(lab[1] if lab[0] == "rank" else None for _, _, lab in kept),
+                             errors=np.array([e for _, e, _ in kept]), costs=np.array([[c] for c, _, _ in kept]))
+    return options, [lab for _, _, lab in kept]
 
 
 class Decide(Step):
@@ -282,11 +394,22 @@ class Decide(Step):
         decisions = {k: Decision(k, p.view().mode, skip=p.skip) for k, p in plans.items() if not p.active}
         if cfg.has_budget:
             matrices = [p for p in plans.values() if p.active and not p.is_conv]
-            base = BudgetBase.of(ctx.need(Discovery).groups, matrices, cfg, ctx.need(Loaded).params)
+            found = ctx.need(Discovery)
+            base = BudgetBase.of(found.groups, matrices, cfg, ctx.need(Loaded).params)
             if narrowed is not None:
                 base = base.with_widths(narrowed)
-            budgeted, widths = decide_budget(plans, cfg, base, narrowed.units if narrowed is not None else None)
+            sizes = {p.key: itemsize(found.group(p.key)) for p in matrices}
+            int4 = None
+            if cfg.quantize == "int4" and cfg.target_bytes is not None:
+                from .int4 import budget_candidates
+
+                int4 = budget_candidates(ctx, matrices)
+            int4_ranks: dict[int, int] = {}
+            budgeted, widths = decide_budget(plans, cfg, base, narrowed.units if narrowed is not None else None, sizes=sizes,
+                                             int4=int4, chosen_int4_out=int4_ranks)
             decisions.update(budgeted)
+            if int4 is not None:
+                return Decided(decisions, int4_ranks=int4_ranks)
             if narrowed is not None and narrowed.units:
                 chosen = {key: narrowed.units[key].plan(k) for key, k in widths.items() if k is not None}
                 whole = [(narrowed.units[key].block.name, "left whole by the budget: other layers lose less per parameter "

@@ -222,6 +222,7 @@ class Int4Summary:
     left_float: dict[str, str] = field(default_factory=dict)
     statistics: str = "plain"
     auto: bool = False
+    budget: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         o = self.options
@@ -229,7 +230,8 @@ class Int4Summary:
         after = sum(l.bytes_after for l in self.layers) + sum(p.bytes_after for p in self.factors)
         return {
             "mode": "int4", "block": o.block, "accuracy_level": o.accuracy_level,
-            "correction": f"auto: {o.describe()}" if self.auto else o.describe(),
+            "correction": "ranks chosen by the byte budget" if self.budget else f"auto: {o.describe()}" if self.auto
+            else o.describe(),
             "factor_storage": o.factors, "statistics": self.statistics,
             "weights_quantized": len(self.layers), "corrected": sum(l.rank > 0 for l in self.layers),
             "whitened": sum(l.whitened and l.rank > 0 for l in self.layers),
@@ -425,8 +427,8 @@ def weight_bytes(model: onnx.ModelProto, op_types: Iterable[str] = ("MatMul", "G
 
 def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None = None, options: Int4Options = Int4Options(),
                   weights: Iterable[str] | None = None, grams: Mapping[str, np.ndarray] | None = None,
-                  factors: Iterable[str] = (), inline: bool = True, skipped: Mapping[str, str] | None = None
-                  ) -> tuple[onnx.ModelProto, Int4Summary]:
+                  factors: Iterable[str] = (), inline: bool = True, skipped: Mapping[str, str] | None = None,
+                  ranks: Mapping[str, int] | None = None) -> tuple[onnx.ModelProto, Int4Summary]:
     """Quantize constant MatMul/Gemm weights to int4 ``MatMulNBits``, with a correction branch.
 
     Args:
@@ -440,6 +442,7 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
         factors: Names of low-rank factors (of the factorization) to store per ``options.factors``.
         inline: Read external data into the result (else unchanged tensors keep their references).
         skipped: Per weight name, why it has no statistics (for the report).
+        ranks: Per weight name, its branch's rank (a byte budget's choice), instead of ``options``'s rule.
 
     Returns:
         The new model and what was done.
@@ -475,7 +478,8 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
         w = data.read(c.tensor).astype(np.float32)
         wk = np.ascontiguousarray(w.T) if transposed else w
         try:
-            layer = _quantize_one(b, name, wk, grams.get(name), [i for i, _ in users[name]])
+            layer = _quantize_one(b, name, wk, grams.get(name), [i for i, _ in users[name]],
+                                  None if ranks is None else ranks.get(name, 0))
         except ValueError as exc:
             summary.left_float[name] = f"cannot quantize: {exc}"
             continue
@@ -548,15 +552,20 @@ def _factor_why_not(c: _Const, users: list[tuple[int, int]], inputs: set[str], g
     return None
 
 
-def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | None, nodes: list[int]) -> Int4Layer:
-    """Quantize one weight (as multiplied, ``x @ wk``), fit its branch, and schedule its users' rewrite."""
+def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | None, nodes: list[int],
+                  rank: int | None = None) -> Int4Layer:
+    """Quantize one weight (as multiplied, ``x @ wk``), fit its branch (of ``rank``, else by the
+    options' rule), and schedule its users' rewrite."""
     opts = b.opts
     k, n = wk.shape
     if gram is not None and gram.shape != (k, k):
         log.debug("int4: %s: Gram of shape %s does not fit (%d, %d); plain residual used", name, gram.shape, k, n)
         gram = None
-    f = quant.fit(wk, gram, block=opts.block, energy=opts.energy, rank=None if opts.energy is not None else opts.rank,
-                  max_rank=opts.max_rank, damping=opts.damping, rounds=opts.rounds)
+    if rank is not None:
+        f = quant.fit(wk, gram, block=opts.block, rank=rank, max_rank=rank or None, damping=opts.damping, rounds=opts.rounds)
+    else:
+        f = quant.fit(wk, gram, block=opts.block, energy=opts.energy, rank=None if opts.energy is not None else opts.rank,
+                      max_rank=opts.max_rank, damping=opts.damping, rounds=opts.rounds)
     q, corr = f.q, f.correction
     packed = (b.init(q.packed, f"{name}_q4"), b.init(q.scales, f"{name}_q4_scales"), b.init(q.zero_points, f"{name}_q4_zero_points"))
     n_bytes = q.nbytes
@@ -630,7 +639,10 @@ def run_stage(ctx: Context) -> Int4Quantized:
 
     rewritten = ctx.need(Rewritten)
     found = ctx.need(Discovery)
+    from .width import current_widths
+
     stats = ctx.get(Statistics)
+    widths = current_widths(ctx)
     opts = options_of(ctx.config, whitened=stats is not None and ctx.config.data_aware)
     weights, grams, skipped = [], {}, {}
     left: dict[str, str] = {}
@@ -649,14 +661,93 @@ def run_stage(ctx: Context) -> Int4Quantized:
         weights.append(name)
         if stats is not None:
             if group.key in stats.capture.grams:
-                grams[name] = stats.capture.grams[group.key][0]
+                gram = stats.capture.grams[group.key][0]
+                plan = widths.get(group.key)
+                if plan is not None and group.key == plan.block.down.key:  # narrowed: the kept neurons' Gram
+                    keep = np.asarray(plan.fit.keep)
+                    gram = gram[np.ix_(keep, keep)]
+                grams[name] = gram
             elif group.key in stats.capture.skipped:
                 skipped[name] = stats.capture.skipped[group.key]
     factor_names = [f for key, pair in rewritten.factors.items() if not found.group(key).layers[0].is_conv for f in pair]
+    from .decide import Decided
+
+    budget = next((r.int4_ranks for r in reversed(list(ctx.results.values())) if isinstance(r, Decided)
+                   and r.int4_ranks is not None), None)
+    ranks = None
+    if budget is not None:  # --target-bytes chose which weights take 4 bits, and each branch's rank
+        ranks = {found.group(key).weight.name: r for key, r in budget.items()}
+        for w in weights:
+            if w not in ranks:
+                left[w] = "kept float by the byte budget (it cannot take 4-bit blocks)"
+        weights = [w for w in weights if w in ranks]
     model, summary = quantize_int4(ctx.model, base_dir=ctx.data, options=opts, weights=weights, grams=grams,
-                                   factors=factor_names, inline=False, skipped=skipped)
+                                   factors=factor_names, inline=False, skipped=skipped, ranks=ranks)
+    if budget is not None:
+        summary.budget = True
     if ctx.config.int4_correction == "auto":
         summary.auto = True
     for name, why in left.items():
         summary.left_float.setdefault(name, why)
     return Int4Quantized(model, ctx.data, summary)
+
+
+# --------------------------------------------------------------------------------------------
+# What 4-bit blocks cost each weight, for a byte budget (passes/decide.py)
+# --------------------------------------------------------------------------------------------
+
+def group_problem(group: Any) -> str | None:
+    """Why a discovered weight group cannot become ``MatMulNBits`` (``None``: it can), from
+    what discovery knows; :func:`quantize_int4` checks the graph again when it writes."""
+    w = group.weight
+    if w.tensor is None or w.tensor.data_type != TensorProto.FLOAT or len(w.shape) != 2:
+        return "not a float32 matrix"
+    for layer in group.layers:
+        if layer.is_conv or layer.op_type not in ("MatMul", "Gemm"):
+            return f"read by {layer.op_type}"
+        if layer.scope:
+            return "inside an If/Loop/Scan body"
+        if layer.weight_index != 1:
+            return "multiplied as W @ x"
+        if layer.op_type == "Gemm" and int(_attr(layer.node, "transA", 0)):
+            return "Gemm with transA=1"
+    return None
+
+
+def _multiplied(group: Any, arr: np.ndarray) -> np.ndarray:
+    """The weight as ``x @ W``: a ``transB`` Gemm stores it transposed."""
+    layer = group.layers[0]
+    return np.ascontiguousarray(arr.T) if layer.op_type == "Gemm" and int(_attr(layer.node, "transB", 0)) else arr
+
+
+def budget_candidates(ctx: Context, plans: list) -> dict[int, Any]:
+    """Per plan that can take 4-bit blocks: the bytes and errors of each correction rank
+    (:data:`~.decide.INT4_RANKS` up to ``int4_max_rank``), whitened by the layer's input Gram
+    when statistics were captured."""
+    from .decide import INT4_RANKS, Int4Candidate
+    from .discover import Discovery
+    from .statistics import Statistics
+
+    cfg = ctx.config
+    require_runtime(cfg.int4_block, cfg.int4_accuracy_level)
+    found = ctx.need(Discovery)
+    stats = ctx.get(Statistics)
+    grams = stats.capture.grams if stats is not None and cfg.data_aware else {}
+    out = {}
+    for plan in plans:
+        group = found.group(plan.key)
+        if group_problem(group) is not None:
+            continue
+        w = _multiplied(group, ctx.data.read(group.weight.tensor).astype(np.float32))
+        k, n = w.shape
+        ranks = [r for r in INT4_RANKS if r <= min(cfg.int4_max_rank, k, n)]
+        gram = grams[plan.key][0] if plan.key in grams else None
+        if gram is not None and gram.shape != (k, k):
+            gram = None
+        errors = quant.correction_errors(w, gram, ranks, block=cfg.int4_block, damping=cfg.damping)
+        costs = [quant.block_bytes(k, n, cfg.int4_block) + quant.branch_bytes(k, n, r, cfg.int4_factors) for r in ranks]
+        # the pair's error on the same scale (the plan's spectrum may weigh the output side too,
+        # as attention-aware whitening does, which would make the two forms incomparable)
+        s = quant.whitened_values(w, gram, damping=cfg.damping)
+        out[plan.key] = Int4Candidate(tuple(ranks), tuple(costs), tuple(float(e) for e in errors), s)
+    return out

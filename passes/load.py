@@ -101,7 +101,7 @@ def tensor_bytes(model: onnx.ModelProto) -> dict[str, int]:
                 for value in frontier:
                     for node, slot in readers.get(value, []):
                         kind = kind or _kind(node.op_type, slot)
-                        if node.op_type in _THROUGH and slot == 0:
+                        if node.op_type in _THROUGH and (slot == 0 or node.op_type == "DequantizeLinear"):
                             nxt += [o for o in node.output if o not in seen]
                             seen.update(node.output)
                 if kind or not nxt:

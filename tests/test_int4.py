@@ -262,3 +262,63 @@ def test_the_report_gives_bytes_by_tensor_kind_before_and_after():
     assert 0 < res8.totals.tensor_bytes["matmul weights"][1] < (128 + 96 + 96 + 64) * 8 * 4 / 3
     dry = compress(src, rank=8, min_params=0, dry_run=True)
     assert dry.totals.tensor_bytes["matmul weights"] == [before, None]
+
+
+def test_narrowed_blocks_go_to_int4_whitened_by_the_kept_neurons():
+    from test_width import _feeds, ffn_model
+
+    m = ffn_model()
+    calib, held = _feeds(400), _feeds(200, seed=7)
+    res = compress(m, ffn_keep=0.5, data_aware=True, energy=1.0, calib=calib, min_params=0, quantize="int4",
+                   int4_correction=4)
+    sec = res.sections["int4"]
+    assert res.totals.narrowed == 4 and sec["weights_quantized"] == 4  # two blocks, two projections each
+    assert sec["whitened"] == 4 and sec["statistics"] == "whitened by each layer's input Gram"
+    ref = run(m, held)[0]
+    narrow = compress(m, ffn_keep=0.5, energy=1.0, calib=calib, min_params=0)
+    e_narrow = compare("y", ref, run(narrow.model, held)[0]).rel_l2_error
+    e_both = compare("y", ref, run(res.model, held)[0]).rel_l2_error
+    assert e_both < 1.5 * e_narrow + 0.02
+
+
+# ------------------------------------------------------------------ one byte budget over every form
+
+def test_a_byte_budget_chooses_between_factor_pairs_and_int4_and_is_kept():
+    src = model()
+    calib = {"x": _inputs(400, 128, seed=2)}
+    held = _inputs(200, 128, seed=9)
+    ref = run(src, {"x": held})[0]
+    errors = {}
+    for frac in (0.1, 0.3):
+        res = compress(src, target_bytes=frac, quantize="int4", data_aware=True, calib=calib, min_params=0)
+        before, after = res.totals.tensor_bytes["matmul weights"]
+        assert after <= frac * before  # the allocator prices exactly what is written
+        forms = {row.weight: ("pair" if row.factorized else row.reason) for row in res.layers}
+        int4_rows = [r for r in forms.values() if r != "pair"]
+        assert all(r.startswith("int4 blocks with a rank-") for r in int4_rows)
+        layers = {l["weight"]: l["rank"] for l in res.sections["int4"]["layers"]}
+        assert len(layers) == len(int4_rows) and res.sections["int4"]["correction"] == "ranks chosen by the byte budget"
+        errors[frac] = compare("y", ref, run(res.model, {"x": held})[0]).rel_l2_error
+    assert errors[0.3] < errors[0.1] / 3
+    # at 10 % one layer cannot afford 4 bits and takes a factor pair; at 30 % both take 4 bits with a branch
+    assert res.totals.factorized == 0 and min(layers.values()) > 0
+
+
+def test_without_int4_a_byte_budget_is_a_parameter_budget_for_float32_weights():
+    src = model()
+    by_bytes = compress(src, target_bytes=0.3, min_params=0)
+    by_params = compress(src, target_params=0.3, min_params=0)
+    assert [r.rank for r in by_bytes.layers] == [r.rank for r in by_params.layers]
+    assert by_bytes.totals.factorized == 2
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (dict(target_bytes=0.2, target_params=0.5, quantize="int4"), "--target-bytes is the budget"),
+    (dict(target_bytes=0.2, adaptive=True, data_aware=True), "--adaptive"),
+    (dict(target_bytes=0.2, ffn_keep=0.5), "--ffn-keep"),
+    (dict(target_bytes=1.5), "--target-bytes"),
+])
+def test_byte_budget_combinations_that_cannot_work_are_refused(flags, needle):
+    with pytest.raises(UsageError) as err:
+        compress(model(), min_params=0, calib={"x": _inputs(10, 128)}, **flags)
+    assert needle.replace("--", "").replace("-", "_") in str(err.value).replace("--", "").replace("-", "_")

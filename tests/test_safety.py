@@ -175,12 +175,19 @@ class Generations:
         m = onnx.load(str(self.out_dir / "o.onnx"), load_external_data=False)
         locs = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
         data = [n for n in names if n.endswith(".data") and not n.startswith(".")]
-        assert len(locs) == 1 and sorted(locs) == data, f"model references {locs}, folder has {data}"
+        # SIGKILL (temps_allowed) between two renames of the commit may also leave the data file of
+        # the other generation, never referenced (the next run to this output removes it), and a
+        # report one generation behind the model (it is renamed last); docs/safety.md says both.
+        if temps_allowed:
+            assert len(locs) == 1 and locs <= set(data), f"model references {locs}, folder has {data}"
+        else:
+            assert len(locs) == 1 and sorted(locs) == data, f"model references {locs}, folder has {data}"
         got = self.outputs(self.out_dir)
         which = "old" if np.allclose(got, self.old, atol=1e-5) else "new" if np.allclose(got, self.new, atol=1e-5) else None
         assert which is not None, "the model's outputs match neither generation"
         report = json.loads((self.out_dir / "o.json").read_text())
-        assert report["layers"][0]["rank"] == (4 if which == "old" else 8), "report and model are of different generations"
+        allowed = {4, 8} if temps_allowed and which == "new" else {4 if which == "old" else 8}
+        assert report["layers"][0]["rank"] in allowed, "report and model are of different generations"
         assert _digest(self.src.parent) == self.input_digest, "the input changed"
         return which
 

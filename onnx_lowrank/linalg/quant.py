@@ -68,7 +68,7 @@ from .svd import spectrum
 from .whiten import DEFAULT_DAMPING, whitening_factor
 
 __all__ = ["BLOCK_SIZES", "CLIP_GRID", "BlockQuantized", "quantize_blocks", "dequantize", "Correction", "correction",
-           "Fit", "fit", "quantize_columns", "dequantize_columns"]
+           "Fit", "fit", "quantize_columns", "dequantize_columns", "block_bytes", "branch_bytes", "correction_errors", "whitened_values"]
 
 #: Block sizes ``MatMulNBits`` takes on CPU (powers of two, at least 16).
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -350,3 +350,52 @@ def quantize_columns(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def dequantize_columns(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """``q * scale`` per column, in float32 (``DequantizeLinear``, zero point 0)."""
     return q.astype(np.float32) * scale.astype(np.float32)
+
+
+def block_bytes(k: int, n: int, block: int) -> int:
+    """Bytes of a ``(K, N)`` weight in 4-bit blocks: codes, float32 scales, packed zero points."""
+    blocks = -(-int(k) // int(block))
+    return int(n) * (blocks * (int(block) // 2) + 4 * blocks + (blocks + 1) // 2)
+
+
+def branch_bytes(k: int, n: int, rank: int, storage: str = "int8") -> int:
+    """Bytes of a rank-``rank`` pair ``(K, r) (r, N)``: int8 with one float32 scale per singular
+    direction on each side, or float32."""
+    if storage == "float":
+        return 4 * int(rank) * (int(k) + int(n))
+    return int(rank) * (int(k) + int(n)) + 8 * int(rank)
+
+
+def correction_errors(w: np.ndarray, gram: np.ndarray | None, ranks: list[int], *, block: int = 32,
+                      damping: float = DEFAULT_DAMPING) -> np.ndarray:
+    """What a budget needs to price int4: per rank ``c`` in ``ranks``, the squared (whitened)
+    error of 4-bit blocks plus a rank-``c`` branch, relative to the weight's own,
+    ``||L^T (R - A_c B_c)||^2 / ||L^T W||^2`` (plain rounding, without alternation: the
+    same normalization as a factor pair's ``1 - E(r)`` on the whitened spectrum).
+
+    Args:
+        w: The weight as multiplied, ``x @ w`` (K, N).
+        gram: The input Gram (K, K), or ``None`` (plain norms).
+        ranks: Branch ranks to price (0: none).
+        block, damping: As for :func:`fit`.
+    """
+    w64 = np.asarray(w, dtype=np.float64)
+    residual = w64 - dequantize(quantize_blocks(w, block))
+    if gram is not None:
+        lf = whitening_factor(gram, damping)[0]
+        residual, w64 = lf.T @ residual, lf.T @ w64
+    whole = float(np.sum(w64 * w64)) or 1.0
+    total = float(np.sum(residual * residual))
+    top = max([0, *ranks])
+    s = np.linalg.svd(residual, compute_uv=False)[:top] if top else np.zeros(0)  # values only
+    held = np.concatenate([[0.0], np.cumsum(s.astype(np.float64) ** 2)])
+    return np.array([max(total - held[min(int(c), s.size)], 0.0) / whole for c in ranks])
+
+
+def whitened_values(w: np.ndarray, gram: np.ndarray | None, *, damping: float = DEFAULT_DAMPING) -> np.ndarray:
+    """Singular values of ``L^T W`` (of ``W`` without a Gram): a factor pair's error on the
+    scale of :func:`correction_errors` is ``1 - E(r)`` of these."""
+    a = np.asarray(w, dtype=np.float64)
+    if gram is not None:
+        a = whitening_factor(gram, damping)[0].T @ a
+    return np.linalg.svd(a, compute_uv=False)
