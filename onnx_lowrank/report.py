@@ -55,6 +55,8 @@ class LayerDecision:
             (``None`` when not counted).
         width: For a projection of a width-reduced feed-forward block: ``[kept, hidden]``
             neurons (then ``factorized`` is false: the weight is narrower, not split).
+        quantized: How ``--quantize int4`` stored the weight or its factors, e.g.
+            ``int4 (block 32) + rank-16 correction`` or ``factors int8``.
     """
 
     node: str
@@ -82,6 +84,7 @@ class LayerDecision:
     conv_mode: str | None = None
     macs_per: str | None = "row"
     width: tuple[int, int] | None = None
+    quantized: str | None = None
 
 
 @dataclass
@@ -138,9 +141,13 @@ def _fmt_row(d: LayerDecision) -> list[str]:
     if d.factorized:
         params = f"{d.params_before:,} -> {d.params_after:,}" if d.params_before else f"shared with {d.shared_with}"
         status = f"factorized ({d.conv_mode}-wise)" if d.conv_mode else "factorized"
+        status += f"; {d.quantized}" if d.quantized else ""
     elif d.width is not None:
         params = f"{d.params_before:,} -> {d.params_after:,}"
-        status = f"narrowed: {d.width[0]} of {d.width[1]} neurons"
+        status = f"narrowed: {d.width[0]} of {d.width[1]} neurons" + (f"; {d.quantized}" if d.quantized else "")
+    elif d.quantized:
+        params = f"{d.params_before:,}" if d.params_before else "-"
+        status = d.quantized + (" (the byte budget's choice)" if d.skip_code == "left_dense_by_budget" else "")
     else:
         params = f"{d.params_before:,}" if d.params_before else "-"
         status = f"skipped: {d.reason}"

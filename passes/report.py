@@ -8,6 +8,7 @@ row names (:mod:`onnx_lowrank.report`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Mapping
@@ -164,6 +165,26 @@ def totals(layers: list[LayerDecision], model_params: int, size_before: int | No
     return t
 
 
+def _mark_quantized(ctx: Context, layers: list[LayerDecision]) -> None:
+    """Say on each row how ``--quantize int4`` stored its weight (or its factors)."""
+    from .int4 import Int4Quantized
+
+    q = ctx.get(Int4Quantized)
+    if q is None:
+        return
+    held = {l.weight: l for l in q.summary.layers}
+    int8 = {p.factor for p in q.summary.factors if p.storage == "int8"}
+    for i, row in enumerate(layers):
+        layer = held.get(row.weight or "")
+        if layer is not None:
+            how = f"int4 (block {layer.block})" + (f" + rank-{layer.rank} correction" if layer.rank else "")
+        elif row.factorized and row.factors and set(row.factors) <= int8:
+            how = "factors int8"
+        else:
+            continue
+        layers[i] = dataclasses.replace(row, quantized=how)
+
+
 METADATA_KEY = "onnx_lowrank"
 
 
@@ -204,6 +225,7 @@ class Report(Step):
         layers = rows(ctx.need(Discovery), spectra.plans, decided.decisions if decided else {},
                       rewritten.factors if rewritten else {}, spectra.shapes, opset_version(loaded.model),
                       current_widths(ctx))
+        _mark_quantized(ctx, layers)
         t = totals(layers, loaded.params, loaded.size, spectra.shapes)
         before = loaded.tensor_bytes
         after = None if ctx.request.dry_run else tensor_bytes(ctx.model)  # a dry run writes nothing: as loaded

@@ -236,6 +236,7 @@ def test_cli_reports_the_int4_section(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "int4:          2 weight(s) as MatMulNBits (block 32), 2 with a correction branch" in text
     assert "plain residual SVD" in text  # no statistics: the report says so, and how to whiten
+    assert text.count("int4 (block 32) + rank-4 correction") == 2  # each row says what its weight became
     doc = json.loads(rep.read_text())
     assert doc["int4"]["matmul_weight_bytes_after"] < doc["int4"]["matmul_weight_bytes_before"]
 
