@@ -29,6 +29,7 @@ the variant's (below 1: slower).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,9 @@ OURS = {
     # one byte budget over factor pairs and int4 + branch, per layer (0.174 of fp32: ours-b64-r32's bytes)
     "ours-budget-b32": dict(data_aware=True, target_bytes=0.174),
     "ours-budget-b64": dict(data_aware=True, target_bytes=0.174, int4_block=64),
+    # width reduction (fp32), and width reduction with int4 on what it leaves
+    "ours-ffn0.75": dict(ffn_keep=0.75, quantize=None),
+    "ours-ffn0.75-b64-r32": dict(ffn_keep=0.75, data_aware=True, int4_block=64, int4_correction=32),
 }
 
 
@@ -86,6 +90,66 @@ def onnxsim_lqer(model: onnx.ModelProto, rank: int, calib: list[dict[str, np.nda
     return onnxsim.apply_lqer(m21, q, rank=rank, calibration_data=calib)
 
 
+def render(doc: dict, lqer_note: str | None, env: str) -> str:
+    """The markdown table of every variant in ``doc``."""
+    data, batches = doc["variants"], doc["batches"]
+    latency = all(f"p50_ms_b{b}" in e for e in data.values() for b in batches)
+    headers = ["variant", "MatMul weights (MB)", "file (MB)", "cosine mean", "cosine min"]
+    headers += [f"ms batch {b} (vs ort-int4)" for b in batches] if latency else []
+    rows = []
+    for label, e in data.items():
+        lat = [f"{e[f'p50_ms_b{b}']:.1f} (x{e[f'vs_ort_int4_b{b}']:.2f})" for b in batches] if latency else []
+        rows.append([label, f"{e['matmul_weight_bytes'] / 1e6:.2f}", f"{e['file_bytes'] / 1e6:.2f}",
+                     f"{e['cosine_mean']:.4f}", f"{e['cosine_min']:.4f}", *lat])
+    commands = sorted(set(doc.get("runs_of", {}).values())) or [command_line()]
+    return "\n".join([
+        "# int4 + whitened low-rank correction on all-MiniLM-L6-v2", "",
+        *[f"`{c}`" for c in commands], "", env, "",
+        f"Held-out texts: {doc['holdout']}; calibration texts: {doc['calib']}. x: ort-int4's time / the variant's, paired "
+        "in the same run (below 1: slower); the ms columns are each pair's own medians.", "",
+        markdown_table(headers, rows), "",
+        "![bytes against quality](int4_pareto.png)", "",
+        *([f"onnxsim: {lqer_note}"] if lqer_note else []),
+    ])
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Pareto chart: MatMul weight bytes (and batch-64 latency against ort-int4) against held-out cosine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = doc["variants"]
+    big = doc["batches"][-1]
+    panels = [("matmul_weight_bytes", "MatMul weight bytes (MB)", 1e-6)]
+    if all(f"vs_ort_int4_b{big}" in e for e in data.values()):
+        panels.append((f"vs_ort_int4_b{big}", f"speed vs onnxruntime int4, batch {big} (x, higher is faster)", 1.0))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5))
+    axes = [axes] if len(panels) == 1 else list(axes)
+
+    def family(label: str) -> str:
+        return ("ours" if label.startswith("ours") else "onnxsim" if label.startswith("onnxsim") else
+                "onnxruntime" if label.startswith(("ort", "int8")) else "fp32")
+
+    colors = {"ours": "tab:blue", "onnxsim": "tab:red", "onnxruntime": "tab:green", "fp32": "black"}
+    for ax, (key, title, scale) in zip(axes, panels):
+        for label, e in data.items():
+            x, y = e[key] * scale, e["cosine_mean"]
+            ax.scatter(x, y, color=colors[family(label)], s=25)
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(title)
+        ax.set_ylabel("held-out cosine to fp32 (mean)")
+        ax.set_ylim(min(e["cosine_mean"] for e in data.values()) - 0.005, 1.002)
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    fig.suptitle("all-MiniLM-L6-v2: size and speed against quality (blue: this tool)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: few texts and runs; writes benchmarks/_work/ only")
@@ -95,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs1", type=int, default=40, help="timed runs at batch 1 (default 40)")
     ap.add_argument("--runs64", type=int, default=4, help="timed runs at batch 64 (default 4)")
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--merge", action="store_true", help="with --only: add these variants to docs/benchmarks/int4.json "
+                    "(fp32 and ort-int4 are re-measured as references, not replaced) and re-render the table and chart")
     ap.add_argument("--lqer-ranks", type=int, nargs="*", default=[4, 16], help="onnxsim LQER ranks (default 4 16)")
     args = ap.parse_args(argv)
 
@@ -121,15 +187,17 @@ def main(argv: list[str] | None = None) -> int:
         if not wanted(label):
             continue
         t = time.perf_counter()
-        extra = dict(calib=calib, calib_mask="attention_mask") if kw.get("data_aware") else {}
+        extra = dict(calib=calib, calib_mask="attention_mask") if kw.get("data_aware") or kw.get("ffn_keep") else {}
         rule = {} if "target_bytes" in kw else {"energy": 1.0}  # a budget allocates itself
-        res = compress(model, quantize="int4", **rule, **kw, **extra)
-        sec = res.sections["int4"]
-        variants[label] = (res.model, {"seconds": round(time.perf_counter() - t, 1), "correction": sec["correction"],
-                                       "statistics": sec["statistics"], "ranks": sec["correction_ranks"],
-                                       "weights_quantized": sec["weights_quantized"], "left_float": sec["left_float"],
-                                       "report_bytes_after": sec["matmul_weight_bytes_after"]})
-        print(f"{label}: {variants[label][1]['seconds']} s, {sec['correction']}, ranks {sec['correction_ranks']}", file=sys.stderr)
+        res = compress(model, **{"quantize": "int4", **rule, **kw, **extra})
+        info: dict = {"seconds": round(time.perf_counter() - t, 1)}
+        sec = res.sections.get("int4")
+        if sec is not None:
+            info.update({"correction": sec["correction"], "statistics": sec["statistics"], "ranks": sec["correction_ranks"],
+                         "weights_quantized": sec["weights_quantized"], "left_float": sec["left_float"],
+                         "report_bytes_after": sec["matmul_weight_bytes_after"]})
+        variants[label] = (res.model, info)
+        print(f"{label}: {info['seconds']} s, {info.get('correction', '-')}, ranks {info.get('ranks', '-')}", file=sys.stderr)
     lqer_note = None
     for r in args.lqer_ranks:
         label = f"onnxsim-lqer-r{r}"
@@ -143,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         variants[label] = (got, {"seconds": round(time.perf_counter() - t, 1)})
 
-    rows, data = [], {}
+    data = {}
     base = variants["ort-int4"][0]
     for label, (m, info) in variants.items():
         q = embedding_quality(m, feeds, ref)
@@ -156,23 +224,20 @@ def main(argv: list[str] | None = None) -> int:
         data[label] = entry
         print(label, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items() if k != "left_float"},
               file=sys.stderr, flush=True)
-        lat = [f"{entry[f'p50_ms_b{b}']:.1f} (x{entry[f'vs_ort_int4_b{b}']:.2f})" for b in batches] if not args.no_latency else []
-        rows.append([label, f"{entry['matmul_weight_bytes'] / 1e6:.2f}", f"{entry['file_bytes'] / 1e6:.2f}",
-                     f"{entry['cosine_mean']:.4f}", f"{entry['cosine_min']:.4f}", *lat])
-    headers = ["variant", "MatMul weights (MB)", "file (MB)", "cosine mean", "cosine min"]
-    headers += [f"ms batch {b} (vs ort-int4)" for b in batches] if not args.no_latency else []
-    text = "\n".join([
-        "# int4 + whitened low-rank correction on all-MiniLM-L6-v2", "",
-        f"`{command_line()}`", "",
-        environment((1,), f"batch {batches[0]}: {runs[batches[0]]} paired runs, batch {batches[1]}: {runs[batches[1]]}; "
-                    f"{SEQ} tokens"), "",
-        f"Held-out texts: {n_hold}; calibration texts: {n_cal}. x: ort-int4's time / the variant's (below 1: slower).", "",
-        markdown_table(headers, rows), "",
-        *([f"onnxsim: {lqer_note}"] if lqer_note else []),
-    ])
+    doc = {"variants": data, "calib": n_cal, "holdout": n_hold, "batches": list(batches), "runs": runs,
+           "runs_of": {label: command_line() for label in data}}
+    folder = WORK / "quick" if args.quick else WORK / "partial" if args.only is not None and not args.merge else DOCS
+    if args.merge:  # these variants into the full run's results (each row keeps the command it came from)
+        old = json.loads((DOCS / "int4.json").read_text())
+        old.setdefault("runs_of", {k: "python benchmarks/int4.py" for k in old["variants"]})
+        old["variants"].update({k: v for k, v in data.items() if k not in ("fp32", "ort-int4")})
+        old["runs_of"].update({k: command_line() for k in data if k not in ("fp32", "ort-int4")})
+        doc = old
+    text = render(doc, lqer_note, environment((1,), f"batch {batches[0]}: {runs[batches[0]]} paired runs, batch {batches[1]}: "
+                                                   f"{runs[batches[1]]}; {SEQ} tokens"))
     print(text)
-    write("int4", text, {"variants": data, "calib": n_cal, "holdout": n_hold, "batches": list(batches), "runs": runs},
-          folder=WORK / "quick" if args.quick else WORK / "partial" if args.only is not None else DOCS)
+    write("int4", text, doc, folder=folder)
+    plot(doc, folder / "int4_pareto.png")
     return 0
 
 
