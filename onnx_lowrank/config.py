@@ -127,7 +127,7 @@ class DataAware(Section):
                                 "not also by the keys/queries their output is scored against", flag="--no-attention-aware")
     damping: float = opt(DEFAULT_DAMPING, "non_negative_float", "damping of the activation Gram matrix, relative to its mean "
                          "diagonal (default 0.01)", metavar="D", example=0.01, high=1e6)
-    calib_mask: str | None = opt(None, "text", "with --data-aware: input whose zeros mark padded rows to leave out "
+    calib_mask: str | None = opt(None, "text", "with --data-aware or --ffn-keep: input whose zeros mark padded rows to leave out "
                                  "(e.g. attention_mask)", metavar="INPUT")
 
     def rules(self) -> None:
@@ -248,11 +248,13 @@ class Quantize(Section):
     quantize: str | None = opt(None, "choice", "quantize after factorization: int8 (onnxruntime's dynamic int8, one scale per "
                                "weight), int8-per-channel (one scale per output column of MatMul/Gemm weights; better quality, "
                                "same size; Conv kernels keep one scale), or int4 (4-bit blocks as onnxruntime's MatMulNBits, "
-                               "with a low-rank correction of their error; docs/int4.md)", choices=QUANTIZE_MODES)
+                               "with a low-rank correction of their error; add --energy 1 for int4 without factorization; "
+                               "docs/int4.md)", choices=QUANTIZE_MODES)
     int4_block: int = opt(32, "positive_int", "with --quantize int4: weights per block along the input axis, one of 16, 32, 64, "
                           "128, 256 (default 32)", metavar="N", example=32)
     int4_accuracy_level: int = opt(0, "non_negative_int", "with --quantize int4: MatMulNBits's compute type: 0 unset (float, "
-                                   "default), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (faster on most CPUs, less exact)",
+                                   "default), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (less exact; time it: on the CPU of "
+                                   "docs/int4.md it was slower)",
                                    metavar="L", example=4)
     int4_correction: Any = opt("auto", "any", "with --quantize int4: the low-rank branch that corrects each layer's 4-bit "
                                "error: a number in (0, 1) keeps the smallest rank holding that share of the residual's energy "
