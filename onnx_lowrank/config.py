@@ -109,7 +109,7 @@ class Budget(Section):
                                      "with a correction branch of any rank, priced in bytes (docs/int4.md)", metavar="F",
                                      example=0.2)
     budget_scope: str = opt("weights", "choice", "what --target-params is a fraction of: the MatMul/Gemm weights (default) or "
-                            "the whole model", choices=BUDGET_SCOPES)
+                            "the whole model (--target-bytes is always of the MatMul/Gemm weights)", choices=BUDGET_SCOPES)
 
     @property
     def given(self) -> bool:
@@ -297,6 +297,8 @@ def _correction(value: Any) -> float | int | str:
             value = int(text) if text.isdigit() else float(text)
         except ValueError:
             value = text
+    if isinstance(value, float) and value.is_integer() and (value == 0 or value >= 1):
+        value = int(value)  # "2.0" is the rank 2, "0.0" no branch
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, float) and 0.0 < value < 1.0:
@@ -415,7 +417,7 @@ class CompressConfig:
                                  f"itself; drop {flag}.")
             if self.rank_rule != "energy":
                 raise UsageError(f"{option('rank_rule')} applies per layer; a budget ({option('target_params')}/"
-                                 f"{option('target_macs')}) allocates ranks itself.")
+                                 f"{option('target_macs')}/{option('target_bytes')}) allocates ranks itself.")
         if self.target_bytes is not None:
             if self.quantize == "int4" and (self.target_params is not None or self.target_macs is not None):
                 raise UsageError(f"with {option_value('quantize', 'int4')}, {option('target_bytes')} is the budget (int4 changes "
@@ -427,9 +429,11 @@ class CompressConfig:
             if self.ffn_keep is not None:
                 raise UsageError(f"{option('target_bytes')} does not price feed-forward widths yet; use {option('target_params')} "
                                  f"F with {option('ffn_keep')}, or drop {option('ffn_keep')}.")
-            if self.budget_scope != "weights":
-                raise UsageError(f"{option('target_bytes')} is a fraction of the MatMul/Gemm weights' bytes; drop "
-                                 f"{option('budget_scope')}.")
+            if self.quantize == "int4" and self.int4_correction != "auto":
+                raise UsageError(f"{option('target_bytes')} chooses each branch's rank itself; drop {option('int4_correction')}.")
+        if self.quantize == "int4" and self.latency_aware:
+            raise UsageError(f"{option('latency_aware')} times float factor pairs, not the 4-bit forms "
+                             f"{option_value('quantize', 'int4')} writes; drop one of them.")
         if self.adaptive:
             if self.max_drop is None and not self.has_budget:
                 raise UsageError(f"{option('adaptive')} needs a goal: {option('max_drop')} X, or a budget {option('target_params')} F "

@@ -256,7 +256,8 @@ def _fmt_int4(q: dict[str, Any]) -> str:
             f"{human_bytes(q['matmul_weight_bytes_before'])} -> {human_bytes(q['matmul_weight_bytes_after'])}")
     errors = [(l["error_int4"], l["error_corrected"]) for l in q.get("layers", [])]
     if errors:
-        text += (f"\n               relative output error per layer: 4-bit alone {min(e[0] for e in errors):.4f}-"
+        what = "output" if q.get("whitened") or q.get("statistics", "").startswith("whitened") else "weight"
+        text += (f"\n               relative {what} error per layer: 4-bit alone {min(e[0] for e in errors):.4f}-"
                  f"{max(e[0] for e in errors):.4f}, with the branch {min(e[1] for e in errors):.4f}-{max(e[1] for e in errors):.4f}")
     left = list(q.get("left_float", {}).items())
     for name, why in left[:5]:

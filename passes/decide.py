@@ -148,19 +148,21 @@ class BudgetBase:
     @classmethod
     def of(cls, groups, plans: list[LayerPlan], cfg: CompressConfig, model_params: int) -> "BudgetBase":
         """The base for allocating ``plans`` (the active MatMul/Gemm ones) among discovery's ``groups``."""
-        weights = macs = n_bytes = 0
+        weights = macs = n_bytes = fixed_bytes = 0
+        keys = {p.key for p in plans}
         for group in groups:
             if group.weight.tensor is not None:
                 dense = int(np.prod(group.weight.shape))
                 weights += dense
                 macs += dense * len(group.layers)
-                n_bytes += dense * itemsize(group)
+                if not any(layer.is_conv for layer in group.layers):  # bytes: MatMul/Gemm weights only
+                    n_bytes += dense * itemsize(group)
+                    if group.key not in keys:  # written as the quantization leaves it
+                        fixed_bytes += stored_bytes(cfg, dense, itemsize(group), None)
         base = model_params if cfg.budget_scope == "model" else weights
-        keys = {p.key for p in plans}
-        plan_bytes = sum(int(np.prod(g.weight.shape)) * itemsize(g) for g in groups if g.key in keys)
         return cls(params_total=base, params_fixed=base - sum(p.dense_params for p in plans),
                    macs_total=macs, macs_fixed=macs - sum(p.macs(None) for p in plans),
-                   bytes_total=n_bytes, bytes_fixed=n_bytes - plan_bytes)
+                   bytes_total=n_bytes, bytes_fixed=fixed_bytes)
 
     def with_widths(self, narrowed) -> "BudgetBase":
         """The same base with the feed-forward blocks of width reduction taken out of the fixed

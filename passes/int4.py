@@ -300,8 +300,10 @@ def _orientation(graph: onnx.GraphProto, users: list[tuple[int, int]], opset: in
         node = graph.node[i]
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
             return None, f"the float weight is also read by {node.op_type} '{node.name}'"
-        if slot != 1:
+        if slot == 0:
             return None, f"{node.op_type} '{node.name}' takes the weight as its first input (W @ x); MatMulNBits computes x @ W"
+        if slot != 1:
+            return None, f"{node.op_type} '{node.name}' also reads it as input {slot} (not the weight of x @ W)"
         if node.op_type == "Gemm":
             if opset < 7:
                 return None, f"Gemm '{node.name}' is at opset {opset} (its bias broadcasts by attribute before opset 7)"
@@ -342,14 +344,15 @@ class _Builder:
         ``axis``: the factor's rank axis (one scale per singular direction).  Returns the value
         name and the bytes stored."""
         arr = np.asarray(arr, np.float32)
-        if self.opts.factors == "float":
+        if self.opts.factors == "float" or self.opset < 7:  # before opset 7 Mul broadcasts only by attribute
             return self.init(arr, base), arr.nbytes
         moved = np.moveaxis(arr, axis, 1) if arr.ndim == 2 else arr
         q, scale = quant.quantize_columns(moved)
         q = np.ascontiguousarray(np.moveaxis(q, 1, axis))
-        qn, sn = self.init(q, f"{base}_int8"), self.init(scale, f"{base}_scale")
+        qn = self.init(q, f"{base}_int8")
         out = self.names.fresh(base)
         if self.opset >= 13:
+            sn = self.init(scale, f"{base}_scale")
             self.head.append(helper.make_node("DequantizeLinear", [qn, sn], [out], name=self.names.fresh(f"{base}_dequantize"),
                                               axis=axis))
         else:  # per-axis DequantizeLinear needs opset 13: the same product, spelled out
@@ -519,7 +522,7 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
 def _statistics_note(summary: Int4Summary, skipped: Mapping[str, str]) -> str:
     white = sum(l.whitened for l in summary.layers)
     hint = f"pass {option('data_aware')} with {option('calib')} to whiten"
-    if not summary.options.corrects:
+    if not any(l.rank for l in summary.layers):
         return "no correction" + (f" (no input statistics; {hint} and correct)" if white == 0 and summary.layers else "")
     if white == len(summary.layers):
         return "whitened by each layer's input Gram"
@@ -696,7 +699,7 @@ def run_stage(ctx: Context) -> Int4Quantized:
 # What 4-bit blocks cost each weight, for a byte budget (passes/decide.py)
 # --------------------------------------------------------------------------------------------
 
-def group_problem(group: Any) -> str | None:
+def group_problem(group: Any, opset: int = 17) -> str | None:
     """Why a discovered weight group cannot become ``MatMulNBits`` (``None``: it can), from
     what discovery knows; :func:`quantize_int4` checks the graph again when it writes."""
     w = group.weight
@@ -711,6 +714,8 @@ def group_problem(group: Any) -> str | None:
             return "multiplied as W @ x"
         if layer.op_type == "Gemm" and int(_attr(layer.node, "transA", 0)):
             return "Gemm with transA=1"
+        if layer.op_type == "Gemm" and opset < 7:
+            return f"Gemm at opset {opset}"
     return None
 
 
@@ -734,9 +739,10 @@ def budget_candidates(ctx: Context, plans: list) -> dict[int, Any]:
     stats = ctx.get(Statistics)
     grams = stats.capture.grams if stats is not None and cfg.data_aware else {}
     out = {}
+    opset = opset_version(ctx.model)
     for plan in plans:
         group = found.group(plan.key)
-        if group_problem(group) is not None:
+        if group_problem(group, opset) is not None:
             continue
         w = _multiplied(group, ctx.data.read(group.weight.tensor).astype(np.float32))
         k, n = w.shape

@@ -318,8 +318,18 @@ def test_without_int4_a_byte_budget_is_a_parameter_budget_for_float32_weights():
     (dict(target_bytes=0.2, adaptive=True, data_aware=True), "--adaptive"),
     (dict(target_bytes=0.2, ffn_keep=0.5), "--ffn-keep"),
     (dict(target_bytes=1.5), "--target-bytes"),
+    (dict(target_bytes=0.2, quantize="int4", int4_correction=8), "--int4-correction"),
+    (dict(quantize="int4", latency_aware=True), "--latency-aware"),
 ])
 def test_byte_budget_combinations_that_cannot_work_are_refused(flags, needle):
     with pytest.raises(UsageError) as err:
         compress(model(), min_params=0, calib={"x": _inputs(10, 128)}, **flags)
     assert needle.replace("--", "").replace("-", "_") in str(err.value).replace("--", "").replace("-", "_")
+
+
+def test_whole_valued_corrections_are_ranks():
+    from onnx_lowrank.config import CompressConfig
+
+    assert CompressConfig(quantize="int4", int4_correction="2.0").int4_correction == 2
+    assert CompressConfig(quantize="int4", int4_correction=0.0).int4_correction == 0
+    assert CompressConfig(quantize="int4", int4_correction="0.4").int4_correction == 0.4
