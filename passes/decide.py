@@ -59,6 +59,13 @@ class Decided(StageResult):
         return self.widths.to_dict() if self.widths is not None else {}
 
 
+def latest_decided(ctx: Context, attribute: str) -> Any:
+    """The last non-``None`` ``attribute`` (``widths``, ``int4_ranks``) any decider returned:
+    later deciders (refine, the latency check) return decisions without them."""
+    return next((getattr(r, attribute) for r in reversed(list(ctx.results.values()))
+                 if isinstance(r, Decided) and getattr(r, attribute) is not None), None)
+
+
 def _conv_energy(cfg: CompressConfig) -> float | None:
     # A Conv keeps the per-layer rule, at the default energy when the configuration sets none.
     return cfg.effective_energy if cfg.effective_energy is not None or cfg.rank is not None else DEFAULT_ENERGY

@@ -673,10 +673,9 @@ def run_stage(ctx: Context) -> Int4Quantized:
             elif group.key in stats.capture.skipped:
                 skipped[name] = stats.capture.skipped[group.key]
     factor_names = [f for key, pair in rewritten.factors.items() if not found.group(key).layers[0].is_conv for f in pair]
-    from .decide import Decided
+    from .decide import latest_decided
 
-    budget = next((r.int4_ranks for r in reversed(list(ctx.results.values())) if isinstance(r, Decided)
-                   and r.int4_ranks is not None), None)
+    budget = latest_decided(ctx, "int4_ranks")
     ranks = None
     if budget is not None:  # --target-bytes chose which weights take 4 bits, and each branch's rank
         ranks = {found.group(key).weight.name: r for key, r in budget.items()}

@@ -224,10 +224,9 @@ def narrowed_arrays(plan: WidthPlan, data: io.DataFiles) -> dict[str, np.ndarray
 def current_widths(ctx: Context) -> dict[int, WidthPlan]:
     """The width reductions in force, by each projection's group key: the budget's choice
     (``ffn_keep="auto"``, carried by the decisions) or the uniform fraction's."""
-    from .decide import Decided
+    from .decide import latest_decided
 
-    chosen = next((r.widths for r in reversed(list(ctx.results.values())) if isinstance(r, Decided) and r.widths is not None),
-                  None)
+    chosen = latest_decided(ctx, "widths")
     if chosen is not None:
         return chosen.claimed
     narrowed = ctx.get(Narrowed)
