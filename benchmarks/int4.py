@@ -125,7 +125,7 @@ def plot(doc: dict, path: Path) -> None:
     panels = [("matmul_weight_bytes", "MatMul weight bytes (MB)", 1e-6)]
     if all(f"vs_ort_int4_b{big}" in e for e in data.values()):
         panels.append((f"vs_ort_int4_b{big}", f"speed vs onnxruntime int4, batch {big} (x, higher is faster)", 1.0))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels) + 2.5, 5))
     axes = [axes] if len(panels) == 1 else list(axes)
 
     def family(label: str) -> str:
@@ -134,17 +134,19 @@ def plot(doc: dict, path: Path) -> None:
 
     colors = {"ours": "tab:blue", "onnxsim": "tab:red", "onnxruntime": "tab:green", "fp32": "black"}
     for ax, (key, title, scale) in zip(axes, panels):
-        for label, e in data.items():
+        for n, (label, e) in enumerate(data.items(), 1):  # numbered: the 7.3-7.5 MB variants crowd each other
             x, y = e[key] * scale, e["cosine_mean"]
-            ax.scatter(x, y, color=colors[family(label)], s=25)
-            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(x, y, color=colors[family(label)], s=25, label=f"{n}: {label}" if ax is axes[0] else None)
+            ax.annotate(str(n), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(title)
         ax.set_ylabel("held-out cosine to fp32 (mean)")
         ax.set_ylim(min(e["cosine_mean"] for e in data.values()) - 0.005, 1.002)
         ax.grid(alpha=0.3)
     axes[0].set_xscale("log")
+    fig.legend(loc="center right", fontsize=7, frameon=False)
+    fig.subplots_adjust(right=0.8)
     fig.suptitle("all-MiniLM-L6-v2: size and speed against quality (blue: this tool)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}", file=sys.stderr)
