@@ -138,4 +138,4 @@ class Load(Step):
             return Loaded(loaded.model, loaded.data, loaded.path, io.uses_external_data(loaded.model),
                           io.model_size_on_disk(loaded.path, loaded.model), count_params(loaded.model),
                           tuple(loaded.data.files(loaded.model)))
-        raise UsageError(f"got a {type(source).__name__} as model; expected a path or an onnx.ModelProto.")
+        raise UsageError(f"got a {type(source).__name__} as model; expected a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph.")

@@ -292,3 +292,10 @@ def test_compress_imports_no_integration_package(tmp_path):
             "bad = {'onnx_graphsurgeon', 'onnx_ir', 'olive'} & set(sys.modules); assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_model_of_another_type_is_refused_naming_every_accepted_one():
+    from onnx_lowrank.errors import UsageError
+
+    with pytest.raises(UsageError, match="a path, an onnx.ModelProto or an onnx_graphsurgeon.Graph"):
+        ol.compress(42)
