@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import platform
+import os
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,3 +118,17 @@ def kib(n: int) -> str:
 
 __all__ = ["Variant", "file_size", "count_params", "command_line", "environment", "run_model", "classification_quality",
            "embedding_quality", "paired", "markdown_table", "write", "kib", "compress", "quantize_int8", "DOCS", "ROOT"]
+
+
+#: Thread variables a child must not inherit: what it measures is how the tool sets threads itself.
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def run_child(code: str, *args: str) -> dict:
+    """``python -c code args`` in a fresh process without the thread variables; its last stdout
+    line, parsed as JSON (a failure raises with the end of its stderr)."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -21,12 +21,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_child  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "executor.md"
 
@@ -71,12 +73,7 @@ def build(folder: Path, layers: int, size: int, samples: int) -> tuple[Path, Pat
 
 
 def run(path: Path, data: Path, workers: int, executor: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(data), str(workers), executor], capture_output=True, text=True,
-                         env=env)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, str(path), str(data), str(workers), executor)
 
 
 def main() -> None:

@@ -324,7 +324,7 @@ def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: Budget
         errors_at = int4[p.key].pair_errors if p.key in int4 and int4[p.key].values is not None else truncation_errors(p)
         opt = budget_options(p, errors_at, names, cfg.rank_multiple, byte_cost=cost)
         if p.key in int4:
-            opt, lab = with_int4(opt, int4[p.key], drop_dense=True)
+            opt, lab = with_int4(opt, int4[p.key])
         else:
             lab = [("rank", r) if r is not None else ("dense", None) for r in opt.ranks]
         options.append(opt)
@@ -363,13 +363,12 @@ class Int4Candidate:
         return np.array([1.0 - linalg.energy_kept(self.values, r) for r in ranks])
 
 
-def with_int4(opt: linalg.Options, cand: Int4Candidate, drop_dense: bool = True) -> tuple[linalg.Options, list]:
-    """A plan's byte-budget options (one cost column) with the int4 forms added: every option
-    sorted by bytes, ties and options that cost more for no less error dropped (the allocator
-    wants costs rising).  ``drop_dense``: the float option goes (under ``--quantize int4`` a
-    dense weight is written in 4 bits)."""
-    points = [(float(opt.costs[i, 0]), float(opt.errors[i]), ("rank", r) if r is not None else ("dense", None))
-              for i, r in enumerate(opt.ranks) if not (drop_dense and r is None)]
+def with_int4(opt: linalg.Options, cand: Int4Candidate) -> tuple[linalg.Options, list]:
+    """A plan's byte-budget options (one cost column) with the int4 forms in place of the float
+    one (under ``--quantize int4`` a dense weight is written in 4 bits): every option sorted by
+    bytes, ties and options that cost more for no less error dropped (the allocator wants costs
+    rising)."""
+    points = [(float(opt.costs[i, 0]), float(opt.errors[i]), ("rank", r)) for i, r in enumerate(opt.ranks) if r is not None]
     points += [(float(c), float(e), ("int4", r)) for r, c, e in zip(cand.ranks, cand.costs, cand.errors)]
     points.sort(key=lambda t: (t[0], t[1]))
     kept: list[tuple[float, float, tuple]] = []

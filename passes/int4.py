@@ -450,6 +450,8 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
     Returns:
         The new model and what was done.
     """
+    from .quantize import _check_float32
+
     _check_float32(model)
     require_runtime(options.block, options.accuracy_level)
     out = onnx.ModelProto()
@@ -582,12 +584,6 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
         b.replace[i] = _user_nodes(b, b.graph.node[i], packed, k, n, branch)
     return Int4Layer(name, [b.graph.node[i].name or b.graph.node[i].output[0] for i in nodes], (k, n), opts.block, corr.rank,
                      corr.energy, gram is not None, wk.size * 4, n_bytes, f.error_int4, f.error)
-
-
-def _check_float32(model: onnx.ModelProto) -> None:
-    from .quantize import _check_float32 as check
-
-    check(model)
 
 
 def _inline(model: onnx.ModelProto, data: io.DataFiles) -> None:

@@ -8,6 +8,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from models import init, lowrank, make_model, run, vi
+from test_quantize import model as quantize_model
 from onnx_lowrank import compress
 from onnx_lowrank.cli import main
 from onnx_lowrank.errors import UsageError
@@ -27,16 +28,9 @@ def _inputs(rows, k, seed=1, outliers=(3, 17)):
     return x
 
 
-#   x[batch, 128] --Gemm(W1[96, 128], b1, transB=1)--> --Relu--> --MatMul(W2[96, 64])--> y[batch, 64]
 def model(opset=17) -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    return make_model(
-        [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc1", transB=1),
-         helper.make_node("Relu", ["h"], ["a"], name="relu"),
-         helper.make_node("MatMul", ["a", "W2"], ["y"], name="fc2")],
-        [vi("x", ["batch", 128])], [vi("y", ["batch", 64])],
-        [init("W1", _w(96, 128, 3) * 0.1), init("b1", rng.standard_normal(96).astype(np.float32)),
-         init("W2", _w(96, 64, 4) * 0.1)], opset=opset)
+    """test_quantize's Gemm -> Relu -> MatMul model with full-rank weights (4 bits meet every direction)."""
+    return quantize_model(_w(96, 128, 3) * 0.1, _w(96, 64, 4) * 0.1, opset=opset)
 
 
 # ------------------------------------------------------------------ the block layout

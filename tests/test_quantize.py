@@ -15,15 +15,16 @@ from onnx_lowrank.verify import compare
 
 
 #   x[batch, 128] --Gemm(W1[96, 128], b1, transB=1)--> --Relu--> --MatMul(W2[96, 64])--> y[batch, 64]
-def model() -> onnx.ModelProto:
+def model(w1: np.ndarray | None = None, w2: np.ndarray | None = None, opset: int = 17) -> onnx.ModelProto:
+    """The model above; ``W1`` and ``W2`` low-rank unless given."""
     rng = np.random.default_rng(0)
     return make_model(
         [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc1", transB=1),
          helper.make_node("Relu", ["h"], ["a"], name="relu"),
          helper.make_node("MatMul", ["a", "W2"], ["y"], name="fc2")],
         [vi("x", ["batch", 128])], [vi("y", ["batch", 64])],
-        [init("W1", lowrank(96, 128, 6, 1)), init("b1", rng.standard_normal(96).astype(np.float32)),
-         init("W2", lowrank(96, 64, 5, 2))],
+        [init("W1", lowrank(96, 128, 6, 1) if w1 is None else w1), init("b1", rng.standard_normal(96).astype(np.float32)),
+         init("W2", lowrank(96, 64, 5, 2) if w2 is None else w2)], opset=opset,
     )
 
 
