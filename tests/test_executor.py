@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 
@@ -40,15 +42,19 @@ def test_sensitivity_in_worker_processes_matches_the_run_here():
 
 def test_sensitivity_on_a_local_ray_matches_the_run_here():
     ray = pytest.importorskip("ray", reason="Ray is the optional 'ray' extra")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        here, remote = _adaptive(), _adaptive(workers=2, executor="ray")
+        here, remote = _adaptive(), _adaptive(workers=2, executor="ray")  # starts a local Ray
         assert [(d.rank, d.factorized) for d in remote.layers] == [(d.rank, d.factorized) for d in here.layers]
         for a, b in zip(here.layers, remote.layers):
             assert a.sensitivity == pytest.approx(b.sensitivity, rel=1e-5, abs=1e-9)
         assert isinstance(make_executor(2, "ray"), RayExecutor)
+        # starting Ray left Ctrl-C and SIGTERM to this process's handlers (the save's cleanup needs them)
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
     finally:
         ray.shutdown()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def test_a_ray_address_without_ray_is_a_usage_error():

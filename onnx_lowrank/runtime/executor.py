@@ -23,7 +23,10 @@ Results come back in the order of the items, whatever the executor, and every wo
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
+import signal
+import threading
 from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 from ..errors import UsageError, option
@@ -110,7 +113,8 @@ class RayExecutor:
         self.ray = ray
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": cores or available_cores()}
-            ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, **kwargs)
+            with _own_signals():
+                ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, **kwargs)
         self.workers = int(workers)
         self.threads = max(1, (cores or available_cores()) // self.workers)
 
@@ -132,6 +136,22 @@ class RayExecutor:
         for a in actors:
             ray.kill(a)
         return out
+
+
+@contextlib.contextmanager
+def _own_signals():
+    """Keep this process's SIGINT and SIGTERM handlers across the block: ``ray.init`` installs
+    its own, after which Ctrl-C and SIGTERM would no longer remove a run's temporary files."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            if handler is not None:
+                signal.signal(s, handler)
 
 
 class _RayWorker:
