@@ -95,7 +95,7 @@ def main() -> None:
         "report, save all or nothing. Alternating in one process, BLAS pinned to the same threads; identical ranks in "
         "every run (checked). Medians; the ratio is the median of the per-run ratios.",
         "",
-        "| BLAS threads | weights | naive | the pass | pass / naive | its spectra stage |",
+        "| cores (BLAS threads) | weights | naive | the pass | pass / naive | its spectra stage |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for t, n, o, ratio, spectra, count in rows:
@@ -105,8 +105,12 @@ def main() -> None:
         "Where the pass's time goes: every MiniLM weight is 384 wide, so each spectrum is one `eigh` of a 384x384 "
         "float64 Gram matrix (about 20 ms at one thread, some 0.7 s for the 36), plus the Gram product and the kept "
         "left vectors; the leading-part method does not apply (below 1024 columns, and at 0.93 about 45% of each "
-        "spectrum is kept). Load, rewrite and the durable save (serialize, write, fsync, rename) take most of the "
-        "rest; the naive pass's load and save cost about the same.",
+        "spectrum is kept). LAPACK's `eigh` of so small a matrix barely speeds up with a second BLAS thread, so with "
+        "more than one core the pass takes the spectra of weights up to 4M elements side by side, one per core at one "
+        "BLAS thread each (the naive pass's `svd` gets the same cores as BLAS threads). Load, rewrite and the durable "
+        "save (serialize, write, fsync, rename) take most of the rest; the naive pass's load and save cost about the "
+        "same. At one thread the floor is the 36 `eigh` calls: computing only the kept eigenvectors (LAPACK's subset "
+        "drivers through SciPy) was slower here, not faster.",
     ]
     DOCS.parent.mkdir(exist_ok=True)
     DOCS.write_text("\n".join(lines) + "\n")

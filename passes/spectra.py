@@ -24,7 +24,8 @@ from onnx_lowrank import io, linalg, shapes
 from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.errors import ModelError, option
 from onnx_lowrank.pipeline import Context, StageResult, Step
-from onnx_lowrank.runtime.executor import InProcess
+from onnx_lowrank.runtime import threads
+from onnx_lowrank.runtime.executor import InProcess, Threads
 
 from onnx_lowrank.plan import MATRIX, ConvUse, LayerPlan, Skip, SkipCode, View
 
@@ -211,13 +212,38 @@ class TakeSpectra(Step):
                                     cap.grams.get(group.key) if cap is not None else None,
                                     cap.out_grams.get(group.key) if cap is not None else None,
                                     cap.skipped.get(group.key) if cap is not None else None))
-        executor = ctx.executor or InProcess()
         labels = [found.group(t.key).weight.name for t in tasks]
         # workers read each weight where it lives (external data) or get it with its task
-        results = executor.run(_setup, take_spectra, ctx.data, tasks, lambda done, total: ctx.progress(done, total, labels[done - 1]))
+        results = _run(ctx, tasks, labels)
         for task, (views, note, skip) in zip(tasks, results):
             plans[task.key] = dataclasses.replace(plans[task.key], views=views, note=note, skip=skip)
         return Spectra(plans, known)
+
+
+# Weights up to this many elements (16 MiB of float32) take their spectra side by side, one per
+# core; larger ones one after another, with BLAS's threads (their Gram products do use them).
+SMALL = 1 << 22
+
+
+def _run(ctx: Context, tasks: list[WeightTask], labels: list[str]) -> list:
+    """Every task's result, in order: on the configured pool or cluster; in this process, small
+    weights on the pass's cores (:class:`~onnx_lowrank.runtime.executor.Threads`), the rest here."""
+    if ctx.executor is not None and not isinstance(ctx.executor, InProcess):  # --workers N, Ray
+        return ctx.executor.run(_setup, take_spectra, ctx.data, tasks, lambda k, n: ctx.progress(k, n, labels[k - 1]))
+    small = [k for k, t in enumerate(tasks) if int(np.prod(t.tensor.dims)) <= SMALL]
+    large = sorted(set(range(len(tasks))) - set(small))
+    results: list = [None] * len(tasks)
+    done = 0
+    for runner, part in ((Threads(threads.session_threads() or 1), small), (InProcess(), large)):
+
+        def step(k, _n, part=part):
+            nonlocal done
+            done += 1
+            ctx.progress(done, len(tasks), labels[part[k - 1]])
+
+        for k, r in zip(part, runner.run(_setup, take_spectra, ctx.data, [tasks[k] for k in part], step)):
+            results[k] = r
+    return results
 
 
 def _setup(data: io.DataFiles) -> io.DataFiles:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import numpy as np
+import onnx
 import pytest
 
 import onnx_lowrank as ol
-from onnx_lowrank.runtime.executor import InProcess, ProcessPool, RayExecutor, make_executor
+from onnx_lowrank.runtime.executor import InProcess, ProcessPool, RayExecutor, Threads, make_executor
 from test_rank_selection import chain_model
+
 
 def _square(state, item):
     return state * item * item
@@ -20,6 +23,49 @@ def test_executors_keep_the_order_of_the_items():
     want = [3 * i * i for i in items]
     assert InProcess().run(lambda s: s, _square, 3, items) == want
     assert ProcessPool(2, cores=2).run(_identity, _square, 3, items) == want
+    seen = []
+    assert Threads(2).run(_identity, _square, 3, items, lambda k, n: seen.append((k, n))) == want
+    assert seen == [(k, 7) for k in range(1, 8)]
+
+
+def test_a_failing_threaded_task_raises_and_starts_no_more_tasks():
+    started = []
+
+    def task(state, item):
+        started.append(item)
+        if item == 1:
+            raise ValueError("bad weight")
+        time.sleep(0.02)  # a spectrum takes a while; the queue is cancelled long before it drains
+        return item
+
+    with pytest.raises(ValueError, match="bad weight"):
+        Threads(2).run(_identity, task, None, list(range(50)))
+    assert len(started) < 50
+
+
+def test_spectra_side_by_side_on_two_cores_match_one_core():
+    rng = np.random.default_rng(3)
+    weights = [rng.standard_normal((96, 64)).astype(np.float32) @ np.diag(np.linspace(2, 0.01, 64)).astype(np.float32)
+               for _ in range(5)]
+    one, two = (ol.compress(chain_of(weights), energy=0.9, min_params=0, cores=c) for c in (1, 2))
+    assert [d.rank for d in one.layers] == [d.rank for d in two.layers] and all(d.factorized for d in one.layers)
+    for a, b in zip(one.model.graph.initializer, two.model.graph.initializer):
+        x, y = onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(np.abs(x).max()))
+
+
+def chain_of(weights):
+    """MatMul after MatMul, one per weight (each maps 96 -> 64 -> 96 ... through a transpose pair)."""
+    nodes, inits, x = [], [], "x"
+    for k, w in enumerate(weights):
+        w = w if k % 2 == 0 else w.T.copy()
+        inits.append(onnx.numpy_helper.from_array(w, f"W{k}"))
+        nodes.append(onnx.helper.make_node("MatMul", [x, f"W{k}"], [f"h{k}"], name=f"mm{k}"))
+        x = f"h{k}"
+    out_dim = weights[-1].shape[1] if (len(weights) - 1) % 2 == 0 else weights[-1].shape[0]
+    graph = onnx.helper.make_graph(nodes, "chain", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 96])],
+                                   [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [2, out_dim])], inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
 
 
 def _identity(x):

@@ -11,6 +11,8 @@ adaptive mode (one task per layer and rank).  Each is written once, as
 both plain module-level functions, and handed to an :class:`Executor`:
 
 * :class:`InProcess` (``workers=1``, the default): calls them in order, here;
+* :class:`Threads`: threads of this process, for the spectra of small weights (NumPy only, no
+  onnxruntime) when the pass has more than one core and no other executor;
 * :class:`ProcessPool` (``workers=N``): N local processes (spawned, so no thread state is
   inherited), each running ``setup`` once and then its share of the tasks;
 * :class:`RayExecutor` (``executor="ray"``): N Ray actors, each running ``setup`` once; the
@@ -30,9 +32,9 @@ import threading
 from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 from ..errors import UsageError, option
-from .threads import available_cores, limit
+from .threads import available_cores, limit, limit_blas
 
-__all__ = ["Executor", "InProcess", "ProcessPool", "RayExecutor", "make_executor", "EXECUTORS"]
+__all__ = ["Executor", "InProcess", "Threads", "ProcessPool", "RayExecutor", "make_executor", "EXECUTORS"]
 
 S = TypeVar("S")
 W = TypeVar("W")
@@ -152,6 +154,34 @@ def _own_signals():
         for s, handler in handlers.items():
             if handler is not None:
                 signal.signal(s, handler)
+
+
+class Threads:
+    """``workers`` threads of this process, BLAS at one thread in each: for NumPy-only tasks on
+    matrices too small for BLAS's own threads to pay (LAPACK's ``eigh`` of a 384x384 matrix runs
+    barely faster on two threads; two of them side by side run twice as fast).  NumPy releases the
+    GIL inside LAPACK.  Each thread holds one task at a time, so memory grows by ``workers``
+    tasks, not by all of them."""
+
+    def __init__(self, workers: int):
+        self.workers = max(1, int(workers))
+
+    def run(self, setup, task, shared, items, progress=None):
+        state = setup(shared)
+        if self.workers == 1 or len(items) <= 1:
+            return InProcess().run(lambda s: s, task, state, items, progress)
+        out = []
+        pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="onnx-lowrank")
+        try:
+            with limit_blas(1):
+                futures = [pool.submit(task, state, item) for item in items]
+                for k, future in enumerate(futures, 1):
+                    out.append(future.result())
+                    if progress is not None:
+                        progress(k, len(items))
+        finally:  # on an error or Ctrl-C, the queued tasks do not start; running ones end
+            pool.shutdown(wait=True, cancel_futures=True)
+        return out
 
 
 class _RayWorker:

@@ -17,7 +17,7 @@ import contextvars
 import os
 from typing import Iterator
 
-__all__ = ["available_cores", "limit", "session_threads"]
+__all__ = ["available_cores", "limit", "limit_blas", "session_threads"]
 
 _BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("onnx_lowrank_cores", default=None)
 
@@ -45,14 +45,19 @@ def limit(cores: int | None = None) -> Iterator[int]:
     n = int(cores) if cores else available_cores()
     token = _BUDGET.set(n)
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a core dependency; kept usable without it
-        threadpool_limits = None
-    try:
-        if threadpool_limits is None:
+        with limit_blas(n):
             yield n
-        else:
-            with threadpool_limits(limits=n, user_api="blas"):
-                yield n
     finally:
         _BUDGET.reset(token)
+
+
+@contextlib.contextmanager
+def limit_blas(n: int) -> Iterator[None]:
+    """Within the block, BLAS uses at most ``n`` threads (the session budget is unchanged)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a core dependency
+        yield
+        return
+    with threadpool_limits(limits=int(n), user_api="blas"):
+        yield
