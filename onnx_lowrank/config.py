@@ -402,11 +402,10 @@ class CompressConfig:
     def _rules(self) -> None:
         """Rules between sections: the ways of choosing ranks exclude each other."""
         stats = self.data_aware or self.ffn_keep is not None
-        if self.ffn_keep == "auto" and not (self.has_budget and self.data_aware and not self.adaptive):
-            raise UsageError(f"{option_value('ffn_keep', 'auto')} lets a budget choose each block's width against the "
-                             f"factorization's whitened errors: add {option('data_aware')} and {option('target_params')} F "
-                             f"(or {option('target_macs')} F), without {option('adaptive')}; or give a fraction, e.g. "
-                             f"{option_value('ffn_keep', 0.75)}.")
+        if self.ffn_keep == "auto" and not (self.adaptive or (self.has_budget and self.data_aware)):
+            raise UsageError(f"{option_value('ffn_keep', 'auto')} lets a budget choose each block's width: add "
+                             f"{option('data_aware')} and {option('target_params')} F (or {option('target_macs')} F), or "
+                             f"{option('adaptive')} with a goal; or give a fraction, e.g. {option_value('ffn_keep', 0.75)}.")
         what = f"shapes the activation statistics of {option('data_aware')} or {option('ffn_keep')}"
         _needs(self.calib_mask is not None, "calib_mask", stats, "data_aware", what)
         _needs(float(self.damping) != DEFAULT_DAMPING, "damping", stats, "data_aware", what)

@@ -44,6 +44,10 @@ class StageResult:
     def to_dict(self) -> dict[str, Any]:
         return {}
 
+    def report_sections(self) -> dict[str, dict[str, Any]]:
+        """Its parts of the report by section name (one, ``section``, unless a result says more)."""
+        return {self.section: self.to_dict()} if self.section is not None else {}
+
 
 @dataclass(frozen=True)
 class Request:
@@ -187,6 +191,5 @@ def sections(ctx: Context) -> Mapping[str, dict[str, Any]]:
     """Each stage's report section, by section name, in pipeline order (later ones win)."""
     out: dict[str, dict[str, Any]] = {}
     for r in ctx.results.values():
-        if r.section is not None:
-            out[r.section] = r.to_dict()
+        out.update(r.report_sections())
     return out

@@ -25,6 +25,7 @@ temporary file beside the data that is removed on exit, interruption included).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +44,12 @@ from onnx_lowrank.runtime.executor import Executor, InProcess
 from onnx_lowrank.verify import compare, judge
 
 from .calibrate import Calibration
-from .decide import BudgetBase, Decided, allocate_decisions, budget_options, decide_conv
+from .decide import BudgetBase, Decided, allocate_decisions, budget_options, decide_conv, width_options
 from .discover import Discovery
 from .load import Loaded
 from .rewrite import Rewritten
 from .spectra import Spectra
+from .width import Narrowed, WidthPlan, WidthUnit, emulated_arrays, overridden_names
 
 __all__ = ["GRID", "Evaluator", "Curve", "grid_ranks", "measure_sensitivity", "decide_adaptive", "quality_drop", "distortion",
            "Adapt", "Adapted", "CheckAdaptive", "Checked"]
@@ -106,7 +108,7 @@ class Evaluator:
     """
 
     def __init__(self, model: onnx.ModelProto, weights: list[str], feeds: Feeds, data: io.DataFiles | Path | None,
-                 threads: int | None):
+                 threads: int | None, fixed: Mapping[str, np.ndarray] | None = None):
         self.feeds = feeds
         self.runs = 0
         self.passes = 0
@@ -114,19 +116,29 @@ class Evaluator:
         self.data = io.as_data(data)
         self.session = session(self.probe, threads=threads, data=self.data)
         self.names = [o.name for o in self.session.get_outputs()]
+        self.fixed: dict[str, np.ndarray] = {}
         self.base = self.run({})
+        # Changes in force in every run (feed-forward blocks narrowed to a fixed fraction): a
+        # layer's sensitivity is what it adds to their distortion.
+        self.fixed = dict(fixed or {})
+        self.offset = distortion(self.base, self.run({})) if self.fixed else 0.0
 
     def shared(self) -> tuple:
         """What a worker process needs to measure as this evaluator does (picklable)."""
         folder = str(self.data.base_dir) if self.data.base_dir is not None else None
-        return self.probe.SerializeToString(), folder, [dict(f) for f in self.feeds], self.base, self.names
+        return (self.probe.SerializeToString(), folder, [dict(f) for f in self.feeds], self.base, self.names, self.fixed,
+                self.offset)
+
+    def state(self) -> tuple:
+        """What :func:`_sensitivity_task` measures with, here."""
+        return self.session, self.feeds, self.base, self.names, self.fixed, self.offset
 
     def close(self) -> None:
         self.session = None
 
     def run(self, overrides: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """One pass over the calibration set; outputs concatenated along the first axis."""
-        outs = run_all(self.session, self.feeds, overrides=overrides, names=self.names)
+        outs = run_all(self.session, self.feeds, overrides={**self.fixed, **overrides}, names=self.names)
         self.runs += sum(1 for _ in self.feeds)
         self.passes += 1
         return outs
@@ -158,19 +170,22 @@ class Curve:
 
 
 def _sensitivity_setup(shared: tuple) -> tuple:
-    """A worker's evaluator: a session of the overridable model, the feeds, the original outputs."""
-    model_bytes, folder, feeds, base, names = shared
+    """A worker's evaluator: a session of the overridable model, the feeds, the original outputs,
+    the changes in force in every run and their distortion."""
+    model_bytes, folder, feeds, base, names, fixed, offset = shared
     model = onnx.ModelProto()
     model.ParseFromString(model_bytes)
-    return session(model, data=io.as_data(folder)), feeds, base, names
+    return session(model, data=io.as_data(folder)), feeds, base, names, fixed, offset
 
 
-def _sensitivity_task(state: tuple, item: tuple) -> float:
-    """The distortion with one weight replaced by the product of its factors (one pass)."""
-    sess, feeds, base, names = state
-    name, a, b, dtype = item
-    w = (a.astype(np.float64) @ b.astype(np.float64)).astype(dtype)
-    return distortion(base, run_all(sess, feeds, overrides={name: w}, names=names))
+def _sensitivity_task(state: tuple, item: Mapping[str, Any]) -> float:
+    """The distortion one change adds (one pass).  ``item`` maps tensor names to their values: an
+    array, or ``(A, B, dtype)`` for the product of a factor pair (factors travel, not products)."""
+    sess, feeds, base, names, fixed, offset = state
+    overrides = dict(fixed)
+    for name, v in item.items():
+        overrides[name] = (v[0].astype(np.float64) @ v[1].astype(np.float64)).astype(v[2]) if isinstance(v, tuple) else v
+    return max(0.0, distortion(base, run_all(sess, feeds, overrides=overrides, names=names)) - offset)
 
 
 def measured_ranks(ranks: list[int], points: int) -> list[int]:
@@ -209,37 +224,60 @@ def fit_curve(ranks: list[int], loss: np.ndarray, at: list[int], measured: list[
     return out
 
 
+#: Widths measured per feed-forward block (``--ffn-keep auto``), as fractions of its neurons:
+#: dense near the top, where budgets of 10-40 % fewer parameters put most blocks.
+WIDTH_GRID = (1 / 4, 3 / 8, 1 / 2, 5 / 8, 11 / 16, 3 / 4, 13 / 16, 7 / 8, 15 / 16)
+
+
+def grid_widths(unit: WidthUnit) -> list[int]:
+    """The widths measured for a block: :data:`WIDTH_GRID` fractions, each the nearest width the
+    block may take."""
+    ks = np.asarray(unit.ks)
+    return sorted({int(ks[np.argmin(np.abs(ks - f * unit.block.hidden))]) for f in WIDTH_GRID})
+
+
 def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: int = 1,
                         progress: Progress | None = None, executor: Executor | None = None,
-                        points: int | None = None) -> list[Curve]:
-    """Each plan's sensitivity at its :func:`grid_ranks`, compressing one layer at a time.
+                        points: int | None = None, units: list[WidthUnit] = ()) -> list[Curve]:
+    """Each plan's sensitivity at its :func:`grid_ranks`, compressing one layer at a time, and
+    after them each feed-forward block's (``units``) at its :func:`grid_widths`, narrowing one
+    block at a time (:func:`.width.emulated_arrays`).
 
-    With ``points`` (fewer than the grid), only that many ranks per layer are measured and the
-    rest follow the layer's truncation loss, scaled to them (:func:`fit_curve`).  The runs are
-    independent: an ``executor`` with several workers spreads them, each worker building its own
-    session once (:mod:`onnx_lowrank.runtime.executor`).
+    With ``points`` (fewer than the grid), only that many ranks (widths) per layer (block) are
+    measured and the rest follow its truncation loss (refit error), scaled to them
+    (:func:`fit_curve`).  The runs are independent: an ``executor`` with several workers spreads
+    them, each worker building its own session once (:mod:`onnx_lowrank.runtime.executor`).
     """
-    curves = [Curve(grid_ranks(p, rank_multiple)) for p in plans]
-    at = [measured_ranks(c.ranks, points or len(GRID)) for c in curves]
-    items = [(p.name, *linalg.factors(p.view().spectrum, r), p.dtype) for p, rs in zip(plans, at) for r in rs]
+    curves = [Curve(grid_ranks(p, rank_multiple)) for p in plans] + [Curve(grid_widths(u)) for u in units]
+    at = [measured_ranks(c.ranks, points or len(c.ranks)) for c in curves]
+    items: list[dict[str, Any]] = [{p.name: (*linalg.factors(p.view().spectrum, r), p.dtype)} for p, rs in zip(plans, at) for r in rs]
     labels = [f"sensitivity {p.name} rank {r}" for p, rs in zip(plans, at) for r in rs]
+    for u, rs in zip(units, at[len(plans):]):
+        items += [emulated_arrays(u.plan(k)) for k in rs]
+        labels += [f"sensitivity {u.block.name} width {k}" for k in rs]
 
     def report(done: int, total: int) -> None:
         if progress is not None:
             progress(done, total, labels[done - 1] if executor is None or executor.workers == 1 else "sensitivity")
 
     if executor is None or executor.workers == 1:  # here, on the evaluator's own session
-        values = InProcess().run(lambda _: (ev.session, ev.feeds, ev.base, ev.names), _sensitivity_task, None, items, report)
+        values = InProcess().run(lambda _: ev.state(), _sensitivity_task, None, items, report)
     else:
         values = executor.run(_sensitivity_setup, _sensitivity_task, ev.shared(), items, report)
     feeds = sum(1 for _ in ev.feeds)
     ev.runs += len(items) * feeds
     ev.passes += len(items)
     it = iter(values)
-    for p, curve, rs in zip(plans, curves, at):
+    for thing, curve, rs in zip([*plans, *units], curves, at):
         measured = [next(it) for _ in rs]
-        curve.sens = measured if rs == curve.ranks else fit_curve(curve.ranks, truncation_loss(p, curve.ranks), rs, measured)
-        log.debug("sensitivity of %s: %s (measured at %s)", p.name, dict(zip(curve.ranks, curve.sens)), rs)
+        if rs == curve.ranks:
+            curve.sens = measured
+        else:
+            loss = truncation_loss(thing, curve.ranks) if isinstance(thing, LayerPlan) else \
+                np.array([thing.errors[thing.ks.index(k)] for k in curve.ranks])
+            curve.sens = fit_curve(curve.ranks, loss, rs, measured)
+        log.debug("sensitivity of %s: %s (measured at %s)", getattr(thing, "name", None) or thing.block.name,
+                  dict(zip(curve.ranks, curve.sens)), rs)
     return curves
 
 
@@ -255,6 +293,12 @@ class Adapted(Decided):
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.numbers)
+
+    def report_sections(self) -> dict[str, dict[str, Any]]:
+        out = {"adaptive": self.to_dict()}
+        if self.widths is not None:
+            out["width"] = self.widths.to_dict()
+        return out
 
 
 def _measurable(model: onnx.ModelProto, plans: dict[int, LayerPlan]) -> tuple[list[LayerPlan], dict[int, Decision]]:
@@ -281,57 +325,123 @@ def _options(active: list[LayerPlan], cfg: CompressConfig, names: list[str]) -> 
                            min_rank=grid_ranks(p, cfg.rank_multiple)[0]) for p in active]
 
 
-def _cheapest(active: list[LayerPlan], cfg: CompressConfig, base: BudgetBase, target: float | None) -> dict[int, Decision]:
+def _unit_options(units: list[WidthUnit], curves: list[Curve] | None, names: list[str]) -> list[linalg.Options]:
+    """Each block's widths from its narrowest measured one up (their measured or fitted
+    sensitivities; zeros before any is measured)."""
+    out = []
+    for k, u in enumerate(units):
+        low = grid_widths(u)[0]
+        ks = tuple(x for x in u.ks if x >= low)
+        errors = curves[k].at(list(ks)) if curves is not None else np.zeros(len(ks))
+        out.append(width_options(dataclasses.replace(u, ks=ks, errors=np.asarray(errors, dtype=np.float64)), names))
+    return out
+
+
+def _cheapest(active: list[LayerPlan], units: list[WidthUnit], cfg: CompressConfig, base: BudgetBase,
+              target: float | None) -> None:
     """Allocate with nothing measured yet: raises when a budget cannot be met at all."""
     limits = base.limits(cfg, target_params=target)
-    return allocate_decisions(active, _options(active, cfg, [name for name, _, _ in limits]), limits, base, STAGE)
+    names = [name for name, _, _ in limits]
+    allocate_decisions(active, _options(active, cfg, names), limits, base, STAGE, units=_unit_options(units, None, names))
 
 
-def _lowest_budget(active: list[LayerPlan], cfg: CompressConfig, base: BudgetBase) -> float:
-    """The smallest ``target_params`` the allocator can meet: each layer at its cheapest option,
-    counted exactly as the allocator counts it."""
-    cost = sum(float(o.costs[0][0]) for o in _options(active, cfg, ["target_params"]))
+def _lowest_budget(active: list[LayerPlan], units: list[WidthUnit], cfg: CompressConfig, base: BudgetBase) -> float:
+    """The smallest ``target_params`` the allocator can meet: each layer (block) at its cheapest
+    option, counted exactly as the allocator counts it."""
+    names = ["target_params"]
+    cost = sum(float(o.costs[0][0]) for o in _options(active, cfg, names) + _unit_options(units, None, names))
     return min(1.0, (cost + base.params_fixed + 0.5) / base.params_total)
+
+
+def _measurable_units(narrowed: Narrowed | None, main: set[str]) -> tuple[list[WidthUnit], list[tuple[str, str]]]:
+    """The blocks whose width adaptive mode measures (their ``W2`` and ``b2`` in the main graph),
+    and why each other one is left whole."""
+    units, whole = [], []
+    for u in (narrowed.units.values() if narrowed is not None else ()):
+        if all(n in main for n in overridden_names(u.block)):
+            units.append(u)
+        else:
+            whole.append((u.block.name, "adaptive mode measures blocks of the main graph only; left whole"))
+    return units, whole
 
 
 def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase, feeds: Feeds,
                     labels: np.ndarray | None, data: io.DataFiles | None, *, threads: int | None = None,
-                    progress: Progress | None = None, executor: Executor | None = None) -> Adapted:
-    """Measure, allocate and search (see the module docstring)."""
+                    progress: Progress | None = None, executor: Executor | None = None,
+                    narrowed: Narrowed | None = None) -> Adapted:
+    """Measure, allocate and search (see the module docstring).
+
+    ``narrowed``: width reduction's result: blocks narrowed to a fixed fraction are in force in
+    every run (and counted at their narrowed size); blocks whose width a budget sizes
+    (``ffn_keep="auto"``) are measured at :func:`grid_widths` and allocated with the ranks.
+    """
     active, decisions = _measurable(model, plans)
     for k, d in list(decisions.items()):
         if d is None:
             decisions[k] = decide_conv(plans[k], cfg)  # Conv layers follow the per-layer rule
     base = base.with_decided_convs(plans, decisions)
+    if narrowed is not None:
+        base = base.with_widths(narrowed)
+    main = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    units, whole = _measurable_units(narrowed, main)
+    if narrowed is not None:  # a block left whole counts at its dense size, as a fixed part
+        base = dataclasses.replace(base, params_fixed=base.params_fixed + sum(
+            narrowed.units[k].dense_params for k in narrowed.units if narrowed.units[k] not in units))
+        base = dataclasses.replace(base, macs_fixed=base.macs_fixed + sum(
+            narrowed.units[k].dense_params for k in narrowed.units if narrowed.units[k] not in units))
+    fixed_plans = dict(narrowed.plans) if narrowed is not None else {}
     numbers: dict[str, Any] = {"grid": [round(f, 4) for f in GRID], "points": min(cfg.sensitivity_points or len(GRID), len(GRID))}
-    if not active:
+    if units:
+        numbers["width_grid"] = [round(f, 4) for f in WIDTH_GRID]
+    if not active and not units:
         return Adapted(decisions, numbers)
     # What can fail fails before the long measurement: a budget given must fit the cheapest
     # assignment, and the search starts from that assignment's own cost, counted as the
     # allocator counts it.
-    lo = _lowest_budget(active, cfg, base)
+    lo = _lowest_budget(active, units, cfg, base)
     if cfg.max_drop is None:
-        _cheapest(active, cfg, base, None)
-    ev = Evaluator(model, [p.name for p in active], feeds, data, threads)
+        _cheapest(active, units, cfg, base, None)
+    fixed: dict[str, np.ndarray] = {}
+    for plan in fixed_plans.values():
+        fixed.update(emulated_arrays(plan))
+    weights = [p.name for p in active] + [n for u in units for n in overridden_names(u.block)] + list(fixed)
+    ev = Evaluator(model, weights, feeds, data, threads, fixed=fixed)
     try:
         metric, _ = quality_drop(ev.base, ev.base, labels, metric=cfg.metric, names=ev.names)
-        curves = measure_sensitivity(ev, active, cfg.rank_multiple, progress, executor, cfg.sensitivity_points)
+        curves = measure_sensitivity(ev, active, cfg.rank_multiple, progress, executor, cfg.sensitivity_points, units)
+        rank_curves, width_curves = curves[:len(active)], curves[len(active):]
+        refits: dict[tuple[int, int], WidthPlan] = {}
 
-        def assign(target: float | None) -> dict[int, Decision]:
+        def refit(k: int, width: int) -> WidthPlan:
+            if (k, width) not in refits:
+                refits[k, width] = units[k].plan(width)
+            return refits[k, width]
+
+        def assign(target: float | None) -> tuple[dict[int, Decision], dict[int, int | None]]:
             limits = base.limits(cfg, target_params=target)
             names = [name for name, _, _ in limits]
-            options = [budget_options(p, c.at, names, cfg.rank_multiple, min_rank=c.ranks[0]) for p, c in zip(active, curves)]
-            return allocate_decisions(active, options, limits, base, STAGE)
+            options = [budget_options(p, c.at, names, cfg.rank_multiple, min_rank=c.ranks[0]) for p, c in zip(active, rank_curves)]
+            unit_opts = _unit_options(units, width_curves, names)
+            chosen_units: list[int] = []
+            out = allocate_decisions(active, options, limits, base, STAGE, units=unit_opts, chosen_units=chosen_units)
+            return out, {k: opt.ranks[i] for k, (opt, i) in enumerate(zip(unit_opts, chosen_units))}
 
-        def measure(chosen: dict[int, Decision]) -> float:
-            overrides = {p.name: _truncated(p, chosen[p.key].rank) for p in active if chosen[p.key].factorize}
-            return quality_drop(ev.base, ev.run(overrides), labels, metric=cfg.metric, names=ev.names)[1] if overrides else 0.0
+        def measure(chosen: tuple[dict[int, Decision], dict[int, int | None]]) -> float:
+            ranks, widths = chosen
+            overrides = {p.name: _truncated(p, ranks[p.key].rank) for p in active if ranks[p.key].factorize}
+            for k, width in widths.items():
+                if width is not None:
+                    overrides.update(emulated_arrays(refit(k, width)))
+            if not overrides and not fixed:
+                return 0.0
+            return quality_drop(ev.base, ev.run(overrides), labels, metric=cfg.metric, names=ev.names)[1]
 
         if cfg.max_drop is None:
             chosen = assign(None)
             drop, found = measure(chosen), cfg.target_params
         else:
-            hi, hi_drop = 1.0, 0.0
+            # nothing allocated: what the blocks narrowed to a fixed fraction lose alone
+            hi, hi_drop = 1.0, quality_drop(ev.base, ev.run({}), labels, metric=cfg.metric, names=ev.names)[1] if fixed else 0.0
             chosen = assign(lo)
             drop = measure(chosen)
             if drop <= cfg.max_drop:
@@ -348,13 +458,22 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
                         lo = mid
             chosen = assign(hi)
             drop, found = hi_drop, hi
-        for p, c in zip(active, curves):
-            d = chosen[p.key]
+        ranks, widths = chosen
+        for p, c in zip(active, rank_curves):
+            d = ranks[p.key]
             decisions[p.key] = d.replace(sensitivity=float(c.at([d.rank])[0])) if d.factorize else d
         numbers.update(metric=metric, max_drop=cfg.max_drop, target_params=round(found, 6) if found is not None else None,
                        measured_drop=drop, layers_measured=len(active), ort_runs=ev.runs, passes=ev.passes)
+        if units:
+            numbers["blocks_measured"] = len(units)
         log.info("adaptive: %d layer(s) measured in %d onnxruntime run(s); drop %.5f (%s)", len(active), ev.runs, drop, metric)
-        return Adapted(decisions, numbers, ev.base, list(ev.names))
+        new_widths = None
+        if narrowed is not None and narrowed.units:
+            chosen_plans = {**fixed_plans, **{units[k].block.up.key: refit(k, w) for k, w in widths.items() if w is not None}}
+            whole += [(units[k].block.name, "left whole: other layers lose less per parameter saved")
+                      for k, w in widths.items() if w is None]
+            new_widths = dataclasses.replace(narrowed, plans=chosen_plans, units={}, skipped=narrowed.skipped + whole)
+        return Adapted(decisions, numbers, ev.base, list(ev.names), widths=new_widths)
     finally:
         ev.close()
 
@@ -372,7 +491,7 @@ class Adapt(Step):
         base = BudgetBase.of(ctx.need(Discovery).groups, active, cfg, ctx.need(Loaded).params)
         feeds = ctx.need(Calibration).adaptive_feeds(cfg.adaptive_samples)
         adapted = decide_adaptive(ctx.model, plans, cfg, base, feeds, feeds.labels, ctx.data, progress=ctx.progress,
-                                  executor=ctx.executor)
+                                  executor=ctx.executor, narrowed=ctx.get(Narrowed))
         if feeds.samples is not None and adapted.base is not None:
             adapted.numbers["samples"] = feeds.samples
         return adapted

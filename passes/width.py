@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 
 from onnx_lowrank import io, linalg
 from onnx_lowrank.errors import ModelError
@@ -30,7 +31,8 @@ from .discover import Discovery
 from .ffn import Blocks, FfnBlock, find_blocks
 from .statistics import Statistics
 
-__all__ = ["FindBlocks", "Narrow", "Narrowed", "WidthPlan", "WidthUnit", "FoundBlocks", "current_widths"]
+__all__ = ["FindBlocks", "Narrow", "Narrowed", "WidthPlan", "WidthUnit", "FoundBlocks", "current_widths", "emulated_arrays",
+           "overridden_names"]
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +221,27 @@ def narrowed_arrays(plan: WidthPlan, data: io.DataFiles) -> dict[str, np.ndarray
         v = b.down_bias.value.astype(np.float64) + plan.fit.shift
         out[b.down_bias.name] = v.astype(b.down_bias.value.dtype).reshape(b.down_bias.shape)
     return out
+
+
+def emulated_arrays(plan: WidthPlan) -> dict[str, np.ndarray]:
+    """The block's reduction in tensors of the shapes as found, for a run that overrides them
+    (adaptive mode measures widths this way, on one session): ``W2`` with the refitted rows of
+    the kept neurons and zero rows for the others (whose activations then add nothing, whatever
+    the activation gives at zero), and ``b2`` shifted."""
+    b = plan.block
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(b.down.weight.tensor.data_type))
+    rows = np.zeros((b.hidden, plan.fit.w2.shape[1]), dtype=np.float64)
+    rows[plan.fit.keep] = plan.fit.w2
+    out = {b.down.weight.name: np.ascontiguousarray((rows.T if b.down_t else rows).astype(dtype))}
+    if b.down_bias is not None and plan.fit.shift is not None:
+        v = b.down_bias.value.astype(np.float64) + plan.fit.shift
+        out[b.down_bias.name] = v.astype(b.down_bias.value.dtype).reshape(b.down_bias.shape)
+    return out
+
+
+def overridden_names(block: FfnBlock) -> list[str]:
+    """The tensors :func:`emulated_arrays` replaces."""
+    return [block.down.weight.name] + ([block.down_bias.name] if block.down_bias is not None else [])
 
 
 def current_widths(ctx: Context) -> dict[int, WidthPlan]:

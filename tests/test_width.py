@@ -242,3 +242,37 @@ def test_a_uniform_width_counts_against_the_budget_at_its_narrowed_size():
     assert rows["W1_0"].width == (F // 2, F) and rows["Q"].params_after > 0
     with pytest.raises(UsageError, match="ffn_keep='auto' lets a budget choose"):
         ol.compress(m, ffn_keep="auto", target_params=0.5, calib=_feeds(30), min_params=0)
+
+
+def test_adaptive_mode_measures_widths_and_ranks_under_one_budget():
+    m = _with_projection(ffn_model("gelu"))
+    res = ol.compress(m, ffn_keep="auto", adaptive=True, target_params=0.6, calib=_feeds(300), min_params=0)
+    t = res.totals
+    assert t.params_after <= 0.6 * t.params_before
+    widths = {d.weight: d.width for d in res.layers if d.width is not None}
+    assert widths and widths["W1_0"] == widths["W2_0"] and all(k < F for k, _ in widths.values())
+    numbers = res.sections["adaptive"]
+    assert numbers["blocks_measured"] == 2 and res.sections["width"]["ffn_keep"] == "auto"
+    assert {b["kept"] for b in res.sections["width"]["blocks"]} == {k for k, _ in widths.values()}
+    # widths were measured by overriding W2 and b2 at their found shapes; the rewrite slices them:
+    # the drop the search measured is the drop of the written model
+    assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=1e-4, abs=1e-7)
+
+
+def test_adaptive_mode_bounds_the_drop_over_widths_and_ranks():
+    m = _with_projection(ffn_model("relu"))
+    res = ol.compress(m, ffn_keep="auto", adaptive=True, max_drop=0.02, metric="cosine", calib=_feeds(300), min_params=0)
+    numbers = res.sections["adaptive"]
+    assert numbers["final_drop"] <= 0.02 + 1e-6 and res.totals.narrowed > 0
+    assert res.totals.params_after < 0.8 * res.totals.params_before
+
+
+def test_adaptive_mode_counts_a_uniform_width_at_its_narrowed_size_and_measures_with_it():
+    m = _with_projection(ffn_model("relu"))
+    res = ol.compress(m, ffn_keep=0.5, adaptive=True, target_params=0.5, calib=_feeds(300), min_params=0)
+    rows = {d.weight: d for d in res.layers}
+    # the blocks alone reach about half; Q keeps the rest of the budget instead of paying for them
+    assert rows["W1_0"].width == (F // 2, F) and rows["Q"].factorized and rows["Q"].rank >= 6
+    assert res.totals.params_after <= 0.5 * res.totals.params_before
+    numbers = res.sections["adaptive"]
+    assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=1e-4, abs=1e-7)
