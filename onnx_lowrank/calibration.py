@@ -379,6 +379,62 @@ class CalibrationData:
                                labels=labels, samples=total, synthetic=self.synthetic, where=self._where,
                                labels_from=self._labels_from)
 
+    def spread(self, n: int) -> "CalibrationData":
+        """About ``n`` samples drawn evenly over the whole set (one pass reads it), with their labels.
+
+        A file sorted by class gives every class its share, where :meth:`head` would give the first
+        ones only.  When every input has a batch axis, the rows at even steps are regrouped into
+        feeds of the same size as the originals (the model's fixed batch when it has one: ``n``
+        rounds up to it); otherwise whole feeds at even steps, none cut.  Returns ``self`` when it
+        holds no more than ``n`` samples.
+        """
+        sizes = [feed_samples(f) for f in self]
+        total = sum(sizes)
+        if self.samples is None:
+            self.samples = total
+        if total <= n:
+            return self
+        fixed = fixed_batch(self.specs)
+        batch = fixed or max(sizes)
+        if self._rows_sliceable():
+            count = min(total, -(-n // fixed) * fixed) if fixed else n
+            rows = np.unique(np.round(np.linspace(0, total - 1, count)).astype(np.int64))
+            picked: dict[str, list[np.ndarray]] = {}
+            start = 0
+            for feed, size in zip(self, sizes):
+                local = rows[(rows >= start) & (rows < start + size)] - start
+                if local.size:
+                    for k, a in feed.items():
+                        picked.setdefault(k, []).append(a if np.ndim(a) == 0 else np.asarray(a)[local])
+                start += size
+            joined = {k: (v[0] if np.ndim(v[0]) == 0 else np.concatenate(v)) for k, v in picked.items()}
+            feeds = list(_cut(joined, batch))
+            labels = self.labels[rows] if self.labels is not None else None
+            what = f"{len(rows)} samples spread over {self.description}"
+        else:
+            want = -(-n * len(sizes) // total)  # feeds of about the mean size holding n samples
+            idx = sorted({int(round(i)) for i in np.linspace(0, len(sizes) - 1, max(1, want))})
+            chosen = set(idx)
+            feeds = [f for i, f in enumerate(self) if i in chosen]
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx])
+            labels = self.labels[rows] if self.labels is not None else None
+            what = f"{len(idx)} of the {len(sizes)} feeds of {self.description}, evenly spaced"
+        return CalibrationData(self.specs, lambda _: feeds, description=what, labels=labels, samples=int(len(rows)),
+                               synthetic=self.synthetic, labels_from=self._labels_from)
+
+    def _rows_sliceable(self) -> bool:
+        """Whether every input with a value per sample has a batch axis to take rows from."""
+        for spec in self.specs:
+            if spec.shape is None:
+                return False  # rank unknown: no telling its first axis is the batch
+            if not spec.shape:
+                continue  # a scalar input goes with every feed as it is
+            lead = spec.shape[0]
+            if isinstance(lead, int) and lead > 0 and lead != fixed_batch(self.specs):
+                return False
+        return True
+
 
 # produce(pass number) -> feeds, sample count, labels, and where feed i came from (for errors).
 Source = Tuple[Callable[[int], Iterable[Any]], int, Optional[np.ndarray], Callable[[int], str]]

@@ -2,20 +2,24 @@
 
 Approach
 --------
-1. **Sensitivity.**  For every layer and every rank of a grid (fractions of its break-even rank,
-   :data:`GRID`), only that layer is replaced by its rank-``r`` truncation and the model runs
-   on the calibration set.  The layer's sensitivity at ``r`` is ``1 - mean cosine`` between the
-   outputs and the original outputs (averaged over the floating-point outputs): smooth, and
-   defined for every model.  One onnxruntime session serves every measurement: the weights
+1. **Sensitivity.**  For every layer and some ranks of a grid (fractions of its break-even rank,
+   :data:`GRID`; ``sensitivity_points`` of them, by default 2, the rest following the layer's
+   whitened truncation loss scaled to them), only that layer is replaced by its rank-``r``
+   truncation and the model runs on a sample of the calibration set (``adaptive_samples``, by
+   default 64 spread evenly over it).  Feed-forward blocks whose width the budget sizes
+   (``ffn_keep="auto"``) are measured the same way at widths of :data:`WIDTH_GRID`.  The
+   layer's sensitivity at ``r`` is ``1 - mean cosine`` between the outputs and the original
+   outputs (averaged over the floating-point outputs): smooth, and defined for every model.  One onnxruntime session serves every measurement: the weights
    become overridable initializers (graph inputs with a default), and each run feeds the
-   truncated matrix ``A @ B`` of the layer under test.  ``1 + L x grid`` passes in all.
+   truncated matrix ``A @ B`` of the layer under test.  ``1 + L x points`` passes over the
+   sample.
 2. **Allocation.**  Sensitivities between grid ranks are interpolated linearly.  With the
    measured curves as errors, the budget allocator of :mod:`onnx_lowrank.policies` (greedy by
    sensitivity per parameter saved, over the lower convex hull of each curve) gives the best
    assignment for any parameter budget.
 3. **Search.**  With ``max_drop``, a bisection on the global parameter budget finds the smallest
    one whose assignment, measured with all layers compressed together, loses at most
-   ``max_drop`` of the quality metric on the calibration set, read as the verification gate reads
+   ``max_drop`` of the quality metric on the whole calibration set, read as the verification gate reads
    it (``metric``, or each output's default; the worst output counts).  With a budget instead,
    the assignment for that budget is measured once.
 
@@ -128,6 +132,19 @@ class Evaluator:
         folder = str(self.data.base_dir) if self.data.base_dir is not None else None
         return (self.probe.SerializeToString(), folder, [dict(f) for f in self.feeds], self.base, self.names, self.fixed,
                 self.offset)
+
+    def on(self, feeds: Feeds) -> "Evaluator":
+        """An evaluator on other feeds, sharing this one's session and the changes in force."""
+        if feeds is self.feeds:
+            return self
+        other = object.__new__(Evaluator)
+        other.feeds, other.runs, other.passes = feeds, 0, 0
+        other.probe, other.data, other.session, other.names = self.probe, self.data, self.session, self.names
+        other.fixed = {}
+        other.base = other.run({})
+        other.fixed = dict(self.fixed)
+        other.offset = distortion(other.base, other.run({})) if other.fixed else 0.0
+        return other
 
     def state(self) -> tuple:
         """What :func:`_sensitivity_task` measures with, here."""
@@ -368,8 +385,11 @@ def _measurable_units(narrowed: Narrowed | None, main: set[str]) -> tuple[list[W
 def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase, feeds: Feeds,
                     labels: np.ndarray | None, data: io.DataFiles | None, *, threads: int | None = None,
                     progress: Progress | None = None, executor: Executor | None = None,
-                    narrowed: Narrowed | None = None) -> Adapted:
+                    narrowed: Narrowed | None = None, sample: Feeds | None = None) -> Adapted:
     """Measure, allocate and search (see the module docstring).
+
+    ``sample``: the feeds sensitivities are measured on (default ``feeds``, which the budget
+    search and its check always use).
 
     ``narrowed``: width reduction's result: blocks narrowed to a fixed fraction are in force in
     every run (and counted at their narrowed size); blocks whose width a budget sizes
@@ -408,7 +428,10 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     ev = Evaluator(model, weights, feeds, data, threads, fixed=fixed)
     try:
         metric, _ = quality_drop(ev.base, ev.base, labels, metric=cfg.metric, names=ev.names)
-        curves = measure_sensitivity(ev, active, cfg.rank_multiple, progress, executor, cfg.sensitivity_points, units)
+        sev = ev.on(sample if sample is not None else feeds)
+        curves = measure_sensitivity(sev, active, cfg.rank_multiple, progress, executor, cfg.sensitivity_points, units)
+        if sev is not ev:
+            ev.runs, ev.passes = ev.runs + sev.runs, ev.passes + sev.passes
         rank_curves, width_curves = curves[:len(active)], curves[len(active):]
         refits: dict[tuple[int, int], WidthPlan] = {}
 
@@ -489,11 +512,12 @@ class Adapt(Step):
         plans = ctx.need(Spectra).plans
         active = [p for p in plans.values() if p.active and not p.is_conv]
         base = BudgetBase.of(ctx.need(Discovery).groups, active, cfg, ctx.need(Loaded).params)
-        feeds = ctx.need(Calibration).adaptive_feeds(cfg.adaptive_samples)
+        calibration = ctx.need(Calibration)
+        feeds, sample = calibration.feeds, calibration.sensitivity_feeds(cfg.adaptive_samples)
         adapted = decide_adaptive(ctx.model, plans, cfg, base, feeds, feeds.labels, ctx.data, progress=ctx.progress,
-                                  executor=ctx.executor, narrowed=ctx.get(Narrowed))
-        if feeds.samples is not None and adapted.base is not None:
-            adapted.numbers["samples"] = feeds.samples
+                                  executor=ctx.executor, narrowed=ctx.get(Narrowed), sample=sample)
+        if sample.samples is not None and adapted.base is not None:
+            adapted.numbers["samples"] = sample.samples
         return adapted
 
 
@@ -520,7 +544,7 @@ class CheckAdaptive(Step):
 
     def run(self, ctx: Context) -> Checked:
         adapted = ctx.need(Adapted)
-        feeds = ctx.need(Calibration).adaptive_feeds(ctx.config.adaptive_samples)
+        feeds = ctx.need(Calibration).feeds
         sess = session(ctx.model, data=ctx.data)
         outs = run_all(sess, feeds)
         numbers = dict(adapted.numbers)

@@ -25,9 +25,10 @@ class Calibration(StageResult):
 
     feeds: CalibrationData
 
-    def adaptive_feeds(self, samples: int | None) -> CalibrationData:
-        """The feeds adaptive mode measures on: the first ``samples`` (whole feeds), or all."""
-        return self.feeds.head(samples) if samples is not None else self.feeds
+    def sensitivity_feeds(self, samples: int | None) -> CalibrationData:
+        """The feeds adaptive mode measures sensitivities on: about ``samples`` spread evenly over
+        the set (:meth:`~onnx_lowrank.calibration.CalibrationData.spread`), or all."""
+        return self.feeds.spread(samples) if samples is not None else self.feeds
 
 
 class Calibrate(Step):

@@ -371,7 +371,7 @@ def test_sensitivity_grid_is_increasing_within_break_even_and_counts_the_passes(
     # assignment, one to verify the rewritten model
     model = two_branch_model()
     calib = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)} for _ in range(2)]
-    res = ol.compress(model, adaptive=True, target_params=0.4, min_params=0, calib=calib)
+    res = ol.compress(model, adaptive=True, target_params=0.4, min_params=0, calib=calib, sensitivity_points=10)
     per_layer = len(grid_ranks(SimpleNamespace(m=64, n=64)))
     assert res.sections["adaptive"]["passes"] == 1 + 2 * per_layer + 2
 
@@ -462,8 +462,10 @@ def test_adaptive_samples_measures_on_a_subset_while_statistics_use_all():
     calib = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)} for _ in range(3)]
     res = ol.compress(model, adaptive=True, data_aware=True, target_params=0.4, min_params=0, calib=calib, adaptive_samples=20)
     sec = res.sections["adaptive"]
-    assert sec["samples"] == 32  # rounded up to the whole first feed
-    assert sec["ort_runs"] == sec["passes"]  # one feed per pass, not three
+    assert sec["samples"] == 20  # 20 rows spread over the three feeds, as one feed
+    # three passes over all three feeds (the reference, the budget's assignment, the check); the
+    # sensitivity passes over the one feed of the sample
+    assert sec["ort_runs"] - sec["passes"] == 3 * 2
     assert res.sections["data_aware"]["ort_runs"] == 3
     assert res.totals.params_after <= 0.4 * res.totals.params_before
 
@@ -480,6 +482,42 @@ def test_calibration_head_takes_whole_feeds_and_their_labels(tmp_path):
     assert head.samples == 32 and list(head.labels) == list(np.arange(32) % 10)
     assert [len(f["x"]) for f in head] == [16, 16]  # every pass reads the same feeds
     assert data.head(50) is data and data.head(500) is data
+
+
+def test_a_spread_sample_gives_every_part_of_a_sorted_set_its_share(tmp_path):
+    from onnx_lowrank.calibration import load_calibration
+
+    x = RNG.standard_normal((100, 64)).astype(np.float32)
+    labels = np.repeat(np.arange(10), 10)  # sorted by class, as many datasets are stored
+    np.savez(tmp_path / "c.npz", x=x, labels=labels)
+    data = load_calibration(two_branch_model(), tmp_path / "c.npz", calib_batch=16)
+    sample = data.spread(20)
+    got = np.concatenate([f["x"] for f in sample])
+    assert sample.samples == 20 and len(got) == 20 and [len(f["x"]) for f in sample] == [16, 4]
+    assert np.bincount(sample.labels).tolist() == [2] * 10  # every class, where the head holds two
+    rows = [int(np.flatnonzero((x == r).all(axis=1))[0]) for r in got]
+    assert rows == sorted(rows) and list(labels[rows]) == list(sample.labels)
+    assert data.spread(100) is data and data.spread(500) is data
+
+
+def test_a_spread_sample_keeps_a_fixed_batch_and_takes_whole_feeds_without_a_batch_axis():
+    from onnx_lowrank.calibration import load_calibration
+
+    fixed = two_branch_model()
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 8
+    data = load_calibration(fixed, [{"x": RNG.standard_normal((8, 64)).astype(np.float32)} for _ in range(6)])
+    assert [len(f["x"]) for f in data.spread(10)] == [8, 8]  # 10 rounds up to the model's batch of 8
+    batchless = two_branch_model()
+    del batchless.graph.input[0].type.tensor_type.shape.dim[:]
+    batchless.graph.input[0].type.tensor_type.shape.dim.add().dim_param = "n"
+    batchless.graph.input[0].type.tensor_type.shape.dim.add().dim_value = 64
+    feeds = [{"x": np.full((4, 64), float(i), np.float32)} for i in range(9)]
+    spec = load_calibration(batchless, feeds).specs[0]
+    assert spec.shape == ("n", 64)  # a batch axis: rows are taken
+    whole = load_calibration(batchless, feeds)
+    whole.specs[0] = type(spec)(spec.name, spec.dtype, None)  # an input of unknown rank: whole feeds only
+    picked = whole.spread(8)
+    assert [float(f["x"][0, 0]) for f in picked] == [0.0, 8.0] and picked.samples == 8
 
 
 def test_calibration_head_of_a_list_learns_its_size():
@@ -573,12 +611,12 @@ def test_sensitivity_from_a_few_measured_ranks_follows_the_truncation_loss():
 def test_adaptive_with_two_measured_points_per_layer_runs_a_fifth_of_the_passes():
     model = two_branch_model()
     calib = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)} for _ in range(2)]
-    full = ol.compress(model, adaptive=True, target_params=0.4, min_params=0, calib=calib)
-    cheap = ol.compress(model, adaptive=True, target_params=0.4, min_params=0, calib=calib, sensitivity_points=2)
+    full = ol.compress(model, adaptive=True, target_params=0.4, min_params=0, calib=calib, sensitivity_points=10)
+    cheap = ol.compress(model, adaptive=True, target_params=0.4, min_params=0, calib=calib)  # 2 points: the default
     per_layer = len(full.sections["adaptive"]["grid"])
     assert full.sections["adaptive"]["passes"] - cheap.sections["adaptive"]["passes"] == 2 * (per_layer - 2)
     assert cheap.sections["adaptive"]["points"] == 2
     ranks = {d.weight: d.rank for d in cheap.layers if d.factorized}
     assert ranks.get("Ws", 64) > ranks["Wq"]  # still tells the sensitive branch from the quiet one
     with pytest.raises(ol.UsageError, match="sensitivity_points sets how many ranks per layer adaptive measures"):
-        ol.CompressConfig(sensitivity_points=2)
+        ol.CompressConfig(sensitivity_points=3)

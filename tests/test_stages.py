@@ -84,7 +84,7 @@ def test_discover_groups_weights_and_names_skips_by_code():
 def test_calibrate_runs_only_when_the_options_need_data():
     assert upto(Calibrate).get(Calibration) is None
     cal = upto(Calibrate, calib=feeds(), data_aware=True, energy=0.9).need(Calibration)
-    assert sum(f["x"].shape[0] for f in cal.feeds) == 24 and sum(f["x"].shape[0] for f in cal.adaptive_feeds(8)) == 8
+    assert sum(f["x"].shape[0] for f in cal.feeds) == 24 and sum(f["x"].shape[0] for f in cal.sensitivity_feeds(8)) == 8
     with pytest.raises(ol.UsageError, match="needs calibration data"):
         upto(Calibrate, data_aware=True, energy=0.9)
 
