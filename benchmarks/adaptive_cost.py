@@ -55,8 +55,8 @@ PARTIAL = WORK / "adaptive_cost.json"
 SETTINGS = {
     "1 point, 64 texts": dict(sensitivity_points=1, adaptive_samples=64),
     "2 points, 64 texts": dict(sensitivity_points=2, adaptive_samples=64),
-    "full grid, 64 texts": dict(adaptive_samples=64),
-    "full grid, all texts": dict(),
+    "full grid, 64 texts": dict(sensitivity_points=10, adaptive_samples=64),
+    "full grid, all texts": dict(sensitivity_points=10, adaptive_samples=1 << 30),
 }
 
 
@@ -94,7 +94,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         quality = embedding_quality(res.model, holdout, ref)
         results[name] = dict(seconds=seconds, adaptive_seconds=res.seconds.get("adaptive"),
-                             passes=res.sections["adaptive"]["passes"], params_kept=res.totals.params_after / res.totals.params_before,
+                             passes=res.sections["adaptive"]["passes"],
+                             sensitivity_passes=res.sections["adaptive"]["sensitivity_passes"], params_kept=res.totals.params_after / res.totals.params_before,
                              factorized=res.totals.factorized, ranks={d.weight: d.rank for d in res.layers if d.factorized},
                              options=extra, **quality)
         print(name, {k: v for k, v in results[name].items() if k != "ranks"}, flush=True)
@@ -106,7 +107,10 @@ def write(args, results: dict) -> None:
     full = results.get("full grid, all texts")
 
     def texts_run(r: dict) -> int:  # the load-independent cost: texts the model ran over
-        return r["passes"] * min(args.texts, r["options"].get("adaptive_samples", args.texts))
+        sample = min(args.texts, r["options"].get("adaptive_samples", args.texts))
+        if "sensitivity_passes" not in r:  # recorded when the search, too, ran on the sample
+            return r["passes"] * sample
+        return r["sensitivity_passes"] * sample + (r["passes"] - r["sensitivity_passes"]) * args.texts
 
     rows = []
     for name in SETTINGS:

@@ -430,6 +430,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
         metric, _ = quality_drop(ev.base, ev.base, labels, metric=cfg.metric, names=ev.names)
         sev = ev.on(sample if sample is not None else feeds)
         curves = measure_sensitivity(sev, active, cfg.rank_multiple, progress, executor, cfg.sensitivity_points, units)
+        sensitivity_passes = sev.passes if sev is not ev else sev.passes - 1  # (the reference pass is the search's too)
         if sev is not ev:
             ev.runs, ev.passes = ev.runs + sev.runs, ev.passes + sev.passes
         rank_curves, width_curves = curves[:len(active)], curves[len(active):]
@@ -486,7 +487,8 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
             d = ranks[p.key]
             decisions[p.key] = d.replace(sensitivity=float(c.at([d.rank])[0])) if d.factorize else d
         numbers.update(metric=metric, max_drop=cfg.max_drop, target_params=round(found, 6) if found is not None else None,
-                       measured_drop=drop, layers_measured=len(active), ort_runs=ev.runs, passes=ev.passes)
+                       measured_drop=drop, layers_measured=len(active), ort_runs=ev.runs, passes=ev.passes,
+                       sensitivity_passes=sensitivity_passes)
         if units:
             numbers["blocks_measured"] = len(units)
         log.info("adaptive: %d layer(s) measured in %d onnxruntime run(s); drop %.5f (%s)", len(active), ev.runs, drop, metric)
