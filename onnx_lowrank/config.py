@@ -428,10 +428,10 @@ class CompressConfig:
             if self.quantize == "int4" and (self.target_params is not None or self.target_macs is not None):
                 raise UsageError(f"with {option_value('quantize', 'int4')}, {option('target_bytes')} is the budget (int4 changes "
                                  f"bytes, not parameters); drop {option('target_params')}/{option('target_macs')}.")
-            if self.adaptive:
-                raise UsageError(f"{option('adaptive')} measures sensitivities for parameter and MAC budgets only; use "
-                                 f"{option('target_bytes')} without {option('adaptive')} (with {option('data_aware')}), or "
-                                 f"{option('target_params')} F.")
+            if self.adaptive and self.max_drop is not None and self.quantize == "int4":
+                raise UsageError(f"with {option_value('quantize', 'int4')} and {option('target_bytes')}, {option('adaptive')} "
+                                 f"allocates that budget by measured sensitivity; drop {option('max_drop')} (its search moves "
+                                 f"a parameter budget).")
             if self.ffn_keep is not None:
                 raise UsageError(f"{option('target_bytes')} does not price feed-forward widths yet; use {option('target_params')} "
                                  f"F with {option('ffn_keep')}, or drop {option('ffn_keep')}.")

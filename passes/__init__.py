@@ -3,7 +3,7 @@
 Data flows one way::
 
     load -> discover -> blocks -> calibrate -> statistics -> width -> spectra -> decide | adaptive -> latency
-         -> refine -> rewrite -> adaptive-check -> quantize -> latency-model -> report -> verify
+         -> refine -> rewrite -> quantize -> adaptive-check -> latency-model -> report -> verify
 
 Each stage reads the request and what earlier stages returned, and returns a typed result
 (:mod:`onnx_lowrank.pipeline`); stages that do not apply to a request are skipped.  The pass
@@ -33,5 +33,5 @@ __all__ = ["PIPELINE"]
 PIPELINE = (
     Load(), Discover(), FindBlocks(), Calibrate(), CaptureStatistics(), Narrow(), TakeSpectra(), Decide(), Adapt(), TimeLayers(),
     Refine(),
-    Rewrite(), CheckAdaptive(), Quantize(), TimeModel(), Report(), Verify(),
+    Rewrite(), Quantize(), CheckAdaptive(), TimeModel(), Report(), Verify(),
 )

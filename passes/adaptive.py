@@ -33,7 +33,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -48,12 +48,12 @@ from onnx_lowrank.runtime.executor import Executor, InProcess
 from onnx_lowrank.verify import compare, judge
 
 from .calibrate import Calibration
-from .decide import BudgetBase, Decided, allocate_decisions, budget_options, decide_conv, width_options
+from .decide import BudgetBase, Decided, Int4Candidate, allocate_decisions, decide_conv, int4_choices, plan_options, width_options
 from .discover import Discovery
 from .load import Loaded
 from .rewrite import Rewritten
 from .spectra import Spectra
-from .width import Narrowed, WidthPlan, WidthUnit, emulated_arrays, overridden_names
+from .width import Narrowed, WidthPlan, WidthUnit, current_widths, emulated_arrays, overridden_names
 
 __all__ = ["GRID", "Evaluator", "Curve", "grid_ranks", "measure_sensitivity", "decide_adaptive", "quality_drop", "distortion",
            "Adapt", "Adapted", "CheckAdaptive", "Checked"]
@@ -255,23 +255,32 @@ def grid_widths(unit: WidthUnit) -> list[int]:
 
 def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: int = 1,
                         progress: Progress | None = None, executor: Executor | None = None,
-                        points: int | None = None, units: list[WidthUnit] = ()) -> list[Curve]:
+                        points: int | None = None, units: list[WidthUnit] = (),
+                        int4: Int4Forms | None = None) -> list[Curve]:
     """Each plan's sensitivity at its :func:`grid_ranks`, compressing one layer at a time, and
     after them each feed-forward block's (``units``) at its :func:`grid_widths`, narrowing one
     block at a time (:func:`.width.emulated_arrays`).
 
+    With ``int4``, each plan that may take 4-bit blocks is also measured in that form at its
+    branch ranks (after the blocks; one curve each, appended in the order of ``plans``).
+
     With ``points`` (fewer than the grid), only that many ranks (widths) per layer (block) are
-    measured and the rest follow its truncation loss (refit error), scaled to them
+    measured and the rest follow its truncation loss (refit error, 4-bit error), scaled to them
     (:func:`fit_curve`).  The runs are independent: an ``executor`` with several workers spreads
     them, each worker building its own session once (:mod:`onnx_lowrank.runtime.executor`).
     """
-    curves = [Curve(grid_ranks(p, rank_multiple)) for p in plans] + [Curve(grid_widths(u)) for u in units]
+    quantized = [p for p in plans if int4 is not None and p.key in int4.candidates]
+    curves = [Curve(grid_ranks(p, rank_multiple)) for p in plans] + [Curve(grid_widths(u)) for u in units] + \
+        [Curve(list(int4.candidates[p.key].ranks)) for p in quantized]
     at = [measured_ranks(c.ranks, points or len(c.ranks)) for c in curves]
     items: list[dict[str, Any]] = [{p.name: (*linalg.factors(p.view().spectrum, r), p.dtype)} for p, rs in zip(plans, at) for r in rs]
     labels = [f"sensitivity {p.name} rank {r}" for p, rs in zip(plans, at) for r in rs]
     for u, rs in zip(units, at[len(plans):]):
         items += [emulated_arrays(u.plan(k)) for k in rs]
         labels += [f"sensitivity {u.block.name} width {k}" for k in rs]
+    for p, rs in zip(quantized, at[len(plans) + len(units):]):
+        items += [int4.arrays(p, r) for r in rs]
+        labels += [f"sensitivity {p.name} int4 + rank {r}" for r in rs]
 
     def report(done: int, total: int) -> None:
         if progress is not None:
@@ -285,15 +294,20 @@ def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: in
     ev.runs += len(items) * feeds
     ev.passes += len(items)
     it = iter(values)
-    for thing, curve, rs in zip([*plans, *units], curves, at):
+    kinds = [("rank", p) for p in plans] + [("width", u) for u in units] + [("int4", p) for p in quantized]
+    for (kind, thing), curve, rs in zip(kinds, curves, at):
         measured = [next(it) for _ in rs]
         if rs == curve.ranks:
             curve.sens = measured
         else:
-            loss = truncation_loss(thing, curve.ranks) if isinstance(thing, LayerPlan) else \
-                np.array([thing.errors[thing.ks.index(k)] for k in curve.ranks])
+            if kind == "rank":
+                loss = truncation_loss(thing, curve.ranks)
+            elif kind == "width":
+                loss = np.array([thing.errors[thing.ks.index(k)] for k in curve.ranks])
+            else:
+                loss = np.array(int4.candidates[thing.key].errors, dtype=np.float64)
             curve.sens = fit_curve(curve.ranks, loss, rs, measured)
-        log.debug("sensitivity of %s: %s (measured at %s)", getattr(thing, "name", None) or thing.block.name,
+        log.debug("sensitivity of %s (%s): %s (measured at %s)", getattr(thing, "name", None) or thing.block.name, kind,
                   dict(zip(curve.ranks, curve.sens)), rs)
     return curves
 
@@ -336,10 +350,39 @@ def _measurable(model: onnx.ModelProto, plans: dict[int, LayerPlan]) -> tuple[li
     return active, other
 
 
-def _options(active: list[LayerPlan], cfg: CompressConfig, names: list[str]) -> list[linalg.Options]:
-    """The options the search allocates over, before any error is measured (costs only)."""
-    return [budget_options(p, lambda ranks: np.zeros(len(ranks)), names, cfg.rank_multiple,
-                           min_rank=grid_ranks(p, cfg.rank_multiple)[0]) for p in active]
+@dataclass(frozen=True)
+class Int4Forms:
+    """With ``--quantize int4`` and ``target_bytes``: the plans that may take 4-bit blocks with a
+    branch (their :class:`~.decide.Int4Candidate`, by key), how to emulate that form at a branch
+    rank (``arrays(plan, rank)``: the tensors to feed), and every plan's bytes per weight."""
+
+    candidates: dict[int, Int4Candidate]
+    arrays: Callable[[LayerPlan, int], dict[str, np.ndarray]]
+    sizes: dict[int, int] = field(default_factory=dict)
+
+
+def _zeros(ranks: list[int]) -> np.ndarray:
+    return np.zeros(len(ranks))
+
+
+def _options(active: list[LayerPlan], cfg: CompressConfig, names: list[str], int4: Int4Forms | None = None,
+             rank_curves: list[Curve] | None = None, int4_curves: dict[int, Curve] | None = None
+             ) -> tuple[list[linalg.Options], list[list[tuple[str, int | None]]]]:
+    """Every plan's options and what each one is: from its measured curves, or (before any is
+    measured) with zero errors, for their costs alone."""
+    options, labels = [], []
+    for k, p in enumerate(active):
+        errors_at = rank_curves[k].at if rank_curves is not None else _zeros
+        low = rank_curves[k].ranks[0] if rank_curves is not None else grid_ranks(p, cfg.rank_multiple)[0]
+        cand = int4.candidates.get(p.key) if int4 is not None else None
+        if cand is not None:
+            errors = int4_curves[p.key].at(list(cand.ranks)) if int4_curves is not None else _zeros(list(cand.ranks))
+            cand = Int4Candidate(cand.ranks, cand.costs, tuple(float(e) for e in errors))
+        size = int4.sizes.get(p.key, 4) if int4 is not None else 4
+        opt, lab = plan_options(p, cfg, names, size, errors_at, cand, min_rank=low)
+        options.append(opt)
+        labels.append(lab)
+    return options, labels
 
 
 def _unit_options(units: list[WidthUnit], curves: list[Curve] | None, names: list[str]) -> list[linalg.Options]:
@@ -355,18 +398,18 @@ def _unit_options(units: list[WidthUnit], curves: list[Curve] | None, names: lis
 
 
 def _cheapest(active: list[LayerPlan], units: list[WidthUnit], cfg: CompressConfig, base: BudgetBase,
-              target: float | None) -> None:
+              target: float | None, int4: Int4Forms | None) -> None:
     """Allocate with nothing measured yet: raises when a budget cannot be met at all."""
     limits = base.limits(cfg, target_params=target)
     names = [name for name, _, _ in limits]
-    allocate_decisions(active, _options(active, cfg, names), limits, base, STAGE, units=_unit_options(units, None, names))
+    allocate_decisions(active, _options(active, cfg, names, int4)[0], limits, base, STAGE, units=_unit_options(units, None, names))
 
 
 def _lowest_budget(active: list[LayerPlan], units: list[WidthUnit], cfg: CompressConfig, base: BudgetBase) -> float:
     """The smallest ``target_params`` the allocator can meet: each layer (block) at its cheapest
     option, counted exactly as the allocator counts it."""
     names = ["target_params"]
-    cost = sum(float(o.costs[0][0]) for o in _options(active, cfg, names) + _unit_options(units, None, names))
+    cost = sum(float(o.costs[0][0]) for o in _options(active, cfg, names)[0] + _unit_options(units, None, names))
     return min(1.0, (cost + base.params_fixed + 0.5) / base.params_total)
 
 
@@ -385,11 +428,11 @@ def _measurable_units(narrowed: Narrowed | None, main: set[str]) -> tuple[list[W
 def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase, feeds: Feeds,
                     labels: np.ndarray | None, data: io.DataFiles | None, *, threads: int | None = None,
                     progress: Progress | None = None, executor: Executor | None = None,
-                    narrowed: Narrowed | None = None, sample: Feeds | None = None) -> Adapted:
+                    narrowed: Narrowed | None = None, sample: Feeds | None = None, int4: Int4Forms | None = None) -> Adapted:
     """Measure, allocate and search (see the module docstring).
 
     ``sample``: the feeds sensitivities are measured on (default ``feeds``, which the budget
-    search and its check always use).
+    search and its check always use).  ``int4``: the 4-bit forms a byte budget may choose.
 
     ``narrowed``: width reduction's result: blocks narrowed to a fixed fraction are in force in
     every run (and counted at their narrowed size); blocks whose width a budget sizes
@@ -420,7 +463,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     # allocator counts it.
     lo = _lowest_budget(active, units, cfg, base)
     if cfg.max_drop is None:
-        _cheapest(active, units, cfg, base, None)
+        _cheapest(active, units, cfg, base, None, int4)
     fixed: dict[str, np.ndarray] = {}
     for plan in fixed_plans.values():
         fixed.update(emulated_arrays(plan))
@@ -429,11 +472,14 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     try:
         metric, _ = quality_drop(ev.base, ev.base, labels, metric=cfg.metric, names=ev.names)
         sev = ev.on(sample if sample is not None else feeds)
-        curves = measure_sensitivity(sev, active, cfg.rank_multiple, progress, executor, cfg.sensitivity_points, units)
+        curves = measure_sensitivity(sev, active, cfg.rank_multiple, progress, executor, cfg.sensitivity_points, units, int4)
         sensitivity_passes = sev.passes if sev is not ev else sev.passes - 1  # (the reference pass is the search's too)
         if sev is not ev:
             ev.runs, ev.passes = ev.runs + sev.runs, ev.passes + sev.passes
-        rank_curves, width_curves = curves[:len(active)], curves[len(active):]
+        rank_curves, width_curves = curves[:len(active)], curves[len(active):len(active) + len(units)]
+        quantized = [p.key for p in active if int4 is not None and p.key in int4.candidates]
+        int4_curves = dict(zip(quantized, curves[len(active) + len(units):]))
+        emulated: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         refits: dict[tuple[int, int], WidthPlan] = {}
 
         def refit(k: int, width: int) -> WidthPlan:
@@ -441,21 +487,29 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
                 refits[k, width] = units[k].plan(width)
             return refits[k, width]
 
-        def assign(target: float | None) -> tuple[dict[int, Decision], dict[int, int | None]]:
+        def assign(target: float | None) -> tuple[dict[int, Decision], dict[int, int | None], dict[int, int]]:
             limits = base.limits(cfg, target_params=target)
             names = [name for name, _, _ in limits]
-            options = [budget_options(p, c.at, names, cfg.rank_multiple, min_rank=c.ranks[0]) for p, c in zip(active, rank_curves)]
+            options, labels = _options(active, cfg, names, int4, rank_curves, int4_curves)
             unit_opts = _unit_options(units, width_curves, names)
             chosen_units: list[int] = []
-            out = allocate_decisions(active, options, limits, base, STAGE, units=unit_opts, chosen_units=chosen_units)
-            return out, {k: opt.ranks[i] for k, (opt, i) in enumerate(zip(unit_opts, chosen_units))}
+            picked: list[int] = []
+            out = allocate_decisions(active, options, limits, base, STAGE, units=unit_opts, chosen_units=chosen_units,
+                                     chosen_plans=picked)
+            return (out, {k: opt.ranks[i] for k, (opt, i) in enumerate(zip(unit_opts, chosen_units))},
+                    int4_choices(out, active, labels, picked, STAGE))
 
-        def measure(chosen: tuple[dict[int, Decision], dict[int, int | None]]) -> float:
-            ranks, widths = chosen
+        def measure(chosen: tuple[dict[int, Decision], dict[int, int | None], dict[int, int]]) -> float:
+            ranks, widths, quantized_at = chosen
             overrides = {p.name: _truncated(p, ranks[p.key].rank) for p in active if ranks[p.key].factorize}
             for k, width in widths.items():
                 if width is not None:
                     overrides.update(emulated_arrays(refit(k, width)))
+            for p in active:
+                if p.key in quantized_at:
+                    if (p.key, quantized_at[p.key]) not in emulated:
+                        emulated[p.key, quantized_at[p.key]] = int4.arrays(p, quantized_at[p.key])
+                    overrides.update(emulated[p.key, quantized_at[p.key]])
             if not overrides and not fixed:
                 return 0.0
             return quality_drop(ev.base, ev.run(overrides), labels, metric=cfg.metric, names=ev.names)[1]
@@ -482,7 +536,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
                         lo = mid
             chosen = assign(hi)
             drop, found = hi_drop, hi
-        ranks, widths = chosen
+        ranks, widths, quantized_at = chosen
         for p, c in zip(active, rank_curves):
             d = ranks[p.key]
             decisions[p.key] = d.replace(sensitivity=float(c.at([d.rank])[0])) if d.factorize else d
@@ -498,7 +552,10 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
             whole += [(units[k].block.name, "left whole: other layers lose less per parameter saved")
                       for k, w in widths.items() if w is None]
             new_widths = dataclasses.replace(narrowed, plans=chosen_plans, units={}, skipped=narrowed.skipped + whole)
-        return Adapted(decisions, numbers, ev.base, list(ev.names), widths=new_widths)
+        if int4 is not None:
+            numbers["int4_layers"] = len(quantized_at)
+        return Adapted(decisions, numbers, ev.base, list(ev.names), widths=new_widths,
+                       int4_ranks=quantized_at if int4 is not None else None)
     finally:
         ev.close()
 
@@ -517,10 +574,34 @@ class Adapt(Step):
         calibration = ctx.need(Calibration)
         feeds, sample = calibration.feeds, calibration.sensitivity_feeds(cfg.adaptive_samples)
         adapted = decide_adaptive(ctx.model, plans, cfg, base, feeds, feeds.labels, ctx.data, progress=ctx.progress,
-                                  executor=ctx.executor, narrowed=ctx.get(Narrowed), sample=sample)
+                                  executor=ctx.executor, narrowed=ctx.get(Narrowed), sample=sample,
+                                  int4=_int4_forms(ctx, active))
         if sample.samples is not None and adapted.base is not None:
             adapted.numbers["samples"] = sample.samples
         return adapted
+
+
+def _int4_forms(ctx: Context, active: list[LayerPlan]) -> Int4Forms | None:
+    """The 4-bit forms a byte budget may choose under ``--quantize int4`` (else ``None``)."""
+    cfg = ctx.config
+    if cfg.quantize != "int4" or cfg.target_bytes is None:
+        return None
+    from .decide import itemsize
+    from .int4 import budget_candidates, emulated_weight
+    from .rewrite import opset_version
+    from .statistics import Statistics
+
+    found = ctx.need(Discovery)
+    stats = ctx.get(Statistics)
+    grams = stats.capture.grams if stats is not None and cfg.data_aware else {}
+    opset = opset_version(ctx.model)
+
+    def arrays(plan: LayerPlan, rank: int) -> dict[str, np.ndarray]:
+        group = found.group(plan.key)
+        gram = grams[plan.key][0] if plan.key in grams else None
+        return {plan.name: emulated_weight(group, ctx.data.read(group.weight.tensor), gram, cfg, rank, opset)}
+
+    return Int4Forms(budget_candidates(ctx, active), arrays, {p.key: itemsize(found.group(p.key)) for p in active})
 
 
 @dataclass
@@ -535,14 +616,18 @@ class Checked(StageResult):
 
 
 class CheckAdaptive(Step):
-    """Run the rewritten model on the calibration feeds: the drop the user actually gets."""
+    """Run the rewritten (and quantized) model on the calibration feeds: the drop the user
+    actually gets."""
 
     name = "adaptive-check"
 
     def applies(self, ctx: Context) -> bool:
         adapted = ctx.get(Adapted)
         rewritten = ctx.get(Rewritten)
-        return adapted is not None and adapted.base is not None and rewritten is not None and bool(rewritten.factors)
+        if adapted is None or adapted.base is None or rewritten is None:
+            return False
+        # whatever changed the model: factor pairs, narrowed blocks, quantization (this runs after it)
+        return bool(rewritten.factors) or bool(current_widths(ctx)) or ctx.config.quantize is not None
 
     def run(self, ctx: Context) -> Checked:
         adapted = ctx.need(Adapted)

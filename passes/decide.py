@@ -28,7 +28,7 @@ from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import MATRIX, Decision, LayerPlan, Skip, SkipCode
 
 __all__ = ["Decide", "Decided", "BudgetBase", "per_layer", "decide_conv", "decide_budget", "budget_options",
-           "allocate_decisions", "rank_ceiling", "BUDGETS"]
+           "allocate_decisions", "rank_ceiling", "BUDGETS", "plan_options", "int4_choices"]
 
 STAGE = "decide"
 #: The budget options, as config keys.
@@ -318,15 +318,9 @@ def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: Budget
     int4 = int4 or {}
     options, labels = [], []
     for p in active:
-        size = sizes.get(p.key, 4)
-        cost = (lambda r, p=p, size=size: stored_bytes(cfg, p.params_at(r) if r is not None else p.dense_params, size, r)
-                ) if "target_bytes" in names else None
-        errors_at = int4[p.key].pair_errors if p.key in int4 and int4[p.key].values is not None else truncation_errors(p)
-        opt = budget_options(p, errors_at, names, cfg.rank_multiple, byte_cost=cost)
-        if p.key in int4:
-            opt, lab = with_int4(opt, int4[p.key])
-        else:
-            lab = [("rank", r) if r is not None else ("dense", None) for r in opt.ranks]
+        cand = int4.get(p.key)
+        errors_at = cand.pair_errors if cand is not None and cand.values is not None else truncation_errors(p)
+        opt, lab = plan_options(p, cfg, names, sizes.get(p.key, 4), errors_at, cand)
         options.append(opt)
         labels.append(lab)
     units = units or {}
@@ -335,17 +329,38 @@ def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: Budget
     picked: list[int] = []
     decisions.update(allocate_decisions(active, options, limits, base, units=unit_options, chosen_units=chosen,
                                         chosen_plans=picked))
-    chosen_int4 = {}
-    for p, lab, i in zip(active, labels, picked):
-        form, c = lab[i]
-        if form == "int4":
-            chosen_int4[p.key] = c
-            decisions[p.key] = dataclasses.replace(decisions[p.key], skip=Skip(
-                SkipCode.LEFT_DENSE_BY_BUDGET, f"int4 blocks with a rank-{c} correction, chosen by the budget: "
-                "a factor pair loses more per byte saved", STAGE))
+    chosen_int4 = int4_choices(decisions, active, labels, picked)
     if int4 and chosen_int4_out is not None:
         chosen_int4_out.update(chosen_int4)
     return decisions, {key: opt.ranks[i] for key, opt, i in zip(units, unit_options, chosen)}
+
+
+def plan_options(p: LayerPlan, cfg: CompressConfig, names: list[str], size: int, errors_at: Callable[[list[int]], np.ndarray],
+                 cand: "Int4Candidate | None" = None, min_rank: int = 1) -> tuple[linalg.Options, list[tuple[str, int | None]]]:
+    """A plan's options under the budgets ``names`` (bytes priced at ``size`` bytes per weight as
+    written), with the 4-bit forms of ``cand`` among them; and what each option is:
+    ``("rank", r)``, ``("dense", None)`` or ``("int4", branch rank)``."""
+    cost = (lambda r: stored_bytes(cfg, p.params_at(r) if r is not None else p.dense_params, size, r)
+            ) if "target_bytes" in names else None
+    opt = budget_options(p, errors_at, names, cfg.rank_multiple, min_rank=min_rank, byte_cost=cost)
+    if cand is not None:
+        return with_int4(opt, cand)
+    return opt, [("rank", r) if r is not None else ("dense", None) for r in opt.ranks]
+
+
+def int4_choices(decisions: dict[int, Decision], active: list[LayerPlan], labels: list[list[tuple[str, int | None]]],
+                 picked: list[int], stage: str = STAGE) -> dict[int, int]:
+    """The plans whose picked option is 4-bit blocks, with the rank of their branch; their
+    decisions say so (in place)."""
+    chosen = {}
+    for p, lab, i in zip(active, labels, picked):
+        form, c = lab[i]
+        if form == "int4":
+            chosen[p.key] = c
+            decisions[p.key] = dataclasses.replace(decisions[p.key], skip=Skip(
+                SkipCode.LEFT_DENSE_BY_BUDGET, f"int4 blocks with a rank-{c} correction, chosen by the budget: "
+                "a factor pair loses more per byte saved", stage))
+    return chosen
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from onnx_lowrank.pipeline import Context, StageResult
 from .rewrite import NameScope, opset_version, remove_constant
 
 __all__ = ["DOMAIN", "Int4Options", "Int4Layer", "Int4Pair", "Int4Summary", "Int4Quantized", "quantize_int4",
-           "runtime_problem", "require_runtime", "run_stage", "weight_bytes"]
+           "runtime_problem", "require_runtime", "run_stage", "weight_bytes", "emulated_weight"]
 
 log = logging.getLogger(__name__)
 
@@ -752,3 +752,25 @@ def budget_candidates(ctx: Context, plans: list) -> dict[int, Any]:
         s = quant.whitened_values(w, gram, damping=cfg.damping)
         out[plan.key] = Int4Candidate(tuple(ranks), tuple(costs), tuple(float(e) for e in errors), s)
     return out
+
+
+def emulated_weight(group: Any, stored: np.ndarray, gram: np.ndarray | None, cfg: Any, rank: int, opset: int = 17) -> np.ndarray:
+    """The weight the 4-bit form with a rank-``rank`` branch computes, in the stored layout and
+    dtype: the blocks as the runtime dequantizes them plus the branch's product (its factors as
+    ``int4_factors`` stores them), fitted as the quantize stage fits it.  Adaptive mode measures
+    the form by feeding this in place of the weight."""
+    w = _multiplied(group, np.asarray(stored, np.float32))
+    k, n = w.shape
+    if gram is not None and gram.shape != (k, k):
+        gram = None
+    opts = options_of(cfg)
+    f = quant.fit(w, gram, block=opts.block, rank=rank, max_rank=rank or None, damping=opts.damping, rounds=opts.rounds)
+    eff = quant.dequantize(f.q).astype(np.float64)
+    if f.correction.rank > 0:
+        a, b = np.asarray(f.correction.a, np.float32), np.asarray(f.correction.b, np.float32)
+        if opts.factors == "int8" and opset >= 7:  # (before opset 7 the branch stays float)
+            a = quant.dequantize_columns(*quant.quantize_columns(a))
+            b = quant.dequantize_columns(*quant.quantize_columns(b.T)).T
+        eff += a.astype(np.float64) @ b.astype(np.float64)
+    transposed = group.layers[0].op_type == "Gemm" and int(_attr(group.layers[0].node, "transB", 0))
+    return np.ascontiguousarray((eff.T if transposed else eff).astype(stored.dtype))

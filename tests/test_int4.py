@@ -299,6 +299,22 @@ def test_a_byte_budget_chooses_between_factor_pairs_and_int4_and_is_kept():
     assert res.totals.factorized == 0 and min(layers.values()) > 0
 
 
+def test_adaptive_mode_measures_int4_and_factor_pairs_under_one_byte_budget():
+    src = model()
+    calib = {"x": _inputs(400, 128, seed=2)}
+    for frac in (0.1, 0.3):
+        res = compress(src, target_bytes=frac, quantize="int4", data_aware=True, adaptive=True, calib=calib, min_params=0)
+        before, after = res.totals.tensor_bytes["matmul weights"]
+        assert after <= frac * before
+        numbers = res.sections["adaptive"]
+        int4_rows = [r for r in res.layers if not r.factorized and r.reason and r.reason.startswith("int4 blocks")]
+        assert numbers["int4_layers"] == len(int4_rows) == len(res.sections["int4"]["layers"]) > 0
+        # each form was measured by feeding the weight it computes (blocks as the runtime
+        # dequantizes them, plus the branch): the search saw the drop of the written model
+        assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=0.02)
+    assert res.totals.factorized == 0  # at 30 % both weights take 4 bits with a branch
+
+
 def test_without_int4_a_byte_budget_is_a_parameter_budget_for_float32_weights():
     src = model()
     by_bytes = compress(src, target_bytes=0.3, min_params=0)
@@ -309,7 +325,7 @@ def test_without_int4_a_byte_budget_is_a_parameter_budget_for_float32_weights():
 
 @pytest.mark.parametrize("flags,needle", [
     (dict(target_bytes=0.2, target_params=0.5, quantize="int4"), "--target-bytes is the budget"),
-    (dict(target_bytes=0.2, adaptive=True, data_aware=True), "--adaptive"),
+    (dict(target_bytes=0.2, adaptive=True, quantize="int4", max_drop=0.01, metric="cosine"), "--max-drop"),
     (dict(target_bytes=0.2, ffn_keep=0.5), "--ffn-keep"),
     (dict(target_bytes=1.5), "--target-bytes"),
     (dict(target_bytes=0.2, quantize="int4", int4_correction=8), "--int4-correction"),
