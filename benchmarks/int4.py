@@ -62,6 +62,9 @@ OURS = {
     # one byte budget over factor pairs and int4 + branch, per layer (0.174 of fp32: ours-b64-r32's bytes)
     "ours-budget-b32": dict(data_aware=True, target_bytes=0.174),
     "ours-budget-b64": dict(data_aware=True, target_bytes=0.174, int4_block=64),
+    # the same budget allocated on measured sensitivity (adaptive mode, its default sample and points)
+    "ours-adaptive-b32": dict(data_aware=True, target_bytes=0.174, adaptive=True),
+    "ours-adaptive-b64": dict(data_aware=True, target_bytes=0.174, int4_block=64, adaptive=True),
     # width reduction (fp32), and width reduction with int4 on what it leaves
     "ours-ffn0.75": dict(ffn_keep=0.75, quantize=None),
     "ours-ffn0.75-b64-r32": dict(ffn_keep=0.75, data_aware=True, int4_block=64, int4_correction=32),
