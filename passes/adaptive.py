@@ -9,9 +9,10 @@ Approach
    default 64 spread evenly over it).  Feed-forward blocks whose width the budget sizes
    (``ffn_keep="auto"``) are measured the same way at widths of :data:`WIDTH_GRID`.  The
    layer's sensitivity at ``r`` is ``1 - mean cosine`` between the outputs and the original
-   outputs (averaged over the floating-point outputs): smooth, and defined for every model.  One onnxruntime session serves every measurement: the weights
-   become overridable initializers (graph inputs with a default), and each run feeds the
-   truncated matrix ``A @ B`` of the layer under test.  ``1 + L x points`` passes over the
+   outputs (averaged over the floating-point outputs): smooth, and defined for every model.
+   One onnxruntime session serves every measurement: the weights become overridable
+   initializers (graph inputs with a default), and each run feeds the truncated matrix
+   ``A @ B`` of the layer under test.  ``1 + L x points`` passes over the
    sample.
 2. **Allocation.**  Sensitivities between grid ranks are interpolated linearly.  With the
    measured curves as errors, the budget allocator of :mod:`onnx_lowrank.policies` (greedy by
@@ -120,10 +121,14 @@ class Evaluator:
         self.data = io.as_data(data)
         self.session = session(self.probe, threads=threads, data=self.data)
         self.names = [o.name for o in self.session.get_outputs()]
+        self._reference(fixed)
+
+    def _reference(self, fixed: Mapping[str, np.ndarray] | None) -> None:
+        """The original outputs on these feeds; then the changes in force in every run
+        (feed-forward blocks narrowed to a fixed fraction), whose distortion a layer's
+        sensitivity is measured beyond."""
         self.fixed: dict[str, np.ndarray] = {}
         self.base = self.run({})
-        # Changes in force in every run (feed-forward blocks narrowed to a fixed fraction): a
-        # layer's sensitivity is what it adds to their distortion.
         self.fixed = dict(fixed or {})
         self.offset = distortion(self.base, self.run({})) if self.fixed else 0.0
 
@@ -140,10 +145,7 @@ class Evaluator:
         other = object.__new__(Evaluator)
         other.feeds, other.runs, other.passes = feeds, 0, 0
         other.probe, other.data, other.session, other.names = self.probe, self.data, self.session, self.names
-        other.fixed = {}
-        other.base = other.run({})
-        other.fixed = dict(self.fixed)
-        other.offset = distortion(other.base, other.run({})) if other.fixed else 0.0
+        other._reference(self.fixed)
         return other
 
     def state(self) -> tuple:
