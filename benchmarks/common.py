@@ -30,6 +30,12 @@ from onnx_lowrank.runtime import run_all, session  # noqa: E402
 from onnx_lowrank.verify import accuracy, compare, macro_f1  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks"
+WORK = ROOT / "benchmarks" / "_work"
+
+#: all-MiniLM-L6-v2 as the transformer benchmarks run it: its inputs, sequence 128, timed at batch 1 (bench scales it).
+MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MINILM_SEQ = 128
+MINILM_SHAPES = (",".join(f"{name}:1x{MINILM_SEQ}" for name in MINILM_INPUTS),)
 
 
 @dataclass

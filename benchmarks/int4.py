@@ -39,15 +39,12 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (DOCS, ROOT, command_line, compress, embedding_quality, environment, markdown_table, paired,  # noqa: E402
-                    quantize_int8, run_model, write)
+from common import (DOCS, MINILM_INPUTS, MINILM_SEQ, MINILM_SHAPES, WORK, command_line, compress,  # noqa: E402
+                    embedding_quality, environment, markdown_table, paired, quantize_int8, run_model, write)
 
 from onnx_lowrank.passes.int4 import weight_bytes  # noqa: E402
 
-WORK = ROOT / "benchmarks" / "_work"
-SEQ = 128
-SHAPES = (f"input_ids:1x{SEQ},attention_mask:1x{SEQ},token_type_ids:1x{SEQ}",)
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+SEQ, SHAPES, INPUTS = MINILM_SEQ, MINILM_SHAPES, MINILM_INPUTS
 
 #: Our variants: label -> compress() keywords (``energy=1`` keeps every weight dense).
 OURS = {

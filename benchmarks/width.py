@@ -32,14 +32,12 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DOCS, ROOT, command_line, embedding_quality, environment, markdown_table, paired, quantize_int8, run_model, write  # noqa: E402
+from common import (DOCS, MINILM_INPUTS, MINILM_SEQ, MINILM_SHAPES, WORK, command_line, embedding_quality,  # noqa: E402
+                    environment, markdown_table, paired, quantize_int8, run_model, write)
 
 import onnx_lowrank as ol  # noqa: E402
 
-WORK = ROOT / "benchmarks" / "_work"
-SEQ = 128
-SHAPES = (f"input_ids:1x{SEQ},attention_mask:1x{SEQ},token_type_ids:1x{SEQ}",)
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+SEQ, SHAPES, INPUTS = MINILM_SEQ, MINILM_SHAPES, MINILM_INPUTS
 
 VARIANTS = {
     "ffn-keep 0.75": dict(ffn_keep=0.75),

@@ -425,13 +425,14 @@ class CalibrationData:
 
     def _rows_sliceable(self) -> bool:
         """Whether every input with a value per sample has a batch axis to take rows from."""
+        fixed = fixed_batch(self.specs)
         for spec in self.specs:
             if spec.shape is None:
                 return False  # rank unknown: no telling its first axis is the batch
             if not spec.shape:
                 continue  # a scalar input goes with every feed as it is
             lead = spec.shape[0]
-            if isinstance(lead, int) and lead > 0 and lead != fixed_batch(self.specs):
+            if isinstance(lead, int) and lead > 0 and lead != fixed:
                 return False
         return True
 

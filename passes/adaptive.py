@@ -163,9 +163,12 @@ class Evaluator:
         return outs
 
 
+def _product(a: np.ndarray, b: np.ndarray, dtype) -> np.ndarray:
+    return (a.astype(np.float64) @ b.astype(np.float64)).astype(dtype)
+
+
 def _truncated(plan: LayerPlan, rank: int) -> np.ndarray:
-    a, b = linalg.factors(plan.view().spectrum, rank)
-    return (a.astype(np.float64) @ b.astype(np.float64)).astype(plan.dtype)
+    return _product(*linalg.factors(plan.view().spectrum, rank), plan.dtype)
 
 
 def grid_ranks(plan: LayerPlan, rank_multiple: int = 1) -> list[int]:
@@ -203,7 +206,7 @@ def _sensitivity_task(state: tuple, item: Mapping[str, Any]) -> float:
     sess, feeds, base, names, fixed, offset = state
     overrides = dict(fixed)
     for name, v in item.items():
-        overrides[name] = (v[0].astype(np.float64) @ v[1].astype(np.float64)).astype(v[2]) if isinstance(v, tuple) else v
+        overrides[name] = _product(*v) if isinstance(v, tuple) else v
     return max(0.0, distortion(base, run_all(sess, feeds, overrides=overrides, names=names)) - offset)
 
 
@@ -445,15 +448,10 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
         if d is None:
             decisions[k] = decide_conv(plans[k], cfg)  # Conv layers follow the per-layer rule
     base = base.with_decided_convs(plans, decisions)
-    if narrowed is not None:
-        base = base.with_widths(narrowed)
     main = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     units, whole = _measurable_units(narrowed, main)
-    if narrowed is not None:  # a block left whole counts at its dense size, as a fixed part
-        base = dataclasses.replace(base, params_fixed=base.params_fixed + sum(
-            narrowed.units[k].dense_params for k in narrowed.units if narrowed.units[k] not in units))
-        base = dataclasses.replace(base, macs_fixed=base.macs_fixed + sum(
-            narrowed.units[k].dense_params for k in narrowed.units if narrowed.units[k] not in units))
+    if narrowed is not None:  # blocks not measured are left whole: a fixed part at their dense size
+        base = base.with_widths(dataclasses.replace(narrowed, units={u.block.up.key: u for u in units}))
     fixed_plans = dict(narrowed.plans) if narrowed is not None else {}
     numbers: dict[str, Any] = {"grid": [round(f, 4) for f in GRID], "points": min(cfg.sensitivity_points or len(GRID), len(GRID))}
     if units:
