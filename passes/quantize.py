@@ -43,7 +43,7 @@ from onnx_lowrank.pipeline import Context, StageResult, Step
 
 from .rewrite import Rewritten
 
-__all__ = ["QUANTIZE_MODES", "quantize", "quantize_int8", "quantized_weights", "unquantized", "Quantize", "Quantized"]
+__all__ = ["QUANTIZE_MODES", "quantize", "quantize_int8", "lift_constants", "quantized_weights", "unquantized", "Quantize", "Quantized"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,34 @@ def quantize(model: onnx.ModelProto, mode: str, *, base_dir: str | os.PathLike |
     return quantize_int8(model, base_dir=base_dir, per_channel=mode == "int8-per-channel")
 
 
+def lift_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with the main graph's tensor-valued ``Constant`` nodes as initializers of the
+    same name (a copy; the model itself when there are none).  onnxruntime's quantizer reads
+    weights from initializers only and fails on a weight held in a ``Constant`` node, as some
+    exporters (Paddle, older TensorFlow) write every weight.  Before IR 4 an initializer must
+    also be a graph input, so such models are left as they are."""
+    if model.ir_version < 4 or not any(n.op_type == "Constant" and len(n.output) == 1 and n.attribute
+                                       and n.attribute[0].name == "value" for n in model.graph.node):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    outputs = {o.name for o in graph.output}
+    keep = []
+    for n in graph.node:
+        attr = n.attribute[0] if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1 else None
+        if attr is not None and attr.name == "value" and n.output[0] not in outputs:
+            t = onnx.TensorProto()
+            t.CopyFrom(attr.t)
+            t.name = n.output[0]
+            graph.initializer.append(t)
+        else:
+            keep.append(n)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return out
+
+
 def quantize_int8(model: onnx.ModelProto, *, base_dir: str | os.PathLike | io.DataFiles | None = None,
                   op_types: Iterable[str] | None = None, per_channel: bool = False) -> onnx.ModelProto:
     """Dynamic int8 quantization of a model's constant MatMul/Gemm weights (onnxruntime).
@@ -121,6 +149,7 @@ def quantize_int8(model: onnx.ModelProto, *, base_dir: str | os.PathLike | io.Da
     except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
         raise UsageError(f"{option('quantize')} needs onnxruntime's quantization tools ({exc}).") from None
     _check_float32(model)
+    model = lift_constants(model)
     large = io.uses_external_data(model) or model.ByteSize() > io.PROTOBUF_LIMIT // 2
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-int8-") as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"

@@ -181,3 +181,29 @@ def test_cli_quantize_per_channel_names_the_mode(tmp_path, capsys):
     assert "int8:          onnxruntime dynamic quantization (int8-per-channel); 4 of 4 factor(s) quantized" in capsys.readouterr().out
     assert main([str(src), "-o", str(tmp_path / "x.onnx"), "--quantize", "int3"]) == 2
     assert "int8-per-channel" in capsys.readouterr().err
+
+
+def _with_constant_weights(m: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with every weight in a Constant node, as Paddle and older TensorFlow export."""
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in out.graph.initializer]
+    del out.graph.initializer[:]
+    nodes = consts + list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-per-channel"])
+def test_int8_quantizes_weights_held_in_constant_nodes(mode):
+    rng = np.random.default_rng(5)
+    src = _with_constant_weights(model(rng.standard_normal((96, 128)).astype(np.float32),
+                                       rng.standard_normal((96, 64)).astype(np.float32)))
+    before = src.SerializeToString()
+    res = compress(src, energy=1.0, min_params=0, quantize=mode)
+    assert src.SerializeToString() == before  # the input model is left alone
+    assert quantized_weights(res.model) == {"W1", "W2"}
+    assert not any(n.op_type == "Constant" and n.output[0] in ("W1", "W2") for n in res.model.graph.node)
+    x = np.random.default_rng(1).standard_normal((32, 128)).astype(np.float32)
+    assert compare("y", _outputs(src, x), _outputs(res.model, x)).cosine_min > 0.99
