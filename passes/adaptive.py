@@ -49,7 +49,8 @@ from onnx_lowrank.runtime.executor import Executor, InProcess
 from onnx_lowrank.verify import compare, judge
 
 from .calibrate import Calibration
-from .decide import BudgetBase, Decided, Int4Candidate, allocate_decisions, decide_conv, int4_choices, plan_options, width_options
+from .decide import (BudgetBase, Decided, Int4Candidate, allocate_decisions, block_byte_cost, decide_conv, int4_choices,
+                     plan_options, width_options)
 from .discover import Discovery
 from .load import Loaded
 from .rewrite import Rewritten
@@ -390,7 +391,8 @@ def _options(active: list[LayerPlan], cfg: CompressConfig, names: list[str], int
     return options, labels
 
 
-def _unit_options(units: list[WidthUnit], curves: list[Curve] | None, names: list[str]) -> list[linalg.Options]:
+def _unit_options(units: list[WidthUnit], curves: list[Curve] | None, names: list[str],
+                  byte_cost: Callable[[Any, int], int] | None = None) -> list[linalg.Options]:
     """Each block's widths from its narrowest measured one up (their measured or fitted
     sensitivities; zeros before any is measured)."""
     out = []
@@ -398,16 +400,17 @@ def _unit_options(units: list[WidthUnit], curves: list[Curve] | None, names: lis
         low = grid_widths(u)[0]
         ks = tuple(x for x in u.ks if x >= low)
         errors = curves[k].at(list(ks)) if curves is not None else np.zeros(len(ks))
-        out.append(width_options(dataclasses.replace(u, ks=ks, errors=np.asarray(errors, dtype=np.float64)), names))
+        out.append(width_options(dataclasses.replace(u, ks=ks, errors=np.asarray(errors, dtype=np.float64)), names, byte_cost))
     return out
 
 
 def _cheapest(active: list[LayerPlan], units: list[WidthUnit], cfg: CompressConfig, base: BudgetBase,
-              target: float | None, int4: Int4Forms | None) -> None:
+              target: float | None, int4: Int4Forms | None, byte_cost: Callable[[Any, int], int] | None = None) -> None:
     """Allocate with nothing measured yet: raises when a budget cannot be met at all."""
     limits = base.limits(cfg, target_params=target)
     names = [name for name, _, _ in limits]
-    allocate_decisions(active, _options(active, cfg, names, int4)[0], limits, base, STAGE, units=_unit_options(units, None, names))
+    allocate_decisions(active, _options(active, cfg, names, int4)[0], limits, base, STAGE,
+                       units=_unit_options(units, None, names, byte_cost))
 
 
 def _lowest_budget(active: list[LayerPlan], units: list[WidthUnit], cfg: CompressConfig, base: BudgetBase) -> float:
@@ -433,7 +436,8 @@ def _measurable_units(narrowed: Narrowed | None, main: set[str]) -> tuple[list[W
 def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase, feeds: Feeds,
                     labels: np.ndarray | None, data: io.DataFiles | None, *, threads: int | None = None,
                     progress: Progress | None = None, executor: Executor | None = None,
-                    narrowed: Narrowed | None = None, sample: Feeds | None = None, int4: Int4Forms | None = None) -> Adapted:
+                    narrowed: Narrowed | None = None, sample: Feeds | None = None, int4: Int4Forms | None = None,
+                    byte_cost: Callable[[Any, int], int] | None = None) -> Adapted:
     """Measure, allocate and search (see the module docstring).
 
     ``sample``: the feeds sensitivities are measured on (default ``feeds``, which the budget
@@ -451,7 +455,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     main = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     units, whole = _measurable_units(narrowed, main)
     if narrowed is not None:  # blocks not measured are left whole: a fixed part at their dense size
-        base = base.with_widths(dataclasses.replace(narrowed, units={u.block.up.key: u for u in units}))
+        base = base.with_widths(dataclasses.replace(narrowed, units={u.block.up.key: u for u in units}), byte_cost)
     fixed_plans = dict(narrowed.plans) if narrowed is not None else {}
     numbers: dict[str, Any] = {"grid": [round(f, 4) for f in GRID], "points": min(cfg.sensitivity_points or len(GRID), len(GRID))}
     if units:
@@ -463,7 +467,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     # allocator counts it.
     lo = _lowest_budget(active, units, cfg, base)
     if cfg.max_drop is None:
-        _cheapest(active, units, cfg, base, None, int4)
+        _cheapest(active, units, cfg, base, None, int4, byte_cost)
     fixed: dict[str, np.ndarray] = {}
     for plan in fixed_plans.values():
         fixed.update(emulated_arrays(plan))
@@ -491,7 +495,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
             limits = base.limits(cfg, target_params=target)
             names = [name for name, _, _ in limits]
             options, labels = _options(active, cfg, names, int4, rank_curves, int4_curves)
-            unit_opts = _unit_options(units, width_curves, names)
+            unit_opts = _unit_options(units, width_curves, names, byte_cost)
             chosen_units: list[int] = []
             picked: list[int] = []
             out = allocate_decisions(active, options, limits, base, STAGE, units=unit_opts, chosen_units=chosen_units,
@@ -549,7 +553,8 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
         new_widths = None
         if narrowed is not None and narrowed.units:
             chosen_plans = {**fixed_plans, **{units[k].block.up.key: refit(k, w) for k, w in widths.items() if w is not None}}
-            whole += [(units[k].block.name, "left whole: other layers lose less per parameter saved")
+            per = "byte" if cfg.target_bytes is not None else "parameter"
+            whole += [(units[k].block.name, f"left whole: other layers lose less per {per} saved")
                       for k, w in widths.items() if w is None]
             new_widths = dataclasses.replace(narrowed, plans=chosen_plans, units={}, skipped=narrowed.skipped + whole)
         if int4 is not None:
@@ -575,7 +580,8 @@ class Adapt(Step):
         feeds, sample = calibration.feeds, calibration.sensitivity_feeds(cfg.adaptive_samples)
         adapted = decide_adaptive(ctx.model, plans, cfg, base, feeds, feeds.labels, ctx.data, progress=ctx.progress,
                                   executor=ctx.executor, narrowed=ctx.get(Narrowed), sample=sample,
-                                  int4=_int4_forms(ctx, active))
+                                  int4=_int4_forms(ctx, active),
+                                  byte_cost=block_byte_cost(cfg, ctx.need(Discovery)) if cfg.target_bytes is not None else None)
         if sample.samples is not None and adapted.base is not None:
             adapted.numbers["samples"] = sample.samples
         return adapted

@@ -28,7 +28,8 @@ from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import MATRIX, Decision, LayerPlan, Skip, SkipCode
 
 __all__ = ["Decide", "Decided", "BudgetBase", "per_layer", "decide_conv", "decide_budget", "budget_options",
-           "allocate_decisions", "rank_ceiling", "BUDGETS", "plan_options", "int4_choices"]
+           "allocate_decisions", "rank_ceiling", "BUDGETS", "plan_options", "int4_choices", "width_options", "block_byte_cost",
+           "Int4Unit", "unit_int4_options"]
 
 STAGE = "decide"
 #: The budget options, as config keys.
@@ -171,12 +172,20 @@ class BudgetBase:
                    macs_total=macs, macs_fixed=macs - sum(p.macs(None) for p in plans),
                    bytes_total=n_bytes, bytes_fixed=fixed_bytes)
 
-    def with_widths(self, narrowed) -> "BudgetBase":
+    def with_widths(self, narrowed, byte_cost: Callable[[Any, int], int] | None = None) -> "BudgetBase":
         """The same base with the feed-forward blocks of width reduction taken out of the fixed
         part: a block narrowed to a fraction counts at its narrowed size, a block the budget
-        sizes (``ffn_keep="auto"``) is allocated, not fixed."""
+        sizes (``ffn_keep="auto"``) is allocated, not fixed.  ``byte_cost(block, params)``: the
+        bytes a block's projections take as written (for ``target_bytes``)."""
         out = narrowed.saved_params() + sum(u.dense_params for u in narrowed.units.values())
-        return dataclasses.replace(self, params_fixed=self.params_fixed - out, macs_fixed=self.macs_fixed - out)
+        out_bytes = 0
+        if byte_cost is not None:
+            out_bytes = sum(byte_cost(u.block, u.dense_params) for u in narrowed.units.values())
+            for p in narrowed.plans.values():
+                dense = int(np.prod(p.block.shapes[0])) + int(np.prod(p.block.shapes[1]))
+                out_bytes += byte_cost(p.block, dense) - byte_cost(p.block, dense // p.block.hidden * p.kept)
+        return dataclasses.replace(self, params_fixed=self.params_fixed - out, macs_fixed=self.macs_fixed - out,
+                                   bytes_fixed=self.bytes_fixed - out_bytes)
 
     def with_decided_convs(self, plans: dict[int, LayerPlan], decisions: dict[int, Decision]) -> "BudgetBase":
         """The same base with every Conv the per-layer rule factorized counted at its factorized
@@ -292,23 +301,76 @@ def allocate_decisions(plans: list[LayerPlan], options: list[linalg.Options], li
     return out
 
 
-def width_options(unit, budgets: list[str]) -> linalg.Options:
+def width_options(unit, budgets: list[str], byte_cost: Callable[[Any, int], int] | None = None) -> linalg.Options:
     """A feed-forward block's options under a budget: its widths, then whole; its costs are
-    its two projections' parameters (and MACs per row, the same number)."""
-    costs = np.array([[unit.params(k)] * len(budgets) for k in unit.ks] + [[unit.dense_params] * len(budgets)], dtype=np.float64)
+    its two projections' parameters (and MACs per row, the same number), and for
+    ``target_bytes`` their bytes as written (``byte_cost(block, params)``)."""
+    def cost(params: int) -> list[int]:
+        return [byte_cost(unit.block, params) if b == "target_bytes" else params for b in budgets]
+
+    if "target_bytes" in budgets and byte_cost is None:
+        raise ValueError("a byte budget needs byte_cost")
+    costs = np.array([cost(unit.params(k)) for k in unit.ks] + [cost(unit.dense_params)], dtype=np.float64)
     return linalg.Options(ranks=tuple(unit.ks) + (None,), errors=np.append(unit.errors, 0.0), costs=costs)
+
+
+def block_byte_cost(cfg: CompressConfig, found) -> Callable[[Any, int], int]:
+    """``byte_cost(block, params)`` for :func:`width_options`: a feed-forward block's projections
+    in float (or int8 after ``--quantize int8*``), at its weights' element size."""
+    return lambda block, params: stored_bytes(cfg, params, itemsize(found.group(block.up.key)), None)
+
+
+@dataclass(frozen=True)
+class Int4Unit:
+    """A feed-forward block's 4-bit forms under a byte budget (``--quantize int4``): both
+    projections in 4-bit blocks, each with a correction branch of one rank, at each width the
+    block may keep (``None``: whole).
+
+    Attributes:
+        ranks: Branch ranks priced.
+        forms: Per width: the bytes of the two projections at each rank, and their whitened
+            errors at each rank, summed (:func:`linalg.quant.column_correction_errors`).
+    """
+
+    ranks: tuple[int, ...]
+    forms: dict[int | None, tuple[tuple[int, ...], tuple[float, ...]]]
+
+
+def unit_int4_options(unit, cand: Int4Unit) -> tuple[linalg.Options, list[tuple[int | None, int]]]:
+    """A block's options under a byte budget with ``--quantize int4``: every width (and whole)
+    with every branch rank, priced in bytes; the error of a narrowed one is its refit error plus
+    its projections' 4-bit errors.  Sorted by bytes, options that cost more for no less error
+    dropped (as :func:`with_int4`); each option's ``(width, rank)``."""
+    width_error = dict(zip(unit.ks, (float(e) for e in unit.errors)))
+    points = []
+    for k, (costs, errors) in cand.forms.items():
+        base = width_error.get(k, 0.0) if k is not None else 0.0
+        points += [(float(c), base + float(e), (k, r)) for r, c, e in zip(cand.ranks, costs, errors)]
+    points.sort(key=lambda t: (t[0], t[1]))
+    kept: list[tuple[float, float, tuple]] = []
+    for p in points:
+        if kept and (p[0] == kept[-1][0] or p[1] >= kept[-1][1]):
+            continue
+        kept.append(p)
+    options = linalg.Options(ranks=tuple(lab[0] for _, _, lab in kept), errors=np.array([e for _, e, _ in kept]),
+                             costs=np.array([[c] for c, _, _ in kept]))
+    return options, [lab for _, _, lab in kept]
 
 
 def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase, units: dict | None = None,
                   sizes: dict[int, int] | None = None, int4: dict[int, "Int4Candidate"] | None = None,
-                  chosen_int4_out: dict[int, int] | None = None) -> tuple[dict[int, Decision], dict[int, int | None]]:
+                  chosen_int4_out: dict[int, int] | None = None, byte_cost: Callable[[Any, int], int] | None = None,
+                  int4_units: dict[int, Int4Unit] | None = None) -> tuple[dict[int, Decision], dict[int, int | None]]:
     """Allocate ``target_params``/``target_macs``/``target_bytes`` across the MatMul/Gemm plans
     (module docstring) and the feed-forward blocks whose width the budget sizes (``units``, by
     key: their chosen width, ``None`` for whole).
 
     ``sizes``: bytes per element of each plan's weight (for ``target_bytes``).  ``int4``: the
     plans that may take 4-bit blocks with a correction instead (``--quantize int4``); the ranks
-    chosen for those that do go into ``chosen_int4_out``."""
+    chosen for those that do go into ``chosen_int4_out``.  ``byte_cost``: a block's bytes (for
+    ``target_bytes``); ``int4_units``: the blocks whose projections take 4-bit blocks, with
+    their forms (their chosen branch rank goes into ``chosen_int4_out`` under both projections'
+    keys)."""
     decisions = {k: decide_conv(p, cfg) for k, p in plans.items() if p.is_conv and p.active}
     base = base.with_decided_convs(plans, decisions)
     active = [p for p in plans.values() if p.active and not p.is_conv]
@@ -324,13 +386,24 @@ def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: Budget
         options.append(opt)
         labels.append(lab)
     units = units or {}
-    unit_options = [width_options(u, names) for u in units.values()]
+    int4_units = int4_units or {}
+    unit_options, unit_labels = [], []
+    for key, u in units.items():
+        if key in int4_units:
+            opt, lab = unit_int4_options(u, int4_units[key])
+        else:
+            opt, lab = width_options(u, names, byte_cost), None
+        unit_options.append(opt)
+        unit_labels.append(lab)
     chosen: list[int] = []
     picked: list[int] = []
     decisions.update(allocate_decisions(active, options, limits, base, units=unit_options, chosen_units=chosen,
                                         chosen_plans=picked))
     chosen_int4 = int4_choices(decisions, active, labels, picked)
-    if int4 and chosen_int4_out is not None:
+    for u, lab, i in zip(units.values(), unit_labels, chosen):
+        if lab is not None:
+            chosen_int4[u.block.up.key] = chosen_int4[u.block.down.key] = lab[i][1]
+    if (int4 or int4_units) and chosen_int4_out is not None:
         chosen_int4_out.update(chosen_int4)
     return decisions, {key: opt.ranks[i] for key, opt, i in zip(units, unit_options, chosen)}
 
@@ -419,26 +492,33 @@ class Decide(Step):
             matrices = [p for p in plans.values() if p.active and not p.is_conv]
             found = ctx.need(Discovery)
             base = BudgetBase.of(found.groups, matrices, cfg, ctx.need(Loaded).params)
+            byte_cost = block_byte_cost(cfg, found) if cfg.target_bytes is not None else None
             if narrowed is not None:
-                base = base.with_widths(narrowed)
+                base = base.with_widths(narrowed, byte_cost)
             sizes = {p.key: itemsize(found.group(p.key)) for p in matrices}
-            int4 = None
+            int4 = int4_units = None
             if cfg.quantize == "int4" and cfg.target_bytes is not None:
-                from .int4 import budget_candidates
+                from .int4 import budget_candidates, unit_candidates
 
                 int4 = budget_candidates(ctx, matrices)
+                if narrowed is not None and narrowed.units:
+                    int4_units = unit_candidates(ctx, narrowed.units)
             int4_ranks: dict[int, int] = {}
             budgeted, widths = decide_budget(plans, cfg, base, narrowed.units if narrowed is not None else None, sizes=sizes,
-                                             int4=int4, chosen_int4_out=int4_ranks)
+                                             int4=int4, chosen_int4_out=int4_ranks, byte_cost=byte_cost,
+                                             int4_units=int4_units)
             decisions.update(budgeted)
-            if int4 is not None:
-                return Decided(decisions, int4_ranks=int4_ranks)
+            chosen_widths = None
             if narrowed is not None and narrowed.units:
+                per = "byte" if cfg.target_bytes is not None else "parameter"
                 chosen = {key: narrowed.units[key].plan(k) for key, k in widths.items() if k is not None}
-                whole = [(narrowed.units[key].block.name, "left whole by the budget: other layers lose less per parameter "
+                whole = [(narrowed.units[key].block.name, f"left whole by the budget: other layers lose less per {per} "
                           "saved") for key, k in widths.items() if k is None]
-                return Decided(decisions, widths=dataclasses.replace(narrowed, plans=chosen, units={},
-                                                                       skipped=narrowed.skipped + whole))
+                chosen_widths = dataclasses.replace(narrowed, plans=chosen, units={}, skipped=narrowed.skipped + whole)
+            if int4 is not None:
+                return Decided(decisions, int4_ranks=int4_ranks, widths=chosen_widths)
+            if chosen_widths is not None:
+                return Decided(decisions, widths=chosen_widths)
         else:
             decisions.update({k: per_layer(p, cfg) for k, p in plans.items() if p.active})
         return Decided(decisions)

@@ -54,7 +54,7 @@ from onnx_lowrank.pipeline import Context, StageResult
 from .rewrite import NameScope, opset_version, remove_constant
 
 __all__ = ["DOMAIN", "Int4Options", "Int4Layer", "Int4Pair", "Int4Summary", "Int4Quantized", "quantize_int4",
-           "runtime_problem", "require_runtime", "run_stage", "weight_bytes", "emulated_weight"]
+           "runtime_problem", "require_runtime", "run_stage", "weight_bytes", "emulated_weight", "unit_candidates"]
 
 log = logging.getLogger(__name__)
 
@@ -751,6 +751,56 @@ def budget_candidates(ctx: Context, plans: list) -> dict[int, Any]:
         # as attention-aware whitening does, which would make the two forms incomparable)
         s = quant.whitened_values(w, gram, damping=cfg.damping)
         out[plan.key] = Int4Candidate(tuple(ranks), tuple(costs), tuple(float(e) for e in errors), s)
+    return out
+
+
+def unit_candidates(ctx: Context, units: Mapping[int, Any]) -> dict[int, Any]:
+    """Per feed-forward block a byte budget sizes (``ffn_keep="auto"``, by key) whose two
+    projections can both take 4-bit blocks: their bytes and whitened errors with a branch of each
+    rank (:data:`~.decide.INT4_RANKS` up to ``int4_max_rank``, one rank for both), at each width
+    the block may keep and whole (:class:`~.decide.Int4Unit`).  The first projection's columns
+    are quantized once (a narrowed one keeps some of them); the second is refitted per width and
+    quantized as refitted, with the Gram of the kept neurons, as the quantize stage does."""
+    from .decide import INT4_RANKS, Int4Unit
+    from .discover import Discovery
+    from .statistics import Statistics
+
+    cfg = ctx.config
+    found = ctx.need(Discovery)
+    stats = ctx.get(Statistics)
+    grams = stats.capture.grams if stats is not None else {}
+    opset = opset_version(ctx.model)
+    out = {}
+    for key, unit in units.items():
+        b = unit.block
+        up, down = found.group(b.up.key), found.group(b.down.key)
+        if group_problem(up, opset) is not None or group_problem(down, opset) is not None:
+            continue
+        w1 = _multiplied(up, ctx.data.read(up.weight.tensor).astype(np.float32))
+        d, f = w1.shape
+        w2 = np.asarray(unit.w2, np.float64)
+        n = w2.shape[1]
+        ranks = [r for r in INT4_RANKS if r <= min(cfg.int4_max_rank, d, n)]
+        gram1 = grams[b.up.key][0] if b.up.key in grams else None
+        if gram1 is not None and gram1.shape != (d, d):
+            gram1 = None
+        plans = {k: unit.plan(k) for k in unit.ks}
+        widths: list[int | None] = [*unit.ks, None]
+        first = quant.column_correction_errors(w1, gram1, ranks, [np.asarray(plans[k].fit.keep) if k is not None else None
+                                                                   for k in widths], block=cfg.int4_block, damping=cfg.damping)
+        forms = {}
+        for k, e1 in zip(widths, first):
+            keep = np.asarray(plans[k].fit.keep) if k is not None else np.arange(f)
+            rows = plans[k].fit.w2 if k is not None else w2
+            gram2 = unit.gram[np.ix_(keep, keep)] if unit.gram is not None else None
+            e2 = quant.correction_errors(np.asarray(rows, np.float32), gram2, ranks, block=cfg.int4_block, damping=cfg.damping)
+            width = len(keep)
+            costs = tuple(quant.block_bytes(d, width, cfg.int4_block) + quant.branch_bytes(d, width, r, cfg.int4_factors)
+                          + quant.block_bytes(width, n, cfg.int4_block) + quant.branch_bytes(width, n, r, cfg.int4_factors)
+                          for r in ranks)
+            forms[k] = (costs, tuple(float(a + c) for a, c in zip(e1, e2)))
+        out[key] = Int4Unit(tuple(ranks), forms)
+        ctx.progress(len(out), len(units), f"4-bit forms of {b.name}")
     return out
 
 

@@ -278,6 +278,60 @@ def test_narrowed_blocks_go_to_int4_whitened_by_the_kept_neurons():
 
 # ------------------------------------------------------------------ one byte budget over every form
 
+def test_a_byte_budget_sizes_feed_forward_widths_against_factor_pairs():
+    from test_width import _feeds, _with_projection, ffn_model
+
+    m = _with_projection(ffn_model("gelu"))
+    calib, held = _feeds(300), _feeds(100, seed=7)
+    for frac in (0.7, 0.4):
+        res = compress(m, ffn_keep="auto", data_aware=True, target_bytes=frac, calib=calib, min_params=0)
+        before, after = res.totals.tensor_bytes["matmul weights"]
+        assert after <= frac * before  # the blocks' bytes are in the budget, at the width written
+        widths = {d.weight: d.width for d in res.layers if d.width is not None}
+        assert widths and widths["W1_0"] == widths["W2_0"] and {b["kept"] for b in res.sections["width"]["blocks"]}
+    # float32 weights: bytes are four per parameter, so the choice is the parameter budget's
+    by_params = compress(m, ffn_keep="auto", data_aware=True, target_params=0.4, calib=calib, min_params=0)
+    assert [(d.rank, d.width) for d in res.layers] == [(d.rank, d.width) for d in by_params.layers]
+    # a uniform width counts at its narrowed bytes: the rest of the budget goes to Q
+    res = compress(m, ffn_keep=0.5, data_aware=True, target_bytes=0.5, calib=calib, min_params=0)
+    before, after = res.totals.tensor_bytes["matmul weights"]
+    assert after <= 0.5 * before and {d.weight: d for d in res.layers}["Q"].params_after > 0
+    assert compare("y", run(m, held)[0], run(res.model, held)[0]).rel_l2_error < 0.5
+
+
+def test_a_byte_budget_prices_narrowed_blocks_in_int4_with_one_branch_rank_per_block():
+    from test_width import _feeds, _with_projection, ffn_model
+
+    m = _with_projection(ffn_model("gelu"))
+    calib, held = _feeds(400), _feeds(200, seed=7)
+    ref = run(m, held)[0]
+    errors = {}
+    for frac in (0.12, 0.25):
+        res = compress(m, ffn_keep="auto", data_aware=True, target_bytes=frac, quantize="int4", calib=calib, min_params=0)
+        before, after = res.totals.tensor_bytes["matmul weights"]
+        assert after <= frac * before  # widths, 4-bit blocks and branches priced as written
+        layers = {l["weight"]: l["rank"] for l in res.sections["int4"]["layers"]}
+        assert {"W1_0", "W2_0", "W1_1", "W2_1"} <= set(layers)  # both projections of each block in 4 bits
+        assert layers["W1_0"] == layers["W2_0"] and layers["W1_1"] == layers["W2_1"]
+        errors[frac] = compare("y", ref, run(res.model, held)[0]).rel_l2_error
+        widths = {d.weight: d.width for d in res.layers if d.width is not None}
+        assert all(widths[f"W1_{b}"] == widths[f"W2_{b}"] for b in (0, 1) if f"W1_{b}" in widths)
+    # more bytes, less error; at 12 % of fp32 the blocks must also narrow (4 bits alone are about 16 %)
+    assert errors[0.25] < errors[0.12] and errors[0.25] < 0.2
+    tight = compress(m, ffn_keep="auto", data_aware=True, target_bytes=0.12, quantize="int4", calib=calib, min_params=0)
+    assert tight.totals.narrowed > 0
+
+
+def test_int4_prices_of_column_selections_are_those_of_the_selected_weights():
+    rng = np.random.default_rng(4)
+    w = _w(64, 48)
+    x = rng.standard_normal((500, 64))
+    gram = x.T @ x
+    cols = np.sort(rng.choice(48, 20, replace=False))
+    got = quant.column_correction_errors(w, gram, [0, 4, 16], [cols, None], block=32)
+    assert np.allclose(got[0], quant.correction_errors(w[:, cols], gram, [0, 4, 16], block=32))
+    assert np.allclose(got[1], quant.correction_errors(w, gram, [0, 4, 16], block=32))
+
 def test_a_byte_budget_chooses_between_factor_pairs_and_int4_and_is_kept():
     src = model()
     calib = {"x": _inputs(400, 128, seed=2)}
@@ -326,7 +380,8 @@ def test_without_int4_a_byte_budget_is_a_parameter_budget_for_float32_weights():
 @pytest.mark.parametrize("flags,needle", [
     (dict(target_bytes=0.2, target_params=0.5, quantize="int4"), "--target-bytes is the budget"),
     (dict(target_bytes=0.2, adaptive=True, quantize="int4", max_drop=0.01, metric="cosine"), "--max-drop"),
-    (dict(target_bytes=0.2, ffn_keep=0.5), "--ffn-keep"),
+    (dict(target_bytes=0.2, ffn_keep=0.5, quantize="int4", data_aware=True), "--ffn-keep"),
+    (dict(target_bytes=0.2, ffn_keep="auto", quantize="int4", adaptive=True), "--ffn-keep"),
     (dict(target_bytes=1.5), "--target-bytes"),
     (dict(target_bytes=0.2, quantize="int4", int4_correction=8), "--int4-correction"),
     (dict(quantize="int4", latency_aware=True), "--latency-aware"),

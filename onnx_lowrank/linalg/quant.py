@@ -68,7 +68,8 @@ from .svd import spectrum
 from .whiten import DEFAULT_DAMPING, whitening_factor
 
 __all__ = ["BLOCK_SIZES", "CLIP_GRID", "BlockQuantized", "quantize_blocks", "dequantize", "Correction", "correction",
-           "Fit", "fit", "quantize_columns", "dequantize_columns", "block_bytes", "branch_bytes", "correction_errors", "whitened_values"]
+           "Fit", "fit", "quantize_columns", "dequantize_columns", "block_bytes", "branch_bytes", "correction_errors",
+           "column_correction_errors", "whitened_values"]
 
 #: Block sizes ``MatMulNBits`` takes on CPU (powers of two, at least 16).
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -379,17 +380,29 @@ def correction_errors(w: np.ndarray, gram: np.ndarray | None, ranks: list[int], 
         ranks: Branch ranks to price (0: none).
         block, damping: As for :func:`fit`.
     """
+    return column_correction_errors(w, gram, ranks, [None], block=block, damping=damping)[0]
+
+
+def column_correction_errors(w: np.ndarray, gram: np.ndarray | None, ranks: list[int], columns: list[np.ndarray | None], *,
+                             block: int = 32, damping: float = DEFAULT_DAMPING) -> list[np.ndarray]:
+    """:func:`correction_errors` of ``w[:, c]`` for each column selection ``c`` in ``columns``
+    (``None``: every column), from one quantization and one whitening: blocks run along ``K``,
+    so each column is quantized on its own and a selection's codes are the whole weight's."""
     w64 = np.asarray(w, dtype=np.float64)
     residual = w64 - dequantize(quantize_blocks(w, block))
     if gram is not None:
         lf = whitening_factor(gram, damping)[0]
         residual, w64 = lf.T @ residual, lf.T @ w64
-    whole = float(np.sum(w64 * w64)) or 1.0
-    total = float(np.sum(residual * residual))
     top = max([0, *ranks])
-    s = np.linalg.svd(residual, compute_uv=False)[:top] if top else np.zeros(0)  # values only
-    held = np.concatenate([[0.0], np.cumsum(s.astype(np.float64) ** 2)])
-    return np.array([max(total - held[min(int(c), s.size)], 0.0) / whole for c in ranks])
+    out = []
+    for c in columns:
+        r, ww = (residual, w64) if c is None else (residual[:, c], w64[:, c])
+        whole = float(np.sum(ww * ww)) or 1.0
+        total = float(np.sum(r * r))
+        s = np.linalg.svd(r, compute_uv=False)[:top] if top else np.zeros(0)  # values only
+        held = np.concatenate([[0.0], np.cumsum(s.astype(np.float64) ** 2)])
+        out.append(np.array([max(total - held[min(int(k), s.size)], 0.0) / whole for k in ranks]))
+    return out
 
 
 def whitened_values(w: np.ndarray, gram: np.ndarray | None, *, damping: float = DEFAULT_DAMPING) -> np.ndarray:
