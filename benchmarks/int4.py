@@ -65,6 +65,9 @@ OURS = {
     # width reduction (fp32), and width reduction with int4 on what it leaves
     "ours-ffn0.75": dict(ffn_keep=0.75, quantize=None),
     "ours-ffn0.75-b64-r32": dict(ffn_keep=0.75, data_aware=True, int4_block=64, int4_correction=32),
+    # one byte budget over factor pairs, 4-bit forms and feed-forward widths (layer-local errors)
+    "ours-budget-ffn-b64": dict(data_aware=True, target_bytes=0.174, int4_block=64, ffn_keep="auto"),
+    "ours-budget-ffn-b64-0.15": dict(data_aware=True, target_bytes=0.15, int4_block=64, ffn_keep="auto"),
 }
 
 

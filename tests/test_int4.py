@@ -289,6 +289,9 @@ def test_a_byte_budget_sizes_feed_forward_widths_against_factor_pairs():
         assert after <= frac * before  # the blocks' bytes are in the budget, at the width written
         widths = {d.weight: d.width for d in res.layers if d.width is not None}
         assert widths and widths["W1_0"] == widths["W2_0"] and {b["kept"] for b in res.sections["width"]["blocks"]}
+    adaptive = compress(m, ffn_keep="auto", adaptive=True, target_bytes=0.5, calib=calib, min_params=0)
+    before, after = adaptive.totals.tensor_bytes["matmul weights"]
+    assert after <= 0.5 * before and adaptive.sections["adaptive"]["blocks_measured"] == 2
     # float32 weights: bytes are four per parameter, so the choice is the parameter budget's
     by_params = compress(m, ffn_keep="auto", data_aware=True, target_params=0.4, calib=calib, min_params=0)
     assert [(d.rank, d.width) for d in res.layers] == [(d.rank, d.width) for d in by_params.layers]
