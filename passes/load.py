@@ -65,6 +65,10 @@ _BIAS_SLOTS = {"Gemm": 2, "MatMulNBits": 5, "DynamicQuantizeMatMul": 4, "MatMulI
                "ConvTranspose": 2, "QLinearConv": 8}
 
 
+#: Types of integer codes (``Cast`` then ``Mul`` dequantizes them).
+_INTEGER_CODES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
 def _kind(op: str, slot: int) -> str | None:
     if slot == _BIAS_SLOTS.get(op, -1):
         return None
@@ -94,6 +98,10 @@ def tensor_bytes(model: onnx.ModelProto) -> dict[str, int]:
         consts = [(t.name, t) for t in graph.initializer]
         consts += [(n.output[0], a.t) for n in graph.node if n.op_type == "Constant" and n.output
                    for a in n.attribute if a.name == "value" and a.HasField("t")]
+        # integer codes dequantized as Cast then Mul by their scales: the Mul passes them on too
+        integer = {name for name, t in consts if t.data_type in _INTEGER_CODES}
+        cast_out = {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input and n.input[0] in integer}
+        scaling = {n.output[0] for n in graph.node if n.op_type == "Mul" and n.output and any(i in cast_out for i in n.input)}
         for name, tensor in consts:
             kind, frontier, seen = None, [name], {name}
             for _ in range(4):  # a few steps through DequantizeLinear, Cast, Transpose, ...
@@ -101,7 +109,8 @@ def tensor_bytes(model: onnx.ModelProto) -> dict[str, int]:
                 for value in frontier:
                     for node, slot in readers.get(value, []):
                         kind = kind or _kind(node.op_type, slot)
-                        if node.op_type in _THROUGH and (slot == 0 or node.op_type == "DequantizeLinear"):
+                        if (node.op_type in _THROUGH and (slot == 0 or node.op_type == "DequantizeLinear")
+                                or node.op_type == "Mul" and node.output and node.output[0] in scaling):
                             nxt += [o for o in node.output if o not in seen]
                             seen.update(node.output)
                 if kind or not nxt:

@@ -315,6 +315,7 @@ def test_a_byte_budget_prices_narrowed_blocks_in_int4_with_one_branch_rank_per_b
         res = compress(m, ffn_keep="auto", data_aware=True, target_bytes=frac, quantize="int4", calib=calib, min_params=0)
         before, after = res.totals.tensor_bytes["matmul weights"]
         assert after <= frac * before  # widths, 4-bit blocks and branches priced as written
+        assert after == int4.weight_bytes(res.model)  # int8 factor codes and scales count as MatMul weights
         layers = {l["weight"]: l["rank"] for l in res.sections["int4"]["layers"]}
         assert {"W1_0", "W2_0", "W1_1", "W2_1"} <= set(layers)  # both projections of each block in 4 bits
         assert layers["W1_0"] == layers["W2_0"] and layers["W1_1"] == layers["W2_1"]
