@@ -346,15 +346,22 @@ def unit_int4_options(unit, cand: Int4Unit) -> tuple[linalg.Options, list[tuple[
     for k, (costs, errors) in cand.forms.items():
         base = width_error.get(k, 0.0) if k is not None else 0.0
         points += [(float(c), base + float(e), (k, r)) for r, c, e in zip(cand.ranks, costs, errors)]
-    points.sort(key=lambda t: (t[0], t[1]))
-    kept: list[tuple[float, float, tuple]] = []
-    for p in points:
-        if kept and (p[0] == kept[-1][0] or p[1] >= kept[-1][1]):
-            continue
-        kept.append(p)
+    kept = _cheapest_first(points)
     options = linalg.Options(ranks=tuple(lab[0] for _, _, lab in kept), errors=np.array([e for _, e, _ in kept]),
                              costs=np.array([[c] for c, _, _ in kept]))
     return options, [lab for _, _, lab in kept]
+
+
+def _cheapest_first(points: list[tuple[float, float, Any]]) -> list[tuple[float, float, Any]]:
+    """``(bytes, error, label)`` points sorted by bytes, without those that cost the same bytes
+    for more error or more bytes for no less error (the allocator wants costs rising and errors
+    falling)."""
+    kept: list[tuple[float, float, Any]] = []
+    for p in sorted(points, key=lambda t: (t[0], t[1])):
+        if kept and (p[0] == kept[-1][0] or p[1] >= kept[-1][1]):
+            continue
+        kept.append(p)
+    return kept
 
 
 def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase, units: dict | None = None,
@@ -458,12 +465,7 @@ def with_int4(opt: linalg.Options, cand: Int4Candidate) -> tuple[linalg.Options,
     rising)."""
     points = [(float(opt.costs[i, 0]), float(opt.errors[i]), ("rank", r)) for i, r in enumerate(opt.ranks) if r is not None]
     points += [(float(c), float(e), ("int4", r)) for r, c, e in zip(cand.ranks, cand.costs, cand.errors)]
-    points.sort(key=lambda t: (t[0], t[1]))
-    kept: list[tuple[float, float, tuple]] = []
-    for p in points:
-        if kept and (p[0] == kept[-1][0] or p[1] >= kept[-1][1]):
-            continue  # the same bytes for more error, or more bytes for no less error
-        kept.append(p)
+    kept = _cheapest_first(points)
     options = linalg.Options(ranks=tuple(lab[1] if lab[0] == "rank" else None for _, _, lab in kept),
                              errors=np.array([e for _, e, _ in kept]), costs=np.array([[c] for c, _, _ in kept]))
     return options, [lab for _, _, lab in kept]
