@@ -436,10 +436,6 @@ class CompressConfig:
                 raise UsageError(f"with {option_value('quantize', 'int4')} and {option('target_bytes')}, pass "
                                  f"{option_value('ffn_keep', 'auto')}: the budget then prices each block's widths in 4-bit "
                                  f"blocks; or drop {option('ffn_keep')}.")
-            if self.quantize == "int4" and self.ffn_keep is not None and self.adaptive:
-                raise UsageError(f"{option('adaptive')} does not measure 4-bit forms of narrowed feed-forward blocks; drop "
-                                 f"{option('adaptive')} (the byte budget then sizes widths and 4-bit forms on whitened errors) "
-                                 f"or {option('ffn_keep')}.")
             if self.quantize == "int4" and self.int4_correction != "auto":
                 raise UsageError(f"{option('target_bytes')} chooses each branch's rank itself; drop {option('int4_correction')}.")
         if self.quantize == "int4" and self.latency_aware:

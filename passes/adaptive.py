@@ -49,8 +49,8 @@ from onnx_lowrank.runtime.executor import Executor, InProcess
 from onnx_lowrank.verify import compare, judge
 
 from .calibrate import Calibration
-from .decide import (BudgetBase, Decided, Int4Candidate, allocate_decisions, block_byte_cost, decide_conv, int4_choices,
-                     plan_options, width_options)
+from .decide import (BudgetBase, Decided, Int4Candidate, Int4Unit, allocate_decisions, block_byte_cost, decide_conv,
+                     int4_choices, plan_options, unit_int4_options, width_options)
 from .discover import Discovery
 from .load import Loaded
 from .rewrite import Rewritten
@@ -276,8 +276,10 @@ def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: in
     them, each worker building its own session once (:mod:`onnx_lowrank.runtime.executor`).
     """
     quantized = [p for p in plans if int4 is not None and p.key in int4.candidates]
+    blocks4 = [u for u in units if int4 is not None and u.block.up.key in int4.units]
     curves = [Curve(grid_ranks(p, rank_multiple)) for p in plans] + [Curve(grid_widths(u)) for u in units] + \
-        [Curve(list(int4.candidates[p.key].ranks)) for p in quantized]
+        [Curve(list(int4.candidates[p.key].ranks)) for p in quantized] + \
+        [Curve(list(int4.units[u.block.up.key].ranks)) for u in blocks4]
     at = [measured_ranks(c.ranks, points or len(c.ranks)) for c in curves]
     items: list[dict[str, Any]] = [{p.name: (*linalg.factors(p.view().spectrum, r), p.dtype)} for p, rs in zip(plans, at) for r in rs]
     labels = [f"sensitivity {p.name} rank {r}" for p, rs in zip(plans, at) for r in rs]
@@ -287,6 +289,9 @@ def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: in
     for p, rs in zip(quantized, at[len(plans) + len(units):]):
         items += [int4.arrays(p, r) for r in rs]
         labels += [f"sensitivity {p.name} int4 + rank {r}" for r in rs]
+    for u, rs in zip(blocks4, at[len(plans) + len(units) + len(quantized):]):
+        items += [int4.unit_arrays(u, None, r) for r in rs]
+        labels += [f"sensitivity {u.block.name} int4 + rank {r}" for r in rs]
 
     def report(done: int, total: int) -> None:
         if progress is not None:
@@ -300,7 +305,8 @@ def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: in
     ev.runs += len(items) * feeds
     ev.passes += len(items)
     it = iter(values)
-    kinds = [("rank", p) for p in plans] + [("width", u) for u in units] + [("int4", p) for p in quantized]
+    kinds = [("rank", p) for p in plans] + [("width", u) for u in units] + [("int4", p) for p in quantized] + \
+        [("int4 block", u) for u in blocks4]
     for (kind, thing), curve, rs in zip(kinds, curves, at):
         measured = [next(it) for _ in rs]
         if rs == curve.ranks:
@@ -310,8 +316,10 @@ def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: in
                 loss = truncation_loss(thing, curve.ranks)
             elif kind == "width":
                 loss = np.array([thing.errors[thing.ks.index(k)] for k in curve.ranks])
-            else:
+            elif kind == "int4":
                 loss = np.array(int4.candidates[thing.key].errors, dtype=np.float64)
+            else:  # the whole block in 4 bits, at each branch rank
+                loss = np.array(int4.units[thing.block.up.key].forms[None][1], dtype=np.float64)
             curve.sens = fit_curve(curve.ranks, loss, rs, measured)
         log.debug("sensitivity of %s (%s): %s (measured at %s)", getattr(thing, "name", None) or thing.block.name, kind,
                   dict(zip(curve.ranks, curve.sens)), rs)
@@ -365,6 +373,11 @@ class Int4Forms:
     candidates: dict[int, Int4Candidate]
     arrays: Callable[[LayerPlan, int], dict[str, np.ndarray]]
     sizes: dict[int, int] = field(default_factory=dict)
+    #: Feed-forward blocks whose projections may take 4-bit blocks (``--ffn-keep auto``), by
+    #: block key (:class:`~.decide.Int4Unit`), and how to emulate one narrowed to a
+    #: :class:`~.width.WidthPlan` (``None``: whole) with branches of a rank.
+    units: dict[int, Int4Unit] = field(default_factory=dict)
+    unit_arrays: Callable[[WidthUnit, WidthPlan | None, int], dict[str, np.ndarray]] | None = None
 
 
 def _zeros(ranks: list[int]) -> np.ndarray:
@@ -392,16 +405,36 @@ def _options(active: list[LayerPlan], cfg: CompressConfig, names: list[str], int
 
 
 def _unit_options(units: list[WidthUnit], curves: list[Curve] | None, names: list[str],
-                  byte_cost: Callable[[Any, int], int] | None = None) -> list[linalg.Options]:
+                  byte_cost: Callable[[Any, int], int] | None = None, int4: Int4Forms | None = None,
+                  int4_curves: dict[int, Curve] | None = None) -> tuple[list[linalg.Options], list[list | None]]:
     """Each block's widths from its narrowest measured one up (their measured or fitted
-    sensitivities; zeros before any is measured)."""
-    out = []
+    sensitivities; zeros before any is measured), and what each option is: ``None`` for a block
+    in float, else its ``(width, branch rank)`` per option (a block whose projections may take
+    4-bit blocks: :func:`~.decide.unit_int4_options`, its sensitivity at a width and rank the
+    width's plus the whole block's in 4 bits at that rank, scaled by the ratio of their 4-bit
+    errors)."""
+    out, labels = [], []
     for k, u in enumerate(units):
         low = grid_widths(u)[0]
         ks = tuple(x for x in u.ks if x >= low)
         errors = curves[k].at(list(ks)) if curves is not None else np.zeros(len(ks))
-        out.append(width_options(dataclasses.replace(u, ks=ks, errors=np.asarray(errors, dtype=np.float64)), names, byte_cost))
-    return out
+        narrowed = dataclasses.replace(u, ks=ks, errors=np.asarray(errors, dtype=np.float64))
+        cand = int4.units.get(u.block.up.key) if int4 is not None else None
+        if cand is None:
+            out.append(width_options(narrowed, names, byte_cost))
+            labels.append(None)
+            continue
+        whole = np.asarray(cand.forms[None][1], dtype=np.float64)
+        measured = int4_curves[u.block.up.key].at(list(cand.ranks)) if int4_curves is not None else np.zeros(len(whole))
+        forms = {}
+        for width in (*ks, None):
+            costs, local = cand.forms[width]
+            ratio = np.divide(np.asarray(local), whole, out=np.ones(len(whole)), where=whole > 0)
+            forms[width] = (costs, tuple(float(v) for v in measured * ratio))
+        opt, lab = unit_int4_options(narrowed, Int4Unit(cand.ranks, forms))
+        out.append(opt)
+        labels.append(lab)
+    return out, labels
 
 
 def _cheapest(active: list[LayerPlan], units: list[WidthUnit], cfg: CompressConfig, base: BudgetBase,
@@ -410,14 +443,14 @@ def _cheapest(active: list[LayerPlan], units: list[WidthUnit], cfg: CompressConf
     limits = base.limits(cfg, target_params=target)
     names = [name for name, _, _ in limits]
     allocate_decisions(active, _options(active, cfg, names, int4)[0], limits, base, STAGE,
-                       units=_unit_options(units, None, names, byte_cost))
+                       units=_unit_options(units, None, names, byte_cost, int4)[0])
 
 
 def _lowest_budget(active: list[LayerPlan], units: list[WidthUnit], cfg: CompressConfig, base: BudgetBase) -> float:
     """The smallest ``target_params`` the allocator can meet: each layer (block) at its cheapest
     option, counted exactly as the allocator counts it."""
     names = ["target_params"]
-    cost = sum(float(o.costs[0][0]) for o in _options(active, cfg, names)[0] + _unit_options(units, None, names))
+    cost = sum(float(o.costs[0][0]) for o in _options(active, cfg, names)[0] + _unit_options(units, None, names)[0])
     return min(1.0, (cost + base.params_fixed + 0.5) / base.params_total)
 
 
@@ -454,6 +487,10 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     base = base.with_decided_convs(plans, decisions)
     main = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     units, whole = _measurable_units(narrowed, main)
+    if int4 is not None and int4.units:  # a block in 4 bits is fed both projections: the first must be overridable too
+        in_main = {u.block.up.key for u in units if u.block.up.weight.name in main}
+        int4 = dataclasses.replace(int4, units={k: v for k, v in int4.units.items() if k in in_main})
+    blocks4 = [u for u in units if int4 is not None and u.block.up.key in int4.units]
     if narrowed is not None:  # blocks not measured are left whole: a fixed part at their dense size
         base = base.with_widths(dataclasses.replace(narrowed, units={u.block.up.key: u for u in units}), byte_cost)
     fixed_plans = dict(narrowed.plans) if narrowed is not None else {}
@@ -471,7 +508,8 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     fixed: dict[str, np.ndarray] = {}
     for plan in fixed_plans.values():
         fixed.update(emulated_arrays(plan))
-    weights = [p.name for p in active] + [n for u in units for n in overridden_names(u.block)] + list(fixed)
+    weights = [p.name for p in active] + [n for u in units for n in overridden_names(u.block)] + \
+        [u.block.up.weight.name for u in blocks4] + list(fixed)
     ev = Evaluator(model, weights, feeds, data, threads, fixed=fixed)
     try:
         metric, _ = quality_drop(ev.base, ev.base, labels, metric=cfg.metric, names=ev.names)
@@ -482,8 +520,10 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
             ev.runs, ev.passes = ev.runs + sev.runs, ev.passes + sev.passes
         rank_curves, width_curves = curves[:len(active)], curves[len(active):len(active) + len(units)]
         quantized = [p.key for p in active if int4 is not None and p.key in int4.candidates]
-        int4_curves = dict(zip(quantized, curves[len(active) + len(units):]))
-        emulated: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        rest = curves[len(active) + len(units):]
+        int4_curves = dict(zip(quantized, rest[:len(quantized)]))
+        block4_curves = dict(zip([u.block.up.key for u in blocks4], rest[len(quantized):]))
+        emulated: dict[tuple, dict[str, np.ndarray]] = {}
         refits: dict[tuple[int, int], WidthPlan] = {}
 
         def refit(k: int, width: int) -> WidthPlan:
@@ -495,19 +535,27 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
             limits = base.limits(cfg, target_params=target)
             names = [name for name, _, _ in limits]
             options, labels = _options(active, cfg, names, int4, rank_curves, int4_curves)
-            unit_opts = _unit_options(units, width_curves, names, byte_cost)
+            unit_opts, unit_labels = _unit_options(units, width_curves, names, byte_cost, int4, block4_curves)
             chosen_units: list[int] = []
             picked: list[int] = []
             out = allocate_decisions(active, options, limits, base, STAGE, units=unit_opts, chosen_units=chosen_units,
                                      chosen_plans=picked)
-            return (out, {k: opt.ranks[i] for k, (opt, i) in enumerate(zip(unit_opts, chosen_units))},
-                    int4_choices(out, active, labels, picked, STAGE))
+            quantized_at = int4_choices(out, active, labels, picked, STAGE)
+            for u, lab, i in zip(units, unit_labels, chosen_units):
+                if lab is not None:  # both projections in 4 bits, with branches of one rank
+                    quantized_at[u.block.up.key] = quantized_at[u.block.down.key] = lab[i][1]
+            return out, {k: opt.ranks[i] for k, (opt, i) in enumerate(zip(unit_opts, chosen_units))}, quantized_at
 
         def measure(chosen: tuple[dict[int, Decision], dict[int, int | None], dict[int, int]]) -> float:
             ranks, widths, quantized_at = chosen
             overrides = {p.name: _truncated(p, ranks[p.key].rank) for p in active if ranks[p.key].factorize}
             for k, width in widths.items():
-                if width is not None:
+                r = quantized_at.get(units[k].block.up.key)
+                if r is not None:
+                    if (k, width, r) not in emulated:
+                        emulated[k, width, r] = int4.unit_arrays(units[k], refit(k, width) if width is not None else None, r)
+                    overrides.update(emulated[k, width, r])
+                elif width is not None:
                     overrides.update(emulated_arrays(refit(k, width)))
             for p in active:
                 if p.key in quantized_at:
@@ -588,12 +636,13 @@ class Adapt(Step):
 
 
 def _int4_forms(ctx: Context, active: list[LayerPlan]) -> Int4Forms | None:
-    """The 4-bit forms a byte budget may choose under ``--quantize int4`` (else ``None``)."""
+    """The 4-bit forms a byte budget may choose under ``--quantize int4`` (else ``None``): of the
+    plans, and of the feed-forward blocks whose width it sizes."""
     cfg = ctx.config
     if cfg.quantize != "int4" or cfg.target_bytes is None:
         return None
     from .decide import itemsize
-    from .int4 import budget_candidates, emulated_weight
+    from .int4 import budget_candidates, emulated_block, emulated_weight, unit_candidates
     from .rewrite import opset_version
     from .statistics import Statistics
 
@@ -607,7 +656,15 @@ def _int4_forms(ctx: Context, active: list[LayerPlan]) -> Int4Forms | None:
         gram = grams[plan.key][0] if plan.key in grams else None
         return {plan.name: emulated_weight(group, ctx.data.read(group.weight.tensor), gram, cfg, rank, opset)}
 
-    return Int4Forms(budget_candidates(ctx, active), arrays, {p.key: itemsize(found.group(p.key)) for p in active})
+    narrowed = ctx.get(Narrowed)
+    units = unit_candidates(ctx, narrowed.units) if narrowed is not None and narrowed.units else {}
+    captured = {k: v[0] for k, v in stats.capture.grams.items()} if stats is not None else {}  # as the quantize stage reads them
+
+    def unit_arrays(unit: WidthUnit, plan: WidthPlan | None, rank: int) -> dict[str, np.ndarray]:
+        return emulated_block(found, ctx.data, unit, plan, captured, cfg, rank, opset)
+
+    return Int4Forms(budget_candidates(ctx, active), arrays, {p.key: itemsize(found.group(p.key)) for p in active},
+                     units, unit_arrays)
 
 
 @dataclass

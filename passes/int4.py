@@ -54,7 +54,8 @@ from onnx_lowrank.pipeline import Context, StageResult
 from .rewrite import NameScope, opset_version, remove_constant
 
 __all__ = ["DOMAIN", "Int4Options", "Int4Layer", "Int4Pair", "Int4Summary", "Int4Quantized", "quantize_int4",
-           "runtime_problem", "require_runtime", "run_stage", "weight_bytes", "emulated_weight", "unit_candidates"]
+           "runtime_problem", "require_runtime", "run_stage", "weight_bytes", "emulated_weight", "unit_candidates",
+           "emulated_block"]
 
 log = logging.getLogger(__name__)
 
@@ -814,7 +815,12 @@ def emulated_weight(group: Any, stored: np.ndarray, gram: np.ndarray | None, cfg
     ``int4_factors`` stores them), fitted as the quantize stage fits it.  Adaptive mode measures
     the form by feeding this in place of the weight."""
     w = _multiplied(group, np.asarray(stored, np.float32))
-    k, n = w.shape
+    return _stored_layout(group, _computed(w, gram, cfg, rank, opset), stored.dtype)
+
+
+def _computed(w: np.ndarray, gram: np.ndarray | None, cfg: Any, rank: int, opset: int) -> np.ndarray:
+    """What 4-bit blocks and a rank-``rank`` branch compute for ``x @ w`` (float64)."""
+    k = w.shape[0]
     if gram is not None and gram.shape != (k, k):
         gram = None
     opts = options_of(cfg)
@@ -826,5 +832,41 @@ def emulated_weight(group: Any, stored: np.ndarray, gram: np.ndarray | None, cfg
             a = quant.dequantize_columns(*quant.quantize_columns(a))
             b = quant.dequantize_columns(*quant.quantize_columns(b.T)).T
         eff += a.astype(np.float64) @ b.astype(np.float64)
+    return eff
+
+
+def _stored_layout(group: Any, eff: np.ndarray, dtype: Any) -> np.ndarray:
     transposed = group.layers[0].op_type == "Gemm" and int(_attr(group.layers[0].node, "transB", 0))
-    return np.ascontiguousarray((eff.T if transposed else eff).astype(stored.dtype))
+    return np.ascontiguousarray((eff.T if transposed else eff).astype(dtype))
+
+
+def emulated_block(found: Any, data: io.DataFiles, unit: Any, plan: Any, grams: Mapping[int, np.ndarray], cfg: Any,
+                   rank: int, opset: int = 17) -> dict[str, np.ndarray]:
+    """A feed-forward block in 4-bit blocks with rank-``rank`` branches, narrowed to ``plan``
+    (a :class:`~.width.WidthPlan`; ``None``: whole), in tensors of the shapes as found, for
+    adaptive mode to feed: the first projection's kept columns as its sliced 4-bit form computes
+    them (the others as they are), the second's kept rows as its refitted 4-bit form computes them
+    and zero rows for the dropped neurons, ``b2`` shifted; each fitted as the quantize stage fits
+    the sliced weights (``grams``: input Grams by group key; the second's is sliced to the kept
+    neurons)."""
+    b = unit.block
+    up, down = found.group(b.up.key), found.group(b.down.key)
+    w1 = _multiplied(up, data.read(up.weight.tensor).astype(np.float32)).astype(np.float64)
+    gram1, gram2 = grams.get(b.up.key), grams.get(b.down.key)
+    dtype1 = np.dtype(helper.tensor_dtype_to_np_dtype(up.weight.tensor.data_type))
+    dtype2 = np.dtype(helper.tensor_dtype_to_np_dtype(down.weight.tensor.data_type))
+    if plan is None:
+        w2 = np.asarray(unit.w2, np.float64)
+        return {up.weight.name: _stored_layout(up, _computed(w1.astype(np.float32), gram1, cfg, rank, opset), dtype1),
+                down.weight.name: _stored_layout(down, _computed(w2.astype(np.float32), gram2, cfg, rank, opset), dtype2)}
+    from .width import emulated_arrays
+
+    keep = np.asarray(plan.fit.keep)
+    w1[:, keep] = _computed(np.ascontiguousarray(w1[:, keep]).astype(np.float32), gram1, cfg, rank, opset)
+    rows = np.zeros((b.hidden, plan.fit.w2.shape[1]), dtype=np.float64)
+    g2 = gram2[np.ix_(keep, keep)] if gram2 is not None else None
+    rows[keep] = _computed(np.asarray(plan.fit.w2, np.float32), g2, cfg, rank, opset)
+    out = emulated_arrays(plan)  # b2 shifted (and W2, replaced below)
+    out[up.weight.name] = _stored_layout(up, w1, dtype1)
+    out[down.weight.name] = _stored_layout(down, rows, dtype2)
+    return out
