@@ -68,6 +68,9 @@ OURS = {
     # one byte budget over factor pairs, 4-bit forms and feed-forward widths (layer-local errors)
     "ours-budget-ffn-b64": dict(data_aware=True, target_bytes=0.174, int4_block=64, ffn_keep="auto"),
     "ours-budget-ffn-b64-0.15": dict(data_aware=True, target_bytes=0.15, int4_block=64, ffn_keep="auto"),
+    # the same, allocated on measured sensitivity
+    "ours-adaptive-ffn-b64": dict(data_aware=True, target_bytes=0.174, int4_block=64, ffn_keep="auto", adaptive=True),
+    "ours-adaptive-ffn-b64-0.15": dict(data_aware=True, target_bytes=0.15, int4_block=64, ffn_keep="auto", adaptive=True),
 }
 
 

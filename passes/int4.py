@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -47,7 +46,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank import io, linalg
-from onnx_lowrank.errors import ModelError, UsageError, option, option_value
+from onnx_lowrank.errors import UsageError, option, option_value
 from onnx_lowrank.linalg import quant
 from onnx_lowrank.pipeline import Context, StageResult
 
