@@ -7,7 +7,9 @@ Approach
    whitened truncation loss scaled to them), only that layer is replaced by its rank-``r``
    truncation and the model runs on a sample of the calibration set (``adaptive_samples``, by
    default 64 spread evenly over it).  Feed-forward blocks whose width the budget sizes
-   (``ffn_keep="auto"``) are measured the same way at widths of :data:`WIDTH_GRID`.  The
+   (``ffn_keep="auto"``) are measured the same way at widths of :data:`WIDTH_GRID`; with
+   ``--quantize int4`` and ``target_bytes``, each layer and each such block also in 4-bit blocks
+   at its branch ranks (the weights the runtime's dequantization and the branch compute).  The
    layer's sensitivity at ``r`` is ``1 - mean cosine`` between the outputs and the original
    outputs (averaged over the floating-point outputs): smooth, and defined for every model.
    One onnxruntime session serves every measurement: the weights become overridable
