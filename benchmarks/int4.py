@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         rule = {} if "target_bytes" in kw else {"energy": 1.0}  # a budget allocates itself
         res = compress(model, **{"quantize": "int4", **rule, **kw, **extra})
         info: dict = {"seconds": round(time.perf_counter() - t, 1)}
+        if "width" in res.sections:
+            info["widths"] = [b["kept"] for b in res.sections["width"].get("blocks", [])]
         sec = res.sections.get("int4")
         if sec is not None:
             info.update({"correction": sec["correction"], "statistics": sec["statistics"], "ranks": sec["correction_ranks"],
