@@ -51,8 +51,8 @@ from onnx_lowrank.runtime.executor import Executor, InProcess
 from onnx_lowrank.verify import compare, judge
 
 from .calibrate import Calibration
-from .decide import (BudgetBase, Decided, Int4Candidate, Int4Unit, allocate_decisions, block_byte_cost, decide_conv,
-                     int4_choices, plan_options, unit_int4_options, width_options)
+from .decide import (BudgetBase, Decided, Int4Candidate, Int4Unit, allocate_decisions, block_byte_cost, block_int4_choices,
+                     block_options, decide_conv, int4_choices, plan_options)
 from .discover import Discovery
 from .load import Loaded
 from .rewrite import Rewritten
@@ -422,18 +422,16 @@ def _unit_options(units: list[WidthUnit], curves: list[Curve] | None, names: lis
         errors = curves[k].at(list(ks)) if curves is not None else np.zeros(len(ks))
         narrowed = dataclasses.replace(u, ks=ks, errors=np.asarray(errors, dtype=np.float64))
         cand = int4.units.get(u.block.up.key) if int4 is not None else None
-        if cand is None:
-            out.append(width_options(narrowed, names, byte_cost))
-            labels.append(None)
-            continue
-        whole = np.asarray(cand.forms[None][1], dtype=np.float64)
-        measured = int4_curves[u.block.up.key].at(list(cand.ranks)) if int4_curves is not None else np.zeros(len(whole))
-        forms = {}
-        for width in (*ks, None):
-            costs, local = cand.forms[width]
-            ratio = np.divide(np.asarray(local), whole, out=np.ones(len(whole)), where=whole > 0)
-            forms[width] = (costs, tuple(float(v) for v in measured * ratio))
-        opt, lab = unit_int4_options(narrowed, Int4Unit(cand.ranks, forms))
+        if cand is not None:  # the layer-local 4-bit errors, rescaled to the measured ones
+            whole = np.asarray(cand.forms[None][1], dtype=np.float64)
+            measured = int4_curves[u.block.up.key].at(list(cand.ranks)) if int4_curves is not None else np.zeros(len(whole))
+            forms = {}
+            for width in (*ks, None):
+                costs, local = cand.forms[width]
+                ratio = np.divide(np.asarray(local), whole, out=np.ones(len(whole)), where=whole > 0)
+                forms[width] = (costs, tuple(float(v) for v in measured * ratio))
+            cand = Int4Unit(cand.ranks, forms)
+        opt, lab = block_options(narrowed, names, byte_cost, cand)
         out.append(opt)
         labels.append(lab)
     return out, labels
@@ -543,9 +541,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
             out = allocate_decisions(active, options, limits, base, STAGE, units=unit_opts, chosen_units=chosen_units,
                                      chosen_plans=picked)
             quantized_at = int4_choices(out, active, labels, picked, STAGE)
-            for u, lab, i in zip(units, unit_labels, chosen_units):
-                if lab is not None:  # both projections in 4 bits, with branches of one rank
-                    quantized_at[u.block.up.key] = quantized_at[u.block.down.key] = lab[i][1]
+            quantized_at.update(block_int4_choices(units, unit_labels, chosen_units))
             return out, {k: opt.ranks[i] for k, (opt, i) in enumerate(zip(unit_opts, chosen_units))}, quantized_at
 
         def measure(chosen: tuple[dict[int, Decision], dict[int, int | None], dict[int, int]]) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from onnx import helper
@@ -29,7 +29,7 @@ from onnx_lowrank.plan import MATRIX, Decision, LayerPlan, Skip, SkipCode
 
 __all__ = ["Decide", "Decided", "BudgetBase", "per_layer", "decide_conv", "decide_budget", "budget_options",
            "allocate_decisions", "rank_ceiling", "BUDGETS", "plan_options", "int4_choices", "width_options", "block_byte_cost",
-           "Int4Unit", "unit_int4_options"]
+           "Int4Unit", "unit_int4_options", "block_options", "block_int4_choices"]
 
 STAGE = "decide"
 #: The budget options, as config keys.
@@ -181,9 +181,7 @@ class BudgetBase:
         out_bytes = 0
         if byte_cost is not None:
             out_bytes = sum(byte_cost(u.block, u.dense_params) for u in narrowed.units.values())
-            for p in narrowed.plans.values():
-                dense = int(np.prod(p.block.shapes[0])) + int(np.prod(p.block.shapes[1]))
-                out_bytes += byte_cost(p.block, dense) - byte_cost(p.block, dense // p.block.hidden * p.kept)
+            out_bytes += sum(byte_cost(p.block, p.dense_params) - byte_cost(p.block, p.params) for p in narrowed.plans.values())
         return dataclasses.replace(self, params_fixed=self.params_fixed - out, macs_fixed=self.macs_fixed - out,
                                    bytes_fixed=self.bytes_fixed - out_bytes)
 
@@ -352,6 +350,26 @@ def unit_int4_options(unit, cand: Int4Unit) -> tuple[linalg.Options, list[tuple[
     return options, [lab for _, _, lab in kept]
 
 
+def block_options(unit, budgets: list[str], byte_cost: Callable[[Any, int], int] | None,
+                  cand: Int4Unit | None) -> tuple[linalg.Options, list[tuple[int | None, int]] | None]:
+    """A feed-forward block's options under the budgets and what each one is: its widths in
+    float (:func:`width_options`; ``None``), or with ``cand`` its widths and branch ranks in 4-bit
+    blocks (:func:`unit_int4_options`; ``(width, rank)`` per option)."""
+    if cand is None:
+        return width_options(unit, budgets, byte_cost), None
+    return unit_int4_options(unit, cand)
+
+
+def block_int4_choices(units: Iterable[Any], labels: Iterable[list | None], picked: Iterable[int]) -> dict[int, int]:
+    """The branch rank of both projections of each block whose picked option is in 4-bit blocks,
+    by group key (labels as :func:`block_options` gives them)."""
+    out = {}
+    for u, lab, i in zip(units, labels, picked):
+        if lab is not None:
+            out[u.block.up.key] = out[u.block.down.key] = lab[i][1]
+    return out
+
+
 def _cheapest_first(points: list[tuple[float, float, Any]]) -> list[tuple[float, float, Any]]:
     """``(bytes, error, label)`` points sorted by bytes, without those that cost the same bytes
     for more error or more bytes for no less error (the allocator wants costs rising and errors
@@ -394,22 +412,14 @@ def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: Budget
         labels.append(lab)
     units = units or {}
     int4_units = int4_units or {}
-    unit_options, unit_labels = [], []
-    for key, u in units.items():
-        if key in int4_units:
-            opt, lab = unit_int4_options(u, int4_units[key])
-        else:
-            opt, lab = width_options(u, names, byte_cost), None
-        unit_options.append(opt)
-        unit_labels.append(lab)
+    per_block = [block_options(u, names, byte_cost, int4_units.get(key)) for key, u in units.items()]
+    unit_options, unit_labels = [o for o, _ in per_block], [lab for _, lab in per_block]
     chosen: list[int] = []
     picked: list[int] = []
     decisions.update(allocate_decisions(active, options, limits, base, units=unit_options, chosen_units=chosen,
                                         chosen_plans=picked))
     chosen_int4 = int4_choices(decisions, active, labels, picked)
-    for u, lab, i in zip(units.values(), unit_labels, chosen):
-        if lab is not None:
-            chosen_int4[u.block.up.key] = chosen_int4[u.block.down.key] = lab[i][1]
+    chosen_int4.update(block_int4_choices(units.values(), unit_labels, chosen))
     if (int4 or int4_units) and chosen_int4_out is not None:
         chosen_int4_out.update(chosen_int4)
     return decisions, {key: opt.ranks[i] for key, opt, i in zip(units, unit_options, chosen)}
@@ -517,10 +527,7 @@ class Decide(Step):
                 whole = [(narrowed.units[key].block.name, f"left whole by the budget: other layers lose less per {per} "
                           "saved") for key, k in widths.items() if k is None]
                 chosen_widths = dataclasses.replace(narrowed, plans=chosen, units={}, skipped=narrowed.skipped + whole)
-            if int4 is not None:
-                return Decided(decisions, int4_ranks=int4_ranks, widths=chosen_widths)
-            if chosen_widths is not None:
-                return Decided(decisions, widths=chosen_widths)
+            return Decided(decisions, widths=chosen_widths, int4_ranks=int4_ranks if int4 is not None else None)
         else:
             decisions.update({k: per_layer(p, cfg) for k, p in plans.items() if p.active})
         return Decided(decisions)

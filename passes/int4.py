@@ -414,17 +414,15 @@ def weight_bytes(model: onnx.ModelProto, op_types: Iterable[str] = ("MatMul", "G
                                                                       "MatMulInteger", "DynamicQuantizeMatMul")) -> int:
     """Bytes of the main graph's constants read by ``op_types`` nodes (MatMul weights and their
     codes, scales and zero points; int8 factors through their ``Cast`` and the ``Mul`` by their scales)."""
+    from .load import code_dequantizers
+
     consts = _constants(model.graph)
     wanted = set(op_types)
+    dequantizers = code_dequantizers(model.graph, {name: c.tensor for name, c in consts.items()})
     seen: set[str] = set()
     total = 0
-    casts: set[str] = set()  # outputs of Casts of int8 factors: the Mul after one reads its scales
     for node in model.graph.node:
-        cast = (node.op_type == "Cast" and node.input[0] in consts
-                and consts[node.input[0]].tensor.data_type == TensorProto.INT8)
-        if cast:
-            casts.update(node.output)
-        if node.op_type in wanted or cast or (node.op_type == "Mul" and any(i in casts for i in node.input)):
+        if node.op_type in wanted or (node.output and node.output[0] in dequantizers):
             for name in node.input:
                 if name in consts and name not in seen:
                     seen.add(name)
@@ -796,7 +794,7 @@ def unit_candidates(ctx: Context, units: Mapping[int, Any]) -> dict[int, Any]:
         for k, e1 in zip(widths, first):
             keep = np.asarray(plans[k].fit.keep) if k is not None else np.arange(f)
             rows = plans[k].fit.w2 if k is not None else w2
-            gram2 = unit.gram[np.ix_(keep, keep)] if unit.gram is not None else None
+            gram2 = unit.gram[np.ix_(keep, keep)] if k is not None else unit.gram
             e2 = quant.correction_errors(np.asarray(rows, np.float32), gram2, ranks, block=cfg.int4_block, damping=cfg.damping)
             width = len(keep)
             costs = tuple(quant.block_bytes(d, width, cfg.int4_block) + quant.branch_bytes(d, width, r, cfg.int4_factors)

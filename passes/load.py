@@ -69,6 +69,15 @@ _BIAS_SLOTS = {"Gemm": 2, "MatMulNBits": 5, "DynamicQuantizeMatMul": 4, "MatMulI
 _INTEGER_CODES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
+def code_dequantizers(graph: onnx.GraphProto, consts: dict[str, onnx.TensorProto]) -> set[str]:
+    """Outputs of the nodes that dequantize integer codes spelled as ``Cast`` then ``Mul`` by
+    their scales (how the int4 pass stores low-rank factors): the ``Cast`` of an integer
+    constant of ``consts`` (by name), and a ``Mul`` of that ``Cast``'s output."""
+    casts = {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input and n.output
+             and n.input[0] in consts and consts[n.input[0]].data_type in _INTEGER_CODES}
+    return casts | {n.output[0] for n in graph.node if n.op_type == "Mul" and n.output and any(i in casts for i in n.input)}
+
+
 def _kind(op: str, slot: int) -> str | None:
     if slot == _BIAS_SLOTS.get(op, -1):
         return None
@@ -98,10 +107,7 @@ def tensor_bytes(model: onnx.ModelProto) -> dict[str, int]:
         consts = [(t.name, t) for t in graph.initializer]
         consts += [(n.output[0], a.t) for n in graph.node if n.op_type == "Constant" and n.output
                    for a in n.attribute if a.name == "value" and a.HasField("t")]
-        # integer codes dequantized as Cast then Mul by their scales: the Mul passes them on too
-        integer = {name for name, t in consts if t.data_type in _INTEGER_CODES}
-        cast_out = {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input and n.input[0] in integer}
-        scaling = {n.output[0] for n in graph.node if n.op_type == "Mul" and n.output and any(i in cast_out for i in n.input)}
+        scaling = code_dequantizers(graph, dict(consts))  # the Mul of Cast-then-Mul passes codes on too
         for name, tensor in consts:
             kind, frontier, seen = None, [name], {name}
             for _ in range(4):  # a few steps through DequantizeLinear, Cast, Transpose, ...

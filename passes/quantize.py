@@ -106,25 +106,29 @@ def lift_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     weights from initializers only and fails on a weight held in a ``Constant`` node, as some
     exporters (Paddle, older TensorFlow) write every weight.  Before IR 4 an initializer must
     also be a graph input, so such models are left as they are."""
-    if model.ir_version < 4 or not any(n.op_type == "Constant" and len(n.output) == 1 and n.attribute
-                                       and n.attribute[0].name == "value" for n in model.graph.node):
+    outputs = {o.name for o in model.graph.output}
+
+    def value(n: onnx.NodeProto) -> onnx.TensorProto | None:
+        if (n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1 and n.attribute[0].name == "value"
+                and n.output[0] not in outputs):
+            return n.attribute[0].t
+        return None
+
+    if model.ir_version < 4 or not any(value(n) is not None for n in model.graph.node):
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    graph = out.graph
-    outputs = {o.name for o in graph.output}
     keep = []
-    for n in graph.node:
-        attr = n.attribute[0] if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1 else None
-        if attr is not None and attr.name == "value" and n.output[0] not in outputs:
-            t = onnx.TensorProto()
-            t.CopyFrom(attr.t)
-            t.name = n.output[0]
-            graph.initializer.append(t)
-        else:
+    for n in out.graph.node:
+        t = value(n)
+        if t is None:
             keep.append(n)
-    del graph.node[:]
-    graph.node.extend(keep)
+            continue
+        init = out.graph.initializer.add()
+        init.CopyFrom(t)
+        init.name = n.output[0]
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
     return out
 
 

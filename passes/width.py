@@ -79,6 +79,16 @@ class WidthPlan:
     def kept(self) -> int:
         return len(self.fit.keep)
 
+    @property
+    def dense_params(self) -> int:
+        """Weight parameters of the block's two projections before the reduction."""
+        return int(np.prod(self.block.shapes[0])) + int(np.prod(self.block.shapes[1]))
+
+    @property
+    def params(self) -> int:
+        """Weight parameters of the two projections at the kept width."""
+        return self.dense_params // self.block.hidden * self.kept
+
 
 @dataclass(frozen=True)
 class WidthUnit:
@@ -139,8 +149,7 @@ class Narrowed(StageResult):
 
     def saved_params(self) -> int:
         """Weight parameters the reduced blocks no longer have."""
-        return sum((int(np.prod(p.block.shapes[0])) + int(np.prod(p.block.shapes[1]))) * (p.block.hidden - p.kept)
-                   // p.block.hidden for p in self.plans.values())
+        return sum(p.dense_params - p.params for p in self.plans.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
