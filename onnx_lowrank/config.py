@@ -107,14 +107,16 @@ class Budget(Section):
 
     title = "global budgets (replace the per-layer rule)"
     target_params: float | None = opt(None, "fraction", "keep at most this fraction of the parameters; ranks are allocated "
-                                      "across layers", metavar="F", example=0.5)
-    target_macs: float | None = opt(None, "fraction", "keep at most this fraction of the candidate layers' MACs per row",
+                                      "across the MatMul, Gemm and Conv layers", metavar="F", example=0.5)
+    target_macs: float | None = opt(None, "fraction", "keep at most this fraction of the candidate layers' MACs per row "
+                                    "(Conv layers keep the per-layer rule)",
                                     metavar="F", example=0.5)
-    target_bytes: float | None = opt(None, "fraction", "keep at most this fraction of the MatMul/Gemm weights' bytes; with "
+    target_bytes: float | None = opt(None, "fraction", "keep at most this fraction of the MatMul/Gemm weights' bytes (Conv "
+                                     "layers keep the per-layer rule); with "
                                      "--quantize int4 each layer's candidates are a factor pair at any rank or 4-bit blocks "
                                      "with a correction branch of any rank, priced in bytes (docs/int4.md)", metavar="F",
                                      example=0.2)
-    budget_scope: str = opt("weights", "choice", "what --target-params is a fraction of: the MatMul/Gemm weights (default) or "
+    budget_scope: str = opt("weights", "choice", "what --target-params is a fraction of: the candidate layers' weights (default) or "
                             "the whole model (--target-bytes is always of the MatMul/Gemm weights)", choices=BUDGET_SCOPES)
 
     @property
@@ -225,7 +227,9 @@ class Selection(Section):
     op_types: tuple[str, ...] = opt(OP_TYPES, "names", "node types to consider, a comma-separated subset of MatMul,Gemm,Conv "
                                     "(default: all three)", metavar="LIST", choices=OP_TYPES)
     conv_mode: str = opt("auto", "choice", "how a Conv is split: channel (k x k conv to r channels, then 1 x 1), spatial "
-                         "(kh x 1, then 1 x kw), or auto: per layer, whichever needs fewer MACs (default auto)", choices=CONV_MODES)
+                         "(kh x 1, then 1 x kw), or auto: per layer, whichever needs fewer MACs (when a budget allocates "
+                         "the Conv, docs/conv.md: whichever keeps more energy at half the parameters) (default auto)",
+                         choices=CONV_MODES)
     allow_input_weights: bool = opt(False, "switch", "also factorize weights that are graph inputs (every initializer is one in "
                                     "IR < 4)")
 

@@ -207,6 +207,23 @@ class LayerPlan:
             return self.views[mode]
         return self.views.get(MATRIX) or self.views.get("channel") or next(iter(self.views.values()))
 
+    @property
+    def budget_mode(self) -> str:
+        """The view a budget allocates: the matrix, or for a Conv the view whose spectrum keeps
+        more energy at about half the dense parameters (``channel`` on a tie, and when it is
+        the only view with a spectrum)."""
+        if not self.is_conv:
+            return self.view().mode
+        best = None
+        for v in self.views.values():
+            if v.spectrum is None:
+                continue
+            half = max(1, (self.dense_params // 2) // max(1, v.m + v.n))
+            key = (1.0 - linalg.energy_kept(v.spectrum.s, min(half, len(v.spectrum.s)), v.spectrum.total), v.mode != "channel")
+            if best is None or key < best[0]:
+                best = (key, v.mode)
+        return best[1] if best is not None else self.view().mode
+
     def params_at(self, rank: int, mode: str | None = None) -> int:
         v = self.view(mode)
         return linalg.lowrank_params(v.m, v.n, rank)

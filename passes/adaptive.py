@@ -51,8 +51,8 @@ from onnx_lowrank.runtime.executor import Executor, InProcess
 from onnx_lowrank.verify import compare, judge
 
 from .calibrate import Calibration
-from .decide import (BudgetBase, Decided, Int4Candidate, Int4Unit, allocate_decisions, block_byte_cost, block_int4_choices,
-                     block_options, decide_conv, int4_choices, plan_options)
+from .decide import (BudgetBase, Decided, Int4Candidate, Int4Unit, allocate_decisions, allocated_plans, block_byte_cost,
+                     block_int4_choices, block_options, decide_conv, int4_choices, plan_options)
 from .discover import Discovery
 from .load import Loaded
 from .rewrite import Rewritten
@@ -171,14 +171,23 @@ def _product(a: np.ndarray, b: np.ndarray, dtype) -> np.ndarray:
 
 
 def _truncated(plan: LayerPlan, rank: int) -> np.ndarray:
-    return _product(*linalg.factors(plan.view().spectrum, rank), plan.dtype)
+    """The plan's weight at ``rank`` in its budget view (a Conv's kernel rebuilt from that view)."""
+    mode = plan.budget_mode
+    matrix = _product(*linalg.factors(plan.view(mode).spectrum, rank), plan.dtype)
+    return linalg.conv_weight(matrix, plan.weight_shape, mode) if plan.is_conv else matrix
 
 
 def grid_ranks(plan: LayerPlan, rank_multiple: int = 1) -> list[int]:
-    """The ranks measured for a plan (anything with ``m`` and ``n``): :data:`GRID` fractions of
+    """The ranks measured for a plan (anything with ``m`` and ``n``; a :class:`LayerPlan` in its
+    budget view, up to the rank where a Conv stops saving MACs): :data:`GRID` fractions of
     break-even, rounded."""
-    m, n = plan.m, plan.n
-    top = min(linalg.break_even_rank(m, n), m, n)
+    if isinstance(plan, LayerPlan):
+        mode = plan.budget_mode
+        v = plan.view(mode)
+        m, n, top = v.m, v.n, min(plan.break_even(mode), v.m, v.n)
+    else:
+        m, n = plan.m, plan.n
+        top = min(linalg.break_even_rank(m, n), m, n)
     ranks = {linalg.round_rank(max(1, int(round(f * top))), rank_multiple, m, n) for f in GRID}
     return sorted(r for r in ranks if 1 <= r <= top)
 
@@ -224,7 +233,7 @@ def measured_ranks(ranks: list[int], points: int) -> list[int]:
 
 def truncation_loss(plan: LayerPlan, ranks: list[int]) -> np.ndarray:
     """``1 - E(r)``: the normalized squared truncation error of the plan's (whitened) spectrum."""
-    spec = plan.view().spectrum
+    spec = plan.view(plan.budget_mode).spectrum
     return np.array([1.0 - linalg.energy_kept(spec.s, r, spec.total) for r in ranks])
 
 
@@ -283,7 +292,8 @@ def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: in
         [Curve(list(int4.candidates[p.key].ranks)) for p in quantized] + \
         [Curve(list(int4.units[u.block.up.key].ranks)) for u in blocks4]
     at = [measured_ranks(c.ranks, points or len(c.ranks)) for c in curves]
-    items: list[dict[str, Any]] = [{p.name: (*linalg.factors(p.view().spectrum, r), p.dtype)} for p, rs in zip(plans, at) for r in rs]
+    items: list[dict[str, Any]] = [{p.name: _truncated(p, r) if p.is_conv else (*linalg.factors(p.view().spectrum, r), p.dtype)}
+                                   for p, rs in zip(plans, at) for r in rs]
     labels = [f"sensitivity {p.name} rank {r}" for p, rs in zip(plans, at) for r in rs]
     for u, rs in zip(units, at[len(plans):]):
         items += [emulated_arrays(u.plan(k)) for k in rs]
@@ -348,16 +358,18 @@ class Adapted(Decided):
         return out
 
 
-def _measurable(model: onnx.ModelProto, plans: dict[int, LayerPlan]) -> tuple[list[LayerPlan], dict[int, Decision]]:
-    """The MatMul/Gemm plans adaptive mode can measure (main-graph weights), and a decision for
-    every other plan (Conv: the per-layer rule)."""
+def _measurable(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: CompressConfig
+                ) -> tuple[list[LayerPlan], dict[int, Decision]]:
+    """The plans adaptive mode allocates and can measure (main-graph weights), and a decision
+    for every other plan (a Conv it does not allocate: the per-layer rule)."""
     main = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    allocated = {p.key for p in allocated_plans(plans, cfg)}
     active, other = [], {}
     for k, p in plans.items():
         if not p.active:
             other[k] = Decision(k, p.view().mode, skip=p.skip)
-        elif p.is_conv:
-            other[k] = None  # decided by the caller with its config
+        elif k not in allocated:
+            other[k] = decide_conv(p, cfg)  # a Conv under target_macs/target_bytes: the per-layer rule
         elif p.group.weight.scope or p.name not in main:
             other[k] = Decision(k, skip=Skip(SkipCode.NOT_MEASURED, "adaptive mode measures weights of the main graph only; "
                                              "left alone", STAGE))
@@ -480,10 +492,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     every run (and counted at their narrowed size); blocks whose width a budget sizes
     (``ffn_keep="auto"``) are measured at :func:`grid_widths` and allocated with the ranks.
     """
-    active, decisions = _measurable(model, plans)
-    for k, d in list(decisions.items()):
-        if d is None:
-            decisions[k] = decide_conv(plans[k], cfg)  # Conv layers follow the per-layer rule
+    active, decisions = _measurable(model, plans, cfg)
     base = base.with_decided_convs(plans, decisions)
     main = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     units, whole = _measurable_units(narrowed, main)
@@ -620,13 +629,13 @@ class Adapt(Step):
     def run(self, ctx: Context) -> Adapted:
         cfg = ctx.config
         plans = ctx.need(Spectra).plans
-        active = [p for p in plans.values() if p.active and not p.is_conv]
+        active = allocated_plans(plans, cfg)
         base = BudgetBase.of(ctx.need(Discovery).groups, active, cfg, ctx.need(Loaded).params)
         calibration = ctx.need(Calibration)
         feeds, sample = calibration.feeds, calibration.sensitivity_feeds(cfg.adaptive_samples)
         adapted = decide_adaptive(ctx.model, plans, cfg, base, feeds, feeds.labels, ctx.data, progress=ctx.progress,
                                   executor=ctx.executor, narrowed=ctx.get(Narrowed), sample=sample,
-                                  int4=_int4_forms(ctx, active),
+                                  int4=_int4_forms(ctx, [p for p in active if not p.is_conv]),
                                   byte_cost=block_byte_cost(cfg, ctx.need(Discovery)) if cfg.target_bytes is not None else None)
         if sample.samples is not None and adapted.base is not None:
             adapted.numbers["samples"] = sample.samples

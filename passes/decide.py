@@ -2,12 +2,15 @@
 
 * Per-layer (``energy``, ``rank``, ``rank_rule``): each plan's rank from its own spectrum
   (:mod:`onnx_lowrank.linalg.rank`); a rank that saves nothing leaves the layer alone.
-* Budget (``target_params``, ``target_macs``): the ranks of all MatMul/Gemm plans at once, by
-  greedy water-filling on the normalized truncation error ``1 - E(r)`` (of the whitened spectrum
-  in data-aware mode; :mod:`onnx_lowrank.linalg.allocate`).
-* A Conv keeps the per-layer rule under every mode (at the default energy when none is set),
-  and with both views in play keeps the one with fewer MACs (``channel`` on a tie: one fewer
-  odd-shaped kernel).  Its factorized size then counts as fixed in a budget.
+* Budget (``target_params``, ``target_macs``, ``target_bytes``): the ranks of all plans at once,
+  by greedy water-filling on the normalized truncation error ``1 - E(r)`` (of the whitened
+  spectrum in data-aware mode; :mod:`onnx_lowrank.linalg.allocate`).  A Conv takes part under
+  ``target_params`` alone, in one view (:attr:`~onnx_lowrank.plan.LayerPlan.budget_mode`: the one
+  that keeps more energy at half the parameters), its ranks capped where they stop saving MACs.
+* Otherwise a Conv keeps the per-layer rule (at the default energy when none is set), and with
+  both views in play keeps the one with fewer MACs (``channel`` on a tie: one fewer odd-shaped
+  kernel).  Under ``target_macs`` (MACs per activation row, a MatMul's unit) and ``target_bytes``
+  (MatMul/Gemm weights only) its factorized size then counts as fixed.
 
 Adaptive allocation (:mod:`.adaptive`) replaces this stage when ``adaptive`` is on.
 """
@@ -27,7 +30,7 @@ from onnx_lowrank.errors import UsageError, option, option_value
 from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import MATRIX, Decision, LayerPlan, Skip, SkipCode
 
-__all__ = ["Decide", "Decided", "BudgetBase", "per_layer", "decide_conv", "decide_budget", "budget_options",
+__all__ = ["Decide", "Decided", "BudgetBase", "per_layer", "decide_conv", "decide_budget", "budget_options", "allocated_plans",
            "allocate_decisions", "rank_ceiling", "BUDGETS", "plan_options", "int4_choices", "width_options", "block_byte_cost",
            "Int4Unit", "unit_int4_options", "block_options", "block_int4_choices"]
 
@@ -67,6 +70,19 @@ def latest_decided(ctx: Context, attribute: str) -> Any:
                  if isinstance(r, Decided) and getattr(r, attribute) is not None), None)
 
 
+def allocates_convs(cfg: CompressConfig) -> bool:
+    """Whether a budget (or adaptive mode) allocates the Conv plans too: under ``target_params``
+    (or adaptive mode's search over it), not under ``target_macs`` or ``target_bytes``."""
+    return cfg.target_macs is None and cfg.target_bytes is None
+
+
+def allocated_plans(plans: dict[int, LayerPlan], cfg: CompressConfig) -> list[LayerPlan]:
+    """The active plans a budget (or adaptive mode) allocates; the other active ones (Conv
+    plans under ``target_macs``/``target_bytes``) follow the per-layer rule."""
+    convs = allocates_convs(cfg)
+    return [p for p in plans.values() if p.active and (convs or not p.is_conv)]
+
+
 def _conv_energy(cfg: CompressConfig) -> float | None:
     # A Conv keeps the per-layer rule, at the default energy when the configuration sets none.
     return cfg.effective_energy if cfg.effective_energy is not None or cfg.rank is not None else DEFAULT_ENERGY
@@ -76,7 +92,7 @@ def rank_ceiling(cfg: CompressConfig, is_conv: bool, s, total: float | None, m: 
     """The highest rank any decider can give an ``(m, n)`` view with singular values ``s`` (of
     ``total`` energy; ``break_even`` its layer's): the spectra stage keeps only that many
     singular vectors, so memory follows the factors, not the weights."""
-    if not is_conv and (cfg.has_budget or cfg.adaptive):
+    if (cfg.has_budget or cfg.adaptive) and (not is_conv or allocates_convs(cfg)):
         return min(break_even, m, n)
     return linalg.choose_rank(s, m, n, energy=rule_energy(cfg, is_conv), rank=cfg.rank, rank_multiple=cfg.rank_multiple,
                               rule=cfg.rank_rule, break_even=break_even if is_conv else None, total=total).rank
@@ -155,7 +171,8 @@ class BudgetBase:
 
     @classmethod
     def of(cls, groups, plans: list[LayerPlan], cfg: CompressConfig, model_params: int) -> "BudgetBase":
-        """The base for allocating ``plans`` (the active MatMul/Gemm ones) among discovery's ``groups``."""
+        """The base for allocating ``plans`` (:func:`allocated_plans`) among discovery's ``groups``
+        (MACs per row: a weight's elements per user; a Conv's per output pixel at stride 1)."""
         weights = macs = n_bytes = fixed_bytes = 0
         keys = {p.key for p in plans}
         for group in groups:
@@ -169,7 +186,7 @@ class BudgetBase:
                         fixed_bytes += stored_bytes(cfg, dense, itemsize(group), None)
         base = model_params if cfg.budget_scope == "model" else weights
         return cls(params_total=base, params_fixed=base - sum(p.dense_params for p in plans),
-                   macs_total=macs, macs_fixed=macs - sum(p.macs(None) for p in plans),
+                   macs_total=macs, macs_fixed=macs - sum(p.dense_params * p.users for p in plans),
                    bytes_total=n_bytes, bytes_fixed=fixed_bytes)
 
     def with_widths(self, narrowed, byte_cost: Callable[[Any, int], int] | None = None) -> "BudgetBase":
@@ -234,28 +251,31 @@ def stored_bytes(cfg: CompressConfig, elements: int, size: int, rank: int | None
 
 def budget_options(plan: LayerPlan, errors_at: Callable[[list[int]], np.ndarray], budgets: list[str], rank_multiple: int,
                    min_rank: int = 1, byte_cost: Callable[[int | None], int] | None = None) -> linalg.Options:
-    """A plan's options under a budget: ranks up to break-even, then dense, with their costs
-    (``byte_cost(rank)``, ``byte_cost(None)`` for dense: the bytes, for ``target_bytes``)."""
-    v = plan.view()
-    ranks = [r for r in linalg.rank_options(v.m, v.n, rank_multiple) if r >= min_rank]
+    """A plan's options under a budget, in its :attr:`~onnx_lowrank.plan.LayerPlan.budget_mode`:
+    ranks up to break-even (a Conv's: where its MACs stop falling too), then dense, with their
+    costs (``byte_cost(rank)``, ``byte_cost(None)`` for dense: the bytes, for ``target_bytes``)."""
+    mode = plan.budget_mode
+    v = plan.view(mode)
+    top = plan.break_even(mode)
+    ranks = [r for r in linalg.rank_options(v.m, v.n, rank_multiple) if min_rank <= r <= top]
     errs = np.append(errors_at(ranks), 0.0) if ranks else np.zeros(1)
     cols = []
     for budget in budgets:
         if budget == "target_params":
-            cols.append([plan.params_at(r) for r in ranks] + [plan.dense_params])
+            cols.append([plan.params_at(r, mode) for r in ranks] + [plan.dense_params])
         elif budget == "target_bytes":
             if byte_cost is None:
                 raise ValueError("a byte budget needs byte_cost")
             cols.append([byte_cost(r) for r in ranks] + [byte_cost(None)])
         else:
-            cols.append([plan.macs(r) for r in ranks] + [plan.macs(None)])
+            cols.append([plan.macs(r, mode) for r in ranks] + [plan.macs(None)])
     costs = np.array(cols, dtype=np.float64).T.reshape(len(ranks) + 1, len(budgets))
     return linalg.Options(ranks=tuple(ranks) + (None,), errors=errs, costs=costs)
 
 
 def truncation_errors(plan: LayerPlan) -> Callable[[list[int]], np.ndarray]:
     """Normalized squared truncation error ``1 - E(r)`` of a plan's spectrum (plain or whitened)."""
-    s = plan.view().spectrum.s
+    s = plan.view(plan.budget_mode).spectrum.s
     return lambda ranks: np.array([1.0 - linalg.energy_kept(s, r) for r in ranks])
 
 
@@ -289,13 +309,13 @@ def allocate_decisions(plans: list[LayerPlan], options: list[linalg.Options], li
         raise
     out = {}
     for plan, opt, k in zip(plans, options, chosen):
-        r = opt.ranks[k]
+        r, mode = opt.ranks[k], plan.budget_mode
         if r is None:
-            v = plan.view()
-            out[plan.key] = Decision(plan.key, MATRIX, plan.choice(min(v.m, v.n)), Skip(
+            v = plan.view(mode)
+            out[plan.key] = Decision(plan.key, mode, plan.choice(min(v.m, v.n), mode), Skip(
                 SkipCode.LEFT_DENSE_BY_BUDGET, "left dense by the budget: other layers lose less per parameter saved", stage))
         else:
-            out[plan.key] = Decision(plan.key, MATRIX, plan.choice(r))
+            out[plan.key] = Decision(plan.key, mode, plan.choice(r, mode))
     return out
 
 
@@ -396,9 +416,10 @@ def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: Budget
     ``target_bytes``); ``int4_units``: the blocks whose projections take 4-bit blocks, with
     their forms (their chosen branch rank goes into ``chosen_int4_out`` under both projections'
     keys)."""
-    decisions = {k: decide_conv(p, cfg) for k, p in plans.items() if p.is_conv and p.active}
+    active = allocated_plans(plans, cfg)
+    allocated = {p.key for p in active}
+    decisions = {k: decide_conv(p, cfg) for k, p in plans.items() if p.is_conv and p.active and k not in allocated}
     base = base.with_decided_convs(plans, decisions)
-    active = [p for p in plans.values() if p.active and not p.is_conv]
     limits = base.limits(cfg)
     names = [name for name, _, _ in limits]
     sizes = sizes or {}
@@ -501,9 +522,10 @@ class Decide(Step):
         narrowed = ctx.get(Narrowed)
         decisions = {k: Decision(k, p.view().mode, skip=p.skip) for k, p in plans.items() if not p.active}
         if cfg.has_budget:
-            matrices = [p for p in plans.values() if p.active and not p.is_conv]
+            allocated = allocated_plans(plans, cfg)
+            matrices = [p for p in allocated if not p.is_conv]
             found = ctx.need(Discovery)
-            base = BudgetBase.of(found.groups, matrices, cfg, ctx.need(Loaded).params)
+            base = BudgetBase.of(found.groups, allocated, cfg, ctx.need(Loaded).params)
             byte_cost = block_byte_cost(cfg, found) if cfg.target_bytes is not None else None
             if narrowed is not None:
                 base = base.with_widths(narrowed, byte_cost)

@@ -83,6 +83,16 @@ def test_kernels_compose_back_to_the_weight(mode, shape):
     np.testing.assert_allclose(back, w, atol=1e-10)
 
 
+@pytest.mark.parametrize("mode,shape", [("channel", (6, 4, 3, 3)), ("channel", (5, 3, 7)), ("spatial", (6, 4, 3, 5))])
+def test_conv_weight_inverts_the_matrix_view(mode, shape):
+    from onnx_lowrank import linalg
+
+    w = np.random.default_rng(4).standard_normal(shape)
+    np.testing.assert_array_equal(linalg.conv_weight(linalg.conv_matrix(w, mode), w.shape, mode), w)
+    with pytest.raises(ValueError, match="view of"):
+        linalg.conv_weight(np.ones((2, 2)), w.shape, mode)
+
+
 def test_spatial_view_of_a_1d_kernel_is_refused():
     with pytest.raises(ValueError, match="spatial-wise needs a 2-D kernel"):
         decompose.conv_matrix(np.ones((4, 2, 3)), "spatial")

@@ -401,11 +401,52 @@ def _conv_then_matmul():
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("options", [dict(target_params=0.5), dict(rank_rule="entropy", energy=0.99)])
-def test_conv_layers_keep_the_per_layer_rule_under_budgets_and_rules(options):
+@pytest.mark.parametrize("options", [dict(target_macs=0.5), dict(rank_rule="entropy", energy=0.99)])
+def test_conv_layers_keep_the_per_layer_rule_under_a_mac_budget_and_rules(options):
     res = ol.compress(_conv_then_matmul(), min_params=0, **options)
     conv = next(d for d in res.layers if d.op_type == "Conv")
     assert conv.factorized and conv.rank == 2
+
+
+def _two_convs(c: int = 32):
+    #   x[1,c,8,8] --Conv(K1[c,c,3,3])--> --Relu--> --Conv(K2[c,c,3,3])--> y ; K1 of rank 4, K2 full rank
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k1 = (rng.standard_normal((c, 4)) @ rng.standard_normal((4, 9 * c))).reshape(c, c, 3, 3).astype(np.float32)
+    k2 = rng.standard_normal((c, c, 3, 3)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "K1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+                           helper.make_node("Relu", ["a"], ["b"]),
+                           helper.make_node("Conv", ["b", "K2"], ["y"], name="conv2", pads=[1, 1, 1, 1])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])],
+                          [numpy_helper.from_array(k1, "K1"), numpy_helper.from_array(k2, "K2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_parameter_budget_allocates_conv_layers():
+    # Before, Convs kept the per-layer rule under a budget: the budget could not be met on a
+    # model of Convs, and a Conv the rule cut too deep stayed cut.  Now the budget spends its
+    # parameters where the spectra lose least: the low-rank kernel is cut, the full-rank one is not.
+    res = ol.compress(_two_convs(), min_params=0, target_params=0.6)
+    by_name = {d.node: d for d in res.layers}
+    assert res.totals.params_after <= 0.6 * res.totals.params_before
+    assert by_name["conv1"].factorized and by_name["conv1"].rank >= 4
+    assert not by_name["conv2"].factorized and "budget" in by_name["conv2"].reason
+    x = np.random.default_rng(1).standard_normal((1, 32, 8, 8)).astype(np.float32)
+    before, after = (ol.runtime.session(m).run(None, {"x": x})[0] for m in (_two_convs(), res.model))
+    assert np.abs(after - before).max() < 1e-3 * np.abs(before).max()
+
+
+def test_adaptive_measures_conv_layers_under_a_parameter_budget():
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.standard_normal((1, 32, 8, 8)).astype(np.float32)} for _ in range(4)]
+    res = ol.compress(_two_convs(), min_params=0, adaptive=True, target_params=0.6, calib=feeds)
+    by_name = {d.node: d for d in res.layers}
+    assert res.totals.params_after <= 0.6 * res.totals.params_before
+    assert by_name["conv1"].factorized and by_name["conv1"].sensitivity is not None
+    assert res.sections["adaptive"]["layers_measured"] == 2
+    assert res.sections["adaptive"]["final_drop"] < 1e-4
 
 
 def test_adaptive_with_a_conv_in_the_model():

@@ -14,7 +14,7 @@ One module per concern, each stating its math in its docstring:
 from __future__ import annotations
 
 from .allocate import BudgetError, Options, allocate, rank_options
-from .conv import CONV_MODES, conv_kernels, conv_macs, conv_matrix, conv_matrix_shape, conv_output_size
+from .conv import CONV_MODES, conv_kernels, conv_macs, conv_matrix, conv_matrix_shape, conv_output_size, conv_weight
 from .rank import (RULES, RankChoice, break_even_rank, choice_at, choose_rank, energy_kept, energy_rank, entropy_kept,
                    entropy_rank, entropy_terms, lowrank_params, relative_error, round_rank)
 from .quant import BlockQuantized, Correction, correction, dequantize, dequantize_columns, quantize_blocks, quantize_columns
@@ -29,7 +29,7 @@ __all__ = [
     "lowrank_params", "round_rank", "entropy_terms", "entropy_rank", "entropy_kept",
     "DEFAULT_DAMPING", "whitening_factor", "whitened_spectrum",
     "refit_factor", "refit_lowrank",
-    "CONV_MODES", "conv_matrix_shape", "conv_matrix", "conv_kernels", "conv_output_size", "conv_macs",
+    "CONV_MODES", "conv_matrix_shape", "conv_matrix", "conv_weight", "conv_kernels", "conv_output_size", "conv_macs",
     "BudgetError", "Options", "rank_options", "allocate",
     "WidthFit", "neuron_scores", "keep_neurons", "refit_width", "width_errors",
     "BlockQuantized", "quantize_blocks", "dequantize", "Correction", "correction", "quantize_columns", "dequantize_columns",

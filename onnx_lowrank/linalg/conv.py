@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CONV_MODES", "conv_matrix_shape", "conv_matrix", "conv_kernels", "conv_output_size", "conv_macs"]
+__all__ = ["CONV_MODES", "conv_matrix_shape", "conv_matrix", "conv_weight", "conv_kernels", "conv_output_size", "conv_macs"]
 
 
 #: The two ways a Conv weight is viewed as a matrix.
@@ -70,6 +70,18 @@ def conv_matrix(w: np.ndarray, mode: str) -> np.ndarray:
         return w.reshape(w.shape[0], -1)
     c_out, c_in, kh, kw = w.shape
     return np.ascontiguousarray(w.transpose(1, 2, 0, 3)).reshape(c_in * kh, c_out * kw)
+
+
+def conv_weight(matrix: np.ndarray, w_shape: tuple[int, ...], mode: str) -> np.ndarray:
+    """The Conv weight of shape ``w_shape`` whose :func:`conv_matrix` view is ``matrix`` (its inverse)."""
+    _check_conv_mode(w_shape, mode)
+    if tuple(matrix.shape) != conv_matrix_shape(w_shape, mode):
+        raise ValueError(f"Got a matrix of shape {tuple(matrix.shape)}; the {mode} view of {tuple(w_shape)} is "
+                         f"{conv_matrix_shape(w_shape, mode)}.")
+    if mode == "channel":
+        return np.ascontiguousarray(matrix.reshape(w_shape))
+    c_out, c_in, kh, kw = (int(d) for d in w_shape)
+    return np.ascontiguousarray(matrix.reshape(c_in, kh, c_out, kw).transpose(2, 0, 1, 3))
 
 
 def conv_kernels(a: np.ndarray, b: np.ndarray, w_shape: tuple[int, ...], mode: str) -> tuple[np.ndarray, np.ndarray]:
