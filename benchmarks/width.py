@@ -15,6 +15,9 @@ per-pair speed-ups).  Variants:
   with the lighter ridge ``--damping 0.001``;
 * ``budget, widths + ranks, 0.70``: the same budget allocated on whitened errors instead
   (``--ffn-keep auto --data-aware --target-params 0.7``);
+* ``ffn-keep 0.75 + int8 per-channel``: the quarter of the neurons dropped and refitted, no factor
+  pairs (``--energy 1``), then the weights in int8 per output channel (``--quantize
+  int8-per-channel``): the forms on top of onnxruntime's int8;
 * ``int8 per-channel``: onnxruntime's ``quantize_dynamic``, the usual alternative.
 
 Results go to ``docs/benchmarks/width.md`` and ``.json`` (``--only``: to ``benchmarks/_work/partial/``).
@@ -43,6 +46,7 @@ VARIANTS = {
     "ffn-keep 0.75": dict(ffn_keep=0.75),
     "adaptive, widths + ranks, 0.70": dict(adaptive=True, data_aware=True, ffn_keep="auto", target_params=0.7, damping=0.001),
     "budget, widths + ranks, 0.70": dict(data_aware=True, ffn_keep="auto", target_params=0.7, damping=0.001),
+    "ffn-keep 0.75 + int8 per-channel": dict(ffn_keep=0.75, energy=1, quantize="int8-per-channel"),
 }
 
 
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         "only their bytes shrink. `--ffn-keep 0.75` alone also factorizes the other layers by the default rule "
         "(`--energy 0.95`: ten attention projections at ranks 177-191); docs/width.md's table keeps them dense "
         "(`--energy 1`). The speed-ups are medians of per-pair ratios on a shared machine; the p10-p90 range of each is "
-        "in the JSON (the 0.70 variant at batch 64: x1.20-x1.35).",
+        "in the JSON" + "".join(f"; {label} at batch 64: x{e['vs_fp32_b64_p10_p90'][0]:.2f}-x{e['vs_fp32_b64_p10_p90'][1]:.2f}"
+                                for label, e in data.items()) + ".",
     ])
     folder = DOCS if args.only is None else WORK / "partial"
     write("width", text, {"variants": data, "calib": n_cal, "runs": {"1": args.runs1, "64": args.runs64}, "command": command_line()},
