@@ -61,7 +61,7 @@ _THROUGH = {"DequantizeLinear", "Cast", "Transpose", "Reshape", "Squeeze", "Unsq
 
 
 #: Input slots of the products that hold a bias, not the weight: they count as "other".
-_BIAS_SLOTS = {"Gemm": 2, "MatMulNBits": 5, "DynamicQuantizeMatMul": 4, "MatMulIntegerToFloat": 6, "Conv": 2,
+BIAS_SLOTS = {"Gemm": 2, "MatMulNBits": 5, "DynamicQuantizeMatMul": 4, "MatMulIntegerToFloat": 6, "Conv": 2,
                "ConvTranspose": 2, "QLinearConv": 8}
 
 
@@ -79,7 +79,7 @@ def code_dequantizers(graph: onnx.GraphProto, consts: dict[str, onnx.TensorProto
 
 
 def _kind(op: str, slot: int) -> str | None:
-    if slot == _BIAS_SLOTS.get(op, -1):
+    if slot == BIAS_SLOTS.get(op, -1):
         return None
     if op in _MATMULS and op != "GatherBlockQuantized":
         return "matmul weights"

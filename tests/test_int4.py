@@ -420,3 +420,65 @@ def test_whole_valued_corrections_are_ranks():
     assert CompressConfig(quantize="int4", int4_correction="2.0").int4_correction == 2
     assert CompressConfig(quantize="int4", int4_correction=0.0).int4_correction == 0
     assert CompressConfig(quantize="int4", int4_correction="0.4").int4_correction == 0.4
+
+
+# ------------------------------------------------------------------ biases folded into MatMulNBits
+
+def _biased(bias_shape=(48,), bias_as_constant_after=False, second_reader=False):
+    #   x[rows, 64] --MatMul(W)--> m --Add(b)--> y   (b an initializer, or a Constant made after the MatMul)
+    rng = np.random.default_rng(5)
+    b = rng.standard_normal(bias_shape).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="fc")]
+    inits = [init("W", _w(64, 48, 6))]
+    if bias_as_constant_after:
+        nodes.append(helper.make_node("Constant", [], ["b"], value=numpy_helper.from_array(b, "b")))
+    else:
+        inits.append(init("b", b))
+    nodes.append(helper.make_node("Add", ["m", "b"], ["y"], name="bias"))
+    outputs = [vi("y", ["rows", 48])]
+    if second_reader:
+        nodes.append(helper.make_node("Relu", ["m"], ["r"], name="other"))
+        outputs.append(vi("r", ["rows", 48]))
+    return make_model(nodes, [vi("x", ["rows", 64])], outputs, inits)
+
+
+@pytest.mark.parametrize("as_constant", [False, True])
+def test_a_bias_after_the_product_goes_into_matmulnbits(as_constant):
+    x = _inputs(40, 64)
+    calib = [{"x": x}]
+    folded = compress(_biased(bias_as_constant_after=as_constant), energy=1.0, min_params=0, quantize="int4",
+                      data_aware=True, calib=calib, int4_correction=8).model
+    onnx.checker.check_model(folded, full_check=True)
+    ops = [n.op_type for n in folded.graph.node if n.op_type != "Constant"]
+    nbits = next(n for n in folded.graph.node if n.op_type == "MatMulNBits")
+    assert nbits.input[4] == "" and nbits.input[5] == "b"
+    assert ops.count("Add") == 1, "only the branch's Add is left"
+    # the same weights with a bias that cannot be folded (shape (1, 48)) compute the same
+    kept = compress(_biased(bias_shape=(1, 48)), energy=1.0, min_params=0, quantize="int4", data_aware=True,
+                    calib=calib, int4_correction=8).model
+    assert len(next(n for n in kept.graph.node if n.op_type == "MatMulNBits").input) == 4
+    np.testing.assert_allclose(run(folded, {"x": x})[0], run(kept, {"x": x})[0], rtol=1e-5, atol=1e-4)
+
+
+def test_a_product_read_elsewhere_keeps_its_bias_add():
+    res = compress(_biased(second_reader=True), energy=1.0, min_params=0, quantize="int4")
+    assert [n.op_type for n in res.model.graph.node].count("Add") == 1
+    assert len(next(n for n in res.model.graph.node if n.op_type == "MatMulNBits").input) == 4
+
+
+def test_a_gemm_bias_goes_into_matmulnbits():
+    src = model()
+    x = np.random.default_rng(2).standard_normal((8, 128)).astype(np.float32)
+    res = compress(src, energy=1.0, min_params=0, quantize="int4")
+    fc1 = [n for n in res.model.graph.node if n.op_type == "MatMulNBits" and n.input[0] == "x"]
+    assert len(fc1) == 1 and fc1[0].input[5] == "b1" and fc1[0].output[0] == "h"
+    assert compare("y", run(src, {"x": x})[0], run(res.model, {"x": x})[0]).rel_l2_error < 0.1
+
+
+def test_a_runtime_without_the_bias_input_keeps_the_add(monkeypatch):
+    real = int4.runtime_problem
+    monkeypatch.setattr(int4, "runtime_problem",
+                        lambda block=32, level=0, bias=False: "no bias input" if bias else real(block, level))
+    res = compress(_biased(), energy=1.0, min_params=0, quantize="int4")
+    assert len(next(n for n in res.model.graph.node if n.op_type == "MatMulNBits").input) == 4
+    assert [n.op_type for n in res.model.graph.node].count("Add") == 1
