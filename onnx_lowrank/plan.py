@@ -209,14 +209,14 @@ class LayerPlan:
 
     @property
     def budget_mode(self) -> str:
-        """The view a budget allocates: the matrix, or for a Conv the view whose spectrum keeps
-        more energy at about half the dense parameters (``channel`` on a tie, and when it is
-        the only view with a spectrum)."""
+        """The view a budget allocates: the matrix, or for a Conv, of the views whose factors can
+        save something, the one whose spectrum keeps more energy at about half the dense
+        parameters (``channel`` on a tie; the default view when none can save)."""
         if not self.is_conv:
             return self.view().mode
         best = None
         for v in self.views.values():
-            if v.spectrum is None:
+            if v.spectrum is None or self.break_even(v.mode) < 1:
                 continue
             half = max(1, (self.dense_params // 2) // max(1, v.m + v.n))
             key = (1.0 - linalg.energy_kept(v.spectrum.s, min(half, len(v.spectrum.s)), v.spectrum.total), v.mode != "channel")

@@ -59,8 +59,8 @@ from .rewrite import Rewritten
 from .spectra import Spectra
 from .width import Narrowed, WidthPlan, WidthUnit, current_widths, emulated_arrays, overridden_names
 
-__all__ = ["GRID", "Evaluator", "Curve", "grid_ranks", "measure_sensitivity", "decide_adaptive", "quality_drop", "distortion",
-           "Adapt", "Adapted", "CheckAdaptive", "Checked"]
+__all__ = ["GRID", "Evaluator", "Curve", "grid_ranks", "measure_sensitivity", "decide_adaptive", "measured_plans",
+           "quality_drop", "distortion", "Adapt", "Adapted", "CheckAdaptive", "Checked"]
 
 STAGE = "adaptive"
 
@@ -358,11 +358,27 @@ class Adapted(Decided):
         return out
 
 
+def _main_names(model: onnx.ModelProto) -> set[str]:
+    """Constants of the main graph (what one session can override)."""
+    return {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+
+
+def _in_main(plan: LayerPlan, main: set[str]) -> bool:
+    return not plan.group.weight.scope and plan.name in main
+
+
+def measured_plans(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: CompressConfig) -> list[LayerPlan]:
+    """The plans adaptive mode allocates: those a budget allocates whose weights it can
+    measure (main-graph constants); the others keep their size in the budget's fixed part."""
+    main = _main_names(model)
+    return [p for p in allocated_plans(plans, cfg) if _in_main(p, main)]
+
+
 def _measurable(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: CompressConfig
                 ) -> tuple[list[LayerPlan], dict[int, Decision]]:
     """The plans adaptive mode allocates and can measure (main-graph weights), and a decision
     for every other plan (a Conv it does not allocate: the per-layer rule)."""
-    main = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    main = _main_names(model)
     allocated = {p.key for p in allocated_plans(plans, cfg)}
     active, other = [], {}
     for k, p in plans.items():
@@ -370,8 +386,8 @@ def _measurable(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Compre
             other[k] = Decision(k, p.view().mode, skip=p.skip)
         elif k not in allocated:
             other[k] = decide_conv(p, cfg)  # a Conv under target_macs/target_bytes: the per-layer rule
-        elif p.group.weight.scope or p.name not in main:
-            other[k] = Decision(k, skip=Skip(SkipCode.NOT_MEASURED, "adaptive mode measures weights of the main graph only; "
+        elif not _in_main(p, main):
+            other[k] = Decision(k, p.view().mode, skip=Skip(SkipCode.NOT_MEASURED, "adaptive mode measures weights of the main graph only; "
                                              "left alone", STAGE))
         else:
             active.append(p)
@@ -494,7 +510,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     """
     active, decisions = _measurable(model, plans, cfg)
     base = base.with_decided_convs(plans, decisions)
-    main = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    main = _main_names(model)
     units, whole = _measurable_units(narrowed, main)
     if int4 is not None and int4.units:  # a block in 4 bits is fed both projections: the first must be overridable too
         in_main = {u.block.up.key for u in units if u.block.up.weight.name in main}
@@ -629,7 +645,7 @@ class Adapt(Step):
     def run(self, ctx: Context) -> Adapted:
         cfg = ctx.config
         plans = ctx.need(Spectra).plans
-        active = allocated_plans(plans, cfg)
+        active = measured_plans(ctx.model, plans, cfg)
         base = BudgetBase.of(ctx.need(Discovery).groups, active, cfg, ctx.need(Loaded).params)
         calibration = ctx.need(Calibration)
         feeds, sample = calibration.feeds, calibration.sensitivity_feeds(cfg.adaptive_samples)

@@ -78,9 +78,10 @@ def allocates_convs(cfg: CompressConfig) -> bool:
 
 def allocated_plans(plans: dict[int, LayerPlan], cfg: CompressConfig) -> list[LayerPlan]:
     """The active plans a budget (or adaptive mode) allocates; the other active ones (Conv
-    plans under ``target_macs``/``target_bytes``) follow the per-layer rule."""
+    plans under ``target_macs``/``target_bytes``, and a Conv no rank of which saves MACs and
+    parameters) follow the per-layer rule."""
     convs = allocates_convs(cfg)
-    return [p for p in plans.values() if p.active and (convs or not p.is_conv)]
+    return [p for p in plans.values() if p.active and (not p.is_conv or (convs and p.break_even(p.budget_mode) >= 1))]
 
 
 def _conv_energy(cfg: CompressConfig) -> float | None:
@@ -275,8 +276,8 @@ def budget_options(plan: LayerPlan, errors_at: Callable[[list[int]], np.ndarray]
 
 def truncation_errors(plan: LayerPlan) -> Callable[[list[int]], np.ndarray]:
     """Normalized squared truncation error ``1 - E(r)`` of a plan's spectrum (plain or whitened)."""
-    s = plan.view(plan.budget_mode).spectrum.s
-    return lambda ranks: np.array([1.0 - linalg.energy_kept(s, r) for r in ranks])
+    spec = plan.view(plan.budget_mode).spectrum
+    return lambda ranks: np.array([1.0 - linalg.energy_kept(spec.s, r, spec.total) for r in ranks])
 
 
 def allocate_decisions(plans: list[LayerPlan], options: list[linalg.Options], limits: list[tuple[str, float, int]],
@@ -406,8 +407,8 @@ def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: Budget
                   sizes: dict[int, int] | None = None, int4: dict[int, "Int4Candidate"] | None = None,
                   chosen_int4_out: dict[int, int] | None = None, byte_cost: Callable[[Any, int], int] | None = None,
                   int4_units: dict[int, Int4Unit] | None = None) -> tuple[dict[int, Decision], dict[int, int | None]]:
-    """Allocate ``target_params``/``target_macs``/``target_bytes`` across the MatMul/Gemm plans
-    (module docstring) and the feed-forward blocks whose width the budget sizes (``units``, by
+    """Allocate ``target_params``/``target_macs``/``target_bytes`` across the plans of
+    :func:`allocated_plans` (module docstring) and the feed-forward blocks whose width the budget sizes (``units``, by
     key: their chosen width, ``None`` for whole).
 
     ``sizes``: bytes per element of each plan's weight (for ``target_bytes``).  ``int4``: the

@@ -17,7 +17,8 @@ A bias goes into ``MatMulNBits``'s own bias input when it is a float32 constant 
 layer (MiniLM at batch 64: about 5 % of the run).
 
 ``Gemm`` maps when the weight is its second input and ``transA = 0`` (a ``transB = 1`` weight is
-quantized transposed); ``alpha``, ``beta`` and ``C`` stay in the graph unchanged.  Anything else
+quantized transposed); ``alpha``, ``beta`` and ``C`` stay in the graph unchanged (but a ``C``
+folded into the bias input, below).  Anything else
 (``MatMul(W, x)``, ``Gemm`` with ``transA = 1`` or the weight first, weights that are not
 float32 2-D matrices, weights that something other than a supported product also reads, layers
 inside If/Loop bodies) stays float, with the reason in the report.  The float weight leaves the

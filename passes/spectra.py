@@ -83,10 +83,12 @@ def _matrix_view(arr: np.ndarray, gram: tuple[np.ndarray, str] | None, out_gram:
 
 def _energy(cfg: CompressConfig, is_conv: bool) -> float | None:
     """The threshold that will choose the rank, when only it does (so the leading part of the
-    spectrum may serve): the per-layer energy rule, not a fixed rank, entropy or a budget."""
-    from .decide import rule_energy  # the deciders own their rules (a later stage: imported here)
+    spectrum may serve): the per-layer energy rule, not a fixed rank, entropy or a budget (which
+    allocates Convs too under a parameter budget)."""
+    from .decide import allocates_convs, rule_energy  # the deciders own their rules (a later stage: imported here)
 
-    if cfg.rank is not None or cfg.rank_rule != "energy" or (not is_conv and (cfg.has_budget or cfg.adaptive)):
+    if cfg.rank is not None or cfg.rank_rule != "energy" or (
+            (cfg.has_budget or cfg.adaptive) and (not is_conv or allocates_convs(cfg))):
         return None
     return rule_energy(cfg, is_conv)
 

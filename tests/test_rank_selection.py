@@ -661,3 +661,64 @@ def test_adaptive_with_two_measured_points_per_layer_runs_a_fifth_of_the_passes(
     assert ranks.get("Ws", 64) > ranks["Wq"]  # still tells the sensitive branch from the quiet one
     with pytest.raises(ol.UsageError, match="sensitivity_points sets how many ranks per layer adaptive measures"):
         ol.CompressConfig(sensitivity_points=3)
+
+
+def _single_conv(shape, seed=0, rank=None, pads=None):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    c_out, c_in, kh, kw = shape
+    k = rng.standard_normal(shape).astype(np.float32) * 0.01
+    if rank is not None:  # a strong rank-`rank` part under the noise
+        k += (rng.standard_normal((c_out, rank)) @ rng.standard_normal((rank, c_in * kh * kw))).reshape(shape).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "K"], ["y"], name="conv", pads=pads or [kh // 2, kw // 2] * 2)],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c_in, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(k, "K")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_budget_keeps_the_whole_spectrum_of_a_large_conv():
+    # 1024 x 1024 is where the per-layer rule computes only the leading part of a spectrum; a
+    # budget offers ranks up to break-even and must be able to write them.
+    res = ol.compress(_single_conv((1024, 1024, 1, 1), rank=8), target_params=0.5, rank_multiple=20)
+    conv = res.layers[0]
+    assert conv.factorized and res.totals.params_after <= 0.5 * res.totals.params_before
+    assert conv.rank > 48
+
+
+def test_a_conv_whose_one_view_saves_nothing_takes_the_other_under_adaptive_mode():
+    # (1, 512, 3, 3): the channel view is a single row (it can save nothing); the spatial view can.
+    m = _single_conv((1, 512, 3, 3), seed=3)
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.standard_normal((1, 512, 6, 6)).astype(np.float32)} for _ in range(2)]
+    res = ol.compress(m, adaptive=True, target_params=0.8, calib=feeds)
+    conv = res.layers[0]
+    assert conv.factorized and conv.conv_mode == "spatial"
+    assert res.totals.params_after <= 0.8 * res.totals.params_before
+
+
+def test_adaptive_mode_counts_a_conv_it_cannot_measure_in_the_budget():
+    #   x --Conv(K1, main graph)--> a --If(c){ then: Conv(K2) ; else: Conv(K2') }--> y
+    # The Convs inside the If cannot be measured: they stay whole, and the budget must count them
+    # as they are, so the main-graph Conv pays for the whole cut.
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k1 = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    branches = []
+    for tag in ("then", "else"):
+        k2 = numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32), f"K2_{tag}")
+        branches.append(helper.make_graph([helper.make_node("Conv", ["a", f"K2_{tag}"], [f"o_{tag}"], pads=[1, 1, 1, 1])],
+                                          tag, [], [helper.make_tensor_value_info(f"o_{tag}", TensorProto.FLOAT, None)], [k2]))
+    g = helper.make_graph([helper.make_node("Conv", ["x", "K1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+                           helper.make_node("If", ["c"], ["y"], name="if", then_branch=branches[0], else_branch=branches[1])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 6, 6]),
+                                helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(k1, "K1")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((1, 16, 6, 6)).astype(np.float32), "c": np.array(True)} for _ in range(2)]
+    res = ol.compress(m, adaptive=True, target_params=0.8, calib=feeds, min_params=0)
+    by_weight = {d.weight: d for d in res.layers}
+    assert not by_weight["K2_then"].factorized and not by_weight["K2_else"].factorized
+    assert by_weight["K1"].factorized
+    assert res.totals.params_after <= 0.8 * res.totals.params_before
