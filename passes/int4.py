@@ -351,6 +351,7 @@ class _Builder:
         self.readers = _consumers(self.graph)
         self.overridable = {v.name for v in self.graph.input}
         self.takes_bias = runtime_problem(opts.block, opts.accuracy_level, bias=True) is None
+        self.gone: set[str] = set()  # outputs of products whose bias Add was folded (no longer computed)
 
     def bias(self, name: str | None, n: int) -> bool:
         """Whether ``name`` is a constant ``MatMulNBits`` can take as its bias: float32, ``(n,)``."""
@@ -407,6 +408,10 @@ class _Builder:
             nodes.extend(self.replace.get(i, [node]))
         del self.graph.node[:]
         self.graph.node.extend(nodes)
+        kept = [v for v in self.graph.value_info if v.name not in self.gone]
+        if len(kept) < len(self.graph.value_info):
+            del self.graph.value_info[:]
+            self.graph.value_info.extend(kept)
         if not any(o.domain == DOMAIN for o in self.model.opset_import):
             self.model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
 
@@ -632,6 +637,7 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
             j, bias = folded
             b.replace[j] = _user_nodes(b, b.graph.node[i], packed, k, n, branch, bias, b.graph.node[j].output[0])
             b.replace[i] = []
+            b.gone.add(b.graph.node[i].output[0])
     return Int4Layer(name, [b.graph.node[i].name or b.graph.node[i].output[0] for i in nodes], (k, n), opts.block, corr.rank,
                      corr.energy, gram is not None, wk.size * 4, n_bytes, f.error_int4, f.error)
 

@@ -439,7 +439,9 @@ def _biased(bias_shape=(48,), bias_as_constant_after=False, second_reader=False)
     if second_reader:
         nodes.append(helper.make_node("Relu", ["m"], ["r"], name="other"))
         outputs.append(vi("r", ["rows", 48]))
-    return make_model(nodes, [vi("x", ["rows", 64])], outputs, inits)
+    model = make_model(nodes, [vi("x", ["rows", 64])], outputs, inits)
+    model.graph.value_info.append(vi("m", ["rows", 48]))
+    return model
 
 
 @pytest.mark.parametrize("as_constant", [False, True])
@@ -453,6 +455,7 @@ def test_a_bias_after_the_product_goes_into_matmulnbits(as_constant):
     nbits = next(n for n in folded.graph.node if n.op_type == "MatMulNBits")
     assert nbits.input[4] == "" and nbits.input[5] == "b"
     assert ops.count("Add") == 1, "only the branch's Add is left"
+    assert [v.name for v in folded.graph.value_info] == [], "the product's output is no longer computed"
     # the same weights with a bias that cannot be folded (shape (1, 48)) compute the same
     kept = compress(_biased(bias_shape=(1, 48)), energy=1.0, min_params=0, quantize="int4", data_aware=True,
                     calib=calib, int4_correction=8).model
