@@ -231,7 +231,10 @@ def test_a_signal_at_every_step_of_a_save_leaves_one_complete_generation(tmp_pat
         for k in range(1, steps + 1):
             gen.reset()
             with monkeypatch.context() as mp:
-                seen = _instrument(mp, k, lambda: os.kill(os.getpid(), sig))
+                # raised in this thread: os.kill lets the kernel hand the signal to any thread, and
+                # sent so at a save's first step it was lost twice in four full CI runs (another
+                # test's exporter thread alive; the mechanism was not pinned down)
+                seen = _instrument(mp, k, lambda: signal.raise_signal(sig))
                 rc = main(gen.args())
             err = capsys.readouterr().err
             assert rc == 128 + sig, (k, seen[-1:], err)
