@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -207,7 +208,7 @@ class LayerPlan:
             return self.views[mode]
         return self.views.get(MATRIX) or self.views.get("channel") or next(iter(self.views.values()))
 
-    @property
+    @functools.cached_property
     def budget_mode(self) -> str:
         """The view a budget allocates: the matrix, or for a Conv, of the views whose factors can
         save something, the one whose spectrum keeps more energy at about half the dense

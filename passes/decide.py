@@ -76,6 +76,12 @@ def allocates_convs(cfg: CompressConfig) -> bool:
     return cfg.target_macs is None and cfg.target_bytes is None
 
 
+def budget_sizes(cfg: CompressConfig, is_conv: bool) -> bool:
+    """Whether a budget (or adaptive mode) gives a plan of this kind its rank, rather than the
+    per-layer rule."""
+    return (cfg.has_budget or cfg.adaptive) and (not is_conv or allocates_convs(cfg))
+
+
 def allocated_plans(plans: dict[int, LayerPlan], cfg: CompressConfig) -> list[LayerPlan]:
     """The active plans a budget (or adaptive mode) allocates; the other active ones (Conv
     plans under ``target_macs``/``target_bytes``, and a Conv no rank of which saves MACs and
@@ -93,7 +99,7 @@ def rank_ceiling(cfg: CompressConfig, is_conv: bool, s, total: float | None, m: 
     """The highest rank any decider can give an ``(m, n)`` view with singular values ``s`` (of
     ``total`` energy; ``break_even`` its layer's): the spectra stage keeps only that many
     singular vectors, so memory follows the factors, not the weights."""
-    if (cfg.has_budget or cfg.adaptive) and (not is_conv or allocates_convs(cfg)):
+    if budget_sizes(cfg, is_conv):
         return min(break_even, m, n)
     return linalg.choose_rank(s, m, n, energy=rule_energy(cfg, is_conv), rank=cfg.rank, rank_multiple=cfg.rank_multiple,
                               rule=cfg.rank_rule, break_even=break_even if is_conv else None, total=total).rank

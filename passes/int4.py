@@ -341,15 +341,14 @@ class _Builder:
     """Collects the nodes that go before every other node (dequantized factors) and the
     replacement nodes of each rewritten user."""
 
-    def __init__(self, model: onnx.ModelProto, opts: Int4Options):
+    def __init__(self, model: onnx.ModelProto, opts: Int4Options, consts: dict[str, _Const],
+                 readers: dict[str, list[tuple[int, int]]], overridable: set[str]):
         self.model, self.graph, self.opts = model, model.graph, opts
         self.names = NameScope(model)
         self.opset = opset_version(model)
         self.head: list[onnx.NodeProto] = []
         self.replace: dict[int, list[onnx.NodeProto]] = {}
-        self.consts = _constants(self.graph)
-        self.readers = _consumers(self.graph)
-        self.overridable = {v.name for v in self.graph.input}
+        self.consts, self.readers, self.overridable = consts, readers, overridable  # (of the graph as read)
         self.takes_bias = runtime_problem(opts.block, opts.accuracy_level, bias=True) is None
         self.gone: set[str] = set()  # outputs of products whose bias Add was folded (no longer computed)
 
@@ -517,8 +516,8 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
                  and any(i >= 0 and slot == 1 and graph.node[i].op_type in ("MatMul", "Gemm") for i, slot in users.get(name, []))]
     else:
         names = list(dict.fromkeys(weights))
-    b = _Builder(out, options)
     inputs = {v.name for v in graph.input}
+    b = _Builder(out, options, consts, users, inputs)
     done: list[_Const] = []
     for name in names:
         c = consts.get(name)

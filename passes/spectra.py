@@ -85,10 +85,9 @@ def _energy(cfg: CompressConfig, is_conv: bool) -> float | None:
     """The threshold that will choose the rank, when only it does (so the leading part of the
     spectrum may serve): the per-layer energy rule, not a fixed rank, entropy or a budget (which
     allocates Convs too under a parameter budget)."""
-    from .decide import allocates_convs, rule_energy  # the deciders own their rules (a later stage: imported here)
+    from .decide import budget_sizes, rule_energy  # the deciders own their rules (a later stage: imported here)
 
-    if cfg.rank is not None or cfg.rank_rule != "energy" or (
-            (cfg.has_budget or cfg.adaptive) and (not is_conv or allocates_convs(cfg))):
+    if cfg.rank is not None or cfg.rank_rule != "energy" or budget_sizes(cfg, is_conv):
         return None
     return rule_energy(cfg, is_conv)
 
