@@ -277,6 +277,11 @@ class Quantize(Section):
     int4_factors: str = opt("int8", "choice", "with --quantize int4: how low-rank factors (correction branches and the "
                             "factorization's pairs) are stored: int8 (one scale per singular direction, default) or float",
                             choices=("int8", "float"))
+    int4_branch: str = opt("auto", "choice", "with --quantize int4: where a correction branch's second factor goes: auto "
+                           "(default) stacks it below the weight's 4-bit blocks, one product of [x, x A] instead of a second "
+                           "MatMul and an Add, where the layer is at least as wide as its input (N >= K, K a multiple of the "
+                           "block) and factors are int8; separate keeps x A B a product of its own everywhere",
+                           choices=("auto", "separate"))
 
     def rules(self) -> None:
         object.__setattr__(self, "int4_correction", _correction(self.int4_correction))

@@ -485,3 +485,90 @@ def test_a_runtime_without_the_bias_input_keeps_the_add(monkeypatch):
     res = compress(_biased(), energy=1.0, min_params=0, quantize="int4")
     assert len(next(n for n in res.model.graph.node if n.op_type == "MatMulNBits").input) == 4
     assert [n.op_type for n in res.model.graph.node].count("Add") == 1
+
+
+# ------------------------------------------------------------------ stacked branches
+
+def test_a_stacked_branch_refits_a_to_the_4bit_b_and_its_blocks_read_as_one_weight():
+    k, n, r = 64, 96, 8
+    w, x = _w(k, n), _inputs(800, k)
+    gram = x.T.astype(np.float64) @ x
+    f = quant.fit(w, gram, block=32, rank=r)
+    st = quant.stacked(w, f.q, f.correction, gram)
+    assert st.rank == r and (st.b.k, st.b.n) == (r, n)
+    # A = R B^+ is the least-squares A for the 4-bit B under any input weighting: never worse
+    # than keeping the float fit's A, and the branch still repairs most of what it did in float
+    bh = quant.dequantize(st.b).astype(np.float64)
+    residual = w - quant.dequantize(f.q)
+    refit = np.linalg.norm(x @ (residual - st.a @ bh))
+    assert refit <= np.linalg.norm(x @ (residual - f.correction.a @ bh)) * (1 + 1e-6)
+    assert f.error <= st.error < min(1.1 * f.error, f.error_int4)
+    # the stacked blocks read as [Q(W); Q(B)], and cost what stacked_bytes says (with A in int8)
+    both = quant.stack_blocks(f.q, st.b)
+    assert (both.k, both.blocks) == (k + r, f.q.blocks + 1)
+    np.testing.assert_array_equal(quant.dequantize(both), np.vstack([quant.dequantize(f.q), bh.astype(np.float32)]))
+    assert both.nbytes - f.q.nbytes + r * k + 4 * r == quant.stacked_bytes(k, n, r, 32)
+    with pytest.raises(ValueError, match="stack"):
+        quant.stack_blocks(quant.quantize_blocks(_w(70, n), 32), st.b)  # 70 rows end in a padded block
+    with pytest.raises(ValueError, match="rank"):
+        quant.stacked(w, f.q, quant.fit(w, gram, block=32).correction)
+
+
+def test_the_runtime_reads_a_partial_last_block():
+    assert int4.runtime_problem(32, 0, partial=True) is None
+
+
+def _wide():
+    #   x[rows, 64] --MatMul(W1: 64 x 96)--> Add(b1) --> Relu --MatMul(W2: 96 x 64)--> y
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="up"), helper.make_node("Add", ["h", "b1"], ["hb"], name="bias"),
+             helper.make_node("Relu", ["hb"], ["a"], name="act"), helper.make_node("MatMul", ["a", "W2"], ["y"], name="down")]
+    return make_model(nodes, [vi("x", ["rows", 64])], [vi("y", ["rows", 64])],
+                      [init("W1", _w(64, 96, 1) * 0.2), init("b1", rng.standard_normal(96).astype(np.float32) * 0.1),
+                       init("W2", _w(96, 64, 2) * 0.2)])
+
+
+def test_a_wide_layer_takes_its_branch_inside_the_blocks_and_a_narrow_one_keeps_it_separate():
+    src = _wide()
+    calib, held = {"x": _inputs(400, 64, seed=2)}, {"x": _inputs(200, 64, seed=9)}
+    ref = run(src, held)[0]
+    got = {}
+    for branch in ("auto", "separate"):
+        res = compress(src, energy=1.0, min_params=0, quantize="int4", data_aware=True, calib=calib, int4_correction=8,
+                       int4_branch=branch)
+        onnx.checker.check_model(res.model, full_check=True)
+        sec = res.sections["int4"]
+        forms = {l["weight"]: (l["branch"], l["rank"]) for l in sec["layers"]}
+        ops = [n.op_type for n in res.model.graph.node]
+        got[branch] = (compare("y", ref, run(res.model, held)[0]).rel_l2_error, sec["matmul_weight_bytes_after"])
+        if branch == "separate":
+            assert forms == {"W1": ("separate", 8), "W2": ("separate", 8)} and sec["stacked"] == 0 and "Concat" not in ops
+            continue
+        assert forms == {"W1": ("stacked", 8), "W2": ("separate", 8)} and sec["stacked"] == 1
+        # W1: MatMulNBits(Concat(x, x A)) over 64 + 8 rows, its bias folded in; W2: the product, x A B and an Add
+        producer = {o: n for n in res.model.graph.node for o in n.output}
+        up = next(n for n in res.model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "hb")
+        assert next(a.i for a in up.attribute if a.name == "K") == 72 and up.input[5] == "b1"
+        cat = producer[up.input[0]]
+        assert cat.op_type == "Concat" and cat.input[0] == "x" and producer[cat.input[1]].op_type == "MatMul"
+        assert ops.count("MatMul") == 3 and ops.count("Add") == 1
+        # bytes: W1's codes grow by one block per column, its B leaves the float factors
+        layer = next(l for l in res.sections["int4"]["layers"] if l["weight"] == "W1")
+        assert layer["bytes_after"] == quant.block_bytes(64, 96, 32) + quant.stacked_bytes(64, 96, 8, 32)
+    assert got["auto"][0] < 1.1 * got["separate"][0]
+    assert got["auto"][1] == int4.weight_bytes(compress(src, energy=1.0, min_params=0, quantize="int4", data_aware=True,
+                                                        calib=calib, int4_correction=8).model)
+
+
+def test_a_byte_budget_prices_stacked_branches_as_written_and_adaptive_mode_measures_them():
+    src = _wide()
+    calib = {"x": _inputs(400, 64, seed=2)}
+    for adaptive in (False, True):
+        res = compress(src, target_bytes=0.3, quantize="int4", data_aware=True, calib=calib, min_params=0, adaptive=adaptive)
+        before, after = res.totals.tensor_bytes["matmul weights"]
+        assert after <= 0.3 * before
+        layers = {l["weight"]: l for l in res.sections["int4"]["layers"]}
+        assert layers["W1"]["rank"] > 0 and layers["W1"]["branch"] == "stacked"
+        if adaptive:  # the emulated weight is the stacked form's: the search saw the written model's drop
+            numbers = res.sections["adaptive"]
+            assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=0.02)

@@ -51,6 +51,14 @@ Alternating (as LoftQ does for fine-tuning): once the branch exists, the blocks 
 their levels on what the branch already carries.  :func:`fit` keeps the best pair seen, so
 more rounds never leave a larger whitened error.
 
+Inside the blocks (the "stacked" branch)
+-----------------------------------------
+``x Q(W) + (x A) B`` equals ``[x, x A] @ [Q(W); B]``: the second factor can ride in the same
+4-bit product as extra rows below ``W``'s blocks, when ``K`` is a multiple of ``block`` (so its
+rows start a block of their own).  :func:`stacked` quantizes ``B`` in blocks of its own and refits
+``A`` to the dequantized ``B^``: the ``A`` minimizing ``||L^T (R - A B^)||_F`` is ``R B^+`` for any
+invertible ``L``, so the whitening drops out.  :func:`stacked_bytes` counts what it stores.
+
 The rank per layer: the smallest ``r`` whose share of the whitened residual's squared singular
 values ``E(r) = sum_{i<=r} s_i^2 / ||L^T R||_F^2`` reaches ``energy`` (or a fixed ``rank``),
 never more than ``max_rank``.  ``1 - E(r)`` is the share of the layer's output error left, so
@@ -69,7 +77,7 @@ from .whiten import DEFAULT_DAMPING, whitening_factor
 
 __all__ = ["BLOCK_SIZES", "CLIP_GRID", "BlockQuantized", "quantize_blocks", "dequantize", "Correction", "correction",
            "Fit", "fit", "quantize_columns", "dequantize_columns", "block_bytes", "branch_bytes", "correction_errors",
-           "column_correction_errors", "whitened_values"]
+           "column_correction_errors", "whitened_values", "Stacked", "stacked", "stacked_bytes", "stack_blocks"]
 
 #: Block sizes ``MatMulNBits`` takes on CPU (powers of two, at least 16).
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -365,6 +373,67 @@ def branch_bytes(k: int, n: int, rank: int, storage: str = "int8") -> int:
     if storage == "float":
         return 4 * int(rank) * (int(k) + int(n))
     return int(rank) * (int(k) + int(n)) + 8 * int(rank)
+
+
+def stacked_bytes(k: int, n: int, rank: int, block: int) -> int:
+    """Bytes of a rank-``rank`` branch inside the blocks (module docstring): ``A`` in int8 with a
+    scale per column, ``B`` as the 4-bit rows the product gains (``K`` a multiple of ``block``)."""
+    if rank <= 0:
+        return 0
+    return int(rank) * int(k) + 4 * int(rank) + block_bytes(int(k) + int(rank), n, block) - block_bytes(k, n, block)
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """A branch inside the blocks: ``x Q(W) + (x A) B^`` with ``B^`` the 4-bit ``b``.
+
+    Attributes:
+        a: float32 ``(K, r)``, refitted to ``B^``.
+        b: ``B`` in 4-bit blocks (``(r, N)``).
+        error: ``||L^T (W - Q(W) - A B^)||_F / ||L^T W||_F`` (as :class:`Fit`'s).
+    """
+
+    a: np.ndarray
+    b: BlockQuantized
+    error: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[1])
+
+
+def stacked(w: np.ndarray, q: BlockQuantized, c: Correction, gram: np.ndarray | None = None, *,
+            damping: float = DEFAULT_DAMPING) -> Stacked:
+    """The branch ``c`` of ``w`` (fitted against blocks ``q``) with ``B`` in 4-bit blocks of
+    ``q.block`` rows and ``A`` refitted to the dequantized ``B^`` (module docstring); ``gram``
+    and ``damping`` only weigh the error reported.
+
+    Raises:
+        ValueError: ``c`` has no rank.
+    """
+    if c.rank <= 0:
+        raise ValueError("A stacked branch needs a correction of rank at least 1.")
+    qb = quantize_blocks(c.b, q.block)
+    bh = dequantize(qb).astype(np.float64)
+    w64 = np.asarray(w, np.float64)
+    residual = w64 - dequantize(q)
+    a = np.ascontiguousarray(residual @ np.linalg.pinv(bh), np.float32)
+    left = residual - a.astype(np.float64) @ bh
+    if gram is not None:
+        lf = whitening_factor(gram, damping)[0]
+        left, w64 = lf.T @ left, lf.T @ w64
+    return Stacked(a, qb, float(np.linalg.norm(left) / (np.linalg.norm(w64) or 1.0)))
+
+
+def stack_blocks(q: BlockQuantized, extra: BlockQuantized) -> BlockQuantized:
+    """``q``'s blocks with ``extra``'s below them, as one ``(K + K', N)`` weight (``q.k`` a
+    multiple of the block: both keep their own blocks)."""
+    if q.k % q.block or q.block != extra.block or q.n != extra.n:
+        raise ValueError(f"Cannot stack ({extra.k}, {extra.n}) blocks of {extra.block} below ({q.k}, {q.n}) ones of {q.block}.")
+    zeros = np.concatenate([q.zeros(), extra.zeros()], axis=1)
+    return BlockQuantized(packed=np.ascontiguousarray(np.concatenate([q.packed, extra.packed], axis=1)),
+                          scales=np.ascontiguousarray(np.concatenate([q.scales, extra.scales], axis=1)),
+                          zero_points=_pack_pairs(zeros.astype(np.uint8)), k=q.k + extra.k, n=q.n, block=q.block)
 
 
 def correction_errors(w: np.ndarray, gram: np.ndarray | None, ranks: list[int], *, block: int = 32,
