@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=1 python benchmarks/int4.py          # writes docs/benchmarks/int4.{md,json}
     python benchmarks/int4.py --quick                                           # smoke run; writes benchmarks/_work/ only
+    python benchmarks/int4.py --branch-pair --runs64 16                         # stacked vs separate branches, same ranks
 
 Inputs (built by ``benchmarks/real_models.py``): ``benchmarks/_work/minilm.onnx``, the calibration
 texts ``minilm_calib_128.npz`` (the first 256 are used, padded rows left out with
@@ -16,6 +17,8 @@ Variants, side by side in one run:
 * ``ours`` (``compress(..., quantize="int4")``, factorization off with ``energy=1``) without a
   correction, with the plain residual SVD, and whitened (``--data-aware``) at a few energies and
   ranks and block sizes; ``-acc4`` at accuracy level 4;
+* ``ours-adaptive-b64-separate``: the adaptive block-64 budget with every branch a product of
+  its own (``int4_branch="separate"``; the default stacks it into the blocks where it pays);
 * ``onnxsim-lqer-r*`` (onnxsim 0.8.1's ``apply_lqer`` on its ``quantize_weight_only_int4``,
   opset 21) when onnxsim is installed, at a rank near our bytes and at rank 16.
 
@@ -62,6 +65,9 @@ OURS = {
     # the same budget allocated on measured sensitivity (adaptive mode, its default sample and points)
     "ours-adaptive-b32": dict(data_aware=True, target_bytes=0.174, adaptive=True),
     "ours-adaptive-b64": dict(data_aware=True, target_bytes=0.174, int4_block=64, adaptive=True),
+    # the same with every branch a product of its own (before stacked branches were the default)
+    "ours-adaptive-b64-separate": dict(data_aware=True, target_bytes=0.174, int4_block=64, adaptive=True,
+                                       int4_branch="separate"),
     # width reduction (fp32), and width reduction with int4 on what it leaves
     "ours-ffn0.75": dict(ffn_keep=0.75, quantize=None),
     "ours-ffn0.75-b64-r32": dict(ffn_keep=0.75, data_aware=True, int4_block=64, int4_correction=32),
@@ -158,6 +164,28 @@ def plot(doc: dict, path: Path) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def branch_pair(model: onnx.ModelProto, calib: dict, feeds: dict, ref: np.ndarray, batches: tuple[int, int],
+                runs: dict[int, int]) -> int:
+    """The two places of a correction branch at the same ranks: its own product (``separate``)
+    and stacked below the 4-bit blocks (``auto``), timed against each other."""
+    got = {}
+    for branch in ("separate", "auto"):
+        res = compress(model, quantize="int4", energy=1.0, data_aware=True, int4_block=64, int4_correction=32, calib=calib,
+                       calib_mask="attention_mask", int4_branch=branch)
+        sec = res.sections["int4"]
+        got[branch] = (res.model, {"matmul_weight_bytes": weight_bytes(res.model), "stacked": sec["stacked"],
+                                   "ranks": sec["correction_ranks"], **embedding_quality(res.model, feeds, ref)})
+    doc = {"command": command_line(), "flags": "--quantize int4 --energy 1 --data-aware --int4-block 64 --int4-correction 32",
+           "separate": got["separate"][1], "stacked": got["auto"][1], "runs": runs}
+    for b in batches:
+        p = paired(got["separate"][0], got["auto"][0], threads=1, batch=b, runs=runs[b], warmup=1 if b > 1 else 5,
+                   input_shape=SHAPES)
+        doc[f"stacked_vs_separate_b{b}"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in p.items()}
+    print(json.dumps(doc, indent=1))
+    (DOCS / "int4_branch_pair.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: few texts and runs; writes benchmarks/_work/ only")
@@ -170,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", action="store_true", help="with --only: add these variants to docs/benchmarks/int4.json "
                     "(fp32 and ort-int4 are re-measured as references, not replaced) and re-render the table and chart")
     ap.add_argument("--lqer-ranks", type=int, nargs="*", default=[4, 16], help="onnxsim LQER ranks (default 4 16)")
+    ap.add_argument("--branch-pair", action="store_true", help="only: block 64 with whitened rank-32 branches, stacked "
+                    "(--int4-branch auto) and separate, timed against each other; writes docs/benchmarks/int4_branch_pair.json")
     args = ap.parse_args(argv)
 
     model = onnx.load(str(WORK / "minilm.onnx"))
@@ -181,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = (1, 8) if args.quick else (1, 64)
     runs = {batches[0]: 5 if args.quick else args.runs1, batches[1]: 2 if args.quick else args.runs64}
     ref = run_model(model, feeds, batch=32)
+    if args.branch_pair:
+        return branch_pair(model, calib, feeds, ref, batches, runs)
 
     variants: dict[str, tuple[onnx.ModelProto, dict]] = {}
     wanted = (lambda label: args.only is None or label in args.only)

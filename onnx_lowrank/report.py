@@ -56,7 +56,8 @@ class LayerDecision:
         width: For a projection of a width-reduced feed-forward block: ``[kept, hidden]``
             neurons (then ``factorized`` is false: the weight is narrower, not split).
         quantized: How ``--quantize int4`` stored the weight or its factors, e.g.
-            ``int4 (block 32) + rank-16 correction`` or ``factors int8``.
+            ``int4 (block 32) + rank-16 correction``, ``... (stacked)`` when the branch rides in the
+            4-bit blocks, or ``factors int8``.
     """
 
     node: str
@@ -252,7 +253,8 @@ def render_sections(sections: dict[str, Any]) -> str:
 
 def _fmt_int4(q: dict[str, Any]) -> str:
     text = (f"int4:          {q['weights_quantized']} weight(s) as MatMulNBits (block {q['block']}), {q['corrected']} with a "
-            f"correction branch ({q['correction']}; {q['statistics']}); MatMul weights "
+            f"correction branch ({q['correction']}; {q['statistics']}"
+            + (f"; {q['stacked']} inside the 4-bit blocks" if q.get("stacked") else "") + "); MatMul weights "
             f"{human_bytes(q['matmul_weight_bytes_before'])} -> {human_bytes(q['matmul_weight_bytes_after'])}")
     errors = [(l["error_int4"], l["error_corrected"]) for l in q.get("layers", [])]
     if errors:

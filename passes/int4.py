@@ -26,7 +26,8 @@ below the weight's blocks (:func:`~onnx_lowrank.linalg.quant.stacked`, ``A`` ref
 The ``(x A) B`` product and the ``Add`` of its output leave the graph (about three passes over
 the output) for one copy of the input: worth it where the output is at least as wide as the
 input, so narrower layers (a feed-forward block's second projection) keep the separate branch.
-MiniLM with rank-32 branches at batch 64: about 5 % faster.  ``B`` in 4 bits costs a padded
+MiniLM with rank-32 branches (block 64, 30 of 36 layers stacked): x1.07 at batch 64, x1.03 at
+batch 1, at the same quality (``benchmarks/int4.py --branch-pair``).  ``B`` in 4 bits costs a padded
 block per column when ``r`` is below the block size; the byte budget counts each form as written.
 
 ``Gemm`` maps when the weight is its second input and ``transA = 0`` (a ``transB = 1`` weight is

@@ -14,6 +14,7 @@ from onnx_lowrank.cli import main
 from onnx_lowrank.errors import UsageError
 from onnx_lowrank.linalg import quant
 from onnx_lowrank.passes import int4
+from onnx_lowrank.report import render_sections
 from onnx_lowrank.verify import compare
 
 
@@ -545,6 +546,9 @@ def test_a_wide_layer_takes_its_branch_inside_the_blocks_and_a_narrow_one_keeps_
             assert forms == {"W1": ("separate", 8), "W2": ("separate", 8)} and sec["stacked"] == 0 and "Concat" not in ops
             continue
         assert forms == {"W1": ("stacked", 8), "W2": ("separate", 8)} and sec["stacked"] == 1
+        quantized = {row.weight: row.quantized for row in res.layers}
+        assert quantized == {"W1": "int4 (block 32) + rank-8 correction (stacked)", "W2": "int4 (block 32) + rank-8 correction"}
+        assert "; 1 inside the 4-bit blocks); MatMul weights" in render_sections(res.sections)
         # W1: MatMulNBits(Concat(x, x A)) over 64 + 8 rows, its bias folded in; W2: the product, x A B and an Add
         producer = {o: n for n in res.model.graph.node for o in n.output}
         up = next(n for n in res.model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "hb")
