@@ -17,18 +17,23 @@ A bias goes into ``MatMulNBits``'s own bias input when it is a float32 constant 
 layer (MiniLM at batch 64: about 5 % of the run).
 
 Stacked branches (``int4_branch="auto"``, the default): on a layer at least as wide as its input
-(``N >= K``, ``K`` a multiple of the block) the branch's second factor becomes extra 4-bit rows
-below the weight's blocks (:func:`~onnx_lowrank.linalg.quant.stacked`, ``A`` refitted to the
-4-bit ``B``), and the layer one product::
+(``N >= K``) the branch's second factor becomes extra 4-bit rows below the weight's blocks
+(:func:`~onnx_lowrank.linalg.quant.stacked`, ``A`` refitted to the 4-bit ``B``), and the layer one
+product::
 
-    MatMul(x, W)       ->  MatMulNBits(Concat(x, MatMul(x, A)), [Q(W); Q(B)])    (K + r rows)
+    MatMul(x, W)       ->  MatMulNBits(Concat(x, MatMul(x, A)), [Q(W); Q(B)])    (K + p + r rows)
+
+(``p = -K mod block``: when ``K`` is not a multiple of the block, ``A`` starts with ``p`` zero
+columns that meet the zero-padded rows of ``W``'s last block, so ``B`` starts a block of its own.)
 
 The ``(x A) B`` product and the ``Add`` of its output leave the graph (about three passes over
 the output) for one copy of the input: worth it where the output is at least as wide as the
 input, so narrower layers (a feed-forward block's second projection) keep the separate branch.
 MiniLM with rank-32 branches (block 64, 30 of 36 layers stacked): x1.07 at batch 64, x1.03 at
 batch 1, at the same quality (``benchmarks/int4.py --branch-pair``).  ``B`` in 4 bits costs a padded
-block per column when ``r`` is below the block size; the byte budget counts each form as written.
+block per column, more than int8 factors when ``r`` is well below the block size: a branch is
+stacked only when that costs at most :data:`STACK_BYTES` times the separate branch's bytes (about
+``r >= block / 2``).  The byte budget counts each form as written.
 
 ``Gemm`` maps when the weight is its second input and ``transA = 0`` (a ``transB = 1`` weight is
 quantized transposed); ``alpha``, ``beta`` and ``C`` stay in the graph unchanged (but a ``C``
@@ -80,6 +85,9 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "com.microsoft"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+#: A branch is stacked only when that stores at most this many times the separate branch's bytes
+#: (``B``'s 4-bit rows fill whole blocks: a rank well below the block size would cost more).
+STACK_BYTES = 1.125
 FACTOR_STORAGE = ("int8", "float")
 
 
@@ -114,11 +122,12 @@ class Int4Options:
 
     def stacks(self, k: int, n: int, rank: int, opset: int) -> bool:
         """Whether a rank-``rank`` branch of a ``(k, n)`` weight goes inside the blocks (module
-        docstring, "Stacked branches"): ``branch="auto"``, int8 factors, ``n >= k``, ``k`` a
-        multiple of the block, a ``Concat`` that takes axis -1 (opset 11), and a runtime that
-        reads a partial last block."""
-        return (self.branch == "auto" and rank > 0 and self.factors == "int8" and n >= k and k % self.block == 0
-                and opset >= 11 and runtime_problem(self.block, self.accuracy_level, partial=True) is None)
+        docstring, "Stacked branches"): ``branch="auto"``, int8 factors, ``n >= k``, at most
+        :data:`STACK_BYTES` times the separate branch's bytes, a ``Concat`` that takes axis -1
+        (opset 11), and a runtime that reads a partial last block."""
+        return (self.branch == "auto" and rank > 0 and self.factors == "int8" and n >= k and opset >= 11
+                and quant.stacked_bytes(k, n, rank, self.block) <= STACK_BYTES * quant.branch_bytes(k, n, rank, "int8")
+                and runtime_problem(self.block, self.accuracy_level, partial=True) is None)
 
     def branch_bytes(self, k: int, n: int, rank: int, opset: int) -> int:
         """Bytes of a rank-``rank`` branch of a ``(k, n)`` weight in the form it will take."""
@@ -238,8 +247,8 @@ class Int4Layer:
 
     def to_dict(self) -> dict[str, Any]:
         return {"weight": self.weight, "nodes": self.nodes, "shape": list(self.shape), "block": self.block, "rank": self.rank,
-                "branch": ("stacked" if self.stacked else "separate") if self.rank else None, "whitened": self.whitened, "energy": round(self.energy, 4), "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after, "error_int4": round(self.error_int4, 5),
+                "branch": ("stacked" if self.stacked else "separate") if self.rank else None, "whitened": self.whitened,
+                "energy": round(self.energy, 4), "bytes_before": self.bytes_before, "bytes_after": self.bytes_after, "error_int4": round(self.error_int4, 5),
                 "error_corrected": round(self.error_corrected, 5)}
 
 
@@ -453,8 +462,8 @@ def _user_nodes(b: _Builder, node: onnx.NodeProto, packed: tuple[str, str, str],
                 stacked: tuple[str, int] | None = None) -> list[onnx.NodeProto]:
     """The nodes that replace one MatMul/Gemm user (module docstring); ``bias``: a folded bias
     Add's constant, ``out`` that Add's output (what the nodes then compute); ``stacked``: the
-    first factor and rank of a branch whose second factor is in ``packed`` (``branch`` is then
-    ``None``)."""
+    first factor of a branch whose second factor is in ``packed`` (``branch`` is then ``None``)
+    and its columns (the rank and the zero columns before it), the rows ``packed`` gains."""
     x, out = node.input[0], out or node.output[0]
     base = node.name or out
     nodes = []
@@ -670,8 +679,10 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
     n_bytes = q.nbytes
     branch = stacked = None
     if stack is not None:
-        a_name, a_bytes = b.factor(stack.a, f"{name}_lqer_a", axis=1)
-        stacked = (a_name, stack.rank)
+        pad = quant.stack_padding(k, opts.block)  # zero columns: x A meets B's rows at a block's start
+        a = np.concatenate([np.zeros((k, pad), np.float32), stack.a], axis=1)
+        a_name, a_bytes = b.factor(a, f"{name}_lqer_a", axis=1)
+        stacked = (a_name, pad + stack.rank)
         n_bytes += a_bytes
     elif corr.rank > 0:
         a_name, a_bytes = b.factor(corr.a, f"{name}_lqer_a", axis=1)

@@ -510,7 +510,14 @@ def test_a_stacked_branch_refits_a_to_the_4bit_b_and_its_blocks_read_as_one_weig
     np.testing.assert_array_equal(quant.dequantize(both), np.vstack([quant.dequantize(f.q), bh.astype(np.float32)]))
     assert both.nbytes - f.q.nbytes + r * k + 4 * r == quant.stacked_bytes(k, n, r, 32)
     with pytest.raises(ValueError, match="stack"):
-        quant.stack_blocks(quant.quantize_blocks(_w(70, n), 32), st.b)  # 70 rows end in a padded block
+        quant.stack_blocks(quant.quantize_blocks(_w(64, n), 16), st.b)  # blocks of another size
+    # K = 40 rows end in a padded block: B starts the next block, the padded rows (zeros) between
+    odd = quant.quantize_blocks(_w(40, n), 32)
+    both = quant.stack_blocks(odd, st.b)
+    assert both.k == 64 + r
+    np.testing.assert_array_equal(quant.dequantize(both), np.vstack([quant.dequantize(odd), np.zeros((24, n), np.float32),
+                                                                      bh.astype(np.float32)]))
+    assert both.nbytes - odd.nbytes + (24 + r) * 40 + 4 * (24 + r) == quant.stacked_bytes(40, n, r, 32)
     with pytest.raises(ValueError, match="rank"):
         quant.stacked(w, f.q, quant.fit(w, gram, block=32).correction)
 
@@ -519,14 +526,49 @@ def test_the_runtime_reads_a_partial_last_block():
     assert int4.runtime_problem(32, 0, partial=True) is None
 
 
-def _wide():
-    #   x[rows, 64] --MatMul(W1: 64 x 96)--> Add(b1) --> Relu --MatMul(W2: 96 x 64)--> y
+def test_a_branch_is_stacked_only_where_it_costs_at_most_an_eighth_more_bytes():
+    opts = int4.Int4Options(block=64)
+    assert opts.stacks(384, 384, 32, 17) and opts.stacks(384, 1536, 64, 17)  # B fills half a block or more
+    assert not opts.stacks(384, 384, 8, 17) and not opts.stacks(120, 6625, 1, 17)  # a padded block per column
+    assert not opts.stacks(1536, 384, 64, 17)  # narrower than its input: the concatenated copy costs more
+    assert not opts.stacks(384, 384, 32, 10)  # Concat takes axis -1 from opset 11
+    for other in (int4.Int4Options(block=64, factors="float"), int4.Int4Options(block=64, branch="separate")):
+        assert not other.stacks(384, 384, 32, 17)
+    assert opts.branch_bytes(384, 384, 32, 17) == quant.stacked_bytes(384, 384, 32, 64)
+    assert opts.branch_bytes(384, 384, 8, 17) == quant.branch_bytes(384, 384, 8)
+
+
+def _wide(k=64):
+    #   x[rows, k] --MatMul(W1: k x 96)--> Add(b1) --> Relu --MatMul(W2: 96 x k)--> y
     rng = np.random.default_rng(8)
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="up"), helper.make_node("Add", ["h", "b1"], ["hb"], name="bias"),
              helper.make_node("Relu", ["hb"], ["a"], name="act"), helper.make_node("MatMul", ["a", "W2"], ["y"], name="down")]
-    return make_model(nodes, [vi("x", ["rows", 64])], [vi("y", ["rows", 64])],
-                      [init("W1", _w(64, 96, 1) * 0.2), init("b1", rng.standard_normal(96).astype(np.float32) * 0.1),
-                       init("W2", _w(96, 64, 2) * 0.2)])
+    return make_model(nodes, [vi("x", ["rows", k])], [vi("y", ["rows", k])],
+                      [init("W1", _w(k, 96, 1) * 0.2), init("b1", rng.standard_normal(96).astype(np.float32) * 0.1),
+                       init("W2", _w(96, k, 2) * 0.2)])
+
+
+def test_a_layer_whose_input_is_not_a_whole_number_of_blocks_stacks_after_the_padding():
+    src = _wide(k=40)  # 40 inputs: blocks of 16 leave 8 padded rows, which x [0, A] meets with zeros
+    calib = {"x": _inputs(300, 40, seed=2)}
+    held = {"x": _inputs(100, 40, seed=9)}
+    outs = {}
+    for branch in ("auto", "separate"):
+        res = compress(src, energy=1.0, min_params=0, quantize="int4", data_aware=True, calib=calib, int4_block=16,
+                       int4_correction=16, int4_branch=branch)
+        onnx.checker.check_model(res.model, full_check=True)
+        outs[branch] = run(res.model, held)[0]
+        if branch == "auto":
+            up = next(n for n in res.model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "hb")
+            assert next(a.i for a in up.attribute if a.name == "K") == 40 + 8 + 16
+            layer = next(l for l in res.sections["int4"]["layers"] if l["weight"] == "W1")
+            assert layer["branch"] == "stacked"
+            assert layer["bytes_after"] == quant.block_bytes(40, 96, 16) + quant.stacked_bytes(40, 96, 16, 16)
+    outs["none"] = run(compress(src, energy=1.0, min_params=0, quantize="int4", int4_block=16, int4_correction=0).model, held)[0]
+    ref = run(src, held)[0]
+    e = {k: compare("y", ref, v).rel_l2_error for k, v in outs.items()}
+    # B in 4 bits costs a little of the repair (a misplaced row would cost all of it)
+    assert e["separate"] < e["auto"] < min(1.25 * e["separate"], 0.5 * e["none"])
 
 
 def test_a_wide_layer_takes_its_branch_inside_the_blocks_and_a_narrow_one_keeps_it_separate():
@@ -535,40 +577,41 @@ def test_a_wide_layer_takes_its_branch_inside_the_blocks_and_a_narrow_one_keeps_
     ref = run(src, held)[0]
     got = {}
     for branch in ("auto", "separate"):
-        res = compress(src, energy=1.0, min_params=0, quantize="int4", data_aware=True, calib=calib, int4_correction=8,
-                       int4_branch=branch)
+        res = compress(src, energy=1.0, min_params=0, quantize="int4", data_aware=True, calib=calib, int4_block=16,
+                       int4_correction=16, int4_branch=branch)
         onnx.checker.check_model(res.model, full_check=True)
         sec = res.sections["int4"]
         forms = {l["weight"]: (l["branch"], l["rank"]) for l in sec["layers"]}
         ops = [n.op_type for n in res.model.graph.node]
         got[branch] = (compare("y", ref, run(res.model, held)[0]).rel_l2_error, sec["matmul_weight_bytes_after"])
         if branch == "separate":
-            assert forms == {"W1": ("separate", 8), "W2": ("separate", 8)} and sec["stacked"] == 0 and "Concat" not in ops
+            assert forms == {"W1": ("separate", 16), "W2": ("separate", 16)} and sec["stacked"] == 0 and "Concat" not in ops
             continue
-        assert forms == {"W1": ("stacked", 8), "W2": ("separate", 8)} and sec["stacked"] == 1
+        assert forms == {"W1": ("stacked", 16), "W2": ("separate", 16)} and sec["stacked"] == 1
         quantized = {row.weight: row.quantized for row in res.layers}
-        assert quantized == {"W1": "int4 (block 32) + rank-8 correction (stacked)", "W2": "int4 (block 32) + rank-8 correction"}
+        assert quantized == {"W1": "int4 (block 16) + rank-16 correction (stacked)", "W2": "int4 (block 16) + rank-16 correction"}
         assert "; 1 inside the 4-bit blocks); MatMul weights" in render_sections(res.sections)
         # W1: MatMulNBits(Concat(x, x A)) over 64 + 8 rows, its bias folded in; W2: the product, x A B and an Add
         producer = {o: n for n in res.model.graph.node for o in n.output}
         up = next(n for n in res.model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "hb")
-        assert next(a.i for a in up.attribute if a.name == "K") == 72 and up.input[5] == "b1"
+        assert next(a.i for a in up.attribute if a.name == "K") == 80 and up.input[5] == "b1"
         cat = producer[up.input[0]]
         assert cat.op_type == "Concat" and cat.input[0] == "x" and producer[cat.input[1]].op_type == "MatMul"
         assert ops.count("MatMul") == 3 and ops.count("Add") == 1
-        # bytes: W1's codes grow by one block per column, its B leaves the float factors
+        # bytes: W1's codes grow by one block per column, its B leaves the int8 factors
         layer = next(l for l in res.sections["int4"]["layers"] if l["weight"] == "W1")
-        assert layer["bytes_after"] == quant.block_bytes(64, 96, 32) + quant.stacked_bytes(64, 96, 8, 32)
+        assert layer["bytes_after"] == quant.block_bytes(64, 96, 16) + quant.stacked_bytes(64, 96, 16, 16)
     assert got["auto"][0] < 1.1 * got["separate"][0]
     assert got["auto"][1] == int4.weight_bytes(compress(src, energy=1.0, min_params=0, quantize="int4", data_aware=True,
-                                                        calib=calib, int4_correction=8).model)
+                                                        calib=calib, int4_block=16, int4_correction=16).model)
 
 
 def test_a_byte_budget_prices_stacked_branches_as_written_and_adaptive_mode_measures_them():
     src = _wide()
     calib = {"x": _inputs(400, 64, seed=2)}
     for adaptive in (False, True):
-        res = compress(src, target_bytes=0.3, quantize="int4", data_aware=True, calib=calib, min_params=0, adaptive=adaptive)
+        res = compress(src, target_bytes=0.3, quantize="int4", data_aware=True, calib=calib, min_params=0, adaptive=adaptive,
+                       int4_block=16)
         before, after = res.totals.tensor_bytes["matmul weights"]
         assert after <= 0.3 * before
         layers = {l["weight"]: l for l in res.sections["int4"]["layers"]}

@@ -54,8 +54,10 @@ more rounds never leave a larger whitened error.
 Inside the blocks (the "stacked" branch)
 -----------------------------------------
 ``x Q(W) + (x A) B`` equals ``[x, x A] @ [Q(W); B]``: the second factor can ride in the same
-4-bit product as extra rows below ``W``'s blocks, when ``K`` is a multiple of ``block`` (so its
-rows start a block of their own).  :func:`stacked` quantizes ``B`` in blocks of its own and refits
+4-bit product as extra rows below ``W``'s blocks.  They start a block of their own: when ``K``
+is not a multiple of ``block``, the padded rows of ``W``'s last block (zeros, which dequantize to
+exactly zero) stay in between, and ``A`` gains as many zero columns in front (``[x, x [0, A]]``:
+``p = -K mod block`` inputs that meet zero weights).  :func:`stacked` quantizes ``B`` in blocks of its own and refits
 ``A`` to the dequantized ``B^``: the ``A`` minimizing ``||L^T (R - A B^)||_F`` is ``R B^+`` for any
 invertible ``L``, so the whitening drops out.  :func:`stacked_bytes` counts what it stores.
 
@@ -77,7 +79,8 @@ from .whiten import DEFAULT_DAMPING, whitening_factor
 
 __all__ = ["BLOCK_SIZES", "CLIP_GRID", "BlockQuantized", "quantize_blocks", "dequantize", "Correction", "correction",
            "Fit", "fit", "quantize_columns", "dequantize_columns", "block_bytes", "branch_bytes", "correction_errors",
-           "column_correction_errors", "whitened_values", "Stacked", "stacked", "stacked_bytes", "stack_blocks"]
+           "column_correction_errors", "whitened_values", "Stacked", "stacked", "stacked_bytes", "stack_blocks",
+           "stack_padding"]
 
 #: Block sizes ``MatMulNBits`` takes on CPU (powers of two, at least 16).
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -377,10 +380,17 @@ def branch_bytes(k: int, n: int, rank: int, storage: str = "int8") -> int:
 
 def stacked_bytes(k: int, n: int, rank: int, block: int) -> int:
     """Bytes of a rank-``rank`` branch inside the blocks (module docstring): ``A`` in int8 with a
-    scale per column, ``B`` as the 4-bit rows the product gains (``K`` a multiple of ``block``)."""
+    scale per column (and the ``-K mod block`` zero columns in front), ``B`` as the 4-bit rows the
+    product gains."""
     if rank <= 0:
         return 0
-    return int(rank) * int(k) + 4 * int(rank) + block_bytes(int(k) + int(rank), n, block) - block_bytes(k, n, block)
+    cols = stack_padding(k, block) + int(rank)
+    return cols * int(k) + 4 * cols + block_bytes(int(k) + cols, n, block) - block_bytes(k, n, block)
+
+
+def stack_padding(k: int, block: int) -> int:
+    """Rows between ``K`` rows of blocks and what is stacked below them: ``-K mod block``."""
+    return -int(k) % int(block)
 
 
 @dataclass(frozen=True)
@@ -426,14 +436,16 @@ def stacked(w: np.ndarray, q: BlockQuantized, c: Correction, gram: np.ndarray | 
 
 
 def stack_blocks(q: BlockQuantized, extra: BlockQuantized) -> BlockQuantized:
-    """``q``'s blocks with ``extra``'s below them, as one ``(K + K', N)`` weight (``q.k`` a
-    multiple of the block: both keep their own blocks)."""
-    if q.k % q.block or q.block != extra.block or q.n != extra.n:
+    """``q``'s blocks with ``extra``'s below them, as one weight of ``K + p + K'`` rows: each keeps
+    its own blocks, and the ``p = -K mod block`` padded rows of ``q``'s last block (zeros) stay in
+    between (module docstring)."""
+    if q.block != extra.block or q.n != extra.n:
         raise ValueError(f"Cannot stack ({extra.k}, {extra.n}) blocks of {extra.block} below ({q.k}, {q.n}) ones of {q.block}.")
     zeros = np.concatenate([q.zeros(), extra.zeros()], axis=1)
     return BlockQuantized(packed=np.ascontiguousarray(np.concatenate([q.packed, extra.packed], axis=1)),
                           scales=np.ascontiguousarray(np.concatenate([q.scales, extra.scales], axis=1)),
-                          zero_points=_pack_pairs(zeros.astype(np.uint8)), k=q.k + extra.k, n=q.n, block=q.block)
+                          zero_points=_pack_pairs(zeros.astype(np.uint8)), k=q.blocks * q.block + extra.k, n=q.n,
+                          block=q.block)
 
 
 def correction_errors(w: np.ndarray, gram: np.ndarray | None, ranks: list[int], *, block: int = 32,
