@@ -57,9 +57,10 @@ Inside the blocks (the "stacked" branch)
 4-bit product as extra rows below ``W``'s blocks.  They start a block of their own: when ``K``
 is not a multiple of ``block``, the padded rows of ``W``'s last block (zeros, which dequantize to
 exactly zero) stay in between, and ``A`` gains as many zero columns in front (``[x, x [0, A]]``:
-``p = -K mod block`` inputs that meet zero weights).  :func:`stacked` quantizes ``B`` in blocks of its own and refits
-``A`` to the dequantized ``B^``: the ``A`` minimizing ``||L^T (R - A B^)||_F`` is ``R B^+`` for any
-invertible ``L``, so the whitening drops out.  :func:`stacked_bytes` counts what it stores.
+``p = -K mod block`` inputs that meet zero weights).  :func:`stacked` quantizes ``B`` in blocks of
+its own and refits ``A`` to the dequantized ``B^``: the ``A`` minimizing ``||L^T (R - A B^)||_F``
+is ``R B^+`` for any invertible ``L``, so the whitening drops out.  :func:`stacked_bytes` counts
+what it stores.
 
 The rank per layer: the smallest ``r`` whose share of the whitened residual's squared singular
 values ``E(r) = sum_{i<=r} s_i^2 / ||L^T R||_F^2`` reaches ``energy`` (or a fixed ``rank``),
