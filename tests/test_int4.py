@@ -454,13 +454,17 @@ def test_a_bias_after_the_product_goes_into_matmulnbits(as_constant):
     onnx.checker.check_model(folded, full_check=True)
     ops = [n.op_type for n in folded.graph.node if n.op_type != "Constant"]
     nbits = next(n for n in folded.graph.node if n.op_type == "MatMulNBits")
-    assert nbits.input[4] == "" and nbits.input[5] == "b"
+    # with statistics the bias carries the 4-bit error's mean too (a corrected copy; b is no longer read)
+    assert nbits.input[4] == "" and nbits.input[5] == "b_mean_corrected"
+    assert "b" not in {t.name for t in folded.graph.initializer} | {o for n in folded.graph.node for o in n.output}
     assert ops.count("Add") == 1, "only the branch's Add is left"
     assert [v.name for v in folded.graph.value_info] == [], "the product's output is no longer computed"
     # the same weights with a bias that cannot be folded (shape (1, 48)) compute the same
     kept = compress(_biased(bias_shape=(1, 48)), energy=1.0, min_params=0, quantize="int4", data_aware=True,
                     calib=calib, int4_correction=8).model
-    assert len(next(n for n in kept.graph.node if n.op_type == "MatMulNBits").input) == 4
+    # (its product takes a new bias: the error's mean alone; the (1, 48) bias keeps its Add)
+    assert next(n for n in kept.graph.node if n.op_type == "MatMulNBits").input[5] == "W_mean_corrected"
+    assert any(n.op_type == "Add" and "b" in n.input for n in kept.graph.node)
     np.testing.assert_allclose(run(folded, {"x": x})[0], run(kept, {"x": x})[0], rtol=1e-5, atol=1e-4)
 
 
@@ -594,7 +598,7 @@ def test_a_wide_layer_takes_its_branch_inside_the_blocks_and_a_narrow_one_keeps_
         # W1: MatMulNBits(Concat(x, x A)) over 64 + 8 rows, its bias folded in; W2: the product, x A B and an Add
         producer = {o: n for n in res.model.graph.node for o in n.output}
         up = next(n for n in res.model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "hb")
-        assert next(a.i for a in up.attribute if a.name == "K") == 80 and up.input[5] == "b1"
+        assert next(a.i for a in up.attribute if a.name == "K") == 80 and up.input[5] == "b1_mean_corrected"
         cat = producer[up.input[0]]
         assert cat.op_type == "Concat" and cat.input[0] == "x" and producer[cat.input[1]].op_type == "MatMul"
         assert ops.count("MatMul") == 3 and ops.count("Add") == 1
@@ -619,3 +623,57 @@ def test_a_byte_budget_prices_stacked_branches_as_written_and_adaptive_mode_meas
         if adaptive:  # the emulated weight is the stacked form's: the search saw the written model's drop
             numbers = res.sections["adaptive"]
             assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=0.02)
+
+
+# ------------------------------------------------------------------ mean correction
+
+def test_the_mean_of_the_4bit_error_goes_into_the_bias_and_the_calibration_rows_average_no_error():
+    src = _biased()
+    x = _inputs(600, 64, seed=3) + np.linspace(-2.0, 4.0, 64, dtype=np.float32)  # inputs with a mean
+    held = _inputs(300, 64, seed=4) + np.linspace(-2.0, 4.0, 64, dtype=np.float32)
+    gram = x.T.astype(np.float64) @ x
+    mean = (x.astype(np.float64).mean(axis=0), len(x))
+    errs = {}
+    for rank in (0, 8):
+        opts = int4.Int4Options(rank=rank)
+        plain, _ = int4.quantize_int4(src, options=opts, grams={"W": gram})
+        fixed, summary = int4.quantize_int4(src, options=opts, grams={"W": gram}, means={"W": mean})
+        assert [l.mean_corrected for l in summary.layers] == [True]
+        onnx.checker.check_model(fixed, full_check=True)
+        y_ref = run(src, {"x": x})[0]
+        # what the layer gets wrong on the calibration rows averages to zero (the bias took it)
+        bias_err = (run(fixed, {"x": x})[0] - y_ref).mean(axis=0)
+        assert np.abs(bias_err).max() < 1e-3 * np.abs(y_ref).max()
+        assert np.abs((run(plain, {"x": x})[0] - y_ref).mean(axis=0)).max() > 10 * np.abs(bias_err).max()
+        y_held = run(src, {"x": held})[0]
+        errs[rank] = tuple(compare("y", y_held, run(m, {"x": held})[0]).rel_l2_error for m in (plain, fixed))
+    # held-out rows of the same distribution: the bias alone repairs the mean part of 4-bit error;
+    # with a branch, the plain fit had spent a direction on the mean, and the two end about even
+    assert errs[0][1] < 0.95 * errs[0][0] and errs[8][1] < 1.05 * errs[8][0]
+
+
+def test_the_mean_correction_leaves_a_shared_bias_and_gemm_alone():
+    # a bias the Add shares with another reader: the corrected copy is new, the original stays
+    src = _biased()
+    src.graph.node.append(helper.make_node("Add", ["y", "b"], ["z"], name="again"))
+    src.graph.output.append(vi("z", ["rows", 48]))
+    x = _inputs(200, 64, seed=3) + 1.0
+    gram, mean = x.T.astype(np.float64) @ x, (x.astype(np.float64).mean(axis=0), len(x))
+    out, summary = int4.quantize_int4(src, options=int4.Int4Options(rank=4), grams={"W": gram}, means={"W": mean})
+    assert summary.layers[0].mean_corrected and "b" in {t.name for t in out.graph.initializer}
+    np.testing.assert_array_equal(numpy_helper.to_array(next(t for t in src.graph.initializer if t.name == "b")),
+                                  numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "b")))
+    # a Gemm user keeps the plain fit (its alpha, beta and C stay as they were)
+    g = model()
+    xg = _inputs(200, 128, seed=3) + 1.0
+    _, s2 = int4.quantize_int4(g, options=int4.Int4Options(rank=4), grams={"W1": xg.T.astype(np.float64) @ xg},
+                               means={"W1": (xg.astype(np.float64).mean(axis=0), len(xg))})
+    assert not any(l.mean_corrected for l in s2.layers)
+
+
+def test_adaptive_mode_keeps_the_forms_it_measured():
+    src = _wide()
+    res = compress(src, target_bytes=0.3, quantize="int4", data_aware=True, calib={"x": _inputs(300, 64, seed=2) + 1.0},
+                   min_params=0, adaptive=True, int4_block=16)
+    assert res.sections["int4"]["mean_corrected"] == 0
+    assert res.sections["adaptive"]["final_drop"] == pytest.approx(res.sections["adaptive"]["measured_drop"], rel=0.02)
