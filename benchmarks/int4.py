@@ -17,6 +17,8 @@ Variants, side by side in one run:
 * ``ours`` (``compress(..., quantize="int4")``, factorization off with ``energy=1``) without a
   correction, with the plain residual SVD, and whitened (``--data-aware``) at a few energies and
   ranks and block sizes; ``-acc4`` at accuracy level 4;
+* ``ours-b32-mean``: input statistics and no branch: only the mean of the 4-bit error goes into
+  the bias (the mean correction of ``--data-aware``);
 * ``ours-adaptive-b64-separate``: the adaptive block-64 budget with every branch a product of
   its own (``int4_branch="separate"``; the default stacks it into the blocks where it pays);
 * ``onnxsim-lqer-r*`` (onnxsim 0.8.1's ``apply_lqer`` on its ``quantize_weight_only_int4``,
@@ -53,6 +55,8 @@ SEQ, SHAPES, INPUTS = MINILM_SEQ, MINILM_SHAPES, MINILM_INPUTS
 OURS = {
     "ours-b32": dict(int4_correction=0),
     "ours-b32-plain-r16": dict(int4_correction=16),
+    # input statistics without a branch: the 4-bit error's mean in the bias only
+    "ours-b32-mean": dict(data_aware=True, int4_correction=0),
     "ours-b32-auto": dict(data_aware=True),
     "ours-b32-e0.6": dict(data_aware=True, int4_correction=0.6),
     "ours-b32-r16": dict(data_aware=True, int4_correction=16),

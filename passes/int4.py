@@ -647,6 +647,9 @@ def _statistics_note(summary: Int4Summary, skipped: Mapping[str, str]) -> str:
     white = sum(l.whitened for l in summary.layers)
     hint = f"pass {option('data_aware')} with {option('calib')} to whiten"
     if not any(l.rank for l in summary.layers):
+        mean = sum(l.mean_corrected for l in summary.layers)
+        if mean:
+            return f"no branch; the 4-bit error's mean in the bias of {mean} of {len(summary.layers)} weight(s)"
         return "no correction" + (f" (no input statistics; {hint} and correct)" if white == 0 and summary.layers else "")
     if white == len(summary.layers):
         return "whitened by each layer's input Gram"

@@ -594,7 +594,7 @@ def test_a_wide_layer_takes_its_branch_inside_the_blocks_and_a_narrow_one_keeps_
         assert forms == {"W1": ("stacked", 16), "W2": ("separate", 16)} and sec["stacked"] == 1
         quantized = {row.weight: row.quantized for row in res.layers}
         assert quantized == {"W1": "int4 (block 16) + rank-16 correction (stacked)", "W2": "int4 (block 16) + rank-16 correction"}
-        assert "; 1 inside the 4-bit blocks); MatMul weights" in render_sections(res.sections)
+        assert "; 1 inside the 4-bit blocks; the error's mean in the bias of 2); MatMul weights" in render_sections(res.sections)
         # W1: MatMulNBits(Concat(x, x A)) over 64 + 8 rows, its bias folded in; W2: the product, x A B and an Add
         producer = {o: n for n in res.model.graph.node for o in n.output}
         up = next(n for n in res.model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "hb")
