@@ -629,8 +629,7 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
         summary.factors.append(Int4Pair(name, "int8", arr.nbytes, n_bytes))
         done.append(c)
     b.finish()
-    read = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
-    for name in b.replaced_biases - read:  # a bias whose corrected copy took its only reader
+    for name in b.replaced_biases:  # a bias whose corrected copy took its only reader
         remove_constant(graph, name, constant=consts[name].node is not None)
     for c in done:
         remove_constant(graph, c.name, constant=c.node is not None)
@@ -704,7 +703,11 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
     target = _mean_target(b, nodes, n) if gram is not None and mean is not None and mean[0].shape == (k,) else None
     if target is not None:
         mu, rows = mean
-        gram = gram - rows * np.outer(mu, mu)  # the centred covariance (times the rows)
+        centred = gram - rows * np.outer(mu, mu)  # the covariance (times the rows)
+        if np.mean(np.diag(centred)) > 1e-9 * np.mean(np.diag(gram)):
+            gram = centred
+        else:  # inputs that never vary: nothing to whiten by
+            target = None
     if rank is not None:
         f = quant.fit(wk, gram, block=opts.block, rank=rank, max_rank=rank or None, damping=opts.damping, rounds=opts.rounds)
     else:
@@ -735,7 +738,7 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
         node_index, old = target
         base = np.zeros(n) if old is None else b.data.read(b.consts[old].tensor).astype(np.float64).reshape(n)
         shift_bias = b.init((base + shift).astype(np.float32), f"{old or name}_mean_corrected")
-        if old is not None:
+        if old is not None and len(b.readers.get(old, [])) == 1:  # the folded Add was its only reader
             b.replaced_biases.add(old)
     for i in nodes:
         folded = b.bias_add(i, n)

@@ -663,6 +663,11 @@ def test_the_mean_correction_leaves_a_shared_bias_and_gemm_alone():
     assert summary.layers[0].mean_corrected and "b" in {t.name for t in out.graph.initializer}
     np.testing.assert_array_equal(numpy_helper.to_array(next(t for t in src.graph.initializer if t.name == "b")),
                                   numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "b")))
+    # inputs that never vary: nothing to centre on (the layer still takes 4 bits, fitted as before)
+    xc = np.ones((50, 64), np.float32)
+    out, summary = int4.quantize_int4(_biased(), options=int4.Int4Options(rank=4), grams={"W": xc.T.astype(np.float64) @ xc},
+                                      means={"W": (np.ones(64), 50)})
+    assert [l.mean_corrected for l in summary.layers] == [False] and not summary.left_float
     # a Gemm user keeps the plain fit (its alpha, beta and C stay as they were)
     g = model()
     xg = _inputs(200, 128, seed=3) + 1.0
