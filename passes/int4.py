@@ -735,27 +735,19 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
     if target is not None:
         eff = _effective(wk, q, corr, stack, opts, b.opset)
         shift = mu @ (wk.astype(np.float64) - eff)
-        node_index, old = target
+        old = target[1]
         base = np.zeros(n) if old is None else b.data.read(b.consts[old].tensor).astype(np.float64).reshape(n)
         shift_bias = b.init((base + shift).astype(np.float32), f"{old or name}_mean_corrected")
         if old is not None and len(b.readers.get(old, [])) == 1:  # the folded Add was its only reader
             b.replaced_biases.add(old)
-    for i in nodes:
+    for i in nodes:  # (a shifted bias: one MatMul user, _mean_target)
         folded = b.bias_add(i, n)
-        if shift_bias is not None:  # (one MatMul user: _mean_target)
-            if folded is None:
-                b.replace[i] = _user_nodes(b, b.graph.node[i], packed, k, n, branch, shift_bias, stacked=stacked)
-            else:
-                j = folded[0]
-                b.replace[j] = _user_nodes(b, b.graph.node[i], packed, k, n, branch, shift_bias, b.graph.node[j].output[0],
-                                           stacked)
-                b.replace[i] = []
-                b.gone.add(b.graph.node[i].output[0])
-        elif folded is None:
-            b.replace[i] = _user_nodes(b, b.graph.node[i], packed, k, n, branch, stacked=stacked)
+        if folded is None:
+            b.replace[i] = _user_nodes(b, b.graph.node[i], packed, k, n, branch, shift_bias, stacked=stacked)
         else:  # the nodes go where the Add was (its bias may be a Constant made after the MatMul)
             j, bias = folded
-            b.replace[j] = _user_nodes(b, b.graph.node[i], packed, k, n, branch, bias, b.graph.node[j].output[0], stacked)
+            b.replace[j] = _user_nodes(b, b.graph.node[i], packed, k, n, branch, shift_bias or bias, b.graph.node[j].output[0],
+                                       stacked)
             b.replace[i] = []
             b.gone.add(b.graph.node[i].output[0])
     return Int4Layer(name, [b.graph.node[i].name or b.graph.node[i].output[0] for i in nodes], (k, n), opts.block, corr.rank,
@@ -774,7 +766,7 @@ def _effective(w: np.ndarray, q: quant.BlockQuantized, corr: quant.Correction, s
         return eff + a.astype(np.float64) @ quant.dequantize(stack.b).astype(np.float64)
     if corr.rank > 0:
         a, bb = np.asarray(corr.a, np.float32), np.asarray(corr.b, np.float32)
-        if opts.factors == "int8" and opset >= 7:
+        if opts.factors == "int8" and opset >= 7:  # (before opset 7 the branch stays float)
             a = quant.dequantize_columns(*quant.quantize_columns(a))
             bb = quant.dequantize_columns(*quant.quantize_columns(bb.T)).T
         eff = eff + a.astype(np.float64) @ bb.astype(np.float64)
@@ -1018,24 +1010,15 @@ def emulated_weight(group: Any, stored: np.ndarray, gram: np.ndarray | None, cfg
 
 
 def _computed(w: np.ndarray, gram: np.ndarray | None, cfg: Any, rank: int, opset: int) -> np.ndarray:
-    """What 4-bit blocks and a rank-``rank`` branch compute for ``x @ w`` (float64)."""
+    """What 4-bit blocks and a rank-``rank`` branch compute for ``x @ w`` (float64), fitted and
+    stored as the quantize stage writes them (stacked where it would stack)."""
     k = w.shape[0]
     if gram is not None and gram.shape != (k, k):
         gram = None
     opts = options_of(cfg)
     f = quant.fit(w, gram, block=opts.block, rank=rank, max_rank=rank or None, damping=opts.damping, rounds=opts.rounds)
-    eff = quant.dequantize(f.q).astype(np.float64)
-    if opts.stacks(k, w.shape[1], f.correction.rank, opset):
-        st = quant.stacked(w, f.q, f.correction)
-        a = quant.dequantize_columns(*quant.quantize_columns(st.a))
-        eff += a.astype(np.float64) @ quant.dequantize(st.b).astype(np.float64)
-    elif f.correction.rank > 0:
-        a, b = np.asarray(f.correction.a, np.float32), np.asarray(f.correction.b, np.float32)
-        if opts.factors == "int8" and opset >= 7:  # (before opset 7 the branch stays float)
-            a = quant.dequantize_columns(*quant.quantize_columns(a))
-            b = quant.dequantize_columns(*quant.quantize_columns(b.T)).T
-        eff += a.astype(np.float64) @ b.astype(np.float64)
-    return eff
+    stack = quant.stacked(w, f.q, f.correction) if opts.stacks(k, w.shape[1], f.correction.rank, opset) else None
+    return _effective(w, f.q, f.correction, stack, opts, opset)
 
 
 def _stored_layout(group: Any, eff: np.ndarray, dtype: Any) -> np.ndarray:
