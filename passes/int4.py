@@ -49,8 +49,9 @@ the error's mean part, ``mu (W - W^)`` for the weight ``W^`` the 4-bit blocks an
 goes into ``MatMulNBits``'s bias (the folded bias plus this shift, or a new one).  Then what the
 layer gets wrong on the calibration rows is exactly the centred error the fit minimized: the
 branch spends no rank on the mean direction, which the bias repairs for free (MiniLM, block 32,
-no branch: held-out cosine 0.9763 -> 0.9796).  Not for Gemm users, shared weights, a runtime
-without the bias input, or adaptive mode (which measured the uncorrected forms).
+no branch: held-out cosine 0.9763 -> 0.9796).  A Gemm user takes it when ``alpha = 1`` and its
+``C`` is absent or the bias it folds (``beta = 1``).  Not for weights several nodes read, a
+runtime without the bias input, or adaptive mode (which measured the uncorrected forms).
 
 The rank per layer comes from the energy of the whitened residual (``int4_correction``: an
 energy, or a fixed rank, at most ``int4_max_rank``), whitened by the input Gram the statistics
@@ -493,7 +494,7 @@ def _user_nodes(b: _Builder, node: onnx.NodeProto, packed: tuple[str, str, str],
     beta = float(_attr(node, "beta", 1.0)) if is_gemm else 1.0
     c = node.input[2] if is_gemm and len(node.input) > 2 and node.input[2] else None
     if c is not None and alpha == 1.0 and beta == 1.0 and b.bias(c, n):
-        bias, c = c, None  # Gemm's C is the bias
+        bias, c = bias or c, None  # Gemm's C is the bias (or inside the mean-corrected one passed)
     has_c = c is not None and beta != 0.0
     last_is_nbits = branch is None and alpha == 1.0 and not has_c
     y = out if last_is_nbits else b.names.fresh(f"{out}_q4")
@@ -603,7 +604,7 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
         wk = np.ascontiguousarray(w.T) if transposed else w
         try:
             layer = _quantize_one(b, name, wk, grams.get(name), [i for i, _ in users[name]],
-                                  None if ranks is None else ranks.get(name, 0), None if transposed else means.get(name))
+                                  None if ranks is None else ranks.get(name, 0), means.get(name))
         except ValueError as exc:
             summary.left_float[name] = f"cannot quantize: {exc}"
             continue
@@ -683,9 +684,18 @@ def _factor_why_not(c: _Const, users: list[tuple[int, int]], inputs: set[str], g
 
 def _mean_target(b: _Builder, nodes: list[int], n: int) -> tuple[int, str | None] | None:
     """Where a mean correction goes: ``(node, bias constant or None)`` for a weight read by one
-    MatMul (its folded bias, or none), when the runtime takes a bias input; ``None`` otherwise."""
-    if len(nodes) != 1 or not b.takes_bias or b.graph.node[nodes[0]].op_type != "MatMul":
+    MatMul (its folded bias, or none) or one Gemm with ``alpha = 1`` whose ``C`` is absent or a
+    bias it folds (``beta = 1``), when the runtime takes a bias input; ``None`` otherwise."""
+    if len(nodes) != 1 or not b.takes_bias:
         return None
+    node = b.graph.node[nodes[0]]
+    if node.op_type == "Gemm":
+        c = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if float(_attr(node, "alpha", 1.0)) != 1.0:
+            return None
+        if c is None:
+            return nodes[0], None
+        return (nodes[0], c) if float(_attr(node, "beta", 1.0)) == 1.0 and b.bias(c, n) else None
     folded = b.bias_add(nodes[0], n)
     return nodes[0], folded[1] if folded is not None else None
 

@@ -668,12 +668,22 @@ def test_the_mean_correction_leaves_a_shared_bias_and_gemm_alone():
     out, summary = int4.quantize_int4(_biased(), options=int4.Int4Options(rank=4), grams={"W": xc.T.astype(np.float64) @ xc},
                                       means={"W": (np.ones(64), 50)})
     assert [l.mean_corrected for l in summary.layers] == [False] and not summary.left_float
-    # a Gemm user keeps the plain fit (its alpha, beta and C stay as they were)
+    # a Gemm (transB, C the bias) takes it in its folded bias; with alpha != 1 it keeps the plain fit
     g = model()
-    xg = _inputs(200, 128, seed=3) + 1.0
-    _, s2 = int4.quantize_int4(g, options=int4.Int4Options(rank=4), grams={"W1": xg.T.astype(np.float64) @ xg},
-                               means={"W1": (xg.astype(np.float64).mean(axis=0), len(xg))})
-    assert not any(l.mean_corrected for l in s2.layers)
+    xg = _inputs(300, 128, seed=3) + np.linspace(-1.0, 3.0, 128, dtype=np.float32)
+    stats = dict(grams={"W1": xg.T.astype(np.float64) @ xg}, means={"W1": (xg.astype(np.float64).mean(axis=0), len(xg))})
+    out, s2 = int4.quantize_int4(g, options=int4.Int4Options(rank=4), **stats)
+    assert [l.weight for l in s2.layers if l.mean_corrected] == ["W1"]
+    onnx.checker.check_model(out, full_check=True)
+    fc1 = next(n for n in out.graph.node if n.op_type == "MatMulNBits" and n.input[0] == "x")
+    assert fc1.input[5] == "b1_mean_corrected" and "b1" not in {t.name for t in out.graph.initializer}
+    plain, _ = int4.quantize_int4(g, options=int4.Int4Options(rank=4), grams=stats["grams"])
+    y_ref = run(g, {"x": xg})[0]
+    assert compare("y", y_ref, run(out, {"x": xg})[0]).rel_l2_error < compare("y", y_ref, run(plain, {"x": xg})[0]).rel_l2_error
+    scaled = model()
+    next(n for n in scaled.graph.node if n.op_type == "Gemm").attribute.append(helper.make_attribute("alpha", 0.5))
+    _, s3 = int4.quantize_int4(scaled, options=int4.Int4Options(rank=4), **stats)
+    assert not any(l.mean_corrected for l in s3.layers)
 
 
 def test_adaptive_mode_keeps_the_forms_it_measured():
