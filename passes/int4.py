@@ -29,7 +29,7 @@ columns that meet the zero-padded rows of ``W``'s last block, so ``B`` starts a 
 The ``(x A) B`` product and the ``Add`` of its output leave the graph (about three passes over
 the output) for one copy of the input: worth it where the output is at least as wide as the
 input, so narrower layers (a feed-forward block's second projection) keep the separate branch.
-MiniLM with rank-32 branches (block 64, 30 of 36 layers stacked): x1.07 at batch 64, x1.03 at
+MiniLM with rank-32 branches (block 64, 30 of 36 layers stacked): x1.06 at batch 64, x1.01 at
 batch 1, at the same quality (``benchmarks/int4.py --branch-pair``).  ``B`` in 4 bits costs a padded
 block per column, more than int8 factors when ``r`` is well below the block size: a branch is
 stacked only when that costs at most :data:`STACK_BYTES` times the separate branch's bytes (about
