@@ -280,7 +280,8 @@ class Quantize(Section):
     int4_branch: str = opt("auto", "choice", "with --quantize int4: where a correction branch's second factor goes: auto "
                            "(default) stacks it below the weight's 4-bit blocks, one product of [x, x A] instead of a second "
                            "MatMul and an Add, where the layer is at least as wide as its input (N >= K), "
-                           "factors are int8 and it costs at most 1/8 more bytes (a rank of about half the block or more); separate keeps x A B a product of its own everywhere",
+                           "factors are int8 and it costs at most 1/8 more bytes (a rank of about half the block or "
+                           "more); separate keeps x A B a product of its own everywhere",
                            choices=("auto", "separate"))
 
     def rules(self) -> None:

@@ -255,7 +255,8 @@ def _fmt_int4(q: dict[str, Any]) -> str:
     text = (f"int4:          {q['weights_quantized']} weight(s) as MatMulNBits (block {q['block']}), {q['corrected']} with a "
             f"correction branch ({q['correction']}; {q['statistics']}"
             + (f"; {q['stacked']} inside the 4-bit blocks" if q.get("stacked") else "")
-            + (f"; the error's mean in the bias of {q['mean_corrected']}" if q.get("mean_corrected") else "") + "); MatMul weights "
+            + (f"; the error's mean in the bias of {q['mean_corrected']}" if q.get("mean_corrected") else "")
+            + "); MatMul weights "
             f"{human_bytes(q['matmul_weight_bytes_before'])} -> {human_bytes(q['matmul_weight_bytes_after'])}")
     errors = [(l["error_int4"], l["error_corrected"]) for l in q.get("layers", [])]
     if errors:

@@ -387,8 +387,8 @@ def _measurable(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Compre
         elif k not in allocated:
             other[k] = decide_conv(p, cfg)  # a Conv under target_macs/target_bytes: the per-layer rule
         elif not _in_main(p, main):
-            other[k] = Decision(k, p.view().mode, skip=Skip(SkipCode.NOT_MEASURED, "adaptive mode measures weights of the main graph only; "
-                                             "left alone", STAGE))
+            other[k] = Decision(k, p.view().mode, skip=Skip(
+                SkipCode.NOT_MEASURED, "adaptive mode measures weights of the main graph only; left alone", STAGE))
         else:
             active.append(p)
     return active, other

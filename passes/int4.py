@@ -397,8 +397,8 @@ class _Builder:
     replacement nodes of each rewritten user."""
 
     def __init__(self, model: onnx.ModelProto, opts: Int4Options, consts: dict[str, _Const],
-                 readers: dict[str, list[tuple[int, int]]], overridable: set[str]):
-        self.model, self.graph, self.opts = model, model.graph, opts
+                 readers: dict[str, list[tuple[int, int]]], overridable: set[str], data: io.DataFiles):
+        self.model, self.graph, self.opts, self.data = model, model.graph, opts, data
         self.names = NameScope(model)
         self.opset = opset_version(model)
         self.head: list[onnx.NodeProto] = []
@@ -406,8 +406,7 @@ class _Builder:
         self.consts, self.readers, self.overridable = consts, readers, overridable  # (of the graph as read)
         self.takes_bias = runtime_problem(opts.block, opts.accuracy_level, bias=True) is None
         self.gone: set[str] = set()  # outputs of products whose bias Add was folded (no longer computed)
-        self.replaced_biases: set[str] = set()  # bias constants a corrected copy replaced (removed if unread)
-        self.data: io.DataFiles = io.DataFiles()
+        self.replaced_biases: set[str] = set()  # bias constants a corrected copy took the only reader of
 
     def bias(self, name: str | None, n: int) -> bool:
         """Whether ``name`` is a constant ``MatMulNBits`` can take as its bias: float32, ``(n,)``."""
@@ -587,8 +586,7 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
     else:
         names = list(dict.fromkeys(weights))
     inputs = {v.name for v in graph.input}
-    b = _Builder(out, options, consts, users, inputs)
-    b.data = data
+    b = _Builder(out, options, consts, users, inputs, data)
     means = dict(means or {})
     done: list[_Const] = []
     for name in names:
@@ -682,8 +680,8 @@ def _factor_why_not(c: _Const, users: list[tuple[int, int]], inputs: set[str], g
     return None
 
 
-def _mean_target(b: _Builder, nodes: list[int], n: int) -> tuple[int, str | None] | None:
-    """Where a mean correction goes: ``(node, bias constant or None)`` for a weight read by one
+def _mean_target(b: _Builder, nodes: list[int], n: int) -> tuple[str | None] | None:
+    """Where a mean correction goes: ``(bias constant or None,)`` for a weight read by one
     MatMul (its folded bias, or none) or one Gemm with ``alpha = 1`` whose ``C`` is absent or a
     bias it folds (``beta = 1``), when the runtime takes a bias input; ``None`` otherwise."""
     if len(nodes) != 1 or not b.takes_bias:
@@ -694,10 +692,10 @@ def _mean_target(b: _Builder, nodes: list[int], n: int) -> tuple[int, str | None
         if float(_attr(node, "alpha", 1.0)) != 1.0:
             return None
         if c is None:
-            return nodes[0], None
-        return (nodes[0], c) if float(_attr(node, "beta", 1.0)) == 1.0 and b.bias(c, n) else None
+            return (None,)
+        return (c,) if float(_attr(node, "beta", 1.0)) == 1.0 and b.bias(c, n) else None
     folded = b.bias_add(nodes[0], n)
-    return nodes[0], folded[1] if folded is not None else None
+    return (folded[1] if folded is not None else None,)
 
 
 def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | None, nodes: list[int],
@@ -745,7 +743,7 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
     if target is not None:
         eff = _effective(wk, q, corr, stack, opts, b.opset)
         shift = mu @ (wk.astype(np.float64) - eff)
-        old = target[1]
+        (old,) = target
         base = np.zeros(n) if old is None else b.data.read(b.consts[old].tensor).astype(np.float64).reshape(n)
         shift_bias = b.init((base + shift).astype(np.float32), f"{old or name}_mean_corrected")
         if old is not None and len(b.readers.get(old, [])) == 1:  # the folded Add was its only reader
@@ -824,7 +822,7 @@ def options_of(cfg: Any, whitened: bool = False) -> Int4Options:
     rank = int(corr) if isinstance(corr, int) and not isinstance(corr, bool) else None
     return Int4Options(block=cfg.int4_block, accuracy_level=cfg.int4_accuracy_level, energy=energy, rank=rank,
                        max_rank=cfg.int4_max_rank, factors=cfg.int4_factors, damping=cfg.damping,
-                       branch=getattr(cfg, "int4_branch", "auto"))
+                       branch=cfg.int4_branch)
 
 
 def run_stage(ctx: Context) -> Int4Quantized:

@@ -177,8 +177,9 @@ def _mark_quantized(ctx: Context, layers: list[LayerDecision]) -> None:
     for i, row in enumerate(layers):
         layer = held.get(row.weight or "")
         if layer is not None:
-            how = f"int4 (block {layer.block})" + (f" + rank-{layer.rank} correction" + (" (stacked)" if layer.stacked else "")
-                                                        if layer.rank else "")
+            how = f"int4 (block {layer.block})"
+            if layer.rank:
+                how += f" + rank-{layer.rank} correction" + (" (stacked)" if layer.stacked else "")
         elif row.factorized and row.factors and set(row.factors) <= int8:
             how = "factors int8"
         else:
