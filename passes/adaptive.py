@@ -347,6 +347,9 @@ class Adapted(Decided):
     numbers: dict[str, Any] = field(default_factory=dict)
     base: list[np.ndarray] | None = None
     names: list[str] = field(default_factory=list)
+    #: The weights (group keys) whose 4-bit forms were measured with a mean correction: the
+    #: quantize stage corrects those and no other.
+    int4_means: frozenset[int] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.numbers)
@@ -408,6 +411,8 @@ class Int4Forms:
     #: :class:`~.width.WidthPlan` (``None``: whole) with branches of a rank.
     units: dict[int, Int4Unit] = field(default_factory=dict)
     unit_arrays: Callable[[WidthUnit, WidthPlan | None, int], dict[str, np.ndarray]] | None = None
+    #: The biases ``arrays`` also feeds (a mean correction's shift), by plan key.
+    biases: dict[int, str] = field(default_factory=dict)
 
 
 def _zeros(ranks: list[int]) -> np.ndarray:
@@ -534,7 +539,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     for plan in fixed_plans.values():
         fixed.update(emulated_arrays(plan))
     weights = [p.name for p in active] + [n for u in units for n in overridden_names(u.block)] + \
-        [u.block.up.weight.name for u in blocks4] + list(fixed)
+        [u.block.up.weight.name for u in blocks4] + list(fixed) + (list(int4.biases.values()) if int4 is not None else [])
     ev = Evaluator(model, weights, feeds, data, threads, fixed=fixed)
     try:
         metric, _ = quality_drop(ev.base, ev.base, labels, metric=cfg.metric, names=ev.names)
@@ -631,7 +636,8 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
         if int4 is not None:
             numbers["int4_layers"] = len(quantized_at)
         return Adapted(decisions, numbers, ev.base, list(ev.names), widths=new_widths,
-                       int4_ranks=quantized_at if int4 is not None else None)
+                       int4_ranks=quantized_at if int4 is not None else None,
+                       int4_means=frozenset(int4.biases) if int4 is not None else frozenset())
     finally:
         ev.close()
 
@@ -665,7 +671,7 @@ def _int4_forms(ctx: Context, active: list[LayerPlan]) -> Int4Forms | None:
     if cfg.quantize != "int4" or cfg.target_bytes is None:
         return None
     from .decide import itemsize
-    from .int4 import budget_candidates, emulated_block, emulated_weight, unit_candidates
+    from .int4 import budget_candidates, emulated_block, emulated_corrected, emulated_weight, mean_biases, unit_candidates
     from .rewrite import opset_version
     from .statistics import Statistics
 
@@ -673,11 +679,23 @@ def _int4_forms(ctx: Context, active: list[LayerPlan]) -> Int4Forms | None:
     stats = ctx.get(Statistics)
     grams = stats.capture.grams if stats is not None and cfg.data_aware else {}
     opset = opset_version(ctx.model)
+    candidates = budget_candidates(ctx, active)
+    means = {}  # the mean correction, where the quantize stage will write it into a bias fed here
+    if grams:
+        with_means = [found.group(k) for k in candidates if k in grams and stats.capture.rows.get(k, 0) > 0
+                      and stats.capture.row_sums.get(k) is not None]
+        for k, bias in mean_biases(ctx.model, with_means, ctx.data, cfg).items():
+            rows = stats.capture.rows[k]
+            means[k] = (bias, (np.asarray(stats.capture.row_sums[k], np.float64) / rows, rows))
 
     def arrays(plan: LayerPlan, rank: int) -> dict[str, np.ndarray]:
         group = found.group(plan.key)
         gram = grams[plan.key][0] if plan.key in grams else None
-        return {plan.name: emulated_weight(group, ctx.data.read(group.weight.tensor), gram, cfg, rank, opset)}
+        stored = ctx.data.read(group.weight.tensor)
+        if plan.key in means:
+            bias, mean = means[plan.key]
+            return emulated_corrected(group, stored, gram, mean, bias, cfg, rank, opset)
+        return {plan.name: emulated_weight(group, stored, gram, cfg, rank, opset)}
 
     narrowed = ctx.get(Narrowed)
     units = unit_candidates(ctx, narrowed.units) if narrowed is not None and narrowed.units else {}
@@ -686,8 +704,8 @@ def _int4_forms(ctx: Context, active: list[LayerPlan]) -> Int4Forms | None:
     def unit_arrays(unit: WidthUnit, plan: WidthPlan | None, rank: int) -> dict[str, np.ndarray]:
         return emulated_block(found, ctx.data, unit, plan, captured, cfg, rank, opset)
 
-    return Int4Forms(budget_candidates(ctx, active), arrays, {p.key: itemsize(found.group(p.key)) for p in active},
-                     units, unit_arrays)
+    return Int4Forms(candidates, arrays, {p.key: itemsize(found.group(p.key)) for p in active}, units, unit_arrays,
+                     {k: bias.name for k, (bias, _) in means.items()})
 
 
 @dataclass

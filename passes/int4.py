@@ -50,8 +50,10 @@ goes into ``MatMulNBits``'s bias (the folded bias plus this shift, or a new one)
 layer gets wrong on the calibration rows is exactly the centred error the fit minimized: the
 branch spends no rank on the mean direction, which the bias repairs for free (MiniLM, block 32,
 no branch: held-out cosine 0.9763 -> 0.9796).  A Gemm user takes it when ``alpha = 1`` and its
-``C`` is absent or the bias it folds (``beta = 1``).  Not for weights several nodes read, a
-runtime without the bias input, or adaptive mode (which measured the uncorrected forms).
+``C`` is absent or the bias it folds (``beta = 1``).  Not for weights several nodes read or a
+runtime without the bias input.  Adaptive mode measures the corrected form where it can feed the
+shift (:func:`mean_biases`: a bias only the layer reads) and the uncorrected one elsewhere; the
+quantize stage then corrects exactly the layers measured corrected.
 
 The rank per layer comes from the energy of the whitened residual (``int4_correction``: an
 energy, or a fixed rank, at most ``int4_max_rank``), whitened by the input Gram the statistics
@@ -88,8 +90,8 @@ from onnx_lowrank.pipeline import Context, StageResult
 from .rewrite import NameScope, opset_version, remove_constant
 
 __all__ = ["DOMAIN", "Int4Options", "Int4Layer", "Int4Pair", "Int4Summary", "Int4Quantized", "quantize_int4",
-           "runtime_problem", "require_runtime", "run_stage", "weight_bytes", "emulated_weight", "unit_candidates",
-           "emulated_block"]
+           "runtime_problem", "require_runtime", "run_stage", "weight_bytes", "emulated_weight", "emulated_corrected",
+           "MeanBias", "mean_biases", "unit_candidates", "emulated_block"]
 
 log = logging.getLogger(__name__)
 
@@ -710,9 +712,8 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
         gram = None
     target = _mean_target(b, nodes, n) if gram is not None and mean is not None and mean[0].shape == (k,) else None
     if target is not None:
-        mu, rows = mean
-        centred = gram - rows * np.outer(mu, mu)  # the covariance (times the rows)
-        if np.mean(np.diag(centred)) > 1e-9 * np.mean(np.diag(gram)):
+        centred = _centred(gram, mean)
+        if centred is not None:
             gram = centred
         else:  # inputs that never vary: nothing to whiten by
             target = None
@@ -741,8 +742,7 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
         n_bytes += a_bytes + b_bytes
     shift_bias = None
     if target is not None:
-        eff = _effective(wk, q, corr, stack, opts, b.opset)
-        shift = mu @ (wk.astype(np.float64) - eff)
+        shift = mean[0] @ (wk.astype(np.float64) - _effective(wk, q, corr, stack, opts, b.opset))
         (old,) = target
         base = np.zeros(n) if old is None else b.data.read(b.consts[old].tensor).astype(np.float64).reshape(n)
         shift_bias = b.init((base + shift).astype(np.float32), f"{old or name}_mean_corrected")
@@ -761,6 +761,14 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
     return Int4Layer(name, [b.graph.node[i].name or b.graph.node[i].output[0] for i in nodes], (k, n), opts.block, corr.rank,
                      corr.energy, gram is not None, wk.size * 4, n_bytes, f.error_int4, error, stack is not None,
                      target is not None)
+
+
+def _centred(gram: np.ndarray, mean: tuple[np.ndarray, int]) -> np.ndarray | None:
+    """The inputs' covariance (times the rows), ``G - n mu mu^T``, that a mean-corrected fit
+    whitens by; ``None`` for inputs that never vary (nothing to whiten by)."""
+    mu, rows = mean
+    centred = gram - rows * np.outer(mu, mu)
+    return centred if np.mean(np.diag(centred)) > 1e-9 * np.mean(np.diag(gram)) else None
 
 
 def _effective(w: np.ndarray, q: quant.BlockQuantized, corr: quant.Correction, stack: quant.Stacked | None,
@@ -839,6 +847,11 @@ def run_stage(ctx: Context) -> Int4Quantized:
     stats = ctx.get(Statistics)
     widths = current_widths(ctx)
     opts = options_of(ctx.config, whitened=stats is not None and ctx.config.data_aware)
+    from .adaptive import Adapted
+
+    adapted = ctx.get(Adapted)
+    # adaptive mode measured each 4-bit form it chose from: only those it measured corrected are
+    measured = adapted.int4_means if adapted is not None and adapted.int4_ranks is not None else None
     weights, grams, skipped = [], {}, {}
     means: dict[str, tuple[np.ndarray, int]] = {}
     left: dict[str, str] = {}
@@ -866,7 +879,7 @@ def run_stage(ctx: Context) -> Int4Quantized:
                     gram = gram[np.ix_(keep, keep)]
                     sums = sums[keep] if sums is not None else None
                 grams[name] = gram
-                if sums is not None and rows > 0 and not ctx.config.adaptive:  # (adaptive measured uncorrected forms)
+                if sums is not None and rows > 0 and (measured is None or group.key in measured):
                     means[name] = (np.asarray(sums, np.float64) / rows, rows)
             elif group.key in stats.capture.skipped:
                 skipped[name] = stats.capture.skipped[group.key]
@@ -1015,6 +1028,65 @@ def emulated_weight(group: Any, stored: np.ndarray, gram: np.ndarray | None, cfg
     the form by feeding this in place of the weight."""
     w = _multiplied(group, np.asarray(stored, np.float32))
     return _stored_layout(group, _computed(w, gram, cfg, rank, opset), stored.dtype)
+
+
+def emulated_corrected(group: Any, stored: np.ndarray, gram: np.ndarray, mean: tuple[np.ndarray, int], bias: MeanBias,
+                       cfg: Any, rank: int, opset: int = 17) -> dict[str, np.ndarray]:
+    """:func:`emulated_weight` with the mean correction: the weight fitted on the centred inputs
+    and ``bias`` (the layer's own, which adaptive mode feeds) shifted by the error's mean, as
+    the quantize stage writes them into ``MatMulNBits`` (``mean``: the mean input row and the
+    rows behind it).  Inputs that never vary: the plain form, bias unchanged."""
+    w = _multiplied(group, np.asarray(stored, np.float32))
+    centred = _centred(gram, mean) if gram is not None and gram.shape == (w.shape[0],) * 2 else None
+    if centred is None:
+        return {group.weight.name: _stored_layout(group, _computed(w, gram, cfg, rank, opset), stored.dtype)}
+    eff = _computed(w, centred, cfg, rank, opset)
+    shift = mean[0] @ (w.astype(np.float64) - eff)
+    return {group.weight.name: _stored_layout(group, eff, stored.dtype),
+            bias.name: (bias.value.astype(np.float64) + shift).astype(bias.value.dtype)}
+
+
+@dataclass(frozen=True)
+class MeanBias:
+    """A layer's bias that adaptive mode can feed with a mean correction's shift: a float32
+    ``(N,)`` constant only the layer's bias ``Add`` (or its Gemm, as ``C``) reads."""
+
+    name: str
+    value: np.ndarray
+
+
+def mean_biases(model: onnx.ModelProto, groups: Iterable[Any], data: io.DataFiles, cfg: Any) -> dict[int, MeanBias]:
+    """By group key, the bias each weight's mean correction would shift when adaptive mode can
+    measure that by feeding the bias (:class:`MeanBias`): a weight one main-graph node reads,
+    ``MatMul`` then an ``Add`` of the bias (the folding :func:`quantize_int4` does) or a Gemm
+    with ``alpha = beta = 1`` and the bias as ``C``, and a runtime that takes the bias input.
+    Weights without such a bias are measured, and written, without the correction."""
+    from .ffn import _Graph
+
+    if runtime_problem(cfg.int4_block, cfg.int4_accuracy_level, bias=True) is not None:
+        return {}
+    g = _Graph(model.graph, data)
+    out = {}
+    for group in groups:
+        if len(group.layers) != 1 or group.layers[0].scope or group.layers[0].weight_index != 1:
+            continue
+        node = group.layers[0].node
+        shape = group.weight.shape
+        n = shape[0] if node.op_type == "Gemm" and int(_attr(node, "transB", 0)) else shape[-1]
+        name = None
+        if node.op_type == "Gemm":
+            if float(_attr(node, "alpha", 1.0)) == 1.0 and float(_attr(node, "beta", 1.0)) == 1.0 and len(node.input) > 2:
+                name = node.input[2] or None
+        elif node.op_type == "MatMul":
+            readers = g.readers.get(node.output[0], [])
+            if len(readers) == 1 and g.private(node.output[0]):
+                add = readers[0]
+                if add.op_type == "Add" and add.domain in ("", "ai.onnx") and len(add.input) == 2:
+                    name = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        got = g.value(name) if name and name != node.output[0] and g.private(name) else None
+        if got is not None and got[1].data_type == TensorProto.FLOAT and list(got[1].dims) == [n]:
+            out[group.key] = MeanBias(name, np.asarray(got[0], np.float32))
+    return out
 
 
 def _computed(w: np.ndarray, gram: np.ndarray | None, cfg: Any, rank: int, opset: int) -> np.ndarray:

@@ -686,9 +686,24 @@ def test_the_mean_correction_leaves_a_shared_bias_and_gemm_alone():
     assert not any(l.mean_corrected for l in s3.layers)
 
 
-def test_adaptive_mode_keeps_the_forms_it_measured():
+def test_adaptive_mode_measures_the_mean_correction_where_it_can_feed_the_bias():
+    # W1's bias is an Add adaptive mode can feed shifted; W2 has none (its correction would add
+    # a bias the search never ran), so only W1 is measured, and written, mean-corrected
     src = _wide()
-    res = compress(src, target_bytes=0.3, quantize="int4", data_aware=True, calib={"x": _inputs(300, 64, seed=2) + 1.0},
-                   min_params=0, adaptive=True, int4_block=16)
+    calib = {"x": _inputs(300, 64, seed=2) + np.linspace(-1.0, 2.0, 64, dtype=np.float32)}
+    res = compress(src, target_bytes=0.3, quantize="int4", data_aware=True, calib=calib, min_params=0, adaptive=True,
+                   int4_block=16)
+    layers = {l["weight"]: l for l in res.sections["int4"]["layers"]}
+    assert layers["W1"]["mean_corrected"] and not layers["W2"]["mean_corrected"]
+    numbers = res.sections["adaptive"]
+    assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=0.02)
+    up = next(n for n in res.model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "hb")
+    assert up.input[5] == "b1_mean_corrected"
+    # a bias another node also reads cannot be fed for one layer alone: no correction there
+    shared = _wide()
+    shared.graph.node.append(helper.make_node("Add", ["hb", "b1"], ["z"], name="again"))
+    shared.graph.output.append(vi("z", ["rows", 96]))
+    res = compress(shared, target_bytes=0.3, quantize="int4", data_aware=True, calib=calib, min_params=0, adaptive=True,
+                   int4_block=16)
     assert res.sections["int4"]["mean_corrected"] == 0
     assert res.sections["adaptive"]["final_drop"] == pytest.approx(res.sections["adaptive"]["measured_drop"], rel=0.02)
