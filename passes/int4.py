@@ -836,6 +836,7 @@ def options_of(cfg: Any, whitened: bool = False) -> Int4Options:
 def run_stage(ctx: Context) -> Int4Quantized:
     """The quantize stage under ``quantize="int4"``: the dense weights the factorization left, with
     the input Grams of the statistics stage when it ran; the factor pairs per ``int4_factors``."""
+    from .adaptive import Adapted
     from .discover import Discovery
     from .rewrite import Rewritten
     from .statistics import Statistics
@@ -847,10 +848,8 @@ def run_stage(ctx: Context) -> Int4Quantized:
     stats = ctx.get(Statistics)
     widths = current_widths(ctx)
     opts = options_of(ctx.config, whitened=stats is not None and ctx.config.data_aware)
-    from .adaptive import Adapted
-
     adapted = ctx.get(Adapted)
-    # adaptive mode measured each 4-bit form it chose from: only those it measured corrected are
+    # adaptive mode measured the 4-bit forms it chose among: correct only the layers it measured corrected
     measured = adapted.int4_means if adapted is not None and adapted.int4_ranks is not None else None
     weights, grams, skipped = [], {}, {}
     means: dict[str, tuple[np.ndarray, int]] = {}
