@@ -413,6 +413,8 @@ class Int4Forms:
     unit_arrays: Callable[[WidthUnit, WidthPlan | None, int], dict[str, np.ndarray]] | None = None
     #: The biases ``arrays`` also feeds (a mean correction's shift), by plan key.
     biases: dict[int, str] = field(default_factory=dict)
+    #: The plans whose factor pairs the quantize stage leaves float (:func:`~.int4.float_pairs`).
+    float_pairs: frozenset[int] = frozenset()
 
 
 def _zeros(ranks: list[int]) -> np.ndarray:
@@ -433,7 +435,8 @@ def _options(active: list[LayerPlan], cfg: CompressConfig, names: list[str], int
             errors = int4_curves[p.key].at(list(cand.ranks)) if int4_curves is not None else _zeros(list(cand.ranks))
             cand = Int4Candidate(cand.ranks, cand.costs, tuple(float(e) for e in errors))
         size = int4.sizes.get(p.key, 4) if int4 is not None else 4
-        opt, lab = plan_options(p, cfg, names, size, errors_at, cand, min_rank=low)
+        opt, lab = plan_options(p, cfg, names, size, errors_at, cand, min_rank=low,
+                                float_pair=int4 is not None and p.key in int4.float_pairs)
         options.append(opt)
         labels.append(lab)
     return options, labels
@@ -671,7 +674,8 @@ def _int4_forms(ctx: Context, active: list[LayerPlan]) -> Int4Forms | None:
     if cfg.quantize != "int4" or cfg.target_bytes is None:
         return None
     from .decide import itemsize
-    from .int4 import budget_candidates, emulated_block, emulated_corrected, emulated_weight, mean_biases, unit_candidates
+    from .int4 import (budget_candidates, emulated_block, emulated_corrected, emulated_weight, float_pairs, mean_biases,
+                       unit_candidates)
     from .rewrite import opset_version
     from .statistics import Statistics
 
@@ -705,7 +709,8 @@ def _int4_forms(ctx: Context, active: list[LayerPlan]) -> Int4Forms | None:
         return emulated_block(found, ctx.data, unit, plan, captured, cfg, rank, opset)
 
     return Int4Forms(candidates, arrays, {p.key: itemsize(found.group(p.key)) for p in active}, units, unit_arrays,
-                     {k: bias.name for k, (bias, _) in means.items()})
+                     {k: bias.name for k, (bias, _) in means.items()},
+                     float_pairs(ctx.model, [found.group(p.key) for p in active], cfg))
 
 
 @dataclass

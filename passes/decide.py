@@ -244,14 +244,15 @@ def itemsize(group) -> int:
         return 4
 
 
-def stored_bytes(cfg: CompressConfig, elements: int, size: int, rank: int | None) -> int:
+def stored_bytes(cfg: CompressConfig, elements: int, size: int, rank: int | None, float_pair: bool = False) -> int:
     """Bytes ``elements`` weights (a rank-``rank`` factor pair's, or a dense matrix's for
     ``None``) take once the output is written: int8 after ``--quantize int8*`` (its scales
     aside); under ``int4``, factors stored int8 (``int4_factors``) carry one float32 scale per
-    singular direction on each side."""
+    singular direction on each side, unless the quantize stage leaves this pair float
+    (``float_pair``: :func:`~.int4.float_pairs`)."""
     if cfg.quantize in ("int8", "int8-per-channel"):
         return elements
-    if cfg.quantize == "int4" and rank is not None and cfg.int4_factors == "int8":
+    if cfg.quantize == "int4" and rank is not None and cfg.int4_factors == "int8" and not float_pair:
         return elements + 8 * rank
     return elements * size
 
@@ -412,7 +413,8 @@ def _cheapest_first(points: list[tuple[float, float, Any]]) -> list[tuple[float,
 def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: BudgetBase, units: dict | None = None,
                   sizes: dict[int, int] | None = None, int4: dict[int, "Int4Candidate"] | None = None,
                   chosen_int4_out: dict[int, int] | None = None, byte_cost: Callable[[Any, int], int] | None = None,
-                  int4_units: dict[int, Int4Unit] | None = None) -> tuple[dict[int, Decision], dict[int, int | None]]:
+                  int4_units: dict[int, Int4Unit] | None = None,
+                  float_pairs: frozenset[int] = frozenset()) -> tuple[dict[int, Decision], dict[int, int | None]]:
     """Allocate ``target_params``/``target_macs``/``target_bytes`` across the plans of
     :func:`allocated_plans` (module docstring) and the feed-forward blocks whose width the budget sizes (``units``, by
     key: their chosen width, ``None`` for whole).
@@ -422,7 +424,7 @@ def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: Budget
     chosen for those that do go into ``chosen_int4_out``.  ``byte_cost``: a block's bytes (for
     ``target_bytes``); ``int4_units``: the blocks whose projections take 4-bit blocks, with
     their forms (their chosen branch rank goes into ``chosen_int4_out`` under both projections'
-    keys)."""
+    keys); ``float_pairs``: the plans whose factors the ``int4`` quantize stage leaves float."""
     active = allocated_plans(plans, cfg)
     allocated = {p.key for p in active}
     decisions = {k: decide_conv(p, cfg) for k, p in plans.items() if p.is_conv and p.active and k not in allocated}
@@ -435,7 +437,7 @@ def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: Budget
     for p in active:
         cand = int4.get(p.key)
         errors_at = cand.pair_errors if cand is not None and cand.values is not None else truncation_errors(p)
-        opt, lab = plan_options(p, cfg, names, sizes.get(p.key, 4), errors_at, cand)
+        opt, lab = plan_options(p, cfg, names, sizes.get(p.key, 4), errors_at, cand, float_pair=p.key in float_pairs)
         options.append(opt)
         labels.append(lab)
     units = units or {}
@@ -454,11 +456,13 @@ def decide_budget(plans: dict[int, LayerPlan], cfg: CompressConfig, base: Budget
 
 
 def plan_options(p: LayerPlan, cfg: CompressConfig, names: list[str], size: int, errors_at: Callable[[list[int]], np.ndarray],
-                 cand: "Int4Candidate | None" = None, min_rank: int = 1) -> tuple[linalg.Options, list[tuple[str, int | None]]]:
+                 cand: "Int4Candidate | None" = None, min_rank: int = 1,
+                 float_pair: bool = False) -> tuple[linalg.Options, list[tuple[str, int | None]]]:
     """A plan's options under the budgets ``names`` (bytes priced at ``size`` bytes per weight as
-    written), with the 4-bit forms of ``cand`` among them; and what each option is:
-    ``("rank", r)``, ``("dense", None)`` or ``("int4", branch rank)``."""
-    cost = (lambda r: stored_bytes(cfg, p.params_at(r) if r is not None else p.dense_params, size, r)
+    written; ``float_pair``: its factors stay float under ``int4``), with the 4-bit forms of
+    ``cand`` among them; and what each option is: ``("rank", r)``, ``("dense", None)`` or
+    ``("int4", branch rank)``."""
+    cost = (lambda r: stored_bytes(cfg, p.params_at(r) if r is not None else p.dense_params, size, r, float_pair)
             ) if "target_bytes" in names else None
     opt = budget_options(p, errors_at, names, cfg.rank_multiple, min_rank=min_rank, byte_cost=cost)
     if cand is not None:
@@ -538,16 +542,18 @@ class Decide(Step):
                 base = base.with_widths(narrowed, byte_cost)
             sizes = {p.key: itemsize(found.group(p.key)) for p in matrices}
             int4 = int4_units = None
+            pairs_float: frozenset[int] = frozenset()
             if cfg.quantize == "int4" and cfg.target_bytes is not None:
-                from .int4 import budget_candidates, unit_candidates
+                from .int4 import budget_candidates, float_pairs, unit_candidates
 
                 int4 = budget_candidates(ctx, matrices)
+                pairs_float = float_pairs(ctx.model, [found.group(p.key) for p in matrices], cfg)
                 if narrowed is not None and narrowed.units:
                     int4_units = unit_candidates(ctx, narrowed.units)
             int4_ranks: dict[int, int] = {}
             budgeted, widths = decide_budget(plans, cfg, base, narrowed.units if narrowed is not None else None, sizes=sizes,
                                              int4=int4, chosen_int4_out=int4_ranks, byte_cost=byte_cost,
-                                             int4_units=int4_units)
+                                             int4_units=int4_units, float_pairs=pairs_float)
             decisions.update(budgeted)
             chosen_widths = None
             if narrowed is not None and narrowed.units:

@@ -91,7 +91,7 @@ from .rewrite import NameScope, opset_version, remove_constant
 
 __all__ = ["DOMAIN", "Int4Options", "Int4Layer", "Int4Pair", "Int4Summary", "Int4Quantized", "quantize_int4",
            "runtime_problem", "require_runtime", "run_stage", "weight_bytes", "emulated_weight", "emulated_corrected",
-           "MeanBias", "mean_biases", "unit_candidates", "emulated_block"]
+           "MeanBias", "mean_biases", "float_pairs", "unit_candidates", "emulated_block"]
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ class _Builder:
         self.consts, self.readers, self.overridable = consts, readers, overridable  # (of the graph as read)
         self.takes_bias = runtime_problem(opts.block, opts.accuracy_level, bias=True) is None
         self.gone: set[str] = set()  # outputs of products whose bias Add was folded (no longer computed)
-        self.replaced_biases: set[str] = set()  # bias constants a corrected copy took the only reader of
+        self.corrected_readers: dict[str, int] = {}  # per bias constant: its readers a corrected copy took
 
     def bias(self, name: str | None, n: int) -> bool:
         """Whether ``name`` is a constant ``MatMulNBits`` can take as its bias: float32, ``(n,)``."""
@@ -612,12 +612,15 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
         done.append(c)
     for name in factor_names:
         c = consts.get(name)
-        if c is None or options.factors == "float":
-            if c is not None:
-                n_bytes = io.tensor_nbytes(c.tensor)
-                summary.factors.append(Int4Pair(name, "float", n_bytes, n_bytes))
+        if c is None:  # (a factor pair inside an If/Loop/Scan body)
+            if options.factors == "int8":
+                summary.left_float[name] = "not a constant of the main graph"
             continue
-        why = _factor_why_not(c, users.get(name, []), inputs, graph)
+        if options.factors == "float":
+            n_bytes = io.tensor_nbytes(c.tensor)
+            summary.factors.append(Int4Pair(name, "float", n_bytes, n_bytes))
+            continue
+        why = _factor_why_not(c, users.get(name, []), inputs, out)
         if why is not None:
             n_bytes = io.tensor_nbytes(c.tensor)
             summary.factors.append(Int4Pair(name, "float", n_bytes, n_bytes))
@@ -630,8 +633,9 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
         summary.factors.append(Int4Pair(name, "int8", arr.nbytes, n_bytes))
         done.append(c)
     b.finish()
-    for name in b.replaced_biases:  # a bias whose corrected copy took its only reader
-        remove_constant(graph, name, constant=consts[name].node is not None)
+    for name, taken in b.corrected_readers.items():  # a bias whose corrected copies took every reader
+        if taken == len(users.get(name, [])):
+            remove_constant(graph, name, constant=consts[name].node is not None)
     for c in done:
         remove_constant(graph, c.name, constant=c.node is not None)
     if inline:
@@ -672,10 +676,11 @@ def _why_not(c: _Const | None, name: str, users: list[tuple[int, int]], inputs: 
     return None
 
 
-def _factor_why_not(c: _Const, users: list[tuple[int, int]], inputs: set[str], graph: onnx.GraphProto) -> str | None:
+def _factor_why_not(c: _Const, users: list[tuple[int, int]], inputs: set[str], model: onnx.ModelProto) -> str | None:
+    graph = model.graph
     if c.tensor.data_type != TensorProto.FLOAT or len(c.tensor.dims) != 2:
         return "int8 storage takes float32 2-D factors"
-    if c.name in inputs and c.node is None:
+    if c.name in inputs and c.node is None and model.ir_version >= 4:  # (IR < 4 lists every initializer)
         return "the factor is a graph input"
     if not users or any(i < 0 or graph.node[i].op_type not in ("MatMul", "Gemm") for i, _ in users):
         return "the factor is read by something other than MatMul/Gemm"
@@ -746,8 +751,8 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
         (old,) = target
         base = np.zeros(n) if old is None else b.data.read(b.consts[old].tensor).astype(np.float64).reshape(n)
         shift_bias = b.init((base + shift).astype(np.float32), f"{old or name}_mean_corrected")
-        if old is not None and len(b.readers.get(old, [])) == 1:  # the folded Add was its only reader
-            b.replaced_biases.add(old)
+        if old is not None:
+            b.corrected_readers[old] = b.corrected_readers.get(old, 0) + 1
     for i in nodes:  # (a shifted bias: one MatMul user, _mean_target)
         folded = b.bias_add(i, n)
         if folded is None:
@@ -926,6 +931,21 @@ def group_problem(group: Any, opset: int = 17) -> str | None:
         if layer.op_type == "Gemm" and opset < 7:
             return f"Gemm at opset {opset}"
     return None
+
+
+def float_pairs(model: onnx.ModelProto, groups: Iterable[Any], cfg: Any) -> frozenset[int]:
+    """The group keys whose factor pair :func:`quantize_int4` would leave float although
+    ``int4_factors`` is ``int8``, for a byte budget to price them as written: layers inside
+    If/Loop bodies (the stage works on the main graph), factors that take a graph input's place
+    (a weight that is an input at IR 4+, with ``--allow-input-weights``), and every pair before
+    opset 7."""
+    groups = list(groups)
+    if cfg.quantize != "int4" or cfg.int4_factors != "int8":
+        return frozenset()
+    if opset_version(model) < 7:
+        return frozenset(g.key for g in groups)
+    inputs = {i.name for i in model.graph.input} if model.ir_version >= 4 else set()
+    return frozenset(g.key for g in groups if any(layer.scope for layer in g.layers) or g.weight.name in inputs)
 
 
 def _multiplied(group: Any, arr: np.ndarray) -> np.ndarray:

@@ -98,12 +98,13 @@ def tensor_bytes(model: onnx.ModelProto) -> dict[str, int]:
     table read by ``Gather`` counts as embeddings (a user sees at once where the bytes are).
     """
     out = dict.fromkeys(TENSOR_KINDS, 0)
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}  # in every graph: a body may read an outer weight
     for graph in io.iter_graphs(model.graph):
-        readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
         for node in graph.node:
             for slot, name in enumerate(node.input):
                 if name:
                     readers.setdefault(name, []).append((node, slot))
+    for graph in io.iter_graphs(model.graph):
         consts = [(t.name, t) for t in graph.initializer]
         consts += [(n.output[0], a.t) for n in graph.node if n.op_type == "Constant" and n.output
                    for a in n.attribute if a.name == "value" and a.HasField("t")]

@@ -707,3 +707,47 @@ def test_adaptive_mode_measures_the_mean_correction_where_it_can_feed_the_bias()
                    int4_block=16)
     assert res.sections["int4"]["mean_corrected"] == 0
     assert res.sections["adaptive"]["final_drop"] == pytest.approx(res.sections["adaptive"]["measured_drop"], rel=0.02)
+
+
+def test_a_bias_every_reader_of_which_took_a_corrected_copy_leaves_the_file():
+    # one (48,) bias after two MatMuls, both mean-corrected: each product takes its own copy, and
+    # the original, read by nothing, is not left behind
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"]), helper.make_node("Add", ["m1", "b"], ["y1"]),
+             helper.make_node("MatMul", ["x", "W2"], ["m2"]), helper.make_node("Add", ["b", "m2"], ["y2"])]
+    src = make_model(nodes, [vi("x", ["rows", 64])], [vi("y1", ["rows", 48]), vi("y2", ["rows", 48])],
+                     [init("W1", _w(64, 48, 1)), init("W2", _w(64, 48, 2)), init("b", _w(1, 48, 3).reshape(48))])
+    x = _inputs(300, 64, seed=3) + 1.0
+    gram, mean = x.T.astype(np.float64) @ x, (x.astype(np.float64).mean(axis=0), len(x))
+    out, summary = int4.quantize_int4(src, options=int4.Int4Options(rank=4), grams={"W1": gram, "W2": gram},
+                                      means={"W1": mean, "W2": mean})
+    assert [l.mean_corrected for l in summary.layers] == [True, True]
+    onnx.checker.check_model(out, full_check=True)
+    read = {i for n in out.graph.node for i in n.input}
+    assert "b" not in {t.name for t in out.graph.initializer} and {t.name for t in out.graph.initializer} <= read
+    for got, ref in zip(run(out, {"x": x}), run(src, {"x": x})):
+        assert compare("y", ref, got).rel_l2_error < 0.05
+
+
+def test_a_byte_budget_prices_factor_pairs_the_int4_stage_leaves_float_as_float():
+    # inside an If body the int4 stage leaves a factor pair float: the budget must price it so
+    k, n = 100, 200
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "Wt"], ["t"])], "then", [], [vi("t", ["rows", n])],
+                               [init("Wt", lowrank(k, n, 12, seed=1))])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "We"], ["e"])], "else", [], [vi("e", ["rows", n])])
+    nodes = [helper.make_node("If", ["cond"], ["yi"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("MatMul", ["x", "Wo"], ["yo"]), helper.make_node("Add", ["yo", "yi"], ["y"])]
+    src = make_model(nodes, [vi("x", ["rows", k]), vi("cond", [], onnx.TensorProto.BOOL)], [vi("y", ["rows", n])],
+                     [init("We", lowrank(k, n, 12, seed=2)), init("Wo", lowrank(k, n, 12, seed=3))])
+    res = compress(src, target_bytes=0.3, quantize="int4", min_params=0)
+    before, after = res.totals.tensor_bytes["matmul weights"]
+    assert before == 3 * k * n * 4  # the body's own weight and the outer one it reads count as MatMul weights
+    assert after <= 0.3 * before
+    assert any(why == "not a constant of the main graph" for why in res.sections["int4"]["left_float"].values())
+    # IR 3 lists every initializer as a graph input: the factors are stored int8 all the same
+    ir3 = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", ["rows", k]), vi("W", [k, n])],
+                     [vi("y", ["rows", n])], [init("W", lowrank(k, n, 12, seed=4))], opset=9, ir_version=3)
+    res = compress(ir3, target_bytes=0.3, quantize="int4", min_params=0, allow_input_weights=True)
+    before, after = res.totals.tensor_bytes["matmul weights"]
+    assert after <= 0.3 * before and not res.sections["int4"]["left_float"]
+    x = np.random.default_rng(0).standard_normal((20, k)).astype(np.float32)
+    assert compare("y", run(ir3, {"x": x})[0], run(res.model, {"x": x})[0]).rel_l2_error < 0.05
