@@ -105,6 +105,27 @@ def test_bad_input_one_line_exit_code_nothing_written(argv, code, needle, model_
     assert model_path.read_bytes() == model_bytes
 
 
+def test_a_model_onnxruntime_cannot_run_on_the_data_is_one_line_with_nothing_from_onnxruntime_itself(tmp_path, capfd):
+    # a Gemm whose (8, N) bias fits 8 rows only: the batch of 16 fails inside onnxruntime, which
+    # would also print its own coloured log line on the process's stderr
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W", "C"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", 64])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", 80])],
+                          [numpy_helper.from_array(rng.standard_normal((64, 80)).astype(np.float32), "W"),
+                           numpy_helper.from_array(rng.standard_normal((8, 80)).astype(np.float32), "C")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "gemm.onnx"))
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 64)).astype(np.float32))
+    assert main([str(tmp_path / "gemm.onnx"), "-o", str(tmp_path / "o.onnx"), "--data-aware", "--calib",
+                 str(tmp_path / "calib.npz"), "--calib-batch", "16", "--min-params", "0"]) != 0
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "Invalid bias shape" in err and "sequential_executor" not in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def test_verbose_shows_traceback(tmp_path, capsys):
     assert main([str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx"), "--verbose"]) == 2
     assert "Traceback" in capsys.readouterr().err

@@ -48,7 +48,7 @@ def _options(threads: int | None, folder: str | None = None, profile_prefix: str
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # (a failed run raises with the same message: no second, coloured line)
     if folder is not None:
         opts.add_session_config_entry(_FOLDER_KEY, folder)
     if profile_prefix is not None:
