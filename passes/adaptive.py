@@ -170,11 +170,23 @@ def _product(a: np.ndarray, b: np.ndarray, dtype) -> np.ndarray:
     return (a.astype(np.float64) @ b.astype(np.float64)).astype(dtype)
 
 
-def _truncated(plan: LayerPlan, rank: int) -> np.ndarray:
-    """The plan's weight at ``rank`` in its budget view (a Conv's kernel rebuilt from that view)."""
+def _truncated(plan: LayerPlan, rank: int, int4: "Int4Forms | None" = None) -> np.ndarray:
+    """The plan's weight at ``rank`` in its budget view (a Conv's kernel rebuilt from that view;
+    ``int4``: a pair whose factors the int4 stage stores int8 is rounded as it stores them)."""
     mode = plan.budget_mode
-    matrix = _product(*linalg.factors(plan.view(mode).spectrum, rank), plan.dtype)
+    matrix = _product(*_factors(plan, rank, int4, mode), plan.dtype)
     return linalg.conv_weight(matrix, plan.weight_shape, mode) if plan.is_conv else matrix
+
+
+def _factors(plan: LayerPlan, rank: int, int4: "Int4Forms | None", mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The plan's factor pair at ``rank`` (in view ``mode``, default its own) as it will be
+    written: under ``--quantize int4`` with int8 factors, their int8 codes read back."""
+    a, b = linalg.factors(plan.view(mode).spectrum, rank)
+    if int4 is not None and plan.key in int4.int8_pairs:
+        from .int4 import stored_factor
+
+        a, b = stored_factor(a), stored_factor(b)
+    return a, b
 
 
 def grid_ranks(plan: LayerPlan, rank_multiple: int = 1) -> list[int]:
@@ -292,7 +304,7 @@ def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: in
         [Curve(list(int4.candidates[p.key].ranks)) for p in quantized] + \
         [Curve(list(int4.units[u.block.up.key].ranks)) for u in blocks4]
     at = [measured_ranks(c.ranks, points or len(c.ranks)) for c in curves]
-    items: list[dict[str, Any]] = [{p.name: _truncated(p, r) if p.is_conv else (*linalg.factors(p.view().spectrum, r), p.dtype)}
+    items: list[dict[str, Any]] = [{p.name: _truncated(p, r) if p.is_conv else (*_factors(p, r, int4), p.dtype)}
                                    for p, rs in zip(plans, at) for r in rs]
     labels = [f"sensitivity {p.name} rank {r}" for p, rs in zip(plans, at) for r in rs]
     for u, rs in zip(units, at[len(plans):]):
@@ -415,6 +427,8 @@ class Int4Forms:
     biases: dict[int, str] = field(default_factory=dict)
     #: The plans whose factor pairs the quantize stage leaves float (:func:`~.int4.float_pairs`).
     float_pairs: frozenset[int] = frozenset()
+    #: The plans whose factor pairs it stores int8 (measured so: :func:`~.int4.stored_factor`).
+    int8_pairs: frozenset[int] = frozenset()
 
 
 def _zeros(ranks: list[int]) -> np.ndarray:
@@ -579,7 +593,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
 
         def measure(chosen: tuple[dict[int, Decision], dict[int, int | None], dict[int, int]]) -> float:
             ranks, widths, quantized_at = chosen
-            overrides = {p.name: _truncated(p, ranks[p.key].rank) for p in active if ranks[p.key].factorize}
+            overrides = {p.name: _truncated(p, ranks[p.key].rank, int4) for p in active if ranks[p.key].factorize}
             for k, width in widths.items():
                 r = quantized_at.get(units[k].block.up.key)
                 if r is not None:
@@ -708,9 +722,10 @@ def _int4_forms(ctx: Context, active: list[LayerPlan]) -> Int4Forms | None:
     def unit_arrays(unit: WidthUnit, plan: WidthPlan | None, rank: int) -> dict[str, np.ndarray]:
         return emulated_block(found, ctx.data, unit, plan, captured, cfg, rank, opset)
 
+    floats = float_pairs(ctx.model, [found.group(p.key) for p in active], cfg)
+    int8s = frozenset(p.key for p in active if not p.is_conv and p.key not in floats) if cfg.int4_factors == "int8" else frozenset()
     return Int4Forms(candidates, arrays, {p.key: itemsize(found.group(p.key)) for p in active}, units, unit_arrays,
-                     {k: bias.name for k, (bias, _) in means.items()},
-                     float_pairs(ctx.model, [found.group(p.key) for p in active], cfg))
+                     {k: bias.name for k, (bias, _) in means.items()}, floats, int8s)
 
 
 @dataclass

@@ -91,7 +91,7 @@ from .rewrite import NameScope, opset_version, remove_constant
 
 __all__ = ["DOMAIN", "Int4Options", "Int4Layer", "Int4Pair", "Int4Summary", "Int4Quantized", "quantize_int4",
            "runtime_problem", "require_runtime", "run_stage", "weight_bytes", "emulated_weight", "emulated_corrected",
-           "MeanBias", "mean_biases", "float_pairs", "unit_candidates", "emulated_block"]
+           "MeanBias", "mean_biases", "float_pairs", "stored_factor", "unit_candidates", "emulated_block"]
 
 log = logging.getLogger(__name__)
 
@@ -931,6 +931,15 @@ def group_problem(group: Any, opset: int = 17) -> str | None:
         if layer.op_type == "Gemm" and opset < 7:
             return f"Gemm at opset {opset}"
     return None
+
+
+def stored_factor(arr: np.ndarray) -> np.ndarray:
+    """A factor as :func:`quantize_int4` stores it under ``int4_factors="int8"``, read back:
+    int8 codes with one scale per singular direction (the shorter axis), dequantized."""
+    arr = np.asarray(arr, np.float32)
+    axis = int(np.argmin(arr.shape))
+    moved = np.moveaxis(arr, axis, 1)
+    return np.ascontiguousarray(np.moveaxis(quant.dequantize_columns(*quant.quantize_columns(moved)), 1, axis))
 
 
 def float_pairs(model: onnx.ModelProto, groups: Iterable[Any], cfg: Any) -> frozenset[int]:

@@ -751,3 +751,16 @@ def test_a_byte_budget_prices_factor_pairs_the_int4_stage_leaves_float_as_float(
     assert after <= 0.3 * before and not res.sections["int4"]["left_float"]
     x = np.random.default_rng(0).standard_normal((20, k)).astype(np.float32)
     assert compare("y", run(ir3, {"x": x})[0], run(res.model, {"x": x})[0]).rel_l2_error < 0.05
+
+
+def test_adaptive_mode_measures_a_factor_pair_with_the_int8_factors_the_int4_stage_writes():
+    # an exactly rank-8 weight: the byte budget takes the pair, whose factors are written int8;
+    # measured as float, the search would have seen no drop at all where the written model has one
+    src = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", ["rows", 128])], [vi("y", ["rows", 96])],
+                     [init("W", lowrank(128, 96, 8, seed=3))])
+    res = compress(src, target_bytes=0.3, quantize="int4", data_aware=True, calib={"x": _inputs(300, 128, seed=2)},
+                   min_params=0, adaptive=True)
+    assert [f["storage"] for f in res.sections["int4"]["factors"]] == ["int8", "int8"]
+    numbers = res.sections["adaptive"]
+    assert numbers["final_drop"] > 0
+    assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=0.02)
