@@ -719,13 +719,22 @@ def _int4_forms(ctx: Context, active: list[LayerPlan]) -> Int4Forms | None:
     units = unit_candidates(ctx, narrowed.units) if narrowed is not None and narrowed.units else {}
     captured = {k: v[0] for k, v in stats.capture.grams.items()} if stats is not None else {}  # as the quantize stage reads them
 
+    unit_means, unit_biases = {}, {}  # the same correction for the projections of blocks in 4 bits
+    if grams and units:
+        groups = [found.group(k) for key in units for k in (narrowed.units[key].block.up.key, narrowed.units[key].block.down.key)
+                  if k in grams and stats.capture.rows.get(k, 0) > 0 and stats.capture.row_sums.get(k) is not None]
+        unit_biases = mean_biases(ctx.model, groups, ctx.data, cfg)
+        unit_means = {k: (np.asarray(stats.capture.row_sums[k], np.float64) / stats.capture.rows[k], stats.capture.rows[k])
+                      for k in unit_biases}
+
     def unit_arrays(unit: WidthUnit, plan: WidthPlan | None, rank: int) -> dict[str, np.ndarray]:
-        return emulated_block(found, ctx.data, unit, plan, captured, cfg, rank, opset)
+        return emulated_block(found, ctx.data, unit, plan, captured, cfg, rank, opset, unit_means, unit_biases)
 
     floats = float_pairs(ctx.model, [found.group(p.key) for p in active], cfg)
     int8s = frozenset(p.key for p in active if not p.is_conv and p.key not in floats) if cfg.int4_factors == "int8" else frozenset()
     return Int4Forms(candidates, arrays, {p.key: itemsize(found.group(p.key)) for p in active}, units, unit_arrays,
-                     {k: bias.name for k, (bias, _) in means.items()}, floats, int8s)
+                     {**{k: bias.name for k, bias in unit_biases.items()}, **{k: bias.name for k, (bias, _) in means.items()}},
+                     floats, int8s)
 
 
 @dataclass

@@ -52,8 +52,9 @@ branch spends no rank on the mean direction, which the bias repairs for free (Mi
 no branch: held-out cosine 0.9763 -> 0.9796).  A Gemm user takes it when ``alpha = 1`` and its
 ``C`` is absent or the bias it folds (``beta = 1``).  Not for weights several nodes read or a
 runtime without the bias input.  Adaptive mode measures the corrected form where it can feed the
-shift (:func:`mean_biases`: a bias only the layer reads) and the uncorrected one elsewhere; the
-quantize stage then corrects exactly the layers measured corrected.
+shift (:func:`mean_biases`: a bias only the layer reads; both projections of a feed-forward block
+it sizes too, :func:`emulated_block`) and the uncorrected one elsewhere; the quantize stage then
+corrects exactly the layers measured corrected.
 
 The rank per layer comes from the energy of the whitened residual (``int4_correction``: an
 energy, or a fixed rank, at most ``int4_max_rank``), whitened by the input Gram the statistics
@@ -1135,32 +1136,67 @@ def _stored_layout(group: Any, eff: np.ndarray, dtype: Any) -> np.ndarray:
 
 
 def emulated_block(found: Any, data: io.DataFiles, unit: Any, plan: Any, grams: Mapping[int, np.ndarray], cfg: Any,
-                   rank: int, opset: int = 17) -> dict[str, np.ndarray]:
+                   rank: int, opset: int = 17, means: Mapping[int, tuple[np.ndarray, int]] | None = None,
+                   biases: Mapping[int, MeanBias] | None = None) -> dict[str, np.ndarray]:
     """A feed-forward block in 4-bit blocks with rank-``rank`` branches, narrowed to ``plan``
     (a :class:`~.width.WidthPlan`; ``None``: whole), in tensors of the shapes as found, for
     adaptive mode to feed: the first projection's kept columns as its sliced 4-bit form computes
     them (the others as they are), the second's kept rows as its refitted 4-bit form computes them
     and zero rows for the dropped neurons, ``b2`` shifted; each fitted as the quantize stage fits
     the sliced weights (``grams``: input Grams by group key; the second's is sliced to the kept
-    neurons)."""
+    neurons).  A projection with a mean input row in ``means`` and a bias in ``biases`` (by group
+    key) takes the mean correction as :func:`emulated_corrected` does, its bias fed shifted."""
     b = unit.block
     up, down = found.group(b.up.key), found.group(b.down.key)
     w1 = _multiplied(up, data.read(up.weight.tensor).astype(np.float32)).astype(np.float64)
     gram1, gram2 = grams.get(b.up.key), grams.get(b.down.key)
     dtype1 = np.dtype(helper.tensor_dtype_to_np_dtype(up.weight.tensor.data_type))
     dtype2 = np.dtype(helper.tensor_dtype_to_np_dtype(down.weight.tensor.data_type))
-    if plan is None:
-        w2 = np.asarray(unit.w2, np.float64)
-        return {up.weight.name: _stored_layout(up, _computed(w1.astype(np.float32), gram1, cfg, rank, opset), dtype1),
-                down.weight.name: _stored_layout(down, _computed(w2.astype(np.float32), gram2, cfg, rank, opset), dtype2)}
-    from .width import emulated_arrays
+    means, biases = means or {}, biases or {}
 
-    keep = np.asarray(plan.fit.keep)
-    w1[:, keep] = _computed(np.ascontiguousarray(w1[:, keep]).astype(np.float32), gram1, cfg, rank, opset)
-    rows = np.zeros((b.hidden, plan.fit.w2.shape[1]), dtype=np.float64)
-    g2 = gram2[np.ix_(keep, keep)] if gram2 is not None else None
-    rows[keep] = _computed(np.asarray(plan.fit.w2, np.float32), g2, cfg, rank, opset)
-    out = emulated_arrays(plan)  # b2 shifted (and W2, replaced below)
-    out[up.weight.name] = _stored_layout(up, w1, dtype1)
-    out[down.weight.name] = _stored_layout(down, rows, dtype2)
+    def fitted(key: int, w: np.ndarray, gram: np.ndarray | None, rows: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The projection's computed weight and its bias shift (``None``: not corrected);
+        ``rows``: the kept neurons its input is sliced to."""
+        mean = means.get(key) if key in biases else None
+        if mean is not None and rows is not None:
+            mean = (mean[0][rows], mean[1])
+        w = np.asarray(w, np.float32)
+        centred = _centred(gram, mean) if mean is not None and gram is not None and gram.shape == (w.shape[0],) * 2 else None
+        if centred is None:
+            return _computed(w, gram, cfg, rank, opset), None
+        eff = _computed(w, centred, cfg, rank, opset)
+        return eff, mean[0] @ (w.astype(np.float64) - eff)
+
+    def shifted(key: int, base: np.ndarray, shift: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
+        v = np.asarray(base, np.float64).reshape(-1).copy()
+        if cols is None:
+            v += shift
+        else:
+            v[cols] += shift
+        return v.astype(biases[key].value.dtype).reshape(np.shape(base))
+
+    keep = np.asarray(plan.fit.keep) if plan is not None else None
+    eff1, shift1 = fitted(b.up.key, w1 if keep is None else np.ascontiguousarray(w1[:, keep]), gram1)
+    if plan is None:
+        eff2, shift2 = fitted(b.down.key, np.asarray(unit.w2, np.float64), gram2)
+        out = {up.weight.name: _stored_layout(up, eff1, dtype1), down.weight.name: _stored_layout(down, eff2, dtype2)}
+        b2 = biases[b.down.key].value if shift2 is not None else None
+    else:
+        from .width import emulated_arrays
+
+        w1[:, keep] = eff1
+        rows = np.zeros((b.hidden, plan.fit.w2.shape[1]), dtype=np.float64)
+        g2 = gram2[np.ix_(keep, keep)] if gram2 is not None else None
+        rows[keep], shift2 = fitted(b.down.key, plan.fit.w2, g2, rows=keep)
+        out = emulated_arrays(plan)  # b2 shifted (and W2, replaced below)
+        out[up.weight.name] = _stored_layout(up, w1, dtype1)
+        out[down.weight.name] = _stored_layout(down, rows, dtype2)
+        b2 = None
+        if shift2 is not None:
+            b2 = out.get(biases[b.down.key].name, biases[b.down.key].value)
+    if shift1 is not None:
+        out[biases[b.up.key].name] = shifted(b.up.key, biases[b.up.key].value, shift1, keep)
+    if shift2 is not None:
+        out[biases[b.down.key].name] = shifted(b.down.key, b2, shift2)
     return out

@@ -334,16 +334,20 @@ def test_adaptive_mode_measures_narrowed_blocks_in_int4_under_one_byte_budget():
 
     m = _with_projection(ffn_model("gelu"))
     calib = _feeds(300)
-    res = compress(m, ffn_keep="auto", adaptive=True, target_bytes=0.12, quantize="int4", calib=calib, min_params=0)
-    before, after = res.totals.tensor_bytes["matmul weights"]
-    assert after <= 0.12 * before
-    layers = {l["weight"]: l["rank"] for l in res.sections["int4"]["layers"]}
-    assert {"W1_0", "W2_0", "W1_1", "W2_1"} <= set(layers) and layers["W1_0"] == layers["W2_0"]
-    numbers = res.sections["adaptive"]
-    assert numbers["blocks_measured"] == 2 and res.totals.narrowed > 0
-    # a narrowed block in 4 bits was measured by feeding, at the shapes found, what its sliced
-    # 4-bit projections compute: the search saw the drop of the written model
-    assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=0.02, abs=1e-6)
+    for data_aware in (False, True):  # with statistics, the projections' mean correction is measured too
+        res = compress(m, ffn_keep="auto", adaptive=True, target_bytes=0.12, quantize="int4", calib=calib, min_params=0,
+                       data_aware=data_aware)
+        before, after = res.totals.tensor_bytes["matmul weights"]
+        assert after <= 0.12 * before
+        layers = {l["weight"]: l for l in res.sections["int4"]["layers"]}
+        assert {"W1_0", "W2_0", "W1_1", "W2_1"} <= set(layers) and layers["W1_0"]["rank"] == layers["W2_0"]["rank"]
+        corrected = {w for w, l in layers.items() if l["mean_corrected"]}
+        assert corrected == ({"W1_0", "W2_0", "W1_1", "W2_1"} if data_aware else set())
+        numbers = res.sections["adaptive"]
+        assert numbers["blocks_measured"] == 2 and res.totals.narrowed > 0
+        # a narrowed block in 4 bits was measured by feeding, at the shapes found, what its sliced
+        # 4-bit projections compute: the search saw the drop of the written model
+        assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=0.02, abs=1e-6)
 
 
 def test_int4_prices_of_column_selections_are_those_of_the_selected_weights():
