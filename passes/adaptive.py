@@ -688,8 +688,8 @@ def _int4_forms(ctx: Context, active: list[LayerPlan]) -> Int4Forms | None:
     if cfg.quantize != "int4" or cfg.target_bytes is None:
         return None
     from .decide import itemsize
-    from .int4 import (budget_candidates, emulated_block, emulated_corrected, emulated_weight, float_pairs, mean_biases,
-                       unit_candidates)
+    from .int4 import (budget_candidates, emulated_block, emulated_corrected, emulated_weight, float_pairs, input_mean,
+                       mean_biases, unit_candidates)
     from .rewrite import opset_version
     from .statistics import Statistics
 
@@ -698,43 +698,30 @@ def _int4_forms(ctx: Context, active: list[LayerPlan]) -> Int4Forms | None:
     grams = stats.capture.grams if stats is not None and cfg.data_aware else {}
     opset = opset_version(ctx.model)
     candidates = budget_candidates(ctx, active)
-    means = {}  # the mean correction, where the quantize stage will write it into a bias fed here
-    if grams:
-        with_means = [found.group(k) for k in candidates if k in grams and stats.capture.rows.get(k, 0) > 0
-                      and stats.capture.row_sums.get(k) is not None]
-        for k, bias in mean_biases(ctx.model, with_means, ctx.data, cfg).items():
-            rows = stats.capture.rows[k]
-            means[k] = (bias, (np.asarray(stats.capture.row_sums[k], np.float64) / rows, rows))
+    narrowed = ctx.get(Narrowed)
+    units = unit_candidates(ctx, narrowed.units) if narrowed is not None and narrowed.units else {}
+    captured = {k: v[0] for k, v in stats.capture.grams.items()} if stats is not None else {}  # as the quantize stage reads them
+    # the mean correction, where the quantize stage will write it into a bias fed here: of the
+    # plans and of the projections of the blocks in 4 bits
+    keys = [*candidates, *(k for key in units for k in (narrowed.units[key].block.up.key, narrowed.units[key].block.down.key))]
+    means = {k: m for k in keys if k in grams and (m := input_mean(stats.capture, k)) is not None}
+    biases = mean_biases(ctx.model, [found.group(k) for k in means], ctx.data, cfg) if means else {}
 
     def arrays(plan: LayerPlan, rank: int) -> dict[str, np.ndarray]:
         group = found.group(plan.key)
         gram = grams[plan.key][0] if plan.key in grams else None
         stored = ctx.data.read(group.weight.tensor)
-        if plan.key in means:
-            bias, mean = means[plan.key]
-            return emulated_corrected(group, stored, gram, mean, bias, cfg, rank, opset)
+        if plan.key in biases:
+            return emulated_corrected(group, stored, gram, means[plan.key], biases[plan.key], cfg, rank, opset)
         return {plan.name: emulated_weight(group, stored, gram, cfg, rank, opset)}
 
-    narrowed = ctx.get(Narrowed)
-    units = unit_candidates(ctx, narrowed.units) if narrowed is not None and narrowed.units else {}
-    captured = {k: v[0] for k, v in stats.capture.grams.items()} if stats is not None else {}  # as the quantize stage reads them
-
-    unit_means, unit_biases = {}, {}  # the same correction for the projections of blocks in 4 bits
-    if grams and units:
-        groups = [found.group(k) for key in units for k in (narrowed.units[key].block.up.key, narrowed.units[key].block.down.key)
-                  if k in grams and stats.capture.rows.get(k, 0) > 0 and stats.capture.row_sums.get(k) is not None]
-        unit_biases = mean_biases(ctx.model, groups, ctx.data, cfg)
-        unit_means = {k: (np.asarray(stats.capture.row_sums[k], np.float64) / stats.capture.rows[k], stats.capture.rows[k])
-                      for k in unit_biases}
-
     def unit_arrays(unit: WidthUnit, plan: WidthPlan | None, rank: int) -> dict[str, np.ndarray]:
-        return emulated_block(found, ctx.data, unit, plan, captured, cfg, rank, opset, unit_means, unit_biases)
+        return emulated_block(found, ctx.data, unit, plan, captured, cfg, rank, opset, means, biases)
 
     floats = float_pairs(ctx.model, [found.group(p.key) for p in active], cfg)
     int8s = frozenset(p.key for p in active if not p.is_conv and p.key not in floats) if cfg.int4_factors == "int8" else frozenset()
     return Int4Forms(candidates, arrays, {p.key: itemsize(found.group(p.key)) for p in active}, units, unit_arrays,
-                     {**{k: bias.name for k, bias in unit_biases.items()}, **{k: bias.name for k, (bias, _) in means.items()}},
-                     floats, int8s)
+                     {k: bias.name for k, bias in biases.items()}, floats, int8s)
 
 
 @dataclass

@@ -92,7 +92,7 @@ from .rewrite import NameScope, opset_version, remove_constant
 
 __all__ = ["DOMAIN", "Int4Options", "Int4Layer", "Int4Pair", "Int4Summary", "Int4Quantized", "quantize_int4",
            "runtime_problem", "require_runtime", "run_stage", "weight_bytes", "emulated_weight", "emulated_corrected",
-           "MeanBias", "mean_biases", "float_pairs", "stored_factor", "unit_candidates", "emulated_block"]
+           "MeanBias", "mean_biases", "float_pairs", "input_mean", "stored_factor", "unit_candidates", "emulated_block"]
 
 log = logging.getLogger(__name__)
 
@@ -784,13 +784,11 @@ def _effective(w: np.ndarray, q: quant.BlockQuantized, corr: quant.Correction, s
     k = w.shape[0]
     eff = quant.dequantize(q).astype(np.float64)[:k]
     if stack is not None:
-        a = quant.dequantize_columns(*quant.quantize_columns(stack.a))
-        return eff + a.astype(np.float64) @ quant.dequantize(stack.b).astype(np.float64)
+        return eff + stored_factor(stack.a, 1).astype(np.float64) @ quant.dequantize(stack.b).astype(np.float64)
     if corr.rank > 0:
         a, bb = np.asarray(corr.a, np.float32), np.asarray(corr.b, np.float32)
         if opts.factors == "int8" and opset >= 7:  # (before opset 7 the branch stays float)
-            a = quant.dequantize_columns(*quant.quantize_columns(a))
-            bb = quant.dequantize_columns(*quant.quantize_columns(bb.T)).T
+            a, bb = stored_factor(a, 1), stored_factor(bb, 0)
         eff = eff + a.astype(np.float64) @ bb.astype(np.float64)
     return eff
 
@@ -877,15 +875,14 @@ def run_stage(ctx: Context) -> Int4Quantized:
             if group.key in stats.capture.grams:
                 gram = stats.capture.grams[group.key][0]
                 plan = widths.get(group.key)
-                rows = stats.capture.rows.get(group.key, 0)
-                sums = stats.capture.row_sums.get(group.key)
-                if plan is not None and group.key == plan.block.down.key:  # narrowed: the kept neurons' Gram
+                mean = input_mean(stats.capture, group.key)
+                if plan is not None and group.key == plan.block.down.key:  # narrowed: the kept neurons' statistics
                     keep = np.asarray(plan.fit.keep)
                     gram = gram[np.ix_(keep, keep)]
-                    sums = sums[keep] if sums is not None else None
+                    mean = (mean[0][keep], mean[1]) if mean is not None else None
                 grams[name] = gram
-                if sums is not None and rows > 0 and (measured is None or group.key in measured):
-                    means[name] = (np.asarray(sums, np.float64) / rows, rows)
+                if mean is not None and (measured is None or group.key in measured):
+                    means[name] = mean
             elif group.key in stats.capture.skipped:
                 skipped[name] = stats.capture.skipped[group.key]
     factor_names = [f for key, pair in rewritten.factors.items() if not found.group(key).layers[0].is_conv for f in pair]
@@ -934,11 +931,19 @@ def group_problem(group: Any, opset: int = 17) -> str | None:
     return None
 
 
-def stored_factor(arr: np.ndarray) -> np.ndarray:
+def input_mean(capture: Any, key: int) -> tuple[np.ndarray, int] | None:
+    """The mean input row of a weight group and the rows behind it, from the statistics
+    stage's capture (``None``: not captured)."""
+    rows, sums = capture.rows.get(key, 0), capture.row_sums.get(key)
+    return (np.asarray(sums, np.float64) / rows, rows) if sums is not None and rows > 0 else None
+
+
+def stored_factor(arr: np.ndarray, axis: int | None = None) -> np.ndarray:
     """A factor as :func:`quantize_int4` stores it under ``int4_factors="int8"``, read back:
-    int8 codes with one scale per singular direction (the shorter axis), dequantized."""
+    int8 codes with one scale per singular direction (``axis``, the rank's; by default the shorter
+    one, as for the factorization's pairs), dequantized."""
     arr = np.asarray(arr, np.float32)
-    axis = int(np.argmin(arr.shape))
+    axis = int(np.argmin(arr.shape)) if axis is None else axis
     moved = np.moveaxis(arr, axis, 1)
     return np.ascontiguousarray(np.moveaxis(quant.dequantize_columns(*quant.quantize_columns(moved)), 1, axis))
 
@@ -1065,14 +1070,31 @@ def emulated_corrected(group: Any, stored: np.ndarray, gram: np.ndarray, mean: t
     and ``bias`` (the layer's own, which adaptive mode feeds) shifted by the error's mean, as
     the quantize stage writes them into ``MatMulNBits`` (``mean``: the mean input row and the
     rows behind it).  Inputs that never vary: the plain form, bias unchanged."""
-    w = _multiplied(group, np.asarray(stored, np.float32))
-    centred = _centred(gram, mean) if gram is not None and gram.shape == (w.shape[0],) * 2 else None
+    eff, shift = _corrected(_multiplied(group, np.asarray(stored, np.float32)), gram, mean, cfg, rank, opset)
+    out = {group.weight.name: _stored_layout(group, eff, stored.dtype)}
+    if shift is not None:
+        out[bias.name] = _shifted(bias.value, shift)
+    return out
+
+
+def _corrected(w: np.ndarray, gram: np.ndarray | None, mean: tuple[np.ndarray, int] | None, cfg: Any, rank: int,
+               opset: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """What the 4-bit form of ``x @ w`` computes (:func:`_computed`) and, with ``mean``, fitted on
+    the centred inputs, the shift of its bias (``None``: no correction, as for inputs that never
+    vary)."""
+    w = np.asarray(w, np.float32)
+    centred = _centred(gram, mean) if mean is not None and gram is not None and gram.shape == (w.shape[0],) * 2 else None
     if centred is None:
-        return {group.weight.name: _stored_layout(group, _computed(w, gram, cfg, rank, opset), stored.dtype)}
+        return _computed(w, gram, cfg, rank, opset), None
     eff = _computed(w, centred, cfg, rank, opset)
-    shift = mean[0] @ (w.astype(np.float64) - eff)
-    return {group.weight.name: _stored_layout(group, eff, stored.dtype),
-            bias.name: (bias.value.astype(np.float64) + shift).astype(bias.value.dtype)}
+    return eff, mean[0] @ (w.astype(np.float64) - eff)
+
+
+def _shifted(value: np.ndarray, shift: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
+    """A bias plus a shift (of the entries ``cols`` only, when given), in its dtype and shape."""
+    v = np.asarray(value, np.float64).reshape(-1).copy()
+    v[slice(None) if cols is None else cols] += shift
+    return v.astype(np.asarray(value).dtype).reshape(np.shape(value))
 
 
 @dataclass(frozen=True)
@@ -1156,32 +1178,17 @@ def emulated_block(found: Any, data: io.DataFiles, unit: Any, plan: Any, grams: 
 
     def fitted(key: int, w: np.ndarray, gram: np.ndarray | None, rows: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The projection's computed weight and its bias shift (``None``: not corrected);
-        ``rows``: the kept neurons its input is sliced to."""
+        """:func:`_corrected` of one projection (``rows``: the kept neurons its input is sliced to)."""
         mean = means.get(key) if key in biases else None
         if mean is not None and rows is not None:
             mean = (mean[0][rows], mean[1])
-        w = np.asarray(w, np.float32)
-        centred = _centred(gram, mean) if mean is not None and gram is not None and gram.shape == (w.shape[0],) * 2 else None
-        if centred is None:
-            return _computed(w, gram, cfg, rank, opset), None
-        eff = _computed(w, centred, cfg, rank, opset)
-        return eff, mean[0] @ (w.astype(np.float64) - eff)
-
-    def shifted(key: int, base: np.ndarray, shift: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
-        v = np.asarray(base, np.float64).reshape(-1).copy()
-        if cols is None:
-            v += shift
-        else:
-            v[cols] += shift
-        return v.astype(biases[key].value.dtype).reshape(np.shape(base))
+        return _corrected(w, gram, mean, cfg, rank, opset)
 
     keep = np.asarray(plan.fit.keep) if plan is not None else None
     eff1, shift1 = fitted(b.up.key, w1 if keep is None else np.ascontiguousarray(w1[:, keep]), gram1)
     if plan is None:
         eff2, shift2 = fitted(b.down.key, np.asarray(unit.w2, np.float64), gram2)
         out = {up.weight.name: _stored_layout(up, eff1, dtype1), down.weight.name: _stored_layout(down, eff2, dtype2)}
-        b2 = biases[b.down.key].value if shift2 is not None else None
     else:
         from .width import emulated_arrays
 
@@ -1192,11 +1199,9 @@ def emulated_block(found: Any, data: io.DataFiles, unit: Any, plan: Any, grams: 
         out = emulated_arrays(plan)  # b2 shifted (and W2, replaced below)
         out[up.weight.name] = _stored_layout(up, w1, dtype1)
         out[down.weight.name] = _stored_layout(down, rows, dtype2)
-        b2 = None
-        if shift2 is not None:
-            b2 = out.get(biases[b.down.key].name, biases[b.down.key].value)
     if shift1 is not None:
-        out[biases[b.up.key].name] = shifted(b.up.key, biases[b.up.key].value, shift1, keep)
-    if shift2 is not None:
-        out[biases[b.down.key].name] = shifted(b.down.key, b2, shift2)
+        out[biases[b.up.key].name] = _shifted(biases[b.up.key].value, shift1, keep)
+    if shift2 is not None:  # (on top of the refit's intercept, when the block is narrowed)
+        b2 = biases[b.down.key]
+        out[b2.name] = _shifted(out.get(b2.name, b2.value), shift2)
     return out
