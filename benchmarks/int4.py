@@ -17,8 +17,10 @@ Variants, side by side in one run:
 * ``ours`` (``compress(..., quantize="int4")``, factorization off with ``energy=1``) without a
   correction, with the plain residual SVD, and whitened (``--data-aware``) at a few energies and
   ranks and block sizes; ``-acc4`` at accuracy level 4;
-* ``ours-b32-mean``: input statistics and no branch: only the mean of the 4-bit error goes into
-  the bias (the mean correction of ``--data-aware``);
+* ``ours-b32-mean``: input statistics and no branch: the blocks rounded with error feedback
+  (``--int4-rounding gptq``, the default with statistics) and the mean of the 4-bit error in the
+  bias (the mean correction of ``--data-aware``); ``-nearest``: rounded to the nearest level
+  instead (as are ``ours-b32`` and ``ours-b32-plain-r16``, which have no statistics);
 * ``ours-adaptive-b64-separate``: the adaptive block-64 budget with every branch a product of
   its own (``int4_branch="separate"``; the default stacks it into the blocks where it pays);
 * ``onnxsim-lqer-r*`` (onnxsim 0.8.1's ``apply_lqer`` on its ``quantize_weight_only_int4``,
@@ -55,12 +57,15 @@ SEQ, SHAPES, INPUTS = MINILM_SEQ, MINILM_SHAPES, MINILM_INPUTS
 OURS = {
     "ours-b32": dict(int4_correction=0),
     "ours-b32-plain-r16": dict(int4_correction=16),
-    # input statistics without a branch: the 4-bit error's mean in the bias only
+    # input statistics without a branch: the blocks rounded with error feedback (gptq, the default),
+    # the 4-bit error's mean in the bias; and the same with nearest rounding
     "ours-b32-mean": dict(data_aware=True, int4_correction=0),
+    "ours-b32-mean-nearest": dict(data_aware=True, int4_correction=0, int4_rounding="nearest"),
     "ours-b32-auto": dict(data_aware=True),
     "ours-b32-e0.6": dict(data_aware=True, int4_correction=0.6),
     "ours-b32-r16": dict(data_aware=True, int4_correction=16),
     "ours-b64-r32": dict(data_aware=True, int4_block=64, int4_correction=32),
+    "ours-b64-r32-nearest": dict(data_aware=True, int4_block=64, int4_correction=32, int4_rounding="nearest"),
     "ours-b64-r32-acc4": dict(data_aware=True, int4_block=64, int4_correction=32, int4_accuracy_level=4),
     "ours-b32-r16-float": dict(data_aware=True, int4_correction=16, int4_factors="float"),
     # one byte budget over factor pairs and int4 + branch, per layer (0.174 of fp32: ours-b64-r32's bytes)

@@ -283,6 +283,10 @@ class Quantize(Section):
                            "factors are int8 and it costs at most 1/8 more bytes (a rank of about half the block or "
                            "more); separate keeps x A B a product of its own everywhere",
                            choices=("auto", "separate"))
+    int4_rounding: str = opt("gptq", "choice", "with --quantize int4: how weights round to their 4-bit levels: gptq (default) "
+                             "rounds each block's rows in order and feeds each row's error into the rows not yet rounded, "
+                             "weighted by the layer's inputs (needs --data-aware; without input statistics it is nearest); "
+                             "nearest rounds every weight on its own", choices=("gptq", "nearest"))
 
     def rules(self) -> None:
         object.__setattr__(self, "int4_correction", _correction(self.int4_correction))

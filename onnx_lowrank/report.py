@@ -254,6 +254,7 @@ def render_sections(sections: dict[str, Any]) -> str:
 def _fmt_int4(q: dict[str, Any]) -> str:
     text = (f"int4:          {q['weights_quantized']} weight(s) as MatMulNBits (block {q['block']}), {q['corrected']} with a "
             f"correction branch ({q['correction']}; {q['statistics']}"
+            + (f"; {q['gptq_rounded']} rounded with error feedback (gptq)" if q.get("gptq_rounded") else "")
             + (f"; {q['stacked']} inside the 4-bit blocks" if q.get("stacked") else "")
             + (f"; the error's mean in the bias of {q['mean_corrected']}" if q.get("mean_corrected") else "")
             + "); MatMul weights "

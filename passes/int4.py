@@ -117,6 +117,9 @@ class Int4Options:
         factors: How low-rank factors are stored: ``int8`` or ``float``.
         damping: Relative damping of the input Grams.
         rounds: Alternations of blocks and branch (:func:`~onnx_lowrank.linalg.quant.fit`).
+        branch: Where a branch's second factor goes (``auto``: stacked where it pays; ``separate``).
+        rounding: ``gptq`` (error feedback in the metric of the input Gram, where there is one)
+            or ``nearest``.
     """
 
     block: int = 32
@@ -128,6 +131,7 @@ class Int4Options:
     damping: float = linalg.DEFAULT_DAMPING
     rounds: int = 2
     branch: str = "auto"
+    rounding: str = "gptq"
 
     @property
     def corrects(self) -> bool:
@@ -244,6 +248,8 @@ class Int4Layer:
             branch (``L`` the whitening factor; the plain Frobenius ratio without statistics).
         stacked: The branch's second factor rides in the 4-bit blocks (module docstring).
         mean_corrected: Fitted on centred inputs, the error's mean part in the bias (module docstring).
+        rounding: How the blocks were rounded: ``gptq`` (error feedback by the input Gram) or
+            ``nearest`` (asked for, or no Gram to feed the error by).
     """
 
     weight: str
@@ -259,11 +265,13 @@ class Int4Layer:
     error_corrected: float
     stacked: bool = False
     mean_corrected: bool = False
+    rounding: str = "nearest"
 
     def to_dict(self) -> dict[str, Any]:
         return {"weight": self.weight, "nodes": self.nodes, "shape": list(self.shape), "block": self.block, "rank": self.rank,
                 "branch": ("stacked" if self.stacked else "separate") if self.rank else None, "whitened": self.whitened,
-                "mean_corrected": self.mean_corrected, "energy": round(self.energy, 4), "bytes_before": self.bytes_before,
+                "mean_corrected": self.mean_corrected, "rounding": self.rounding, "energy": round(self.energy, 4),
+                "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after, "error_int4": round(self.error_int4, 5),
                 "error_corrected": round(self.error_corrected, 5)}
 
@@ -304,6 +312,7 @@ class Int4Summary:
             "factor_storage": o.factors, "branch": o.branch, "statistics": self.statistics,
             "weights_quantized": len(self.layers), "corrected": sum(l.rank > 0 for l in self.layers),
             "stacked": sum(l.stacked for l in self.layers), "mean_corrected": sum(l.mean_corrected for l in self.layers),
+            "rounding": o.rounding, "gptq_rounded": sum(l.rounding == "gptq" for l in self.layers),
             "whitened": sum(l.whitened and l.rank > 0 for l in self.layers),
             "correction_ranks": sum(l.rank for l in self.layers),
             "matmul_weight_bytes_before": before, "matmul_weight_bytes_after": after,
@@ -724,10 +733,11 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
         else:  # inputs that never vary: nothing to whiten by
             target = None
     if rank is not None:
-        f = quant.fit(wk, gram, block=opts.block, rank=rank, max_rank=rank or None, damping=opts.damping, rounds=opts.rounds)
+        f = quant.fit(wk, gram, block=opts.block, rank=rank, max_rank=rank or None, damping=opts.damping, rounds=opts.rounds,
+                      rounding=opts.rounding)
     else:
         f = quant.fit(wk, gram, block=opts.block, energy=opts.energy, rank=None if opts.energy is not None else opts.rank,
-                      max_rank=opts.max_rank, damping=opts.damping, rounds=opts.rounds)
+                      max_rank=opts.max_rank, damping=opts.damping, rounds=opts.rounds, rounding=opts.rounding)
     q, corr, error = f.q, f.correction, f.error
     stack = quant.stacked(wk, q, corr, gram, damping=opts.damping) if opts.stacks(k, n, corr.rank, b.opset) else None
     if stack is not None:
@@ -766,7 +776,7 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
             b.gone.add(b.graph.node[i].output[0])
     return Int4Layer(name, [b.graph.node[i].name or b.graph.node[i].output[0] for i in nodes], (k, n), opts.block, corr.rank,
                      corr.energy, gram is not None, wk.size * 4, n_bytes, f.error_int4, error, stack is not None,
-                     target is not None)
+                     target is not None, "gptq" if gram is not None and opts.rounding == "gptq" else "nearest")
 
 
 def _centred(gram: np.ndarray, mean: tuple[np.ndarray, int]) -> np.ndarray | None:
@@ -834,7 +844,7 @@ def options_of(cfg: Any, whitened: bool = False) -> Int4Options:
     rank = int(corr) if isinstance(corr, int) and not isinstance(corr, bool) else None
     return Int4Options(block=cfg.int4_block, accuracy_level=cfg.int4_accuracy_level, energy=energy, rank=rank,
                        max_rank=cfg.int4_max_rank, factors=cfg.int4_factors, damping=cfg.damping,
-                       branch=cfg.int4_branch)
+                       branch=cfg.int4_branch, rounding=cfg.int4_rounding)
 
 
 def run_stage(ctx: Context) -> Int4Quantized:
@@ -995,7 +1005,7 @@ def budget_candidates(ctx: Context, plans: list) -> dict[int, Any]:
         gram = grams[plan.key][0] if plan.key in grams else None
         if gram is not None and gram.shape != (k, k):
             gram = None
-        errors = quant.correction_errors(w, gram, ranks, block=cfg.int4_block, damping=cfg.damping)
+        errors = quant.correction_errors(w, gram, ranks, block=cfg.int4_block, damping=cfg.damping, rounding=opts.rounding)
         costs = [quant.block_bytes(k, n, cfg.int4_block) + opts.branch_bytes(k, n, r, opset) for r in ranks]
         # the pair's error on the same scale (the plan's spectrum may weigh the output side too,
         # as attention-aware whitening does, which would make the two forms incomparable)
@@ -1038,13 +1048,15 @@ def unit_candidates(ctx: Context, units: Mapping[int, Any]) -> dict[int, Any]:
         plans = {k: unit.plan(k) for k in unit.ks}
         widths: list[int | None] = [*unit.ks, None]
         first = quant.column_correction_errors(w1, gram1, ranks, [np.asarray(plans[k].fit.keep) if k is not None else None
-                                                                   for k in widths], block=cfg.int4_block, damping=cfg.damping)
+                                                                   for k in widths], block=cfg.int4_block, damping=cfg.damping,
+                                                 rounding=opts.rounding)
         forms = {}
         for k, e1 in zip(widths, first):
             keep = np.asarray(plans[k].fit.keep) if k is not None else np.arange(f)
             rows = plans[k].fit.w2 if k is not None else w2
             gram2 = unit.gram[np.ix_(keep, keep)] if k is not None else unit.gram
-            e2 = quant.correction_errors(np.asarray(rows, np.float32), gram2, ranks, block=cfg.int4_block, damping=cfg.damping)
+            e2 = quant.correction_errors(np.asarray(rows, np.float32), gram2, ranks, block=cfg.int4_block, damping=cfg.damping,
+                                         rounding=opts.rounding)
             width = len(keep)
             costs = tuple(quant.block_bytes(d, width, cfg.int4_block) + opts.branch_bytes(d, width, r, opset)
                           + quant.block_bytes(width, n, cfg.int4_block) + opts.branch_bytes(width, n, r, opset)
@@ -1147,7 +1159,8 @@ def _computed(w: np.ndarray, gram: np.ndarray | None, cfg: Any, rank: int, opset
     if gram is not None and gram.shape != (k, k):
         gram = None
     opts = options_of(cfg)
-    f = quant.fit(w, gram, block=opts.block, rank=rank, max_rank=rank or None, damping=opts.damping, rounds=opts.rounds)
+    f = quant.fit(w, gram, block=opts.block, rank=rank, max_rank=rank or None, damping=opts.damping, rounds=opts.rounds,
+                  rounding=opts.rounding)
     stack = quant.stacked(w, f.q, f.correction) if opts.stacks(k, w.shape[1], f.correction.rank, opset) else None
     return _effective(w, f.q, f.correction, stack, opts, opset)
 

@@ -51,6 +51,24 @@ Alternating (as LoftQ does for fine-tuning): once the branch exists, the blocks 
 their levels on what the branch already carries.  :func:`fit` keeps the best pair seen, so
 more rounds never leave a larger whitened error.
 
+Error feedback (GPTQ)
+---------------------
+Rounding every weight to its nearest level minimizes ``||W - Q(W)||`` but not the error that
+matters, ``||X (W - Q(W))||``.  With the Gram, the rows of ``W`` (one per input feature) are
+rounded in order, and each row's error ``e`` goes into the rows not yet rounded, in the way
+that cancels it best on the calibration inputs (Frantar et al., GPTQ, arXiv 2210.17323):
+with ``(G + d I)^-1 = U^T U``, ``U`` upper triangular::
+
+    e = (w_i - Q(w_i)) / U_ii            w_j -= U_ij e    (j > i)
+
+A block's scale and zero point are chosen when the block is reached, from its rows as updated
+by then (clipping grid as above); its later rows may then fall outside the range and clip.  The
+rows stay in their order (no activation reordering), so the blocks keep ``MatMulNBits``'s layout,
+and columns never mix: a column's codes are the same whether quantized alone or with the rest.
+With ``G = I`` nothing is fed (``U`` is diagonal) and the result is nearest rounding.  MiniLM,
+block 32, no branch, mean correction: held-out cosine 0.9796 with nearest rounding, 0.9921
+with feedback, at the same bytes and speed.
+
 Inside the blocks (the "stacked" branch)
 -----------------------------------------
 ``x Q(W) + (x A) B`` equals ``[x, x A] @ [Q(W); B]``: the second factor can ride in the same
@@ -85,6 +103,8 @@ __all__ = ["BLOCK_SIZES", "CLIP_GRID", "BlockQuantized", "quantize_blocks", "deq
 
 #: Block sizes ``MatMulNBits`` takes on CPU (powers of two, at least 16).
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+#: How :func:`fit` rounds the blocks: to the nearest level, or in order with error feedback.
+ROUNDINGS = ("nearest", "gptq")
 #: Clipping factors tried per block (1 = the block's full range).
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8)
 
@@ -143,13 +163,17 @@ def _pack_pairs(values: np.ndarray) -> np.ndarray:
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
-def quantize_blocks(w: np.ndarray, block: int = 32, clip: tuple[float, ...] = CLIP_GRID) -> BlockQuantized:
+def quantize_blocks(w: np.ndarray, block: int = 32, clip: tuple[float, ...] = CLIP_GRID, gram: np.ndarray | None = None, *,
+                    damping: float = DEFAULT_DAMPING) -> BlockQuantized:
     """Asymmetric 4-bit quantization of ``w`` (K, N) in blocks of ``block`` rows per column.
 
     Args:
         w: The weight as multiplied, ``x @ w``; any float dtype (computed in float32).
         block: Rows per block, one of :data:`BLOCK_SIZES`.
         clip: Clipping factors to try per block; ``(1.0,)`` is plain min/max rounding.
+        gram: The input Gram ``X^T X`` (K, K): round with error feedback in its metric (module
+            docstring, "Error feedback"); ``None``: each weight to its nearest level.
+        damping: Relative damping of ``gram``.
 
     Returns:
         The codes, scales and zero points in onnxruntime's layout.
@@ -166,10 +190,20 @@ def quantize_blocks(w: np.ndarray, block: int = 32, clip: tuple[float, ...] = CL
     if not clip or not all(0.0 < c <= 1.0 for c in clip):
         raise ValueError(f"Got clip={clip!r}; expected factors in (0, 1].")
     k, n = w.shape
+    if gram is not None:
+        return _fed_back(w, block, clip, gram, damping)
     blocks = -(-k // block)
     padded = np.zeros((blocks * block, n), np.float32)
     padded[:k] = w
     x = padded.reshape(blocks, block, n).transpose(2, 0, 1)  # (N, blocks, block)
+    s, z = _best_scale_zero(x, clip)
+    return BlockQuantized(packed=_pack_pairs(_codes(x, s, z)), scales=np.ascontiguousarray(s, np.float32),
+                          zero_points=_pack_pairs(z.astype(np.uint8)), k=k, n=n, block=block)
+
+
+def _best_scale_zero(x: np.ndarray, clip: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per block of ``x`` (N, blocks, block): the scale and zero point of the clipping factor in
+    ``clip`` with the smallest squared error of the block."""
     lo = np.minimum(x.min(axis=-1), 0.0)
     hi = np.maximum(x.max(axis=-1), 0.0)
     best_err = best_s = best_z = None
@@ -184,9 +218,41 @@ def quantize_blocks(w: np.ndarray, block: int = 32, clip: tuple[float, ...] = CL
             best_err = np.where(better, err, best_err)
             best_s = np.where(better, s, best_s)
             best_z = np.where(better, z, best_z)
-    q = _codes(x, best_s, best_z)
-    return BlockQuantized(packed=_pack_pairs(q), scales=np.ascontiguousarray(best_s, np.float32),
-                          zero_points=_pack_pairs(best_z.astype(np.uint8)), k=k, n=n, block=block)
+    return best_s, best_z
+
+
+def _fed_back(w: np.ndarray, block: int, clip: tuple[float, ...], gram: np.ndarray, damping: float) -> BlockQuantized:
+    """Rows rounded in order with each row's error fed forward to the rows not yet rounded
+    (module docstring, "Error feedback")."""
+    k, n = w.shape
+    if gram.shape != (k, k):
+        raise ValueError(f"Got a Gram matrix of shape {gram.shape} for a ({k}, {n}) weight; expected ({k}, {k}).")
+    lf, _ = whitening_factor(gram, damping)
+    inv = np.linalg.solve(lf, np.eye(k))  # L^-1, so (G + d I)^-1 = L^-T L^-1
+    u = np.linalg.cholesky(inv.T @ inv).T  # upper: (G + d I)^-1 = U^T U
+    work = np.array(w, dtype=np.float64)
+    blocks = -(-k // block)
+    codes = np.empty((n, blocks, block), np.uint8)
+    scales = np.empty((n, blocks), np.float32)
+    zeros = np.empty((n, blocks), np.float32)
+    for b in range(blocks):
+        i0, i1 = b * block, min(k, (b + 1) * block)
+        seg = np.zeros((n, 1, block), np.float32)
+        seg[:, 0, : i1 - i0] = work[i0:i1].T
+        s, z = _best_scale_zero(seg, clip)
+        s, z = s[:, 0], z[:, 0]
+        scales[:, b], zeros[:, b] = s, z
+        codes[:, b, :] = z.astype(np.uint8)[:, None]  # padded rows: exactly zero
+        errs = np.empty((i1 - i0, n))
+        for i in range(i0, i1):
+            c = np.clip(np.rint(work[i].astype(np.float32) / s) + z, 0, _LEVELS)
+            codes[:, b, i - i0] = c.astype(np.uint8)
+            e = (work[i] - (c - z) * s) / u[i, i]
+            errs[i - i0] = e
+            work[i + 1 : i1] -= np.outer(u[i, i + 1 : i1], e)
+        work[i1:] -= u[i0:i1, i1:].T @ errs
+    return BlockQuantized(packed=_pack_pairs(codes), scales=scales, zero_points=_pack_pairs(zeros.astype(np.uint8)), k=k, n=n,
+                          block=block)
 
 
 def _scale_zero(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -285,8 +351,8 @@ class Fit:
     Attributes:
         q: The blocks.
         correction: The branch (rank 0: none).
-        error_int4: ``||L^T (W - Q(W))||_F / ||L^T W||_F`` of plain rounding (``L = I`` without
-            statistics): the error the branch starts from.
+        error_int4: ``||L^T (W - Q(W))||_F / ||L^T W||_F`` of the first rounding (``L = I``
+            without statistics): the error the branch starts from.
         error: The same with the branch and the final blocks: ``W - Q'(W) - A B``.
         rounds: Alternations made (module docstring, "Alternating").
     """
@@ -299,10 +365,10 @@ class Fit:
 
 
 def fit(w: np.ndarray, gram: np.ndarray | None = None, *, block: int = 32, energy: float | None = None, rank: int | None = None,
-        max_rank: int | None = None, damping: float = DEFAULT_DAMPING, rounds: int = 2) -> Fit:
+        max_rank: int | None = None, damping: float = DEFAULT_DAMPING, rounds: int = 2, rounding: str = "nearest") -> Fit:
     """Quantize ``w`` (K, N) to 4-bit blocks with a low-rank branch for the error.
 
-    The rank is chosen on the residual of plain rounding (``energy`` or ``rank``, at most
+    The rank is chosen on the residual of the first rounding (``energy`` or ``rank``, at most
     ``max_rank``; neither: no branch).  Then, ``rounds`` times, the blocks are refitted to
     ``W - A B`` and the branch to the new residual; the pair with the smallest whitened error
     is kept (so more rounds never make it worse).
@@ -312,6 +378,9 @@ def fit(w: np.ndarray, gram: np.ndarray | None = None, *, block: int = 32, energ
         gram: The input Gram ``X^T X`` (K, K), or ``None`` (plain residual).
         block, energy, rank, max_rank, damping: As for :func:`quantize_blocks` and :func:`correction`.
         rounds: Alternations after the first fit.
+        rounding: ``nearest``, or ``gptq``: with ``gram``, each block's rows rounded in order
+            with their error fed forward (module docstring, "Error feedback"); every rounding of
+            the blocks, the alternations' too.
     """
     w64 = np.asarray(w, dtype=np.float64)
     lf = whitening_factor(gram, damping)[0] if gram is not None else None
@@ -320,7 +389,8 @@ def fit(w: np.ndarray, gram: np.ndarray | None = None, *, block: int = 32, energ
         return float(np.linalg.norm(lf.T @ m if lf is not None else m))
 
     whole = norm(w64) or 1.0
-    q = quantize_blocks(w, block)
+    fed = gram if _rounding(rounding) == "gptq" else None
+    q = quantize_blocks(w, block, gram=fed, damping=damping)
     residual = w64 - dequantize(q)
     first = norm(residual) / whole
     k, n = w64.shape
@@ -333,13 +403,19 @@ def fit(w: np.ndarray, gram: np.ndarray | None = None, *, block: int = 32, energ
         return Fit(q, corr, first, first, 0)
     best = Fit(q, corr, first, norm(residual - _product(corr)) / whole, 0)
     for i in range(rounds):
-        q = quantize_blocks((w64 - _product(corr)).astype(np.float32), block)
+        q = quantize_blocks((w64 - _product(corr)).astype(np.float32), block, gram=fed, damping=damping)
         residual = w64 - dequantize(q)
         corr = correction(residual, gram, rank=best.correction.rank, damping=damping)
         err = norm(residual - _product(corr)) / whole
         if err < best.error:
             best = Fit(q, corr, first, err, i + 1)
     return best
+
+
+def _rounding(rounding: str) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"Got rounding={rounding!r}; expected one of {', '.join(ROUNDINGS)}.")
+    return rounding
 
 
 def _product(c: Correction) -> np.ndarray:
@@ -450,28 +526,30 @@ def stack_blocks(q: BlockQuantized, extra: BlockQuantized) -> BlockQuantized:
 
 
 def correction_errors(w: np.ndarray, gram: np.ndarray | None, ranks: list[int], *, block: int = 32,
-                      damping: float = DEFAULT_DAMPING) -> np.ndarray:
+                      damping: float = DEFAULT_DAMPING, rounding: str = "nearest") -> np.ndarray:
     """What a budget needs to price int4: per rank ``c`` in ``ranks``, the squared (whitened)
     error of 4-bit blocks plus a rank-``c`` branch, relative to the weight's own,
-    ``||L^T (R - A_c B_c)||^2 / ||L^T W||^2`` (plain rounding, without alternation: the
-    same normalization as a factor pair's ``1 - E(r)`` on the whitened spectrum).
+    ``||L^T (R - A_c B_c)||^2 / ||L^T W||^2`` (the blocks rounded once, without alternation:
+    the same normalization as a factor pair's ``1 - E(r)`` on the whitened spectrum).
 
     Args:
         w: The weight as multiplied, ``x @ w`` (K, N).
         gram: The input Gram (K, K), or ``None`` (plain norms).
         ranks: Branch ranks to price (0: none).
-        block, damping: As for :func:`fit`.
+        block, damping, rounding: As for :func:`fit`.
     """
-    return column_correction_errors(w, gram, ranks, [None], block=block, damping=damping)[0]
+    return column_correction_errors(w, gram, ranks, [None], block=block, damping=damping, rounding=rounding)[0]
 
 
 def column_correction_errors(w: np.ndarray, gram: np.ndarray | None, ranks: list[int], columns: list[np.ndarray | None], *,
-                             block: int = 32, damping: float = DEFAULT_DAMPING) -> list[np.ndarray]:
+                             block: int = 32, damping: float = DEFAULT_DAMPING, rounding: str = "nearest") -> list[np.ndarray]:
     """:func:`correction_errors` of ``w[:, c]`` for each column selection ``c`` in ``columns``
     (``None``: every column), from one quantization and one whitening: blocks run along ``K``,
-    so each column is quantized on its own and a selection's codes are the whole weight's."""
+    and error feedback too, so each column is quantized on its own and a selection's codes are
+    the whole weight's."""
     w64 = np.asarray(w, dtype=np.float64)
-    residual = w64 - dequantize(quantize_blocks(w, block))
+    fed = gram if _rounding(rounding) == "gptq" else None
+    residual = w64 - dequantize(quantize_blocks(w, block, gram=fed, damping=damping))
     if gram is not None:
         lf = whitening_factor(gram, damping)[0]
         residual, w64 = lf.T @ residual, lf.T @ w64
