@@ -139,6 +139,22 @@ def test_error_feedback_rounds_to_a_smaller_output_error_in_the_same_layout(bloc
     assert np.array_equal(same.packed, near.packed) and np.array_equal(same.scales, near.scales)
 
 
+def test_the_feedback_factor_is_the_upper_cholesky_factor_of_the_damped_inverse_gram(monkeypatch):
+    x = _correlated(300, 40)
+    gram = x.T.astype(np.float64) @ x
+    u = quant._feedback_factor(gram, 40, 0.01)
+    inv = np.linalg.inv(gram + 0.01 * np.mean(np.diag(gram)) * np.eye(40))
+    assert np.array_equal(u, np.triu(u)) and np.allclose(u.T @ u, inv, rtol=1e-8, atol=1e-12 * np.abs(inv).max())
+
+    def eigen(g, damping):  # the whitening's fallback for a Gram Cholesky refuses: a factor that is not triangular
+        g = np.asarray(g)
+        w, q = np.linalg.eigh(g + damping * np.mean(np.diag(g)) * np.eye(len(g)))
+        return q * np.sqrt(w), damping
+
+    monkeypatch.setattr(quant, "whitening_factor", eigen)
+    np.testing.assert_allclose(quant._feedback_factor(gram, 40, 0.01), u, rtol=1e-7, atol=1e-9 * np.abs(u).max())
+
+
 def test_fits_with_error_feedback_end_below_nearest_rounding_with_or_without_a_branch():
     w, x = _w(128, 64, 2), _correlated(800, 128)
     gram = x.T.astype(np.float64) @ x

@@ -191,7 +191,7 @@ def quantize_blocks(w: np.ndarray, block: int = 32, clip: tuple[float, ...] = CL
         raise ValueError(f"Got clip={clip!r}; expected factors in (0, 1].")
     k, n = w.shape
     if gram is not None:
-        return _fed_back(w, block, clip, gram, damping)
+        return _fed_back(w, block, clip, _feedback_factor(gram, k, damping))
     blocks = -(-k // block)
     padded = np.zeros((blocks * block, n), np.float32)
     padded[:k] = w
@@ -221,15 +221,29 @@ def _best_scale_zero(x: np.ndarray, clip: tuple[float, ...]) -> tuple[np.ndarray
     return best_s, best_z
 
 
-def _fed_back(w: np.ndarray, block: int, clip: tuple[float, ...], gram: np.ndarray, damping: float) -> BlockQuantized:
-    """Rows rounded in order with each row's error fed forward to the rows not yet rounded
-    (module docstring, "Error feedback")."""
-    k, n = w.shape
+def _feedback_factor(gram: np.ndarray, k: int, damping: float) -> np.ndarray:
+    """``U``, upper triangular with ``U^T U = (G + d I)^-1`` (module docstring, "Error feedback").
+
+    With ``J`` the reversal of the ``k`` indices and ``J G J + d I = M M^T`` (Cholesky), ``U = J
+    M^-1 J``: one factorization and one triangular inverse, no inverse of ``G`` itself."""
     if gram.shape != (k, k):
-        raise ValueError(f"Got a Gram matrix of shape {gram.shape} for a ({k}, {n}) weight; expected ({k}, {k}).")
-    lf, _ = whitening_factor(gram, damping)
-    inv = np.linalg.solve(lf, np.eye(k))  # L^-1, so (G + d I)^-1 = L^-T L^-1
-    u = np.linalg.cholesky(inv.T @ inv).T  # upper: (G + d I)^-1 = U^T U
+        raise ValueError(f"Got a Gram matrix of shape {gram.shape} for a weight of {k} rows; expected ({k}, {k}).")
+    m, _ = whitening_factor(np.asarray(gram)[::-1, ::-1], damping)
+    if np.array_equal(m, np.tril(m)):
+        return np.ascontiguousarray(np.triu(np.linalg.inv(m)[::-1, ::-1]))  # (the inverse's rounding leaves 1e-20s below)
+    inv = np.linalg.inv(m @ m.T)[::-1, ::-1]  # (G + d I)^-1 (the eigendecomposition fallback: not triangular)
+    return np.ascontiguousarray(np.linalg.cholesky((inv + inv.T) / 2).T)
+
+
+def _rounded(w: np.ndarray, block: int, u: np.ndarray | None) -> BlockQuantized:
+    """:func:`quantize_blocks` of ``w``, with error feedback through ``u`` when given."""
+    return quantize_blocks(w, block) if u is None else _fed_back(np.asarray(w), block, CLIP_GRID, u)
+
+
+def _fed_back(w: np.ndarray, block: int, clip: tuple[float, ...], u: np.ndarray) -> BlockQuantized:
+    """Rows rounded in order with each row's error fed forward to the rows not yet rounded
+    through ``u`` (:func:`_feedback_factor`; module docstring, "Error feedback")."""
+    k, n = w.shape
     work = np.array(w, dtype=np.float64)
     blocks = -(-k // block)
     codes = np.empty((n, blocks, block), np.uint8)
@@ -389,8 +403,8 @@ def fit(w: np.ndarray, gram: np.ndarray | None = None, *, block: int = 32, energ
         return float(np.linalg.norm(lf.T @ m if lf is not None else m))
 
     whole = norm(w64) or 1.0
-    fed = gram if _rounding(rounding) == "gptq" else None
-    q = quantize_blocks(w, block, gram=fed, damping=damping)
+    u = _feedback_factor(gram, w64.shape[0], damping) if _rounding(rounding) == "gptq" and gram is not None else None
+    q = _rounded(w, block, u)
     residual = w64 - dequantize(q)
     first = norm(residual) / whole
     k, n = w64.shape
@@ -403,7 +417,7 @@ def fit(w: np.ndarray, gram: np.ndarray | None = None, *, block: int = 32, energ
         return Fit(q, corr, first, first, 0)
     best = Fit(q, corr, first, norm(residual - _product(corr)) / whole, 0)
     for i in range(rounds):
-        q = quantize_blocks((w64 - _product(corr)).astype(np.float32), block, gram=fed, damping=damping)
+        q = _rounded((w64 - _product(corr)).astype(np.float32), block, u)
         residual = w64 - dequantize(q)
         corr = correction(residual, gram, rank=best.correction.rank, damping=damping)
         err = norm(residual - _product(corr)) / whole
