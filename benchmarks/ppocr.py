@@ -59,7 +59,10 @@ VARIANTS = {
                                       "--calib CALIB",
     "adaptive, every layer, 0.89": "--adaptive --data-aware --ffn-keep auto --target-params 0.89 --calib CALIB",
     "adaptive, every layer, 0.70": "--adaptive --data-aware --ffn-keep auto --target-params 0.7 --calib CALIB",
-    "int4 + whitened branch": "--energy 1 --quantize int4 --data-aware --calib CALIB",
+    "int4": "--energy 1 --quantize int4 --data-aware --calib CALIB",
+    "int4, nearest rounding": "--energy 1 --quantize int4 --data-aware --int4-rounding nearest --int4-correction 0 "
+                              "--calib CALIB",
+    "int4 + whitened branch": "--energy 1 --quantize int4 --data-aware --int4-correction 0.5 --calib CALIB",
     "int4 + widths, bytes 0.2": "--quantize int4 --data-aware --ffn-keep auto --target-bytes 0.2 --op-types MatMul,Gemm "
                                 "--calib CALIB",
     "int8 per-channel": "--energy 1 --quantize int8-per-channel --calib CALIB --keep-failed",

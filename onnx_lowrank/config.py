@@ -270,8 +270,9 @@ class Quantize(Section):
     int4_correction: Any = opt("auto", "any", "with --quantize int4: the low-rank branch that corrects each layer's 4-bit "
                                "error: a number in (0, 1) keeps the smallest rank holding that share of the residual's energy "
                                "(whitened by the layer's inputs under --data-aware), an integer is a fixed rank, 0 turns the "
-                               "branch off; auto (default): 0.5 with --data-aware, off without (the plain residual repays "
-                               "little)", metavar="E|R", example=0.5)
+                               "branch off; auto (default): off (with --data-aware the blocks are rounded with error feedback, "
+                               "--int4-rounding gptq, which repairs most of what a branch would at no cost in bytes or time), "
+                               "0.5 with --data-aware --int4-rounding nearest", metavar="E|R", example=0.5)
     int4_max_rank: int = opt(64, "positive_int", "with --quantize int4: the highest rank a correction branch gets (default 64)",
                              metavar="R", example=32)
     int4_factors: str = opt("int8", "choice", "with --quantize int4: how low-rank factors (correction branches and the "

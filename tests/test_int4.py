@@ -230,6 +230,12 @@ def test_with_input_statistics_blocks_round_with_error_feedback_and_the_report_s
     assert int4.weight_bytes(fed.model) == int4.weight_bytes(near.model)
     e_fed, e_near = (compare("y", ref, run(r.model, {"x": held})[0]).rel_l2_error for r in (fed, near))
     assert e_fed < 0.8 * e_near
+    # the default correction: none after error feedback, half the energy after nearest rounding
+    auto = {r: compress(src, energy=1.0, min_params=0, quantize="int4", data_aware=True, calib=calib, int4_rounding=r)
+            for r in ("gptq", "nearest")}
+    assert auto["gptq"].sections["int4"]["corrected"] == 0 and auto["gptq"].sections["int4"]["correction"] == "auto: off"
+    assert auto["nearest"].sections["int4"]["corrected"] == 2
+    assert auto["nearest"].sections["int4"]["correction"].startswith("auto: energy 0.5")
     # no statistics: nothing to feed the error by
     plain = compress(src, energy=1.0, min_params=0, quantize="int4")
     assert plain.sections["int4"]["gptq_rounded"] == 0
