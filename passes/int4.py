@@ -782,7 +782,7 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
             b.gone.add(b.graph.node[i].output[0])
     return Int4Layer(name, [b.graph.node[i].name or b.graph.node[i].output[0] for i in nodes], (k, n), opts.block, corr.rank,
                      corr.energy, gram is not None, wk.size * 4, n_bytes, f.error_int4, error, stack is not None,
-                     target is not None, "gptq" if gram is not None and opts.rounding == "gptq" else "nearest")
+                     target is not None, f.rounding)
 
 
 def _centred(gram: np.ndarray, mean: tuple[np.ndarray, int]) -> np.ndarray | None:

@@ -235,6 +235,14 @@ def _feedback_factor(gram: np.ndarray, k: int, damping: float) -> np.ndarray:
     return np.ascontiguousarray(np.linalg.cholesky((inv + inv.T) / 2).T)
 
 
+def _feedback(gram: np.ndarray | None, k: int, damping: float, rounding: str) -> np.ndarray | None:
+    """The factor :func:`_rounded` feeds errors through under ``rounding`` (``None``: nearest
+    rounding, asked for or without a Gram to weigh the error by)."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"Got rounding={rounding!r}; expected one of {', '.join(ROUNDINGS)}.")
+    return _feedback_factor(gram, k, damping) if rounding == "gptq" and gram is not None else None
+
+
 def _rounded(w: np.ndarray, block: int, u: np.ndarray | None) -> BlockQuantized:
     """:func:`quantize_blocks` of ``w``, with error feedback through ``u`` when given."""
     return quantize_blocks(w, block) if u is None else _fed_back(np.asarray(w), block, CLIP_GRID, u)
@@ -369,6 +377,8 @@ class Fit:
             without statistics): the error the branch starts from.
         error: The same with the branch and the final blocks: ``W - Q'(W) - A B``.
         rounds: Alternations made (module docstring, "Alternating").
+        rounding: How the blocks were rounded: ``gptq`` (errors fed back through the Gram) or
+            ``nearest`` (asked for, or no Gram).
     """
 
     q: BlockQuantized
@@ -376,6 +386,7 @@ class Fit:
     error_int4: float
     error: float
     rounds: int
+    rounding: str = "nearest"
 
 
 def fit(w: np.ndarray, gram: np.ndarray | None = None, *, block: int = 32, energy: float | None = None, rank: int | None = None,
@@ -403,33 +414,28 @@ def fit(w: np.ndarray, gram: np.ndarray | None = None, *, block: int = 32, energ
         return float(np.linalg.norm(lf.T @ m if lf is not None else m))
 
     whole = norm(w64) or 1.0
-    u = _feedback_factor(gram, w64.shape[0], damping) if _rounding(rounding) == "gptq" and gram is not None else None
+    u = _feedback(gram, w64.shape[0], damping, rounding)
     q = _rounded(w, block, u)
+    done = "gptq" if u is not None else "nearest"
     residual = w64 - dequantize(q)
     first = norm(residual) / whole
     k, n = w64.shape
     none = Correction(np.zeros((k, 0), np.float32), np.zeros((0, n), np.float32), 0, gram is not None, 0.0)
     if energy is None and not rank:
-        return Fit(q, none, first, first, 0)
+        return Fit(q, none, first, first, 0, done)
     corr = correction(residual, gram, energy=energy, rank=None if energy is not None else rank, max_rank=max_rank,
                       damping=damping)
     if corr.rank == 0:
-        return Fit(q, corr, first, first, 0)
-    best = Fit(q, corr, first, norm(residual - _product(corr)) / whole, 0)
+        return Fit(q, corr, first, first, 0, done)
+    best = Fit(q, corr, first, norm(residual - _product(corr)) / whole, 0, done)
     for i in range(rounds):
         q = _rounded((w64 - _product(corr)).astype(np.float32), block, u)
         residual = w64 - dequantize(q)
         corr = correction(residual, gram, rank=best.correction.rank, damping=damping)
         err = norm(residual - _product(corr)) / whole
         if err < best.error:
-            best = Fit(q, corr, first, err, i + 1)
+            best = Fit(q, corr, first, err, i + 1, done)
     return best
-
-
-def _rounding(rounding: str) -> str:
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"Got rounding={rounding!r}; expected one of {', '.join(ROUNDINGS)}.")
-    return rounding
 
 
 def _product(c: Correction) -> np.ndarray:
@@ -562,8 +568,7 @@ def column_correction_errors(w: np.ndarray, gram: np.ndarray | None, ranks: list
     and error feedback too, so each column is quantized on its own and a selection's codes are
     the whole weight's."""
     w64 = np.asarray(w, dtype=np.float64)
-    fed = gram if _rounding(rounding) == "gptq" else None
-    residual = w64 - dequantize(quantize_blocks(w, block, gram=fed, damping=damping))
+    residual = w64 - dequantize(_rounded(w, block, _feedback(gram, w64.shape[0], damping, rounding)))
     if gram is not None:
         lf = whitening_factor(gram, damping)[0]
         residual, w64 = lf.T @ residual, lf.T @ w64
