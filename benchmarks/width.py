@@ -13,6 +13,8 @@ per-pair speed-ups).  Variants:
 * ``adaptive, widths + ranks, 0.70``: ``--adaptive --ffn-keep auto --target-params 0.7`` (widths
   and factor ranks measured and allocated together, adaptive mode's default sample and points),
   with the lighter ridge ``--damping 0.001``;
+* the same two with ``--ffn-select energy``: neurons kept by their own output energy instead of
+  the refit's greedy elimination (the default), side by side;
 * ``budget, widths + ranks, 0.70``: the same budget allocated on whitened errors instead
   (``--ffn-keep auto --data-aware --target-params 0.7``);
 * ``ffn-keep 0.75 + int8 per-channel``: the quarter of the neurons dropped and refitted, no factor
@@ -44,7 +46,10 @@ SEQ, SHAPES, INPUTS = MINILM_SEQ, MINILM_SHAPES, MINILM_INPUTS
 
 VARIANTS = {
     "ffn-keep 0.75": dict(ffn_keep=0.75),
+    "ffn-keep 0.75, energy selection": dict(ffn_keep=0.75, ffn_select="energy"),
     "adaptive, widths + ranks, 0.70": dict(adaptive=True, data_aware=True, ffn_keep="auto", target_params=0.7, damping=0.001),
+    "adaptive, widths + ranks, 0.70, energy selection": dict(adaptive=True, data_aware=True, ffn_keep="auto", target_params=0.7,
+                                                             damping=0.001, ffn_select="energy"),
     "budget, widths + ranks, 0.70": dict(data_aware=True, ffn_keep="auto", target_params=0.7, damping=0.001),
     "ffn-keep 0.75 + int8 per-channel": dict(ffn_keep=0.75, energy=1, quantize="int8-per-channel"),
 }

@@ -23,7 +23,7 @@ except ModuleNotFoundError:  # Python < 3.11
 
 from .errors import UsageError, option, option_value
 from .linalg import CONV_MODES as _VIEWS
-from .linalg import DEFAULT_DAMPING, RULES
+from .linalg import DEFAULT_DAMPING, NEURON_SELECTIONS, RULES
 from .options import check, opt
 
 __all__ = ["CompressConfig", "DEFAULT_ENERGY", "load_recipe", "recipe_path", "list_recipes", "SECTIONS", "Selection", "RankRule",
@@ -154,10 +154,16 @@ class Width(Section):
                         "-> W2): the rest leave W1, its bias and W2, and W2 is refitted on the calibration data; those weights "
                         "are not factorized. auto: with --data-aware and a budget, the budget chooses each block's width "
                         "against the factorization of the other layers", metavar="F|auto", example=0.75)
+    ffn_select: str = opt("refit", "choice", "with --ffn-keep: which neurons stay: refit (default) drops, one by one, the "
+                          "neuron whose output the refit of the others recovers best; energy keeps those of largest output "
+                          "energy, each on its own", choices=NEURON_SELECTIONS)
 
     def rules(self) -> None:
         value = self.ffn_keep
         if value is None:
+            if self.ffn_select != "refit":
+                raise UsageError(f"{option('ffn_select')} chooses the neurons {option('ffn_keep')} keeps; add "
+                                 f"{option_value('ffn_keep', 0.75)} or drop {option('ffn_select')}.")
             return
         text = value.strip().lower() if isinstance(value, str) else None
         if text == "auto":
@@ -367,7 +373,7 @@ class CompressConfig:
     * :class:`RankRule`: ``energy``, ``rank``, ``rank_multiple``, ``rank_rule``;
     * :class:`Budget`: ``target_params``, ``target_macs``, ``budget_scope``;
     * :class:`DataAware`: ``data_aware``, ``attention_aware``, ``damping``, ``calib_mask``;
-    * :class:`Width`: ``ffn_keep``;
+    * :class:`Width`: ``ffn_keep``, ``ffn_select``;
     * :class:`Adaptive`: ``adaptive``, ``adaptive_samples``, ``max_drop``, ``metric`` (the
       drop is read as the verification gate reads it; ``cosine`` for embeddings);
     * :class:`Refine`: ``refine``;

@@ -5,8 +5,8 @@ Two stages:
 * ``blocks`` (after discovery): find the blocks, so that the statistics stage captures what
   they need (the Gram ``C = H^T H`` and the column sums of each block's hidden activations,
   which are the second projection's input statistics);
-* ``width`` (after the statistics): per block, keep ``round(ffn_keep * f)`` neurons by their
-  output energy and refit the second projection in closed form
+* ``width`` (after the statistics): per block, keep ``round(ffn_keep * f)`` neurons (chosen
+  with the refit by default, ``ffn_select``) and refit the second projection in closed form
   (:func:`onnx_lowrank.linalg.refit_width`).
 
 The two weights of a reduced block are *claimed*: no spectrum is taken of them and they are not
@@ -100,6 +100,7 @@ class WidthUnit:
         errors: :attr:`~onnx_lowrank.linalg.WidthFit.error` at each of ``ks``.
         gram, w2, sums, count: The refit's inputs (:func:`onnx_lowrank.linalg.refit_width`).
         damping: The ridge.
+        scores: The neurons' priority (:func:`onnx_lowrank.linalg.neuron_priority`), computed once.
     """
 
     block: FfnBlock
@@ -110,6 +111,7 @@ class WidthUnit:
     sums: np.ndarray | None
     count: int
     damping: float
+    scores: np.ndarray
 
     @property
     def dense_params(self) -> int:
@@ -121,7 +123,7 @@ class WidthUnit:
 
     def plan(self, k: int) -> WidthPlan:
         return WidthPlan(self.block, linalg.refit_width(self.gram, self.w2, k, sums=self.sums, count=self.count,
-                                                        damping=self.damping))
+                                                        damping=self.damping, scores=self.scores))
 
 
 #: How finely a budget may set a block's width: multiples of ``f / WIDTH_STEPS``.
@@ -138,6 +140,7 @@ class Narrowed(StageResult):
     skipped: list[tuple[str, str]] = field(default_factory=list)
     keep: float | str = 1.0
     units: dict[int, WidthUnit] = field(default_factory=dict)
+    selection: str = "refit"
 
     @property
     def claimed(self) -> dict[int, WidthPlan | WidthUnit]:
@@ -154,6 +157,7 @@ class Narrowed(StageResult):
     def to_dict(self) -> dict[str, Any]:
         return {
             "ffn_keep": self.keep,
+            "selection": self.selection,
             "blocks": [{"node": p.block.name, "second": p.block.down.layers[0].display_name, "hidden": p.block.hidden,
                         "kept": p.kept, "activation": list(p.block.activation), "refit_error": round(p.fit.error, 6),
                         "bias_shifted": p.fit.shift is not None} for p in self.plans.values()],
@@ -174,7 +178,7 @@ class Narrow(Step):
         found = ctx.need(FoundBlocks).found
         cap = ctx.need(Statistics).capture
         auto = cfg.ffn_keep == "auto"
-        out = Narrowed(skipped=list(found.skipped), keep=cfg.ffn_keep)
+        out = Narrowed(skipped=list(found.skipped), keep=cfg.ffn_keep, selection=cfg.ffn_select)
         for block in found.blocks:
             key = block.down.key
             k = block.hidden if auto else max(1, int(round(cfg.ffn_keep * block.hidden)))
@@ -191,20 +195,20 @@ class Narrow(Step):
             except (OSError, ModelError) as exc:
                 raise ModelError(f"cannot read weight '{block.down.weight.name}': {exc}") from None
             sums = cap.row_sums.get(key) if block.down_bias is not None else None
-            if auto:
-                ks = tuple(sorted({max(1, round(block.hidden * j / WIDTH_STEPS)) for j in range(1, WIDTH_STEPS)} - {block.hidden}))
-                rows, count = block.w2_rows(w2), cap.rows.get(key, 0)
-                try:
-                    errors = linalg.width_errors(gram, rows, list(ks), sums=sums, count=count, damping=cfg.damping)
-                except ValueError as exc:
-                    out.skipped.append((block.name, f"cannot refit: {exc}"))
-                    continue
-                out.units[block.up.key] = WidthUnit(block, ks, errors, gram, np.asarray(rows, np.float64), sums, count,
-                                                    cfg.damping)
-                ctx.progress(len(out.units), len(found.blocks), f"width options of {block.name}")
-                continue
+            rows, count = block.w2_rows(w2), cap.rows.get(key, 0)
             try:
-                fit = linalg.refit_width(gram, block.w2_rows(w2), k, sums=sums, count=cap.rows.get(key, 0), damping=cfg.damping)
+                scores = linalg.neuron_priority(gram, rows, sums=sums, count=count, damping=cfg.damping,
+                                                selection=cfg.ffn_select)
+                if auto:
+                    ks = tuple(sorted({max(1, round(block.hidden * j / WIDTH_STEPS))
+                                       for j in range(1, WIDTH_STEPS)} - {block.hidden}))
+                    errors = linalg.width_errors(gram, rows, list(ks), sums=sums, count=count, damping=cfg.damping,
+                                                 scores=scores)
+                    out.units[block.up.key] = WidthUnit(block, ks, errors, gram, np.asarray(rows, np.float64), sums,
+                                                        count, cfg.damping, scores)
+                    ctx.progress(len(out.units), len(found.blocks), f"width options of {block.name}")
+                    continue
+                fit = linalg.refit_width(gram, rows, k, sums=sums, count=count, damping=cfg.damping, scores=scores)
             except ValueError as exc:
                 out.skipped.append((block.name, f"cannot refit: {exc}"))
                 continue

@@ -29,7 +29,7 @@ def test_the_refit_is_the_least_squares_fit_and_its_error_is_the_residual():
     h, w2 = _hidden()
     c, s, n = h.T @ h, h.sum(0), len(h)
     for sums in (s, None):
-        fit = linalg.refit_width(c, w2, 40, sums=sums, count=n, damping=1e-12)
+        fit = linalg.refit_width(c, w2, 40, sums=sums, count=n, damping=1e-12, selection="energy")
         z = h[:, fit.keep] if sums is None else np.hstack([h[:, fit.keep], np.ones((n, 1))])
         want = np.linalg.lstsq(z, h @ w2, rcond=None)[0]
         got = fit.w2 if sums is None else np.vstack([fit.w2, fit.shift[None]])
@@ -43,6 +43,59 @@ def test_the_refit_is_the_least_squares_fit_and_its_error_is_the_residual():
     assert fit.error < 0.5 * drop
     errors = linalg.width_errors(c, w2, [10, 40, 80, F], sums=s, count=n, damping=1e-12)
     assert np.all(np.diff(errors) < 0) and errors[-1] < 1e-9
+
+
+def _greedy_by_refits(c, w2, s, n):
+    """The elimination order spelled out: at each step refit without each remaining neuron in turn."""
+    alive, order, total = list(range(len(c))), [], float(np.sum(w2 * (c @ w2)))
+    while len(alive) > 1:
+        errs = [linalg.width._fit(c, w2, s, n, np.array([a for a in alive if a != j]), 1e-12, total).error for j in alive]
+        order.append(alive.pop(int(np.argmin(errs))))
+    return order + alive
+
+
+def test_refit_selection_drops_first_the_neuron_the_others_recover_best():
+    h, w2 = _hidden(n=2000, seed=3)
+    h, w2 = h[:, :12], w2[:12]
+    c, s, n = h.T @ h, h.sum(0), len(h)
+    for sums in (s, None):
+        order = linalg.removal_order(c, w2, sums=sums, count=n, damping=1e-12)
+        assert list(order) == _greedy_by_refits(c, w2, sums, n)
+
+
+def test_refit_selection_drops_a_duplicated_neuron_that_energy_keeps():
+    h, w2 = _hidden()
+    h = np.hstack([h, 3.0 * h[:, [0]]])  # neuron F repeats neuron 0: either one predicts the other exactly
+    w2 = np.vstack([w2, 10.0 * w2[[0]]])
+    c, n = h.T @ h, len(h)
+    energy = linalg.neuron_priority(c, w2, selection="energy")
+    refit = linalg.neuron_priority(c, w2, damping=1e-9)
+    assert energy[0] > np.median(energy) and energy[F] == energy.max()  # large: energy keeps both
+    order = linalg.removal_order(c, w2, damping=1e-9)
+    assert {order[0]} <= {0, F}  # free to drop: the other takes its share in the refit
+    assert refit[order[0]] == 0
+    fit = linalg.refit_width(c, w2, F, damping=1e-9)  # one neuron fewer
+    assert fit.error < 1e-6 and not {0, F} <= set(fit.keep)
+
+
+def test_refit_selection_loses_less_than_energy_and_its_sets_are_nested():
+    rng = np.random.default_rng(5)
+    f = 300  # wide enough that several neurons leave at each step
+    x = rng.standard_normal((4000, 16))
+    h = np.maximum(x @ rng.standard_normal((16, f)) + 0.3 * rng.standard_normal((4000, f)), 0.0)
+    w2 = rng.standard_normal((f, 10)) * rng.gamma(0.5, 1.0, (f, 1))
+    c, s, n = h.T @ h, h.sum(0), len(h)
+    order = linalg.removal_order(c, w2, sums=s, count=n, damping=1e-3)
+    assert sorted(order) == list(range(f))
+    ks = [10, 30, 75, 150, 250]
+    refit = linalg.width_errors(c, w2, ks, sums=s, count=n, damping=1e-3)
+    energy = linalg.width_errors(c, w2, ks, sums=s, count=n, damping=1e-3, selection="energy")
+    # greedy, so not best at every width, but clearly better where most neurons go
+    assert np.all(refit[:3] < 0.95 * energy[:3]) and np.all(refit < 1.1 * energy)
+    kept = [set(linalg.refit_width(c, w2, k, sums=s, count=n, damping=1e-3).keep) for k in ks]
+    assert all(a < b for a, b in zip(kept, kept[1:]))
+    with pytest.raises(ValueError, match="unknown neuron selection 'best'"):
+        linalg.neuron_priority(c, w2, selection="best")
 
 
 def test_refit_rejects_what_cannot_be_fitted():
@@ -172,6 +225,27 @@ def test_the_pass_narrows_blocks_without_new_nodes_and_the_refit_beats_dropping(
         by_name[f"W2_{b}"].CopyFrom(onnx.numpy_helper.from_array(w2 * (mask[None, :] if gemm else mask[:, None]), f"W2_{b}"))
     dropped = run(plain, held)[0]
     assert err < 0.7 * np.linalg.norm(dropped - want) / np.linalg.norm(want)
+
+
+def test_both_selections_end_to_end_and_the_report_says_which(tmp_path):
+    m = ffn_model("gelu")
+    calib, held = _feeds(400), _feeds(200, seed=7)
+    want = run(m, held)[0]
+    errs = {}
+    for sel in ("refit", "energy"):
+        res = ol.compress(m, ffn_keep=0.25, ffn_select=sel, calib=calib, min_params=0, energy=1.0)
+        assert res.sections["width"]["selection"] == sel
+        errs[sel] = sum(b["refit_error"] for b in res.sections["width"]["blocks"])
+    assert errs["refit"] < errs["energy"]  # the layer-local error each block's refit leaves
+    with pytest.raises(UsageError, match="--ffn-select chooses the neurons --ffn-keep keeps|ffn_select chooses"):
+        ol.compress(m, ffn_select="energy", calib=calib, min_params=0)
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", **calib)
+    from onnx_lowrank.cli import main
+    assert main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s.onnx"), "--ffn-keep", "0.25", "--ffn-select", "energy",
+                 "--energy", "1", "--min-params", "0", "--calib", str(tmp_path / "c.npz")]) == 0
+    got = run(onnx.load(str(tmp_path / "s.onnx")), held)[0]
+    assert np.linalg.norm(got - want) < np.linalg.norm(want)
 
 
 def test_width_needs_calibration_data_and_a_dry_run_changes_nothing():

@@ -21,7 +21,8 @@ from .quant import BlockQuantized, Correction, correction, dequantize, dequantiz
 from .refit import refit_factor, refit_lowrank
 from .svd import Spectrum, factors, leading, spectrum
 from .whiten import DEFAULT_DAMPING, whitened_spectrum, whitening_factor
-from .width import WidthFit, keep_neurons, neuron_scores, refit_width, width_errors
+from .width import SELECTIONS as NEURON_SELECTIONS
+from .width import WidthFit, keep_neurons, neuron_priority, neuron_scores, refit_width, removal_order, width_errors
 
 __all__ = [
     "Spectrum", "spectrum", "leading", "factors",
@@ -31,6 +32,7 @@ __all__ = [
     "refit_factor", "refit_lowrank",
     "CONV_MODES", "conv_matrix_shape", "conv_matrix", "conv_weight", "conv_kernels", "conv_output_size", "conv_macs",
     "BudgetError", "Options", "rank_options", "allocate",
-    "WidthFit", "neuron_scores", "keep_neurons", "refit_width", "width_errors",
+    "NEURON_SELECTIONS", "WidthFit", "neuron_scores", "removal_order", "neuron_priority", "keep_neurons", "refit_width",
+    "width_errors",
     "BlockQuantized", "quantize_blocks", "dequantize", "Correction", "correction", "quantize_columns", "dequantize_columns",
 ]
