@@ -197,11 +197,11 @@ class Narrow(Step):
             sums = cap.row_sums.get(key) if block.down_bias is not None else None
             rows, count = block.w2_rows(w2), cap.rows.get(key, 0)
             try:
+                ks = tuple(sorted({max(1, round(block.hidden * j / WIDTH_STEPS))
+                                   for j in range(1, WIDTH_STEPS)} - {block.hidden})) if auto else (k,)
                 scores = linalg.neuron_priority(gram, rows, sums=sums, count=count, damping=cfg.damping,
-                                                selection=cfg.ffn_select)
+                                                selection=cfg.ffn_select, until=ks[0])
                 if auto:
-                    ks = tuple(sorted({max(1, round(block.hidden * j / WIDTH_STEPS))
-                                       for j in range(1, WIDTH_STEPS)} - {block.hidden}))
                     errors = linalg.width_errors(gram, rows, list(ks), sums=sums, count=count, damping=cfg.damping,
                                                  scores=scores)
                     out.units[block.up.key] = WidthUnit(block, ks, errors, gram, np.asarray(rows, np.float64), sums,

@@ -94,6 +94,10 @@ def test_refit_selection_loses_less_than_energy_and_its_sets_are_nested():
     assert np.all(refit[:3] < 0.95 * energy[:3]) and np.all(refit < 1.1 * energy)
     kept = [set(linalg.refit_width(c, w2, k, sums=s, count=n, damping=1e-3).keep) for k in ks]
     assert all(a < b for a, b in zip(kept, kept[1:]))
+    full = linalg.neuron_priority(c, w2, sums=s, count=n, damping=1e-3)
+    for k in ks:  # stopping the elimination at k neurons (refit_width does) keeps the same k
+        part = linalg.removal_order(c, w2, sums=s, count=n, damping=1e-3, until=k)
+        assert sorted(part) == list(range(f)) and set(part[-k:]) == set(linalg.keep_neurons(full, k))
     with pytest.raises(ValueError, match="unknown neuron selection 'best'"):
         linalg.neuron_priority(c, w2, selection="best")
 

@@ -76,10 +76,12 @@ def _refit_state(g: np.ndarray, w: np.ndarray, lam: float, idx: np.ndarray) -> t
 
 
 def removal_order(gram: np.ndarray, w2: np.ndarray, *, sums: np.ndarray | None = None, count: int = 0,
-                  damping: float = 0.01) -> np.ndarray:
+                  damping: float = 0.01, until: int = 1) -> np.ndarray:
     """Every neuron, in the order the refit's greedy elimination drops them (the last one is
     the most important); see the module docstring.  ``sums`` and ``count`` as for
-    :func:`refit_width` (with them the Gram is centred: the intercept absorbs the means)."""
+    :func:`refit_width` (with them the Gram is centred: the intercept absorbs the means).  The
+    elimination stops once ``until`` neurons are left, which then close the order by index
+    (the smallest width a caller needs: the rest of the order is not computed)."""
     g, w, s = _check(gram, w2, sums)
     lam = _ridge(g, damping)  # as the refit's (relative to the uncentred Gram)
     if s is not None and count > 0:
@@ -88,10 +90,10 @@ def removal_order(gram: np.ndarray, w2: np.ndarray, *, sums: np.ndarray | None =
     alive = np.arange(f)
     inv, cur = _refit_state(g, w, lam, alive)
     fresh, order = f, []
-    while len(alive) > 1:
+    while len(alive) > max(1, until):
         n = len(alive)
         cost = np.sum(cur * cur, axis=1) / np.clip(np.diag(inv), 1e-300, None)
-        m = min(max(1, n // 128), n - 1)
+        m = min(max(1, n // 128), n - max(1, until))
         pick = np.argpartition(cost, m - 1)[:m]
         pick = pick[np.argsort(cost[pick], kind="stable")]
         order.extend(alive[pick].tolist())
@@ -112,14 +114,15 @@ def removal_order(gram: np.ndarray, w2: np.ndarray, *, sums: np.ndarray | None =
 
 
 def neuron_priority(gram: np.ndarray, w2: np.ndarray, *, sums: np.ndarray | None = None, count: int = 0,
-                    damping: float = 0.01, selection: str = "refit") -> np.ndarray:
+                    damping: float = 0.01, selection: str = "refit", until: int = 1) -> np.ndarray:
     """A score per neuron, higher kept first (:func:`keep_neurons`): the position in
-    :func:`removal_order` (``"refit"``) or :func:`neuron_scores` (``"energy"``)."""
+    :func:`removal_order` (``"refit"``, valid for keeping ``until`` neurons or more) or
+    :func:`neuron_scores` (``"energy"``)."""
     if selection == "energy":
         return neuron_scores(gram, w2)
     if selection != "refit":
         raise ValueError(f"unknown neuron selection {selection!r}; expected one of {', '.join(SELECTIONS)}.")
-    order = removal_order(gram, w2, sums=sums, count=count, damping=damping)
+    order = removal_order(gram, w2, sums=sums, count=count, damping=damping, until=until)
     out = np.empty(len(order))
     out[order] = np.arange(len(order))
     return out
@@ -215,7 +218,7 @@ def refit_width(gram: np.ndarray, w2: np.ndarray, k: int, *, sums: np.ndarray | 
     """
     g, w, s = _check(gram, w2, sums)
     if scores is None:
-        scores = neuron_priority(g, w, sums=s, count=count, damping=damping, selection=selection)
+        scores = neuron_priority(g, w, sums=s, count=count, damping=damping, selection=selection, until=k)
     return _fit(g, w, s, count, keep_neurons(scores, k), damping, float(np.sum(w * (g @ w))))
 
 
@@ -224,6 +227,7 @@ def width_errors(gram: np.ndarray, w2: np.ndarray, ks: list[int], *, sums: np.nd
     """:attr:`WidthFit.error` at each of ``ks`` (the curve a budget allocates on)."""
     g, w, s = _check(gram, w2, sums)
     if scores is None:
-        scores = neuron_priority(g, w, sums=s, count=count, damping=damping, selection=selection)
+        scores = neuron_priority(g, w, sums=s, count=count, damping=damping, selection=selection,
+                                 until=min(ks, default=1))
     total = float(np.sum(w * (g @ w)))
     return np.array([_fit(g, w, s, count, keep_neurons(scores, k), damping, total).error for k in ks])
