@@ -63,6 +63,34 @@ def test_refit_selection_drops_first_the_neuron_the_others_recover_best():
         assert list(order) == _greedy_by_refits(c, w2, sums, n)
 
 
+def test_each_step_of_the_elimination_drops_the_neurons_an_exact_refit_finds_cheapest():
+    # 300 neurons: two at a time from 256 up, the inverse carried as a downdate between refreshes;
+    # steps are replayed against the inverse of the neurons then left, computed from scratch: the
+    # first ones (two at a time), those around the refresh at 150 left, and the last ones
+    rng = np.random.default_rng(7)
+    f, rows = 300, 1500
+    h = rng.standard_normal((rows, f)) * np.exp(-np.arange(f) / 100.0)
+    h[:, 11] = 2.0 * h[:, 4] + 0.01 * rng.standard_normal(rows)
+    w2 = rng.standard_normal((f, 16))
+    c, s = h.T @ h, h.sum(0)
+    order = linalg.removal_order(c, w2, sums=s, count=rows, damping=1e-3, until=40)
+    g = c - np.outer(s, s) / rows
+    lam = 1e-3 * np.mean(np.diag(c))
+    alive, at, steps = list(range(f)), 0, 0
+    while len(alive) > 40:
+        m = min(max(1, len(alive) // 128), len(alive) - 40)
+        if steps < 6 or 140 <= len(alive) <= 160 or len(alive) <= 45:
+            inv = np.linalg.inv(g[np.ix_(alive, alive)] + lam * np.eye(len(alive)))
+            cur = inv @ (g[alive] @ w2)
+            cost = np.sum(cur ** 2, axis=1) / np.diag(inv)
+            assert set(order[at:at + m]) == {alive[i] for i in np.argsort(cost)[:m]}, f"step {steps}"
+        gone = set(order[at:at + m])
+        alive = [a for a in alive if a not in gone]
+        at, steps = at + m, steps + 1
+    assert sorted(order[at:]) == list(order[at:]) == alive  # the rest closes the order by index
+    assert sorted(order) == list(range(f))
+
+
 def test_refit_selection_drops_a_duplicated_neuron_that_energy_keeps():
     h, w2 = _hidden()
     h = np.hstack([h, 3.0 * h[:, [0]]])  # neuron F repeats neuron 0: either one predicts the other exactly
