@@ -67,7 +67,8 @@ def _ridge(g: np.ndarray, damping: float) -> float:
 
 
 #: The elimination recomputes its inverse exactly once this share of the neurons it started
-#: from is left (the orders on MiniLM's blocks and the tests' are the same at 3/4 and 1/2).
+#: from is left (at 3/4 and at 1/2 the orders were the same on all-MiniLM-L6-v2's six blocks,
+#: on random blocks of 300, 1536 and 3072 neurons and in the tests).
 REFRESH = 0.5
 
 
@@ -110,7 +111,8 @@ def removal_order(gram: np.ndarray, w2: np.ndarray, *, sums: np.ndarray | None =
         while True:
             idx = np.flatnonzero(live)
             n = len(idx)
-            cost = np.sum(cur[idx] * cur[idx], axis=1) / np.clip(diag[idx], 1e-300, None)
+            rows = cur[idx]
+            cost = np.sum(rows * rows, axis=1) / np.clip(diag[idx], 1e-300, None)
             m = min(max(1, n // 128), n - stop)
             pick = np.argpartition(cost, m - 1)[:m]
             pick = idx[pick[np.argsort(cost[pick], kind="stable")]]
