@@ -29,6 +29,7 @@ _EXPORTS = {
     "UsageError": "errors",
     "ModelError": "errors",
     "CalibrationError": "errors",
+    "OutputError": "errors",
     "VerificationFailed": "errors",
     "Interrupted": "errors",
 }
@@ -40,7 +41,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 if TYPE_CHECKING:
     from .api import CompressResult, compress
     from .config import CompressConfig
-    from .errors import CalibrationError, Interrupted, LowRankError, ModelError, UsageError, VerificationFailed
+    from .errors import CalibrationError, Interrupted, LowRankError, ModelError, OutputError, UsageError, VerificationFailed
     from .report import LayerDecision, Totals
     from .verify import VerifyConfig, VerifyReport, verify_models
 

@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from typing import Any, Callable, Sequence
 
@@ -178,12 +179,13 @@ def _run_compress(argv: Sequence[str]) -> int:
     _setup_logging(args)
     options = keywords(vars(args), verify=args.verify, dry_run=args.dry_run)
     check_input_path(args.model)
+    read = _files_read(args)
     if not args.dry_run:
         if not args.output:
             raise UsageError("missing -o/--output; pass -o small.onnx (or --dry-run to only print the plan).")
-        check_output_path(args.output, args.model)
+        check_output_path(args.output, args.model, keep=read)
         if args.report:
-            check_output_path(args.report, args.model, flag="--report", keep=(args.output,))
+            check_output_path(args.report, args.model, flag="--report", keep=(args.output, *read))
     bar = _ProgressBar(enabled=not args.quiet)
     try:
         result = compress(args.model, recipe=args.recipe, dry_run=args.dry_run, progress=bar, **options)
@@ -202,7 +204,7 @@ def _run_compress(argv: Sequence[str]) -> int:
     finally:
         bar.close()
     if args.dry_run and args.report:
-        check_output_path(args.report, args.model, flag="--report")
+        check_output_path(args.report, args.model, flag="--report", keep=read)
     written = [] if args.dry_run else result.save(args.output, report=args.report)
     check = result.verification
     if not args.quiet:
@@ -219,13 +221,14 @@ def _run_compress(argv: Sequence[str]) -> int:
             _print("not verified: add --calib data.npz (or --verify for random inputs) to compare with the original in onnxruntime")
     if check is not None:
         _warn(check.warnings)
-        if (args.data_aware or args.adaptive or args.refine) and not check.synthetic:
-            _warn(["the check ran on the calibration data the ranks were chosen from (or the factors refitted on); measure held-out data with "
-                   f"'{PROG} verify {args.model} {args.output or 'OUT'} --calib HELDOUT'"])
+        if (args.data_aware or args.adaptive or args.refine or args.ffn_keep is not None) and not check.synthetic:
+            _warn(["the check ran on the calibration data the compression was fitted to (ranks chosen, factors or feed-forward "
+                   f"blocks refitted); measure held-out data with '{PROG} verify {args.model} {args.output or 'OUT'} --calib HELDOUT'"])
     if args.dry_run:
         if args.report:
             result.write_report(args.report)
-        _print(f"dry run: {result.totals.factorized} layer(s) would be factorized; "
+        narrowed = f", {result.totals.narrowed} narrowed (feed-forward width)" if result.totals.narrowed else ""
+        _print(f"dry run: {result.totals.factorized} layer(s) would be factorized{narrowed}; "
                + (f"wrote only the plan to {args.report}." if args.report else "nothing written."))
         return 0
     files = " + ".join(str(p) for p in written)
@@ -234,6 +237,20 @@ def _run_compress(argv: Sequence[str]) -> int:
     if check is not None and not check.passed:
         raise VerificationFailed(f"check failed: {check.summary()}; wrote the model anyway (--keep-failed)", report=check, result=result)
     return 0
+
+
+def _files_read(args: argparse.Namespace) -> tuple[Path, ...]:
+    """The files a command reads besides the model (calibration data, labels, a script, a
+    recipe): no output may replace them."""
+    out: list[Path] = []
+    for name in ("calib", "labels", "calib_script", "recipe"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            path = Path(value)
+            if not path.exists() and ":" in value:  # a script given as FILE:FUNCTION
+                path = Path(value.rsplit(":", 1)[0])
+            out.extend(sorted(path.glob("*.npz")) if path.is_dir() else [path])
+    return tuple(out)
 
 
 def _run_verify(argv: Sequence[str]) -> int:
@@ -254,7 +271,7 @@ def _run_verify(argv: Sequence[str]) -> int:
     for path in (args.original, args.compressed):
         check_input_path(path)
     if args.report:
-        check_output_path(args.report, args.original, flag="--report", keep=(args.compressed,))
+        check_output_path(args.report, args.original, flag="--report", keep=(args.compressed, *_files_read(args)))
     fields = {f.name for f in dataclasses.fields(VerifyConfig)}
     report = verify_models(args.original, args.compressed, VerifyConfig(**{k: v for k, v in vars(args).items()
                                                                            if v is not None and k in fields}))
@@ -342,8 +359,24 @@ def _setup_logging(args: argparse.Namespace) -> None:
     warnings_log.propagate = verbose
     if not warnings_log.handlers:
         warnings_log.addHandler(logging.NullHandler())
+    package = logging.getLogger("onnx_lowrank")
+    ours = [h for h in package.handlers if isinstance(h, _WarningLines)]
     if verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        for h in ours:  # the records reach stderr through the root logger's handler instead
+            package.removeHandler(h)
+    elif not ours:  # the package's warnings, one line each (its logger otherwise has only a NullHandler)
+        package.addHandler(_WarningLines())
+
+
+class _WarningLines(logging.Handler):
+    """Warnings of the package as ``onnx-lowrank: warning: ...`` on the current ``sys.stderr``."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{PROG}: warning: {record.getMessage()}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-__all__ = ["LowRankError", "UsageError", "ModelError", "CalibrationError", "VerificationFailed", "Interrupted",
+__all__ = ["LowRankError", "UsageError", "ModelError", "CalibrationError", "OutputError", "VerificationFailed", "Interrupted",
            "option", "option_value", "flag_names"]
 
 # How messages name an option: by its API keyword, unless the command line asked for flags.
@@ -67,6 +67,11 @@ class CalibrationError(LowRankError):
     """Calibration data does not match the model (names, dtypes, ranks, labels)."""
 
     exit_code = 2
+
+
+class OutputError(LowRankError):
+    """An output could not be written (a full disk, permissions changed during the run); nothing
+    was written."""
 
 
 class VerificationFailed(LowRankError):

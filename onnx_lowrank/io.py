@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import Interrupted, ModelError, UsageError
+from .errors import Interrupted, ModelError, OutputError, UsageError
 
 __all__ = [
     "LoadedModel",
@@ -561,6 +561,12 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     parent = out.resolve().parent
     if not parent.is_dir():
         raise UsageError(f"{flag} {out}: directory '{parent}' does not exist; create it first or choose another {flag}.")
+    try:  # the files are staged beside the target: find out now, not after the work, that this fails
+        with tempfile.TemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {out}: cannot write in directory '{parent}' ({exc.strerror or exc}); choose another {flag} "
+                         "or make the directory writable.") from None
     if input_path is not None and _same_file(out, Path(input_path)):
         raise UsageError(f"{flag} {out}: is the input model; choose a different {flag} (the input is never overwritten).")
     if input_path is not None and out.exists():
@@ -688,13 +694,17 @@ class OutputSet:
         """Write ``target``'s content with ``write(file)`` into a temporary beside it."""
         target = Path(target)
         folder = target.resolve().parent
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-        tmp = Path(tmp_name)
-        self._staged.append((tmp, target))
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+            tmp = Path(tmp_name)
+            self._staged.append((tmp, target))
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # (the temporaries go when the set is left uncommitted)
+            raise OutputError(f"cannot write {target}: {exc.strerror or exc}; nothing was written (check the free space "
+                              f"and permissions of '{folder}').") from exc
         new_file_mode(tmp)
         return tmp
 

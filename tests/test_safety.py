@@ -386,3 +386,46 @@ def test_real_signals_never_pair_a_model_with_another_generations_data(tmp_path,
             assert rc in (143, -15) or (rc == 0 and state == "new"), (rc, err)
         seen.add(state)
     assert seen <= {"old", "new"}
+
+
+def _small_model_and_data(folder: Path) -> tuple[Path, Path]:
+    model = folder / "m.onnx"
+    w = lowrank(64, 48, 6)
+    onnx.save(make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [vi("x", ["b", 64])], [vi("y", ["b", 48])],
+                         [init("W", w)]), str(model))
+    calib = folder / "c.npz"
+    np.savez(calib, x=RNG.standard_normal((32, 64)).astype(np.float32))
+    return model, calib
+
+
+@pytest.mark.parametrize("where", ["-o", "--report"])
+def test_no_output_replaces_the_calibration_data_the_command_reads(tmp_path, capsys, where):
+    model, calib = _small_model_and_data(tmp_path)
+    before = hashlib.sha256(calib.read_bytes()).hexdigest()
+    out = str(calib) if where == "-o" else str(tmp_path / "o.onnx")
+    argv = [str(model), "-o", out, "--data-aware", "--calib", str(calib), "--min-params", "0"]
+    if where == "--report":
+        argv += ["--report", str(calib)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{where} {calib}: is also {calib}, which this command reads" in err and "Traceback" not in err
+    assert hashlib.sha256(calib.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "m.onnx"]
+
+
+def test_an_output_directory_that_cannot_be_written_to_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    model, calib = _small_model_and_data(tmp_path)
+    import tempfile as tempfile_mod
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile_mod, "TemporaryFile", denied)
+    import onnx_lowrank.api as api
+
+    ran = []
+    monkeypatch.setattr(api, "compress", lambda *a, **k: ran.append(1))
+    assert main([str(model), "-o", str(tmp_path / "o.onnx"), "--rank", "4", "--min-params", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write in directory '{tmp_path.resolve()}' (Permission denied); choose another -o" in err
+    assert not ran and sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "m.onnx"]
