@@ -278,8 +278,8 @@ def keywords(given: Mapping[str, Any], *, verify: bool = False, dry_run: bool = 
         shared.add("input_shape")
         if "calib" in checks or "calib_script" in checks:
             checks.pop("input_shape", None)  # real data needs no shapes; they were for the latency probes
-    if dry_run and (given.get("data_aware") or given.get("adaptive")):
-        shared.update(_CALIBRATION)
+    if dry_run and (given.get("data_aware") or given.get("adaptive") or given.get("ffn_keep") is not None or given.get("refine")):
+        shared.update(_CALIBRATION)  # the plan itself reads the data: with nothing to verify, it is not a verification option
     if set(checks) - shared or verify:
         if isinstance(checks.get("threads"), tuple):
             checks["threads"] = checks["threads"][0]  # the pass takes a list of settings; the check runs once

@@ -696,7 +696,7 @@ def load_calibration(
             raise UsageError(f"{option('samples')} must be a positive integer, got {samples!r}.")
         produce, total = _synthetic_source(specs, samples, batch, shapes, ranges, seed)
         warning = SYNTHETIC_WARNING.format(n=total, calib=option("calib"))
-        log.warning(warning)
+        log.info(warning)  # (a warning of the verification report, which the command line prints once)
         return CalibrationData(specs, produce, description="random inputs", samples=total, synthetic=True, warnings=[warning])
 
     if shapes or ranges:

@@ -43,7 +43,7 @@ import onnx
 
 from onnx_lowrank import io, linalg
 from onnx_lowrank.config import CompressConfig
-from onnx_lowrank.errors import option
+from onnx_lowrank.errors import CalibrationError, option
 from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import Decision, LayerPlan, Skip, SkipCode
 from onnx_lowrank.runtime import Feeds, Progress, overridable, run_all, session
@@ -132,6 +132,11 @@ class Evaluator:
         sensitivity is measured beyond."""
         self.fixed: dict[str, np.ndarray] = {}
         self.base = self.run({})
+        for name, y in zip(self.names, self.base):
+            if np.asarray(y).dtype.kind == "f" and not np.all(np.isfinite(y)):
+                raise CalibrationError(f"the original model's output '{name}' holds NaN or Inf on the calibration data, so "
+                                       f"no sensitivity can be measured; check the calibration values (NaN inputs, "
+                                       f"scaling) or pass other {option('calib')} data.")
         self.fixed = dict(fixed or {})
         self.offset = distortion(self.base, self.run({})) if self.fixed else 0.0
 

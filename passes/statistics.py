@@ -179,6 +179,15 @@ def capture_grams(
                                         lambda done, total: progress(done, total, "capturing activations") if progress else None))
     if part.runs == 0:
         raise CalibrationError(f"the calibration data holds no feeds; pass a non-empty {option('calib')}.")
+    if mask_input is not None:
+        if part.mask_kept == 0:
+            raise CalibrationError(f"{option('calib_mask')} {mask_input}: zero everywhere, so every row would be left out; pass "
+                                   "the padding mask whose nonzero entries mark the real positions (for a text model, "
+                                   "attention_mask).")
+        if not part.mask_fits:
+            raise CalibrationError(f"{option('calib_mask')} {mask_input}: its shape {list(part.mask_shape or ())} matches the "
+                                   "leading dimensions of no layer input it should mask; pass the padding mask of shape "
+                                   "[batch, sequence], or drop the option.")
     sums, counts, cap.masked, cap.runs = part.sums, part.counts, part.masked, part.runs
     heads = _HeadGrams(scores, part.head_sums, part.head_bad)
     for gid, (side, acts) in plan.items():
@@ -415,6 +424,10 @@ class _Sums:
     head_sums: dict[int, np.ndarray] = field(default_factory=dict)
     head_bad: set[int] = field(default_factory=set)
     runs: int = 0
+    #: With a padding mask: activations whose leading shape it matched, and the positions it keeps.
+    mask_fits: set[str] = field(default_factory=set)
+    mask_kept: int = 0
+    mask_shape: tuple[int, ...] | None = None
 
     @staticmethod
     def total(parts: list["_Sums"]) -> "_Sums":
@@ -431,6 +444,9 @@ class _Sums:
             out.masked |= p.masked
             out.head_bad |= p.head_bad
             out.runs += p.runs
+            out.mask_fits |= p.mask_fits
+            out.mask_kept += p.mask_kept
+            out.mask_shape = out.mask_shape or p.mask_shape
         out.head_sums = {k: h for k, h in out.head_sums.items() if k not in out.head_bad}
         return out
 
@@ -444,13 +460,23 @@ def _accumulate(spec: _ShardSpec, feeds: Feeds, *, model: onnx.ModelProto, progr
     def add(feed: dict[str, np.ndarray], got: list[dict[str, np.ndarray]]) -> None:
         values = got[0]
         mask = _mask_of(feed, spec.mask_input)
+        if mask is not None:
+            part.mask_kept += int(np.count_nonzero(mask))
+            part.mask_shape = part.mask_shape or tuple(mask.shape)
         for key in spec.wanted:
             name, axis = key
             x = values[name]
             rows = _rows(x, axis, mask)
+            if mask is not None and axis == -1 and x.ndim > 1 and (x.shape[:-1] == mask.shape or
+                                                                   (x.ndim == 2 and x.shape[0] == mask.size)):
+                part.mask_fits.add(name)
             if mask is not None and rows.shape[0] != int(np.prod(x.shape[:-1] if x.ndim > 1 else (1,))):
                 part.masked.add(name)
             r64 = rows.astype(np.float64, copy=False)
+            if not np.all(np.isfinite(r64)):
+                raise CalibrationError(f"the input of a layer ('{name}') holds NaN or Inf on the calibration data, so no "
+                                       f"statistics can be taken; check the calibration values (NaN inputs, scaling) or "
+                                       f"pass other {option('calib')} data.")
             g = r64.T @ r64
             part.sums[key] = part.sums[key] + g if key in part.sums else g
             part.counts[key] = part.counts.get(key, 0) + rows.shape[0]

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank import io, linalg
-from onnx_lowrank.errors import ModelError
+from onnx_lowrank.errors import ModelError, option
 from onnx_lowrank.pipeline import Context, StageResult, Step
 
 from .discover import Discovery
@@ -196,6 +196,10 @@ class Narrow(Step):
                 raise ModelError(f"cannot read weight '{block.down.weight.name}': {exc}") from None
             sums = cap.row_sums.get(key) if block.down_bias is not None else None
             rows, count = block.w2_rows(w2), cap.rows.get(key, 0)
+            if count < block.hidden:
+                log.warning("%s: %d calibration row(s) for %d hidden neurons: the refit of the second projection is fitted "
+                            "to fewer rows than it has unknowns and will not hold on other data; pass more %s data", block.name,
+                            count, block.hidden, option("calib"))
             try:
                 ks = tuple(sorted({max(1, round(block.hidden * j / WIDTH_STEPS))
                                    for j in range(1, WIDTH_STEPS)} - {block.hidden})) if auto else (k,)

@@ -247,7 +247,7 @@ def test_cli_data_aware_budget_with_npz(tmp_path, capsys):
     text = captured.out
     assert "data-aware:" in text and " w " in text
     # the same --calib also verified the result: say that it is not held-out data
-    assert "verification:" in text and "calibration data the ranks were chosen from" in captured.err
+    assert "verification:" in text and "calibration data the compression was fitted to" in captured.err
     doc = json.loads(rep.read_text())
     assert doc["config"]["data_aware"] and doc["data_aware"]["weights_whitened"] == 3 and "extra" not in doc["totals"]
     assert all(layer["whitened"] for layer in doc["layers"])

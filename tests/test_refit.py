@@ -211,4 +211,4 @@ def test_cli_refine(tmp_path, capsys):
     np.savez(npz, x=anisotropic(256, 96, seed=4))
     assert main([str(src), "-o", str(out), "--rank", "8", "--min-params", "0", "--refine", "--calib", str(npz)]) == 0
     assert out.exists()
-    assert "factors refitted on" in capsys.readouterr().err
+    assert "factors or feed-forward blocks refitted" in capsys.readouterr().err

@@ -382,3 +382,69 @@ def test_adaptive_mode_counts_a_uniform_width_at_its_narrowed_size_and_measures_
     assert res.totals.params_after <= 0.5 * res.totals.params_before
     numbers = res.sections["adaptive"]
     assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=1e-4, abs=1e-7)
+
+
+def _saved(tmp_path, model, feeds, name="c.npz"):
+    p, c = tmp_path / "m.onnx", tmp_path / name
+    onnx.save(model, str(p))
+    np.savez(c, **feeds)
+    return str(p), str(c)
+
+
+def test_a_dry_run_shows_the_widths_it_would_keep(tmp_path, capsys):
+    from onnx_lowrank.cli import main
+
+    p, c = _saved(tmp_path, ffn_model("relu"), _feeds(300))
+    assert main([p, "--ffn-keep", "0.5", "--calib", c, "--dry-run", "--min-params", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"2 feed-forward block(s) keep {F} of {2 * F} neurons" in out
+    assert "dry run: 0 layer(s) would be factorized, 4 narrowed (feed-forward width); nothing written." in out
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["c.npz", "m.onnx"]
+
+
+def test_the_command_line_warns_of_an_in_sample_check_and_of_too_few_rows_for_the_refit(tmp_path, capsys):
+    from onnx_lowrank.cli import main
+
+    p, c = _saved(tmp_path, ffn_model("relu"), _feeds(8))  # 8 x 4 = 32 rows for F hidden neurons
+    assert main([p, "-o", str(tmp_path / "o.onnx"), "--ffn-keep", "0.5", "--calib", c, "--min-params", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"32 calibration row(s) for {F} hidden neurons" in err and "pass more --calib data" in err
+    assert "the check ran on the calibration data the compression was fitted to" in err
+    p, c = _saved(tmp_path, ffn_model("relu"), _feeds(300), "d.npz")
+    assert main([p, "-o", str(tmp_path / "o2.onnx"), "--ffn-keep", "0.5", "--calib", c, "--min-params", "0"]) == 0
+    assert "calibration row(s)" not in capsys.readouterr().err
+
+
+def test_a_padding_mask_that_keeps_nothing_or_fits_nothing_is_refused():
+    m = ffn_model("relu")
+    feeds = _feeds(20)
+    mask = np.zeros((20, 4), np.int64)
+    with pytest.raises(ol.CalibrationError, match="zero everywhere, so every row would be left out"):
+        ol.compress(_with_mask_input(m), ffn_keep=0.5, calib={**feeds, "mask": mask}, calib_mask="mask", min_params=0)
+    with pytest.raises(ol.CalibrationError, match=r"its shape \[20, 3\] matches the leading dimensions of no layer input"):
+        ol.compress(_with_mask_input(m, 3), ffn_keep=0.5, calib={**feeds, "mask": np.ones((20, 3), np.int64)}, calib_mask="mask",
+                    min_params=0)
+    res = ol.compress(_with_mask_input(m), ffn_keep=0.5, calib={**feeds, "mask": np.ones((20, 4), np.int64)}, calib_mask="mask",
+                      min_params=0)
+    assert res.totals.narrowed == 4
+
+
+def _with_mask_input(m, seq=4):
+    """The model with an extra int64 input ``mask`` [B, seq] that only an output reads (as a padding
+    mask, it is only ever read by the statistics)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    out.graph.input.append(onnx.helper.make_tensor_value_info("mask", onnx.TensorProto.INT64, ["B", seq]))
+    out.graph.node.append(helper.make_node("Identity", ["mask"], ["mask_out"]))
+    out.graph.output.append(onnx.helper.make_tensor_value_info("mask_out", onnx.TensorProto.INT64, ["B", seq]))
+    return out
+
+
+def test_non_finite_calibration_data_is_refused_before_any_statistics_or_sensitivity():
+    m = ffn_model("relu")
+    feeds = _feeds(20)
+    feeds["x"][3, 1, 5] = np.nan
+    with pytest.raises(ol.CalibrationError, match="holds NaN or Inf on the calibration data, so no statistics can be taken"):
+        ol.compress(m, ffn_keep=0.5, calib=feeds, min_params=0, dry_run=True)
+    with pytest.raises(ol.CalibrationError, match="holds NaN or Inf on the calibration data, so no sensitivity can be measured"):
+        ol.compress(m, adaptive=True, target_params=0.5, calib=feeds, min_params=0, dry_run=True)
