@@ -150,8 +150,10 @@ def _macs_units(decisions: list[LayerDecision], known: ShapeInfo | None) -> tupl
     return "mixed", "; ".join(parts)
 
 
-def totals(layers: list[LayerDecision], model_params: int, size_before: int | None, known: ShapeInfo | None) -> Totals:
-    """Parameters, MACs and sizes before and after, summed over the rows."""
+def totals(layers: list[LayerDecision], model_params: int, size_before: int | None, known: ShapeInfo | None,
+           other_saved: int = 0) -> Totals:
+    """Parameters, MACs and sizes before and after, summed over the rows; ``other_saved``:
+    parameters removed outside the rows' weights (the first biases of narrowed blocks)."""
     t = Totals(layers=len(layers), factorized=sum(d.factorized for d in layers), size_before=size_before,
                narrowed=sum(d.width is not None for d in layers))
     for d in layers:
@@ -161,7 +163,7 @@ def totals(layers: list[LayerDecision], model_params: int, size_before: int | No
         t.macs_after += d.macs_after
     t.macs_per, t.macs_note = _macs_units(layers, known)
     t.model_params_before = model_params
-    t.model_params_after = model_params - t.params_before + t.params_after
+    t.model_params_after = model_params - t.params_before + t.params_after - other_saved
     return t
 
 
@@ -228,7 +230,9 @@ class Report(Step):
                       rewritten.factors if rewritten else {}, spectra.shapes, opset_version(loaded.model),
                       current_widths(ctx))
         _mark_quantized(ctx, layers)
-        t = totals(layers, loaded.params, loaded.size, spectra.shapes)
+        narrowed = {id(p.block): p for p in current_widths(ctx).values()}.values()
+        biases = sum(p.block.hidden - len(p.fit.keep) for p in narrowed if p.block.up_bias is not None)
+        t = totals(layers, loaded.params, loaded.size, spectra.shapes, other_saved=biases)
         before = loaded.tensor_bytes
         after = None if ctx.request.dry_run else tensor_bytes(ctx.model)  # a dry run writes nothing: as loaded
         t.tensor_bytes = {k: [before[k], after[k] if after else None] for k in TENSOR_KINDS

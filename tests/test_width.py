@@ -448,3 +448,11 @@ def test_non_finite_calibration_data_is_refused_before_any_statistics_or_sensiti
         ol.compress(m, ffn_keep=0.5, calib=feeds, min_params=0, dry_run=True)
     with pytest.raises(ol.CalibrationError, match="holds NaN or Inf on the calibration data, so no sensitivity can be measured"):
         ol.compress(m, adaptive=True, target_params=0.5, calib=feeds, min_params=0, dry_run=True)
+
+
+def test_the_model_parameter_total_counts_the_first_bias_entries_a_narrowing_drops():
+    m = ffn_model("relu")
+    res = ol.compress(m, ffn_keep=0.5, calib=_feeds(300), min_params=0)
+    held = sum(int(np.prod(t.dims)) for t in res.model.graph.initializer)
+    assert res.totals.model_params_after == held
+    assert res.totals.model_params_before == sum(int(np.prod(t.dims)) for t in m.graph.initializer)
