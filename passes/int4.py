@@ -311,10 +311,14 @@ class Int4Summary:
         o = self.options
         before = sum(l.bytes_before for l in self.layers) + sum(p.bytes_before for p in self.factors)
         after = sum(l.bytes_after for l in self.layers) + sum(p.bytes_after for p in self.factors)
+        correction = ("ranks chosen by the byte budget" if self.budget else f"auto: {o.describe()}" if self.auto
+                      else o.describe())
+        used = sorted({l.rank for l in self.layers if l.rank > 0})
+        if used and not self.budget and (o.energy is not None or max(used) < o.rank):  # what was asked is not what ran
+            correction += f"; ranks used {used[0]}" + (f"-{used[-1]}" if len(used) > 1 else "")
         return {
             "mode": "int4", "block": o.block, "accuracy_level": o.accuracy_level,
-            "correction": "ranks chosen by the byte budget" if self.budget else f"auto: {o.describe()}" if self.auto
-            else o.describe(),
+            "correction": correction,
             "factor_storage": o.factors, "branch": o.branch, "statistics": self.statistics,
             "weights_quantized": len(self.layers), "corrected": sum(l.rank > 0 for l in self.layers),
             "stacked": sum(l.stacked for l in self.layers), "mean_corrected": sum(l.mean_corrected for l in self.layers),

@@ -865,3 +865,14 @@ def test_adaptive_mode_measures_a_factor_pair_with_the_int8_factors_the_int4_sta
     numbers = res.sections["adaptive"]
     assert numbers["final_drop"] > 0
     assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=0.02)
+
+
+def test_the_summary_says_which_ranks_ran_when_the_asked_one_cannot():
+    m = model()
+    shapes = [tuple(t.dims) for t in m.graph.initializer if len(t.dims) == 2]
+    res = compress(m, quantize="int4", energy=1.0, int4_correction=1000, min_params=0)
+    section = res.sections["int4"]
+    used = sorted({l["rank"] for l in section["layers"]})
+    assert max(used) <= min(min(s) for s in shapes) < 1000
+    assert section["correction"] == f"rank 1000; ranks used {used[0]}" + (f"-{used[-1]}" if len(used) > 1 else "")
+    assert compress(m, quantize="int4", energy=1.0, int4_correction=4, min_params=0).sections["int4"]["correction"] == "rank 4"
