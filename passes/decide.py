@@ -190,7 +190,7 @@ class BudgetBase:
                 if not any(layer.is_conv for layer in group.layers):  # bytes: MatMul/Gemm weights only
                     n_bytes += dense * itemsize(group)
                     if group.key not in keys:  # written as the quantization leaves it
-                        fixed_bytes += stored_bytes(cfg, dense, itemsize(group), None)
+                        fixed_bytes += stored_bytes(cfg, dense, itemsize(group), None, channels=max(group.weight.shape))
         base = model_params if cfg.budget_scope == "model" else weights
         return cls(params_total=base, params_fixed=base - sum(p.dense_params for p in plans),
                    macs_total=macs, macs_fixed=macs - sum(p.dense_params * p.users for p in plans),
@@ -244,14 +244,25 @@ def itemsize(group) -> int:
         return 4
 
 
-def stored_bytes(cfg: CompressConfig, elements: int, size: int, rank: int | None, float_pair: bool = False) -> int:
+#: Bytes of one int8 quantization parameter set as onnxruntime writes it: a float32 scale and an
+#: int8 zero point.
+INT8_SCALE_BYTES = 5
+
+
+def stored_bytes(cfg: CompressConfig, elements: int, size: int, rank: int | None, float_pair: bool = False,
+                 channels: int = 0) -> int:
     """Bytes ``elements`` weights (a rank-``rank`` factor pair's, or a dense matrix's for
-    ``None``) take once the output is written: int8 after ``--quantize int8*`` (its scales
-    aside); under ``int4``, factors stored int8 (``int4_factors``) carry one float32 scale per
-    singular direction on each side, unless the quantize stage leaves this pair float
-    (``float_pair``: :func:`~.int4.float_pairs`)."""
-    if cfg.quantize in ("int8", "int8-per-channel"):
-        return elements
+    ``None``) take once the output is written: int8 after ``--quantize int8*``, with a scale and
+    zero point per tensor, or per output column (``channels``: the dense matrix's, which the
+    pair's second factor keeps; the first factor has ``rank``) under ``int8-per-channel``; under
+    ``int4``, factors stored int8 (``int4_factors``) carry one float32 scale per singular
+    direction on each side, unless the quantize stage leaves this pair float (``float_pair``:
+    :func:`~.int4.float_pairs`)."""
+    if cfg.quantize == "int8":
+        return elements + INT8_SCALE_BYTES * (1 if rank is None else 2)
+    if cfg.quantize == "int8-per-channel":
+        columns = max(channels, 1) + (rank or 0) if rank is not None else max(channels, 1)
+        return elements + INT8_SCALE_BYTES * columns
     if cfg.quantize == "int4" and rank is not None and cfg.int4_factors == "int8" and not float_pair:
         return elements + 8 * rank
     return elements * size
@@ -343,7 +354,15 @@ def width_options(unit, budgets: list[str], byte_cost: Callable[[Any, int], int]
 def block_byte_cost(cfg: CompressConfig, found) -> Callable[[Any, int], int]:
     """``byte_cost(block, params)`` for :func:`width_options`: a feed-forward block's projections
     in float (or int8 after ``--quantize int8*``), at its weights' element size."""
-    return lambda block, params: stored_bytes(cfg, params, itemsize(found.group(block.up.key)), None)
+    def cost(block, params: int) -> int:
+        size = itemsize(found.group(block.up.key))
+        d = int(np.prod(block.shapes[0])) // block.hidden if block.shapes[0] else 0  # the block's outer width
+        if not d:
+            return stored_bytes(cfg, params, size, None)
+        half = params // 2  # W1 (d x k, k output columns) and W2 (k x d, d), each with its own scales
+        return stored_bytes(cfg, half, size, None, channels=half // d) + stored_bytes(cfg, params - half, size, None, channels=d)
+
+    return cost
 
 
 @dataclass(frozen=True)
@@ -462,7 +481,8 @@ def plan_options(p: LayerPlan, cfg: CompressConfig, names: list[str], size: int,
     written; ``float_pair``: its factors stay float under ``int4``), with the 4-bit forms of
     ``cand`` among them; and what each option is: ``("rank", r)``, ``("dense", None)`` or
     ``("int4", branch rank)``."""
-    cost = (lambda r: stored_bytes(cfg, p.params_at(r) if r is not None else p.dense_params, size, r, float_pair)
+    cost = (lambda r: stored_bytes(cfg, p.params_at(r) if r is not None else p.dense_params, size, r, float_pair,
+                                   channels=1 if p.is_conv else max(p.m, p.n))  # (ConvInteger: one scale per tensor)
             ) if "target_bytes" in names else None
     opt = budget_options(p, errors_at, names, cfg.rank_multiple, min_rank=min_rank, byte_cost=cost)
     if cand is not None:

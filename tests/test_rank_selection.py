@@ -722,3 +722,12 @@ def test_adaptive_mode_counts_a_conv_it_cannot_measure_in_the_budget():
     assert not by_weight["K2_then"].factorized and not by_weight["K2_else"].factorized
     assert by_weight["K1"].factorized
     assert res.totals.params_after <= 0.8 * res.totals.params_before
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-per-channel"])
+@pytest.mark.parametrize("frac", [0.05, 0.1, 0.2])
+def test_a_byte_budget_after_int8_is_met_with_the_scales_counted(mode, frac):
+    res = ol.compress(chain_model(), quantize=mode, target_bytes=frac, min_params=0)
+    before, after = res.totals.tensor_bytes["matmul weights"]
+    assert after <= frac * before  # the weights' int8 codes plus their scales and zero points
+    assert after > 0.5 * frac * before  # (and not far below: the budget is spent)
