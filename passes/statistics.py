@@ -543,4 +543,18 @@ class CaptureStatistics(Step):
             groups = [g for g in groups if g.key in wanted]
         cap = capture_grams(ctx.model, groups, ctx.need(Calibration).feeds, ctx.data, mask_input=cfg.calib_mask,
                             progress=ctx.progress, attention=cfg.attention_aware and cfg.data_aware, executor=ctx.executor)
+        if cfg.data_aware:
+            _warn_thin(cap, {g.key: g for g in groups})
         return Statistics(cap, cfg.damping, cfg.calib_mask)
+
+
+def _warn_thin(cap: Capture, groups: Mapping[int, Any]) -> None:
+    """Say when layers saw fewer calibration rows than their input width: their Gram is then
+    rank-deficient, and what is fitted to it fits the calibration set rather than the data."""
+    thin = [(key, cap.rows.get(key, 0), len(g)) for key, (g, _) in cap.grams.items() if cap.rows.get(key, 0) < len(g)]
+    if thin:
+        key, rows, width = min(thin, key=lambda t: t[1] / t[2])
+        log.warning("%d layer(s) saw fewer calibration rows than their input width (fewest: %d rows for %d inputs, at %s): "
+                    "their statistics are rank-deficient and what is fitted to them fits the calibration set; pass more %s "
+                    "data", len(thin), rows, width, groups[key].layers[0].display_name if key in groups else key,
+                    option("calib"))

@@ -731,3 +731,17 @@ def test_a_byte_budget_after_int8_is_met_with_the_scales_counted(mode, frac):
     before, after = res.totals.tensor_bytes["matmul weights"]
     assert after <= frac * before  # the weights' int8 codes plus their scales and zero points
     assert after > 0.5 * frac * before  # (and not far below: the budget is spent)
+
+
+def test_statistics_from_fewer_rows_than_a_layer_has_inputs_are_flagged(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="onnx_lowrank"):
+        ol.compress(chain_model(), data_aware=True, energy=0.9, min_params=0, calib={"x": anisotropic(70, 96)})
+    thin = [r.getMessage() for r in caplog.records if "fewer calibration rows" in r.getMessage()]
+    # inputs of 96, 80 and 64 features: the first two are thin
+    assert len(thin) == 1 and "2 layer(s)" in thin[0] and "70 rows for 96 inputs, at mm0" in thin[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="onnx_lowrank"):
+        ol.compress(chain_model(), data_aware=True, energy=0.9, min_params=0, calib={"x": anisotropic(200, 96)})
+    assert not any("fewer calibration rows" in r.getMessage() for r in caplog.records)
