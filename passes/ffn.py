@@ -291,8 +291,11 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
     result = Blocks()
     by_node: dict[int, WeightGroup] = {}
     down_inputs: dict[str, Layer] = {}
+    nested: list[str] = []
     for group in found.candidates:
         layer = group.layers[0]
+        if not layer.is_conv and (layer.scope or layer.graph is not model.graph):
+            nested.append(layer.display_name)
         if layer.is_conv or layer.scope or layer.graph is not model.graph:
             continue
         by_node[id(layer.node)] = group
@@ -344,4 +347,11 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
         result.blocks.append(FfnBlock(group, down, b1, down_bias, f, t1, t2, tuple(n.op_type for n in nodes),
                                       tuple(dict.fromkeys(between)), (group.weight.shape, down.weight.shape)))
         claimed |= {group.key, down.key}
+    # a projection that is part of a block found (the second of one, say) is no unmatched block
+    inside = {p.layers[0].display_name for b in result.blocks for p in (b.up, b.down)}
+    result.skipped = [(name, why) for name, why in result.skipped if name not in inside]
+    if nested:
+        more = f" and {len(nested) - 1} more" if len(nested) > 1 else ""
+        result.skipped.append((f"{nested[0]}{more}", "inside an If/Loop/Scan body: width reduction looks for blocks in the "
+                                                     "main graph only"))
     return result

@@ -519,10 +519,16 @@ class Statistics(StageResult):
     capture: Capture
     damping: float
     mask: str | None
+    #: Whether the factorization whitens by these statistics (``data_aware``); without it they
+    #: serve width reduction alone, which reports them in its own section.
+    whitens: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {"weights_whitened": len(self.capture.grams), "ort_runs": self.capture.runs, "damping": self.damping,
                 "mask": self.mask, "attention_weighted": len(self.capture.out_grams)}
+
+    def report_sections(self) -> dict[str, dict[str, Any]]:
+        return super().report_sections() if self.whitens else {}
 
 
 class CaptureStatistics(Step):
@@ -545,7 +551,7 @@ class CaptureStatistics(Step):
                             progress=ctx.progress, attention=cfg.attention_aware and cfg.data_aware, executor=ctx.executor)
         if cfg.data_aware:
             _warn_thin(cap, {g.key: g for g in groups})
-        return Statistics(cap, cfg.damping, cfg.calib_mask)
+        return Statistics(cap, cfg.damping, cfg.calib_mask, whitens=cfg.data_aware)
 
 
 def _warn_thin(cap: Capture, groups: Mapping[int, Any]) -> None:

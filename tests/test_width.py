@@ -456,3 +456,35 @@ def test_the_model_parameter_total_counts_the_first_bias_entries_a_narrowing_dro
     held = sum(int(np.prod(t.dims)) for t in res.model.graph.initializer)
     assert res.totals.model_params_after == held
     assert res.totals.model_params_before == sum(int(np.prod(t.dims)) for t in m.graph.initializer)
+
+
+def _in_if_body() -> onnx.ModelProto:
+    """One feed-forward block inside both branches of an If (weights in the main graph)."""
+    rng = np.random.default_rng(3)
+    w1, w2 = (rng.standard_normal((D, F)) / 5).astype(np.float32), (rng.standard_normal((F, D)) / 10).astype(np.float32)
+
+    def branch(tag):
+        return helper.make_graph([helper.make_node("MatMul", ["x", "W1"], [f"{tag}u"], name=f"{tag}1"),
+                                  helper.make_node("Relu", [f"{tag}u"], [f"{tag}h"]),
+                                  helper.make_node("MatMul", [f"{tag}h", "W2"], [f"{tag}y"], name=f"{tag}2")],
+                                 tag, [], [vi(f"{tag}y", ["B", D])])
+
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], name="iff", then_branch=branch("t"), else_branch=branch("e"))]
+    return make_model(nodes, [vi("x", ["B", D])], [vi("y", ["B", D])],
+                      [init("W1", w1), init("W2", w2), init("zero", np.array(0.0, np.float32))])
+
+
+def test_blocks_that_width_reduction_does_not_take_say_why_and_found_ones_do_not_appear_unmatched():
+    rng = np.random.default_rng(0)
+    res = ol.compress(_in_if_body(), ffn_keep=0.5, calib={"x": rng.standard_normal((300, D)).astype(np.float32)}, min_params=0)
+    section = res.sections["width"]
+    assert not section["blocks"] and "data_aware" not in res.sections  # (statistics for width alone: no data-aware line)
+    assert [n["reason"] for n in section["not_reduced"]] == [
+        "inside an If/Loop/Scan body: width reduction looks for blocks in the main graph only"]
+    assert section["not_reduced"][0]["node"].endswith(" and 1 more")  # W1 and W2, each shared by both branches
+    from onnx_lowrank.report import render_sections
+
+    assert "no feed-forward block narrowed (ffn_keep 0.5" in render_sections(res.sections)
+    two = ol.compress(ffn_model("relu"), ffn_keep=0.5, calib=_feeds(300), min_params=0).sections["width"]
+    assert len(two["blocks"]) == 2 and not two["not_reduced"]  # the second projection of one block is no unmatched block
