@@ -325,14 +325,19 @@ def _correction(value: Any) -> float | int | str:
             value = int(text) if text.isdigit() else float(text)
         except ValueError:
             value = text
-    if isinstance(value, float) and value.is_integer() and (value == 0 or value >= 1):
+    if isinstance(value, float) and value == 1.0:  # the whole energy or the rank 1? neither is what anyone means by 1.0
+        raise UsageError(f"{option('int4_correction')} 1.0 is ambiguous: a share of energy is below 1 (e.g. "
+                         f"{option_value('int4_correction', 0.99)}) and a rank is a whole number (e.g. "
+                         f"{option_value('int4_correction', 1)}).")
+    if isinstance(value, float) and value.is_integer() and (value == 0 or value > 1):
         value = int(value)  # "2.0" is the rank 2, "0.0" no branch
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, float) and 0.0 < value < 1.0:
         return value
+    shown = value.strip() if isinstance(value, str) else (int(value) if isinstance(value, float) and value.is_integer() else value)
     raise UsageError(f"{option('int4_correction')} takes a share of energy in (0, 1), a rank (a whole number), 0 to turn "
-                     f"the branch off, or auto; got {value!r}; e.g. {option_value('int4_correction', 0.5)}.")
+                     f"the branch off, or auto; got {shown!r}; e.g. {option_value('int4_correction', 0.5)}.")
 
 
 @dataclass(frozen=True)
@@ -431,6 +436,9 @@ class CompressConfig:
         """Rules between sections: the ways of choosing ranks exclude each other."""
         stats = self.data_aware or self.ffn_keep is not None
         if self.ffn_keep == "auto" and not (self.adaptive or (self.has_budget and self.data_aware)):
+            if self.has_budget:  # the budget is there: only the statistics to weigh widths against ranks are missing
+                raise UsageError(f"{option_value('ffn_keep', 'auto')} under a budget weighs each block's widths on whitened "
+                                 f"errors: add {option('data_aware')} (or {option('adaptive')} to measure them instead).")
             raise UsageError(f"{option_value('ffn_keep', 'auto')} lets a budget choose each block's width: add "
                              f"{option('data_aware')} and {option('target_params')} F (or {option('target_macs')} F), or "
                              f"{option('adaptive')} with a goal; or give a fraction, e.g. {option_value('ffn_keep', 0.75)}.")

@@ -114,7 +114,8 @@ def check(name: str, o: Opt, value: Any) -> Any:
     kind = o.kind
     if kind in _WHAT:
         if not _in_range(kind, value, o.high):
-            raise UsageError(f"{option(name)} must be {_WHAT[kind]}, got {value!r}{_example(name, o)}.")
+            what = _WHAT[kind] + (f" up to {o.high:g}" if o.high is not None and kind.endswith("float") else "")
+            raise UsageError(f"{option(name)} must be {what}, got {value!r}{_example(name, o)}.")
         return value
     if kind == "switch":
         if not isinstance(value, bool):

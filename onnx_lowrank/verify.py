@@ -275,9 +275,9 @@ class VerifyReport:
         """One line: the worst drop against the budget, and on what data."""
         w = self.worst
         if w is None:
-            return f"nothing to judge on {self.samples} samples from {self.source}"
+            return f"nothing to judge on {_samples(self.samples)} from {self.source}"
         verdict = "no gate" if self.max_drop is None else f"{'<=' if w.passed else '>'} {option('max_drop')} {self.max_drop:g}"
-        return f"{w.describe(f' on output {w.output!r}')} {verdict}; {self.samples} samples from {self.source}"
+        return f"{w.describe(f' on output {w.output!r}')} {verdict}; {_samples(self.samples)} from {self.source}"
 
     def check(self, *, result: Any = None) -> None:
         """Raise :class:`VerificationFailed` carrying this report (and ``result``) when the gate failed."""
@@ -555,7 +555,7 @@ def _f(x: float | None, digits: int = 4) -> str:
 
 def render_verification(report: VerifyReport) -> str:
     """The verification section of the text report: one row per output, then the gate's verdict."""
-    lines = [f"verification: {report.samples} samples from {report.source}"
+    lines = [f"verification: {_samples(report.samples)} from {report.source}"
              + (", with labels" if report.labels else "") + (" (fidelity to the original only, not task accuracy)" if report.synthetic else "")]
     headers = ["output", "max|diff|", "rel.L2", "cos.mean", "cos.min", "top-1", "accuracy", "macro-F1"]
     rows = []
@@ -577,3 +577,7 @@ def render_verification(report: VerifyReport) -> str:
     for name, reason in report.not_judged.items():
         lines.append(f"gate: {name}: not judged ({reason})")
     return "\n".join(lines)
+
+
+def _samples(n: int) -> str:
+    return f"{n} sample" + ("" if n == 1 else "s")

@@ -322,7 +322,7 @@ def allocate_decisions(plans: list[LayerPlan], options: list[linalg.Options], li
             if need > budget:
                 total, fixed = base.total(name)
                 reach = (need + fixed) / total if total else 1.0
-                raise UsageError(f"{option(name)} {frac:g} cannot be met: with every layer at its lowest rank {reach:.4f} remains; "
+                raise UsageError(f"{option(name)} {frac:g} cannot be met: with every layer at its smallest form {reach:.4f} remains; "
                                  f"pass {option_value(name, np.ceil(reach * 1e4) / 1e4)} or more, or widen the layer "
                                  "selection.") from None
         raise
@@ -332,7 +332,8 @@ def allocate_decisions(plans: list[LayerPlan], options: list[linalg.Options], li
         if r is None:
             v = plan.view(mode)
             out[plan.key] = Decision(plan.key, mode, plan.choice(min(v.m, v.n), mode), Skip(
-                SkipCode.LEFT_DENSE_BY_BUDGET, "left dense by the budget: other layers lose less per parameter saved", stage))
+                SkipCode.LEFT_DENSE_BY_BUDGET, "left dense by the budget: other layers lose less per "
+                f"{'byte' if any(name == 'target_bytes' for name, _, _ in limits) else 'parameter'} saved", stage))
         else:
             out[plan.key] = Decision(plan.key, mode, plan.choice(r, mode))
     return out

@@ -122,7 +122,8 @@ def _mask_of(feed: Mapping[str, np.ndarray], mask_input: str | None) -> np.ndarr
     if mask_input is None:
         return None
     if mask_input not in feed:
-        raise CalibrationError(f"{option('calib_mask')} {mask_input}: not among the fed inputs {', '.join(sorted(feed))}.")
+        raise CalibrationError(f"{option('calib_mask')} {mask_input}: not among the fed inputs {', '.join(sorted(feed))}; "
+                               f"name the input that holds the padding mask, or drop {option('calib_mask')}.")
     return np.asarray(feed[mask_input])
 
 

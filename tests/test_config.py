@@ -77,3 +77,14 @@ def test_which_options_ask_for_a_check_is_decided_behind_the_api():
     kw = keywords({"adaptive": True, "max_drop": 0.01, "metric": "cosine", "calib": "c.npz"})
     assert kw["max_drop"] == 0.01 and kw["metric"] == "cosine" and kw["verify"].max_drop == 0.01
     assert keywords({}, verify=True)["verify"] == VerifyConfig()
+
+
+def test_messages_that_name_the_limit_and_refuse_an_ambiguous_value():
+    with pytest.raises(ol.UsageError, match=r"int4_correction 1.0 is ambiguous.*int4_correction=0.99.*int4_correction=1\)"):
+        ol.CompressConfig(quantize="int4", energy=1.0, int4_correction=1.0)
+    assert ol.CompressConfig(quantize="int4", energy=1.0, int4_correction=1).int4_correction == 1
+    assert ol.CompressConfig(quantize="int4", energy=1.0, int4_correction="2.0").int4_correction == 2
+    with pytest.raises(ol.UsageError, match=r"damping must be a non-negative number up to 1e\+06, got 1000000000.0"):
+        ol.CompressConfig(data_aware=True, damping=1e9)
+    with pytest.raises(ol.UsageError, match=r"got -1;"):
+        ol.CompressConfig(quantize="int4", energy=1.0, int4_correction=-1.0)

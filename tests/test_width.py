@@ -346,7 +346,7 @@ def test_a_uniform_width_counts_against_the_budget_at_its_narrowed_size():
     assert res.totals.params_after <= 0.5 * res.totals.params_before
     rows = {d.weight: d for d in res.layers}
     assert rows["W1_0"].width == (F // 2, F) and rows["Q"].params_after > 0
-    with pytest.raises(UsageError, match="ffn_keep='auto' lets a budget choose"):
+    with pytest.raises(UsageError, match="ffn_keep='auto' under a budget weighs each block's widths on whitened errors: add data_aware"):
         ol.compress(m, ffn_keep="auto", target_params=0.5, calib=_feeds(30), min_params=0)
 
 
