@@ -256,13 +256,16 @@ def render_sections(sections: dict[str, Any]) -> str:
 
 
 def _fmt_int4(q: dict[str, Any]) -> str:
-    text = (f"int4:          {q['weights_quantized']} weight(s) as MatMulNBits (block {q['block']}), {q['corrected']} with a "
-            f"correction branch ({q['correction']}; {q['statistics']}"
-            + (f"; {q['gptq_rounded']} rounded with error feedback (gptq)" if q.get("gptq_rounded") else "")
-            + (f"; {q['stacked']} inside the 4-bit blocks" if q.get("stacked") else "")
-            + (f"; the error's mean in the bias of {q['mean_corrected']}" if q.get("mean_corrected") else "")
-            + "); MatMul weights "
-            f"{human_bytes(q['matmul_weight_bytes_before'])} -> {human_bytes(q['matmul_weight_bytes_after'])}")
+    gptq = f"; {q['gptq_rounded']} rounded with error feedback (gptq)" if q.get("gptq_rounded") else ""
+    if q["corrected"]:
+        branch = (f"{q['corrected']} with a correction branch ({q['correction']}; {q['statistics']}{gptq}"
+                  + (f"; {q['stacked']} inside the 4-bit blocks" if q.get("stacked") else "")
+                  + (f"; the error's mean in the bias of {q['mean_corrected']}" if q.get("mean_corrected") else ""))
+    else:  # (the note on statistics then says what stands in for a branch, the mean correction included)
+        branch = f"no correction branch ({q['statistics']}{gptq}"
+    text = (f"int4:          {q['weights_quantized']} weight(s) as MatMulNBits (block {q['block']}), {branch}"
+            + "); the weights and factors it stored: "
+            f"{human_bytes(q['matmul_weight_bytes_before'])} in float -> {human_bytes(q['matmul_weight_bytes_after'])}")
     errors = [(l["error_int4"], l["error_corrected"]) for l in q.get("layers", [])]
     if errors:
         what = "output" if q.get("whitened") or q.get("statistics", "").startswith("whitened") else "weight"

@@ -670,11 +670,13 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
 def _statistics_note(summary: Int4Summary, skipped: Mapping[str, str]) -> str:
     white = sum(l.whitened for l in summary.layers)
     hint = f"pass {option('data_aware')} with {option('calib')} to whiten"
-    if not any(l.rank for l in summary.layers):
+    if not summary.layers:
+        return "nothing quantized"
+    if not any(l.rank for l in summary.layers):  # (the summary line says "no correction branch" before this)
         mean = sum(l.mean_corrected for l in summary.layers)
         if mean:
-            return f"no branch; the 4-bit error's mean in the bias of {mean} of {len(summary.layers)} weight(s)"
-        return "no correction" + (f" (no input statistics; {hint} and correct)" if white == 0 and summary.layers else "")
+            return f"the 4-bit error's mean in the bias of {mean} of {len(summary.layers)} weight(s)"
+        return f"no input statistics; {hint} and correct" if white == 0 else "no mean correction"
     if white == len(summary.layers):
         return "whitened by each layer's input Gram"
     if white == 0:

@@ -691,7 +691,7 @@ def test_a_wide_layer_takes_its_branch_inside_the_blocks_and_a_narrow_one_keeps_
         assert forms == {"W1": ("stacked", 16), "W2": ("separate", 16)} and sec["stacked"] == 1
         quantized = {row.weight: row.quantized for row in res.layers}
         assert quantized == {"W1": "int4 (block 16) + rank-16 correction (stacked)", "W2": "int4 (block 16) + rank-16 correction"}
-        assert "; 1 inside the 4-bit blocks; the error's mean in the bias of 2); MatMul weights" in render_sections(res.sections)
+        assert "; 1 inside the 4-bit blocks; the error's mean in the bias of 2); the weights and factors it stored" in render_sections(res.sections)
         # W1: MatMulNBits(Concat(x, x A)) over 64 + 8 rows, its bias folded in; W2: the product, x A B and an Add
         producer = {o: n for n in res.model.graph.node for o in n.output}
         up = next(n for n in res.model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "hb")
@@ -876,3 +876,17 @@ def test_the_summary_says_which_ranks_ran_when_the_asked_one_cannot():
     assert max(used) <= min(min(s) for s in shapes) < 1000
     assert section["correction"] == f"rank 1000; ranks used {used[0]}" + (f"-{used[-1]}" if len(used) > 1 else "")
     assert compress(m, quantize="int4", energy=1.0, int4_correction=4, min_params=0).sections["int4"]["correction"] == "rank 4"
+
+
+def test_the_summary_line_without_a_branch_says_what_stands_in_for_it_once():
+    from onnx_lowrank.report import render_sections
+
+    src = model()
+    res = compress(src, energy=1.0, min_params=0, quantize="int4", data_aware=True, calib={"x": _correlated(400, 128, seed=2)})
+    line = render_sections(res.sections).splitlines()[-2]
+    assert line.startswith("int4:          2 weight(s) as MatMulNBits (block 32), no correction branch (the 4-bit error's "
+                           "mean in the bias of 2 of 2 weight(s); 2 rounded with error feedback (gptq)); the weights and "
+                           "factors it stored: ")
+    assert line.count("mean") == 1
+    plain = compress(src, energy=1.0, min_params=0, quantize="int4", int4_correction=0).sections["int4"]
+    assert plain["statistics"] == "no input statistics; pass data_aware with calib to whiten and correct"
