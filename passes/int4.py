@@ -929,6 +929,10 @@ def run_stage(ctx: Context) -> Int4Quantized:
         summary.auto = True
     for name, why in left.items():
         summary.left_float.setdefault(name, why)
+    if not summary.layers and factor_names:
+        log.warning("%s put no weight in 4-bit blocks: the factorization took every layer it could (their factors are "
+                    "stored %s); add %s for 4-bit blocks without factorization, or let %s choose between the two",
+                    option_value("quantize", "int4"), summary.options.factors, option_value("energy", 1), option("target_bytes"))
     return Int4Quantized(model, ctx.data, summary)
 
 

@@ -890,3 +890,21 @@ def test_the_summary_line_without_a_branch_says_what_stands_in_for_it_once():
     assert line.count("mean") == 1
     plain = compress(src, energy=1.0, min_params=0, quantize="int4", int4_correction=0).sections["int4"]
     assert plain["statistics"] == "no input statistics; pass data_aware with calib to whiten and correct"
+
+
+def test_int4_that_quantized_nothing_because_everything_was_factorized_says_so(caplog):
+    import logging
+
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [vi("x", ["b", 64])], [vi("y", ["b", 48])],
+                   [init("W", lowrank(64, 48, 4))])
+    with caplog.at_level(logging.WARNING, logger="onnx_lowrank"):
+        res = compress(m, quantize="int4", min_params=0)
+    assert res.layers[0].factorized and res.sections["int4"]["weights_quantized"] == 0
+    said = [r.getMessage() for r in caplog.records if "put no weight in 4-bit blocks" in r.getMessage()]
+    assert len(said) == 1 and "quantize='int4'" in said[0] and "energy=1" in said[0]
+    caplog.clear()
+    full = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [vi("x", ["b", 64])], [vi("y", ["b", 48])],
+                      [init("W", _w(64, 48))])
+    with caplog.at_level(logging.WARNING, logger="onnx_lowrank"):
+        assert compress(full, quantize="int4", energy=1.0, min_params=0).sections["int4"]["weights_quantized"] == 1
+    assert not any("put no weight" in r.getMessage() for r in caplog.records)
