@@ -908,3 +908,18 @@ def test_int4_that_quantized_nothing_because_everything_was_factorized_says_so(c
     with caplog.at_level(logging.WARNING, logger="onnx_lowrank"):
         assert compress(full, quantize="int4", energy=1.0, min_params=0).sections["int4"]["weights_quantized"] == 1
     assert not any("put no weight" in r.getMessage() for r in caplog.records)
+
+
+def test_adaptive_mode_warns_that_it_cannot_see_accuracy_level_4_rounding(caplog):
+    import logging
+
+    calib = {"x": _inputs(200, 128, seed=2)}
+    kw = dict(target_bytes=0.3, quantize="int4", data_aware=True, adaptive=True, calib=calib, min_params=0)
+    with caplog.at_level(logging.WARNING, logger="onnx_lowrank"):
+        compress(model(), int4_accuracy_level=4, **kw)
+    said = [r.getMessage() for r in caplog.records if "rounds activations to int8" in r.getMessage()]
+    assert len(said) == 1 and "int4_accuracy_level=4" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="onnx_lowrank"):
+        compress(model(), **kw)
+    assert not any("rounds activations" in r.getMessage() for r in caplog.records)
