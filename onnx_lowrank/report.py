@@ -146,7 +146,8 @@ def _fmt_row(d: LayerDecision) -> list[str]:
     elif d.width is not None:
         params = f"{d.params_before:,} -> {d.params_after:,}"
         status = f"narrowed: {d.width[0]} of {d.width[1]} neurons" + (f"; {d.quantized}" if d.quantized else "")
-    elif d.quantized:
+    elif d.quantized:  # stored in 4 bits, not factorized: the factorization's columns describe nothing written
+        ranks = energy = err = "-"
         params = f"{d.params_before:,}" if d.params_before else "-"
         status = d.quantized + (" (the byte budget's choice)" if d.skip_code == "left_dense_by_budget" else "")
     else:
@@ -154,7 +155,7 @@ def _fmt_row(d: LayerDecision) -> list[str]:
         status = f"skipped: {d.reason}"
     if d.note:
         status += f" ({d.note})"
-    if d.whitened and d.rank is not None:
+    if d.whitened and d.rank is not None and energy != "-":
         energy += " w"
     sens = f"{d.sensitivity:.5f}" if d.sensitivity is not None else "-"
     return [d.node, d.weight or "-", shape, ranks, energy, err, sens, params, status]

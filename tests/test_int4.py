@@ -923,3 +923,12 @@ def test_adaptive_mode_warns_that_it_cannot_see_accuracy_level_4_rounding(caplog
     with caplog.at_level(logging.WARNING, logger="onnx_lowrank"):
         compress(model(), **kw)
     assert not any("rounds activations" in r.getMessage() for r in caplog.records)
+
+
+def test_a_row_stored_in_4_bits_shows_no_factorization_it_did_not_get():
+    from onnx_lowrank.report import render_table
+
+    res = compress(model(), quantize="int4", energy=1.0, int4_correction=8, min_params=0)
+    rows = [line.split() for line in render_table(res.layers).splitlines()[2:]]
+    assert rows and all(r[3:6] == ["-", "-", "-"] and "int4" in r for r in rows)
+    assert all(d.rank is not None for d in res.layers)  # (the JSON report keeps the spectrum's numbers)
