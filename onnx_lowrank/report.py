@@ -222,11 +222,10 @@ def _fmt_width(w: dict[str, Any]) -> str:
     kept, hidden = sum(b["kept"] for b in blocks), sum(b["hidden"] for b in blocks)
     how = f", chosen by {w['selection']}" if w.get("selection") else ""
     if blocks:
-        text = f"{len(blocks)} feed-forward block(s) keep {kept:,} of {hidden:,} neurons (ffn_keep {w.get('ffn_keep')}{how})"
+        text = (f"{len(blocks)} feed-forward block(s) keep {kept:,} of {hidden:,} neurons (ffn_keep {w.get('ffn_keep')}{how}), "
+                f"refit error {min(b['refit_error'] for b in blocks):.4f}-{max(b['refit_error'] for b in blocks):.4f}")
     else:
         text = f"no feed-forward block narrowed (ffn_keep {w.get('ffn_keep')}{how})"
-    if blocks:
-        text += f", refit error {min(b['refit_error'] for b in blocks):.4f}-{max(b['refit_error'] for b in blocks):.4f}"
     for n in w.get("not_reduced", []):
         text += f"\n               not reduced: {n['node']}: {n['reason']}"
     return text

@@ -64,6 +64,7 @@ __all__ = [
     "METRICS",
     "verify_models",
     "render_verification",
+    "require_finite",
     "make_session",
     "run_batches",
     "compare",
@@ -528,10 +529,7 @@ def verify_models(
         zs = _run(new, names, feed, "compressed", index, data)
         for acc, y, z in zip(accs, ys, zs):
             y, z = np.asarray(y), np.asarray(z)
-            if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
-                raise CalibrationError(f"the original model's output '{acc.name}' holds NaN or Inf on feed {index} of "
-                                       f"{data.description}, so nothing can be compared; check the calibration values "
-                                       f"(NaN inputs, scaling) or pass other {option('calib')} data.")
+            require_finite(acc.name, y, f"on feed {index} of {data.description}", "nothing can be compared")
             if y.shape != z.shape:
                 raise ModelError(f"output '{acc.name}' has shape {list(y.shape)} from the original but {list(z.shape)} from the compressed model.")
             acc.add(y, z)
@@ -581,3 +579,12 @@ def render_verification(report: VerifyReport) -> str:
 
 def _samples(n: int) -> str:
     return f"{n} sample" + ("" if n == 1 else "s")
+
+
+def require_finite(name: str, y: Any, where: str, consequence: str) -> None:
+    """Raise :class:`CalibrationError` when the original model's float output ``name`` holds NaN
+    or Inf (``where``: on which data; ``consequence``: what cannot be done then)."""
+    y = np.asarray(y)
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+        raise CalibrationError(f"the original model's output '{name}' holds NaN or Inf {where}, so {consequence}; check the "
+                               f"calibration values (NaN inputs, scaling) or pass other {option('calib')} data.")

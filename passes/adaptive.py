@@ -43,12 +43,12 @@ import onnx
 
 from onnx_lowrank import io, linalg
 from onnx_lowrank.config import CompressConfig
-from onnx_lowrank.errors import CalibrationError, option, option_value
+from onnx_lowrank.errors import option, option_value
 from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import Decision, LayerPlan, Skip, SkipCode
 from onnx_lowrank.runtime import Feeds, Progress, overridable, run_all, session
 from onnx_lowrank.runtime.executor import Executor, InProcess
-from onnx_lowrank.verify import compare, judge
+from onnx_lowrank.verify import compare, judge, require_finite
 
 from .calibrate import Calibration
 from .decide import (BudgetBase, Decided, Int4Candidate, Int4Unit, allocate_decisions, allocated_plans, block_byte_cost,
@@ -133,10 +133,7 @@ class Evaluator:
         self.fixed: dict[str, np.ndarray] = {}
         self.base = self.run({})
         for name, y in zip(self.names, self.base):
-            if np.asarray(y).dtype.kind == "f" and not np.all(np.isfinite(y)):
-                raise CalibrationError(f"the original model's output '{name}' holds NaN or Inf on the calibration data, so "
-                                       f"no sensitivity can be measured; check the calibration values (NaN inputs, "
-                                       f"scaling) or pass other {option('calib')} data.")
+            require_finite(name, y, "on the calibration data", "no sensitivity can be measured")
         self.fixed = dict(fixed or {})
         self.offset = distortion(self.base, self.run({})) if self.fixed else 0.0
 

@@ -261,8 +261,7 @@ def stored_bytes(cfg: CompressConfig, elements: int, size: int, rank: int | None
     if cfg.quantize == "int8":
         return elements + INT8_SCALE_BYTES * (1 if rank is None else 2)
     if cfg.quantize == "int8-per-channel":
-        columns = max(channels, 1) + (rank or 0) if rank is not None else max(channels, 1)
-        return elements + INT8_SCALE_BYTES * columns
+        return elements + INT8_SCALE_BYTES * (max(channels, 1) + (rank or 0))
     if cfg.quantize == "int4" and rank is not None and cfg.int4_factors == "int8" and not float_pair:
         return elements + 8 * rank
     return elements * size

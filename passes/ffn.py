@@ -294,9 +294,10 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
     nested: list[str] = []
     for group in found.candidates:
         layer = group.layers[0]
-        if not layer.is_conv and (layer.scope or layer.graph is not model.graph):
+        if layer.is_conv:
+            continue
+        if layer.scope or layer.graph is not model.graph:
             nested.append(layer.display_name)
-        if layer.is_conv or layer.scope or layer.graph is not model.graph:
             continue
         by_node[id(layer.node)] = group
         if layer.weight_index == 1 and layer.node.input:

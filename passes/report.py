@@ -226,11 +226,11 @@ class Report(Step):
         decided = ctx.latest(Decided)
         rewritten = ctx.get(Rewritten)
         loaded = ctx.need(Loaded)
+        widths = current_widths(ctx)
         layers = rows(ctx.need(Discovery), spectra.plans, decided.decisions if decided else {},
-                      rewritten.factors if rewritten else {}, spectra.shapes, opset_version(loaded.model),
-                      current_widths(ctx))
+                      rewritten.factors if rewritten else {}, spectra.shapes, opset_version(loaded.model), widths)
         _mark_quantized(ctx, layers)
-        narrowed = {id(p.block): p for p in current_widths(ctx).values()}.values()
+        narrowed = {id(p.block): p for p in widths.values()}.values()  # (each block under both its projections' keys)
         biases = sum(p.block.hidden - len(p.fit.keep) for p in narrowed if p.block.up_bias is not None)
         t = totals(layers, loaded.params, loaded.size, spectra.shapes, other_saved=biases)
         before = loaded.tensor_bytes

@@ -189,6 +189,11 @@ def capture_grams(
             raise CalibrationError(f"{option('calib_mask')} {mask_input}: its shape {list(part.mask_shape or ())} matches the "
                                    "leading dimensions of no layer input it should mask; pass the padding mask of shape "
                                    "[batch, sequence], or drop the option.")
+    for (name, _), g in part.sums.items():  # NaN or Inf in any row reaches its sum (checked once, not per batch)
+        if not np.all(np.isfinite(g)):
+            raise CalibrationError(f"the input of a layer ('{name}') holds NaN or Inf on the calibration data, so no "
+                                   f"statistics can be taken; check the calibration values (NaN inputs, scaling) or "
+                                   f"pass other {option('calib')} data.")
     sums, counts, cap.masked, cap.runs = part.sums, part.counts, part.masked, part.runs
     heads = _HeadGrams(scores, part.head_sums, part.head_bad)
     for gid, (side, acts) in plan.items():
@@ -474,10 +479,6 @@ def _accumulate(spec: _ShardSpec, feeds: Feeds, *, model: onnx.ModelProto, progr
             if mask is not None and rows.shape[0] != int(np.prod(x.shape[:-1] if x.ndim > 1 else (1,))):
                 part.masked.add(name)
             r64 = rows.astype(np.float64, copy=False)
-            if not np.all(np.isfinite(r64)):
-                raise CalibrationError(f"the input of a layer ('{name}') holds NaN or Inf on the calibration data, so no "
-                                       f"statistics can be taken; check the calibration values (NaN inputs, scaling) or "
-                                       f"pass other {option('calib')} data.")
             g = r64.T @ r64
             part.sums[key] = part.sums[key] + g if key in part.sums else g
             part.counts[key] = part.counts.get(key, 0) + rows.shape[0]
