@@ -45,9 +45,15 @@ branch; with nearest rounding it keeps half the whitened residual's energy.
 quantized transposed); ``alpha``, ``beta`` and ``C`` stay in the graph unchanged (but a ``C``
 folded into the bias input, below).  Anything else
 (``MatMul(W, x)``, ``Gemm`` with ``transA = 1`` or the weight first, weights that are not
-float32 2-D matrices, weights that something other than a supported product also reads, layers
-inside If/Loop bodies) stays float, with the reason in the report.  The float weight leaves the
-file: only the codes, scales and zero points (and the branch) remain.
+float32 2-D matrices, weights that something other than a supported product also reads) stays
+float, with the reason in the report.  The float weight leaves the file: only the codes, scales
+and zero points (and the branch) remain.
+
+Weights read inside If/Loop/Scan bodies are quantized too (an optimum merged decoder reads every
+weight from its If's two branches): each reader in any graph is rewritten where it is, and the
+new initializers go into the main graph, which every body sees.  Input statistics come from the
+main graph only, so a weight read in a body gets plain rounding and, when asked, the plain
+residual's branch (the report says which).
 
 Mean correction: with input statistics, a MatMul weight read by one node is fitted in the space
 whitened by the *centred* input covariance ``G - n mu mu^T`` (``mu`` the mean input row), and
@@ -337,21 +343,89 @@ class Int4Summary:
 
 @dataclass
 class _Const:
-    """A constant weight in the main graph: an initializer or a Constant node's output."""
+    """A constant weight: an initializer or a Constant node's output, of graph ``graph``
+    (the number :class:`_Scopes` gives it; 0 is the main graph)."""
 
     name: str
     tensor: TensorProto
     node: onnx.NodeProto | None  # the Constant node, if any
+    graph: int = 0
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.graph, self.name
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, _Const]:
-    found = {t.name: _Const(t.name, t, None) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
-            value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
-            if value is not None:
-                found[node.output[0]] = _Const(node.output[0], value, node)
-    return found
+@dataclass(frozen=True)
+class _Site:
+    """Where a value is read: input ``slot`` of node ``node`` of graph ``graph``; ``node = -1``
+    for an output of that graph."""
+
+    graph: int
+    node: int
+    slot: int
+
+
+class _Scopes:
+    """Every graph of the model (the main one is number 0, then the If/Loop/Scan bodies depth
+    first), each constant's definition, and the readers of every value, with names resolved as
+    ONNX scopes them: a body sees its own names first, then its enclosing graphs'.  A weight of
+    the main graph read inside a body (an optimum merged decoder reads every weight from its
+    If's branches) is one constant with readers in several graphs."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graphs: list[onnx.GraphProto] = []
+        self.parent: list[int] = []
+        self.defined: set[tuple[int, str]] = set()
+        self.consts: dict[tuple[int, str], _Const] = {}
+        self.readers: dict[tuple[int, str], list[_Site]] = {}
+        self._walk(graph, -1)
+
+    def _walk(self, graph: onnx.GraphProto, parent: int) -> None:
+        g = len(self.graphs)
+        self.graphs.append(graph)
+        self.parent.append(parent)
+        for t in graph.initializer:
+            self.consts[g, t.name] = _Const(t.name, t, None, g)
+        names = [t.name for t in graph.initializer] + [v.name for v in graph.input] + \
+            [s.values.name for s in graph.sparse_initializer]
+        self.defined.update((g, n) for n in names)
+        for i, node in enumerate(graph.node):
+            for k, name in enumerate(node.input):
+                if name:
+                    self._read(g, name, _Site(g, i, k))
+            for a in node.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                            list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                    self._walk(sub, g)
+            self.defined.update((g, out) for out in node.output if out)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+                value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+                if value is not None:
+                    self.consts[g, node.output[0]] = _Const(node.output[0], value, node, g)
+        for v in graph.output:
+            self._read(g, v.name, _Site(g, -1, -1))
+
+    def _read(self, g: int, name: str, site: _Site) -> None:
+        key = self.resolve(g, name)
+        if key is not None:
+            self.readers.setdefault(key, []).append(site)
+
+    def resolve(self, g: int, name: str) -> tuple[int, str] | None:
+        """The definition that ``name`` read in graph ``g`` refers to, as ``(graph, name)``."""
+        while g >= 0:
+            if (g, name) in self.defined:
+                return g, name
+            g = self.parent[g]
+        return None
+
+    def const(self, g: int, name: str | None) -> _Const | None:
+        """The constant ``name`` read in graph ``g`` refers to, if it is one."""
+        key = self.resolve(g, name) if name else None
+        return self.consts.get(key) if key is not None else None
+
+    def node(self, site: _Site) -> onnx.NodeProto:
+        return self.graphs[site.graph].node[site.node]
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
@@ -361,38 +435,20 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return default
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[int, int]]]:
-    """Per value: ``(node index, input slot)`` of every reader in the main graph; ``(-1, -1)`` for
-    a graph output or a read from inside a subgraph (both keep the float value needed)."""
-    out: dict[str, list[tuple[int, int]]] = {}
-    for i, node in enumerate(graph.node):
-        for k, name in enumerate(node.input):
-            if name:
-                out.setdefault(name, []).append((i, k))
-        for a in node.attribute:
-            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                for sub in io.iter_graphs(g):
-                    for n in sub.node:
-                        for name in n.input:
-                            out.setdefault(name, []).append((-1, -1))
-    for v in graph.output:
-        out.setdefault(v.name, []).append((-1, -1))
-    return out
-
-
-def _orientation(graph: onnx.GraphProto, users: list[tuple[int, int]], opset: int) -> tuple[bool | None, str | None]:
+def _orientation(sc: _Scopes, users: list[_Site], opset: int) -> tuple[bool | None, str | None]:
     """Whether the weight is multiplied transposed (a ``transB`` Gemm), or why it cannot map."""
     transposed: set[bool] = set()
-    for i, slot in users:
-        if i < 0:
-            return None, "the float weight is also a graph output or read inside a subgraph"
-        node = graph.node[i]
+    for site in users:
+        if site.node < 0:
+            return None, ("the float weight is also a graph output" if site.graph == 0 else
+                          "the float weight is also an output of an If/Loop/Scan body")
+        node = sc.node(site)
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
             return None, f"the float weight is also read by {node.op_type} '{node.name}'"
-        if slot == 0:
+        if site.slot == 0:
             return None, f"{node.op_type} '{node.name}' takes the weight as its first input (W @ x); MatMulNBits computes x @ W"
-        if slot != 1:
-            return None, f"{node.op_type} '{node.name}' also reads it as input {slot} (not the weight of x @ W)"
+        if site.slot != 1:
+            return None, f"{node.op_type} '{node.name}' also reads it as input {site.slot} (not the weight of x @ W)"
         if node.op_type == "Gemm":
             if opset < 7:
                 return None, f"Gemm '{node.name}' is at opset {opset} (its bias broadcasts by attribute before opset 7)"
@@ -415,42 +471,43 @@ def _add_init(graph: onnx.GraphProto, ir_version: int, arr: np.ndarray, name: st
 
 
 class _Builder:
-    """Collects the nodes that go before every other node (dequantized factors) and the
-    replacement nodes of each rewritten user."""
+    """Collects the nodes that go before every other node of the main graph (dequantized
+    factors) and the replacement nodes of each rewritten user, by ``(graph, node index)``.  New
+    initializers go into the main graph, which every body sees."""
 
-    def __init__(self, model: onnx.ModelProto, opts: Int4Options, consts: dict[str, _Const],
-                 readers: dict[str, list[tuple[int, int]]], overridable: set[str], data: io.DataFiles):
+    def __init__(self, model: onnx.ModelProto, opts: Int4Options, sc: _Scopes, overridable: set[str], data: io.DataFiles):
         self.model, self.graph, self.opts, self.data = model, model.graph, opts, data
         self.names = NameScope(model)
         self.opset = opset_version(model)
         self.head: list[onnx.NodeProto] = []
-        self.replace: dict[int, list[onnx.NodeProto]] = {}
-        self.consts, self.readers, self.overridable = consts, readers, overridable  # (of the graph as read)
+        self.replace: dict[tuple[int, int], list[onnx.NodeProto]] = {}
+        self.sc, self.overridable = sc, overridable  # (of the model as read; overridable: the main graph's inputs)
         self.takes_bias = runtime_problem(opts.block, opts.accuracy_level, bias=True) is None
-        self.gone: set[str] = set()  # outputs of products whose bias Add was folded (no longer computed)
-        self.corrected_readers: dict[str, int] = {}  # per bias constant: its readers a corrected copy took
+        self.gone: set[tuple[int, str]] = set()  # outputs of products whose bias Add was folded (no longer computed)
+        self.corrected_readers: dict[tuple[int, str], int] = {}  # per bias constant: its readers a corrected copy took
 
-    def bias(self, name: str | None, n: int) -> bool:
-        """Whether ``name`` is a constant ``MatMulNBits`` can take as its bias: float32, ``(n,)``."""
-        c = self.consts.get(name) if name and self.takes_bias else None
-        return (c is not None and name not in self.overridable and c.tensor.data_type == TensorProto.FLOAT
-                and list(c.tensor.dims) == [n])
+    def bias(self, g: int, name: str | None, n: int) -> bool:
+        """Whether ``name``, read in graph ``g``, is a constant ``MatMulNBits`` can take as its
+        bias: float32, ``(n,)``."""
+        c = self.sc.const(g, name) if self.takes_bias else None
+        return (c is not None and not (c.graph == 0 and c.name in self.overridable)
+                and c.tensor.data_type == TensorProto.FLOAT and list(c.tensor.dims) == [n])
 
-    def bias_add(self, i: int, n: int) -> tuple[int, str] | None:
-        """The ``Add`` of a bias after the MatMul at node ``i`` (its only reader), as
-        ``(node index, bias name)``; ``None`` when there is none to fold."""
-        node = self.graph.node[i]
+    def bias_add(self, site: _Site, n: int) -> tuple[int, str] | None:
+        """The ``Add`` of a bias after the MatMul at ``site`` (its only reader, in the same
+        graph), as ``(node index, bias name)``; ``None`` when there is none to fold."""
+        g, node = site.graph, self.sc.node(site)
         if node.op_type != "MatMul":
             return None
-        readers = self.readers.get(node.output[0], [])
-        if len(readers) != 1 or readers[0][0] < 0:
+        readers = self.sc.readers.get((g, node.output[0]), [])
+        if len(readers) != 1 or readers[0].node < 0 or readers[0].graph != g:
             return None
-        j = readers[0][0]
-        add = self.graph.node[j]
-        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2 or j in self.replace:
+        j = readers[0].node
+        add = self.sc.graphs[g].node[j]
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2 or (g, j) in self.replace:
             return None
-        other = add.input[1 - readers[0][1]]
-        return (j, other) if other != node.output[0] and self.bias(other, n) else None
+        other = add.input[1 - readers[0].slot]
+        return (j, other) if other != node.output[0] and self.bias(g, other, n) else None
 
     def init(self, arr: np.ndarray, base: str) -> str:
         return _add_init(self.graph, self.model.ir_version, arr, self.names.fresh(base))
@@ -480,23 +537,32 @@ class _Builder:
         return out, q.nbytes + scale.nbytes
 
     def finish(self) -> None:
-        nodes = list(self.head)
-        for i, node in enumerate(self.graph.node):
-            nodes.extend(self.replace.get(i, [node]))
-        del self.graph.node[:]
-        self.graph.node.extend(nodes)
-        kept = [v for v in self.graph.value_info if v.name not in self.gone]
-        if len(kept) < len(self.graph.value_info):
-            del self.graph.value_info[:]
-            self.graph.value_info.extend(kept)
+        # Bodies before the graphs that hold them: writing a graph's node list copies its nodes,
+        # so a body changed after its parent would be a detached copy.
+        for g in reversed(range(len(self.sc.graphs))):
+            graph = self.sc.graphs[g]
+            if g and not any(key[0] == g for key in self.replace):
+                continue
+            nodes = list(self.head) if g == 0 else []
+            for i, node in enumerate(graph.node):
+                nodes.extend(self.replace.get((g, i), [node]))
+            del graph.node[:]
+            graph.node.extend(nodes)
+            kept = [v for v in graph.value_info if (g, v.name) not in self.gone]
+            if len(kept) < len(graph.value_info):
+                del graph.value_info[:]
+                graph.value_info.extend(kept)
         if not any(o.domain == DOMAIN for o in self.model.opset_import):
             self.model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        graphs = list(io.iter_graphs(self.model.graph))  # (the same walk, so the same numbers)
+        assert len(graphs) == len(self.sc.graphs)
+        self.sc.graphs = graphs
 
 
-def _user_nodes(b: _Builder, node: onnx.NodeProto, packed: tuple[str, str, str], k: int, n: int,
+def _user_nodes(b: _Builder, g: int, node: onnx.NodeProto, packed: tuple[str, str, str], k: int, n: int,
                 branch: tuple[str, str] | None, bias: str | None = None, out: str | None = None,
                 stacked: tuple[str, int] | None = None) -> list[onnx.NodeProto]:
-    """The nodes that replace one MatMul/Gemm user (module docstring); ``bias``: a folded bias
+    """The nodes that replace one MatMul/Gemm user, of graph ``g`` (module docstring); ``bias``: a folded bias
     Add's constant, ``out`` that Add's output (what the nodes then compute); ``stacked``: the
     first factor of a branch whose second factor is in ``packed`` (``branch`` is then ``None``)
     and its columns (the rank and the zero columns before it), the rows ``packed`` gains."""
@@ -514,7 +580,7 @@ def _user_nodes(b: _Builder, node: onnx.NodeProto, packed: tuple[str, str, str],
     alpha = float(_attr(node, "alpha", 1.0)) if is_gemm else 1.0
     beta = float(_attr(node, "beta", 1.0)) if is_gemm else 1.0
     c = node.input[2] if is_gemm and len(node.input) > 2 and node.input[2] else None
-    if c is not None and alpha == 1.0 and beta == 1.0 and b.bias(c, n):
+    if c is not None and alpha == 1.0 and beta == 1.0 and b.bias(g, c, n):
         bias, c = bias or c, None  # Gemm's C is the bias (or inside the mean-corrected one passed)
     has_c = c is not None and beta != 0.0
     last_is_nbits = branch is None and alpha == 1.0 and not has_c
@@ -550,17 +616,19 @@ def weight_bytes(model: onnx.ModelProto, op_types: Iterable[str] = ("MatMul", "G
     scales), their bias inputs aside (as the report's ``tensor bytes`` counts them)."""
     from .load import BIAS_SLOTS, code_dequantizers
 
-    consts = _constants(model.graph)
+    sc = _Scopes(model.graph)
     wanted = set(op_types)
-    dequantizers = code_dequantizers(model.graph, {name: c.tensor for name, c in consts.items()})
-    seen: set[str] = set()
+    dequantizers = code_dequantizers(model.graph, {key[1]: c.tensor for key, c in sc.consts.items() if key[0] == 0})
+    seen: set[tuple[int, str]] = set()
     total = 0
-    for node in model.graph.node:
-        if node.op_type in wanted or (node.output and node.output[0] in dequantizers):
-            for slot, name in enumerate(node.input):
-                if name in consts and name not in seen and slot != BIAS_SLOTS.get(node.op_type, -1):
-                    seen.add(name)
-                    total += io.tensor_nbytes(consts[name].tensor)
+    for g, graph in enumerate(sc.graphs):
+        for node in graph.node:
+            if node.op_type in wanted or (g == 0 and node.output and node.output[0] in dequantizers):
+                for slot, name in enumerate(node.input):
+                    c = sc.const(g, name)
+                    if c is not None and c.key not in seen and slot != BIAS_SLOTS.get(node.op_type, -1):
+                        seen.add(c.key)
+                        total += io.tensor_nbytes(c.tensor)
     return total
 
 
@@ -599,23 +667,33 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
     grams = dict(grams or {})
     factor_names = [f for f in factors]
     summary = Int4Summary(options)
-    graph = out.graph
-    consts = _constants(graph)
-    users = _consumers(graph)
+    sc = _Scopes(out.graph)
+    consts = sc.consts
+
+    def keys(name: str) -> list[tuple[int, str]]:  # (a name may be defined in several bodies)
+        return [key for key in consts if key[1] == name]
+
     if weights is None:
-        names = [name for name in consts if name not in set(factor_names) and len(consts[name].tensor.dims) == 2
-                 and any(i >= 0 and slot == 1 and graph.node[i].op_type in ("MatMul", "Gemm") for i, slot in users.get(name, []))]
+        skip = set(factor_names)
+        todo = [key for key, c in consts.items() if c.name not in skip and len(c.tensor.dims) == 2
+                and any(u.node >= 0 and u.slot == 1 and sc.node(u).op_type in ("MatMul", "Gemm") for u in sc.readers.get(key, []))]
     else:
-        names = list(dict.fromkeys(weights))
-    inputs = {v.name for v in graph.input}
-    b = _Builder(out, options, consts, users, inputs, data)
+        todo = []
+        for name in dict.fromkeys(weights):
+            found = keys(name)
+            if not found:
+                summary.left_float[name] = "not a constant of the model"
+            todo.extend(found)
+    inputs = {v.name for v in out.graph.input}
+    b = _Builder(out, options, sc, inputs, data)
     means = dict(means or {})
     done: list[_Const] = []
-    for name in names:
-        c = consts.get(name)
-        why = _why_not(c, name, users.get(name, []), inputs, out)
+    for key in todo:
+        c, name = consts[key], key[1]
+        users = sc.readers.get(key, [])
+        why = _why_not(c, users, inputs, out)
         if why is None:
-            transposed, why = _orientation(graph, users[name], b.opset)
+            transposed, why = _orientation(sc, users, b.opset)
         if why is not None:
             summary.left_float[name] = why
             log.debug("int4: %s stays float: %s", name, why)
@@ -623,24 +701,21 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
         w = data.read(c.tensor).astype(np.float32)
         wk = np.ascontiguousarray(w.T) if transposed else w
         try:
-            layer = _quantize_one(b, name, wk, grams.get(name), [i for i, _ in users[name]],
-                                  None if ranks is None else ranks.get(name, 0), means.get(name))
+            layer = _quantize_one(b, name, wk, grams.get(name), users, None if ranks is None else ranks.get(name, 0),
+                                  means.get(name))
         except ValueError as exc:
             summary.left_float[name] = f"cannot quantize: {exc}"
             continue
         summary.layers.append(layer)
         done.append(c)
-    for name in factor_names:
-        c = consts.get(name)
-        if c is None:  # (a factor pair inside an If/Loop/Scan body)
-            if options.factors == "int8":
-                summary.left_float[name] = "not a constant of the main graph"
-            continue
+    for key in [key for name in dict.fromkeys(factor_names) for key in keys(name)]:
+        c, name = consts[key], key[1]
+        users = sc.readers.get(key, [])
         if options.factors == "float":
             n_bytes = io.tensor_nbytes(c.tensor)
             summary.factors.append(Int4Pair(name, "float", n_bytes, n_bytes))
             continue
-        why = _factor_why_not(c, users.get(name, []), inputs, out)
+        why = _factor_why_not(c, users, inputs, out, sc)
         if why is not None:
             n_bytes = io.tensor_nbytes(c.tensor)
             summary.factors.append(Int4Pair(name, "float", n_bytes, n_bytes))
@@ -648,16 +723,16 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
             continue
         arr = data.read(c.tensor).astype(np.float32)
         value, n_bytes = b.factor(arr, f"{name}_q", axis=int(np.argmin(arr.shape)))
-        for i, slot in users[name]:
-            graph.node[i].input[slot] = value
+        for u in users:
+            sc.node(u).input[u.slot] = value
         summary.factors.append(Int4Pair(name, "int8", arr.nbytes, n_bytes))
         done.append(c)
     b.finish()
-    for name, taken in b.corrected_readers.items():  # a bias whose corrected copies took every reader
-        if taken == len(users.get(name, [])):
-            remove_constant(graph, name, constant=consts[name].node is not None)
+    for key, taken in b.corrected_readers.items():  # a bias whose corrected copies took every reader
+        if taken == len(sc.readers.get(key, [])):
+            remove_constant(sc.graphs[key[0]], key[1], constant=consts[key].node is not None)
     for c in done:
-        remove_constant(graph, c.name, constant=c.node is not None)
+        remove_constant(sc.graphs[c.graph], c.name, constant=c.node is not None)
     if inline:
         _inline(out, data)
     summary.statistics = _statistics_note(summary, skipped or {})
@@ -670,13 +745,20 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
 def _statistics_note(summary: Int4Summary, skipped: Mapping[str, str]) -> str:
     white = sum(l.whitened for l in summary.layers)
     hint = f"pass {option('data_aware')} with {option('calib')} to whiten"
+    plain = [l.weight for l in summary.layers if not l.whitened]
+    explained = bool(plain) and all(w in skipped for w in plain)
+    if explained:  # statistics were captured, but not of these weights: say why
+        whys = sorted({_bare_reason(skipped[w]) for w in plain})
+        hint = whys[0] if len(whys) == 1 else "; ".join(whys[:2]) + ("; ..." if len(whys) > 2 else "")
     if not summary.layers:
         return "nothing quantized"
     if not any(l.rank for l in summary.layers):  # (the summary line says "no correction branch" before this)
         mean = sum(l.mean_corrected for l in summary.layers)
         if mean:
             return f"the 4-bit error's mean in the bias of {mean} of {len(summary.layers)} weight(s)"
-        return f"no input statistics; {hint} and correct" if white == 0 else "no mean correction"
+        if white == 0:
+            return f"no input statistics: {hint}" if explained else f"no input statistics; {hint} and correct"
+        return "no mean correction"
     if white == len(summary.layers):
         return "whitened by each layer's input Gram"
     if white == 0:
@@ -684,11 +766,18 @@ def _statistics_note(summary: Int4Summary, skipped: Mapping[str, str]) -> str:
     return f"whitened for {white} of {len(summary.layers)} weight(s); plain residual SVD for the others ({hint})"
 
 
-def _why_not(c: _Const | None, name: str, users: list[tuple[int, int]], inputs: set[str], model: onnx.ModelProto) -> str | None:
-    if c is None:
-        return "not a constant of the main graph"
-    if name in inputs and c.node is None and model.ir_version >= 4:
+def _bare_reason(why: str) -> str:
+    """A statistics stage's reason for a weight, without its ``data-aware:`` tag and its note on
+    the factorization's fallback."""
+    why = why.removeprefix("data-aware: ")
+    return why.split("; plain SVD used")[0]
+
+
+def _why_not(c: _Const, users: list[_Site], inputs: set[str], model: onnx.ModelProto) -> str | None:
+    if c.graph == 0 and c.name in inputs and c.node is None and model.ir_version >= 4:
         return "it is a graph input (a caller may feed another value)"
+    if c.graph and model.ir_version < 4 and c.node is None:
+        return f"an initializer of an If/Loop/Scan body at IR version {model.ir_version} (below 4 it is also a body input)"
     if not users:
         return "no node reads it"
     if c.tensor.data_type != TensorProto.FLOAT:
@@ -698,36 +787,37 @@ def _why_not(c: _Const | None, name: str, users: list[tuple[int, int]], inputs: 
     return None
 
 
-def _factor_why_not(c: _Const, users: list[tuple[int, int]], inputs: set[str], model: onnx.ModelProto) -> str | None:
-    graph = model.graph
+def _factor_why_not(c: _Const, users: list[_Site], inputs: set[str], model: onnx.ModelProto, sc: _Scopes) -> str | None:
     if c.tensor.data_type != TensorProto.FLOAT or len(c.tensor.dims) != 2:
         return "int8 storage takes float32 2-D factors"
-    if c.name in inputs and c.node is None and model.ir_version >= 4:  # (IR < 4 lists every initializer)
+    if c.graph == 0 and c.name in inputs and c.node is None and model.ir_version >= 4:  # (IR < 4 lists every initializer)
         return "the factor is a graph input"
-    if not users or any(i < 0 or graph.node[i].op_type not in ("MatMul", "Gemm") for i, _ in users):
+    if c.graph and model.ir_version < 4 and c.node is None:
+        return f"an initializer of an If/Loop/Scan body at IR version {model.ir_version} (below 4 it is also a body input)"
+    if not users or any(u.node < 0 or sc.node(u).op_type not in ("MatMul", "Gemm") for u in users):
         return "the factor is read by something other than MatMul/Gemm"
     return None
 
 
-def _mean_target(b: _Builder, nodes: list[int], n: int) -> tuple[str | None] | None:
+def _mean_target(b: _Builder, users: list[_Site], n: int) -> tuple[str | None] | None:
     """Where a mean correction goes: ``(bias constant or None,)`` for a weight read by one
     MatMul (its folded bias, or none) or one Gemm with ``alpha = 1`` whose ``C`` is absent or a
     bias it folds (``beta = 1``), when the runtime takes a bias input; ``None`` otherwise."""
-    if len(nodes) != 1 or not b.takes_bias:
+    if len(users) != 1 or not b.takes_bias:
         return None
-    node = b.graph.node[nodes[0]]
+    node = b.sc.node(users[0])
     if node.op_type == "Gemm":
         c = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if float(_attr(node, "alpha", 1.0)) != 1.0:
             return None
         if c is None:
             return (None,)
-        return (c,) if float(_attr(node, "beta", 1.0)) == 1.0 and b.bias(c, n) else None
-    folded = b.bias_add(nodes[0], n)
+        return (c,) if float(_attr(node, "beta", 1.0)) == 1.0 and b.bias(users[0].graph, c, n) else None
+    folded = b.bias_add(users[0], n)
     return (folded[1] if folded is not None else None,)
 
 
-def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | None, nodes: list[int],
+def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | None, users: list[_Site],
                   rank: int | None = None, mean: tuple[np.ndarray, int] | None = None) -> Int4Layer:
     """Quantize one weight (as multiplied, ``x @ wk``), fit its branch (of ``rank``, else by the
     options' rule), and schedule its users' rewrite; ``mean``: the mean input row and the rows
@@ -737,7 +827,7 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
     if gram is not None and gram.shape != (k, k):
         log.debug("int4: %s: Gram of shape %s does not fit (%d, %d); plain residual used", name, gram.shape, k, n)
         gram = None
-    target = _mean_target(b, nodes, n) if gram is not None and mean is not None and mean[0].shape == (k,) else None
+    target = _mean_target(b, users, n) if gram is not None and mean is not None and mean[0].shape == (k,) else None
     if target is not None:
         centred = _centred(gram, mean)
         if centred is not None:
@@ -772,21 +862,23 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
     if target is not None:
         shift = mean[0] @ (wk.astype(np.float64) - _effective(wk, q, corr, stack, opts, b.opset))
         (old,) = target
-        base = np.zeros(n) if old is None else b.data.read(b.consts[old].tensor).astype(np.float64).reshape(n)
+        c = b.sc.const(users[0].graph, old) if old is not None else None
+        base = np.zeros(n) if c is None else b.data.read(c.tensor).astype(np.float64).reshape(n)
         shift_bias = b.init((base + shift).astype(np.float32), f"{old or name}_mean_corrected")
-        if old is not None:
-            b.corrected_readers[old] = b.corrected_readers.get(old, 0) + 1
-    for i in nodes:  # (a shifted bias: one MatMul user, _mean_target)
-        folded = b.bias_add(i, n)
+        if c is not None:
+            b.corrected_readers[c.key] = b.corrected_readers.get(c.key, 0) + 1
+    for u in users:  # (a shifted bias: one MatMul user, _mean_target)
+        node, graph = b.sc.node(u), b.sc.graphs[u.graph]
+        folded = b.bias_add(u, n)
         if folded is None:
-            b.replace[i] = _user_nodes(b, b.graph.node[i], packed, k, n, branch, shift_bias, stacked=stacked)
+            b.replace[u.graph, u.node] = _user_nodes(b, u.graph, node, packed, k, n, branch, shift_bias, stacked=stacked)
         else:  # the nodes go where the Add was (its bias may be a Constant made after the MatMul)
             j, bias = folded
-            b.replace[j] = _user_nodes(b, b.graph.node[i], packed, k, n, branch, shift_bias or bias, b.graph.node[j].output[0],
-                                       stacked)
-            b.replace[i] = []
-            b.gone.add(b.graph.node[i].output[0])
-    return Int4Layer(name, [b.graph.node[i].name or b.graph.node[i].output[0] for i in nodes], (k, n), opts.block, corr.rank,
+            b.replace[u.graph, j] = _user_nodes(b, u.graph, node, packed, k, n, branch, shift_bias or bias,
+                                                graph.node[j].output[0], stacked)
+            b.replace[u.graph, u.node] = []
+            b.gone.add((u.graph, node.output[0]))
+    return Int4Layer(name, [b.sc.node(u).name or b.sc.node(u).output[0] for u in users], (k, n), opts.block, corr.rank,
                      corr.energy, gram is not None, wk.size * 4, n_bytes, f.error_int4, error, stack is not None,
                      target is not None, f.rounding)
 
@@ -892,9 +984,6 @@ def run_stage(ctx: Context) -> Int4Quantized:
         if group.skip is not None:
             left[name] = f"not a candidate: {group.skip.message}"
             continue
-        if any(layer.scope for layer in group.layers):
-            left[name] = "inside an If/Loop/Scan body"
-            continue
         weights.append(name)
         if stats is not None:
             if group.key in stats.capture.grams:
@@ -917,9 +1006,11 @@ def run_stage(ctx: Context) -> Int4Quantized:
     ranks = None
     if budget is not None:  # --target-bytes chose which weights take 4 bits, and each branch's rank
         ranks = {found.group(key).weight.name: r for key, r in budget.items()}
+        outside = {g.weight.name for g in found.groups if g.weight.scope} if adapted is not None else set()
         for w in weights:
             if w not in ranks:
-                left[w] = "kept float by the byte budget (it cannot take 4-bit blocks)"
+                left[w] = ("adaptive mode measures weights of the main graph only; kept float" if w in outside else
+                           "kept float by the byte budget (it cannot take 4-bit blocks)")
         weights = [w for w in weights if w in ranks]
     model, summary = quantize_int4(ctx.model, base_dir=ctx.data, options=opts, weights=weights, grams=grams,
                                    factors=factor_names, inline=False, skipped=skipped, ranks=ranks, means=means)
@@ -949,8 +1040,6 @@ def group_problem(group: Any, opset: int = 17) -> str | None:
     for layer in group.layers:
         if layer.is_conv or layer.op_type not in ("MatMul", "Gemm"):
             return f"read by {layer.op_type}"
-        if layer.scope:
-            return "inside an If/Loop/Scan body"
         if layer.weight_index != 1:
             return "multiplied as W @ x"
         if layer.op_type == "Gemm" and int(_attr(layer.node, "transA", 0)):
@@ -979,17 +1068,16 @@ def stored_factor(arr: np.ndarray, axis: int | None = None) -> np.ndarray:
 
 def float_pairs(model: onnx.ModelProto, groups: Iterable[Any], cfg: Any) -> frozenset[int]:
     """The group keys whose factor pair :func:`quantize_int4` would leave float although
-    ``int4_factors`` is ``int8``, for a byte budget to price them as written: layers inside
-    If/Loop bodies (the stage works on the main graph), factors that take a graph input's place
-    (a weight that is an input at IR 4+, with ``--allow-input-weights``), and every pair before
-    opset 7."""
+    ``int4_factors`` is ``int8``, for a byte budget to price them as written: factors that take a
+    graph input's place (a weight that is an input at IR 4+, with ``--allow-input-weights``),
+    pairs in If/Loop/Scan bodies at IR versions below 4, and every pair before opset 7."""
     groups = list(groups)
     if cfg.quantize != "int4" or cfg.int4_factors != "int8":
         return frozenset()
     if opset_version(model) < 7:
         return frozenset(g.key for g in groups)
     inputs = {i.name for i in model.graph.input} if model.ir_version >= 4 else set()
-    return frozenset(g.key for g in groups if any(layer.scope for layer in g.layers) or g.weight.name in inputs)
+    return frozenset(g.key for g in groups if (g.weight.scope and model.ir_version < 4) or (not g.weight.scope and g.weight.name in inputs))
 
 
 def _multiplied(group: Any, arr: np.ndarray) -> np.ndarray:

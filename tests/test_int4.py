@@ -829,8 +829,8 @@ def test_a_bias_every_reader_of_which_took_a_corrected_copy_leaves_the_file():
         assert compare("y", ref, got).rel_l2_error < 0.05
 
 
-def test_a_byte_budget_prices_factor_pairs_the_int4_stage_leaves_float_as_float():
-    # inside an If body the int4 stage leaves a factor pair float: the budget must price it so
+def test_a_byte_budget_prices_factor_pairs_the_int4_stage_stores_int8_as_int8():
+    # factor pairs inside an If body are stored int8 as in the main graph, and the budget prices them so
     k, n = 100, 200
     then_g = helper.make_graph([helper.make_node("MatMul", ["x", "Wt"], ["t"])], "then", [], [vi("t", ["rows", n])],
                                [init("Wt", lowrank(k, n, 12, seed=1))])
@@ -843,7 +843,12 @@ def test_a_byte_budget_prices_factor_pairs_the_int4_stage_leaves_float_as_float(
     before, after = res.totals.tensor_bytes["matmul weights"]
     assert before == 3 * k * n * 4  # the body's own weight and the outer one it reads count as MatMul weights
     assert after <= 0.3 * before
-    assert any(why == "not a constant of the main graph" for why in res.sections["int4"]["left_float"].values())
+    assert not res.sections["int4"]["left_float"]
+    assert [f["storage"] for f in res.sections["int4"]["factors"]] == ["int8"] * 6
+    x = np.random.default_rng(0).standard_normal((20, k)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        assert compare("y", run(src, feeds)[0], run(res.model, feeds)[0]).rel_l2_error < 0.05
     # IR 3 lists every initializer as a graph input: the factors are stored int8 all the same
     ir3 = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", ["rows", k]), vi("W", [k, n])],
                      [vi("y", ["rows", n])], [init("W", lowrank(k, n, 12, seed=4))], opset=9, ir_version=3)
@@ -932,3 +937,116 @@ def test_a_row_stored_in_4_bits_shows_no_factorization_it_did_not_get():
     rows = [line.split() for line in render_table(res.layers).splitlines()[2:]]
     assert rows and all(r[3:6] == ["-", "-", "-"] and "int4" in r for r in rows)
     assert all(d.rank is not None for d in res.layers)  # (the JSON report keeps the spectrum's numbers)
+
+
+# ------------------------------------------------------------------ weights read inside If/Loop bodies
+
+def _decoder_like(k=64, n=48):
+    """An optimum merged decoder in miniature: the main graph's weight W and bias b are read by
+    MatMul + Add in both branches of an If; the else branch also holds a Constant-node weight of
+    its own, and a Loop body an initializer of its own."""
+    w, bias, wc, wl = _w(k, n, 1) * 0.1, _w(1, n, 2)[0], _w(n, n, 3) * 0.1, _w(k, k, 4) * 0.1
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["tm"]), helper.make_node("Add", ["tm", "b"], ["t"])],
+                               "then", [], [vi("t", ["rows", n])])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["em"]), helper.make_node("Add", ["b", "em"], ["e1"]),
+                                helper.make_node("Constant", [], ["Wc"], value=numpy_helper.from_array(wc, "Wc")),
+                                helper.make_node("MatMul", ["e1", "Wc"], ["e"])],
+                               "else", [], [vi("e", ["rows", n])])
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                              helper.make_node("MatMul", ["h", "Wl"], ["h2"]), helper.make_node("Relu", ["h2"], ["h_out"])],
+                             "body", [vi("i", [], onnx.TensorProto.INT64), vi("cond_in", [], onnx.TensorProto.BOOL),
+                                      vi("h", ["rows", k])],
+                             [vi("cond_out", [], onnx.TensorProto.BOOL), vi("h_out", ["rows", k])], [init("Wl", wl)])
+    nodes = [helper.make_node("Loop", ["trips", "", "x0"], ["x"], body=body),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    return make_model(nodes, [vi("x0", ["rows", k]), vi("cond", [], onnx.TensorProto.BOOL),
+                              vi("trips", [], onnx.TensorProto.INT64)], [vi("y", ["rows", n])],
+                      [init("W", w), init("b", bias)])
+
+
+def _flat(w, bias, k, n):
+    """The then branch's product in the main graph."""
+    return make_model([helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+                      [vi("x", ["rows", k])], [vi("y", ["rows", n])], [init("W", w), init("b", bias)])
+
+
+def test_int4_rewrites_readers_inside_if_and_loop_bodies_where_they_are():
+    k, n = 64, 48
+    src = _decoder_like(k, n)
+    before = src.SerializeToString()
+    out, summary = int4.quantize_int4(src, options=int4.Int4Options(rank=0))
+    assert src.SerializeToString() == before  # the input model is untouched
+    assert sorted(l.weight for l in summary.layers) == ["W", "Wc", "Wl"] and not summary.left_float
+    assert [sorted(l.nodes) for l in summary.layers if l.weight == "W"] == [["em", "tm"]]  # one weight, a reader in each branch
+    onnx.checker.check_model(out)
+    graphs = list(onnx_lowrank_graphs(out))
+    # no float weight is left anywhere, the new initializers are in the main graph, the bias Adds folded
+    assert not any(t.name in ("W", "Wl") for g in graphs for t in g.initializer)
+    assert not any(n_.op_type == "Constant" and n_.output[0] == "Wc" for g in graphs for n_ in g.node)
+    by_name = {g.name: [n_.op_type for n_ in g.node] for g in graphs}
+    assert by_name["then"] == ["MatMulNBits"] and by_name["else"] == ["MatMulNBits", "MatMulNBits"]
+    assert "MatMulNBits" in by_name["body"] and "MatMul" not in by_name["body"]
+    assert int4.weight_bytes(out) < 0.2 * int4.weight_bytes(src)
+    # each branch computes what the same weight quantized in a flat graph computes
+    x = np.random.default_rng(0).standard_normal((7, k)).astype(np.float32)
+    w = numpy_helper.to_array(next(t for t in src.graph.initializer if t.name == "W"))
+    bias = numpy_helper.to_array(next(t for t in src.graph.initializer if t.name == "b"))
+    flat, _ = int4.quantize_int4(_flat(w, bias, k, n), options=int4.Int4Options(rank=0))
+    feeds = {"x0": x, "cond": np.array(True), "trips": np.array(0, np.int64)}
+    np.testing.assert_allclose(run(out, feeds)[0], run(flat, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    for cond, trips in ((True, 2), (False, 0), (False, 3)):
+        feeds = {"x0": x, "cond": np.array(cond), "trips": np.array(trips, np.int64)}
+        assert compare("y", run(src, feeds)[0], run(out, feeds)[0]).rel_l2_error < 0.1
+
+
+def onnx_lowrank_graphs(model):
+    from onnx_lowrank.io import iter_graphs
+
+    return iter_graphs(model.graph)
+
+
+def test_int4_in_bodies_leaves_a_weight_that_a_body_returns_float():
+    k, n = 32, 16
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"])], "then", [], [vi("t", ["rows", n])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e0"])], "else", [], [vi("W", [k, n])])
+    src = make_model([helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)],
+                     [vi("x", ["rows", k]), vi("cond", [], onnx.TensorProto.BOOL)], [vi("y", None)], [init("W", _w(k, n))])
+    out, summary = int4.quantize_int4(src, options=int4.Int4Options(rank=0))
+    assert not summary.layers and "output of an If/Loop/Scan body" in summary.left_float["W"]
+
+
+def test_compress_quantizes_weights_of_if_branches_and_says_the_statistics_are_main_graph_only(tmp_path):
+    k, n = 64, 48
+    src = _decoder_like(k, n)
+    res = compress(src, energy=1.0, quantize="int4", int4_correction=8, min_params=0)
+    sec = res.sections["int4"]
+    assert sorted(l["weight"] for l in sec["layers"]) == ["W", "Wc", "Wl"]
+    before, after = res.totals.tensor_bytes["matmul weights"]
+    assert after < 0.4 * before
+    x = np.random.default_rng(1).standard_normal((9, k)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x0": x, "cond": np.array(cond), "trips": np.array(1, np.int64)}
+        assert compare("y", run(src, feeds)[0], run(res.model, feeds)[0]).rel_l2_error < 0.1
+    # with calibration data the statistics stage sees the main graph only: plain residual here
+    calib = {"x0": x, "cond": np.array(True), "trips": np.array(1, np.int64)}
+    res = compress(src, energy=1.0, quantize="int4", int4_correction=8, min_params=0, data_aware=True, calib=calib)
+    assert all(not l["whitened"] for l in res.sections["int4"]["layers"])
+    assert "inside a subgraph" in res.sections["int4"]["statistics"] and "pass --data-aware" not in res.sections["int4"]["statistics"]
+
+
+def test_byte_budgets_take_weights_read_in_bodies():
+    k, n = 64, 48
+    src = _decoder_like(k, n)
+    res = compress(src, target_bytes=0.3, quantize="int4", min_params=0)
+    assert sorted(l["weight"] for l in res.sections["int4"]["layers"]) == ["W", "Wc", "Wl"]
+    before, after = res.totals.tensor_bytes["matmul weights"]
+    assert after <= 0.3 * before
+    # adaptive mode measures the main graph's W (read in both branches) in place; the bodies' own weights stay float
+    x = np.random.default_rng(2).standard_normal((30, k)).astype(np.float32)
+    calib = [{"x0": x, "cond": np.array(c), "trips": np.array(1, np.int64)} for c in (True, False)]
+    res = compress(src, target_bytes=0.8, quantize="int4", min_params=0, adaptive=True, calib=calib)
+    sec = res.sections["int4"]
+    assert [l["weight"] for l in sec["layers"]] == ["W"]
+    assert all("main graph only" in sec["left_float"][w] for w in ("Wc", "Wl"))
+    numbers = res.sections["adaptive"]
+    assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=0.02) and numbers["final_drop"] > 0
