@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # Python < 3.11
 from .errors import UsageError, option, option_value
 from .linalg import CONV_MODES as _VIEWS
 from .linalg import DEFAULT_DAMPING, NEURON_SELECTIONS, RULES
+from .linalg.quant import BLOCK_SIZES
 from .options import check, opt
 
 __all__ = ["CompressConfig", "DEFAULT_ENERGY", "load_recipe", "recipe_path", "list_recipes", "SECTIONS", "Selection", "RankRule",
@@ -36,10 +37,14 @@ DEFAULT_ENERGY = 0.95
 #: MLP: accuracy within a digit in a thousand (docs/benchmarks/adaptive_cost*.md).
 DEFAULT_ADAPTIVE_SAMPLES = 64
 DEFAULT_SENSITIVITY_POINTS = 2
+#: Ranks on each layer's sensitivity grid (``passes.adaptive.GRID``).
+SENSITIVITY_GRID = 10
 OP_TYPES = ("MatMul", "Gemm", "Conv")
 #: ``auto`` picks, per layer, whichever view of :data:`~onnx_lowrank.linalg.CONV_MODES` needs fewer MACs.
 CONV_MODES = (*_VIEWS, "auto")
 QUANTIZE_MODES = ("int8", "int8-per-channel", "int4")
+#: Weights per 4-bit block that ``MatMulNBits`` takes.
+INT4_BLOCKS = BLOCK_SIZES
 RANK_RULES = RULES
 BUDGET_SCOPES = ("weights", "model")
 EXECUTORS = ("local", "ray")
@@ -196,7 +201,7 @@ class Adaptive(Section):
                                        "on all", metavar="N", example=256)
     sensitivity_points: int | None = opt(DEFAULT_SENSITIVITY_POINTS, "positive_int", "with --adaptive: measure each layer "
                                          "at N of its 10 grid ranks and scale its whitened truncation loss to them for the "
-                                         "rest; 10 measures every grid rank", metavar="N", example=10)
+                                         "rest; 10 measures every grid rank", metavar="N", example=10, high=SENSITIVITY_GRID)
     max_drop: float | None = opt(None, "any", "with --adaptive: the largest drop of the metric allowed (also the gate)")
     metric: str | None = opt(None, "choice", "with --adaptive: the metric --max-drop bounds (also the gate's)", choices=METRICS)
 
@@ -267,8 +272,8 @@ class Quantize(Section):
                                "same size; Conv kernels keep one scale), or int4 (4-bit blocks as onnxruntime's MatMulNBits, "
                                "with a low-rank correction of their error; add --energy 1 for int4 without factorization; "
                                "docs/int4.md)", choices=QUANTIZE_MODES)
-    int4_block: int = opt(32, "positive_int", "with --quantize int4: weights per block along the input axis, one of 16, 32, 64, "
-                          "128, 256 (default 32)", metavar="N", example=32)
+    int4_block: int = opt(32, "choice", "with --quantize int4: weights per block along the input axis (default 32)",
+                          choices=INT4_BLOCKS)
     int4_accuracy_level: int = opt(0, "non_negative_int", "with --quantize int4: MatMulNBits's compute type: 0 unset (float, "
                                    "default), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (less exact; time it: on the CPU of "
                                    "docs/int4.md it was slower)",
@@ -303,9 +308,6 @@ class Quantize(Section):
                     raise UsageError(f"{option(f.name)} sets the 4-bit quantization; add {option_value('quantize', 'int4')} "
                                      f"or drop {option(f.name)}.")
             return
-        blocks = (16, 32, 64, 128, 256)
-        if self.int4_block not in blocks:
-            raise UsageError(f"{option('int4_block')} must be one of {', '.join(map(str, blocks))}, got {self.int4_block!r}.")
         if self.int4_accuracy_level > 4:
             raise UsageError(f"{option('int4_accuracy_level')} must be 0, 1, 2, 3 or 4, got {self.int4_accuracy_level!r}.")
         from .passes.int4 import require_runtime  # the runtime is checked before any work

@@ -89,7 +89,7 @@ def _is_number(v: Any) -> bool:
 
 def _in_range(kind: str, v: Any, high: float | None) -> bool:
     if kind in ("positive_int", "non_negative_int"):
-        return _is_int(v) and v >= (1 if kind == "positive_int" else 0)
+        return _is_int(v) and v >= (1 if kind == "positive_int" else 0) and (high is None or v <= high)
     if not _is_number(v):
         return False
     x = float(v)
@@ -97,6 +97,11 @@ def _in_range(kind: str, v: Any, high: float | None) -> bool:
         return 0.0 < x <= 1.0  # written so that NaN fails too
     top = float("inf") if high is None else high
     return (0.0 < x <= top) if kind == "positive_float" else (0.0 <= x <= top)
+
+
+def _what(o: Opt) -> str:
+    """What a numeric option takes, in words, with its upper limit if it has one."""
+    return _WHAT[o.kind] + (f" up to {o.high:g}" if o.high is not None and o.kind not in ("fraction", "energy") else "")
 
 
 def _example(name: str, o: Opt) -> str:
@@ -114,14 +119,14 @@ def check(name: str, o: Opt, value: Any) -> Any:
     kind = o.kind
     if kind in _WHAT:
         if not _in_range(kind, value, o.high):
-            what = _WHAT[kind] + (f" up to {o.high:g}" if o.high is not None and kind.endswith("float") else "")
-            raise UsageError(f"{option(name)} must be {what}, got {value!r}{_example(name, o)}.")
+            raise UsageError(f"{option(name)} must be {_what(o)}, got {value!r}{_example(name, o)}.")
         return value
     if kind == "switch":
         if not isinstance(value, bool):
             raise UsageError(f"{option(name)} is a switch (true or false), got {value!r}.")
         return value
     if kind == "choice":
+        value = _choice_case(o.choices)(value)
         if value not in o.choices:
             raise UsageError(f"{option(name)} got {value!r}; expected one of {', '.join(map(str, o.choices))}.")
         return value
@@ -172,9 +177,9 @@ def _text_parser(name: str, o: Opt) -> Callable[[str], Any]:
         try:
             value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {_WHAT[o.kind]}, got '{text}'{_example(name, o)}") from None
+            raise argparse.ArgumentTypeError(f"must be {_what(o)}, got '{text}'{_example(name, o)}") from None
         if not _in_range(o.kind, value, o.high):
-            raise argparse.ArgumentTypeError(f"must be {_WHAT[o.kind]}, got {text}{_example(name, o)}")
+            raise argparse.ArgumentTypeError(f"must be {_what(o)}, got {text}{_example(name, o)}")
         return value
 
     return parse
@@ -191,6 +196,17 @@ def int_list(name: str, o: Opt) -> Callable[[str], tuple[int, ...]]:
         if not values or any(v < 1 for v in values):
             raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got '{text}'{_example(name, o)}")
         return values
+
+    return parse
+
+
+def _choice_case(choices: Sequence[Any]):
+    """Maps a string to the choice it spells in any letter case (``INT4`` -> ``int4``, as
+    ``--ffn-keep AUTO`` reads ``auto``); anything else passes unchanged, for the caller to refuse."""
+    by_lower = {c.lower(): c for c in choices if isinstance(c, str)}
+
+    def parse(value: Any) -> Any:
+        return by_lower.get(value.lower(), value) if isinstance(value, str) else value
 
     return parse
 
@@ -224,7 +240,8 @@ def add_arguments(parser: argparse.ArgumentParser, fields: Iterable[dataclasses.
             elif o.kind == "int_list":
                 kw["type"] = int_list(f.name, o)
             elif o.kind == "choice":
-                kw.update(choices=list(o.choices), metavar=None)
+                numbers = all(_is_int(c) for c in o.choices)
+                kw.update(choices=list(o.choices), metavar=None, type=int if numbers else _choice_case(o.choices))
             elif o.kind == "names":
                 kw["type"] = _names
             elif o.kind in ("shapes", "ranges"):

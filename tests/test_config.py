@@ -88,3 +88,25 @@ def test_messages_that_name_the_limit_and_refuse_an_ambiguous_value():
         ol.CompressConfig(data_aware=True, damping=1e9)
     with pytest.raises(ol.UsageError, match=r"got -1;"):
         ol.CompressConfig(quantize="int4", energy=1.0, int4_correction=-1.0)
+
+
+def test_choices_read_in_any_case_and_limits_are_named():
+    # every choice in any letter case, as --ffn-keep AUTO was already read; unknown values are refused
+    assert ol.CompressConfig(quantize="INT4", energy=1.0).quantize == "int4"
+    assert ol.CompressConfig(ffn_keep=0.5, ffn_select="Energy").ffn_select == "energy"
+    args = _compress_parser().parse_args(["m.onnx", "-o", "o.onnx", "--quantize", "Int8-Per-Channel", "--svd", "EXACT"])
+    assert (args.quantize, args.svd) == ("int8-per-channel", "exact")
+    with pytest.raises(ol.UsageError, match="expected one of int8, int8-per-channel, int4"):
+        ol.CompressConfig(quantize="int5")
+    # the block sizes are listed whatever the wrong value
+    for bad in (0, 24, True):
+        with pytest.raises(ol.UsageError, match="int4_block got .*; expected one of 16, 32, 64, 128, 256"):
+            ol.CompressConfig(quantize="int4", energy=1.0, int4_block=bad)
+    assert _compress_parser().parse_args(["m.onnx", "-o", "o.onnx", "--int4-block", "64"]).int4_block == 64
+    # at most the grid's ranks can be measured: more is refused, not taken as the grid
+    from onnx_lowrank.passes.adaptive import GRID
+
+    assert len(GRID) == config.SENSITIVITY_GRID
+    assert ol.CompressConfig(adaptive=True, target_params=0.5, sensitivity_points=10).sensitivity_points == 10
+    with pytest.raises(ol.UsageError, match="sensitivity_points must be a positive integer up to 10, got 11"):
+        ol.CompressConfig(adaptive=True, target_params=0.5, sensitivity_points=11)
