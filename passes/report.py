@@ -173,6 +173,7 @@ def _mark_quantized(ctx: Context, layers: list[LayerDecision]) -> None:
 
     q = ctx.get(Int4Quantized)
     if q is None:
+        _mark_planned(ctx, layers)
         return
     held = {l.weight: l for l in q.summary.layers}
     int8 = {p.factor for p in q.summary.factors if p.storage == "int8"}
@@ -187,6 +188,22 @@ def _mark_quantized(ctx: Context, layers: list[LayerDecision]) -> None:
         else:
             continue
         layers[i] = dataclasses.replace(row, quantized=how)
+
+
+def _mark_planned(ctx: Context, layers: list[LayerDecision]) -> None:
+    """Under ``dry_run``, the rows a byte budget put in 4-bit blocks say so as a real run's would."""
+    from .decide import latest_decided
+
+    budget = latest_decided(ctx, "int4_ranks")
+    if not budget:
+        return
+    found = ctx.need(Discovery)
+    planned = {found.group(key).weight.name: rank for key, rank in budget.items()}
+    for i, row in enumerate(layers):
+        if row.weight in planned and not row.factorized:
+            rank = planned[row.weight]
+            how = f"int4 (block {ctx.config.int4_block})" + (f" + rank-{rank} correction" if rank else "")
+            layers[i] = dataclasses.replace(row, quantized=how)
 
 
 METADATA_KEY = "onnx_lowrank"

@@ -1050,3 +1050,15 @@ def test_byte_budgets_take_weights_read_in_bodies():
     assert all("main graph only" in sec["left_float"][w] for w in ("Wc", "Wl"))
     numbers = res.sections["adaptive"]
     assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=0.02) and numbers["final_drop"] > 0
+
+
+def test_a_dry_run_words_the_budgets_4_bit_rows_as_the_real_run_does():
+    src = _decoder_like()
+    real = compress(src, target_bytes=0.3, quantize="int4", min_params=0)
+    dry = compress(src, target_bytes=0.3, quantize="int4", min_params=0, dry_run=True)
+    rows = [(d.weight, d.quantized) for d in real.layers]
+    assert all(q and q.startswith("int4 (block 32) + rank-") for _, q in rows)
+    assert [(d.weight, d.quantized) for d in dry.layers] == rows
+    from onnx_lowrank.report import render_table
+
+    assert "skipped" not in render_table(dry.layers)
