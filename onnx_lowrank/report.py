@@ -249,6 +249,11 @@ def render_sections(sections: dict[str, Any]) -> str:
     if q:
         lines.append(f"int8:          onnxruntime dynamic quantization ({q['mode']}); {q['factors_quantized']} of {q['factors']} factor(s) quantized"
                      + (f"; left in float: {', '.join(q['unquantized_factors'])}" if q["unquantized_factors"] else ""))
+        if q.get("dense_left_float"):
+            inside = q["dense_left_float_in_bodies"]
+            lines.append(f"               onnxruntime's quantizer left {len(q['dense_left_float'])} dense weight(s) in float"
+                         + (f" ({inside} read inside If/Loop/Scan bodies, which it does not quantize; --quantize int4 "
+                            "takes those)" if inside else ""))
     q4 = sections.get("int4")
     if q4:
         lines.append(_fmt_int4(q4))

@@ -101,6 +101,7 @@ from onnx_lowrank.linalg import quant
 from onnx_lowrank.pipeline import Context, StageResult
 
 from .rewrite import NameScope, opset_version, remove_constant
+from .scopes import Const, Scopes, Site
 
 __all__ = ["DOMAIN", "Int4Options", "Int4Layer", "Int4Pair", "Int4Summary", "Int4Quantized", "quantize_int4",
            "runtime_problem", "require_runtime", "run_stage", "weight_bytes", "emulated_weight", "emulated_corrected",
@@ -341,93 +342,6 @@ class Int4Summary:
 # The graph
 # --------------------------------------------------------------------------------------------
 
-@dataclass
-class _Const:
-    """A constant weight: an initializer or a Constant node's output, of graph ``graph``
-    (the number :class:`_Scopes` gives it; 0 is the main graph)."""
-
-    name: str
-    tensor: TensorProto
-    node: onnx.NodeProto | None  # the Constant node, if any
-    graph: int = 0
-
-    @property
-    def key(self) -> tuple[int, str]:
-        return self.graph, self.name
-
-
-@dataclass(frozen=True)
-class _Site:
-    """Where a value is read: input ``slot`` of node ``node`` of graph ``graph``; ``node = -1``
-    for an output of that graph."""
-
-    graph: int
-    node: int
-    slot: int
-
-
-class _Scopes:
-    """Every graph of the model (the main one is number 0, then the If/Loop/Scan bodies depth
-    first), each constant's definition, and the readers of every value, with names resolved as
-    ONNX scopes them: a body sees its own names first, then its enclosing graphs'.  A weight of
-    the main graph read inside a body (an optimum merged decoder reads every weight from its
-    If's branches) is one constant with readers in several graphs."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.graphs: list[onnx.GraphProto] = []
-        self.parent: list[int] = []
-        self.defined: set[tuple[int, str]] = set()
-        self.consts: dict[tuple[int, str], _Const] = {}
-        self.readers: dict[tuple[int, str], list[_Site]] = {}
-        self._walk(graph, -1)
-
-    def _walk(self, graph: onnx.GraphProto, parent: int) -> None:
-        g = len(self.graphs)
-        self.graphs.append(graph)
-        self.parent.append(parent)
-        for t in graph.initializer:
-            self.consts[g, t.name] = _Const(t.name, t, None, g)
-        names = [t.name for t in graph.initializer] + [v.name for v in graph.input] + \
-            [s.values.name for s in graph.sparse_initializer]
-        self.defined.update((g, n) for n in names)
-        for i, node in enumerate(graph.node):
-            for k, name in enumerate(node.input):
-                if name:
-                    self._read(g, name, _Site(g, i, k))
-            for a in node.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
-                            list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
-                    self._walk(sub, g)
-            self.defined.update((g, out) for out in node.output if out)
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
-                value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
-                if value is not None:
-                    self.consts[g, node.output[0]] = _Const(node.output[0], value, node, g)
-        for v in graph.output:
-            self._read(g, v.name, _Site(g, -1, -1))
-
-    def _read(self, g: int, name: str, site: _Site) -> None:
-        key = self.resolve(g, name)
-        if key is not None:
-            self.readers.setdefault(key, []).append(site)
-
-    def resolve(self, g: int, name: str) -> tuple[int, str] | None:
-        """The definition that ``name`` read in graph ``g`` refers to, as ``(graph, name)``."""
-        while g >= 0:
-            if (g, name) in self.defined:
-                return g, name
-            g = self.parent[g]
-        return None
-
-    def const(self, g: int, name: str | None) -> _Const | None:
-        """The constant ``name`` read in graph ``g`` refers to, if it is one."""
-        key = self.resolve(g, name) if name else None
-        return self.consts.get(key) if key is not None else None
-
-    def node(self, site: _Site) -> onnx.NodeProto:
-        return self.graphs[site.graph].node[site.node]
-
-
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     for a in node.attribute:
         if a.name == name:
@@ -435,7 +349,7 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return default
 
 
-def _orientation(sc: _Scopes, users: list[_Site], opset: int) -> tuple[bool | None, str | None]:
+def _orientation(sc: Scopes, users: list[Site], opset: int) -> tuple[bool | None, str | None]:
     """Whether the weight is multiplied transposed (a ``transB`` Gemm), or why it cannot map."""
     transposed: set[bool] = set()
     for site in users:
@@ -475,7 +389,7 @@ class _Builder:
     factors) and the replacement nodes of each rewritten user, by ``(graph, node index)``.  New
     initializers go into the main graph, which every body sees."""
 
-    def __init__(self, model: onnx.ModelProto, opts: Int4Options, sc: _Scopes, overridable: set[str], data: io.DataFiles):
+    def __init__(self, model: onnx.ModelProto, opts: Int4Options, sc: Scopes, overridable: set[str], data: io.DataFiles):
         self.model, self.graph, self.opts, self.data = model, model.graph, opts, data
         self.names = NameScope(model)
         self.opset = opset_version(model)
@@ -493,7 +407,7 @@ class _Builder:
         return (c is not None and not (c.graph == 0 and c.name in self.overridable)
                 and c.tensor.data_type == TensorProto.FLOAT and list(c.tensor.dims) == [n])
 
-    def bias_add(self, site: _Site, n: int) -> tuple[int, str] | None:
+    def bias_add(self, site: Site, n: int) -> tuple[int, str] | None:
         """The ``Add`` of a bias after the MatMul at ``site`` (its only reader, in the same
         graph), as ``(node index, bias name)``; ``None`` when there is none to fold."""
         g, node = site.graph, self.sc.node(site)
@@ -616,7 +530,7 @@ def weight_bytes(model: onnx.ModelProto, op_types: Iterable[str] = ("MatMul", "G
     scales), their bias inputs aside (as the report's ``tensor bytes`` counts them)."""
     from .load import BIAS_SLOTS, code_dequantizers
 
-    sc = _Scopes(model.graph)
+    sc = Scopes(model.graph)
     wanted = set(op_types)
     dequantizers = code_dequantizers(model.graph, {key[1]: c.tensor for key, c in sc.consts.items() if key[0] == 0})
     seen: set[tuple[int, str]] = set()
@@ -667,7 +581,7 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
     grams = dict(grams or {})
     factor_names = [f for f in factors]
     summary = Int4Summary(options)
-    sc = _Scopes(out.graph)
+    sc = Scopes(out.graph)
     consts = sc.consts
 
     def keys(name: str) -> list[tuple[int, str]]:  # (a name may be defined in several bodies)
@@ -687,7 +601,7 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
     inputs = {v.name for v in out.graph.input}
     b = _Builder(out, options, sc, inputs, data)
     means = dict(means or {})
-    done: list[_Const] = []
+    done: list[Const] = []
     for key in todo:
         c, name = consts[key], key[1]
         users = sc.readers.get(key, [])
@@ -773,7 +687,7 @@ def _bare_reason(why: str) -> str:
     return why.split("; plain SVD used")[0]
 
 
-def _why_not(c: _Const, users: list[_Site], inputs: set[str], model: onnx.ModelProto) -> str | None:
+def _why_not(c: Const, users: list[Site], inputs: set[str], model: onnx.ModelProto) -> str | None:
     if c.graph == 0 and c.name in inputs and c.node is None and model.ir_version >= 4:
         return "it is a graph input (a caller may feed another value)"
     if c.graph and model.ir_version < 4 and c.node is None:
@@ -787,7 +701,7 @@ def _why_not(c: _Const, users: list[_Site], inputs: set[str], model: onnx.ModelP
     return None
 
 
-def _factor_why_not(c: _Const, users: list[_Site], inputs: set[str], model: onnx.ModelProto, sc: _Scopes) -> str | None:
+def _factor_why_not(c: Const, users: list[Site], inputs: set[str], model: onnx.ModelProto, sc: Scopes) -> str | None:
     if c.tensor.data_type != TensorProto.FLOAT or len(c.tensor.dims) != 2:
         return "int8 storage takes float32 2-D factors"
     if c.graph == 0 and c.name in inputs and c.node is None and model.ir_version >= 4:  # (IR < 4 lists every initializer)
@@ -799,7 +713,7 @@ def _factor_why_not(c: _Const, users: list[_Site], inputs: set[str], model: onnx
     return None
 
 
-def _mean_target(b: _Builder, users: list[_Site], n: int) -> tuple[str | None] | None:
+def _mean_target(b: _Builder, users: list[Site], n: int) -> tuple[str | None] | None:
     """Where a mean correction goes: ``(bias constant or None,)`` for a weight read by one
     MatMul (its folded bias, or none) or one Gemm with ``alpha = 1`` whose ``C`` is absent or a
     bias it folds (``beta = 1``), when the runtime takes a bias input; ``None`` otherwise."""
@@ -817,7 +731,7 @@ def _mean_target(b: _Builder, users: list[_Site], n: int) -> tuple[str | None] |
     return (folded[1] if folded is not None else None,)
 
 
-def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | None, users: list[_Site],
+def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | None, users: list[Site],
                   rank: int | None = None, mean: tuple[np.ndarray, int] | None = None) -> Int4Layer:
     """Quantize one weight (as multiplied, ``x @ wk``), fit its branch (of ``rank``, else by the
     options' rule), and schedule its users' rewrite; ``mean``: the mean input row and the rows

@@ -30,7 +30,7 @@ import logging
 import os
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -38,12 +38,13 @@ import onnx
 
 from onnx_lowrank import io
 from onnx_lowrank.config import QUANTIZE_MODES
-from onnx_lowrank.errors import ModelError, UsageError, option
+from onnx_lowrank.errors import ModelError, UsageError, option, option_value
 from onnx_lowrank.pipeline import Context, StageResult, Step
 
 from .rewrite import Rewritten
 
-__all__ = ["QUANTIZE_MODES", "quantize", "quantize_int8", "lift_constants", "quantized_weights", "unquantized", "Quantize", "Quantized"]
+__all__ = ["QUANTIZE_MODES", "quantize", "quantize_int8", "lift_constants", "quantized_weights", "unquantized", "Quantize", "Quantized",
+           "float_matmul_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,15 @@ class Quantized(StageResult):
     factors: list[str]
     missed: list[str]
 
+    dense_float: dict[str, bool] = field(default_factory=dict)  # dense weights it left float: read in a body?
+
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "factors": len(self.factors), "factors_quantized": len(self.factors) - len(self.missed),
-                "unquantized_factors": list(self.missed)}
+        out = {"mode": self.mode, "factors": len(self.factors), "factors_quantized": len(self.factors) - len(self.missed),
+               "unquantized_factors": list(self.missed)}
+        if self.dense_float:
+            out["dense_left_float"] = sorted(self.dense_float)
+            out["dense_left_float_in_bodies"] = sum(self.dense_float.values())
+        return out
 
 
 class Quantize(Step):
@@ -236,4 +243,30 @@ class Quantize(Step):
         missed = unquantized(quantized, factors)
         if missed:
             log.warning("int8 quantization left %d factor(s) in float: %s", len(missed), ", ".join(missed))
-        return Quantized(quantized, io.DataFiles(), mode, factors, missed)
+        dense = {name: body for name, body in float_matmul_weights(quantized).items() if name not in set(factors)}
+        if dense:
+            inside = sum(dense.values())
+            log.warning("onnxruntime's quantizer left %d dense MatMul/Gemm weight(s) in float%s", len(dense),
+                        f", {inside} of them read inside If/Loop/Scan bodies, which it does not quantize; "
+                        f"{option_value('quantize', 'int4')} takes those" if inside else "")
+        return Quantized(quantized, io.DataFiles(), mode, factors, missed, dense)
+
+
+def float_matmul_weights(model: onnx.ModelProto) -> dict[str, bool]:
+    """The float 2-D constants that a MatMul or Gemm of any graph multiplies ``x`` by (input 1),
+    with whether one of those products is inside an If/Loop/Scan body."""
+    from onnx import TensorProto
+
+    from .scopes import Scopes
+
+    sc = Scopes(model.graph)
+    out: dict[str, bool] = {}
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+    for key, c in sc.consts.items():
+        if c.tensor.data_type not in floats or len(c.tensor.dims) != 2:
+            continue
+        users = [u for u in sc.readers.get(key, []) if u.node >= 0 and u.slot == 1
+                 and sc.node(u).op_type in ("MatMul", "Gemm") and sc.node(u).domain in ("", "ai.onnx")]
+        if users:
+            out[c.name] = out.get(c.name, False) or any(u.graph > 0 for u in users)
+    return out

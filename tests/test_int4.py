@@ -1062,3 +1062,15 @@ def test_a_dry_run_words_the_budgets_4_bit_rows_as_the_real_run_does():
     from onnx_lowrank.report import render_table
 
     assert "skipped" not in render_table(dry.layers)
+
+
+def test_int8_says_which_dense_weights_onnxruntimes_quantizer_left_float(capsys):
+    # onnxruntime's dynamic quantizer does not reach weights read inside If/Loop bodies: say so, and name int4
+    src = _decoder_like()
+    res = compress(src, energy=1.0, quantize="int8", min_params=0)
+    q = res.sections["quantize"]
+    assert q["dense_left_float"] == ["W", "Wc", "Wl"] and q["dense_left_float_in_bodies"] == 3
+    assert "read inside If/Loop/Scan bodies" in render_sections(res.sections) and "--quantize int4" in render_sections(res.sections)
+    # a model it quantizes whole says nothing of the kind
+    res = compress(model(), energy=1.0, quantize="int8", min_params=0)
+    assert "dense_left_float" not in res.sections["quantize"]
