@@ -249,11 +249,14 @@ def render_sections(sections: dict[str, Any]) -> str:
     if q:
         lines.append(f"int8:          onnxruntime dynamic quantization ({q['mode']}); {q['factors_quantized']} of {q['factors']} factor(s) quantized"
                      + (f"; left in float: {', '.join(q['unquantized_factors'])}" if q["unquantized_factors"] else ""))
+        if q.get("body_weights_quantized"):
+            lines.append(f"               {q['body_weights_quantized']} weight(s) read inside If/Loop/Scan bodies, which "
+                         "onnxruntime's quantizer does not reach, written as int8 DynamicQuantizeMatMul")
         if q.get("dense_left_float"):
             inside = q["dense_left_float_in_bodies"]
-            lines.append(f"               onnxruntime's quantizer left {len(q['dense_left_float'])} dense weight(s) in float"
-                         + (f" ({inside} read inside If/Loop/Scan bodies, which it does not quantize; --quantize int4 "
-                            "takes those)" if inside else ""))
+            lines.append(f"               {len(q['dense_left_float'])} dense weight(s) left in float"
+                         + (f" ({inside} read inside If/Loop/Scan bodies by something other than MatMul alone; "
+                            "--quantize int4 takes Gemm readers too)" if inside else ""))
     q4 = sections.get("int4")
     if q4:
         lines.append(_fmt_int4(q4))

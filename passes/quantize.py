@@ -34,17 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank import io
 from onnx_lowrank.config import QUANTIZE_MODES
 from onnx_lowrank.errors import ModelError, UsageError, option, option_value
 from onnx_lowrank.pipeline import Context, StageResult, Step
 
-from .rewrite import Rewritten
+from .rewrite import NameScope, Rewritten, remove_constant
 
 __all__ = ["QUANTIZE_MODES", "quantize", "quantize_int8", "lift_constants", "quantized_weights", "unquantized", "Quantize", "Quantized",
-           "float_matmul_weights"]
+           "float_matmul_weights", "quantize_bodies"]
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +168,64 @@ def quantize_int8(model: onnx.ModelProto, *, base_dir: str | os.PathLike | io.Da
         except Exception as exc:  # the quantizer raises assorted exception types
             raise ModelError(f"onnxruntime dynamic quantization failed: {type(exc).__name__}: {exc}") from None
         out = onnx.load(str(dst), load_external_data=True)
+    sort_nodes(out.graph)
     log.info("quantized to int8%s: %d integer MatMul node(s)", " per channel" if per_channel else "", sum(n.op_type in INTEGER_MATMULS for n in out.graph.node))
     return out
+
+
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """In place: ``graph``'s nodes (and each body's) in an order where every node comes after the
+    nodes whose outputs it reads, the names its If/Loop/Scan bodies read from it included, and
+    otherwise as they were.  onnxruntime's quantizer sorts by explicit inputs only and can put
+    an If before the node whose output its branches read, which onnx's checker refuses."""
+    import heapq
+
+    for node in graph.node:
+        for sub in _bodies(node):
+            sort_nodes(sub)
+    nodes = list(graph.node)
+    made = {out: i for i, n in enumerate(nodes) for out in n.output if out}
+    users: list[list[int]] = [[] for _ in nodes]
+    waiting = [0] * len(nodes)
+    for i, n in enumerate(nodes):
+        for j in {made[name] for name in _reads(n) if made.get(name, i) != i}:
+            users[j].append(i)
+            waiting[i] += 1
+    ready = [i for i in range(len(nodes)) if not waiting[i]]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:  # Kahn's algorithm, the earliest ready node first: the stored order where it is valid
+        i = heapq.heappop(ready)
+        order.append(i)
+        for k in users[i]:
+            waiting[k] -= 1
+            if not waiting[k]:
+                heapq.heappush(ready, k)
+    if len(order) == len(nodes) and order != list(range(len(nodes))):  # (a cycle is left as found)
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+
+def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs ``node`` holds directly (If branches, Loop and Scan bodies)."""
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The names ``node`` reads: its inputs and whatever its bodies read (a body's own names
+    included, which match no node of the enclosing graph unless they shadow one)."""
+    names = {name for name in node.input if name}
+    for sub in _bodies(node):
+        for inner in sub.node:
+            names |= _reads(inner)
+        names |= {v.name for v in sub.output}
+    return names
 
 
 def _original_name(name: str) -> str:
@@ -212,10 +270,13 @@ class Quantized(StageResult):
     missed: list[str]
 
     dense_float: dict[str, bool] = field(default_factory=dict)  # dense weights it left float: read in a body?
+    in_bodies: list[str] = field(default_factory=list)  # weights read in bodies, quantized here (quantize_bodies)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"mode": self.mode, "factors": len(self.factors), "factors_quantized": len(self.factors) - len(self.missed),
                "unquantized_factors": list(self.missed)}
+        if self.in_bodies:
+            out["body_weights_quantized"] = len(self.in_bodies)
         if self.dense_float:
             out["dense_left_float"] = sorted(self.dense_float)
             out["dense_left_float_in_bodies"] = sum(self.dense_float.values())
@@ -239,6 +300,7 @@ class Quantize(Step):
 
             return run_stage(ctx)
         quantized = quantize(ctx.model, mode, base_dir=ctx.data)
+        in_bodies = quantize_bodies(quantized, per_channel=mode == "int8-per-channel")
         factors = [name for names in ctx.need(Rewritten).factors.values() for name in names]
         missed = unquantized(quantized, factors)
         if missed:
@@ -246,17 +308,60 @@ class Quantize(Step):
         dense = {name: body for name, body in float_matmul_weights(quantized).items() if name not in set(factors)}
         if dense:
             inside = sum(dense.values())
-            log.warning("onnxruntime's quantizer left %d dense MatMul/Gemm weight(s) in float%s", len(dense),
-                        f", {inside} of them read inside If/Loop/Scan bodies, which it does not quantize; "
-                        f"{option_value('quantize', 'int4')} takes those" if inside else "")
-        return Quantized(quantized, io.DataFiles(), mode, factors, missed, dense)
+            log.warning("int8 left %d dense MatMul/Gemm weight(s) in float%s", len(dense),
+                        f", {inside} of them read inside If/Loop/Scan bodies by something other than MatMul alone; "
+                        f"{option_value('quantize', 'int4')} takes Gemm readers too" if inside else "")
+        return Quantized(quantized, io.DataFiles(), mode, factors, missed, dense, in_bodies)
+
+
+def quantize_bodies(model: onnx.ModelProto, *, per_channel: bool = False) -> list[str]:
+    """In place, after onnxruntime's quantizer, which does not reach them: the float32 weights
+    that MatMul nodes inside If/Loop/Scan bodies multiply by (and only MatMul nodes, as input 1)
+    become int8 codes read by ``com.microsoft.DynamicQuantizeMatMul`` where each product is.
+    The codes are symmetric, as that quantizer writes int8 weights: ``round(W / s)`` in
+    [-127, 127] with ``s = max|W| / 127`` for the tensor, or for each output column
+    (``per_channel``); they go into the main graph, which every body sees.  Returns the names of
+    the weights taken."""
+    from .scopes import Scopes
+
+    sc = Scopes(model.graph)
+    inputs = {v.name for v in model.graph.input} if model.ir_version >= 4 else set()
+    names = NameScope(model)
+    taken, gone = [], []
+    for key, c in list(sc.consts.items()):
+        users = sc.readers.get(key, [])
+        if (c.tensor.data_type != TensorProto.FLOAT or len(c.tensor.dims) != 2 or not any(u.graph > 0 for u in users)
+                or (c.graph == 0 and c.name in inputs) or (c.graph > 0 and model.ir_version < 4 and c.node is None)
+                or any(u.node < 0 or u.slot != 1 or sc.node(u).op_type != "MatMul" or sc.node(u).domain not in ("", "ai.onnx")
+                       for u in users)):
+            continue
+        w = numpy_helper.to_array(c.tensor).astype(np.float64)
+        top = np.abs(w).max(axis=0) if per_channel else np.array(np.abs(w).max())
+        scale = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
+        codes = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        args = []
+        for arr, base in ((codes, f"{c.name}_quantized"), (scale, f"{c.name}_scale"), (np.zeros_like(codes, shape=scale.shape), f"{c.name}_zero_point")):
+            t = numpy_helper.from_array(arr, names.fresh(base))
+            model.graph.initializer.append(t)
+            args.append(t.name)
+        for u in users:
+            node = sc.node(u)
+            x = node.input[0]
+            node.op_type, node.domain = "DynamicQuantizeMatMul", "com.microsoft"
+            del node.input[:]
+            node.input.extend([x, *args])
+        taken.append(c.name)
+        gone.append(c)
+    for c in gone:  # (after the rewrites: a removed Constant node would shift the sites' indices)
+        remove_constant(sc.graphs[c.graph], c.name, constant=c.node is not None)
+    if taken and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return taken
 
 
 def float_matmul_weights(model: onnx.ModelProto) -> dict[str, bool]:
     """The float 2-D constants that a MatMul or Gemm of any graph multiplies ``x`` by (input 1),
     with whether one of those products is inside an If/Loop/Scan body."""
-    from onnx import TensorProto
-
     from .scopes import Scopes
 
     sc = Scopes(model.graph)
