@@ -173,6 +173,10 @@ def quantize_int8(model: onnx.ModelProto, *, base_dir: str | os.PathLike | io.Da
     return out
 
 
+def _same(t: onnx.TensorProto | None, arr: np.ndarray) -> bool:
+    return t is not None and tuple(t.dims) == arr.shape and np.array_equal(numpy_helper.to_array(t), arr)
+
+
 def sort_nodes(graph: onnx.GraphProto) -> None:
     """In place: ``graph``'s nodes (and each body's) in an order where every node comes after the
     nodes whose outputs it reads, the names its If/Loop/Scan bodies read from it included, and
@@ -327,6 +331,7 @@ def quantize_bodies(model: onnx.ModelProto, *, per_channel: bool = False) -> lis
     sc = Scopes(model.graph)
     inputs = {v.name for v in model.graph.input} if model.ir_version >= 4 else set()
     names = NameScope(model)
+    main = {t.name: t for t in model.graph.initializer}
     taken, gone = [], []
     for key, c in list(sc.consts.items()):
         users = sc.readers.get(key, [])
@@ -339,11 +344,14 @@ def quantize_bodies(model: onnx.ModelProto, *, per_channel: bool = False) -> lis
         top = np.abs(w).max(axis=0) if per_channel else np.array(np.abs(w).max())
         scale = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
         codes = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-        args = []
-        for arr, base in ((codes, f"{c.name}_quantized"), (scale, f"{c.name}_scale"), (np.zeros_like(codes, shape=scale.shape), f"{c.name}_zero_point")):
-            t = numpy_helper.from_array(arr, names.fresh(base))
-            model.graph.initializer.append(t)
-            args.append(t.name)
+        made = [(codes, f"{c.name}_quantized"), (scale, f"{c.name}_scale"), (np.zeros_like(codes, shape=scale.shape), f"{c.name}_zero_point")]
+        args = [name for _, name in made]
+        if not all(_same(main.get(name), arr) for arr, name in made):  # (the quantizer's own, for readers in the main graph)
+            args = []
+            for arr, base in made:
+                t = numpy_helper.from_array(arr, names.fresh(base))
+                model.graph.initializer.append(t)
+                args.append(t.name)
         for u in users:
             node = sc.node(u)
             x = node.input[0]

@@ -1109,3 +1109,23 @@ def test_int8_says_which_dense_weights_it_left_float():
     # a model it quantizes whole says nothing of the kind
     res = compress(model(), energy=1.0, quantize="int8", min_params=0)
     assert "dense_left_float" not in res.sections["quantize"] and "body_weights_quantized" not in res.sections["quantize"]
+
+
+def test_int8_shares_the_quantizers_codes_with_a_body_that_reads_the_same_weight():
+    # W is read in the main graph (onnxruntime quantizes that reader) and in an If branch (done here): one set of codes
+    k, n = 64, 48
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"])], "then", [], [vi("t", ["rows", n])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["m"], ["e"])], "else", [], [vi("e", ["rows", n])])
+    src = make_model([helper.make_node("MatMul", ["x", "W"], ["m"]),
+                      helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)],
+                     [vi("x", ["rows", k]), vi("cond", [], onnx.TensorProto.BOOL)], [vi("y", ["rows", n])], [init("W", _w(k, n))])
+    for mode in ("int8", "int8-per-channel"):
+        res = compress(src, energy=1.0, quantize=mode, min_params=0)
+        codes = [t.name for t in res.model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+        assert codes == ["W_quantized"], mode
+        x = _w(5, k, 6)
+        for cond in (True, False):
+            got = run(res.model, {"x": x, "cond": np.array(cond)})[0]
+            assert compare("y", run(src, {"x": x, "cond": np.array(cond)})[0], got).rel_l2_error < 0.03
+        a, b = (run(res.model, {"x": x, "cond": np.array(c)})[0] for c in (True, False))
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # the same codes in both places
