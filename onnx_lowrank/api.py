@@ -128,6 +128,10 @@ class CompressResult:
         with io.terminate_raises(), io.OutputSet() as files:
             written = io.stage_model(files, self.model, path, data=self.data, external=external, protect=protect)
             self.totals.size_after = sum(files.staged_size(p) for p in written)
+            clash = next((p for p in written if report is not None and Path(report).resolve() == p.resolve()), None)
+            if clash is not None:  # (a data file is named after its content: known only now)
+                raise UsageError(f"--report {report}: is the data file of the model being written; choose a different "
+                                 "--report; nothing was written.")
             if report is not None:
                 text = self.to_json() + "\n"
                 files.stage(report, lambda f: f.write(text.encode("utf-8")))

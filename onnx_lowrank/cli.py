@@ -254,7 +254,7 @@ def _files_read(args: argparse.Namespace) -> tuple[Path, ...]:
 
 
 def _run_verify(argv: Sequence[str]) -> int:
-    from .io import check_input_path, check_output_path, write_text
+    from .io import check_input_path, check_output_path, external_files, write_text
     from .report import dumps
     from .verify import VerifyConfig, render_verification, verify_models
 
@@ -271,7 +271,8 @@ def _run_verify(argv: Sequence[str]) -> int:
     for path in (args.original, args.compressed):
         check_input_path(path)
     if args.report:
-        check_output_path(args.report, args.original, flag="--report", keep=(args.compressed, *_files_read(args)))
+        check_output_path(args.report, args.original, flag="--report",
+                          keep=(args.compressed, *external_files(args.compressed), *_files_read(args)))
     fields = {f.name for f in dataclasses.fields(VerifyConfig)}
     report = verify_models(args.original, args.compressed, VerifyConfig(**{k: v for k, v in vars(args).items()
                                                                            if v is not None and k in fields}))
@@ -325,7 +326,7 @@ def _bench_parser() -> argparse.ArgumentParser:
 
 def _run_bench(argv: Sequence[str]) -> int:
     from .bench import bench, render_report
-    from .io import check_input_path, check_output_path, write_text
+    from .io import check_input_path, check_output_path, external_files, write_text
 
     args = _bench_parser().parse_args(argv)
     _setup_logging(args)
@@ -333,7 +334,7 @@ def _run_bench(argv: Sequence[str]) -> int:
     for path in paths:
         check_input_path(path)
     if args.json:
-        check_output_path(args.json, args.model, flag="--json", keep=tuple(p for p in (args.other,) if p))
+        check_output_path(args.json, args.model, flag="--json", keep=(args.other, *external_files(args.other)) if args.other else ())
     report = bench(paths, threads=args.threads, batch=args.batch, input_shape=args.input_shape, runs=args.runs,
                    warmup=args.warmup, profile=args.profile)
     if args.json:

@@ -429,3 +429,26 @@ def test_an_output_directory_that_cannot_be_written_to_is_refused_before_any_wor
     err = capsys.readouterr().err
     assert f"cannot write in directory '{tmp_path.resolve()}' (Permission denied); choose another -o" in err
     assert not ran and sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "m.onnx"]
+
+
+def test_a_report_never_replaces_a_model_data_file_written_or_read(tmp_path, capsys):
+    # the data file is named after its content: a --report naming it was found only by writing over it
+    src = _external_model(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main([str(src), "-o", str(out / "s.onnx"), "--min-params", "100", "-q"]) == 0
+    data = next(out.glob("s.onnx.*.data"))
+    kept = _digest(out)
+    # the main command: the report would be the new model's data file (same content, same name)
+    assert main([str(src), "-o", str(out / "t.onnx"), "--min-params", "100", "-q",
+                 "--report", str(out / data.name.replace("s.onnx", "t.onnx"))]) == 2
+    assert "is the data file of the model being written" in capsys.readouterr().err
+    assert _digest(out) == kept  # nothing written
+    # verify and bench read the second model: its data file is an input too
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=RNG.standard_normal((8, 4, 256)).astype(np.float32))
+    assert main(["verify", str(src), str(out / "s.onnx"), "--calib", str(calib), "-q", "--report", str(data)]) == 2
+    assert main(["bench", str(src), str(out / "s.onnx"), "--runs", "2", "--warmup", "1", "-q", "--json", str(data)]) == 2
+    assert capsys.readouterr().err.count("which this command reads or writes") == 2
+    assert _digest(out) == kept
+    onnx.checker.check_model(str(out / "s.onnx"))
