@@ -6,7 +6,8 @@ Metrics, per output, original (``y``) against compressed (``z``), over all sampl
 * ``rel_l2_error``   ``||y - z||_2 / ||y||_2`` over the whole output
 * ``cosine_mean`` / ``cosine_min``  cosine similarity of each sample's flattened output
 * ``top1_agreement`` fraction of samples whose arg-max agrees, when the output looks like class
-  scores (2-D ``[samples, classes]`` with at least 2 classes, floating point)
+  scores (2-D ``[samples, classes]`` with at least 2 classes, floating point); for an integer
+  or boolean output (class ids, masks), the fraction of samples whose values all match
 * with labels: ``accuracy`` and ``macro_f1`` of both models, and their drop (original minus
   compressed, in fractions, so 0.01 is one point).
 
@@ -25,7 +26,8 @@ metric         before -> after                drop
 
 Without ``metric`` each output is judged by ``accuracy`` when there are labels and it holds
 class scores, else ``top1`` when it holds class scores and its name says so (``logits``,
-``scores``, ``probabilities``, ``class...``, ``pred...``), else ``rel_l2``.  The relative L2
+``scores``, ``probabilities``, ``class...``, ``pred...``) or when it is an integer or boolean
+output (on ids a cosine or an L2 error means nothing: one wrong id is wrong), else ``rel_l2``.  The relative L2
 error sees every kind of change on every output shape: a cosine is blind to a change of scale,
 and with one value per sample each sample's cosine is just the sign agreement (so a regression
 head 60 % off would pass a cosine gate).  Pass ``metric="cosine"`` where only the direction
@@ -167,6 +169,8 @@ class OutputMetrics:
     accuracy_after: float | None = None
     f1_before: float | None = None
     f1_after: float | None = None
+    nonfinite: int = 0  # samples whose compressed output holds NaN or Inf
+    integer: bool = False  # an integer or boolean output: judged by agreement (top1) only
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -188,6 +192,8 @@ class OutputMetrics:
             return self.f1_before, self.f1_after, self.f1_drop  # type: ignore[return-value]
         if metric == "top1" and self.top1_agreement is not None:
             return 1.0, self.top1_agreement, 1.0 - self.top1_agreement
+        if self.integer:
+            return None  # (ids: agreement only)
         if metric == "cosine":
             return 1.0, self.cosine_mean, 1.0 - self.cosine_mean
         if metric == "rel_l2":
@@ -220,6 +226,11 @@ class Judgement:
     passed: bool | None
     why: str = ""
     cosine_min: float | None = None
+    nonfinite: int = 0  # samples whose compressed output holds NaN or Inf: the output fails, gate or not
+
+    @property
+    def broken(self) -> bool:
+        return self.nonfinite > 0 or not np.isfinite(self.drop)
 
     def describe(self, where: str = "") -> str:
         """``cosine drop 0.0288{where} (1.0000 -> 0.9712, min 0.9011)``, or ``rel_l2 0.0412{where}``."""
@@ -265,11 +276,12 @@ class VerifyReport:
     @property
     def worst(self) -> Judgement | None:
         """The judged output with the largest drop."""
-        return max(self.judged, key=lambda j: j.drop, default=None)
+        return max(self.judged, key=lambda j: (j.broken, j.drop if np.isfinite(j.drop) else 0.0), default=None)
 
     @property
     def passed(self) -> bool:
-        """False only when a gate was set and some judged output dropped by more than it allows."""
+        """False when a gate was set and some judged output dropped by more than it allows, and
+        when the compressed model gave NaN or Inf (gate or not)."""
         return all(j.passed is not False for j in self.judged)
 
     def summary(self) -> str:
@@ -277,7 +289,10 @@ class VerifyReport:
         w = self.worst
         if w is None:
             return f"nothing to judge on {_samples(self.samples)} from {self.source}"
-        verdict = "no gate" if self.max_drop is None else f"{'<=' if w.passed else '>'} {option('max_drop')} {self.max_drop:g}"
+        if w.broken:
+            verdict = "(the compressed model's output holds NaN or Inf)"
+        else:
+            verdict = "no gate" if self.max_drop is None else f"{'<=' if w.passed else '>'} {option('max_drop')} {self.max_drop:g}"
         return f"{w.describe(f' on output {w.output!r}')} {verdict}; {_samples(self.samples)} from {self.source}"
 
     def check(self, *, result: Any = None) -> None:
@@ -335,6 +350,11 @@ def _looks_like_scores(y: np.ndarray) -> bool:
     return y.ndim == 2 and y.shape[1] >= 2 and np.issubdtype(y.dtype, np.floating)
 
 
+def labels_fit(labels: np.ndarray, classes: int) -> bool:
+    """Whether every label is a class index of scores over ``classes`` classes."""
+    return labels.size == 0 or (int(labels.min()) >= 0 and int(labels.max()) < classes)
+
+
 class _Accumulator:
     """The metrics of one output, accumulated batch by batch so no output is held whole."""
 
@@ -344,16 +364,24 @@ class _Accumulator:
         self.sq_diff = 0.0
         self.sq_ref = 0.0
         self.cosines: list[np.ndarray] = []
+        self.nonfinite = 0
         self.scores = True
+        self.classes = 0
+        self.integer = False
+        self.same: list[np.ndarray] = []
         self.pred_y: list[np.ndarray] = []
         self.pred_z: list[np.ndarray] = []
 
     def add(self, y: np.ndarray, z: np.ndarray) -> None:
         y64 = y.astype(np.float64).reshape(len(y), -1) if y.ndim else y.astype(np.float64).reshape(1, -1)
         z64 = z.astype(np.float64).reshape(y64.shape)
+        self.nonfinite += int(np.sum(~np.all(np.isfinite(z64), axis=1)))
+        self.integer = y.dtype.kind in "iub"
+        if self.integer:
+            self.same.append(np.all(y64 == z64, axis=1))
         diff = y64 - z64
         if diff.size:
-            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
+            self.max_abs = float(np.max([self.max_abs, np.max(np.abs(diff))]))  # (NaN stays NaN; max() would drop it)
         self.sq_diff += float(np.sum(diff * diff))
         self.sq_ref += float(np.sum(y64 * y64))
         ny = np.linalg.norm(y64, axis=1)
@@ -363,6 +391,7 @@ class _Accumulator:
         self.cosines.append(np.nan_to_num(cos, nan=0.0))
         self.scores = self.scores and _looks_like_scores(y)
         if self.scores:
+            self.classes = int(y.shape[1])
             self.pred_y.append(y.argmax(axis=1))
             self.pred_z.append(z.argmax(axis=1))
 
@@ -375,12 +404,16 @@ class _Accumulator:
             rel_l2_error=float(np.sqrt(self.sq_diff) / norm) if norm > 0 else float(np.sqrt(self.sq_diff)),
             cosine_mean=float(np.mean(cos)) if cos.size else 1.0,
             cosine_min=float(np.min(cos)) if cos.size else 1.0,
+            nonfinite=self.nonfinite,
+            integer=self.integer,
         )
+        if self.integer and self.same:
+            m.top1_agreement = float(np.mean(np.concatenate(self.same)))
         if self.scores and self.pred_y:
             py, pz = np.concatenate(self.pred_y), np.concatenate(self.pred_z)
             m.top1_agreement = float(np.mean(py == pz))
-            if labels is not None and len(labels) == len(py):
-                lab = np.asarray(labels).reshape(-1)
+            lab = np.asarray(labels).reshape(-1) if labels is not None else None
+            if lab is not None and len(lab) == len(py) and labels_fit(lab, self.classes):
                 m.accuracy_before, m.accuracy_after = accuracy(py, lab), accuracy(pz, lab)
                 m.f1_before, m.f1_after = macro_f1(py, lab), macro_f1(pz, lab)
         return m
@@ -408,6 +441,8 @@ def default_metric(m: OutputMetrics, have_labels: bool) -> tuple[str, str]:
         return "accuracy", "default for class scores with labels"
     if m.top1_agreement is not None and _CLASS_SCORE_NAME.search(m.name):
         return "top1", "default for an output named like class scores"
+    if m.integer:
+        return "top1", "default for an integer output: the share of samples whose values all match"
     return "rel_l2", f"default: sees any change of any output shape (pass {option('metric')} cosine for embeddings)"
 
 
@@ -427,16 +462,27 @@ def judge(metrics: Sequence[OutputMetrics], *, metric: str | None, max_drop: flo
         used, why = (metric, f"{option('metric')} {metric}") if metric else default_metric(m, have_labels)
         measured = m.measure(used)
         if measured is None:
-            reason = f"{option('metric')} {used} needs class scores [samples, classes]"
-            if gate_output is not None:
-                raise UsageError(f"output '{m.name}' does not hold class scores [samples, classes], so {reason}; "
-                                 f"use {option('metric')} rel_l2 or cosine.")
+            if m.integer:
+                reason = f"an integer output is judged by agreement ({option('metric')} top1), not {used}"
+                if gate_output is not None:
+                    raise UsageError(f"output '{m.name}' is an integer output: {reason}; use {option('metric')} top1.")
+            else:
+                reason = f"{option('metric')} {used} needs class scores [samples, classes]"
+                if gate_output is not None:
+                    raise UsageError(f"output '{m.name}' does not hold class scores [samples, classes], so {reason}; "
+                                     f"use {option('metric')} rel_l2 or cosine.")
             skipped[m.name] = reason
             continue
         before, after, drop = measured
-        passed = None if max_drop is None else drop <= max_drop + _ROUNDING
-        judged.append(Judgement(m.name, used, before, after, drop, passed, why, m.cosine_min if used == "cosine" else None))
+        # NaN or Inf from the compressed model (the original's are refused before) fails with or without a gate
+        broken = m.nonfinite > 0 or not np.isfinite(drop)
+        passed = False if broken else None if max_drop is None else drop <= max_drop + _ROUNDING
+        judged.append(Judgement(m.name, used, before, after, drop, passed, why, m.cosine_min if used == "cosine" else None,
+                                m.nonfinite))
     if not judged:
+        if all(m.integer for m in metrics):
+            raise UsageError(f"{option('metric')} {metric} applies to none of the outputs ({', '.join(m.name for m in metrics)}): "
+                             f"they are integer outputs, judged by agreement; use {option('metric')} top1.")
         raise UsageError(f"{option('metric')} {metric} applies to none of the outputs ({', '.join(m.name for m in metrics)}): "
                          f"none holds class scores [samples, classes]; use {option('metric')} rel_l2 or cosine.")
     return judged, skipped
@@ -535,6 +581,12 @@ def verify_models(
             acc.add(y, z)
         samples += feed_samples(feed)
     metrics = [a.result(data.labels) for a in accs]
+    scored = [a for a in accs if a.scores and a.pred_y]
+    if data.labels is not None and scored and not any(labels_fit(np.asarray(data.labels).reshape(-1), a.classes) for a in scored):
+        lab = np.asarray(data.labels).reshape(-1)
+        raise CalibrationError(f"the labels run from {int(lab.min())} to {int(lab.max())}, outside the class indices of every "
+                               f"class-score output ({', '.join(f'{a.name!r}: 0 to {a.classes - 1}' for a in scored)}); "
+                               f"check the {option('labels')} file (ids counted from 1?).")
     judged, skipped = judge(metrics, metric=cfg.metric, max_drop=cfg.max_drop, have_labels=data.labels is not None,
                             gate_output=cfg.gate_output)
     report = VerifyReport(
@@ -560,6 +612,9 @@ def render_verification(report: VerifyReport) -> str:
     for m in report.outputs:
         acc = f"{m.accuracy_before:.4f} -> {m.accuracy_after:.4f}" if m.accuracy_drop is not None else "-"
         f1 = f"{m.f1_before:.4f} -> {m.f1_after:.4f}" if m.f1_drop is not None else "-"
+        if m.integer:  # (ids: only the agreement means something)
+            rows.append([m.name, f"{m.max_abs_error:.4g}", "-", "-", "-", _f(m.top1_agreement), acc, f1])
+            continue
         rows.append([m.name, f"{m.max_abs_error:.4g}", f"{m.rel_l2_error:.4g}", _f(m.cosine_mean, 5), _f(m.cosine_min, 5),
                      _f(m.top1_agreement), acc, f1])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
@@ -567,7 +622,10 @@ def render_verification(report: VerifyReport) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     for j in report.judged:
-        if report.max_drop is None:
+        if j.broken:
+            verdict = ("FAILED: the compressed model's output holds NaN or Inf where the original's is finite"
+                       + (f" ({_samples(j.nonfinite)})" if j.nonfinite else ""))
+        elif report.max_drop is None:
             verdict = f"measured (no gate: pass {option('max_drop')} to enforce one)"
         else:
             verdict = f"{'<=' if j.passed else '>'} {report.max_drop:g}: {'passed' if j.passed else 'FAILED'}"

@@ -392,3 +392,60 @@ def test_cli_scalar_regression_head_under_the_default_gate_writes_nothing(tmp_pa
     cap = capsys.readouterr()
     assert "rel_l2" in cap.err and "nothing written" in cap.err and list(out.iterdir()) == []
     assert "[default: sees any change" in cap.out
+
+
+def test_nan_from_the_compressed_model_fails_the_check_with_or_without_a_gate(tmp_path, capsys):
+    from onnx import numpy_helper
+
+    original = matmul_model(k=16, n=8, r=4, batch_shape=("N",))
+    broken = onnx.ModelProto()
+    broken.CopyFrom(original)
+    w = numpy_helper.to_array(broken.graph.initializer[0]).copy()
+    w[0, 0] = np.nan
+    broken.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, broken.graph.initializer[0].name))
+    calib = {"x": np.random.default_rng(0).standard_normal((12, 16)).astype(np.float32)}
+    for metric in (None, "cosine", "max_abs"):
+        report = verify_models(original, broken, calib=calib, metric=metric)
+        assert not report.passed and "NaN or Inf" in report.summary()
+        assert "FAILED: the compressed model's output holds NaN or Inf" in render_verification(report)
+        assert report.outputs[0].max_abs_error != report.outputs[0].max_abs_error  # NaN, not the 0 max() kept
+        with pytest.raises(VerificationFailed):
+            report.check()
+    onnx.save(original, str(tmp_path / "a.onnx"))
+    onnx.save(broken, str(tmp_path / "b.onnx"))
+    np.savez(tmp_path / "c.npz", **calib)
+    assert main(["verify", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--calib", str(tmp_path / "c.npz"), "-q"]) == 1
+    assert "NaN or Inf" in capsys.readouterr().err
+
+
+def test_integer_outputs_are_judged_by_agreement_and_labels_must_be_class_indices():
+    from onnx import TensorProto, helper
+
+    from models import init, make_model, vi
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 5)).astype(np.float32)
+
+    def classifier(weight):
+        return make_model([helper.make_node("MatMul", ["x", "W"], ["scores"]),
+                           helper.make_node("ArgMax", ["scores"], ["cls"], axis=1, keepdims=0)],
+                          [vi("x", ["N", 16])], [vi("scores", ["N", 5]), vi("cls", ["N"], TensorProto.INT64)], [init("W", weight)])
+
+    x = rng.standard_normal((40, 16)).astype(np.float32)
+    other = w + 0.6 * rng.standard_normal(w.shape).astype(np.float32)
+    ids_a, ids_b = (run(classifier(v), {"x": x})[1] for v in (w, other))
+    share = float(np.mean(ids_a == ids_b))
+    assert share < 1.0
+    report = verify_models(classifier(w), classifier(other), calib={"x": x})
+    cls = next(j for j in report.judged if j.output == "cls")
+    assert cls.metric == "top1" and cls.after == pytest.approx(share)  # the share of ids that match, not a cosine of ids
+    report = verify_models(classifier(w), classifier(other), calib={"x": x}, metric="cosine")
+    assert [j.output for j in report.judged] == ["scores"] and "judged by agreement" in report.not_judged["cls"]
+    with pytest.raises(UsageError, match="integer output"):
+        verify_models(classifier(w), classifier(other), calib={"x": x}, metric="cosine", gate_output="cls")
+    # labels must index the classes: 1-based ids or another file are refused, not scored as 0 % twice
+    for bad in (np.full(40, 5), np.full(40, -1)):
+        with pytest.raises(CalibrationError, match="outside the class indices"):
+            verify_models(classifier(w), classifier(other), calib={"x": x}, labels=bad)
+    report = verify_models(classifier(w), classifier(other), calib={"x": x}, labels=ids_a)
+    assert next(j for j in report.judged if j.output == "scores").metric == "accuracy"
