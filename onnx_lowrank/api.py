@@ -158,6 +158,14 @@ def _resolve_config(config: CompressConfig | None, recipe: str | os.PathLike | N
     base: dict[str, Any] = {}
     if recipe is not None:
         base.update(load_recipe(recipe))
+        # what the caller gives overrides the recipe, with the recipe keys that only go with what it replaced
+        groups = {f.name: f.metadata["opt"].exclusive for f in CompressConfig.fields() if f.metadata["opt"].exclusive}
+        for name in overrides:
+            for other in [k for k in base if k != name and name in groups and groups.get(k) == groups[name]]:
+                base.pop(other)  # (--rank on the command line replaces the recipe's energy)
+        if overrides.get("quantize", "int4") != "int4":
+            for key in [k for k in base if k.startswith("int4_")]:
+                base.pop(key)
     if config is not None:
         if base:
             raise UsageError(f"pass either config= or {option('recipe')}=, not both.")
@@ -233,7 +241,10 @@ def compress(
         return graphsurgeon.compress_graph(model, config, recipe=recipe, dry_run=dry_run, base_dir=base_dir, progress=progress,
                                            calib=calib, labels=labels, calib_batch=calib_batch, calib_script=calib_script,
                                            verify=verify, probe=probe, **options)
-    request = pipeline.Request(source=model, config=_resolve_config(config, recipe, options), verify=_resolve_verify(verify),
+    cfg, check = _resolve_config(config, recipe, options), _resolve_verify(verify)
+    if check is not None and not check.input_shape and cfg.input_shape:  # (as --input-shape does for both)
+        check = check.replace(input_shape=",".join(cfg.input_shape) if not isinstance(cfg.input_shape, Mapping) else cfg.input_shape)
+    request = pipeline.Request(source=model, config=cfg, verify=check,
                                dry_run=dry_run, base_dir=Path(base_dir) if base_dir is not None else None, calib=calib,
                                labels=labels, calib_batch=calib_batch, calib_script=calib_script, probe=probe, progress=progress)
     if request.verify is not None and dry_run:

@@ -438,6 +438,11 @@ def bench(
     if len(protos) == 2:
         a, b = ({v.name: v.type.tensor_type.elem_type for v in _graph_inputs(p)} for p in protos)
         if a != b:
+            if set(a) == set(b):  # the same names: say which types differ
+                name = next(n for n in sorted(a) if a[n] != b[n])
+                kinds = [onnx.TensorProto.DataType.Name(t[name]).lower() if t[name] else "not a tensor" for t in (a, b)]
+                raise UsageError(f"the two models take input '{name}' as different types ({kinds[0]} in {labels[0]}, "
+                                 f"{kinds[1]} in {labels[1]}); compare models with the same inputs.")
             raise UsageError(f"the two models take different inputs ({', '.join(sorted(a))} vs {', '.join(sorted(b))}); "
                              f"compare models with the same inputs.")
     report = BenchReport(labels=list(labels), runs=runs, warmup=warmup, machine=machine_info())

@@ -21,7 +21,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-from .errors import UsageError, option, option_value
+from .errors import UsageError, option, option_style, option_value, recipe_keys
 from .linalg import CONV_MODES as _VIEWS
 from .linalg import DEFAULT_DAMPING, NEURON_SELECTIONS, RULES
 from .linalg.quant import BLOCK_SIZES
@@ -207,13 +207,16 @@ class Adaptive(Section):
 
     def rules(self) -> None:
         if self.metric is not None and not self.adaptive:
+            check = ("pass --metric on the command line for the check" if option_style() == "key" else
+                     "give the metric to the verification (verify={'metric': ...})")
             raise UsageError(f"{option('metric')} sets what {option('adaptive')} bounds with {option('max_drop')}; add "
-                             f"{option('adaptive')}, or give the metric to the verification (verify={{'metric': ...}}).")
+                             f"{option_value('adaptive', True)}, or {check}.")
         if self.max_drop is not None:
             check_max_drop(self.max_drop, self.metric)
             if not self.adaptive:
-                raise UsageError(f"{option('max_drop')} needs {option('adaptive')} (it bounds the drop that adaptive allocation "
-                                 "measures).")
+                check = "; for the check's gate pass --max-drop on the command line" if option_style() == "key" else ""
+                raise UsageError(f"{option('max_drop')} needs {option_value('adaptive', True)} (it bounds the drop that adaptive "
+                                 f"allocation measures){check}.")
         _needs(self.adaptive_samples != DEFAULT_ADAPTIVE_SAMPLES, "adaptive_samples", self.adaptive, "adaptive",
                f"sets how many calibration samples {option('adaptive')} measures on")
         _needs(self.sensitivity_points != DEFAULT_SENSITIVITY_POINTS, "sensitivity_points", self.adaptive, "adaptive",
@@ -542,7 +545,13 @@ class CompressConfig:
         unknown = sorted(set(data) - set(_OWNER))
         if unknown:
             raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(_OWNER))}.")
-        return cls(**dict(data))
+        if source == "config":
+            return cls(**dict(data))
+        with recipe_keys():  # the keys as the file spells them, and the file named
+            try:
+                return cls(**dict(data))
+            except UsageError as exc:
+                raise UsageError(f"{source}: {exc}") from None
 
 
 def _from_values(values: dict[str, Any]) -> CompressConfig:

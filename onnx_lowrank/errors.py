@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 __all__ = ["LowRankError", "UsageError", "ModelError", "CalibrationError", "OutputError", "VerificationFailed", "Interrupted",
-           "option", "option_value", "flag_names"]
+           "option", "option_value", "option_style", "flag_names", "recipe_keys"]
 
 # How messages name an option: by its API keyword, unless the command line asked for flags.
 _STYLE: contextvars.ContextVar[str] = contextvars.ContextVar("onnx_lowrank_option_names", default="keyword")
@@ -22,25 +22,51 @@ _FLAGS = {"attention_aware": "--no-attention-aware", "output": "-o"}
 
 
 def option(name: str) -> str:
-    """How messages name option ``name``: ``--max-drop`` under the command line, ``max_drop`` in Python."""
+    """How messages name option ``name``: ``--max-drop`` under the command line, ``max_drop`` in
+    Python and in a recipe."""
     if _STYLE.get() == "flag":
         return _FLAGS.get(name, "--" + name.replace("_", "-"))
     return name
 
 
 def option_value(name: str, value: Any) -> str:
-    """An example setting: ``--energy 0.93`` under the command line, ``energy=0.93`` in Python."""
-    if _STYLE.get() == "flag":
+    """An example setting: ``--energy 0.93`` under the command line, ``energy=0.93`` in Python,
+    ``energy = 0.93`` in a recipe (TOML)."""
+    style = _STYLE.get()
+    if style == "flag":
         if isinstance(value, bool):
             return option(name)
         return f"{option(name)} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
+    if style == "key":
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (tuple, list)):
+            text = "[" + ", ".join(map(str, value)) + "]"
+        else:
+            text = f'"{value}"' if isinstance(value, str) else str(value)
+        return f"{name} = {text}"
     return f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}"
+
+
+def option_style() -> str:
+    """``flag`` (command line), ``key`` (a recipe) or ``keyword`` (Python)."""
+    return _STYLE.get()
 
 
 @contextlib.contextmanager
 def flag_names() -> Iterator[None]:
     """Within the block, messages name options by their command-line flags."""
     token = _STYLE.set("flag")
+    try:
+        yield
+    finally:
+        _STYLE.reset(token)
+
+
+@contextlib.contextmanager
+def recipe_keys() -> Iterator[None]:
+    """Within the block, messages name options as a recipe's keys (``max_drop = 0.01``)."""
+    token = _STYLE.set("key")
     try:
         yield
     finally:

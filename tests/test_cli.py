@@ -209,3 +209,39 @@ def test_progress_gives_the_time_left_in_a_step_on_a_terminal_and_in_a_log(capsy
     now[0] += 10
     tty(2, 4, "w2")
     assert "2/4, about 20 s left w2" in capsys.readouterr().err
+
+
+def test_recipe_errors_name_the_file_and_its_keys_and_flags_replace_what_goes_with_them(model_path, tmp_path, capsys):
+    def recipe(text):
+        r = tmp_path / "r.toml"
+        r.write_text(text)
+        return str(r)
+
+    out = str(tmp_path / "o.onnx")
+    cases = [("max_drop = 0.01\n", "max_drop needs adaptive = true", "pass --max-drop on the command line"),
+             ('metric = "cosine"\n', "metric sets what adaptive bounds", "add adaptive = true, or pass --metric on the command line"),
+             ('threads = "1,2"\n', "threads must be positive integers", "e.g. threads = [1, 2]"),
+             ("energy = 0.9\nrank = 4\n", "got both energy and rank", "")]
+    for text, what, fix in cases:
+        assert main([str(model_path), "-o", out, "--recipe", recipe(text)]) == 2
+        err = capsys.readouterr().err
+        assert f"--recipe {tmp_path / 'r.toml'}: {what}" in err and fix in err and "--max-drop needs" not in err
+    # a flag replaces the recipe's choice and the keys that only go with it
+    assert main([str(model_path), "-o", out, "--min-params", "0", "--recipe",
+                 recipe('quantize = "int4"\nint4_block = 64\nenergy = 1\n'), "--quantize", "int8", "-q"]) == 0
+    # the recipe's input shape serves the random verification, as --input-shape does
+    dyn = tmp_path / "dyn.onnx"
+    onnx.save(matmul_model(k=32, n=16, r=4, batch_shape=("N",)), str(dyn))
+    assert main([str(dyn), "-o", out, "--min-params", "0", "--verify", "--recipe", recipe('input_shape = "x:3x32"\n'), "-q"]) == 0
+    assert main([str(dyn), "-o", out, "--min-params", "0", "--verify", "--recipe", recipe('input_shape = "x:3x33"\n')]) == 2
+    assert "fixed to 32" in capsys.readouterr().err
+
+
+def test_bench_names_the_input_whose_type_differs(tmp_path, capsys):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(matmul_model(k=16, n=8, r=2), str(a))
+    import numpy as np
+
+    onnx.save(matmul_model(k=16, n=8, r=2, dtype=np.float64), str(b))
+    assert main(["bench", str(a), str(b), "--runs", "2", "--warmup", "1"]) == 2
+    assert "input 'x' as different types (float in a.onnx, double in b.onnx)" in capsys.readouterr().err
