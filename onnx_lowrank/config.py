@@ -577,6 +577,9 @@ def recipe_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.is_file():
         return p
+    if p.is_dir():
+        raise UsageError(f"{option('recipe')} {name_or_path}: is a directory; pass a recipe's .toml file or a shipped recipe's "
+                         f"name ({', '.join(list_recipes()) or 'none'}).")
     if p.suffix == "" and p.parent == Path("."):
         for d in _recipe_dirs():
             cand = d / f"{p.name}.toml"

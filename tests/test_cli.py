@@ -78,6 +78,7 @@ BAD = [
     (["{m}", "-o", "{t}/o.onnx", "--energy", "0"], 2, "--energy"),
     (["{m}", "-o", "{t}/o.onnx", "--energy", "abc"], 2, "--energy"),
     (["{m}", "-o", "{t}/o.onnx", "--rank", "0"], 2, "--rank"),
+    (["{m}", "-o", "{t}/o.onnx", "--recipe", "{t}"], 2, "is a directory; pass a recipe's .toml file"),
     (["{m}", "-o", "{t}/o.onnx", "--rank", "-3"], 2, "--rank"),
     (["{m}", "-o", "{t}/o.onnx", "--energy", "0.9", "--rank", "3"], 2, "not allowed with"),
     (["{m}", "-o", "{t}/nodir/o.onnx"], 2, "does not exist"),
