@@ -516,7 +516,8 @@ def _run(session, names: list[str], feed: dict[str, np.ndarray], which: str, ind
                              f"although the original ran: {_first_line(exc)}") from exc
         hint = ""
         if data.synthetic and any(s.dtype is not None and s.dtype.kind in "iu" for s in data.specs):
-            hint = f"; random integer inputs may be out of range for it: pass {option_value('input_range', 'NAME:LOW,HIGH')}"
+            hint = (f"; random integer inputs may be out of range for it (token ids past the vocabulary?): pass or narrow "
+                    f"{option_value('input_range', 'NAME:LOW,HIGH')}")
         raise CalibrationError(f"onnxruntime failed to run the original model on feed {index} of {data.description}: "
                                f"{_first_line(exc)}{hint}") from exc
 
