@@ -251,7 +251,7 @@ def render_sections(sections: dict[str, Any]) -> str:
                      + (f"; left in float: {', '.join(q['unquantized_factors'])}" if q["unquantized_factors"] else ""))
         if q.get("body_weights_quantized"):
             lines.append(f"               {q['body_weights_quantized']} weight(s) read inside If/Loop/Scan bodies, which "
-                         "onnxruntime's quantizer does not reach, written as int8 DynamicQuantizeMatMul")
+                         "onnxruntime's quantizer does not reach, written in int8 as it writes the main graph's")
         if q.get("dense_left_float"):
             inside = q["dense_left_float_in_bodies"]
             lines.append(f"               {len(q['dense_left_float'])} dense weight(s) left in float"

@@ -321,11 +321,12 @@ class Quantize(Step):
 def quantize_bodies(model: onnx.ModelProto, *, per_channel: bool = False) -> list[str]:
     """In place, after onnxruntime's quantizer, which does not reach them: the float32 weights
     that MatMul nodes inside If/Loop/Scan bodies multiply by (and only MatMul nodes, as input 1)
-    become int8 codes read by ``com.microsoft.DynamicQuantizeMatMul`` where each product is.
-    The codes are symmetric, as that quantizer writes int8 weights: ``round(W / s)`` in
-    [-127, 127] with ``s = max|W| / 127`` for the tensor, or for each output column
-    (``per_channel``); they go into the main graph, which every body sees.  Returns the names of
-    the weights taken."""
+    become int8 codes, and each of those products the nodes that quantizer writes for one in the
+    main graph, where the product is: ``DynamicQuantizeLinear`` of the input, ``MatMulInteger``,
+    ``Cast`` and ``Mul`` by the two scales (onnxruntime fuses them when the session starts).  The
+    codes are symmetric, as it writes int8 weights: ``round(W / s)`` in [-127, 127] with
+    ``s = max|W| / 127`` for the tensor, or for each output column (``per_channel``); they go into
+    the main graph, which every body sees.  Returns the names of the weights taken."""
     from .scopes import Scopes
 
     sc = Scopes(model.graph)
@@ -333,6 +334,7 @@ def quantize_bodies(model: onnx.ModelProto, *, per_channel: bool = False) -> lis
     names = NameScope(model)
     main = {t.name: t for t in model.graph.initializer}
     taken, gone = [], []
+    rewrites: list[tuple[int, int, list[str]]] = []  # (graph, node index, the weight's codes, scale, zero point)
     for key, c in list(sc.consts.items()):
         users = sc.readers.get(key, [])
         if (c.tensor.data_type != TensorProto.FLOAT or len(c.tensor.dims) != 2 or not any(u.graph > 0 for u in users)
@@ -352,18 +354,27 @@ def quantize_bodies(model: onnx.ModelProto, *, per_channel: bool = False) -> lis
                 t = numpy_helper.from_array(arr, names.fresh(base))
                 model.graph.initializer.append(t)
                 args.append(t.name)
-        for u in users:
-            node = sc.node(u)
-            x = node.input[0]
-            node.op_type, node.domain = "DynamicQuantizeMatMul", "com.microsoft"
-            del node.input[:]
-            node.input.extend([x, *args])
+        rewrites += [(u.graph, u.node, args) for u in users]
         taken.append(c.name)
         gone.append(c)
+    for g, i, (codes_name, scale_name, zero_name) in sorted(rewrites, key=lambda r: (r[0], -r[1])):  # (later nodes first)
+        graph = sc.graphs[g]
+        node = graph.node[i]
+        x, out = node.input[0], node.output[0]
+        xq, xs, xz, both, y, yf = (names.fresh(f"{out}_{tag}") for tag in
+                                   ("x_quantized", "x_scale", "x_zero_point", "scales", "quantized", "quantized_cast"))
+        base = node.name or out
+        new = [helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz], name=names.fresh(f"{base}_x_quantize")),
+               helper.make_node("Mul", [xs, scale_name], [both], name=names.fresh(f"{base}_scales")),
+               helper.make_node("MatMulInteger", [xq, codes_name, xz, zero_name], [y], name=names.fresh(f"{base}_quant")),
+               helper.make_node("Cast", [y], [yf], name=names.fresh(f"{base}_cast"), to=TensorProto.FLOAT)]
+        node.op_type = "Mul"  # the last node keeps the product's place, name and output
+        del node.input[:]
+        node.input.extend([yf, both])
+        for k, n in enumerate(new):
+            graph.node.insert(i + k, n)
     for c in gone:  # (after the rewrites: a removed Constant node would shift the sites' indices)
         remove_constant(sc.graphs[c.graph], c.name, constant=c.node is not None)
-    if taken and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return taken
 
 
