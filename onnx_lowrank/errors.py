@@ -54,23 +54,22 @@ def option_style() -> str:
 
 
 @contextlib.contextmanager
-def flag_names() -> Iterator[None]:
+def _named(style: str) -> Iterator[None]:
+    token = _STYLE.set(style)
+    try:
+        yield
+    finally:
+        _STYLE.reset(token)
+
+
+def flag_names() -> contextlib.AbstractContextManager[None]:
     """Within the block, messages name options by their command-line flags."""
-    token = _STYLE.set("flag")
-    try:
-        yield
-    finally:
-        _STYLE.reset(token)
+    return _named("flag")
 
 
-@contextlib.contextmanager
-def recipe_keys() -> Iterator[None]:
+def recipe_keys() -> contextlib.AbstractContextManager[None]:
     """Within the block, messages name options as a recipe's keys (``max_drop = 0.01``)."""
-    token = _STYLE.set("key")
-    try:
-        yield
-    finally:
-        _STYLE.reset(token)
+    return _named("key")
 
 
 class LowRankError(Exception):
