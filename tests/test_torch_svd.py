@@ -351,3 +351,28 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
     assert len(report["summary"]) == 2
     text = recipe.render({**report, "command": "x", "machine": "m", "torch": "t", "onnxruntime": "o"})
     assert text.count("| MLP |") == len([r for r in rows if r["model"] == "MLP"])
+
+
+def test_a_failed_export_check_writes_nothing_and_bad_example_inputs_say_so(tmp_path, monkeypatch):
+    from onnx_lowrank.errors import VerificationFailed
+    from onnx_lowrank.torch import export as export_module
+
+    torch.manual_seed(0)
+    path = tmp_path / "good.onnx"
+    export_onnx(to_svd(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2))), path, torch.randn(1, 20))
+    good = path.read_bytes()
+    other = to_svd(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2)))
+    real = export_module._check
+
+    def differs(*args, **kwargs):  # onnxruntime is within float32 rounding of torch; make the check fail for sure
+        real(*args, **kwargs)
+        raise VerificationFailed("exported output 0 differs; nothing was written (export with check=False to write it anyway).")
+
+    monkeypatch.setattr(export_module, "_check", differs)
+    with pytest.raises(VerificationFailed, match="nothing was written"):
+        export_onnx(other, path, torch.randn(4, 20))
+    monkeypatch.setattr(export_module, "_check", real)
+    assert path.read_bytes() == good  # the earlier file stands
+    with pytest.raises(UsageError, match="does not run on example_inputs"):
+        export_onnx(other, tmp_path / "x.onnx", torch.randn(1, 7))
+    assert not (tmp_path / "x.onnx").exists()

@@ -243,7 +243,8 @@ def export_onnx(
     Raises:
         UsageError: bad opset, names or inputs, or an unusable path.
         ModelError: PyTorch cannot export the model.
-        VerificationFailed: onnxruntime's outputs differ from PyTorch's beyond the tolerances.
+        VerificationFailed: onnxruntime's outputs differ from PyTorch's beyond the tolerances
+            (nothing is written then).
     """
     if int(opset) < MIN_OPSET:
         raise UsageError(f"got opset={opset}; expected {MIN_OPSET} or newer.")
@@ -252,7 +253,11 @@ def export_onnx(
     export_model = copy.deepcopy(model).eval()
     with torch.no_grad():
         # Reference outputs come from the eval-mode copy before its layers are swapped.
-        expected = [t.detach().cpu().numpy() for t in _flatten(export_model(*args))]
+        try:
+            expected = [t.detach().cpu().numpy() for t in _flatten(export_model(*args))]
+        except Exception as exc:  # (torch raises many types: a shape mismatch is a RuntimeError)
+            raise UsageError(f"the model does not run on example_inputs ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                             "pass inputs of the shapes and types it takes.") from None
     infos = []
     for name, layer in list(svd_layers(export_model)):
         mod, info = _export_module(name, layer, dense_above_break_even)
@@ -281,12 +286,11 @@ def export_onnx(
     proto = onnx.load_model_from_string(buffer.getvalue())
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps({"layers": [asdict(l) for l in infos]}, sort_keys=True))
     onnx.checker.check_model(proto)
+    worst = _check(proto, in_names, args, expected, atol, rtol) if check else None  # (before writing: a failed check writes nothing)
     io.save_model(proto, out_path)
-    result = ExportResult(path=out_path, layers=infos, opset=int(opset))
+    result = ExportResult(path=out_path, layers=infos, opset=int(opset), max_abs_error=worst)
     for info in infos:
         log.info("exported %s as %s, rank %d: %d weight parameters (dense %d)", info.name, info.form, info.rank, info.params, info.dense_params)
-    if check:
-        result.max_abs_error = _check(proto, in_names, args, expected, atol, rtol)
     return result
 
 
@@ -309,5 +313,5 @@ def _check(proto: onnx.ModelProto, in_names: list[str], args: tuple[Any, ...], e
         bound = atol + rtol * np.abs(e)
         if np.any(diff > bound):
             raise VerificationFailed(f"exported output {i}: onnxruntime differs from PyTorch by up to {float(diff.max()):.3g}, "
-                                     f"more than atol={atol} + rtol={rtol} * |y|; export with check=False to keep the file anyway.")
+                                     f"more than atol={atol} + rtol={rtol} * |y|; nothing was written (export with check=False to write it anyway).")
     return worst
