@@ -883,8 +883,9 @@ def stage_model(
         model: The model; it is left exactly as it was.
         path: Output ``.onnx`` path; its directory must exist.
         data: Where ``model``'s external references resolve.
-        external: Force external data on or off; by default it is on when the model references
-            external data or its inline tensors would pass protobuf's 2 GiB limit.
+        external: Force external data on or off (off reads the external tensors into the one
+            file); by default it is on when the model references external data or its inline
+            tensors would pass protobuf's 2 GiB limit.
         protect: Files never to delete (the input's data files).
 
     Returns:
@@ -895,9 +896,9 @@ def stage_model(
     has_external = uses_external_data(model)
     if external is None:
         external = has_external or _inline_bytes(model) + 16 * 2**20 > PROTOBUF_LIMIT
-    if has_external and not external:
-        raise ModelError("model references external data; it can only be saved with external data.")
     sources = set(data.files(model)) | {p.resolve() for p in protect}
+    if has_external and not external:  # one self-contained file: the external tensors read in
+        model = inlined(model, data)
     if out.resolve() in sources:
         raise UsageError(f"{out}: is the input's external data file; choose another output path (the input is never overwritten).")
     for old in _previous_data_files(out):
@@ -925,6 +926,26 @@ def stage_model(
     finally:
         _restore(moved)
     return written
+
+
+def inlined(model: onnx.ModelProto, data: DataFiles) -> onnx.ModelProto:
+    """A copy of ``model`` with every external tensor read in (``model`` is left as it is).
+
+    Raises:
+        ModelError: the tensors would pass protobuf's 2 GiB limit in one file.
+    """
+    outside = sum(tensor_nbytes(t) for t in iter_tensors(model) if t.data_location == TensorProto.EXTERNAL)
+    if _inline_bytes(model) + outside + 16 * 2**20 > PROTOBUF_LIMIT:
+        raise ModelError(f"the model's tensors ({(_inline_bytes(model) + outside) / 2**30:.2f} GiB) pass protobuf's 2 GiB limit "
+                         "for one file; save it with external data (external=True or the default).")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in iter_tensors(out):
+        if t.data_location == TensorProto.EXTERNAL:
+            fresh = onnx.numpy_helper.from_array(data.read(t), t.name)
+            fresh.data_type = t.data_type  # (bfloat16 and the like are read as their raw integers)
+            t.CopyFrom(fresh)
+    return out
 
 
 def _file_digest(path: Path) -> str:

@@ -452,3 +452,23 @@ def test_a_report_never_replaces_a_model_data_file_written_or_read(tmp_path, cap
     assert capsys.readouterr().err.count("which this command reads or writes") == 2
     assert _digest(out) == kept
     onnx.checker.check_model(str(out / "s.onnx"))
+
+
+def test_save_without_external_data_writes_one_self_contained_file(tmp_path):
+    src = _external_model(tmp_path / "in", n=64)
+    res = ol.compress(src, min_params=0, exclude="mm2")  # mm2's weight stays external in the result
+    out = tmp_path / "out"
+    out.mkdir()
+    assert res.save(out / "one.onnx", external=False) == [out / "one.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["one.onnx"]
+    one = onnx.load(str(out / "one.onnx"), load_external_data=False)
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in one.graph.initializer)
+    x = RNG.standard_normal((4, 64)).astype(np.float32)
+    import onnxruntime as ort
+
+    (tmp_path / "two").mkdir()
+    assert len(res.save(tmp_path / "two" / "two.onnx")) == 2  # the default keeps the data outside
+    want = ort.InferenceSession(str(tmp_path / "two" / "two.onnx")).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out / "one.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, want)
+    assert any(t.data_location == TensorProto.EXTERNAL for t in res.model.graph.initializer)  # the result is left as it was
