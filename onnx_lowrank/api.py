@@ -155,6 +155,10 @@ class CompressResult:
 
 
 def _resolve_config(config: CompressConfig | None, recipe: str | os.PathLike | None, overrides: dict[str, Any]) -> CompressConfig:
+    if config is not None and not isinstance(config, CompressConfig):
+        hint = (f"recipe={config!r}" if isinstance(config, (str, os.PathLike)) else
+                "the options as keywords (compress(model, energy=0.9)) or CompressConfig(**options)")
+        raise UsageError(f"config= takes a CompressConfig, got a {type(config).__name__}; pass {hint}.")
     base: dict[str, Any] = {}
     if recipe is not None:
         base.update(load_recipe(recipe))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import platform
 import re
@@ -381,6 +382,29 @@ def _load(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     return load_model(model).model
 
 
+def _integer(name: str, value: Any) -> int:
+    """``value`` as an int (numpy integers too), or a UsageError naming ``name``."""
+    if isinstance(value, bool):
+        raise UsageError(f"{option(name)} must be an integer, got {value!r}.")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise UsageError(f"{option(name)} must be an integer, got {value!r}.") from None
+
+
+def _integers(name: str, value: Any) -> list[int]:
+    """One integer, a sequence of them, or ``"1,2"`` text, as a list; else a UsageError."""
+    if isinstance(value, str):
+        try:
+            return [int(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise UsageError(f"{option(name)} must be positive integers, got {value!r}; e.g. "
+                             f"{option_value(name, (1, 2))}.") from None
+    if not isinstance(value, (list, tuple)) and not hasattr(value, "__iter__"):
+        return [_integer(name, value)]
+    return [_integer(name, v) for v in value]
+
+
 def bench(
     models: Sequence[str | os.PathLike | onnx.ModelProto] | str | os.PathLike | onnx.ModelProto,
     *,
@@ -418,17 +442,25 @@ def bench(
         UsageError: bad counts, more than two models, or missing input shapes.
         ModelError: a model cannot be loaded or run.
     """
-    items = list(models) if isinstance(models, (list, tuple)) else [models]
+    if models is None:
+        raise UsageError("bench() got no model; pass a path or an onnx.ModelProto, or a list of two to compare.")
+    single = isinstance(models, (str, os.PathLike, onnx.ModelProto)) or not hasattr(models, "__iter__")
+    items = [models] if single else list(models)
     if not 1 <= len(items) <= 2:
         raise UsageError(f"got {len(items)} models; bench takes one model, or two to compare.")
+    runs, warmup, seed = (_integer(name, value) for name, value in (("runs", runs), ("warmup", warmup), ("seed", seed)))
     if runs < 1 or warmup < 0:
         raise UsageError(f"{option('runs')} must be >= 1 and {option('warmup')} >= 0, got {runs} and {warmup}.")
-    thread_list = [threads] if isinstance(threads, int) else list(threads)
-    batch_list: list[int | None] = [None] if batch is None else [batch] if isinstance(batch, int) else list(batch)
+    thread_list = _integers("threads", threads)
+    batch_list: list[int | None] = [None] if batch is None else list(_integers("batch", batch))
+    if labels is not None:
+        labels = [str(label) for label in ([labels] if isinstance(labels, str) else labels)]
+        if len(labels) != len(items):
+            raise UsageError(f"got {len(labels)} label(s) for {len(items)} model(s); give one per model, or none.")
     if not thread_list or any(t < 1 for t in thread_list):
-        raise UsageError(f"{option('threads')} must be positive integers, got {thread_list}; e.g. {option_value('threads', '1,2')}.")
+        raise UsageError(f"{option('threads')} must be positive integers, got {thread_list}; e.g. {option_value('threads', (1, 2))}.")
     if not batch_list or any(b is not None and b < 1 for b in batch_list):
-        raise UsageError(f"{option('batch')} must be positive integers, got {batch_list}; e.g. {option_value('batch', '1,64')}.")
+        raise UsageError(f"{option('batch')} must be positive integers, got {batch_list}; e.g. {option_value('batch', (1, 64))}.")
     shapes_given = parse_input_shapes(input_shape)
     protos = [_load(m) for m in items]
     if labels is None:

@@ -552,6 +552,13 @@ def verify_models(
         CalibrationError: the data does not fit the models.
         ModelError: a model cannot be loaded or run, or the two do not match.
     """
+    if config is not None and not isinstance(config, VerifyConfig):
+        raise UsageError(f"config= takes a VerifyConfig, got a {type(config).__name__}; pass the options as keywords "
+                         "(verify_models(a, b, calib='data.npz')) or VerifyConfig(**options).")
+    known = {f.name for f in dataclasses.fields(VerifyConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UsageError(f"verify_models() got an unknown option {unknown[0]}=; its options are {', '.join(sorted(known))}.")
     cfg = (config or VerifyConfig()).replace(**options) if options else (config or VerifyConfig())
     start = time.perf_counter()
     ref_proto, new_proto = _header(original), _header(compressed)

@@ -225,3 +225,23 @@ def test_resolve_shapes_carries_a_named_axis_to_the_other_inputs():
     # input_ids and attention_mask share 'seq': giving one shape is enough, as in verification
     shapes = B.resolve_shapes(seq_model(), input_shape={"ids": (2, 7)})
     assert shapes == {"ids": (2, 7), "attention_mask": (2, 7)}
+
+
+def test_bench_arguments_are_checked_up_front():
+    import numpy as np
+
+    from onnx_lowrank.bench import bench
+    from onnx_lowrank.errors import UsageError
+    from models import matmul_model
+
+    m = matmul_model(k=16, n=8, r=2, batch_shape=("N",))
+    with pytest.raises(UsageError, match="1 label.* for 2 model"):  # (it timed both, then lost one and crashed rendering)
+        bench([m, m], labels=["dense"], runs=2, warmup=1)
+    for bad, match in ((dict(runs=2.5), "runs must be an integer"), (dict(runs=None), "runs must be an integer"),
+                       (dict(threads=1.5), "threads must be an integer"), (dict(seed="a"), "seed must be an integer")):
+        with pytest.raises(UsageError, match=match):
+            bench(m, warmup=1, **({"runs": 2} | bad))
+    with pytest.raises(UsageError, match="got no model"):
+        bench(None)
+    report = bench((x for x in (m, m)), threads=np.int64(1), batch="2", runs=2, warmup=1)  # any iterable, numpy ints, "1,2" text
+    assert report.to_dict()["models"] == ["model0", "model1"]

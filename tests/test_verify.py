@@ -449,3 +449,15 @@ def test_integer_outputs_are_judged_by_agreement_and_labels_must_be_class_indice
             verify_models(classifier(w), classifier(other), calib={"x": x}, labels=bad)
     report = verify_models(classifier(w), classifier(other), calib={"x": x}, labels=ids_a)
     assert next(j for j in report.judged if j.output == "scores").metric == "accuracy"
+
+
+def test_config_arguments_of_the_wrong_kind_are_usage_errors():
+    m = matmul_model(k=16, n=8, r=4, batch_shape=("N",))
+    with pytest.raises(UsageError, match="config= takes a VerifyConfig, got a dict"):
+        verify_models(m, m, {"samples": 4})
+    with pytest.raises(UsageError, match="unknown option energy="):
+        verify_models(m, m, energy=0.9)
+    with pytest.raises(UsageError, match="config= takes a CompressConfig, got a dict"):
+        onnx_lowrank.compress(m, {"energy": 0.9})
+    with pytest.raises(UsageError, match="recipe='balanced'"):
+        onnx_lowrank.compress(m, "balanced")
