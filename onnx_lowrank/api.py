@@ -22,7 +22,7 @@ import onnx
 
 from . import io, pipeline
 from .config import CompressConfig, load_recipe
-from .errors import UsageError, option
+from .errors import UsageError, option, option_style
 from .pipeline import Progress
 from .report import LayerDecision, Totals, to_json_dict
 from .verify import VerifyConfig, VerifyReport
@@ -119,10 +119,14 @@ class CompressResult:
         """
         if self.dry_run:
             raise UsageError("this result is a dry run; nothing to save (run without dry_run=True).")
+        path_flag = "-o" if option_style() == "flag" else "path"
+        for what, value in ((path_flag, path), (option("report"), report)):
+            if not isinstance(value, (str, os.PathLike)) and (value is not None or what == path_flag):
+                raise UsageError(f"save() takes a file path for {what} (a str or os.PathLike), got {value!r}.")
         protect = self.source_files
-        io.check_output_path(path, self.source_path, input_files=protect)
+        io.check_output_path(path, self.source_path, flag=path_flag, input_files=protect)
         if report is not None:
-            io.check_output_path(report, self.source_path, flag="--report", keep=(path,), input_files=protect)
+            io.check_output_path(report, self.source_path, flag=option("report"), keep=(path,), input_files=protect)
         if external is None and self.source_external:
             external = True  # the input kept its data outside; so does the output, even if every external tensor was factorized
         with io.terminate_raises(), io.OutputSet() as files:
@@ -130,8 +134,8 @@ class CompressResult:
             self.totals.size_after = sum(files.staged_size(p) for p in written)
             clash = next((p for p in written if report is not None and Path(report).resolve() == p.resolve()), None)
             if clash is not None:  # (a data file is named after its content: known only now)
-                raise UsageError(f"--report {report}: is the data file of the model being written; choose a different "
-                                 "--report; nothing was written.")
+                raise UsageError(f"{option('report')} {report}: is the data file of the model being written; choose a "
+                                 f"different {option('report')}; nothing was written.")
             if report is not None:
                 text = self.to_json() + "\n"
                 files.stage(report, lambda f: f.write(text.encode("utf-8")))
@@ -140,7 +144,9 @@ class CompressResult:
 
     def write_report(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_json` to ``path`` alone (a dry run's plan), all or nothing."""
-        io.check_output_path(path, self.source_path, flag="--report")
+        if not isinstance(path, (str, os.PathLike)):
+            raise UsageError(f"write_report() takes a file path (a str or os.PathLike), got {path!r}.")
+        io.check_output_path(path, self.source_path, flag=option("report"))
         return io.write_text(path, self.to_json() + "\n")
 
     def to_dict(self) -> dict[str, Any]:

@@ -472,3 +472,16 @@ def test_save_without_external_data_writes_one_self_contained_file(tmp_path):
     got = ort.InferenceSession(str(out / "one.onnx")).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, want)
     assert any(t.data_location == TensorProto.EXTERNAL for t in res.model.graph.initializer)  # the result is left as it was
+
+
+def test_save_from_python_names_its_arguments_and_refuses_what_is_not_a_path(tmp_path):
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", [2, 8])], [vi("y", [2, 8])], [init("W", lowrank(8, 8, 2))])
+    res = ol.compress(m, rank=2, min_params=0)
+    with pytest.raises(ol.UsageError, match=r"^path .*does not exist; create it first or choose another path\."):
+        res.save(tmp_path / "nodir" / "a.onnx")
+    with pytest.raises(ol.UsageError, match=r"^report .*choose another report\."):
+        res.save(tmp_path / "a.onnx", report=tmp_path / "nodir" / "r.json")
+    for args, kw in (((None,), {}), ((3,), {}), ((tmp_path / "a.onnx",), {"report": True})):
+        with pytest.raises(ol.UsageError, match="takes a file path"):
+            res.save(*args, **kw)
+    assert list(tmp_path.iterdir()) == []
