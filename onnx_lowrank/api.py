@@ -251,6 +251,8 @@ def compress(
         return graphsurgeon.compress_graph(model, config, recipe=recipe, dry_run=dry_run, base_dir=base_dir, progress=progress,
                                            calib=calib, labels=labels, calib_batch=calib_batch, calib_script=calib_script,
                                            verify=verify, probe=probe, **options)
+    if base_dir is not None and not isinstance(base_dir, (str, os.PathLike)):
+        raise UsageError(f"base_dir= takes the folder the model's external data is in (a str or os.PathLike), got {base_dir!r}.")
     cfg, check = _resolve_config(config, recipe, options), _resolve_verify(verify)
     if check is not None and not check.input_shape and cfg.input_shape:  # (as --input-shape does for both)
         check = check.replace(input_shape=",".join(cfg.input_shape) if not isinstance(cfg.input_shape, Mapping) else cfg.input_shape)

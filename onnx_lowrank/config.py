@@ -64,6 +64,11 @@ def check_max_drop(value: Any, metric: str | None) -> None:
         raise UsageError(f"{option('max_drop')} must be {what}, got {value!r}.")
 
 
+def _example_of(f: dataclasses.Field) -> str:
+    example = f.metadata["opt"].example
+    return f", e.g. {option_value(f.name, example)}" if example is not None else ""
+
+
 class Section:
     """A group of options that validates itself when built (:func:`~onnx_lowrank.options.check`
     per field, then :meth:`rules`).  ``title`` heads its group of flags in ``--help``."""
@@ -72,7 +77,11 @@ class Section:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value = check(f.name, f.metadata["opt"], getattr(self, f.name))
+            value = getattr(self, f.name)
+            if value is None and f.default is not None and "None" not in str(f.type):
+                raise UsageError(f"{option(f.name)} cannot be None; leave it out for its default ({f.default!r}) or "
+                                 f"give a value{_example_of(f)}.")
+            value = check(f.name, f.metadata["opt"], value)
             object.__setattr__(self, f.name, value)
         self.rules()
 

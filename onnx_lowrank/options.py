@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from .errors import UsageError, option, option_value
 
 __all__ = ["Opt", "opt", "check", "add_arguments", "flag_of", "parse_input_shapes", "parse_input_ranges"]
@@ -114,6 +116,8 @@ def check(name: str, o: Opt, value: Any) -> Any:
     Raises:
         UsageError: naming the option as the caller named it, what it takes, and an example.
     """
+    if isinstance(value, np.generic):  # a numpy scalar (np.float32(0.9), np.int64(4)) is the number it holds
+        value = value.item()
     if value is None or o.kind == "any":
         return value
     kind = o.kind

@@ -110,3 +110,18 @@ def test_choices_read_in_any_case_and_limits_are_named():
     assert ol.CompressConfig(adaptive=True, target_params=0.5, sensitivity_points=10).sensitivity_points == 10
     with pytest.raises(ol.UsageError, match="sensitivity_points must be a positive integer up to 10, got 11"):
         ol.CompressConfig(adaptive=True, target_params=0.5, sensitivity_points=11)
+
+
+def test_numpy_scalars_are_numbers_and_none_is_no_setting_where_an_option_has_a_value():
+    import numpy as np
+
+    cfg = ol.CompressConfig(energy=np.float32(0.9), min_params=np.int32(0), rank_multiple=np.int64(8))
+    assert (cfg.energy, cfg.min_params, cfg.rank_multiple) == (pytest.approx(0.9), 0, 8)
+    assert type(cfg.min_params) is int and type(cfg.energy) is float
+    assert ol.CompressConfig(rank=np.int64(4)).rank == 4
+    for name in ("min_params", "rank_multiple", "op_types", "damping", "workers"):
+        with pytest.raises(ol.UsageError, match=f"{name} cannot be None; leave it out for its default"):
+            ol.CompressConfig(**{name: None})
+    assert ol.CompressConfig(energy=None, rank=4).energy is None  # (where None means something, it stays allowed)
+    with pytest.raises(ol.UsageError, match="base_dir= takes the folder"):
+        ol.compress("model.onnx", base_dir=3)
