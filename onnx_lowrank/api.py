@@ -222,9 +222,11 @@ def compress(
         base_dir: Where external data of an in-memory ``model`` lives.
         progress: Called as ``progress(done, total, label)`` after each SVD, calibration batch
             and sensitivity measurement.
-        calib: Calibration data for ``data_aware``, ``adaptive`` and ``refine``, in any form
-            :func:`onnx_lowrank.calibration.load_calibration` takes: an ``.npz`` path or a folder
-            of them, a ``CalibrationDataReader``, an iterable of feed dicts, or arrays.
+        calib: Calibration data for ``data_aware``, ``adaptive``, ``refine`` and ``ffn_keep``, in
+            any form :func:`onnx_lowrank.calibration.load_calibration` takes: an ``.npz`` path or
+            a folder of them, a ``CalibrationDataReader``, an iterable of feed dicts, or arrays.
+            Given when none of them reads it (and no ``verify=``), the result is checked on it,
+            as ``--calib`` alone does on the command line.
         labels: Class ids of the calibration samples (overrides an ``.npz``'s ``labels``);
             with them adaptive mode bounds the accuracy drop.
         calib_batch: Samples per onnxruntime run when cutting an ``.npz``.
@@ -254,6 +256,10 @@ def compress(
     if base_dir is not None and not isinstance(base_dir, (str, os.PathLike)):
         raise UsageError(f"base_dir= takes the folder the model's external data is in (a str or os.PathLike), got {base_dir!r}.")
     cfg, check = _resolve_config(config, recipe, options), _resolve_verify(verify)
+    read = cfg.data_aware or cfg.adaptive or cfg.refine or cfg.ffn_keep is not None
+    if check is None and not read and not dry_run and (calib is not None or calib_script is not None):
+        # nothing else reads the data: it is the check's, as --calib alone is on the command line
+        check = VerifyConfig(calib=calib, calib_script=calib_script, labels=labels, calib_batch=calib_batch)
     if check is not None and not check.input_shape and cfg.input_shape:  # (as --input-shape does for both)
         check = check.replace(input_shape=",".join(cfg.input_shape) if not isinstance(cfg.input_shape, Mapping) else cfg.input_shape)
     request = pipeline.Request(source=model, config=cfg, verify=check,

@@ -461,3 +461,12 @@ def test_config_arguments_of_the_wrong_kind_are_usage_errors():
         onnx_lowrank.compress(m, {"energy": 0.9})
     with pytest.raises(UsageError, match="recipe='balanced'"):
         onnx_lowrank.compress(m, "balanced")
+
+
+def test_calibration_data_nothing_else_reads_is_the_checks():
+    m = matmul_model(k=16, n=8, r=4, batch_shape=("N",))
+    calib = {"x": np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)}
+    res = onnx_lowrank.compress(m, calib=calib, min_params=0, rank=2)
+    assert res.verification is not None and res.verification.samples == 6
+    res = onnx_lowrank.compress(m, calib=calib, min_params=0, rank=2, data_aware=True)  # read by the statistics: no check asked
+    assert res.verification is None and "data_aware" in res.sections
