@@ -173,9 +173,21 @@ def test_ir_pass_factorizes_once_under_repeated_steps():
     lowrank = LowRankPass(**exact())
     result = ir.passes.PassManager([lowrank], steps=3)(ir.from_proto(mlp()))
     assert result.modified and [n.op_type for n in result.model.graph].count("MatMul") == 2
-    assert lowrank.result is None, "the second step found the stamp and left the model alone"
+    # the later steps found the stamp and left the model alone; the report of the run that factorized it stands
+    assert lowrank.result is not None and lowrank.result.totals.factorized == 2
     again = lowrank(result.model)
-    assert not again.modified and again.model is not result.model
+    assert not again.modified and again.model is not result.model and lowrank.result.totals.factorized == 2
+
+
+def test_ir_pass_checks_its_run_settings_when_made_and_its_input_when_run():
+    from onnx_lowrank.integrations.ir import LowRankPass
+
+    for kw, match in ((dict(verify=3), "as verify"), (dict(calib=5, data_aware=True), "calib= takes calibration data"),
+                      (dict(progress=3), "progress= takes a callable")):
+        with pytest.raises(ol.UsageError, match=match):
+            LowRankPass(**kw)
+    with pytest.raises(ol.UsageError, match="runs on an onnx_ir.Model, got a ModelProto"):
+        LowRankPass(**exact())(mlp())
 
 
 def test_ir_pass_reports_unmodified_models():

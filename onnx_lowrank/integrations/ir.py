@@ -69,8 +69,9 @@ class LowRankPass(ir.passes.FunctionalPass):
 
     Attributes:
         config: The resolved configuration.
-        result: The :class:`~onnx_lowrank.api.CompressResult` of the latest run (``None``
-            before the first, and after a run that left an already factorized model alone).
+        result: The :class:`~onnx_lowrank.api.CompressResult` of the latest run that compressed
+            (``None`` before the first); a later step of a ``PassManager`` that finds the model
+            factorized already leaves it as it is, so the report of the real run survives.
     """
 
     def __init__(self, config: CompressConfig | None = None, *, recipe: str | os.PathLike | None = None,
@@ -78,19 +79,35 @@ class LowRankPass(ir.passes.FunctionalPass):
         super().__init__()
         self._run = {k: v for k, v in options.items() if k in _RUN_KEYWORDS}
         self.config = _resolve_config(config, recipe, {k: v for k, v in options.items() if k not in _RUN_KEYWORDS})
+        _check_run_settings(self._run)
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self.result: CompressResult | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not isinstance(model, ir.Model):
+            raise UsageError(f"LowRankPass runs on an onnx_ir.Model, got a {type(model).__name__}; convert it with "
+                             "onnx_ir.from_proto(), or call onnx_lowrank.compress() on an onnx.ModelProto.")
         base_dir = self.base_dir or _external_base_dir(model)
-        if METADATA_KEY in model.metadata_props:
+        if METADATA_KEY in model.metadata_props:  # (self.result keeps the run that factorized it, if this pass made it)
             log.info("LowRankPass: the model was factorized already (metadata '%s'); left as it is", METADATA_KEY)
-            self.result = None
             return ir.passes.PassResult(_from_proto(ir.to_proto(model), base_dir), modified=False)
         result = compress(ir.to_proto(model), self.config, base_dir=base_dir, **self._run)
         inline_spilled(result)
         self.result = result
         return ir.passes.PassResult(_from_proto(result.model, base_dir), modified=result.modified and not result.dry_run)
+
+
+def _check_run_settings(run: dict[str, Any]) -> None:
+    """The run settings' kinds, checked when the pass is made (a PassManager would report a
+    failure later only as 'an error occurred at step N')."""
+    from onnx_lowrank.api import _resolve_verify
+
+    _resolve_verify(run.get("verify"))
+    calib = run.get("calib")
+    if isinstance(calib, (bool, int, float)):
+        raise UsageError(f"calib= takes calibration data (an .npz path, a folder of them, feed dicts or arrays), got {calib!r}.")
+    if run.get("progress") is not None and not callable(run["progress"]):
+        raise UsageError(f"progress= takes a callable (done, total, message), got {run['progress']!r}.")
 
 
 def _from_proto(proto: Any, base_dir: Path | None) -> ir.Model:
