@@ -376,3 +376,22 @@ def test_a_failed_export_check_writes_nothing_and_bad_example_inputs_say_so(tmp_
     with pytest.raises(UsageError, match="does not run on example_inputs"):
         export_onnx(other, tmp_path / "x.onnx", torch.randn(1, 7))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_misuse_of_the_torch_api_is_a_usage_error_and_nothing_silently_does_nothing(caplog):
+    m = to_svd(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2)))
+    with pytest.raises(UsageError, match="SVD layers already"):  # (converting again ignored the rank)
+        to_svd(m, rank=2)
+    with pytest.raises(UsageError, match="takes a torch nn.Module"):
+        to_svd("model")
+    for call, match in ((lambda: prune(m, energy="0.9"), "energy='0.9'; expected a number"),
+                        (lambda: svd_regularizer(m, strength="1e-2"), "expected a number"),
+                        (lambda: svd_regularizer(m, orth=None), "orth=None"),
+                        (lambda: to_svd(nn.Sequential(nn.Linear(4, 4)), rank="4"), "expected an integer"),
+                        (lambda: to_svd(nn.Sequential(nn.Linear(4, 4)), rank=2.7), "rank=2.7; expected an integer")):
+        with pytest.raises(UsageError, match=match):
+            call()
+    with caplog.at_level("WARNING", logger="onnx_lowrank"):
+        to_svd(nn.Sequential(nn.LSTM(4, 4)))
+    assert "found no nn.Linear or nn.Conv2d layer" in caplog.text
+    assert [l.rank for _, l in svd_layers(to_svd(nn.Sequential(nn.Linear(4, 4)), rank=torch.tensor(2)))] == [2]

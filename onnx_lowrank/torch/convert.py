@@ -33,6 +33,16 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise UsageError(f"got {name}={value!r}; expected one of {', '.join(repr(a) for a in allowed)}.")
 
 
+def number(name: str, value: object, *, integer: bool = False) -> float | int:
+    """``value`` as a number (numpy scalars and 0-d tensors too), or a UsageError naming
+    ``name``; ``integer``: it must be a whole number (2.7 is refused, not truncated)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise UsageError(f"got {name}={value!r}; expected {'an integer' if integer else 'a number'}.")
+    return value
+
+
 def _compile(name: str, pattern: str | None) -> re.Pattern | None:
     if pattern is None:
         return None
@@ -83,11 +93,14 @@ def to_svd(
     Raises:
         UsageError: an unknown ``init`` or ``conv_mode``, an invalid regex, or a rank below 1.
     """
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"to_svd takes a torch nn.Module, got a {type(model).__name__}.")
     _check_choice("init", init, INITS)
     _check_choice("conv_mode", conv_mode, CONV_MODES)
-    if rank is not None and int(rank) < 1:
+    if rank is not None and number("rank", rank, integer=True) < 1:
         raise UsageError(f"got rank={rank!r}; expected a positive integer or None for full rank.")
     inc, exc = _compile("include", include), _compile("exclude", exclude)
+    present = [name for name, _ in svd_layers(model)]
     parents = {name: mod for name, mod in model.named_modules()}
     todo = []
     for name, module in model.named_modules():
@@ -115,6 +128,12 @@ def to_svd(
     if not todo and isinstance(model, (nn.Linear, nn.Conv2d)):
         raise UsageError("got a bare nn.Linear/nn.Conv2d; to_svd replaces layers inside a model: "
                          "wrap it (nn.Sequential(layer)) or use SVDLinear.from_linear / SVDConv2d.from_conv.")
+    if not todo and present and rank is not None:
+        raise UsageError(f"the model's layers are SVD layers already ({len(present)}), so rank={rank} changes nothing; "
+                         "lower their ranks with prune(model, energy=...) or convert the original model.")
+    if not todo:
+        log.warning("to_svd found no nn.Linear or nn.Conv2d layer to replace%s", " (the model holds SVD layers already)"
+                    if present else "; the model is left as it is")
     return model
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from onnx_lowrank.decompose import energy_kept, energy_rank
 from onnx_lowrank.errors import UsageError
-from onnx_lowrank.torch.convert import svd_layers
+from onnx_lowrank.torch.convert import number, svd_layers
 
 __all__ = ["PruneDecision", "prune"]
 
@@ -67,6 +67,9 @@ def prune(model: nn.Module, energy: float | None = None, threshold: float | None
     Raises:
         UsageError: neither or both of ``energy`` and ``threshold``, or a value out of range.
     """
+    energy = number("energy", energy) if energy is not None else None
+    threshold = number("threshold", threshold) if threshold is not None else None
+    min_rank = number("min_rank", min_rank, integer=True)
     if (energy is None) == (threshold is None):
         raise UsageError(f"got energy={energy!r} and threshold={threshold!r}; pass exactly one of them.")
     if energy is not None and not 0.0 < energy <= 1.0:

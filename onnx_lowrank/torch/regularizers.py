@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from onnx_lowrank.errors import UsageError
-from onnx_lowrank.torch.convert import svd_layers
+from onnx_lowrank.torch.convert import number, svd_layers
 from onnx_lowrank.torch.layers import SVDLayer
 
 __all__ = ["SPARSITY", "orthogonality_loss", "sparsity_loss", "svd_regularizer"]
@@ -81,6 +81,7 @@ def svd_regularizer(model: nn.Module, orth: float = 1.0, sparsity: str | None = 
     """
     if sparsity is not None and sparsity not in SPARSITY:
         raise UsageError(f"got sparsity={sparsity!r}; expected one of {', '.join(repr(k) for k in SPARSITY)} or None.")
+    orth, strength = number("orth", orth), number("strength", strength)
     if orth < 0 or strength < 0:
         raise UsageError(f"got orth={orth!r}, strength={strength!r}; expected weights >= 0.")
     total: torch.Tensor | None = None
