@@ -534,11 +534,20 @@ def _mark_factor_pairs(result: Discovery) -> None:
             continue
         s1, s2 = first.weight.shape, second.weight.shape
         if first.is_conv and second.is_conv:
-            # Conv(Conv(x, K1[r, C_in, ...]), K2[C_out, r, ...]) is the split this pass makes.
+            # Conv(Conv(x, K1[r, C_in, ...]), K2[C_out, r, ...]) in the shapes of the splits this
+            # pass makes: channel-wise (K2 is 1 x 1) or spatial-wise (K1 is kh x 1, K2 1 x kw), with
+            # fewer weights than the conv they compose.  Two full k x k convs in a row (a folded
+            # BatchNorm between them, say) are two layers, not a pair.
             if len(s1) < 3 or len(s2) != len(s1) or s2[1] != s1[0]:
                 continue
-            inner = s1[0]
-            if inner >= int(np.prod(s1[1:])) or inner >= s2[0] * int(np.prod(s2[2:])):
+            inner, k1, k2 = s1[0], s1[2:], s2[2:]
+            channel = all(d == 1 for d in k2)
+            spatial = len(k1) == 2 and k1[1] == 1 and k2[0] == 1
+            if not (channel or spatial):
+                continue
+            composed = s2[0] * s1[1] * int(np.prod(k1 if channel else (k1[0], k2[1])))
+            if inner >= int(np.prod(s1[1:])) or inner >= s2[0] * int(np.prod(k2)) or \
+                    int(np.prod(s1)) + int(np.prod(s2)) >= composed:
                 continue
         else:
             if len(s1) != 2 or len(s2) != 2 or first.is_conv or second.is_conv:

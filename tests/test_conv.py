@@ -373,6 +373,20 @@ def test_rerun_on_split_conv_reports_factor_pair(mode):
     assert all("already low-rank" in d.reason for d in twice.layers)
 
 
+def test_two_full_convs_in_a_row_are_two_layers_not_a_pair():
+    # a torch export with BatchNorm folded: Conv 3x3 (8 -> 16) straight into Conv 3x3 (16 -> 16); neither is
+    # the 1 x 1 (or 1 x kw) second half of a split, so both are factorized (they were 'already low-rank')
+    w1, w2 = conv_weight(16, 8, (3, 3), 3, "channel", 1), conv_weight(16, 16, (3, 3), 3, "channel", 2)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["h"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["h", "W2"], ["y"], name="c2", pads=[1, 1, 1, 1])]
+    m = make_model(nodes, [vi("x", [1, 8, 8, 8])], [vi("y", [1, 16, 8, 8])], [init("W1", w1), init("W2", w2)])
+    res = ol.compress(m, energy=1.0, min_params=0, conv_mode="channel")
+    assert res.totals.factorized == 2, [d.reason for d in res.layers]
+    x = RNG.standard_normal((1, 8, 8, 8)).astype(np.float32)
+    want = run(m, {"x": x})[0]
+    assert np.abs(run(res.model, {"x": x})[0] - want).max() < 1e-4 * np.abs(want).max()
+
+
 # ---- configuration, recipes, CLI ------------------------------------------------------------
 
 
