@@ -51,6 +51,7 @@ __all__ = ["QUANTIZE_MODES", "quantize", "quantize_int8", "lift_constants", "qua
 log = logging.getLogger(__name__)
 
 INTEGER_MATMULS = ("MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat")
+INTEGER_CONVS = ("ConvInteger", "QLinearConv")
 _SUFFIXES = ("_quantized", "_Transposed")
 
 
@@ -244,12 +245,12 @@ def _original_name(name: str) -> str:
 
 
 def quantized_weights(model: onnx.ModelProto) -> set[str]:
-    """Names (as before quantization) of the float weights that integer MatMul nodes now consume."""
+    """Names (as before quantization) of the float weights that integer MatMul or Conv nodes now consume."""
     inits = {t.name for g in io.iter_graphs(model.graph) for t in g.initializer}
     names: set[str] = set()
     for g in io.iter_graphs(model.graph):
         for node in g.node:
-            if node.op_type in INTEGER_MATMULS:
+            if node.op_type in INTEGER_MATMULS or node.op_type in INTEGER_CONVS:
                 for inp in node.input:
                     if inp in inits and inp.endswith("_quantized"):
                         names.add(_original_name(inp))

@@ -432,3 +432,11 @@ def test_cli_conv_mode_and_op_types(tmp_path, capsys):
 
     assert main(argv + ["--conv-mode", "diagonal"]) == 2
     assert "--conv-mode" in capsys.readouterr().err
+
+
+def test_int8_counts_conv_factors_read_by_integer_convs_as_quantized():
+    m = conv_model(conv_weight(16, 8, (3, 3), 2, "channel"), (8, 8), pads=[1, 1, 1, 1])
+    res = ol.compress(m, energy=1.0, min_params=0, conv_mode="channel", quantize="int8")
+    assert "ConvInteger" in ops(res.model)
+    q = res.sections["quantize"]
+    assert q["factors"] == 2 and q["factors_quantized"] == 2 and q["unquantized_factors"] == []  # (it said 0 of 2)
