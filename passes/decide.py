@@ -211,11 +211,13 @@ class BudgetBase:
 
     def with_decided_convs(self, plans: dict[int, LayerPlan], decisions: dict[int, Decision]) -> "BudgetBase":
         """The same base with every Conv the per-layer rule factorized counted at its factorized
-        size: those parameters are fixed, but not at their dense size (that would leave the
-        budget's difference unused)."""
-        saved = sum(plans[k].dense_params - plans[k].params_at(d.rank, d.mode) for k, d in decisions.items()
-                    if plans[k].is_conv and d.factorize)
-        return dataclasses.replace(self, params_fixed=self.params_fixed - saved)
+        size: those parameters (and MACs: a Conv's per output pixel at stride 1, its weights per
+        user) are fixed, but not at their dense size (that would leave the budget's difference
+        unused, or refuse a MACs budget the model meets)."""
+        done = [(plans[k], plans[k].dense_params - plans[k].params_at(d.rank, d.mode)) for k, d in decisions.items()
+                if plans[k].is_conv and d.factorize]
+        return dataclasses.replace(self, params_fixed=self.params_fixed - sum(s for _, s in done),
+                                   macs_fixed=self.macs_fixed - sum(s * p.users for p, s in done))
 
     def limits(self, cfg: CompressConfig, target_params: float | None = None) -> list[tuple[str, float, int]]:
         """``(option, fraction, budget left for the allocated plans)`` for each budget in force."""

@@ -440,3 +440,17 @@ def test_int8_counts_conv_factors_read_by_integer_convs_as_quantized():
     assert "ConvInteger" in ops(res.model)
     q = res.sections["quantize"]
     assert q["factors"] == 2 and q["factors_quantized"] == 2 and q["unquantized_factors"] == []  # (it said 0 of 2)
+
+
+def test_a_macs_budget_counts_convs_the_rule_factorized_at_their_factorized_macs():
+    # under --target-macs a Conv keeps the per-layer rule; its MACs used to stay counted dense, so a budget the
+    # model meets was refused ('cannot be met ... 0.69 remains')
+    w = conv_weight(32, 16, (3, 3), 2, "channel", 3)
+    nodes = [helper.make_node("Conv", ["x", "K"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("MatMul", ["f", "W"], ["y"], name="fc")]
+    m = make_model(nodes, [vi("x", [1, 16, 8, 8])], [vi("y", [1, 64])],
+                   [init("K", w), init("W", RNG.standard_normal((32, 64)).astype(np.float32))])
+    res = ol.compress(m, target_macs=0.3, min_params=0, conv_mode="channel")
+    by = {d.node: d for d in res.layers}
+    assert by["conv"].factorized and by["fc"].factorized and by["fc"].rank <= 17
