@@ -224,6 +224,10 @@ class Discovery(StageResult):
         return [g for g in self.groups if g.skip is None]
 
 
+#: Operators an exporter may put between a weight and its product, which constant folding removes.
+_FOLDABLE = frozenset({"Transpose", "Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten"})
+
+
 @dataclass(eq=False)
 class _Def:
     kind: str  # "initializer", "constant", "input", "node"
@@ -493,6 +497,16 @@ def _classify(node: onnx.NodeProto, graph: onnx.GraphProto, display: str, resolv
                 layer.skip = _skip(SkipCode.QUANTIZED_WEIGHT, "weight is quantized (DequantizeLinear output); "
                                                               "factorize the float model before quantizing")
                 return layer
+        for i in ((1,) if node.op_type in CONV_OPS else (1, 0)):
+            d = producers[i]
+            if d is not None and d.kind == "node" and d.node is not None and d.node.op_type in _FOLDABLE and d.node.input:
+                src = resolve(d.node.input[0])
+                if src is not None and src.weight is not None:
+                    made = d.node.name or d.node.output[0]
+                    layer.skip = _skip(SkipCode.NO_CONSTANT_WEIGHT, f"no constant weight: input {i} is {d.node.op_type} "
+                                       f"'{made}' of the constant '{src.weight.name}'; fold constants first (onnxsim, or "
+                                       "an onnxruntime session with optimized_model_filepath), then compress")
+                    return layer
         layer.skip = _skip(SkipCode.NO_CONSTANT_WEIGHT, "no constant weight: the kernel (input 1) is computed at run time"
                            if node.op_type in CONV_OPS else "no constant weight: both operands are computed at run time")
         return layer
