@@ -524,10 +524,15 @@ class Statistics(StageResult):
     #: Whether the factorization whitens by these statistics (``data_aware``); without it they
     #: serve width reduction alone, which reports them in its own section.
     whitens: bool = True
+    #: Conv weights, which keep the plain spectrum (their inputs are not captured).
+    convs_plain: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"weights_whitened": len(self.capture.grams), "ort_runs": self.capture.runs, "damping": self.damping,
-                "mask": self.mask, "attention_weighted": len(self.capture.out_grams)}
+        out = {"weights_whitened": len(self.capture.grams), "ort_runs": self.capture.runs, "damping": self.damping,
+               "mask": self.mask, "attention_weighted": len(self.capture.out_grams)}
+        if self.convs_plain:
+            out["convs_plain_svd"] = self.convs_plain
+        return out
 
     def report_sections(self) -> dict[str, dict[str, Any]]:
         return super().report_sections() if self.whitens else {}
@@ -543,7 +548,8 @@ class CaptureStatistics(Step):
 
     def run(self, ctx: Context) -> Statistics:
         cfg = ctx.config
-        groups = [g for g in ctx.need(Discovery).candidates if not g.layers[0].is_conv]
+        candidates = ctx.need(Discovery).candidates
+        groups = [g for g in candidates if not g.layers[0].is_conv]
         if not cfg.data_aware:  # for width reduction alone: the blocks' hidden activations only
             from .width import FoundBlocks
 
@@ -553,7 +559,8 @@ class CaptureStatistics(Step):
                             progress=ctx.progress, attention=cfg.attention_aware and cfg.data_aware, executor=ctx.executor)
         if cfg.data_aware:
             _warn_thin(cap, {g.key: g for g in groups})
-        return Statistics(cap, cfg.damping, cfg.calib_mask, whitens=cfg.data_aware)
+        return Statistics(cap, cfg.damping, cfg.calib_mask, whitens=cfg.data_aware,
+                          convs_plain=sum(g.layers[0].is_conv for g in candidates) if cfg.data_aware else 0)
 
 
 def _warn_thin(cap: Capture, groups: Mapping[int, Any]) -> None:

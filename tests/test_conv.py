@@ -454,3 +454,16 @@ def test_a_macs_budget_counts_convs_the_rule_factorized_at_their_factorized_macs
     res = ol.compress(m, target_macs=0.3, min_params=0, conv_mode="channel")
     by = {d.node: d for d in res.layers}
     assert by["conv"].factorized and by["fc"].factorized and by["fc"].rank <= 17
+
+
+def test_data_aware_says_how_many_convs_keep_the_plain_spectrum():
+    w = conv_weight(32, 16, (3, 3), 2, "channel", 3)
+    nodes = [helper.make_node("Conv", ["x", "K"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("MatMul", ["f", "W"], ["y"], name="fc")]
+    m = make_model(nodes, [vi("x", ["N", 16, 8, 8])], [vi("y", ["N", 64])],
+                   [init("K", w), init("W", RNG.standard_normal((32, 64)).astype(np.float32))])
+    calib = {"x": RNG.standard_normal((40, 16, 8, 8)).astype(np.float32)}
+    res = ol.compress(m, energy=0.9, min_params=0, data_aware=True, calib=calib)
+    assert res.sections["data_aware"]["weights_whitened"] == 1 and res.sections["data_aware"]["convs_plain_svd"] == 1
+    assert not next(d for d in res.layers if d.node == "conv").whitened
