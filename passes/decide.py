@@ -135,7 +135,9 @@ def per_layer(plan: LayerPlan, cfg: CompressConfig) -> Decision:
 
 
 def decide_conv(plan: LayerPlan, cfg: CompressConfig) -> Decision:
-    """A Conv's rank in each view it has, and the view with fewer MACs."""
+    """A Conv's rank in each view it has, and the view with fewer MACs; under a fixed ``rank``,
+    which holds no error level in common between the views, the view that keeps more energy
+    at that rank (then fewer MACs)."""
     dense = plan.macs(None)
     unit = "MACs" if plan.macs_known else "MACs per output pixel"
     outcomes = []
@@ -143,8 +145,10 @@ def decide_conv(plan: LayerPlan, cfg: CompressConfig) -> Decision:
         if v.spectrum is None:
             continue
         choice = _rule(cfg, plan, v)
-        outcomes.append((not choice.saves, plan.macs(choice.rank, v.mode), v.mode != "channel", v.mode, choice))
-    outcomes.sort(key=lambda o: o[:3])
+        lost = round(1.0 - choice.energy, 6) if cfg.rank is not None else 0.0
+        outcomes.append((not choice.saves, lost, plan.macs(choice.rank, v.mode), v.mode != "channel", v.mode, choice))
+    outcomes.sort(key=lambda o: o[:4])
+    outcomes = [(o[0], o[2], o[3], o[4], o[5]) for o in outcomes]
     mode, choice = outcomes[0][3], outcomes[0][4]
     if choice.saves:
         return Decision(plan.key, mode, choice)

@@ -467,3 +467,12 @@ def test_data_aware_says_how_many_convs_keep_the_plain_spectrum():
     res = ol.compress(m, energy=0.9, min_params=0, data_aware=True, calib=calib)
     assert res.sections["data_aware"]["weights_whitened"] == 1 and res.sections["data_aware"]["convs_plain_svd"] == 1
     assert not next(d for d in res.layers if d.node == "conv").whitened
+
+
+def test_a_fixed_rank_under_auto_takes_the_view_that_keeps_more_energy():
+    # exactly rank 2 channel-wise: at rank 2 the channel split is exact; the spatial one, with fewer MACs, lost most
+    m = conv_model(conv_weight(32, 32, (3, 3), 2, "channel", 5), (8, 8), pads=[1, 1, 1, 1])
+    res = ol.compress(m, rank=2, min_params=0)  # conv_mode auto
+    (row,) = res.layers
+    assert row.conv_mode == "channel" and row.energy > 0.9999
+    check_same(m, res, (8, 8))
