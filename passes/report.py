@@ -144,9 +144,11 @@ def _macs_units(decisions: list[LayerDecision], known: ShapeInfo | None) -> tupl
         parts.append("MatMul/Gemm per activation row")
     pixel = sum(d.macs_per == "output pixel" for d in decisions)
     if pixel:
-        why = known.note if known is not None and known.note else "its input's spatial dims are dynamic"
-        parts.append(f"{pixel} Conv node(s) per output pixel, their size being unknown ({why}); "
-                     "fix the input size (python -m onnxruntime.tools.make_dynamic_shape_fixed) to count them per sample")
+        why = known.note if known is not None and known.note else (
+            "shape inference did not reach their inputs: dynamic input dims, or an operator it cannot follow, such as a Pad "
+            "with computed pads")
+        parts.append(f"{pixel} Conv node(s) per output pixel, their size being unknown ({why}); to count them per sample "
+                     "fix the input size (python -m onnxruntime.tools.make_dynamic_shape_fixed) or fold the graph (onnxsim)")
     return "mixed", "; ".join(parts)
 
 
