@@ -21,6 +21,7 @@ Every pair of projections joined by an elementwise path that is not a block says
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import onnx
@@ -228,15 +229,24 @@ def _scalar(g: _Graph, name: str) -> bool:
     return got is not None and got[0].size == 1
 
 
-def _chain(g: _Graph, start: str, down_inputs: dict[str, Layer]) -> tuple[list[onnx.NodeProto], Layer | None, str | None]:
+#: Layout operators an exporter may put inside a feed-forward block (GPT-2's Conv1D flattens the
+#: rows around each projection); a block that holds one is reported, not narrowed: its target
+#: shape would have to follow the new width.
+LAYOUT = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
+
+
+def _chain(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mapping[str, Layer] | None = None
+           ) -> tuple[list[onnx.NodeProto], Layer | None, str | None]:
     """Follow ``start`` through elementwise nodes to a projection's input: the nodes, the
     projection, and why the path is not a block.  ``(.., None, None)``: no elementwise path
-    reaches a projection at all (a residual add, a norm, an attention product ...)."""
+    reaches a projection at all (a residual add, a norm, an attention product ...).
+    ``outputs``: the projections by their output (or their bias Add's), to name a gated block."""
     nodes: list[onnx.NodeProto] = []
     inside = {start}
     frontier = [start]
     ends: list[Layer] = []
     others: list[str] = []  # readers that are neither elementwise nor the projection
+    layouts: list[str] = []  # layout readers walked through (reported, never narrowed)
     while frontier:
         name = frontier.pop()
         for reader in g.readers.get(name, []):
@@ -247,23 +257,37 @@ def _chain(g: _Graph, start: str, down_inputs: dict[str, Layer]) -> tuple[list[o
                 if layer not in ends:
                     ends.append(layer)
                 continue
-            if reader.op_type not in ELEMENTWISE or reader.domain not in ("", "ai.onnx", "com.microsoft"):
+            if reader.op_type == "Shape" and reader.domain in ("", "ai.onnx"):
+                continue  # reads the size only
+            layout = reader.op_type in LAYOUT and reader.domain in ("", "ai.onnx") and reader.input[0] == name
+            if not layout and (reader.op_type not in ELEMENTWISE or reader.domain not in ("", "ai.onnx", "com.microsoft")):
                 others.append(f"{reader.op_type} '{reader.name or reader.output[0]}'")
                 continue
+            if layout:
+                layouts.append(f"{reader.op_type} '{reader.name or reader.output[0]}'")
             nodes.append(reader)
-            for out in reader.output:
+            for out in reader.output[:1] if layout else reader.output:
                 if out and out not in inside:
                     inside.add(out)
                     frontier.append(out)
     if not ends:
         return nodes, None, None
+    for node in nodes:
+        if node.op_type in LAYOUT:
+            continue  # (its shape input)
+        for other in node.input:
+            if other and other not in inside and not _scalar(g, other) and other not in g.constants:
+                gate = (outputs or {}).get(other)
+                if gate is not None and node.op_type == "Mul" and len(ends) == 1:
+                    return nodes, None, (f"gated: the activation is multiplied by the output of {gate.display_name}; "
+                                         "gated blocks (SwiGLU, GeGLU) are not narrowed")
+                return nodes, None, None  # joins another activation (a residual add ...): no block
     if len(ends) > 1:
         return nodes, None, "the activation reaches two projections"
     end = ends[0]
-    for node in nodes:
-        for other in node.input:
-            if other and other not in inside and not _scalar(g, other) and other not in g.constants:
-                return nodes, None, None  # joins another activation (a residual add ...): no block
+    if layouts:
+        return nodes, None, (f"{layouts[0]} between the projections changes the layout; a block with a reshape inside is not "
+                             "narrowed (its target shape would have to follow the new width)")
     if others:
         return nodes, None, f"the activation is also read by {others[0]}"
     if not nodes:
@@ -302,6 +326,14 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
         by_node[id(layer.node)] = group
         if layer.weight_index == 1 and layer.node.input:
             down_inputs[layer.node.input[0]] = layer
+    outputs: dict[str, Layer] = {}  # each projection's output, and its bias Add's
+    for group in found.candidates:
+        for layer in group.layers:
+            if id(layer.node) in by_node and layer.node.output:
+                outputs[layer.node.output[0]] = layer
+                for reader in g.readers.get(layer.node.output[0], []):
+                    if reader.op_type == "Add" and any(i in g.constants for i in reader.input):
+                        outputs[reader.output[0]] = layer
     claimed: set[int] = set()
     for group in found.candidates:
         up = group.layers[0]
@@ -313,12 +345,12 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
         after = _after(g, up, f)
         if isinstance(after, str):
             start = up.node.output[0]
-            nodes, end, why = _chain(g, start, down_inputs)
+            nodes, end, why = _chain(g, start, down_inputs, outputs)
             if end is not None or why is not None:
                 result.skipped.append((up.display_name, after))
             continue
         start, b1 = after
-        nodes, end, why = _chain(g, start, down_inputs)
+        nodes, end, why = _chain(g, start, down_inputs, outputs)
         if end is None and why is None:
             continue  # no elementwise path to another projection: not a block at all
         if why is not None:

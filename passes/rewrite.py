@@ -337,7 +337,7 @@ def narrow_block(model: onnx.ModelProto, plan, data: io.DataFiles) -> None:
         proto.data_type = tensor.data_type
         tensor.CopyFrom(proto)
     graph = block.up.layers[0].graph
-    stale = set(block.between)
+    stale = set(block.between) | set(holders)  # (exporters such as torch's dynamo give initializers value_info too)
     keep = [v for v in graph.value_info if v.name not in stale]
     if len(keep) != len(graph.value_info):
         del graph.value_info[:]

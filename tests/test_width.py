@@ -488,3 +488,48 @@ def test_blocks_that_width_reduction_does_not_take_say_why_and_found_ones_do_not
     assert "no feed-forward block narrowed (ffn_keep 0.5" in render_sections(res.sections)
     two = ol.compress(ffn_model("relu"), ffn_keep=0.5, calib=_feeds(300), min_params=0).sections["width"]
     assert len(two["blocks"]) == 2 and not two["not_reduced"]  # the second projection of one block is no unmatched block
+
+
+def _gated_model():
+    """x -> gate (SiLU) * up -> down, LLaMA's feed-forward, no biases; then a residual add and an
+    RMS-style norm into two projections."""
+    rng = np.random.default_rng(3)
+    w = {n: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
+         for n, s in (("Wg", (D, F)), ("Wu", (D, F)), ("Wd", (F, D)), ("Wq", (D, D)), ("Wk", (D, D)))}
+    nodes = [helper.make_node("MatMul", ["x", "Wg"], ["g"], name="gate"), helper.make_node("MatMul", ["x", "Wu"], ["u"], name="up"),
+             helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["act"]),
+             helper.make_node("Mul", ["act", "u"], ["h"]), helper.make_node("MatMul", ["h", "Wd"], ["d"], name="down"),
+             helper.make_node("Add", ["d", "x"], ["r"]), helper.make_node("Mul", ["r", "r"], ["r2"]),
+             helper.make_node("ReduceMean", ["r2"], ["ms"], axes=[-1]), helper.make_node("Sqrt", ["ms"], ["rms"]),
+             helper.make_node("Div", ["r", "rms"], ["n"]),
+             helper.make_node("MatMul", ["n", "Wq"], ["q"], name="q"), helper.make_node("MatMul", ["n", "Wk"], ["k"], name="k"),
+             helper.make_node("Add", ["q", "k"], ["y"])]
+    return make_model(nodes, [vi("x", ["B", D])], [vi("y", ["B", D])], [init(n, a) for n, a in w.items()], opset=13)
+
+
+def test_a_gated_block_says_so_and_a_residual_path_is_no_near_miss():
+    m = _gated_model()
+    found = find_blocks(m, discover(m, min_params=0))
+    assert found.blocks == []
+    assert found.skipped == [("gate", "gated: the activation is multiplied by the output of up; gated blocks (SwiGLU, GeGLU) "
+                                      "are not narrowed")]  # (the residual add and norm into q and k: no line)
+
+
+def test_a_reshape_inside_a_block_is_reported_and_initializer_value_info_follows_the_narrowing():
+    rng = np.random.default_rng(4)
+    w1, w2 = (rng.standard_normal((D, F)) / 4).astype(np.float32), (rng.standard_normal((F, D)) / 8).astype(np.float32)
+    # GPT-2's Conv1D: Gemm on 2-D rows, Reshape to 3-D for the activation, back to 2-D for the second Gemm
+    nodes = [helper.make_node("Gemm", ["x", "W1"], ["p"], name="fc"), helper.make_node("Reshape", ["p", "s3"], ["p3"], name="to3d"),
+             helper.make_node("Relu", ["p3"], ["h3"]), helper.make_node("Reshape", ["h3", "s2"], ["h"], name="to2d"),
+             helper.make_node("Gemm", ["h", "W2"], ["y"], name="proj")]
+    m = make_model(nodes, [vi("x", [4, D])], [vi("y", [4, D])],
+                   [init("W1", w1), init("W2", w2), init("s3", np.array([2, 2, F], np.int64)), init("s2", np.array([4, F], np.int64))])
+    found = find_blocks(m, discover(m, min_params=0))
+    assert found.blocks == [] and len(found.skipped) == 1 and "Reshape 'to3d' between the projections" in found.skipped[0][1]
+    # an exporter's value_info for the initializers (torch's dynamo writes it) must follow the narrowed shapes
+    m = ffn_model("relu")
+    for t in list(m.graph.initializer):
+        m.graph.value_info.append(vi(t.name, list(t.dims)))
+    res = ol.compress(m, ffn_keep=0.75, energy=1.0, min_params=0, calib=_feeds(64))
+    assert res.totals.narrowed == 4
+    onnx.checker.check_model(res.model, full_check=True)
