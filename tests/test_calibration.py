@@ -296,3 +296,22 @@ def test_npz_with_a_scalar_input_gives_it_to_every_feed(tmp_path):
     feeds = list(load_calibration(m, tmp_path / "c.npz", calib_batch=4))
     assert [f["x"].shape[0] for f in feeds] == [4, 4, 2]
     assert all(f["cond"].shape == () and bool(f["cond"]) for f in feeds)
+
+
+def test_data_that_fits_the_inputs_but_not_the_model_is_a_calibration_error(tmp_path, capsys):
+    from onnx import helper
+
+    from onnx_lowrank.cli import main
+    from models import init, make_model, vi
+
+    table = np.random.default_rng(0).standard_normal((10, 32)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((32, 16)).astype(np.float32)
+    m = make_model([helper.make_node("Gather", ["E", "ids"], ["e"]), helper.make_node("MatMul", ["e", "W"], ["y"])],
+                   [vi("ids", ["N"], onnx.TensorProto.INT64)], [vi("y", ["N", 16])], [init("E", table), init("W", w)])
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", ids=np.array([1, 2, 300, 4], np.int64))  # an id past the 10-row table
+    assert main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--data-aware", "--calib", str(tmp_path / "c.npz"),
+                 "--min-params", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "could not run the model on calibration feed 1" in err and "fix the --calib data" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.onnx").exists()

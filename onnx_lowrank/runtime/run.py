@@ -68,13 +68,27 @@ def overridable(model: onnx.ModelProto, weights: Iterable[str]) -> onnx.ModelPro
     return probe
 
 
+def _run(sess: Any, names: Sequence[str], feed: Mapping[str, np.ndarray], index: int, *, original: bool) -> list:
+    """``sess.run``; a failure of the model as given, on calibration data that passed the input
+    checks, is the data's: a CalibrationError with the runtime's first line."""
+    try:
+        return sess.run(list(names), dict(feed))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        if not original:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CalibrationError(f"onnxruntime could not run the model on calibration feed {index}: {first}; the data fits the "
+                               "declared inputs but not what the model does with them (token ids past the vocabulary? "
+                               f"inputs of different lengths?); fix the {option('calib')} data.") from None
+
+
 def run_all(sess: Any, feeds: Feeds, *, overrides: Mapping[str, np.ndarray] | None = None,
             names: Sequence[str] | None = None) -> list[np.ndarray]:
     """Run every feed (with ``overrides`` fed too) and join each output along the first axis."""
     names = list(names) if names else [o.name for o in sess.get_outputs()]
     parts: list[list[np.ndarray]] = [[] for _ in names]
-    for feed in feeds:
-        outs = sess.run(names, {**dict(feed), **(overrides or {})})
+    for index, feed in enumerate(feeds, start=1):
+        outs = _run(sess, names, {**dict(feed), **(overrides or {})}, index, original=not overrides)
         for i, o in enumerate(outs):
             parts[i].append(np.asarray(o))
     return [np.concatenate(p, axis=0) if p and p[0].ndim > 0 else np.stack(p) for p in parts]
@@ -121,7 +135,7 @@ def capture(
         feed = dict(feed)
         got = []
         for ov in overrides:
-            fetched = dict(zip(fetch, sess.run(fetch, {**feed, **ov}))) if fetch else {}
+            fetched = dict(zip(fetch, _run(sess, fetch, {**feed, **ov}, batches + 1, original=not ov))) if fetch else {}
             got.append({**{k: np.asarray(v) for k, v in feed.items() if k in wanted}, **fetched})
             runs += 1
         each(feed, got)
