@@ -378,14 +378,14 @@ def test_real_signals_never_pair_a_model_with_another_generations_data(tmp_path,
         p.send_signal(sig)
         rc = p.wait(120)
         err = p.stderr.read().decode()
-        assert "Traceback" not in err
+        assert "Traceback" not in err, (fraction, rc, err)  # (a rare failure here under load: the message says which)
         state = gen.state(temps_allowed=sig == signal.SIGKILL)
         if sig == signal.SIGTERM:
             # -15: the signal came before the command installed its handler (interpreter start-up)
             # or after it had finished its work, on the way out; either way nothing is half-done
-            assert rc in (143, -15) or (rc == 0 and state == "new"), (rc, err)
+            assert rc in (143, -15) or (rc == 0 and state == "new"), (fraction, rc, state, err)
         seen.add(state)
-    assert seen <= {"old", "new"}
+    assert seen <= {"old", "new"}, seen
 
 
 def _small_model_and_data(folder: Path) -> tuple[Path, Path]:
