@@ -257,8 +257,6 @@ def _chain(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mappin
                 if layer not in ends:
                     ends.append(layer)
                 continue
-            if reader.op_type == "Shape" and reader.domain in ("", "ai.onnx"):
-                continue  # reads the size only
             layout = reader.op_type in LAYOUT and reader.domain in ("", "ai.onnx") and reader.input[0] == name
             if not layout and (reader.op_type not in ELEMENTWISE or reader.domain not in ("", "ai.onnx", "com.microsoft")):
                 others.append(f"{reader.op_type} '{reader.name or reader.output[0]}'")
