@@ -150,8 +150,10 @@ class OrtProbe:
             doc = json.loads(path.read_text(encoding="utf-8"))
             for key, (d, f) in doc.get(self.machine_key, {}).items():
                 self._memory[key] = (float(d), float(f))
-        except (OSError, ValueError, TypeError) as exc:
-            log.debug("ignoring unreadable latency cache %s: %s", path, exc)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:  # (not JSON, or JSON of another shape)
+            self._memory.clear()
+            log.warning("ignoring the latency cache %s, which is not one this package wrote (%s); it will be rewritten",
+                        path, type(exc).__name__)
 
     def _save_disk(self) -> None:
         path = self.cache_file
@@ -165,6 +167,8 @@ class OrtProbe:
                     doc = json.loads(path.read_text(encoding="utf-8"))
                 except ValueError:
                     doc = {}
+            if not isinstance(doc, dict) or not isinstance(doc.get(self.machine_key, {}), dict):
+                doc = {}  # (a file of another shape is replaced whole)
             doc.setdefault(self.machine_key, {}).update({k: list(v) for k, v in self._memory.items()})
             fd, tmp = tempfile.mkstemp(prefix=".latency.", suffix=".tmp", dir=path.parent)
             with os.fdopen(fd, "w", encoding="utf-8") as f:

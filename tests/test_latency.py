@@ -210,3 +210,17 @@ def test_default_batch_on_a_fixed_batch_model_times_that_batch():
     assert res.totals.factorized >= 1
     with pytest.raises(UsageError, match="batch=2"):
         compress(model, rank=8, min_params=0, latency_aware=True, batch=(2,), probe=MacProbe())
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "null", '{"%s": [1]}'])
+def test_a_latency_cache_of_another_shape_is_ignored_and_rewritten(tmp_path, content, caplog):
+    from onnx_lowrank.passes.latency import OrtProbe
+
+    probe = OrtProbe(tmp_path)
+    (tmp_path / "latency.json").write_text(content.replace("%s", probe.machine_key) if "%s" in content else content)
+    with caplog.at_level("WARNING", logger="onnx_lowrank"):
+        probe = OrtProbe(tmp_path)  # it failed every latency-aware run ('list' object has no attribute 'get')
+    assert "ignoring the latency cache" in caplog.text
+    probe._memory["k"] = (1.0, 2.0)
+    probe._save_disk()
+    assert json.loads((tmp_path / "latency.json").read_text()) == {probe.machine_key: {"k": [1.0, 2.0]}}
