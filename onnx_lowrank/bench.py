@@ -483,6 +483,12 @@ def bench(
         sessions = [make_session(s, t) for s in sources]
         for b in batch_list:
             shapes = resolve_shapes(protos[0], batch=b, input_shape=shapes_given)
+            for label, other in zip(labels[1:], protos[1:]):  # the second model must take the same shapes
+                try:
+                    resolve_shapes(other, input_shape={**shapes_given, **shapes})
+                except UsageError as exc:
+                    raise UsageError(f"{label} cannot take the inputs {labels[0]} runs with ({_show_shapes(shapes)}"
+                                     f"{', ' + option_value('batch', b) if b is not None else ''}): {exc}") from None
             feeds = random_feeds(protos[0], shapes, seed)
             calls = [_runner(s, feeds) for s in sessions]
             for c in calls:

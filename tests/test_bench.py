@@ -245,3 +245,13 @@ def test_bench_arguments_are_checked_up_front():
         bench(None)
     report = bench((x for x in (m, m)), threads=np.int64(1), batch="2", runs=2, warmup=1)  # any iterable, numpy ints, "1,2" text
     assert report.to_dict()["models"] == ["model0", "model1"]
+
+
+def test_the_second_model_must_take_the_shapes_the_first_runs_with():
+    from onnx_lowrank.bench import bench
+    from onnx_lowrank.errors import UsageError
+    from models import matmul_model
+
+    dynamic, fixed = matmul_model(k=16, n=8, r=2, batch_shape=("N",)), matmul_model(k=16, n=8, r=2, batch_shape=(1,))
+    with pytest.raises(UsageError, match="model1 cannot take the inputs model0 runs with .*axis 0 is fixed to 1"):
+        bench([dynamic, fixed], batch=4, runs=2, warmup=1)  # (it failed inside onnxruntime, the message cut off)
