@@ -453,6 +453,9 @@ def judge(metrics: Sequence[OutputMetrics], *, metric: str | None, max_drop: flo
     Raises:
         UsageError: ``metric`` applies to none of the outputs, or not to ``gate_output``.
     """
+    if metric in ("accuracy", "f1") and not have_labels:
+        raise UsageError(f"{option('metric')} {metric} needs labels: pass {option_value('labels', 'labels.npy')} or put a "
+                         "'labels' array in the .npz.")
     judged: list[Judgement] = []
     skipped: dict[str, str] = {}
     for m in metrics:

@@ -470,3 +470,13 @@ def test_calibration_data_nothing_else_reads_is_the_checks():
     assert res.verification is not None and res.verification.samples == 6
     res = onnx_lowrank.compress(m, calib=calib, min_params=0, rank=2, data_aware=True)  # read by the statistics: no check asked
     assert res.verification is None and "data_aware" in res.sections
+
+
+def test_an_accuracy_goal_without_labels_asks_for_labels():
+    from models_verify import scores_model as _scores
+
+    m = _scores() if callable(_scores) else None
+    calib = {m.graph.input[0].name: np.random.default_rng(0).standard_normal(
+        (20, *[d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]])).astype(np.float32)}
+    with pytest.raises(UsageError, match="metric accuracy needs labels"):  # (it said no output holds class scores)
+        onnx_lowrank.compress(m, adaptive=True, metric="accuracy", max_drop=0.05, calib=calib, min_params=0)
