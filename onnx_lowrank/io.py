@@ -83,6 +83,17 @@ _BITS = {getattr(TensorProto, n): b for n, b in (("INT4", 4), ("UINT4", 4), ("FL
 # Walking a model's tensors
 # --------------------------------------------------------------------------------------------
 
+def node_bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs ``node`` holds directly (If branches, Loop and Scan bodies)."""
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph`` and every subgraph (If/Loop/Scan bodies), depth first."""
     yield graph
@@ -940,12 +951,18 @@ def inlined(model: onnx.ModelProto, data: DataFiles) -> onnx.ModelProto:
                          "for one file; save it with external data (external=True or the default).")
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for t in iter_tensors(out):
+    read_in(out, data)
+    return out
+
+
+def read_in(model: onnx.ModelProto, data: DataFiles) -> None:
+    """In place: every external tensor of ``model`` read into it (through ``data``, so only
+    files inside the model's folder are read)."""
+    for t in iter_tensors(model):
         if t.data_location == TensorProto.EXTERNAL:
             fresh = onnx.numpy_helper.from_array(data.read(t), t.name)
             fresh.data_type = t.data_type  # (bfloat16 and the like are read as their raw integers)
             t.CopyFrom(fresh)
-    return out
 
 
 def _file_digest(path: Path) -> str:

@@ -648,7 +648,7 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
     for c in done:
         remove_constant(sc.graphs[c.graph], c.name, constant=c.node is not None)
     if inline:
-        _inline(out, data)
+        io.read_in(out, data)
     summary.statistics = _statistics_note(summary, skipped or {})
     log.info("int4: %d weight(s) as MatMulNBits (block %d), %d with a correction branch (%d whitened); %d left float",
              len(summary.layers), options.block, sum(l.rank > 0 for l in summary.layers),
@@ -819,16 +819,6 @@ def _effective(w: np.ndarray, q: quant.BlockQuantized, corr: quant.Correction, s
             a, bb = stored_factor(a, 1), stored_factor(bb, 0)
         eff = eff + a.astype(np.float64) @ bb.astype(np.float64)
     return eff
-
-
-def _inline(model: onnx.ModelProto, data: io.DataFiles) -> None:
-    """Read every external tensor into the model."""
-    for t in io.iter_tensors(model):
-        if t.data_location == TensorProto.EXTERNAL:
-            arr = data.read(t)
-            fresh = numpy_helper.from_array(arr, t.name)
-            fresh.data_type = t.data_type
-            t.CopyFrom(fresh)
 
 
 # --------------------------------------------------------------------------------------------

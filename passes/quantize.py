@@ -186,7 +186,7 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
     import heapq
 
     for node in graph.node:
-        for sub in _bodies(node):
+        for sub in io.node_bodies(node):
             sort_nodes(sub)
     nodes = list(graph.node)
     made = {out: i for i, n in enumerate(nodes) for out in n.output if out}
@@ -211,22 +211,11 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
         graph.node.extend(nodes[i] for i in order)
 
 
-def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The graphs ``node`` holds directly (If branches, Loop and Scan bodies)."""
-    out: list[onnx.GraphProto] = []
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            out.append(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            out.extend(a.graphs)
-    return out
-
-
 def _reads(node: onnx.NodeProto) -> set[str]:
     """The names ``node`` reads: its inputs and whatever its bodies read (a body's own names
     included, which match no node of the enclosing graph unless they shadow one)."""
     names = {name for name in node.input if name}
-    for sub in _bodies(node):
+    for sub in io.node_bodies(node):
         for inner in sub.node:
             names |= _reads(inner)
         names |= {v.name for v in sub.output}

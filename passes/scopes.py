@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto
 
+from onnx_lowrank.io import node_bodies
+
 __all__ = ["Const", "Site", "Scopes"]
 
 
@@ -64,10 +66,8 @@ class Scopes:
             for k, name in enumerate(node.input):
                 if name:
                     self._read(g, name, Site(g, i, k))
-            for a in node.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
-                            list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
-                    self._walk(sub, g)
+            for sub in node_bodies(node):
+                self._walk(sub, g)
             self.defined.update((g, out) for out in node.output if out)
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
                 value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
