@@ -14,6 +14,16 @@ operators in :data:`ELEMENTWISE` whose other operands are single values (``Relu`
 ``W1``, ``b1`` and ``W2`` is exact.  Every tensor between the two projections must be used by
 the block only (not a graph output, nor read by another node or a subgraph).
 
+Exporters may also flatten the rows around each projection (GPT-2's ``Conv1D``: a 2-D Gemm, a
+``Reshape`` to 3-D for the activation, a ``Reshape`` back to 2-D).  A ``Reshape`` inside a block
+keeps the neurons on the last axis when its target ends with the width: either a constant ``f``
+(the whole target, or the last input of the ``Concat`` that builds it), which the rewrite
+replaces by the new width in a tensor of its own (:class:`ShapeEdit`), or the block's own width
+read at run time (``Shape`` of a tensor inside the block, its last entry picked by ``Gather``/
+``Slice`` and put last by ``Concat``), which follows by itself.  A ``Shape`` of a tensor inside the
+block may be read for anything else only through entries that narrowing leaves alone (the batch
+and sequence sizes that shape the output of ``W2``, say).
+
 Every pair of projections joined by an elementwise path that is not a block says why
 (:attr:`Blocks.skipped`); those are the blocks a user would expect to be found.
 """
@@ -32,7 +42,7 @@ from onnx_lowrank.errors import ModelError
 
 from .discover import Discovery, Layer, WeightGroup
 
-__all__ = ["ELEMENTWISE", "Bias", "FfnBlock", "Blocks", "find_blocks"]
+__all__ = ["ELEMENTWISE", "Bias", "FfnBlock", "Blocks", "ShapeEdit", "find_blocks"]
 
 #: Operators an activation chain may hold: each output element depends on the same element of
 #: its inputs (other operands: single values).
@@ -62,6 +72,24 @@ class Bias:
     holder: onnx.TensorProto | onnx.NodeProto
 
 
+@dataclass(frozen=True)
+class ShapeEdit:
+    """A constant that holds a block's width as the last entry of a ``Reshape`` target inside the
+    block; the rewrite points the target at a copy that holds the new width instead.
+
+    Attributes:
+        reshape: The Reshape.
+        name: The constant's name: the Reshape's target itself, or the last input of ``concat``.
+        value: Its values (1-D, integer; the last entry is the width).
+        concat: The Concat that builds the target from ``name`` and other pieces, if any.
+    """
+
+    reshape: onnx.NodeProto
+    name: str
+    value: np.ndarray
+    concat: onnx.NodeProto | None = None
+
+
 @dataclass
 class FfnBlock:
     """One feed-forward block (module docstring).
@@ -74,6 +102,8 @@ class FfnBlock:
             neuron ``j`` is then row ``j`` of ``W1`` / column ``j`` of ``W2``.
         activation: The activation's operators, in graph order.
         between: The tensors between the two projections (their shapes change with the width).
+        reshapes: The Reshape targets inside the block that hold the width as a constant.
+        follows: The Reshapes inside the block whose target reads the width at run time.
     """
 
     up: WeightGroup
@@ -86,6 +116,8 @@ class FfnBlock:
     activation: tuple[str, ...]
     between: tuple[str, ...] = ()
     shapes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # W1's and W2's, as found
+    reshapes: tuple[ShapeEdit, ...] = ()
+    follows: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -230,46 +262,170 @@ def _scalar(g: _Graph, name: str) -> bool:
 
 
 #: Layout operators an exporter may put inside a feed-forward block (GPT-2's Conv1D flattens the
-#: rows around each projection); a block that holds one is reported, not narrowed: its target
-#: shape would have to follow the new width.
+#: rows around each projection).  A Reshape whose target ends with the width follows the narrowing
+#: (module docstring); the others are reported, not narrowed.
 LAYOUT = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
 
+#: Operators that only pick or join the entries of a shape vector.
+SHAPE_MOVES = frozenset({"Gather", "Slice", "Squeeze", "Unsqueeze", "Concat", "Cast", "Identity"})
 
-def _chain(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mapping[str, Layer] | None = None
-           ) -> tuple[list[onnx.NodeProto], Layer | None, str | None]:
+_WIDTH, _FIXED, _ANY = "w", ".", "*"  # a shape entry that is the block's width; one narrowing leaves; any number of those
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return f"{node.op_type} '{node.name or node.output[0]}'"
+
+
+def _ints(g: _Graph, name: str) -> list[int] | None:
+    got = g.value(name)
+    if got is None or got[0].dtype.kind not in "iu":
+        return None
+    return [int(v) for v in got[0].reshape(-1)]
+
+
+def _moved(g: _Graph, node: onnx.NodeProto, entries: dict[str, list[str]]) -> list[str] | None:
+    """The entries of a shape-moving node's output from its inputs' (``None``: cannot tell)."""
+    op, src = node.op_type, entries.get(node.input[0]) if node.input else None
+    if op == "Concat":
+        if int(_attr(node, "axis", 0)) not in (0, -1):
+            return None
+        out: list[str] = []
+        for name in node.input:
+            known = _ints(g, name)
+            out += entries[name] if name in entries else [_FIXED] * len(known) if known is not None else [_ANY]
+        return out
+    if src is None or _ANY in src:
+        return None
+    if op in ("Squeeze", "Unsqueeze", "Cast", "Identity"):
+        return src
+    if op == "Gather":
+        picks = _ints(g, node.input[1]) if len(node.input) > 1 else None
+        if int(_attr(node, "axis", 0)) != 0 or picks is None or not all(-len(src) <= i < len(src) for i in picks):
+            return None
+        return [src[i] for i in picks]
+    if op == "Slice":
+        if len(node.input) > 1:  # opset 10 and later
+            bounds = [_ints(g, n) if n else None for n in (list(node.input[1:5]) + [""] * 4)[:4]]
+            starts, ends, axes, steps = bounds
+            if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None) \
+                    or (len(node.input) > 4 and node.input[4] and steps is None):
+                return None
+        else:
+            starts, ends, axes, steps = (list(_attr(node, a, [])) or None for a in ("starts", "ends", "axes", "steps"))
+        if len(starts) != 1 or len(ends) != 1 or (axes or [0])[0] not in (0, -1) or (steps or [1])[0] == 0:
+            return None
+        return src[slice(starts[0], ends[0], (steps or [1])[0])]
+    return None
+
+
+def _width_reads(g: _Graph, shapes: list[onnx.NodeProto], block_reshapes: set[int], rank_of
+                 ) -> tuple[set[int], str | None]:
+    """Follow the block's width from the ``Shape`` readers of its tensors: the Reshapes inside the
+    block whose target ends with it (``(ids, None)``), or why it reaches something else."""
+    entries: dict[str, list[str]] = {}
+    for node in shapes:
+        rank = rank_of(node.input[0])
+        if rank is None:
+            return set(), f"{_label(node)} reads a tensor of the block whose rank is unknown"
+        lo, hi = int(_attr(node, "start", 0)), _attr(node, "end", None)
+        entries[node.output[0]] = ([_FIXED] * (rank - 1) + [_WIDTH])[slice(lo, None if hi is None else int(hi))]
+    follows: set[int] = set()
+    readers = {id(s) for s in shapes}
+    for node in g.graph.node:  # graph order: every piece of a Concat is known before it
+        if id(node) in readers or not any(n in entries for n in node.input):
+            continue
+        carries = [n for n in node.input if _WIDTH in entries.get(n, ())]
+        if node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and len(node.input) > 1 and carries == [node.input[1]]:
+            target = entries[node.input[1]]
+            if id(node) not in block_reshapes:
+                return set(), f"the block's width reaches {_label(node)} outside the block"
+            if target[-1] != _WIDTH or _WIDTH in target[:-1]:
+                return set(), f"{_label(node)} reads the block's width into its target elsewhere than last"
+            follows.add(id(node))
+            continue
+        got = _moved(g, node, entries) if node.op_type in SHAPE_MOVES and node.domain in ("", "ai.onnx") else None
+        if got is None:
+            if carries:
+                return set(), f"the block's width is read by {_label(node)}"
+            continue
+        entries[node.output[0]] = got
+    for name, got in entries.items():
+        if _WIDTH in got and (name in g.outputs or name in g.captured):
+            return set(), f"the block's width reaches '{name}', a graph output or read by a subgraph"
+    return follows, None
+
+
+def _targets(g: _Graph, reshapes: list[onnx.NodeProto], follows: set[int], f: int) -> tuple[list[ShapeEdit], str | None]:
+    """How each Reshape inside a block follows the width: its constant target (or the constant
+    last piece of the Concat that builds it) ending with ``f``, rewritten; or its own reading."""
+    edits: list[ShapeEdit] = []
+    for node in reshapes:
+        if node.op_type != "Reshape":
+            return [], (f"{_label(node)} between the projections changes the layout; only a Reshape that keeps the "
+                        "neurons last is narrowed through")
+        if id(node) in follows:
+            continue
+        target = node.input[1] if len(node.input) > 1 else ""
+        value = _ints(g, target)
+        concat, name = None, target
+        if value is None:
+            producer = g.producer.get(target)
+            if producer is not None and producer.op_type == "Concat" and producer.domain in ("", "ai.onnx") \
+                    and int(_attr(producer, "axis", 0)) in (0, -1) and producer.input:
+                concat, name = producer, producer.input[-1]
+                value = _ints(g, name)
+        if value is None or not value or value[-1] != f:
+            return [], (f"{_label(node)} between the projections: its target does not end with the {f} neurons "
+                        "(a constant, or the block's own width read at run time)")
+        holder = g.value(name)
+        edits.append(ShapeEdit(node, name, np.asarray(value, dtype=holder[0].dtype if holder else np.int64), concat))
+    return edits, None
+
+
+def _chain(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mapping[str, Layer] | None = None,
+           f: int = 0, rank_of=None):
     """Follow ``start`` through elementwise nodes to a projection's input: the nodes, the
-    projection, and why the path is not a block.  ``(.., None, None)``: no elementwise path
-    reaches a projection at all (a residual add, a norm, an attention product ...).
-    ``outputs``: the projections by their output (or their bias Add's), to name a gated block."""
+    projection, why the path is not a block, and how its Reshapes follow the width
+    (:class:`ShapeEdit` s, and the names of those that read it).  ``(.., None, None, ..)``: no
+    elementwise path reaches a projection at all (a residual add, a norm, an attention product
+    ...).  ``outputs``: the projections by their output (or their bias Add's), to name a gated
+    block; ``rank_of``: a tensor's rank, where a ``Shape`` reads one inside the block."""
     nodes: list[onnx.NodeProto] = []
     inside = {start}
     frontier = [start]
     ends: list[Layer] = []
     others: list[str] = []  # readers that are neither elementwise nor the projection
-    layouts: list[str] = []  # layout readers walked through (reported, never narrowed)
+    shapes: list[onnx.NodeProto] = []  # Shape readers of the block's tensors
+    none: tuple = ((), ())
+
+    def fail(end, why):
+        return nodes, end, why, none
+
     while frontier:
         name = frontier.pop()
         for reader in g.readers.get(name, []):
-            if reader in nodes:
+            if reader in nodes or reader in shapes:
                 continue
             layer = down_inputs.get(name)
             if layer is not None and reader is layer.node:
                 if layer not in ends:
                     ends.append(layer)
                 continue
-            layout = reader.op_type in LAYOUT and reader.domain in ("", "ai.onnx") and reader.input[0] == name
-            if not layout and (reader.op_type not in ELEMENTWISE or reader.domain not in ("", "ai.onnx", "com.microsoft")):
-                others.append(f"{reader.op_type} '{reader.name or reader.output[0]}'")
+            standard = reader.domain in ("", "ai.onnx")
+            if reader.op_type == "Shape" and standard:
+                shapes.append(reader)
                 continue
-            if layout:
-                layouts.append(f"{reader.op_type} '{reader.name or reader.output[0]}'")
+            layout = reader.op_type in LAYOUT and standard and reader.input[0] == name
+            if not layout and (reader.op_type not in ELEMENTWISE or reader.domain not in ("", "ai.onnx", "com.microsoft")):
+                others.append(_label(reader))
+                continue
             nodes.append(reader)
             for out in reader.output[:1] if layout else reader.output:
                 if out and out not in inside:
                     inside.add(out)
                     frontier.append(out)
     if not ends:
-        return nodes, None, None
+        return fail(None, None)
     for node in nodes:
         if node.op_type in LAYOUT:
             continue  # (its shape input)
@@ -277,33 +433,41 @@ def _chain(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mappin
             if other and other not in inside and not _scalar(g, other) and other not in g.constants:
                 gate = (outputs or {}).get(other)
                 if gate is not None and node.op_type == "Mul" and len(ends) == 1:
-                    return nodes, None, (f"gated: the activation is multiplied by the output of {gate.display_name}; "
-                                         "gated blocks (SwiGLU, GeGLU) are not narrowed")
-                return nodes, None, None  # joins another activation (a residual add ...): no block
+                    return fail(None, f"gated: the activation is multiplied by the output of {gate.display_name}; "
+                                      "gated blocks (SwiGLU, GeGLU) are not narrowed")
+                return fail(None, None)  # joins another activation (a residual add ...): no block
     if len(ends) > 1:
-        return nodes, None, "the activation reaches two projections"
+        return fail(None, "the activation reaches two projections")
     end = ends[0]
-    if layouts:
-        return nodes, None, (f"{layouts[0]} between the projections changes the layout; a block with a reshape inside is not "
-                             "narrowed (its target shape would have to follow the new width)")
     if others:
-        return nodes, None, f"the activation is also read by {others[0]}"
-    if not nodes:
-        return nodes, None, "no activation between the projections"
+        return fail(None, f"the activation is also read by {others[0]}")
+    if not any(n.op_type not in LAYOUT for n in nodes):
+        return fail(None, "no activation between the projections")
     h = end.node.input[0]
     for name in inside:
         if name in g.outputs or name in g.captured:
-            return nodes, None, f"'{name}' between the projections is also a graph output or read by a subgraph"
+            return fail(None, f"'{name}' between the projections is also a graph output or read by a subgraph")
         if name != h and not g.readers.get(name):
-            return nodes, None, f"'{name}' is computed between the projections but not used"
+            return fail(None, f"'{name}' is computed between the projections but not used")
     for node in nodes:
+        if node.op_type in LAYOUT:
+            continue
         for other in node.input:
             if other and other not in inside and not _scalar(g, other):
-                return nodes, None, (f"{node.op_type} '{node.name or node.output[0]}' combines the activation with "
-                                     f"'{other}', which is not a single value")
+                return fail(None, (f"{_label(node)} combines the activation with "
+                                   f"'{other}', which is not a single value"))
         if node.op_type == "FastGelu" and len(node.input) > 1 and node.input[1]:
-            return nodes, None, f"FastGelu '{node.name}' adds a bias inside the activation"
-    return nodes, end, None
+            return fail(None, f"FastGelu '{node.name}' adds a bias inside the activation")
+    layouts = [n for n in nodes if n.op_type in LAYOUT]
+    follows: set[int] = set()
+    if shapes:
+        follows, why = _width_reads(g, shapes, {id(n) for n in layouts}, rank_of or (lambda name: None))
+        if why is not None:
+            return fail(None, why)
+    edits, why = _targets(g, layouts, follows, f)
+    if why is not None:
+        return fail(None, why)
+    return nodes, end, None, (tuple(edits), tuple(n.name or n.output[0] for n in layouts if id(n) in follows))
 
 
 def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | None = None) -> Blocks:
@@ -311,6 +475,34 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
     resolves biases held in external data."""
     g = _Graph(model.graph, data)
     result = Blocks()
+    ranks: dict[str, int | None] = {}
+    info: list = []
+
+    def rank_of(name: str) -> int | None:
+        """A tensor's rank, where a ``Shape`` reads one inside a block: from shape inference, else
+        from the Reshape or the elementwise node that makes it (inference stops at a target built
+        at run time)."""
+        if name in ranks:
+            return ranks[name]
+        if not info:
+            from onnx_lowrank.shapes import value_shapes
+            info.append(value_shapes(model))
+        ranks[name] = None  # (no cycles in a valid graph; this guards a broken one)
+        got, node = info[0].get(name), g.producer.get(name)
+        if got is not None:
+            rank = len(got)
+        elif node is not None and node.op_type == "Reshape" and len(node.input) > 1:
+            target = info[0].get(node.input[1])
+            rank = target[0] if target and len(target) == 1 else None
+        elif node is not None and node.op_type in ELEMENTWISE:
+            known = [rank_of(i) if i not in g.constants else (len(g.value(i)[0].shape) if g.value(i) else None)
+                     for i in node.input if i]
+            rank = None if None in known or not known else max(known)
+        else:
+            rank = None
+        ranks[name] = rank
+        return rank
+
     by_node: dict[int, WeightGroup] = {}
     down_inputs: dict[str, Layer] = {}
     nested: list[str] = []
@@ -343,12 +535,12 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
         after = _after(g, up, f)
         if isinstance(after, str):
             start = up.node.output[0]
-            nodes, end, why = _chain(g, start, down_inputs, outputs)
+            nodes, end, why, _ = _chain(g, start, down_inputs, outputs, f, rank_of)
             if end is not None or why is not None:
                 result.skipped.append((up.display_name, after))
             continue
         start, b1 = after
-        nodes, end, why = _chain(g, start, down_inputs, outputs)
+        nodes, end, why, (edits, follows) = _chain(g, start, down_inputs, outputs, f, rank_of)
         if end is None and why is None:
             continue  # no elementwise path to another projection: not a block at all
         if why is not None:
@@ -376,7 +568,8 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
         down_bias = None if isinstance(b2, str) else b2[1]
         between = (up.node.output[0], start) + tuple(o for n in nodes for o in n.output if o)
         result.blocks.append(FfnBlock(group, down, b1, down_bias, f, t1, t2, tuple(n.op_type for n in nodes),
-                                      tuple(dict.fromkeys(between)), (group.weight.shape, down.weight.shape)))
+                                      tuple(dict.fromkeys(between)), (group.weight.shape, down.weight.shape), edits,
+                                      follows))
         claimed |= {group.key, down.key}
     # a projection that is part of a block found (the second of one, say) is no unmatched block
     inside = {p.layers[0].display_name for b in result.blocks for p in (b.up, b.down)}

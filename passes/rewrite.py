@@ -314,11 +314,12 @@ def _rewrite_conv_user(layer: Layer, k1: str, k2: str, mode: str, names: NameSco
     node.CopyFrom(second)
 
 
-def narrow_block(model: onnx.ModelProto, plan, data: io.DataFiles) -> None:
+def narrow_block(model: onnx.ModelProto, plan, data: io.DataFiles, names: NameScope) -> None:
     """Apply a width reduction (:mod:`.width`): slice ``W1`` and ``b1``, write the refitted
     ``W2``, shift ``b2``, in place (each tensor keeps its name, type and storage: an external
-    one goes to the spill file).  The tensors between the projections lose their recorded
-    shapes, which no longer hold."""
+    one goes to the spill file).  A Reshape inside the block whose target holds the width as a
+    constant gets a target of its own with the new width (another Reshape may share the old
+    one).  The tensors between the projections lose their recorded shapes, which no longer hold."""
     from .width import narrowed_arrays
 
     block = plan.block
@@ -337,6 +338,22 @@ def narrow_block(model: onnx.ModelProto, plan, data: io.DataFiles) -> None:
         proto.data_type = tensor.data_type
         tensor.CopyFrom(proto)
     graph = block.up.layers[0].graph
+    for edit in block.reshapes:
+        value = edit.value.copy()
+        value[-1] = plan.kept
+        name = names.fresh(f"{edit.name}__width{plan.kept}")
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        if edit.concat is None:
+            edit.reshape.input[1] = name
+        elif _reads(model, edit.concat.output[0]) == 1 and edit.concat.output[0] not in {o.name for o in graph.output}:
+            edit.concat.input[-1] = name
+        else:  # the Concat builds other targets too: this Reshape gets a copy of its own
+            piece = helper.make_node("Concat", [*edit.concat.input[:-1], name], [names.fresh(f"{edit.concat.output[0]}__width")],
+                                     name=names.fresh(f"{edit.concat.name or 'Concat'}__width"), axis=0)
+            graph.node.insert(_index_of(graph.node, edit.reshape), piece)
+            edit.reshape.input[1] = piece.output[0]
+    for gone in {e.name for e in block.reshapes} - {i for g in iter_graphs(model.graph) for n in g.node for i in n.input}:
+        _drop_constant(graph, gone)  # a target no Reshape reads any more
     stale = set(block.between) | set(holders)  # (exporters such as torch's dynamo give initializers value_info too)
     keep = [v for v in graph.value_info if v.name not in stale]
     if len(keep) != len(graph.value_info):
@@ -349,6 +366,22 @@ def narrow_block(model: onnx.ModelProto, plan, data: io.DataFiles) -> None:
             for d in dims:
                 v.type.tensor_type.shape.dim.add().dim_value = d
     log.info("narrowed %s to %d of %d neurons", block.name, plan.kept, block.hidden)
+
+
+def _reads(model: onnx.ModelProto, name: str) -> int:
+    return sum(1 for g in iter_graphs(model.graph) for n in g.node for i in n.input if i == name)
+
+
+def _drop_constant(graph: onnx.GraphProto, name: str) -> None:
+    """Remove the initializer or Constant node ``name`` (nothing reads it)."""
+    if name in {o.name for o in graph.output}:
+        return
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name == name:
+            del graph.initializer[i]
+    for i in reversed(range(len(graph.node))):
+        if graph.node[i].op_type == "Constant" and list(graph.node[i].output) == [name]:
+            del graph.node[i]
 
 
 @dataclass
@@ -389,11 +422,11 @@ class Rewrite(Step):
         if data.spill is None and data.base_dir is not None and io.uses_external_data(model):
             # the input keeps its weights outside: so do the factors, written as they are made
             data = io.DataFiles(data.base_dir, data.label, io.Spill())
+        names = NameScope(model)
         for plan in {p.block.up.key: p for p in current_widths(ctx).values()}.values():
-            narrow_block(model, plan, data)
+            narrow_block(model, plan, data, names)
         plans = ctx.need(Spectra).plans
         refits = ctx.get(Refits)
-        names = NameScope(model)
         factors = {}
         for key, d in ctx.latest(Decided).decisions.items():
             if not d.factorize:

@@ -160,7 +160,9 @@ class Narrowed(StageResult):
             "selection": self.selection,
             "blocks": [{"node": p.block.name, "second": p.block.down.layers[0].display_name, "hidden": p.block.hidden,
                         "kept": p.kept, "activation": list(p.block.activation), "refit_error": round(p.fit.error, 6),
-                        "bias_shifted": p.fit.shift is not None} for p in self.plans.values()],
+                        "bias_shifted": p.fit.shift is not None,
+                        "reshapes": [e.reshape.name or e.reshape.output[0] for e in p.block.reshapes] + list(p.block.follows)}
+                       for p in self.plans.values()],
             "not_reduced": [{"node": n, "reason": r} for n, r in self.skipped],
         }
 

@@ -515,17 +515,134 @@ def test_a_gated_block_says_so_and_a_residual_path_is_no_near_miss():
                                       "are not narrowed")]  # (the residual add and norm into q and k: no line)
 
 
-def test_a_reshape_inside_a_block_is_reported_and_initializer_value_info_follows_the_narrowing():
+def _i64(*v):
+    return np.array(v, np.int64)
+
+
+def conv1d_model(style="traced", plain=False, seed=5, width_reader=None):
+    """Two GPT-2 feed-forward blocks as exporters write GPT-2's Conv1D: rows flattened to 2-D for
+    each Gemm, the activation (tanh GELU) on 3-D.  ``traced``: TorchScript's targets, built at run
+    time (``Concat`` of the batch and sequence sizes with a constant width for the first Reshape,
+    the block's own width read by ``Shape``/``Slice`` for the second); ``static``: constant
+    targets, shared by both blocks.  ``plain``: the same blocks as 3-D MatMuls, no Reshape.
+    ``width_reader``: an operator that also reads the first block's width from its shape."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], [init("c.5", np.array(0.5, np.float32)), init("c1", np.array(1.0, np.float32)),
+                        init("c.0447", np.array(0.044715, np.float32)), init("c.798", np.array(0.7978846, np.float32)),
+                        init("c3", np.array(3.0, np.float32)), init("flat", _i64(-1, D)), init("i0", _i64(0)),
+                        init("i1", _i64(1)), init("last", _i64(-1)), init("big", _i64(2**62)), init("minus1", _i64(-1)),
+                        init("cF", _i64(F)), init("cD", _i64(D)), init("t3", _i64(-1, 4, F)), init("t2", _i64(-1, F))]
+    x = "x"
+    for b in range(2):
+        w1, w2 = (rng.standard_normal((D, F)) / np.sqrt(D)).astype(np.float32), (rng.standard_normal((F, D)) / np.sqrt(F)).astype(np.float32)
+        b1, b2 = (0.1 * rng.standard_normal(F)).astype(np.float32), (0.1 * rng.standard_normal(D)).astype(np.float32)
+        inits += [init(f"W1_{b}", w1), init(f"b1_{b}", b1), init(f"W2_{b}", w2), init(f"b2_{b}", b2)]
+        p = f"k{b}_"
+        if plain:
+            nodes += [helper.make_node("MatMul", [x, f"W1_{b}"], [p + "m1"]), helper.make_node("Add", [p + "m1", f"b1_{b}"], [p + "u"])]
+        else:
+            nodes += [helper.make_node("Reshape", [x, "flat"], [p + "x2"]),
+                      helper.make_node("Gemm", [p + "x2", f"W1_{b}", f"b1_{b}"], [p + "u2"], name=f"fc{b}")]
+            if style == "static":
+                nodes.append(helper.make_node("Reshape", [p + "u2", "t3"], [p + "u"], name=f"to3d_{b}"))
+            else:
+                nodes += [helper.make_node("Shape", [x], [p + "sx"]), helper.make_node("Gather", [p + "sx", "i0"], [p + "n"]),
+                          helper.make_node("Gather", [p + "sx", "i1"], [p + "s"]),
+                          helper.make_node("Concat", [p + "n", p + "s", "cF"], [p + "t3"], axis=0),
+                          helper.make_node("Reshape", [p + "u2", p + "t3"], [p + "u"], name=f"to3d_{b}")]
+        u = p + "u"
+        nodes += [helper.make_node("Mul", [u, "c.5"], [p + "half"]), helper.make_node("Pow", [u, "c3"], [p + "cube"]),
+                  helper.make_node("Mul", [p + "cube", "c.0447"], [p + "cc"]), helper.make_node("Add", [u, p + "cc"], [p + "in"]),
+                  helper.make_node("Mul", [p + "in", "c.798"], [p + "sc"]), helper.make_node("Tanh", [p + "sc"], [p + "th"]),
+                  helper.make_node("Add", [p + "th", "c1"], [p + "th1"]), helper.make_node("Mul", [p + "half", p + "th1"], [p + "h"])]
+        h, out = p + "h", ("y" if b == 1 else f"r{b}")
+        if plain:
+            nodes += [helper.make_node("MatMul", [h, f"W2_{b}"], [p + "m2"]), helper.make_node("Add", [p + "m2", f"b2_{b}"], [p + "o"])]
+        elif style == "static":
+            nodes += [helper.make_node("Reshape", [h, "t2"], [p + "h2"], name=f"to2d_{b}"),
+                      helper.make_node("Gemm", [p + "h2", f"W2_{b}", f"b2_{b}"], [p + "o2"], name=f"proj{b}"),
+                      helper.make_node("Reshape", [p + "o2", "flat3"], [p + "o"])]
+        else:
+            nodes += [helper.make_node("Shape", [h], [p + "sh"]), helper.make_node("Slice", [p + "sh", "last", "big"], [p + "w1"]),
+                      helper.make_node("Squeeze", [p + "w1", "i0"], [p + "w0"]), helper.make_node("Unsqueeze", [p + "w0", "i0"], [p + "w"]),
+                      helper.make_node("Concat", ["minus1", p + "w"], [p + "t2"], axis=0),
+                      helper.make_node("Reshape", [h, p + "t2"], [p + "h2"], name=f"to2d_{b}"),
+                      helper.make_node("Gemm", [p + "h2", f"W2_{b}", f"b2_{b}"], [p + "o2"], name=f"proj{b}"),
+                      # the output's batch and sequence sizes, read from the activation's shape (narrowing leaves them)
+                      helper.make_node("Shape", [h], [p + "sh3"]), helper.make_node("Gather", [p + "sh3", "i0"], [p + "on"]),
+                      helper.make_node("Gather", [p + "sh3", "i1"], [p + "os"]),
+                      helper.make_node("Concat", [p + "on", p + "os", "cD"], [p + "t3o"], axis=0),
+                      helper.make_node("Reshape", [p + "o2", p + "t3o"], [p + "o"])]
+            if width_reader is not None and b == 0:
+                nodes += [helper.make_node(width_reader, [p + "w", "i1"], [p + "wr"]), helper.make_node("Cast", [p + "wr"], [p + "wf"], to=1),
+                          helper.make_node("ReduceSum", [p + "wf"], [p + "ws"], keepdims=0)]
+        nodes.append(helper.make_node("Add", [p + "o", x], [out]))
+        if width_reader is not None and b == 1:
+            nodes.append(helper.make_node("Add", ["y", "k0_ws"], ["y2"]))
+        x = out
+    if style == "static" and not plain:
+        inits.append(init("flat3", _i64(-1, 4, D)))
+    outputs = [vi("y2" if width_reader else "y", ["B", 4, D])]
+    return make_model(nodes, [vi("x", ["B", 4, D])], outputs, inits, opset=13)
+
+
+@pytest.mark.parametrize("style", ["traced", "static"])
+def test_blocks_with_reshapes_inside_narrow_exactly_as_the_same_blocks_without(style):
+    m, plain = conv1d_model(style), conv1d_model(plain=True)
+    found = find_blocks(m, discover(m, min_params=0))
+    assert [b.name for b in found.blocks] == ["fc0", "fc1"] and found.skipped == []
+    edits = [(e.reshape.name, e.name, e.concat is not None) for e in found.blocks[0].reshapes]
+    if style == "traced":  # the batch and sequence sizes joined to a constant width; the width read at run time
+        assert edits == [("to3d_0", "cF", True)] and found.blocks[0].follows == ("to2d_0",)
+    else:
+        assert edits == [("to3d_0", "t3", False), ("to2d_0", "t2", False)] and found.blocks[0].follows == ()
+    feeds, held = _feeds(256), _feeds(16, seed=9)
+    got = ol.compress(m, ffn_keep=0.5, energy=1.0, min_params=0, calib=feeds)
+    want = ol.compress(plain, ffn_keep=0.5, energy=1.0, min_params=0, calib=feeds)
+    assert got.totals.narrowed == want.totals.narrowed == 4
+    onnx.checker.check_model(got.model, full_check=True)
+    y, y_plain = run(got.model, held)[0], run(want.model, held)[0]
+    assert np.allclose(y, y_plain, atol=1e-5) and not np.allclose(y, run(m, held)[0], atol=1e-3)
+    names = {t.name for t in got.model.graph.initializer}
+    if style == "static":  # both blocks read their own narrowed targets; the shared originals are gone
+        assert {"t3", "t2"}.isdisjoint(names) and {"t3__width48", "t2__width48", "t3__width48_1", "t2__width48_1"} <= names
+    else:  # each block's own Concat takes its own width; the Concat of the output's sizes is untouched
+        concats = {n.name or n.output[0]: list(n.input) for n in got.model.graph.node if n.op_type == "Concat"}
+        assert concats["k0_t3"][-1] == "cF__width48" and concats["k0_t3o"][-1] == "cD" and "cF" not in names
+
+
+@pytest.mark.parametrize("reader, why", [("Mul", "the block's width is read by Mul"),
+                                         ("ConstantOfShape", "the block's width is read by ConstantOfShape")])
+def test_a_block_whose_width_is_read_for_something_else_is_reported(reader, why):
+    m = conv1d_model(width_reader=reader) if reader == "Mul" else None
+    if m is None:  # ConstantOfShape takes one input
+        m = conv1d_model(width_reader="Mul")
+        for n in m.graph.node:
+            if n.op_type == "Mul" and n.output[0] == "k0_wr":
+                n.op_type, n.input[:] = "ConstantOfShape", ["k0_w"]
+    found = find_blocks(m, discover(m, min_params=0))
+    assert [b.name for b in found.blocks] == ["fc1"] and found.skipped[0][0] == "fc0" and why in found.skipped[0][1]
+
+
+def test_a_layout_change_inside_a_block_is_reported_with_its_reason():
     rng = np.random.default_rng(4)
     w1, w2 = (rng.standard_normal((D, F)) / 4).astype(np.float32), (rng.standard_normal((F, D)) / 8).astype(np.float32)
-    # GPT-2's Conv1D: Gemm on 2-D rows, Reshape to 3-D for the activation, back to 2-D for the second Gemm
-    nodes = [helper.make_node("Gemm", ["x", "W1"], ["p"], name="fc"), helper.make_node("Reshape", ["p", "s3"], ["p3"], name="to3d"),
-             helper.make_node("Relu", ["p3"], ["h3"]), helper.make_node("Reshape", ["h3", "s2"], ["h"], name="to2d"),
-             helper.make_node("Gemm", ["h", "W2"], ["y"], name="proj")]
-    m = make_model(nodes, [vi("x", [4, D])], [vi("y", [4, D])],
-                   [init("W1", w1), init("W2", w2), init("s3", np.array([2, 2, F], np.int64)), init("s2", np.array([4, F], np.int64))])
-    found = find_blocks(m, discover(m, min_params=0))
-    assert found.blocks == [] and len(found.skipped) == 1 and "Reshape 'to3d' between the projections" in found.skipped[0][1]
+    base = [helper.make_node("Gemm", ["x", "W1"], ["p"], name="fc")]
+    inits = [init("W1", w1), init("W2", w2), init("flat", _i64(-1)), init("s2", _i64(4, F)), init("perm", _i64(1, 0))]
+    cases = {  # a target that does not keep the neurons last; a transpose
+        "Reshape 'flat'": [helper.make_node("Reshape", ["p", "flat"], ["p1"], name="flat"), helper.make_node("Relu", ["p1"], ["h1"]),
+                           helper.make_node("Reshape", ["h1", "s2"], ["h"], name="back")],
+        "Transpose 'tr'": [helper.make_node("Transpose", ["p"], ["p1"], name="tr", perm=[1, 0]), helper.make_node("Relu", ["p1"], ["h1"]),
+                           helper.make_node("Transpose", ["h1"], ["h"], name="tr2", perm=[1, 0])],
+    }
+    for label, mid in cases.items():
+        nodes = base + mid + [helper.make_node("Gemm", ["h", "W2"], ["y"], name="proj")]
+        m = make_model(nodes, [vi("x", [4, D])], [vi("y", [4, D])], inits)
+        found = find_blocks(m, discover(m, min_params=0))
+        assert found.blocks == [] and len(found.skipped) == 1 and found.skipped[0][1].startswith(label), found.skipped
+
+
+def test_initializer_value_info_follows_the_narrowing():
     # an exporter's value_info for the initializers (torch's dynamo writes it) must follow the narrowed shapes
     m = ffn_model("relu")
     for t in list(m.graph.initializer):
