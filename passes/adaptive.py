@@ -537,7 +537,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     main = _main_names(model)
     units, whole = _measurable_units(narrowed, main)
     if int4 is not None and int4.units:  # a block in 4 bits is fed both projections: the first must be overridable too
-        in_main = {u.block.up.key for u in units if u.block.up.weight.name in main}
+        in_main = {u.block.up.key for u in units if all(g.weight.name in main for g, _, _ in u.block.firsts)}
         int4 = dataclasses.replace(int4, units={k: v for k, v in int4.units.items() if k in in_main})
     blocks4 = [u for u in units if int4 is not None and u.block.up.key in int4.units]
     if narrowed is not None:  # blocks not measured are left whole: a fixed part at their dense size
@@ -558,7 +558,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     for plan in fixed_plans.values():
         fixed.update(emulated_arrays(plan))
     weights = [p.name for p in active] + [n for u in units for n in overridden_names(u.block)] + \
-        [u.block.up.weight.name for u in blocks4] + list(fixed) + (list(int4.biases.values()) if int4 is not None else [])
+        [g.weight.name for u in blocks4 for g, _, _ in u.block.firsts] + list(fixed) + (list(int4.biases.values()) if int4 is not None else [])
     ev = Evaluator(model, weights, feeds, data, threads, fixed=fixed)
     try:
         metric, _ = quality_drop(ev.base, ev.base, labels, metric=cfg.metric, names=ev.names)
@@ -709,7 +709,7 @@ def _int4_forms(ctx: Context, active: list[LayerPlan]) -> Int4Forms | None:
     captured = {k: v[0] for k, v in stats.capture.grams.items()} if stats is not None else {}  # as the quantize stage reads them
     # the mean correction, where the quantize stage will write it into a bias fed here: of the
     # plans and of the projections of the blocks in 4 bits
-    keys = [*candidates, *(k for key in units for k in (narrowed.units[key].block.up.key, narrowed.units[key].block.down.key))]
+    keys = [*candidates, *(k for key in units for k in narrowed.units[key].block.keys)]
     means = {k: m for k in keys if k in grams and (m := input_mean(stats.capture, k)) is not None}
     biases = mean_biases(ctx.model, [found.group(k) for k in means], ctx.data, cfg) if means else {}
 

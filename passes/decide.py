@@ -365,8 +365,10 @@ def block_byte_cost(cfg: CompressConfig, found) -> Callable[[Any, int], int]:
         d = int(np.prod(block.shapes[0])) // block.hidden if block.shapes[0] else 0  # the block's outer width
         if not d:
             return stored_bytes(cfg, params, size, None)
-        half = params // 2  # W1 (d x k, k output columns) and W2 (k x d, d), each with its own scales
-        return stored_bytes(cfg, half, size, None, channels=half // d) + stored_bytes(cfg, params - half, size, None, channels=d)
+        n = len(block.keys)  # W1 (d x k, k output columns; a gated block's gate too) and W2 (k x d, d), each with its own scales
+        each = params // n
+        return ((n - 1) * stored_bytes(cfg, each, size, None, channels=each // d)
+                + stored_bytes(cfg, params - (n - 1) * each, size, None, channels=d))
 
     return cost
 
@@ -419,7 +421,8 @@ def block_int4_choices(units: Iterable[Any], labels: Iterable[list | None], pick
     out = {}
     for u, lab, i in zip(units, labels, picked):
         if lab is not None:
-            out[u.block.up.key] = out[u.block.down.key] = lab[i][1]
+            for key in u.block.keys:
+                out[key] = lab[i][1]
     return out
 
 

@@ -14,6 +14,10 @@ operators in :data:`ELEMENTWISE` whose other operands are single values (``Relu`
 ``W1``, ``b1`` and ``W2`` is exact.  Every tensor between the two projections must be used by
 the block only (not a graph output, nor read by another node or a subgraph).
 
+A gated block (LLaMA's ``SiLU(x Wg) * (x Wu)``, GeGLU) has a second first projection whose
+output the activation joins elementwise (:attr:`FfnBlock.gate`): neuron ``j`` then depends on
+column ``j`` of both, which lose the same columns.
+
 Exporters may also flatten the rows around each projection (GPT-2's ``Conv1D``: a 2-D Gemm, a
 ``Reshape`` to 3-D for the activation, a ``Reshape`` back to 2-D).  A ``Reshape`` inside a block
 keeps the neurons on the last axis when its target ends with the width: either a constant ``f``
@@ -104,6 +108,9 @@ class FfnBlock:
         between: The tensors between the two projections (their shapes change with the width).
         reshapes: The Reshape targets inside the block that hold the width as a constant.
         follows: The Reshapes inside the block whose target reads the width at run time.
+        gate, gate_bias, gate_t, gate_shape: A gated block's other first projection (LLaMA's
+            ``SiLU(x Wg) * (x Wu)``, GeGLU: the activation joins the outputs of two projections
+            elementwise); narrowed with ``up``, column for column.
     """
 
     up: WeightGroup
@@ -118,10 +125,38 @@ class FfnBlock:
     shapes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # W1's and W2's, as found
     reshapes: tuple[ShapeEdit, ...] = ()
     follows: tuple[str, ...] = ()
+    gate: WeightGroup | None = None
+    gate_bias: Bias | None = None
+    gate_t: bool = False
+    gate_shape: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
         return self.up.layers[0].display_name
+
+    @property
+    def firsts(self) -> list[tuple[WeightGroup, Bias | None, bool]]:
+        """The projections into the neurons (``up``, and ``gate`` when gated): group, bias, transposed."""
+        out = [(self.up, self.up_bias, self.up_t)]
+        if self.gate is not None:
+            out.append((self.gate, self.gate_bias, self.gate_t))
+        return out
+
+    @property
+    def keys(self) -> tuple[int, ...]:
+        """The group keys of every projection of the block."""
+        return (self.up.key, self.down.key) + ((self.gate.key,) if self.gate is not None else ())
+
+    def found_shape(self, key: int) -> tuple[int, ...]:
+        """The shape of the block's projection ``key`` as found (before narrowing)."""
+        if key == self.down.key:
+            return self.shapes[1]
+        return self.gate_shape if self.gate is not None and key == self.gate.key else self.shapes[0]
+
+    @property
+    def dense_params(self) -> int:
+        """Weight parameters of the block's projections before narrowing."""
+        return sum(int(np.prod(self.found_shape(k))) for k in self.keys)
 
     def w2_rows(self, w2: np.ndarray) -> np.ndarray:
         """``W2`` with one row per neuron."""
@@ -382,7 +417,34 @@ def _targets(g: _Graph, reshapes: list[onnx.NodeProto], follows: set[int], f: in
     return edits, None
 
 
-def _chain(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mapping[str, Layer] | None = None,
+@dataclass(frozen=True)
+class _Join:
+    """The activation joins another projection's output (``layer``): a gated block."""
+
+    layer: Layer
+
+
+def _source(g: _Graph, name: str, outputs: Mapping[str, Layer]) -> Layer | None:
+    """The one projection ``name`` is computed from by elementwise nodes alone (with single values
+    or constants beside it), if any."""
+    seen, todo, found = set(), [name], []
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in outputs:
+            if outputs[t] not in found:
+                found.append(outputs[t])
+            continue
+        node = g.producer.get(t)
+        if node is None or node.op_type not in ELEMENTWISE or node.domain not in ("", "ai.onnx", "com.microsoft"):
+            return None
+        todo += [i for i in node.input if i and not _scalar(g, i) and i not in g.constants]
+    return found[0] if len(found) == 1 else None
+
+
+def _chain(g: _Graph, starts: list[str], down_inputs: dict[str, Layer], outputs: Mapping[str, Layer] | None = None,
            f: int = 0, rank_of=None):
     """Follow ``start`` through elementwise nodes to a projection's input: the nodes, the
     projection, why the path is not a block, and how its Reshapes follow the width
@@ -391,8 +453,8 @@ def _chain(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mappin
     ...).  ``outputs``: the projections by their output (or their bias Add's), to name a gated
     block; ``rank_of``: a tensor's rank, where a ``Shape`` reads one inside the block."""
     nodes: list[onnx.NodeProto] = []
-    inside = {start}
-    frontier = [start]
+    inside = set(starts)
+    frontier = list(starts)
     ends: list[Layer] = []
     others: list[str] = []  # readers that are neither elementwise nor the projection
     shapes: list[onnx.NodeProto] = []  # Shape readers of the block's tensors
@@ -431,10 +493,11 @@ def _chain(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mappin
             continue  # (its shape input)
         for other in node.input:
             if other and other not in inside and not _scalar(g, other) and other not in g.constants:
-                gate = (outputs or {}).get(other)
-                if gate is not None and node.op_type == "Mul" and len(ends) == 1:
-                    return fail(None, f"gated: the activation is multiplied by the output of {gate.display_name}; "
-                                      "gated blocks (SwiGLU, GeGLU) are not narrowed")
+                gate = _source(g, other, outputs or {})
+                if gate is not None and len(ends) == 1:
+                    if len(starts) > 1:
+                        return fail(None, f"the activation joins the outputs of three projections ({gate.display_name})")
+                    return fail(None, _Join(gate))
                 return fail(None, None)  # joins another activation (a residual add ...): no block
     if len(ends) > 1:
         return fail(None, "the activation reaches two projections")
@@ -444,6 +507,8 @@ def _chain(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mappin
     if not any(n.op_type not in LAYOUT for n in nodes):
         return fail(None, "no activation between the projections")
     h = end.node.input[0]
+    if h in starts:
+        return fail(None, "no activation between the projections")
     for name in inside:
         if name in g.outputs or name in g.captured:
             return fail(None, f"'{name}' between the projections is also a graph output or read by a subgraph")
@@ -535,12 +600,30 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
         after = _after(g, up, f)
         if isinstance(after, str):
             start = up.node.output[0]
-            nodes, end, why, _ = _chain(g, start, down_inputs, outputs, f, rank_of)
+            nodes, end, why, _ = _chain(g, [start], down_inputs, outputs, f, rank_of)
             if end is not None or why is not None:
                 result.skipped.append((up.display_name, after))
             continue
         start, b1 = after
-        nodes, end, why, (edits, follows) = _chain(g, start, down_inputs, outputs, f, rank_of)
+        nodes, end, why, (edits, follows) = _chain(g, [start], down_inputs, outputs, f, rank_of)
+        gate = gate_group = gate_bias = gate_start = None
+        tg = False
+        if isinstance(why, _Join):  # a gated block: walk again from both first projections
+            gate = why.layer
+            gate_group = by_node.get(id(gate.node))
+            tg, fg, pg = _projection(gate)
+            after_g = _after(g, gate, fg) if pg is None else pg
+            if gate_group is None or gate_group.layers[0] is not gate:
+                why = f"gated: the activation joins the output of {gate.display_name}, which is not a candidate here"
+            elif pg is not None or isinstance(after_g, str):
+                why = f"gated: the other first projection {gate.display_name}: {after_g}"
+            elif fg != f:
+                why = f"gated: the activation joins {f} neurons with {gate.display_name}'s {fg}"
+            else:
+                nodes, end, why, (edits, follows) = _chain(g, [start, after_g[0]], down_inputs, outputs, f, rank_of)
+                gate_start, gate_bias = after_g
+                if isinstance(why, _Join):  # (the two-start walk words a third projection itself)
+                    why = f"the activation joins the outputs of three projections ({why.layer.display_name})"
         if end is None and why is None:
             continue  # no elementwise path to another projection: not a block at all
         if why is not None:
@@ -548,17 +631,17 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
             continue
         down = by_node[id(end.node)]
         problems = []
-        if len(group.layers) > 1:
-            problems.append(f"W1 '{group.weight.name}' is shared by {len(group.layers)} nodes")
-        if len(down.layers) > 1:
-            problems.append(f"W2 '{down.weight.name}' is shared by {len(down.layers)} nodes")
+        for name, grp in (("W1", group), ("the gate's weight", gate_group), ("W2", down)):
+            if grp is not None and len(grp.layers) > 1:
+                problems.append(f"{name} '{grp.weight.name}' is shared by {len(grp.layers)} nodes")
         t2, _, p2 = _projection(end)
         if p2 is not None:
             problems.append(f"the second projection: {p2}")
         rows = down.weight.shape[1] if t2 else down.weight.shape[0]
         if rows != f:
             problems.append(f"W2 has {rows} inputs for {f} neurons")
-        if group.key in claimed or down.key in claimed:
+        mine = {group.key, down.key} | ({gate_group.key} if gate_group is not None else set())
+        if mine & claimed or len(mine) < (3 if gate_group is not None else 2):
             problems.append("a projection already belongs to another block")
         if problems:
             result.skipped.append((up.display_name, "; ".join(problems)))
@@ -567,12 +650,14 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
         b2 = _after(g, end, out_size)
         down_bias = None if isinstance(b2, str) else b2[1]
         between = (up.node.output[0], start) + tuple(o for n in nodes for o in n.output if o)
+        if gate is not None:
+            between += (gate.node.output[0], gate_start)
         result.blocks.append(FfnBlock(group, down, b1, down_bias, f, t1, t2, tuple(n.op_type for n in nodes),
                                       tuple(dict.fromkeys(between)), (group.weight.shape, down.weight.shape), edits,
-                                      follows))
-        claimed |= {group.key, down.key}
+                                      follows, gate_group, gate_bias, tg, gate_group.weight.shape if gate_group else ()))
+        claimed |= mine
     # a projection that is part of a block found (the second of one, say) is no unmatched block
-    inside = {p.layers[0].display_name for b in result.blocks for p in (b.up, b.down)}
+    inside = {p.layers[0].display_name for b in result.blocks for p in (b.up, b.down, b.gate) if p is not None}
     result.skipped = [(name, why) for name, why in result.skipped if name not in inside]
     if nested:
         more = f" and {len(nested) - 1} more" if len(nested) > 1 else ""

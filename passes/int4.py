@@ -1045,22 +1045,25 @@ def unit_candidates(ctx: Context, units: Mapping[int, Any]) -> dict[int, Any]:
     out = {}
     for key, unit in units.items():
         b = unit.block
-        up, down = found.group(b.up.key), found.group(b.down.key)
-        if group_problem(up, opset) is not None or group_problem(down, opset) is not None:
+        firsts = [found.group(g.key) for g, _, _ in b.firsts]  # (a gated block's gate too: its columns follow W1's)
+        down = found.group(b.down.key)
+        if any(group_problem(g, opset) is not None for g in (*firsts, down)):
             continue
-        w1 = _multiplied(up, ctx.data.read(up.weight.tensor).astype(np.float32))
-        d, f = w1.shape
+        w1s = [_multiplied(g, ctx.data.read(g.weight.tensor).astype(np.float32)) for g in firsts]
+        d, f = w1s[0].shape
         w2 = np.asarray(unit.w2, np.float64)
         n = w2.shape[1]
         ranks = [r for r in INT4_RANKS if r <= min(cfg.int4_max_rank, d, n)]
-        gram1 = grams[b.up.key][0] if b.up.key in grams else None
-        if gram1 is not None and gram1.shape != (d, d):
-            gram1 = None
         plans = {k: unit.plan(k) for k in unit.ks}
         widths: list[int | None] = [*unit.ks, None]
-        first = quant.column_correction_errors(w1, gram1, ranks, [np.asarray(plans[k].fit.keep) if k is not None else None
-                                                                   for k in widths], block=cfg.int4_block, damping=cfg.damping,
-                                                 rounding=opts.rounding)
+        keeps = [np.asarray(plans[k].fit.keep) if k is not None else None for k in widths]
+        first = np.zeros((len(widths), len(ranks)))
+        for g, w1 in zip(firsts, w1s):
+            gram1 = grams[g.key][0] if g.key in grams else None
+            if gram1 is not None and gram1.shape != (d, d):
+                gram1 = None
+            first += np.asarray(quant.column_correction_errors(w1, gram1, ranks, keeps, block=cfg.int4_block,
+                                                               damping=cfg.damping, rounding=opts.rounding), dtype=np.float64)
         forms = {}
         for k, e1 in zip(widths, first):
             keep = np.asarray(plans[k].fit.keep) if k is not None else np.arange(f)
@@ -1069,7 +1072,7 @@ def unit_candidates(ctx: Context, units: Mapping[int, Any]) -> dict[int, Any]:
             e2 = quant.correction_errors(np.asarray(rows, np.float32), gram2, ranks, block=cfg.int4_block, damping=cfg.damping,
                                          rounding=opts.rounding)
             width = len(keep)
-            costs = tuple(quant.block_bytes(d, width, cfg.int4_block) + opts.branch_bytes(d, width, r, opset)
+            costs = tuple(len(firsts) * (quant.block_bytes(d, width, cfg.int4_block) + opts.branch_bytes(d, width, r, opset))
                           + quant.block_bytes(width, n, cfg.int4_block) + opts.branch_bytes(width, n, r, opset)
                           for r in ranks)
             forms[k] = (costs, tuple(float(a + c) for a, c in zip(e1, e2)))
@@ -1193,10 +1196,8 @@ def emulated_block(found: Any, data: io.DataFiles, unit: Any, plan: Any, grams: 
     neurons).  A projection with a mean input row in ``means`` and a bias in ``biases`` (by group
     key) takes the mean correction as :func:`emulated_corrected` does, its bias fed shifted."""
     b = unit.block
-    up, down = found.group(b.up.key), found.group(b.down.key)
-    w1 = _multiplied(up, data.read(up.weight.tensor).astype(np.float32)).astype(np.float64)
-    gram1, gram2 = grams.get(b.up.key), grams.get(b.down.key)
-    dtype1 = np.dtype(helper.tensor_dtype_to_np_dtype(up.weight.tensor.data_type))
+    down = found.group(b.down.key)
+    gram2 = grams.get(b.down.key)
     dtype2 = np.dtype(helper.tensor_dtype_to_np_dtype(down.weight.tensor.data_type))
     means, biases = means or {}, biases or {}
 
@@ -1209,22 +1210,28 @@ def emulated_block(found: Any, data: io.DataFiles, unit: Any, plan: Any, grams: 
         return _corrected(w, gram, mean, cfg, rank, opset)
 
     keep = np.asarray(plan.fit.keep) if plan is not None else None
-    eff1, shift1 = fitted(b.up.key, w1 if keep is None else np.ascontiguousarray(w1[:, keep]), gram1)
     if plan is None:
         eff2, shift2 = fitted(b.down.key, np.asarray(unit.w2, np.float64), gram2)
-        out = {up.weight.name: _stored_layout(up, eff1, dtype1), down.weight.name: _stored_layout(down, eff2, dtype2)}
+        out = {down.weight.name: _stored_layout(down, eff2, dtype2)}
     else:
         from .width import emulated_arrays
 
-        w1[:, keep] = eff1
         rows = np.zeros((b.hidden, plan.fit.w2.shape[1]), dtype=np.float64)
         g2 = gram2[np.ix_(keep, keep)] if gram2 is not None else None
         rows[keep], shift2 = fitted(b.down.key, plan.fit.w2, g2, rows=keep)
         out = emulated_arrays(plan)  # b2 shifted (and W2, replaced below)
-        out[up.weight.name] = _stored_layout(up, w1, dtype1)
         out[down.weight.name] = _stored_layout(down, rows, dtype2)
-    if shift1 is not None:
-        out[biases[b.up.key].name] = _shifted(biases[b.up.key].value, shift1, keep)
+    for first in b.firsts:  # W1 (and a gated block's gate): the kept columns as their 4-bit form computes them
+        up = found.group(first[0].key)
+        w1 = _multiplied(up, data.read(up.weight.tensor).astype(np.float32)).astype(np.float64)
+        eff1, shift1 = fitted(up.key, w1 if keep is None else np.ascontiguousarray(w1[:, keep]), grams.get(up.key))
+        if keep is None:
+            w1 = eff1
+        else:
+            w1[:, keep] = eff1
+        out[up.weight.name] = _stored_layout(up, w1, np.dtype(helper.tensor_dtype_to_np_dtype(up.weight.tensor.data_type)))
+        if shift1 is not None:
+            out[biases[up.key].name] = _shifted(biases[up.key].value, shift1, keep)
     if shift2 is not None:  # (on top of the refit's intercept, when the block is narrowed)
         b2 = biases[b.down.key]
         out[b2.name] = _shifted(out.get(b2.name, b2.value), shift2)

@@ -68,7 +68,7 @@ def rows(found: Discovery, plans: Mapping[int, LayerPlan], decisions: Mapping[in
         shape = w.shape if w.tensor is not None else None
         narrowed = (widths or {}).get(group.key)
         if narrowed is not None:  # the rewrite narrowed the tensor in place: its shape as found
-            shape = narrowed.block.shapes[0 if group.key == narrowed.block.up.key else 1]
+            shape = narrowed.block.found_shape(group.key)
         choice = d.choice if d is not None else None
         factorized = d is not None and d.factorize
         dense = int(np.prod(shape)) if shape else 0
@@ -250,7 +250,7 @@ class Report(Step):
                       rewritten.factors if rewritten else {}, spectra.shapes, opset_version(loaded.model), widths)
         _mark_quantized(ctx, layers)
         narrowed = {id(p.block): p for p in widths.values()}.values()  # (each block under both its projections' keys)
-        biases = sum(p.block.hidden - len(p.fit.keep) for p in narrowed if p.block.up_bias is not None)
+        biases = sum(p.block.hidden - len(p.fit.keep) for p in narrowed for _, b, _ in p.block.firsts if b is not None)
         t = totals(layers, loaded.params, loaded.size, spectra.shapes, other_saved=biases)
         before = loaded.tensor_bytes
         after = None if ctx.request.dry_run else tensor_bytes(ctx.model)  # a dry run writes nothing: as loaded

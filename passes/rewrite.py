@@ -323,8 +323,9 @@ def narrow_block(model: onnx.ModelProto, plan, data: io.DataFiles, names: NameSc
     from .width import narrowed_arrays
 
     block = plan.block
-    holders = {block.up.weight.name: block.up.weight.tensor, block.down.weight.name: block.down.weight.tensor}
-    for bias in (block.up_bias, block.down_bias):
+    holders = {g.weight.name: g.weight.tensor for g, _, _ in block.firsts}
+    holders[block.down.weight.name] = block.down.weight.tensor
+    for bias in (*(b for _, b, _ in block.firsts), block.down_bias):
         if bias is not None:
             holders[bias.name] = bias.holder if isinstance(bias.holder, onnx.TensorProto) else next(
                 a.t for a in bias.holder.attribute if a.name == "value")

@@ -81,8 +81,8 @@ class WidthPlan:
 
     @property
     def dense_params(self) -> int:
-        """Weight parameters of the block's two projections before the reduction."""
-        return int(np.prod(self.block.shapes[0])) + int(np.prod(self.block.shapes[1]))
+        """Weight parameters of the block's projections before the reduction."""
+        return self.block.dense_params
 
     @property
     def params(self) -> int:
@@ -115,10 +115,10 @@ class WidthUnit:
 
     @property
     def dense_params(self) -> int:
-        return int(np.prod(self.block.shapes[0])) + int(np.prod(self.block.shapes[1]))
+        return self.block.dense_params
 
     def params(self, k: int) -> int:
-        """Weight parameters (and MACs per row) of the block's two projections at width ``k``."""
+        """Weight parameters (and MACs per row) of the block's projections at width ``k``."""
         return self.dense_params // self.block.hidden * k
 
     def plan(self, k: int) -> WidthPlan:
@@ -147,7 +147,8 @@ class Narrowed(StageResult):
         """Per weight-group key of either projection: its block's plan (or unit)."""
         out: dict[int, WidthPlan | WidthUnit] = {}
         for p in (*self.units.values(), *self.plans.values()):
-            out[p.block.up.key] = out[p.block.down.key] = p
+            for key in p.block.keys:
+                out[key] = p
         return out
 
     def saved_params(self) -> int:
@@ -161,6 +162,7 @@ class Narrowed(StageResult):
             "blocks": [{"node": p.block.name, "second": p.block.down.layers[0].display_name, "hidden": p.block.hidden,
                         "kept": p.kept, "activation": list(p.block.activation), "refit_error": round(p.fit.error, 6),
                         "bias_shifted": p.fit.shift is not None,
+                        **({"gate": p.block.gate.layers[0].display_name} if p.block.gate is not None else {}),
                         "reshapes": [e.reshape.name or e.reshape.output[0] for e in p.block.reshapes] + list(p.block.follows)}
                        for p in self.plans.values()],
             "not_reduced": [{"node": n, "reason": r} for n, r in self.skipped],
@@ -224,18 +226,20 @@ class Narrow(Step):
 
 
 def narrowed_arrays(plan: WidthPlan, data: io.DataFiles) -> dict[str, np.ndarray]:
-    """The new values of the block's tensors, by name: ``W1`` and ``b1`` sliced, ``W2``
-    refitted, ``b2`` shifted (each in its own dtype and layout)."""
+    """The new values of the block's tensors, by name: ``W1`` and ``b1`` sliced (and a gated
+    block's gate weight and bias), ``W2`` refitted, ``b2`` shifted (each in its own dtype and
+    layout)."""
     b, keep = plan.block, plan.fit.keep
-    w1 = data.read(b.up.weight.tensor)
+    out = {}
+    for group, bias, transposed in b.firsts:
+        w1 = data.read(group.weight.tensor)
+        out[group.weight.name] = np.ascontiguousarray(w1[keep] if transposed else w1[:, keep])
+        if bias is not None:
+            shape = bias.shape[:-1] + (len(keep),) if bias.shape else (len(keep),)
+            out[bias.name] = bias.value[keep].reshape(shape)
     w2 = data.read(b.down.weight.tensor)
-    out = {b.up.weight.name: np.ascontiguousarray(w1[keep] if b.up_t else w1[:, keep])}
     rows = plan.fit.w2.astype(w2.dtype)
     out[b.down.weight.name] = np.ascontiguousarray(rows.T if b.down_t else rows)
-    if b.up_bias is not None:
-        v = b.up_bias.value[keep]
-        shape = b.up_bias.shape[:-1] + (len(keep),) if b.up_bias.shape else (len(keep),)
-        out[b.up_bias.name] = v.reshape(shape)
     if b.down_bias is not None and plan.fit.shift is not None:
         v = b.down_bias.value.astype(np.float64) + plan.fit.shift
         out[b.down_bias.name] = v.astype(b.down_bias.value.dtype).reshape(b.down_bias.shape)

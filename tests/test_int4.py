@@ -443,6 +443,28 @@ def test_adaptive_mode_measures_narrowed_blocks_in_int4_under_one_byte_budget():
         assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=0.02, abs=1e-6)
 
 
+def test_a_gated_block_takes_4_bit_blocks_on_all_three_projections_under_a_byte_budget():
+    from test_width import D, _gated_model
+
+    m, rng = _gated_model(), np.random.default_rng(0)
+    mix = rng.standard_normal((4, D))
+    calib, held = ({"x": (rng.standard_normal((n, 4)) @ mix + 0.1 * rng.standard_normal((n, D))).astype(np.float32)}
+                   for n in (400, 100))
+    for adaptive in (False, True):
+        res = compress(m, ffn_keep="auto", data_aware=True, adaptive=adaptive, target_bytes=0.2, quantize="int4",
+                       calib=calib, min_params=0)
+        before, after = res.totals.tensor_bytes["matmul weights"]
+        assert after <= 0.2 * before and after == int4.weight_bytes(res.model)  # the gate priced as written
+        layers = {l["weight"]: l["rank"] for l in res.sections["int4"]["layers"]}
+        assert {"Wg", "Wu", "Wd"} <= set(layers) and layers["Wg"] == layers["Wu"] == layers["Wd"]
+        widths = {d.weight: d.width for d in res.layers if d.width is not None}
+        assert widths.get("Wg") == widths.get("Wu") == widths.get("Wd")
+        assert compare("y", run(m, held)[0], run(res.model, held)[0]).rel_l2_error < 0.3
+        if adaptive:  # what was measured (the gate fed in its 4-bit form too) is what the written model loses
+            numbers = res.sections["adaptive"]
+            assert numbers["final_drop"] == pytest.approx(numbers["measured_drop"], rel=0.02, abs=1e-6)
+
+
 def test_int4_prices_of_column_selections_are_those_of_the_selected_weights():
     rng = np.random.default_rng(4)
     w = _w(64, 48)
