@@ -53,6 +53,7 @@ __all__ = [
     "read_tensor",
     "as_data",
     "iter_graphs",
+    "body_owners",
     "iter_tensors",
     "uses_external_data",
     "external_ref",
@@ -91,6 +92,24 @@ def node_bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
             out.append(a.g)
         elif a.type == onnx.AttributeProto.GRAPHS:
             out.extend(a.graphs)
+    return out
+
+
+def body_owners(graph: onnx.GraphProto) -> dict[int, tuple[onnx.GraphProto, list[tuple[onnx.GraphProto, onnx.NodeProto, str]]]]:
+    """Per body graph below ``graph`` (by ``id``; the entry holds the graph, so that the id stays
+    its own while the result lives): the graph, and the nodes that hold it, outermost first, each
+    as ``(the graph the node is in, the node, the attribute holding the next graph)``."""
+    out: dict[int, tuple[onnx.GraphProto, list[tuple[onnx.GraphProto, onnx.NodeProto, str]]]] = {}
+
+    def walk(g: onnx.GraphProto, chain: list) -> None:
+        for node in g.node:
+            for a in node.attribute:
+                for body in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                             list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                    out[id(body)] = (body, chain + [(g, node, a.name)])
+                    walk(body, out[id(body)][1])
+
+    walk(graph, [])
     return out
 
 

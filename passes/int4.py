@@ -51,9 +51,9 @@ and zero points (and the branch) remain.
 
 Weights read inside If/Loop/Scan bodies are quantized too (an optimum merged decoder reads every
 weight from its If's two branches): each reader in any graph is rewritten where it is, and the
-new initializers go into the main graph, which every body sees.  Input statistics come from the
-main graph only, so a weight read in a body gets plain rounding and, when asked, the plain
-residual's branch (the report says which).
+new initializers go into the main graph, which every body sees.  Input statistics reach the
+main graph and If branches (:mod:`.statistics`); a weight read only in a Loop/Scan body gets
+plain rounding and, when asked, the plain residual's branch (the report says which).
 
 Mean correction: with input statistics, a MatMul weight read by one node is fitted in the space
 whitened by the *centred* input covariance ``G - n mu mu^T`` (``mu`` the mean input row), and

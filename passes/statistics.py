@@ -20,8 +20,10 @@ node                            feature axis of x   side of ``W`` (``G`` is k x 
 Leading dimensions of N-D activations are flattened into rows.  With a padding mask input (e.g.
 ``attention_mask`` of shape ``[batch, seq]``), rows whose mask is 0 are left out of ``G`` for
 every activation whose leading shape matches the mask.  A weight shared by several nodes sums
-the statistics of all of them (they must meet it from the same side).  Layers inside If/Loop/Scan
-bodies are not captured; they keep the plain SVD and say why.
+the statistics of all of them (they must meet it from the same side).  Layers inside If branches
+are captured too (their activations are threaded out as outputs of the branches and the If; a
+run that takes the other branch adds no rows); those inside Loop/Scan bodies or functions are
+not, and keep the plain SVD and say why.
 
 Attention scores (``attention=True``): a projection whose output reaches one operand of a
 ``MatMul`` of two activations (the ``q k^T`` of attention) only through a bias ``Add``, scaling,
@@ -160,7 +162,7 @@ def capture_grams(
         CalibrationError: no feeds, or the mask input is not fed.
     """
     cap = Capture()
-    plan, cap.skipped = layer_inputs(groups, model.graph)
+    plan, cap.skipped = layer_inputs(groups, model.graph, if_branches=True)
     wanted: dict[tuple[str, int], list[int]] = {}  # (activation, axis) -> groups using it
     for gid, (_, acts) in plan.items():
         for key in acts:
@@ -198,14 +200,15 @@ def capture_grams(
     heads = _HeadGrams(scores, part.head_sums, part.head_bad)
     for gid, (side, acts) in plan.items():
         g = None
-        for key in acts:
+        seen = [key for key in acts if key in sums]  # (an If branch no feed took has no sums)
+        for key in seen:
             g = sums[key] if g is None else g + sums[key]
         if g is None or not np.any(np.diag(g) > 0):
             cap.skipped[gid] = "data-aware: the calibration data never reaches this layer's input; plain SVD used"
             continue
         cap.grams[gid] = (g, side)
-        cap.rows[gid] = sum(counts[k] for k in acts)
-        cap.row_sums[gid] = sum(part.row_sums[k] for k in acts)
+        cap.rows[gid] = sum(counts[k] for k in seen)
+        cap.row_sums[gid] = sum(part.row_sums[k] for k in seen)
     users = {g.key: len(g.layers) for g in groups}
     cap.out_grams = {gid: h for gid, h in heads.result(users).items() if gid in cap.grams}
     log.info("captured input statistics of %d weight(s) in %d run(s)", len(cap.grams), cap.runs)
@@ -389,21 +392,34 @@ class _HeadGrams:
         return {gid: g for gid, g in out.items() if len(matched[gid]) == users.get(gid, 0)}
 
 
-def layer_inputs(groups: list[WeightGroup], graph: onnx.GraphProto
+_LOOP = onnx.NodeProto(op_type="Loop")  # (what holds a graph that is not a body of the model's: a function)
+
+
+def layer_inputs(groups: list[WeightGroup], graph: onnx.GraphProto, *, if_branches: bool = False
                   ) -> tuple[dict[int, tuple[str, list[tuple[str, int]]]], dict[int, str]]:
     """Per group key: the side its users meet the weight from and their ``(activation, axis)``
-    inputs; and, for the groups left out, why (the plain SVD is used for them)."""
+    inputs; and, for the groups left out, why (the plain SVD is used for them).  Layers in bodies
+    are left out, except, with ``if_branches``, those in If branches (whose activations
+    :func:`~onnx_lowrank.runtime.expose` threads out)."""
     plan: dict[int, tuple[str, list[tuple[str, int]]]] = {}
     skipped: dict[int, str] = {}
+    owners = io.body_owners(graph) if if_branches and any(l.scope for g in groups for l in g.layers) else {}
     for group in groups:
-        if any(layer.scope for layer in group.layers):  # only the main graph's activations are captured
-            skipped[group.key] = "data-aware: the layer is inside a subgraph, whose activations are not captured; plain SVD used"
+        outside = [layer for layer in group.layers if layer.scope and not all(
+            node.op_type == "If" for _, node, _ in owners.get(id(layer.graph), (None, [(None, _LOOP, "")]))[1])]
+        if outside:
+            skipped[group.key] = ("data-aware: the layer is inside a Loop/Scan body or a function, whose activations are not "
+                                  "captured; plain SVD used" if if_branches else
+                                  "data-aware: the layer is inside a subgraph, whose activations are not captured; plain SVD "
+                                  "used")
             continue
         sides = {layer_side(layer)[0] for layer in group.layers}
         if len(sides) != 1:
             skipped[group.key] = "data-aware: the weight's users meet it from different sides; plain SVD used"
             continue
-        plan[group.key] = (sides.pop(), [(l.node.input[1 - l.weight_index], layer_side(l)[1]) for l in group.layers])
+        # (two users reading one activation, as both branches of an If may, count its rows once)
+        plan[group.key] = (sides.pop(), list(dict.fromkeys((l.node.input[1 - l.weight_index], layer_side(l)[1])
+                                                           for l in group.layers)))
     return plan, skipped
 
 
@@ -471,7 +487,9 @@ def _accumulate(spec: _ShardSpec, feeds: Feeds, *, model: onnx.ModelProto, progr
             part.mask_shape = part.mask_shape or tuple(mask.shape)
         for key in spec.wanted:
             name, axis = key
-            x = values[name]
+            x = values.get(name)
+            if x is None or x.size == 0:  # (a value of an If branch this run did not take, or none that can be fetched)
+                continue
             rows = _rows(x, axis, mask)
             if mask is not None and axis == -1 and x.ndim > 1 and (x.shape[:-1] == mask.shape or
                                                                    (x.ndim == 2 and x.shape[0] == mask.size)):

@@ -1037,7 +1037,7 @@ def test_int4_in_bodies_leaves_a_weight_that_a_body_returns_float():
     assert not summary.layers and "output of an If/Loop/Scan body" in summary.left_float["W"]
 
 
-def test_compress_quantizes_weights_of_if_branches_and_says_the_statistics_are_main_graph_only(tmp_path):
+def test_compress_quantizes_weights_of_if_branches_whitened_by_what_reaches_them(tmp_path):
     k, n = 64, 48
     src = _decoder_like(k, n)
     res = compress(src, energy=1.0, quantize="int4", int4_correction=8, min_params=0)
@@ -1049,11 +1049,44 @@ def test_compress_quantizes_weights_of_if_branches_and_says_the_statistics_are_m
     for cond in (True, False):
         feeds = {"x0": x, "cond": np.array(cond), "trips": np.array(1, np.int64)}
         assert compare("y", run(src, feeds)[0], run(res.model, feeds)[0]).rel_l2_error < 0.1
-    # with calibration data the statistics stage sees the main graph only: plain residual here
-    calib = {"x0": x, "cond": np.array(True), "trips": np.array(1, np.int64)}
-    res = compress(src, energy=1.0, quantize="int4", int4_correction=8, min_params=0, data_aware=True, calib=calib)
-    assert all(not l["whitened"] for l in res.sections["int4"]["layers"])
-    assert "inside a subgraph" in res.sections["int4"]["statistics"] and "pass --data-aware" not in res.sections["int4"]["statistics"]
+    # with calibration data the statistics reach the If branches (W in both, Wc in the else
+    # branch's own activation); the Loop body's weight keeps the plain residual, and says why
+    calib = [{"x0": x, "cond": np.array(c), "trips": np.array(1, np.int64)} for c in (True, False)]
+    res = compress(src, energy=1.0, quantize="int4", int4_correction=8, min_params=0, data_aware=True, calib=calib,
+                   int4_rounding="nearest")
+    white = {l["weight"]: l["whitened"] for l in res.sections["int4"]["layers"]}
+    assert white == {"W": True, "Wc": True, "Wl": False}
+    assert "Loop/Scan body" in res.sections["int4"]["statistics"]
+    # a feed that never takes the else branch gives Wc no statistics: it says so
+    res = compress(src, energy=1.0, quantize="int4", int4_correction=8, min_params=0, data_aware=True, calib=calib[:1],
+                   int4_rounding="nearest")
+    white = {l["weight"]: l["whitened"] for l in res.sections["int4"]["layers"]}
+    assert white == {"W": True, "Wc": False, "Wl": False}
+
+
+def test_statistics_of_a_weight_in_if_branches_are_those_of_the_rows_that_reach_it():
+    from onnx_lowrank.passes.discover import discover
+    from onnx_lowrank.passes.statistics import capture_grams
+
+    k, n = 64, 48
+    src = _decoder_like(k, n)
+    rng = np.random.default_rng(5)
+    feeds = [{"x0": rng.standard_normal((r, k)).astype(np.float32), "cond": np.array(c), "trips": np.array(1, np.int64)}
+             for r, c in ((7, True), (5, False), (4, False))]
+    found = discover(src, min_params=0)
+    groups = {g.weight.name: g for g in found.candidates}
+    cap = capture_grams(src, list(groups.values()), feeds, None)
+    # x (the Loop's output, read by W in both branches) and e1 (the else branch's own, read by Wc)
+    w = {t.name: numpy_helper.to_array(t) for t in src.graph.initializer}
+    wl = next(numpy_helper.to_array(t) for n_ in src.graph.node if n_.op_type == "Loop" for a in n_.attribute
+              for t in a.g.initializer)
+    xs = [np.maximum(f["x0"].astype(np.float64) @ wl, 0) for f in feeds]
+    e1 = [x @ w["W"] + w["b"] for x, f in zip(xs, feeds) if not f["cond"]]
+    for name, rows in (("W", np.vstack(xs)), ("Wc", np.vstack(e1))):
+        g, side = cap.grams[groups[name].key]
+        assert side == "left" and cap.rows[groups[name].key] == len(rows)
+        assert np.allclose(g, rows.T @ rows, rtol=1e-4, atol=1e-3)
+    assert "Loop/Scan body" in cap.skipped[groups["Wl"].key]
 
 
 def test_byte_budgets_take_weights_read_in_bodies():
@@ -1152,3 +1185,31 @@ def test_int8_shares_the_quantizers_codes_with_a_body_that_reads_the_same_weight
             assert compare("y", run(src, {"x": x, "cond": np.array(cond)})[0], got).rel_l2_error < 0.03
         a, b = (run(res.model, {"x": x, "cond": np.array(c)})[0] for c in (True, False))
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # the same codes in both places
+
+
+def test_a_value_two_ifs_deep_is_fetched_on_the_runs_that_reach_it_and_empty_on_the_others():
+    from onnx_lowrank.runtime import expose
+
+    k = 6
+    inner_then = helper.make_graph([helper.make_node("Relu", ["x"], ["deep"]), helper.make_node("Neg", ["deep"], ["it"])],
+                                   "inner_then", [], [vi("it", ["rows", k])])
+    inner_else = helper.make_graph([helper.make_node("Identity", ["x"], ["ie"])], "inner_else", [], [vi("ie", ["rows", k])])
+    outer_then = helper.make_graph([helper.make_node("If", ["c2"], ["ot"], then_branch=inner_then, else_branch=inner_else)],
+                                   "outer_then", [], [vi("ot", ["rows", k])])
+    outer_else = helper.make_graph([helper.make_node("Abs", ["x"], ["oe"])], "outer_else", [], [vi("oe", ["rows", k])])
+    m = make_model([helper.make_node("If", ["c1"], ["y"], then_branch=outer_then, else_branch=outer_else)],
+                   [vi("x", ["rows", k]), vi("c1", [], onnx.TensorProto.BOOL), vi("c2", [], onnx.TensorProto.BOOL)],
+                   [vi("y", ["rows", k])])
+    fetch = expose(m, {"deep", "x"})
+    assert set(fetch) == {"deep"} and fetch["deep"] != "deep"  # (x is an input: the feed's own)
+    onnx.checker.check_model(m)
+    x = np.random.default_rng(0).standard_normal((3, k)).astype(np.float32)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    for c1, c2, reached in ((True, True, True), (True, False, False), (False, True, False)):
+        y, deep = sess.run(["y", fetch["deep"]], {"x": x, "c1": np.array(c1), "c2": np.array(c2)})
+        if reached:
+            assert np.array_equal(deep, np.maximum(x, 0)) and np.array_equal(y, -np.maximum(x, 0))
+        else:
+            assert deep.size == 0

@@ -27,18 +27,93 @@ Feeds = Iterable[Mapping[str, np.ndarray]]
 Progress = Callable[[int, int, str], None]
 
 
-def expose(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:
-    """Make the values ``names`` graph outputs of ``model`` (in place); returns them sorted, to fetch.
+def expose(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str]:
+    """Make the values ``names`` graph outputs of ``model`` (in place); per name, the output to
+    fetch it by.
 
-    Graph inputs are left out: their values are the feed's own.
+    Graph inputs are left out: their values are the feed's own.  A value computed inside an If
+    branch (at any depth of Ifs) is threaded out: it becomes an output of its branch, the other
+    branch gives an empty tensor of the same type and rank in its place (a run that takes that
+    branch fetches it empty), and the If node gets an output for it, up to the main graph.  Values
+    inside Loop and Scan bodies, whose outputs are stacked or carried, are left out.
     """
-    inputs = {i.name for i in model.graph.input}
-    outputs = {o.name for o in model.graph.output}
-    fetch = sorted(set(names) - inputs)
-    for name in fetch:
-        if name not in outputs:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    wanted = set(names) - inputs
+    owners = io.body_owners(graph)
+    made: dict[str, list] = {}  # a value computed in a body -> the nodes holding that body
+    for body, chain in owners.values():
+        for node in body.node:
+            for o in node.output:
+                if o in wanted:
+                    made[o] = chain
+    main = {o for n in graph.node for o in n.output} | {t.name for t in graph.initializer}
+    fetch: dict[str, str] = {}
+    used = _names(model) if made else set()
+    types = _value_types(model) if made else {}
+    for name in sorted(wanted):
+        if name not in made:
+            if name not in main:
+                continue  # (a body's input or initializer: not fetchable)
+            if name not in outputs:
+                graph.output.append(onnx.ValueInfoProto(name=name))
+            fetch[name] = name
+            continue
+        chain = made[name]
+        if any(node.op_type != "If" or node.domain not in ("", "ai.onnx") for _, node, _ in chain):
+            continue
+        elem, rank = types.get(name, (onnx.TensorProto.FLOAT, None))
+        current = name
+        for parent, node, attr in reversed(chain):
+            branches = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+            for branch_name, branch in branches.items():
+                if branch_name == attr:
+                    branch.output.append(helper.make_tensor_value_info(current, elem, None if rank is None else [None] * rank))
+                else:  # the other branch: an empty tensor of the same type and rank
+                    empty = _fresh(used, f"{current}__empty")
+                    dims = [0] * (rank or 1)
+                    branch.node.append(helper.make_node("Constant", [], [empty], value=helper.make_tensor(empty, elem, dims, [])))
+                    branch.output.append(helper.make_tensor_value_info(empty, elem, dims))
+            out = _fresh(used, f"{name}__exposed")
+            node.output.append(out)
+            current = out
+        graph.output.append(helper.make_tensor_value_info(current, elem, None if rank is None else [None] * rank))
+        fetch[name] = current
     return fetch
+
+
+def _names(model: onnx.ModelProto) -> set[str]:
+    used: set[str] = set()
+    for g in io.iter_graphs(model.graph):
+        used |= {t.name for t in g.initializer} | {v.name for v in (*g.input, *g.output, *g.value_info)}
+        for n in g.node:
+            used |= set(n.input) | set(n.output)
+    return used
+
+
+def _fresh(used: set[str], base: str) -> str:
+    name, k = base, 1
+    while name in used:
+        name, k = f"{base}_{k}", k + 1
+    used.add(name)
+    return name
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, int | None]]:
+    """Element type and rank of the values shape inference (and the model's annotations) know."""
+    out: dict[str, tuple[int, int | None]] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+    except Exception:  # (a model onnxruntime runs may still trip inference; what the annotations say stands)
+        inferred = model
+    for m in (model, inferred):
+        for g in io.iter_graphs(m.graph):
+            for v in (*g.input, *g.output, *g.value_info):
+                t = v.type.tensor_type
+                if v.type.HasField("tensor_type") and t.elem_type:
+                    out[v.name] = (t.elem_type, len(t.shape.dim) if t.HasField("shape") else out.get(v.name, (0, None))[1])
+    return out
 
 
 def overridable(model: onnx.ModelProto, weights: Iterable[str]) -> onnx.ModelProto:
@@ -127,7 +202,8 @@ def capture(
     replaced = sorted({name for ov in overrides for name in ov})
     probe = overridable(model, replaced) if replaced else _copy(model)
     wanted = set(values)
-    fetch = expose(probe, wanted)
+    exposed = expose(probe, wanted)
+    fetch = list(exposed.values())
     sess = session(probe, threads=threads, data=data)
     total = len(feeds) if hasattr(feeds, "__len__") else 0  # type: ignore[arg-type]
     runs = batches = 0
@@ -135,7 +211,7 @@ def capture(
         feed = dict(feed)
         got = []
         for ov in overrides:
-            fetched = dict(zip(fetch, _run(sess, fetch, {**feed, **ov}, batches + 1, original=not ov))) if fetch else {}
+            fetched = dict(zip(exposed, _run(sess, fetch, {**feed, **ov}, batches + 1, original=not ov))) if fetch else {}
             got.append({**{k: np.asarray(v) for k, v in feed.items() if k in wanted}, **fetched})
             runs += 1
         each(feed, got)
