@@ -43,6 +43,23 @@ def test_a_failing_threaded_task_raises_and_starts_no_more_tasks():
     assert len(started) < 50
 
 
+def _slow_after_first(state, item):
+    time.sleep(0 if item == 0 else 60)
+    return item
+
+
+def test_an_interrupted_process_pool_stops_its_workers_at_once():
+    pool = ProcessPool(2, cores=2)
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        pool.run(_identity, _slow_after_first, None, [0, 1, 2], interrupt)
+    assert time.perf_counter() - start < 30  # (the workers were not waited for: their tasks sleep a minute)
+
+
 def test_spectra_side_by_side_on_two_cores_match_one_core():
     rng = np.random.default_rng(3)
     weights = [rng.standard_normal((96, 64)).astype(np.float32) @ np.diag(np.linspace(2, 0.01, 64)).astype(np.float32)

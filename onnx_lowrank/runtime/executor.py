@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import multiprocessing
+import os
 import signal
 import threading
 from typing import Any, Callable, Protocol, Sequence, TypeVar
@@ -73,7 +74,14 @@ class InProcess:
 _WORKER: dict[str, Any] = {}
 
 
+def _quiet_exit(signum, frame) -> None:  # pragma: no cover  (runs in a worker process)
+    os._exit(128 + signum)
+
+
 def _pool_init(setup, task, shared, threads: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process reports it; a worker leaves at once,
+    # without a traceback of its own
+    signal.signal(signal.SIGINT, _quiet_exit)
     _WORKER["limit"] = limit(threads)
     _WORKER["limit"].__enter__()  # held for the life of the worker process
     _WORKER["task"] = task
@@ -95,13 +103,21 @@ class ProcessPool:
         if not items:
             return []
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_pool_init,
-                                                    initargs=(setup, task, shared, self.threads)) as pool:
+        pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_pool_init,
+                                                      initargs=(setup, task, shared, self.threads))
+        try:
             futures = [pool.submit(_pool_call, item) for item in items]
             for k, _ in enumerate(concurrent.futures.as_completed(futures), 1):
                 if progress is not None:
                     progress(k, len(items))
-            return [f.result() for f in futures]
+            results = [f.result() for f in futures]
+        except BaseException:  # an interrupt (or a failed task): the workers stop now, not after their tasks
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        return results
 
 
 class RayExecutor:
