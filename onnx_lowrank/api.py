@@ -273,12 +273,27 @@ def compress(
     from .runtime.executor import make_executor
 
     cfg = request.config
+    _warn_oversubscribed(cfg)
     executor = make_executor(cfg.workers, cfg.executor, cfg.cores, cfg.ray_address)
     with limit(cfg.cores):  # BLAS and the pass's onnxruntime sessions share the cores given
         result = CompressResult.of(pipeline.run(PIPELINE, pipeline.Context(request, executor=executor)))
     if result.verification is not None and not request.verify.keep_failed:
         result.verification.check(result=result)
     return result
+
+
+def _warn_oversubscribed(cfg: CompressConfig) -> None:
+    """More threads than this machine gives the process: say what that does to the run."""
+    from .runtime import available_cores
+
+    have = available_cores()
+    if cfg.executor == "local" and cfg.cores is not None and cfg.cores > have:
+        log.warning("%s %d: this process may run on %d CPU core(s); the threads past them only take turns (the result is "
+                    "the same)", option("cores"), cfg.cores, have)
+    if cfg.latency_aware and max(cfg.threads) > have:
+        log.warning("%s %s: this process may run on %d CPU core(s); latency-aware timings at more threads than cores measure "
+                    "threads taking turns, not the machine the model will run on (time on that machine, or lower %s)",
+                    option("threads"), ",".join(map(str, cfg.threads)), have, option("threads"))
 
 
 #: Calibration options: they feed rank selection and, when a check is asked for, the check.

@@ -133,3 +133,15 @@ def test_spectra_and_statistics_in_worker_processes_match_the_run_here():
     assert [d.rank for d in pooled.layers] == [d.rank for d in here.layers]
     assert [d.energy for d in pooled.layers] == pytest.approx([d.energy for d in here.layers], abs=1e-9)
     assert pooled.sections["data_aware"] == here.sections["data_aware"]
+
+
+def test_more_threads_than_cores_are_taken_with_a_warning(caplog):
+    from onnx_lowrank.runtime import available_cores
+
+    many = available_cores() + 3
+    m = chain_model()
+    with caplog.at_level("WARNING"):
+        ol.compress(m, energy=0.9, cores=many, min_params=0)
+        ol.compress(m, energy=0.9, cores=1, min_params=0)
+    said = [r.getMessage() for r in caplog.records if "CPU core(s)" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"cores {many}: this process may run on {available_cores()} CPU core(s)")
