@@ -234,6 +234,10 @@ def test_verify_subcommand_exit_codes(model_path, calib_path, tmp_path, capsys):
     assert main(["verify", str(model_path), str(bad), "--calib", str(calib_path), "--metric", "accuracy"]) == 2
     assert main(["verify", str(model_path)]) == 2
     assert main(["verify", str(model_path), str(bad), "--keep-failed"]) == 2
+    assert "writes none" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (verify's help lists no option it always refuses)
+        main(["verify", "--help"])
+    assert "--keep-failed" not in capsys.readouterr().out
 
 
 CLI_BAD = [
