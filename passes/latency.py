@@ -44,6 +44,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_lowrank import bench, io
+from onnx_lowrank.errors import option
 from onnx_lowrank.pipeline import Context, Step
 from onnx_lowrank.plan import Decision, Skip, SkipCode
 from onnx_lowrank.runtime import capture, session
@@ -382,7 +383,8 @@ def filter_decisions(model: onnx.ModelProto, plans: Mapping[int, Any], decisions
             out[p.key] = d.replace(skip=skip)
             log.debug("left %s alone: %s", p.name, skip)
         else:
-            log.info("%s at rank %d: x%.2f faster at worst (%s)", p.name, d.rank, worst[0], _setting_label(worst[1], worst[2]))
+            how = "faster at worst" if worst[0] >= 1 else f"at worst, slower (kept: {option('min_speedup')} {min_speedup:g} allows it)"
+            log.info("%s at rank %d: x%.2f %s (%s)", p.name, d.rank, worst[0], how, _setting_label(worst[1], worst[2]))
         measured[p.name] = {"rank": d.rank, "settings": per_setting, "kept": kept}
     return out, measured
 

@@ -67,6 +67,14 @@ def test_layer_near_break_even_is_skipped_and_says_why():
     assert res.sections["latency"]["layers"]["Wfull"]["kept"] is False
 
 
+def test_a_slower_layer_kept_under_a_low_min_speedup_is_called_slower(caplog):
+    with caplog.at_level("INFO", logger="onnx_lowrank"):
+        res = compress(two_layer_model(), rank=127, min_params=0, latency_aware=True, min_speedup=0.5, probe=MacProbe(call_cost=1e6))
+    assert [d.factorized for d in res.layers] == [True, True]
+    said = [r.getMessage() for r in caplog.records if "at rank 127" in r.getMessage()]
+    assert said and all("at worst, slower (kept: min_speedup 0.5 allows it)" in m and "faster" not in m for m in said), said
+
+
 def test_low_rank_layer_is_kept_and_the_slow_one_skipped():
     probe = MacProbe()
     # energy 0.999: Wlow keeps rank 8; Wfull (random, full rank) would need more than break-even
