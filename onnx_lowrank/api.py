@@ -25,7 +25,7 @@ from .config import CompressConfig, load_recipe
 from .errors import UsageError, option, option_style
 from .pipeline import Progress
 from .report import LayerDecision, Totals, to_json_dict
-from .verify import VerifyConfig, VerifyReport
+from .verify import VerifyConfig, VerifyReport, calib_rules
 
 if TYPE_CHECKING:
     from .passes.latency import LatencyProbe
@@ -256,6 +256,7 @@ def compress(
     if base_dir is not None and not isinstance(base_dir, (str, os.PathLike)):
         raise UsageError(f"base_dir= takes the folder the model's external data is in (a str or os.PathLike), got {base_dir!r}.")
     cfg, check = _resolve_config(config, recipe, options), _resolve_verify(verify)
+    calib_rules(calib, calib_script, calib_batch)
     read = cfg.data_aware or cfg.adaptive or cfg.refine or cfg.ffn_keep is not None
     if check is None and not read and not dry_run and (calib is not None or calib_script is not None):
         # nothing else reads the data: it is the check's, as --calib alone is on the command line

@@ -133,6 +133,11 @@ class VerifyConfig:
             check_max_drop(self.max_drop, self.metric)
         if self.calib is not None and self.calib_script is not None:
             raise UsageError(f"got both {option('calib')} and {option('calib_script')}; pass only one source of calibration data.")
+        calib_rules(self.calib, self.calib_script, self.calib_batch)
+        if self.samples != 32 and (self.calib is not None or self.calib_script is not None):
+            source = option("calib") if self.calib is not None else option("calib_script")
+            raise UsageError(f"{option('samples')} sets how many random samples to compare on without data; {source} gives "
+                             f"the samples; drop {option('samples')}.")
         # Normalized once here so that a bad spec fails before any model is loaded.
         object.__setattr__(self, "input_shape", parse_input_shapes(self.input_shape) or None)
         object.__setattr__(self, "input_range", parse_input_ranges(self.input_range) or None)
@@ -153,6 +158,13 @@ class VerifyConfig:
                 v = {k: list(x) for k, x in v.items()}
             d[f.name] = v
         return d
+
+
+def calib_rules(calib: Any, calib_script: Any, calib_batch: int) -> None:
+    """``calib_batch`` cuts an ``.npz`` or arrays (or random samples); a script's feeds come as it gives them."""
+    if calib_script is not None and calib is None and not isinstance(calib_batch, bool) and calib_batch != 32:
+        raise UsageError(f"{option('calib_batch')} cuts an .npz or arrays into runs; {option('calib_script')} gives its feeds "
+                         f"as they are (batch them in the script); drop {option('calib_batch')}.")
 
 
 @dataclass

@@ -255,6 +255,8 @@ CLI_BAD = [
     (["--gate-output", "nope"], "not an output"),
     (["--calib", "{calib}", "--calib-script", "{script}:feeds"], "not allowed with"),
     (["--calib", "{calib}", "--dry-run"], "nothing to verify"),
+    (["--calib", "{calib}", "--samples", "8"], "drop --samples"),  # (the data's samples, not random ones)
+    (["--calib-script", "{script}:feeds", "--calib-batch", "4"], "drop --calib-batch"),  # (a script's feeds come as given)
 ]
 
 
