@@ -57,6 +57,11 @@ ELEMENTWISE = frozenset({
 })
 
 
+#: Elementwise operators that keep a map affine; a chain of these alone is no activation (a
+#: residual path, a scaled product), so it makes no block and no near miss.
+AFFINE = frozenset({"Add", "Sub", "Mul", "Div", "Identity", "Cast", "Neg"})
+
+
 @dataclass(frozen=True)
 class Bias:
     """A bias over the neurons (or outputs) of a projection.
@@ -135,6 +140,12 @@ class FfnBlock:
         return self.up.layers[0].display_name
 
     @property
+    def down_alpha(self) -> float:
+        """The second projection's ``alpha`` (a Gemm's; 1 for a MatMul): what its product is scaled by."""
+        node = self.down.layers[0].node
+        return float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+
+    @property
     def firsts(self) -> list[tuple[WeightGroup, Bias | None, bool]]:
         """The projections into the neurons (``up``, and ``gate`` when gated): group, bias, transposed."""
         out = [(self.up, self.up_bias, self.up_t)]
@@ -210,6 +221,13 @@ class _Graph:
             return None
         tensor = holder if isinstance(holder, onnx.TensorProto) else next(
             (a.t for a in holder.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if tensor is None and isinstance(holder, onnx.NodeProto):  # Constant(value_ints=...) and its kin
+            kinds = {"value_ints": np.int64, "value_int": np.int64, "value_floats": np.float32, "value_float": np.float32}
+            a = next((a for a in holder.attribute if a.name in kinds), None)
+            if a is None:
+                return None
+            value = np.asarray(helper.get_attribute_value(a), dtype=kinds[a.name])
+            return value, numpy_helper.from_array(value, name), holder
         if tensor is None:
             return None
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -245,6 +263,8 @@ def _bias(g: _Graph, name: str, size: int) -> Bias | str:
     if got is None:
         return f"its bias '{name}' cannot be read as a constant"
     value, tensor, holder = got
+    if isinstance(holder, onnx.NodeProto) and not any(a.name == "value" for a in holder.attribute):
+        return f"its bias '{name}' is a Constant without a tensor value (value_floats)"
     if value.size != size or (value.ndim and value.shape[-1] != size):
         return f"its bias '{name}' has shape {list(value.shape)}, not one value per neuron ({size})"
     if not g.private(name):
@@ -444,6 +464,26 @@ def _source(g: _Graph, name: str, outputs: Mapping[str, Layer]) -> Layer | None:
     return found[0] if len(found) == 1 else None
 
 
+def _from_block(g: _Graph, name: str, inside: set[str], limit: int = 64) -> onnx.NodeProto | None:
+    """The node by which ``name`` is computed from the block's own tensors (``inside``), if it is
+    within ``limit`` nodes upstream (a norm over the neurons, the width read by ``Shape``, ...)."""
+    seen, todo, steps = set(), [(name, None)], 0
+    while todo and steps < limit:
+        t, via = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        node = g.producer.get(t)
+        if node is None:
+            continue
+        steps += 1
+        last = node if node.op_type not in ELEMENTWISE else via  # (the one nearest the block, on this path)
+        if any(i in inside for i in node.input):
+            return last or node
+        todo += [(i, last) for i in node.input if i]
+    return None
+
+
 def _chain(g: _Graph, starts: list[str], down_inputs: dict[str, Layer], outputs: Mapping[str, Layer] | None = None,
            f: int = 0, rank_of=None):
     """Follow ``start`` through elementwise nodes to a projection's input: the nodes, the
@@ -486,8 +526,8 @@ def _chain(g: _Graph, starts: list[str], down_inputs: dict[str, Layer], outputs:
                 if out and out not in inside:
                     inside.add(out)
                     frontier.append(out)
-    if not ends:
-        return fail(None, None)
+    if not ends or not any(n.op_type not in AFFINE and n.op_type not in LAYOUT for n in nodes):
+        return fail(None, None)  # no elementwise path, or one with no activation on it: no block
     for node in nodes:
         if node.op_type in LAYOUT:
             continue  # (its shape input)
@@ -498,17 +538,17 @@ def _chain(g: _Graph, starts: list[str], down_inputs: dict[str, Layer], outputs:
                     if len(starts) > 1:
                         return fail(None, f"the activation joins the outputs of three projections ({gate.display_name})")
                     return fail(None, _Join(gate))
+                via = _from_block(g, other, inside)
+                if via is not None and len(ends) == 1:
+                    return fail(None, (f"{_label(node)} combines the activation with '{other}', computed from the block's own "
+                                       f"tensors by {_label(via)}, which narrowing would change"))
                 return fail(None, None)  # joins another activation (a residual add ...): no block
     if len(ends) > 1:
         return fail(None, "the activation reaches two projections")
     end = ends[0]
     if others:
         return fail(None, f"the activation is also read by {others[0]}")
-    if not any(n.op_type not in LAYOUT for n in nodes):
-        return fail(None, "no activation between the projections")
     h = end.node.input[0]
-    if h in starts:
-        return fail(None, "no activation between the projections")
     for name in inside:
         if name in g.outputs or name in g.captured:
             return fail(None, f"'{name}' between the projections is also a graph output or read by a subgraph")
@@ -533,6 +573,23 @@ def _chain(g: _Graph, starts: list[str], down_inputs: dict[str, Layer], outputs:
     if why is not None:
         return fail(None, why)
     return nodes, end, None, (tuple(edits), tuple(n.name or n.output[0] for n in layouts if id(n) in follows))
+
+
+def _split_block(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mapping[str, Layer], f: int, rank_of
+                 ) -> str | None:
+    """Why a projection whose output is cut into parts before an activation that reaches a
+    projection (a fused gate and up projection, as Phi-3 writes ``gate_up_proj``) is not narrowed;
+    ``None`` when it is no such thing."""
+    readers = [r for r in g.readers.get(start, []) if r.op_type != "Shape"]  # (a Shape may size the cut)
+    std = [r for r in readers if r.domain in ("", "ai.onnx") and r.input and r.input[0] == start]
+    if not readers or len(std) != len(readers) or not all(r.op_type in ("Split", "Slice", "Gather") for r in std):
+        return None
+    parts = [o for r in std for o in r.output if o]
+    _, end, why, _ = _chain(g, parts, down_inputs, outputs, f, rank_of)
+    if end is None and why is None:
+        return None
+    return (f"its output is cut into parts by {_label(std[0])} before the activation: a fused projection (a gate and an up "
+            "projection in one weight, as Phi-3 writes gate_up_proj) is not narrowed")
 
 
 def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | None = None) -> Blocks:
@@ -571,18 +628,24 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
     by_node: dict[int, WeightGroup] = {}
     down_inputs: dict[str, Layer] = {}
     nested: list[str] = []
-    for group in found.candidates:
+    # every constant matrix of the main graph takes part (a block one of whose projections a
+    # filter or a rule left out is reported with that reason, not missed)
+    left_out: dict[int, str] = {}
+    for group in found.groups:
         layer = group.layers[0]
-        if layer.is_conv:
+        if layer.is_conv or group.weight is None or group.weight.tensor is None or len(group.weight.shape) != 2:
             continue
         if layer.scope or layer.graph is not model.graph:
-            nested.append(layer.display_name)
+            if group.skip is None:
+                nested.append(layer.display_name)
             continue
+        if group.skip is not None:
+            left_out[group.key] = group.skip.message
         by_node[id(layer.node)] = group
         if layer.weight_index == 1 and layer.node.input:
             down_inputs[layer.node.input[0]] = layer
     outputs: dict[str, Layer] = {}  # each projection's output, and its bias Add's
-    for group in found.candidates:
+    for group in by_node.values():
         for layer in group.layers:
             if id(layer.node) in by_node and layer.node.output:
                 outputs[layer.node.output[0]] = layer
@@ -590,10 +653,9 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
                     if reader.op_type == "Add" and any(i in g.constants for i in reader.input):
                         outputs[reader.output[0]] = layer
     claimed: set[int] = set()
-    for group in found.candidates:
+    pairs: set[frozenset] = set()  # gated near misses said once, from whichever first projection
+    for group in list(by_node.values()):
         up = group.layers[0]
-        if id(up.node) not in by_node:
-            continue
         t1, f, problem = _projection(up)
         if problem is not None:
             continue
@@ -625,8 +687,16 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
                 if isinstance(why, _Join):  # (the two-start walk words a third projection itself)
                     why = f"the activation joins the outputs of three projections ({why.layer.display_name})"
         if end is None and why is None:
+            fused = _split_block(g, start, down_inputs, outputs, f, rank_of)
+            if fused is not None:
+                result.skipped.append((up.display_name, fused))
             continue  # no elementwise path to another projection: not a block at all
         if why is not None:
+            if gate is not None:
+                pair = frozenset((up.display_name, gate.display_name))
+                if pair in pairs:
+                    continue
+                pairs.add(pair)
             result.skipped.append((up.display_name, why))
             continue
         down = by_node[id(end.node)]
@@ -643,6 +713,9 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
         mine = {group.key, down.key} | ({gate_group.key} if gate_group is not None else set())
         if mine & claimed or len(mine) < (3 if gate_group is not None else 2):
             problems.append("a projection already belongs to another block")
+        for key, grp in ((group.key, group), (down.key, down), *(((gate_group.key, gate_group),) if gate_group else ())):
+            if key in left_out:
+                problems.append(f"{grp.layers[0].display_name} is left out: {left_out[key]}")
         if problems:
             result.skipped.append((up.display_name, "; ".join(problems)))
             continue

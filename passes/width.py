@@ -162,7 +162,8 @@ class Narrowed(StageResult):
             "blocks": [{"node": p.block.name, "second": p.block.down.layers[0].display_name, "hidden": p.block.hidden,
                         "kept": p.kept, "activation": list(p.block.activation), "refit_error": round(p.fit.error, 6),
                         "bias_shifted": p.fit.shift is not None,
-                        **({"gate": p.block.gate.layers[0].display_name} if p.block.gate is not None else {}),
+                        # (a gated block's other first projection, narrowed with "node")
+                        **({"paired": p.block.gate.layers[0].display_name} if p.block.gate is not None else {}),
                         "reshapes": [e.reshape.name or e.reshape.output[0] for e in p.block.reshapes] + list(p.block.follows)}
                        for p in self.plans.values()],
             "not_reduced": [{"node": n, "reason": r} for n, r in self.skipped],
@@ -222,6 +223,10 @@ class Narrow(Step):
                 continue
             out.plans[block.up.key] = WidthPlan(block, fit)
             log.info("%s: keep %d of %d neurons, refit error %.4f", block.name, k, block.hidden, fit.error)
+        if not out.plans and not out.units:
+            why = (f"first: {out.skipped[0][0]}: {out.skipped[0][1]}" if out.skipped else
+                   "the model has no MatMul/Gemm -> elementwise activation -> MatMul/Gemm block in its main graph")
+            log.warning("%s: no feed-forward block narrowed (%s)", option("ffn_keep"), why)
         return out
 
 
@@ -240,8 +245,8 @@ def narrowed_arrays(plan: WidthPlan, data: io.DataFiles) -> dict[str, np.ndarray
     w2 = data.read(b.down.weight.tensor)
     rows = plan.fit.w2.astype(w2.dtype)
     out[b.down.weight.name] = np.ascontiguousarray(rows.T if b.down_t else rows)
-    if b.down_bias is not None and plan.fit.shift is not None:
-        v = b.down_bias.value.astype(np.float64) + plan.fit.shift
+    if b.down_bias is not None and plan.fit.shift is not None:  # (the intercept is in W2's units: scaled as W2 is)
+        v = b.down_bias.value.astype(np.float64) + b.down_alpha * plan.fit.shift
         out[b.down_bias.name] = v.astype(b.down_bias.value.dtype).reshape(b.down_bias.shape)
     return out
 
@@ -257,7 +262,7 @@ def emulated_arrays(plan: WidthPlan) -> dict[str, np.ndarray]:
     rows[plan.fit.keep] = plan.fit.w2
     out = {b.down.weight.name: np.ascontiguousarray((rows.T if b.down_t else rows).astype(dtype))}
     if b.down_bias is not None and plan.fit.shift is not None:
-        v = b.down_bias.value.astype(np.float64) + plan.fit.shift
+        v = b.down_bias.value.astype(np.float64) + b.down_alpha * plan.fit.shift
         out[b.down_bias.name] = v.astype(b.down_bias.value.dtype).reshape(b.down_bias.shape)
     return out
 

@@ -547,7 +547,7 @@ def test_a_gated_block_narrows_its_gate_and_up_projections_column_for_column():
     plain = _gated_by_hand(m, keep, w["Wd"][keep].astype(np.float64), held)
     assert np.linalg.norm(got - want) < 0.5 * np.linalg.norm(plain - want)
     blocks = res.sections["width"]["blocks"]
-    assert [(b["node"], b.get("gate"), b["kept"]) for b in blocks] == [("gate", "up", F // 2)]
+    assert [(b["node"], b.get("paired"), b["kept"]) for b in blocks] == [("gate", "up", F // 2)]
 
 
 def _i64(*v):
@@ -685,3 +685,104 @@ def test_initializer_value_info_follows_the_narrowing():
     res = ol.compress(m, ffn_keep=0.75, energy=1.0, min_params=0, calib=_feeds(64))
     assert res.totals.narrowed == 4
     onnx.checker.check_model(res.model, full_check=True)
+
+
+def test_a_reshape_target_piece_held_in_constant_value_ints_is_read_and_rewritten():
+    m = conv1d_model("traced")
+    for b in range(2):  # TorchScript-era exporters write the width as Constant(value_ints=[F])
+        m.graph.node.insert(0, helper.make_node("Constant", [], [f"cF{b}"], value_ints=[F]))
+        next(n for n in m.graph.node if n.output[0] == f"k{b}_t3").input[2] = f"cF{b}"
+    found = find_blocks(m, discover(m, min_params=0))
+    assert [b.name for b in found.blocks] == ["fc0", "fc1"] and found.skipped == []
+    res = ol.compress(m, ffn_keep=0.5, energy=1.0, min_params=0, calib=_feeds(256))
+    want = ol.compress(conv1d_model(plain=True), ffn_keep=0.5, energy=1.0, min_params=0, calib=_feeds(256))
+    held = _feeds(16, seed=9)
+    assert np.allclose(run(res.model, held)[0], run(want.model, held)[0], atol=1e-5)
+    assert not any(n.output[0] in ("cF0", "cF1") for n in res.model.graph.node)  # (targets no Reshape reads are gone)
+
+
+def test_a_gemm_second_projection_with_alpha_shifts_its_bias_in_its_own_units():
+    m, folded = ffn_model("relu", gemm=True), ffn_model("relu", gemm=True)
+    for n in m.graph.node:
+        if n.op_type == "Gemm" and n.input[1] == "W2_0":
+            n.attribute.append(helper.make_attribute("alpha", 0.25))
+    for t in folded.graph.initializer:
+        if t.name == "W2_0":
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * np.float32(0.25), "W2_0"))
+    feeds, held = _feeds(400, gemm=True), _feeds(50, gemm=True, seed=9)
+    assert np.allclose(run(m, held)[0], run(folded, held)[0], atol=1e-5)
+    got = ol.compress(m, ffn_keep=0.75, energy=1.0, min_params=0, calib=feeds)
+    want = ol.compress(folded, ffn_keep=0.75, energy=1.0, min_params=0, calib=feeds)
+    assert np.allclose(run(got.model, held)[0], run(want.model, held)[0], atol=1e-4)
+
+
+def _block_with(extra):
+    """x -> MatMul W1 + b1 -> Relu -> (``extra``: nodes from 'h' to 'h2') -> MatMul W2 -> y."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["p"], name="fc"), helper.make_node("Add", ["p", "b1"], ["u"]),
+             helper.make_node("Relu", ["u"], ["h"]), *extra, helper.make_node("MatMul", ["h2", "W2"], ["y"], name="proj")]
+    inits = [init("W1", (rng.standard_normal((D, F)) / 5).astype(np.float32)), init("b1", np.full(F, 0.1, np.float32)),
+             init("W2", (rng.standard_normal((F, D)) / 10).astype(np.float32)), init("i1", _i64(-1)), init("big", _i64(2**62))]
+    return make_model(nodes, [vi("x", ["B", 4, D])], [vi("y", ["B", 4, D])], inits, opset=18)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    # a norm over the neurons (ConvNeXt-V2's GRN): computed from the block itself
+    ([helper.make_node("ReduceL2", ["h"], ["nrm"], keepdims=1, axes=None), helper.make_node("Div", ["h", "nrm"], ["h2"])],
+     "computed from the block's own tensors by ReduceL2"),
+    # the width read at run time for arithmetic: h / sqrt(width)
+    ([helper.make_node("Shape", ["h"], ["sh"]), helper.make_node("Slice", ["sh", "i1", "big"], ["w"]),
+      helper.make_node("Cast", ["w"], ["wf"], to=1), helper.make_node("Sqrt", ["wf"], ["sw"]),
+      helper.make_node("Div", ["h", "sw"], ["h2"])], "computed from the block's own tensors by Shape"),
+])
+def test_a_block_whose_activation_depends_on_the_whole_width_says_why(extra, needle):
+    m = _block_with(extra)
+    found = find_blocks(m, discover(m, min_params=0))
+    assert found.blocks == [] and len(found.skipped) == 1 and found.skipped[0][0] == "fc" and needle in found.skipped[0][1]
+
+
+def test_a_fused_gate_and_up_projection_cut_by_split_says_why():
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("MatMul", ["x", "Wgu"], ["gu"], name="gate_up"),
+             helper.make_node("Split", ["gu"], ["g", "u"], axis=-1, num_outputs=2),
+             helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["a"]),
+             helper.make_node("Mul", ["a", "u"], ["h"]), helper.make_node("MatMul", ["h", "Wd"], ["y"], name="down")]
+    m = make_model(nodes, [vi("x", ["B", D])], [vi("y", ["B", D])],
+                   [init("Wgu", rng.standard_normal((D, 2 * F)).astype(np.float32)),
+                    init("Wd", rng.standard_normal((F, D)).astype(np.float32))], opset=18)
+    found = find_blocks(m, discover(m, min_params=0))
+    assert found.blocks == [] and len(found.skipped) == 1 and "cut into parts by Split" in found.skipped[0][1]
+
+
+def test_paths_with_no_activation_are_no_near_misses():
+    # a projection into a residual add read by a norm and by the next layer's projection (ELECTRA's
+    # embeddings_project); two projections summed (ALBERT's embedding projection and attention output)
+    rng = np.random.default_rng(1)
+    w = {n: (rng.standard_normal((D, D)) / 5).astype(np.float32) for n in ("Wp", "Wa", "Wq")}
+    nodes = [helper.make_node("MatMul", ["x", "Wp"], ["p"], name="project"), helper.make_node("MatMul", ["x", "Wa"], ["a"], name="attn"),
+             helper.make_node("Add", ["p", "a"], ["s"]), helper.make_node("LayerNormalization", ["s", "g", "bb"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["s", "Wq"], ["q"], name="q"), helper.make_node("Add", ["q", "n"], ["y"])]
+    m = make_model(nodes, [vi("x", ["B", D])], [vi("y", ["B", D])],
+                   [init(k, v) for k, v in w.items()] + [init("g", np.ones(D, np.float32)), init("bb", np.zeros(D, np.float32))])
+    found = find_blocks(m, discover(m, min_params=0))
+    assert found.blocks == [] and found.skipped == []
+
+
+def test_a_gated_near_miss_is_said_once_and_a_filtered_projection_is_named():
+    m = _gated_model()
+    for t in m.graph.initializer:  # the up projection one neuron wide: its output broadcasts against the gate's
+        if t.name == "Wu":
+            t.CopyFrom(init("Wu", np.ones((D, 1), np.float32)))
+    found = find_blocks(m, discover(m, min_params=0))
+    assert found.blocks == [] and len(found.skipped) == 1 and "joins 96 neurons with up's 1" in found.skipped[0][1]
+    m = _gated_model()
+    found = find_blocks(m, discover(m, min_params=0, exclude="down"))
+    assert found.blocks == [] and len(found.skipped) == 1
+    assert found.skipped[0][1].startswith("down is left out: ") and "exclude" in found.skipped[0][1]
+
+
+def test_width_reduction_that_narrows_nothing_warns(caplog):
+    with caplog.at_level("WARNING"):
+        ol.compress(conv1d_model(plain=True, width_reader=None), ffn_keep=0.5, energy=1.0, min_params=10**6, calib=_feeds(64))
+    said = [r.getMessage() for r in caplog.records if "no feed-forward block narrowed" in r.getMessage()]
+    assert len(said) == 1 and "is left out" in said[0]
