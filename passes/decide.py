@@ -362,13 +362,14 @@ def block_byte_cost(cfg: CompressConfig, found) -> Callable[[Any, int], int]:
     in float (or int8 after ``--quantize int8*``), at its weights' element size."""
     def cost(block, params: int) -> int:
         size = itemsize(found.group(block.up.key))
-        d = int(np.prod(block.shapes[0])) // block.hidden if block.shapes[0] else 0  # the block's outer width
+        d = int(np.prod(block.shapes[1])) // block.hidden if block.shapes[1] else 0  # the block's outer width (W2's)
         if not d:
             return stored_bytes(cfg, params, size, None)
-        n = len(block.keys)  # W1 (d x k, k output columns; a gated block's gate too) and W2 (k x d, d), each with its own scales
-        each = params // n
-        return ((n - 1) * stored_bytes(cfg, each, size, None, channels=each // d)
-                + stored_bytes(cfg, params - (n - 1) * each, size, None, channels=d))
+        # W1 (d x k: k output columns, 2k when fused; a gated block's gate too) and W2 (k x d, d), each with its own scales
+        k = round(params * block.hidden / block.dense_params)
+        firsts = [len(block.columns(range(k))) for _ in block.firsts]
+        return (sum(stored_bytes(cfg, d * c, size, None, channels=c) for c in firsts)
+                + stored_bytes(cfg, params - d * sum(firsts), size, None, channels=d))
 
     return cost
 

@@ -99,6 +99,22 @@ class ShapeEdit:
     concat: onnx.NodeProto | None = None
 
 
+@dataclass(frozen=True)
+class FusedCut:
+    """A fused first projection (a gate and an up projection in one weight, as Phi-3 writes
+    ``gate_up_proj``) whose ``2 f`` outputs are cut into two halves before the activation: neuron
+    ``j`` is columns ``j`` and ``f + j``.  The rewrite cuts at the new width.
+
+    Attributes:
+        nodes: The Split, or the two Slices (the first half's first).
+        sizes: A Split's constant ``split`` input (``[f, f]``), or ``None`` (equal halves by
+            ``num_outputs`` or by default; or the ``split`` attribute of opsets before 13).
+    """
+
+    nodes: tuple[onnx.NodeProto, ...]
+    sizes: str | None = None
+
+
 @dataclass
 class FfnBlock:
     """One feed-forward block (module docstring).
@@ -116,6 +132,8 @@ class FfnBlock:
         gate, gate_bias, gate_t, gate_shape: A gated block's other first projection (LLaMA's
             ``SiLU(x Wg) * (x Wu)``, GeGLU: the activation joins the outputs of two projections
             elementwise); narrowed with ``up``, column for column.
+        fused: A fused gate and up projection's cut (:class:`FusedCut`); ``up`` then has
+            ``2 * hidden`` outputs.
     """
 
     up: WeightGroup
@@ -134,6 +152,12 @@ class FfnBlock:
     gate_bias: Bias | None = None
     gate_t: bool = False
     gate_shape: tuple[int, ...] = ()
+    fused: FusedCut | None = None
+
+    def columns(self, keep) -> np.ndarray:
+        """The first projections' output columns (and bias entries) of the neurons ``keep``."""
+        keep = np.asarray(keep)
+        return np.concatenate([keep, keep + self.hidden]) if self.fused is not None else keep
 
     @property
     def name(self) -> str:
@@ -575,21 +599,65 @@ def _chain(g: _Graph, starts: list[str], down_inputs: dict[str, Layer], outputs:
     return nodes, end, None, (tuple(edits), tuple(n.name or n.output[0] for n in layouts if id(n) in follows))
 
 
-def _split_block(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mapping[str, Layer], f: int, rank_of
-                 ) -> str | None:
-    """Why a projection whose output is cut into parts before an activation that reaches a
-    projection (a fused gate and up projection, as Phi-3 writes ``gate_up_proj``) is not narrowed;
-    ``None`` when it is no such thing."""
+def _halves(g: _Graph, cut: list[onnx.NodeProto], start: str, f2: int, rank_of) -> tuple[FusedCut, list[str]] | str:
+    """The two halves of ``start`` (``f2`` wide) that ``cut`` (a Split, or two Slices) makes on
+    its last axis, first half first; or why they are not that."""
+    rank = rank_of(start)
+    last = (-1,) if rank is None else (-1, rank - 1)
+    if f2 % 2:
+        return f"{_label(cut[0])} cuts {f2} outputs, an odd number, in parts"
+    f = f2 // 2
+    if len(cut) == 1 and cut[0].op_type == "Split":
+        node = cut[0]
+        outs = [o for o in node.output]
+        if len(outs) != 2 or not all(outs) or int(_attr(node, "axis", 0)) not in last:
+            return f"{_label(node)} does not cut the last axis in two"
+        sizes_name = node.input[1] if len(node.input) > 1 and node.input[1] else None
+        sizes = _ints(g, sizes_name) if sizes_name else list(_attr(node, "split", [])) or [f, f]
+        if sizes != [f, f]:
+            return f"{_label(node)} cuts {f2} outputs into {sizes}, not two halves"
+        return FusedCut((node,), sizes_name), outs
+    if len(cut) == 2 and all(n.op_type == "Slice" and len(n.input) >= 3 for n in cut):
+        bounds = []
+        for n in cut:
+            starts, ends = _ints(g, n.input[1]), _ints(g, n.input[2])
+            axes = _ints(g, n.input[3]) if len(n.input) > 3 and n.input[3] else None
+            steps = _ints(g, n.input[4]) if len(n.input) > 4 and n.input[4] else [1]
+            if starts is None or ends is None or len(starts) != 1 or axes is None or axes[0] not in last or steps != [1]:
+                return f"{_label(n)} cuts with bounds computed at run time or on another axis"
+            lo, hi = (v + f2 if v < 0 else v for v in (starts[0], ends[0]))
+            bounds.append((min(lo, f2), min(hi, f2), n))
+        bounds.sort(key=lambda b: b[0])
+        if [(lo, hi) for lo, hi, _ in bounds] != [(0, f), (f, f2)]:
+            return f"{_label(cut[0])} and {_label(cut[1])} do not cut {f2} outputs into two halves"
+        return FusedCut(tuple(n for _, _, n in bounds)), [n.output[0] for _, _, n in bounds]
+    return f"{_label(cut[0])} cuts the output in other parts than two halves"
+
+
+def _fused(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mapping[str, Layer], f2: int, rank_of):
+    """A fused gate and up projection (Phi-3's ``gate_up_proj``: its output cut into two halves
+    before the activation): ``(cut, nodes, end, why, edits, follows)``, a reason it is not
+    narrowed, or ``None`` when the output is not cut before an activation that reaches a projection."""
     readers = [r for r in g.readers.get(start, []) if r.op_type != "Shape"]  # (a Shape may size the cut)
     std = [r for r in readers if r.domain in ("", "ai.onnx") and r.input and r.input[0] == start]
     if not readers or len(std) != len(readers) or not all(r.op_type in ("Split", "Slice", "Gather") for r in std):
         return None
     parts = [o for r in std for o in r.output if o]
-    _, end, why, _ = _chain(g, parts, down_inputs, outputs, f, rank_of)
+    nodes, end, why, extra = _chain(g, parts, down_inputs, outputs, f2 // 2, rank_of)
     if end is None and why is None:
         return None
-    return (f"its output is cut into parts by {_label(std[0])} before the activation: a fused projection (a gate and an up "
-            "projection in one weight, as Phi-3 writes gate_up_proj) is not narrowed")
+    what = (f"its output is cut into parts by {_label(std[0])} before the activation (a gate and an up projection in one "
+            "weight, as Phi-3 writes gate_up_proj)")
+    halves = _halves(g, std, start, f2, rank_of)
+    if isinstance(halves, str):
+        return f"{what}: {halves}"
+    if isinstance(why, _Join):
+        return f"{what}: the activation joins {why.layer.display_name} as well"
+    if why is not None:
+        return f"{what}: {why}"
+    if any(r.op_type == "Shape" for r in g.readers.get(start, [])):
+        return f"{what}: its size is read by Shape"
+    return halves[0], nodes, end, extra, halves[1]
 
 
 def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | None = None) -> Blocks:
@@ -686,11 +754,17 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
                 gate_start, gate_bias = after_g
                 if isinstance(why, _Join):  # (the two-start walk words a third projection itself)
                     why = f"the activation joins the outputs of three projections ({why.layer.display_name})"
+        cut, width = None, f
         if end is None and why is None:
-            fused = _split_block(g, start, down_inputs, outputs, f, rank_of)
-            if fused is not None:
+            fused = _fused(g, start, down_inputs, outputs, f, rank_of)
+            if fused is None:
+                continue  # no elementwise path to another projection: not a block at all
+            if isinstance(fused, str):
                 result.skipped.append((up.display_name, fused))
-            continue  # no elementwise path to another projection: not a block at all
+                continue
+            cut, nodes, end, (edits, follows), parts = fused
+            width = f // 2
+            nodes = [*cut.nodes, *nodes]
         if why is not None:
             if gate is not None:
                 pair = frozenset((up.display_name, gate.display_name))
@@ -708,8 +782,8 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
         if p2 is not None:
             problems.append(f"the second projection: {p2}")
         rows = down.weight.shape[1] if t2 else down.weight.shape[0]
-        if rows != f:
-            problems.append(f"W2 has {rows} inputs for {f} neurons")
+        if rows != width:
+            problems.append(f"W2 has {rows} inputs for {width} neurons")
         mine = {group.key, down.key} | ({gate_group.key} if gate_group is not None else set())
         if mine & claimed or len(mine) < (3 if gate_group is not None else 2):
             problems.append("a projection already belongs to another block")
@@ -725,9 +799,9 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
         between = (up.node.output[0], start) + tuple(o for n in nodes for o in n.output if o)
         if gate is not None:
             between += (gate.node.output[0], gate_start)
-        result.blocks.append(FfnBlock(group, down, b1, down_bias, f, t1, t2, tuple(n.op_type for n in nodes),
+        result.blocks.append(FfnBlock(group, down, b1, down_bias, width, t1, t2, tuple(n.op_type for n in nodes),
                                       tuple(dict.fromkeys(between)), (group.weight.shape, down.weight.shape), edits,
-                                      follows, gate_group, gate_bias, tg, gate_group.weight.shape if gate_group else ()))
+                                      follows, gate_group, gate_bias, tg, gate_group.weight.shape if gate_group else (), cut))
         claimed |= mine
     # a projection that is part of a block found (the second of one, say) is no unmatched block
     inside = {p.layers[0].display_name for b in result.blocks for p in (b.up, b.down, b.gate) if p is not None}

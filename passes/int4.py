@@ -1050,13 +1050,13 @@ def unit_candidates(ctx: Context, units: Mapping[int, Any]) -> dict[int, Any]:
         if any(group_problem(g, opset) is not None for g in (*firsts, down)):
             continue
         w1s = [_multiplied(g, ctx.data.read(g.weight.tensor).astype(np.float32)) for g in firsts]
-        d, f = w1s[0].shape
+        d, f = w1s[0].shape[0], b.hidden
         w2 = np.asarray(unit.w2, np.float64)
         n = w2.shape[1]
         ranks = [r for r in INT4_RANKS if r <= min(cfg.int4_max_rank, d, n)]
         plans = {k: unit.plan(k) for k in unit.ks}
         widths: list[int | None] = [*unit.ks, None]
-        keeps = [np.asarray(plans[k].fit.keep) if k is not None else None for k in widths]
+        keeps = [b.columns(plans[k].fit.keep) if k is not None else None for k in widths]  # (W1's columns: both halves when fused)
         first = np.zeros((len(widths), len(ranks)))
         for g, w1 in zip(firsts, w1s):
             gram1 = grams[g.key][0] if g.key in grams else None
@@ -1071,8 +1071,8 @@ def unit_candidates(ctx: Context, units: Mapping[int, Any]) -> dict[int, Any]:
             gram2 = unit.gram[np.ix_(keep, keep)] if k is not None else unit.gram
             e2 = quant.correction_errors(np.asarray(rows, np.float32), gram2, ranks, block=cfg.int4_block, damping=cfg.damping,
                                          rounding=opts.rounding)
-            width = len(keep)
-            costs = tuple(len(firsts) * (quant.block_bytes(d, width, cfg.int4_block) + opts.branch_bytes(d, width, r, opset))
+            width, cols = len(keep), len(b.columns(keep))
+            costs = tuple(len(firsts) * (quant.block_bytes(d, cols, cfg.int4_block) + opts.branch_bytes(d, cols, r, opset))
                           + quant.block_bytes(width, n, cfg.int4_block) + opts.branch_bytes(width, n, r, opset)
                           for r in ranks)
             forms[k] = (costs, tuple(float(a + c) for a, c in zip(e1, e2)))
@@ -1224,14 +1224,15 @@ def emulated_block(found: Any, data: io.DataFiles, unit: Any, plan: Any, grams: 
     for first in b.firsts:  # W1 (and a gated block's gate): the kept columns as their 4-bit form computes them
         up = found.group(first[0].key)
         w1 = _multiplied(up, data.read(up.weight.tensor).astype(np.float32)).astype(np.float64)
-        eff1, shift1 = fitted(up.key, w1 if keep is None else np.ascontiguousarray(w1[:, keep]), grams.get(up.key))
-        if keep is None:
+        cols = b.columns(keep) if keep is not None else None
+        eff1, shift1 = fitted(up.key, w1 if cols is None else np.ascontiguousarray(w1[:, cols]), grams.get(up.key))
+        if cols is None:
             w1 = eff1
         else:
-            w1[:, keep] = eff1
+            w1[:, cols] = eff1
         out[up.weight.name] = _stored_layout(up, w1, np.dtype(helper.tensor_dtype_to_np_dtype(up.weight.tensor.data_type)))
         if shift1 is not None:
-            out[biases[up.key].name] = _shifted(biases[up.key].value, shift1, keep)
+            out[biases[up.key].name] = _shifted(biases[up.key].value, shift1, cols)
     if shift2 is not None:  # (on top of the refit's intercept, when the block is narrowed)
         b2 = biases[b.down.key]
         out[b2.name] = _shifted(out.get(b2.name, b2.value), shift2)

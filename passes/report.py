@@ -250,7 +250,8 @@ class Report(Step):
                       rewritten.factors if rewritten else {}, spectra.shapes, opset_version(loaded.model), widths)
         _mark_quantized(ctx, layers)
         narrowed = {id(p.block): p for p in widths.values()}.values()  # (each block under both its projections' keys)
-        biases = sum(p.block.hidden - len(p.fit.keep) for p in narrowed for _, b, _ in p.block.firsts if b is not None)
+        biases = sum(len(p.block.columns(range(p.block.hidden))) - len(p.block.columns(p.fit.keep))
+                     for p in narrowed for _, b, _ in p.block.firsts if b is not None)
         t = totals(layers, loaded.params, loaded.size, spectra.shapes, other_saved=biases)
         before = loaded.tensor_bytes
         after = None if ctx.request.dry_run else tensor_bytes(ctx.model)  # a dry run writes nothing: as loaded

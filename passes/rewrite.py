@@ -339,6 +339,8 @@ def narrow_block(model: onnx.ModelProto, plan, data: io.DataFiles, names: NameSc
         proto.data_type = tensor.data_type
         tensor.CopyFrom(proto)
     graph = block.up.layers[0].graph
+    if block.fused is not None:
+        _cut_at(block.fused, plan.kept, block.hidden, graph, names)
     for edit in block.reshapes:
         value = edit.value.copy()
         value[-1] = plan.kept
@@ -367,6 +369,31 @@ def narrow_block(model: onnx.ModelProto, plan, data: io.DataFiles, names: NameSc
             for d in dims:
                 v.type.tensor_type.shape.dim.add().dim_value = d
     log.info("narrowed %s to %d of %d neurons", block.name, plan.kept, block.hidden)
+
+
+def _cut_at(cut, k: int, f: int, graph: onnx.GraphProto, names: NameScope) -> None:
+    """A fused gate and up projection narrowed to ``k`` neurons: its cut makes two halves of ``k``."""
+    def const(values: list[int], base: str) -> str:
+        name = names.fresh(f"{base}__width{k}")
+        graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    if cut.nodes[0].op_type == "Split":
+        node = cut.nodes[0]
+        if cut.sizes is not None:
+            node.input[1] = const([k, k], cut.sizes)
+        for a in node.attribute:
+            if a.name == "split":  # (opsets before 13)
+                del a.ints[:]
+                a.ints.extend([k, k])
+        return
+    first, second = cut.nodes
+    first.input[2] = const([k], first.input[2])
+    second.input[1] = const([k], second.input[1])
+    ends = numpy_helper.to_array(next(t for t in graph.initializer if t.name == second.input[2])) \
+        if any(t.name == second.input[2] for t in graph.initializer) else None
+    if ends is None or int(ends.reshape(-1)[0]) < 2 * f:  # (an end past the data stays where it is)
+        second.input[2] = const([2 * k], second.input[2])
 
 
 def _reads(model: onnx.ModelProto, name: str) -> int:

@@ -236,12 +236,13 @@ def narrowed_arrays(plan: WidthPlan, data: io.DataFiles) -> dict[str, np.ndarray
     layout)."""
     b, keep = plan.block, plan.fit.keep
     out = {}
+    cols = b.columns(keep)  # (a fused gate and up projection keeps both halves' columns of each neuron)
     for group, bias, transposed in b.firsts:
         w1 = data.read(group.weight.tensor)
-        out[group.weight.name] = np.ascontiguousarray(w1[keep] if transposed else w1[:, keep])
+        out[group.weight.name] = np.ascontiguousarray(w1[cols] if transposed else w1[:, cols])
         if bias is not None:
-            shape = bias.shape[:-1] + (len(keep),) if bias.shape else (len(keep),)
-            out[bias.name] = bias.value[keep].reshape(shape)
+            shape = bias.shape[:-1] + (len(cols),) if bias.shape else (len(cols),)
+            out[bias.name] = bias.value[cols].reshape(shape)
     w2 = data.read(b.down.weight.tensor)
     rows = plan.fit.w2.astype(w2.dtype)
     out[b.down.weight.name] = np.ascontiguousarray(rows.T if b.down_t else rows)

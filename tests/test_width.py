@@ -741,17 +741,51 @@ def test_a_block_whose_activation_depends_on_the_whole_width_says_why(extra, nee
     assert found.blocks == [] and len(found.skipped) == 1 and found.skipped[0][0] == "fc" and needle in found.skipped[0][1]
 
 
-def test_a_fused_gate_and_up_projection_cut_by_split_says_why():
-    rng = np.random.default_rng(2)
-    nodes = [helper.make_node("MatMul", ["x", "Wgu"], ["gu"], name="gate_up"),
-             helper.make_node("Split", ["gu"], ["g", "u"], axis=-1, num_outputs=2),
-             helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["a"]),
-             helper.make_node("Mul", ["a", "u"], ["h"]), helper.make_node("MatMul", ["h", "Wd"], ["y"], name="down")]
-    m = make_model(nodes, [vi("x", ["B", D])], [vi("y", ["B", D])],
-                   [init("Wgu", rng.standard_normal((D, 2 * F)).astype(np.float32)),
-                    init("Wd", rng.standard_normal((F, D)).astype(np.float32))], opset=18)
+def _fused_gated_model(style):
+    """:func:`_gated_model` with its gate and up projections in one weight, cut in two halves
+    before the activation (Phi-3's gate_up_proj): by Split (``num_outputs``, or a ``split`` input)
+    or by two Slices with constant bounds."""
+    m = _gated_model()
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    inits = [init("Wgu", np.concatenate([w["Wg"], w["Wu"]], axis=1))] + [t for t in m.graph.initializer if t.name not in ("Wg", "Wu")]
+    cut = {"split18": [helper.make_node("Split", ["gu"], ["g", "u"], axis=-1, num_outputs=2)],
+           "split13": [helper.make_node("Split", ["gu", "halves"], ["g", "u"], axis=1)],
+           "slices": [helper.make_node("Slice", ["gu", "s1", "e2", "ax"], ["u"]), helper.make_node("Slice", ["gu", "s0", "e1", "ax"], ["g"])]}[style]
+    inits += [init("halves", _i64(F, F)), init("s0", _i64(0)), init("e1", _i64(F)), init("s1", _i64(F)), init("e2", _i64(2**62)),
+              init("ax", _i64(-1))]
+    rest = [n for n in m.graph.node if n.name not in ("gate", "up")]
+    if style == "split18":  # (ReduceMean takes its axes as an input from opset 18)
+        rest = [helper.make_node("ReduceMean", ["r2", "rax"], ["ms"]) if n.op_type == "ReduceMean" else n for n in rest]
+        inits.append(init("rax", _i64(-1)))
+    nodes = [helper.make_node("MatMul", ["x", "Wgu"], ["gu"], name="gate_up"), *cut, *rest]
+    return make_model(nodes, list(m.graph.input), list(m.graph.output), inits, opset=18 if style == "split18" else 13)
+
+
+@pytest.mark.parametrize("style", ["split18", "split13", "slices"])
+def test_a_fused_gate_and_up_projection_narrows_as_the_two_projections_do(style):
+    m, two = _fused_gated_model(style), _gated_model()
     found = find_blocks(m, discover(m, min_params=0))
-    assert found.blocks == [] and len(found.skipped) == 1 and "cut into parts by Split" in found.skipped[0][1]
+    assert found.skipped == [] and [(b.name, b.hidden) for b in found.blocks] == [("gate_up", F)]
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((4, D))
+    feeds, held = ({"x": (rng.standard_normal((n, 4)) @ mix + 0.1 * rng.standard_normal((n, D))).astype(np.float32)}
+                   for n in (400, 50))
+    assert np.allclose(run(m, held)[0], run(two, held)[0], atol=1e-4)
+    got = ol.compress(m, ffn_keep=0.5, energy=1.0, min_params=0, calib=feeds)
+    want = ol.compress(two, ffn_keep=0.5, energy=1.0, min_params=0, calib=feeds)
+    onnx.checker.check_model(got.model, full_check=True)
+    assert {t.name: tuple(t.dims) for t in got.model.graph.initializer}["Wgu"] == (D, F)
+    assert np.allclose(run(got.model, held)[0], run(want.model, held)[0], atol=1e-4)
+    assert got.totals.params_after == want.totals.params_after
+
+
+def test_a_fused_projection_cut_otherwise_than_in_halves_says_why():
+    m = _fused_gated_model("split13")
+    for t in m.graph.initializer:
+        if t.name == "halves":
+            t.CopyFrom(init("halves", _i64(F + 8, F - 8)))
+    found = find_blocks(m, discover(m, min_params=0))
+    assert found.blocks == [] and len(found.skipped) == 1 and "not two halves" in found.skipped[0][1]
 
 
 def test_paths_with_no_activation_are_no_near_misses():
