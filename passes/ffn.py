@@ -113,6 +113,60 @@ class FusedCut:
 
     nodes: tuple[onnx.NodeProto, ...]
     sizes: str | None = None
+    follows: bool = False  # two Slices whose bounds are computed from the projection's own width (torch.chunk)
+
+
+#: Integer arithmetic on shape entries that :func:`_evaluate` follows.
+_ARITH = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.floor_divide}
+
+
+def _evaluate(g: _Graph, name: str, start: str, shape: list[int], depth: int = 0) -> np.ndarray | None:
+    """The integer values of ``name`` where ``Shape(start)`` is ``shape`` (``None``: not computed
+    from constants and that shape alone by shape operators and integer arithmetic)."""
+    known = _ints(g, name)
+    if known is not None:
+        return np.asarray(known, np.int64)
+    node = g.producer.get(name)
+    if node is None or depth > 24 or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Shape":
+        if node.input[0] != start:
+            return None
+        lo, hi = int(_attr(node, "start", 0)), _attr(node, "end", None)
+        return np.asarray(shape[slice(lo, None if hi is None else int(hi))], np.int64)
+    args = [_evaluate(g, i, start, shape, depth + 1) if i else None for i in node.input]
+    first = args[0] if args else None
+    if node.op_type in _ARITH and len(args) == 2 and first is not None and args[1] is not None:
+        return _ARITH[node.op_type](first, args[1])
+    if node.op_type in ("Squeeze", "Unsqueeze", "Cast", "Identity") and first is not None:
+        return first.reshape(-1)
+    if node.op_type == "Concat" and all(a is not None for a in args):
+        return np.concatenate([a.reshape(-1) for a in args])
+    if node.op_type == "Gather" and first is not None and len(args) > 1 and args[1] is not None \
+            and int(_attr(node, "axis", 0)) == 0 and all(-len(first) <= i < len(first) for i in args[1].reshape(-1)):
+        return first[args[1].reshape(-1)]
+    return None
+
+
+def _shape_reads_only(g: _Graph, start: str, into: set[int]) -> bool:
+    """Whether every ``Shape`` of ``start`` reaches nothing but shape arithmetic ending in the
+    nodes ``into`` (by id)."""
+    todo = [o for r in g.readers.get(start, []) if r.op_type == "Shape" for o in r.output]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in g.outputs or name in g.captured:
+            return False
+        for reader in g.readers.get(name, []):
+            if id(reader) in into:
+                continue
+            if reader.op_type not in (*_ARITH, "Squeeze", "Unsqueeze", "Cast", "Identity", "Concat", "Gather"):
+                return False
+            todo += list(reader.output)
+    return True
 
 
 @dataclass
@@ -618,19 +672,34 @@ def _halves(g: _Graph, cut: list[onnx.NodeProto], start: str, f2: int, rank_of) 
             return f"{_label(node)} cuts {f2} outputs into {sizes}, not two halves"
         return FusedCut((node,), sizes_name), outs
     if len(cut) == 2 and all(n.op_type == "Slice" and len(n.input) >= 3 for n in cut):
-        bounds = []
-        for n in cut:
-            starts, ends = _ints(g, n.input[1]), _ints(g, n.input[2])
-            axes = _ints(g, n.input[3]) if len(n.input) > 3 and n.input[3] else None
-            steps = _ints(g, n.input[4]) if len(n.input) > 4 and n.input[4] else [1]
-            if starts is None or ends is None or len(starts) != 1 or axes is None or axes[0] not in last or steps != [1]:
-                return f"{_label(n)} cuts with bounds computed at run time or on another axis"
-            lo, hi = (v + f2 if v < 0 else v for v in (starts[0], ends[0]))
-            bounds.append((min(lo, f2), min(hi, f2), n))
-        bounds.sort(key=lambda b: b[0])
+        def cuts(width: int) -> list[tuple[int, int, onnx.NodeProto]] | None:
+            """Each Slice's bounds on the last axis when the projection has ``width`` outputs."""
+            out = []
+            shape = [1] * ((rank or 1) - 1) + [width]
+            for n in cut:
+                starts, ends = (_evaluate(g, n.input[i], start, shape) for i in (1, 2))
+                axes = _ints(g, n.input[3]) if len(n.input) > 3 and n.input[3] else None
+                steps = _ints(g, n.input[4]) if len(n.input) > 4 and n.input[4] else [1]
+                if starts is None or ends is None or len(starts) != 1 or len(ends) != 1 or axes is None \
+                        or axes[0] not in last or steps != [1]:
+                    return None
+                lo, hi = (int(v) + width if v < 0 else int(v) for v in (starts[0], ends[0]))
+                out.append((min(lo, width), min(hi, width), n))
+            return sorted(out, key=lambda b: b[0])
+
+        bounds = cuts(f2)
+        if bounds is None:
+            return f"{_label(cut[0])} cuts with bounds it computes otherwise than from constants and the projection's width"
         if [(lo, hi) for lo, hi, _ in bounds] != [(0, f), (f, f2)]:
             return f"{_label(cut[0])} and {_label(cut[1])} do not cut {f2} outputs into two halves"
-        return FusedCut(tuple(n for _, _, n in bounds)), [n.output[0] for _, _, n in bounds]
+        constant = all(_ints(g, n.input[i]) is not None for n in cut for i in (1, 2))
+        follows = not constant and all((c := cuts(2 * k)) is not None and [(lo, hi) for lo, hi, _ in c] == [(0, k), (k, 2 * k)]
+                                       for k in (f - 1, max(1, f // 2)))
+        if not constant and not follows:
+            return f"{_label(cut[0])} computes bounds that do not follow a narrower projection into two halves"
+        if not _shape_reads_only(g, start, {id(n) for n in cut}):
+            return "its size is read by Shape for something other than the cut"
+        return FusedCut(tuple(n for _, _, n in bounds), follows=follows), [n.output[0] for _, _, n in bounds]
     return f"{_label(cut[0])} cuts the output in other parts than two halves"
 
 
@@ -655,8 +724,8 @@ def _fused(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mappin
         return f"{what}: the activation joins {why.layer.display_name} as well"
     if why is not None:
         return f"{what}: {why}"
-    if any(r.op_type == "Shape" for r in g.readers.get(start, [])):
-        return f"{what}: its size is read by Shape"
+    if not _shape_reads_only(g, start, {id(n) for n in halves[0].nodes}):  # (a Split's cut reads no size)
+        return f"{what}: its size is read by Shape for something other than the cut"
     return halves[0], nodes, end, extra, halves[1]
 
 

@@ -387,6 +387,8 @@ def _cut_at(cut, k: int, f: int, graph: onnx.GraphProto, names: NameScope) -> No
                 del a.ints[:]
                 a.ints.extend([k, k])
         return
+    if cut.follows:  # (bounds computed from the projection's width: they follow it)
+        return
     first, second = cut.nodes
     first.input[2] = const([k], first.input[2])
     second.input[1] = const([k], second.input[1])

@@ -750,9 +750,15 @@ def _fused_gated_model(style):
     inits = [init("Wgu", np.concatenate([w["Wg"], w["Wu"]], axis=1))] + [t for t in m.graph.initializer if t.name not in ("Wg", "Wu")]
     cut = {"split18": [helper.make_node("Split", ["gu"], ["g", "u"], axis=-1, num_outputs=2)],
            "split13": [helper.make_node("Split", ["gu", "halves"], ["g", "u"], axis=1)],
-           "slices": [helper.make_node("Slice", ["gu", "s1", "e2", "ax"], ["u"]), helper.make_node("Slice", ["gu", "s0", "e1", "ax"], ["g"])]}[style]
+           "slices": [helper.make_node("Slice", ["gu", "s1", "e2", "ax"], ["u"]), helper.make_node("Slice", ["gu", "s0", "e1", "ax"], ["g"])],
+           # torch.chunk(2, -1) as TorchScript writes it: bounds ((width + 1) // 2) * i, read from the output's shape
+           "chunk": [helper.make_node("Shape", ["gu"], ["sh"]), helper.make_node("Gather", ["sh", "ax"], ["w"]),
+                     helper.make_node("Add", ["w", "one"], ["w1"]), helper.make_node("Div", ["w1", "two"], ["hw"]),
+                     helper.make_node("Mul", ["hw", "one"], ["b1"]), helper.make_node("Mul", ["hw", "two"], ["b2"]),
+                     helper.make_node("Slice", ["gu", "s0", "b1", "ax"], ["g"]), helper.make_node("Slice", ["gu", "b1", "b2", "ax"], ["u"])],
+           }[style]
     inits += [init("halves", _i64(F, F)), init("s0", _i64(0)), init("e1", _i64(F)), init("s1", _i64(F)), init("e2", _i64(2**62)),
-              init("ax", _i64(-1))]
+              init("ax", _i64(-1)), init("one", _i64(1)), init("two", _i64(2))]
     rest = [n for n in m.graph.node if n.name not in ("gate", "up")]
     if style == "split18":  # (ReduceMean takes its axes as an input from opset 18)
         rest = [helper.make_node("ReduceMean", ["r2", "rax"], ["ms"]) if n.op_type == "ReduceMean" else n for n in rest]
@@ -761,7 +767,7 @@ def _fused_gated_model(style):
     return make_model(nodes, list(m.graph.input), list(m.graph.output), inits, opset=18 if style == "split18" else 13)
 
 
-@pytest.mark.parametrize("style", ["split18", "split13", "slices"])
+@pytest.mark.parametrize("style", ["split18", "split13", "slices", "chunk"])
 def test_a_fused_gate_and_up_projection_narrows_as_the_two_projections_do(style):
     m, two = _fused_gated_model(style), _gated_model()
     found = find_blocks(m, discover(m, min_params=0))
@@ -786,6 +792,12 @@ def test_a_fused_projection_cut_otherwise_than_in_halves_says_why():
             t.CopyFrom(init("halves", _i64(F + 8, F - 8)))
     found = find_blocks(m, discover(m, min_params=0))
     assert found.blocks == [] and len(found.skipped) == 1 and "not two halves" in found.skipped[0][1]
+    m = _fused_gated_model("chunk")  # the width read for the cut, and for something else too
+    m.graph.node.append(helper.make_node("Cast", ["hw"], ["hwf"], to=1))
+    m.graph.node.append(helper.make_node("Mul", ["y", "hwf"], ["y2"]))
+    m.graph.output[0].name = "y2"
+    found = find_blocks(m, discover(m, min_params=0))
+    assert found.blocks == [] and len(found.skipped) == 1 and "read by Shape for something other than the cut" in found.skipped[0][1]
 
 
 def test_paths_with_no_activation_are_no_near_misses():

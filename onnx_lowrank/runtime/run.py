@@ -65,7 +65,7 @@ def expose(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str]:
             continue
         elem, rank = types.get(name, (onnx.TensorProto.FLOAT, None))
         current = name
-        for parent, node, attr in reversed(chain):
+        for _, node, attr in reversed(chain):
             branches = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
             for branch_name, branch in branches.items():
                 if branch_name == attr:
