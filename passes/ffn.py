@@ -188,6 +188,10 @@ class FfnBlock:
             elementwise); narrowed with ``up``, column for column.
         fused: A fused gate and up projection's cut (:class:`FusedCut`); ``up`` then has
             ``2 * hidden`` outputs.
+        graph: The graph that holds this instance of the block (the main graph, or an If branch).
+        display: The first projection's node, as reports name it.
+        twins: The block's other instances: the same weights read in other If branches (a
+            merged decoder's two branches), narrowed together with this one.
     """
 
     up: WeightGroup
@@ -207,6 +211,9 @@ class FfnBlock:
     gate_t: bool = False
     gate_shape: tuple[int, ...] = ()
     fused: FusedCut | None = None
+    graph: onnx.GraphProto | None = None
+    display: str = ""
+    twins: tuple["FfnBlock", ...] = ()
 
     def columns(self, keep) -> np.ndarray:
         """The first projections' output columns (and bias entries) of the neurons ``keep``."""
@@ -215,7 +222,12 @@ class FfnBlock:
 
     @property
     def name(self) -> str:
-        return self.up.layers[0].display_name
+        return self.display or self.up.layers[0].display_name
+
+    @property
+    def instances(self) -> tuple["FfnBlock", ...]:
+        """This instance and its twins."""
+        return (self,) + self.twins
 
     @property
     def down_alpha(self) -> float:
@@ -268,13 +280,15 @@ def _attr(node: onnx.NodeProto, name: str, default=0):
 
 
 class _Graph:
-    """Who produces and who reads each tensor of the main graph, and its constants."""
+    """Who produces and who reads each tensor of a graph, and the constants it sees (its own, and
+    ``outer``: those of the graphs around an If branch)."""
 
-    def __init__(self, graph: onnx.GraphProto, data: io.DataFiles | None = None):
+    def __init__(self, graph: onnx.GraphProto, data: io.DataFiles | None = None,
+                 outer: Mapping[str, onnx.TensorProto | onnx.NodeProto] | None = None):
         self.graph, self.data = graph, data
         self.readers: dict[str, list[onnx.NodeProto]] = {}
         self.producer: dict[str, onnx.NodeProto] = {}
-        self.constants: dict[str, onnx.TensorProto | onnx.NodeProto] = {t.name: t for t in graph.initializer}
+        self.constants: dict[str, onnx.TensorProto | onnx.NodeProto] = {**(outer or {}), **{t.name: t for t in graph.initializer}}
         self.outputs = {o.name for o in graph.output}
         self.captured: set[str] = set()  # names that subgraphs read from here
         for node in graph.node:
@@ -729,13 +743,110 @@ def _fused(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mappin
     return halves[0], nodes, end, extra, halves[1]
 
 
+def _if_branches(model: onnx.ModelProto) -> list[tuple[onnx.GraphProto, dict]]:
+    """The main graph and every If branch reached through Ifs alone, each with the constants of
+    the graphs around it (an optimum merged decoder holds its whole network in both branches of
+    an If, reading the main graph's weights)."""
+    out = [(model.graph, {})]
+
+    def constants(graph: onnx.GraphProto) -> dict:
+        own: dict = {t.name: t for t in graph.initializer}
+        own.update({n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output})
+        for i in graph.input:
+            own.pop(i.name, None)
+        return own
+
+    def walk(graph: onnx.GraphProto, visible: dict) -> None:
+        for node in graph.node:
+            if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+                continue
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    out.append((a.g, visible))
+                    walk(a.g, {**visible, **constants(a.g)})
+
+    walk(model.graph, constants(model.graph))
+    return out
+
+
 def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | None = None) -> Blocks:
     """Every feed-forward block among discovery's candidates (module docstring); ``data``
-    resolves biases held in external data."""
-    g = _Graph(model.graph, data)
+    resolves biases held in external data.  Blocks are looked for in the main graph and in If
+    branches; a block whose weights several branches read (a merged decoder's) is one block whose
+    instances are narrowed together (:attr:`FfnBlock.twins`)."""
     result = Blocks()
-    ranks: dict[str, int | None] = {}
     info: list = []
+    branches = _if_branches(model)
+    searched = {id(graph) for graph, _ in branches}
+    reads: dict[str, int] = {}  # readers of each name, in every graph
+    for graph in io.iter_graphs(model.graph):
+        for node in graph.node:
+            for name in node.input:
+                if name:
+                    reads[name] = reads.get(name, 0) + 1
+
+    nested: list[str] = []
+    left_out: dict[int, str] = {}
+    group_of: dict[int, WeightGroup] = {}  # every layer's node (by id) -> its group
+    for group in found.groups:
+        first = group.layers[0]
+        if first.is_conv or group.weight is None or group.weight.tensor is None or len(group.weight.shape) != 2:
+            continue
+        if any(id(layer.graph) not in searched for layer in group.layers):
+            if group.skip is None:
+                nested.append(first.display_name)
+            continue
+        if group.skip is not None:
+            left_out[group.key] = group.skip.message
+        for layer in group.layers:
+            group_of[id(layer.node)] = group
+
+    found_here: list[FfnBlock] = []
+    pairs: set[frozenset] = set()  # gated near misses said once, from whichever first projection
+    for graph, outer in branches:
+        g = _Graph(graph, data, outer)
+        found_here += _search(g, [layer for grp in dict.fromkeys(group_of.values()) for layer in grp.layers
+                                  if layer.graph is graph or (not layer.scope and graph is model.graph)],
+                              group_of, left_out, _rank_finder(g, model, info), result.skipped, pairs)
+    # the instances of one block (its weights read in several branches) become one block
+    by_key: dict[tuple, list[FfnBlock]] = {}
+    for b in found_here:
+        by_key.setdefault(b.keys, []).append(b)
+    claimed: set[int] = set()
+    for keys, instances in by_key.items():
+        first = instances[0]
+        problems = []
+        for name, grp in (("W1", first.up), ("the gate's weight", first.gate), ("W2", first.down)):
+            if grp is not None and len(grp.layers) != len(instances):
+                problems.append(f"{name} '{grp.weight.name}' is shared by {len(grp.layers)} nodes")
+        for bias in (first.up_bias, first.gate_bias, first.down_bias):
+            if bias is not None and reads.get(bias.name, 0) != len(instances):
+                problems.append(f"its bias '{bias.name}' is shared with other nodes")
+        same = {(b.hidden, b.up_t, b.down_t, b.gate_t, b.fused is None, b.activation,
+                 tuple(x.name if x is not None else None for x in (b.up_bias, b.gate_bias, b.down_bias))) for b in instances}
+        if len(same) > 1:
+            problems.append("the If branches that read its weights hold it in different forms")
+        if set(keys) & claimed:
+            problems.append("a projection already belongs to another block")
+        if problems:
+            result.skipped.append((first.name, "; ".join(dict.fromkeys(problems))))
+            continue
+        first.twins = tuple(instances[1:])
+        result.blocks.append(first)
+        claimed |= set(keys)
+    # a projection that is part of a block found (the second of one, say) is no unmatched block
+    inside = {layer.display_name for b in result.blocks for p in (b.up, b.down, b.gate) if p is not None for layer in p.layers}
+    result.skipped = list(dict.fromkeys((name, why) for name, why in result.skipped if name not in inside))
+    if nested:
+        more = f" and {len(nested) - 1} more" if len(nested) > 1 else ""
+        result.skipped.append((f"{nested[0]}{more}", "inside a Loop/Scan body: width reduction looks for blocks in the main "
+                                                     "graph and in If branches"))
+    return result
+
+
+def _rank_finder(g: _Graph, model: onnx.ModelProto, info: list):
+    """``rank_of(name)`` for the tensors of ``g`` (``info``: shape inference, made once, shared)."""
+    ranks: dict[str, int | None] = {}
 
     def rank_of(name: str) -> int | None:
         """A tensor's rank, where a ``Shape`` reads one inside a block: from shape inference, else
@@ -762,37 +873,29 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
         ranks[name] = rank
         return rank
 
-    by_node: dict[int, WeightGroup] = {}
+    return rank_of
+
+
+def _search(g: _Graph, layers: list[Layer], group_of: Mapping[int, WeightGroup], left_out: Mapping[int, str], rank_of,
+            skipped: list[tuple[str, str]], pairs: set[frozenset]) -> list[FfnBlock]:
+    """The block instances of one graph (``layers``: the projections in it), and its near misses
+    (added to ``skipped``)."""
+    by_node = {id(layer.node): group_of[id(layer.node)] for layer in layers}
     down_inputs: dict[str, Layer] = {}
-    nested: list[str] = []
-    # every constant matrix of the main graph takes part (a block one of whose projections a
-    # filter or a rule left out is reported with that reason, not missed)
-    left_out: dict[int, str] = {}
-    for group in found.groups:
-        layer = group.layers[0]
-        if layer.is_conv or group.weight is None or group.weight.tensor is None or len(group.weight.shape) != 2:
-            continue
-        if layer.scope or layer.graph is not model.graph:
-            if group.skip is None:
-                nested.append(layer.display_name)
-            continue
-        if group.skip is not None:
-            left_out[group.key] = group.skip.message
-        by_node[id(layer.node)] = group
+    for layer in layers:
         if layer.weight_index == 1 and layer.node.input:
             down_inputs[layer.node.input[0]] = layer
     outputs: dict[str, Layer] = {}  # each projection's output, and its bias Add's
-    for group in by_node.values():
-        for layer in group.layers:
-            if id(layer.node) in by_node and layer.node.output:
-                outputs[layer.node.output[0]] = layer
-                for reader in g.readers.get(layer.node.output[0], []):
-                    if reader.op_type == "Add" and any(i in g.constants for i in reader.input):
-                        outputs[reader.output[0]] = layer
+    for layer in layers:
+        if layer.node.output:
+            outputs[layer.node.output[0]] = layer
+            for reader in g.readers.get(layer.node.output[0], []):
+                if reader.op_type == "Add" and any(i in g.constants for i in reader.input):
+                    outputs[reader.output[0]] = layer
+    blocks: list[FfnBlock] = []
     claimed: set[int] = set()
-    pairs: set[frozenset] = set()  # gated near misses said once, from whichever first projection
-    for group in list(by_node.values()):
-        up = group.layers[0]
+    for up in layers:
+        group = by_node[id(up.node)]
         t1, f, problem = _projection(up)
         if problem is not None:
             continue
@@ -801,7 +904,7 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
             start = up.node.output[0]
             nodes, end, why, _ = _chain(g, [start], down_inputs, outputs, f, rank_of)
             if end is not None or why is not None:
-                result.skipped.append((up.display_name, after))
+                skipped.append((up.display_name, after))
             continue
         start, b1 = after
         nodes, end, why, (edits, follows) = _chain(g, [start], down_inputs, outputs, f, rank_of)
@@ -812,7 +915,7 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
             gate_group = by_node.get(id(gate.node))
             tg, fg, pg = _projection(gate)
             after_g = _after(g, gate, fg) if pg is None else pg
-            if gate_group is None or gate_group.layers[0] is not gate:
+            if gate_group is None:
                 why = f"gated: the activation joins the output of {gate.display_name}, which is not a candidate here"
             elif pg is not None or isinstance(after_g, str):
                 why = f"gated: the other first projection {gate.display_name}: {after_g}"
@@ -829,7 +932,7 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
             if fused is None:
                 continue  # no elementwise path to another projection: not a block at all
             if isinstance(fused, str):
-                result.skipped.append((up.display_name, fused))
+                skipped.append((up.display_name, fused))
                 continue
             cut, nodes, end, (edits, follows), parts = fused
             width = f // 2
@@ -840,27 +943,25 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
                 if pair in pairs:
                     continue
                 pairs.add(pair)
-            result.skipped.append((up.display_name, why))
+            skipped.append((up.display_name, why))
             continue
         down = by_node[id(end.node)]
         problems = []
-        for name, grp in (("W1", group), ("the gate's weight", gate_group), ("W2", down)):
-            if grp is not None and len(grp.layers) > 1:
-                problems.append(f"{name} '{grp.weight.name}' is shared by {len(grp.layers)} nodes")
         t2, _, p2 = _projection(end)
         if p2 is not None:
             problems.append(f"the second projection: {p2}")
         rows = down.weight.shape[1] if t2 else down.weight.shape[0]
         if rows != width:
             problems.append(f"W2 has {rows} inputs for {width} neurons")
-        mine = {group.key, down.key} | ({gate_group.key} if gate_group is not None else set())
-        if mine & claimed or len(mine) < (3 if gate_group is not None else 2):
+        mine = {id(up.node), id(end.node)} | ({id(gate.node)} if gate is not None else set())
+        keys = {group.key, down.key} | ({gate_group.key} if gate_group is not None else set())
+        if mine & claimed or len(keys) < (3 if gate_group is not None else 2):
             problems.append("a projection already belongs to another block")
         for key, grp in ((group.key, group), (down.key, down), *(((gate_group.key, gate_group),) if gate_group else ())):
             if key in left_out:
                 problems.append(f"{grp.layers[0].display_name} is left out: {left_out[key]}")
         if problems:
-            result.skipped.append((up.display_name, "; ".join(problems)))
+            skipped.append((up.display_name, "; ".join(problems)))
             continue
         out_size = down.weight.shape[0] if t2 else down.weight.shape[1]
         b2 = _after(g, end, out_size)
@@ -868,15 +969,9 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
         between = (up.node.output[0], start) + tuple(o for n in nodes for o in n.output if o)
         if gate is not None:
             between += (gate.node.output[0], gate_start)
-        result.blocks.append(FfnBlock(group, down, b1, down_bias, width, t1, t2, tuple(n.op_type for n in nodes),
-                                      tuple(dict.fromkeys(between)), (group.weight.shape, down.weight.shape), edits,
-                                      follows, gate_group, gate_bias, tg, gate_group.weight.shape if gate_group else (), cut))
+        blocks.append(FfnBlock(group, down, b1, down_bias, width, t1, t2, tuple(n.op_type for n in nodes),
+                               tuple(dict.fromkeys(between)), (group.weight.shape, down.weight.shape), edits,
+                               follows, gate_group, gate_bias, tg, gate_group.weight.shape if gate_group else (), cut,
+                               graph=g.graph, display=up.display_name))
         claimed |= mine
-    # a projection that is part of a block found (the second of one, say) is no unmatched block
-    inside = {p.layers[0].display_name for b in result.blocks for p in (b.up, b.down, b.gate) if p is not None}
-    result.skipped = [(name, why) for name, why in result.skipped if name not in inside]
-    if nested:
-        more = f" and {len(nested) - 1} more" if len(nested) > 1 else ""
-        result.skipped.append((f"{nested[0]}{more}", "inside an If/Loop/Scan body: width reduction looks for blocks in the "
-                                                     "main graph only"))
-    return result
+    return blocks

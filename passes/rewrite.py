@@ -338,37 +338,49 @@ def narrow_block(model: onnx.ModelProto, plan, data: io.DataFiles, names: NameSc
             proto = numpy_helper.from_array(arr, name)
         proto.data_type = tensor.data_type
         tensor.CopyFrom(proto)
-    graph = block.up.layers[0].graph
-    if block.fused is not None:
-        _cut_at(block.fused, plan.kept, block.hidden, graph, names)
-    for edit in block.reshapes:
-        value = edit.value.copy()
-        value[-1] = plan.kept
-        name = names.fresh(f"{edit.name}__width{plan.kept}")
-        graph.initializer.append(numpy_helper.from_array(value, name))
-        if edit.concat is None:
-            edit.reshape.input[1] = name
-        elif _reads(model, edit.concat.output[0]) == 1 and edit.concat.output[0] not in {o.name for o in graph.output}:
-            edit.concat.input[-1] = name
-        else:  # the Concat builds other targets too: this Reshape gets a copy of its own
-            piece = helper.make_node("Concat", [*edit.concat.input[:-1], name], [names.fresh(f"{edit.concat.output[0]}__width")],
-                                     name=names.fresh(f"{edit.concat.name or 'Concat'}__width"), axis=0)
-            graph.node.insert(_index_of(graph.node, edit.reshape), piece)
-            edit.reshape.input[1] = piece.output[0]
-    for gone in {e.name for e in block.reshapes} - {i for g in iter_graphs(model.graph) for n in g.node for i in n.input}:
-        _drop_constant(graph, gone)  # a target no Reshape reads any more
-    stale = set(block.between) | set(holders)  # (exporters such as torch's dynamo give initializers value_info too)
-    keep = [v for v in graph.value_info if v.name not in stale]
-    if len(keep) != len(graph.value_info):
-        del graph.value_info[:]
-        graph.value_info.extend(keep)
-    for v in graph.input:  # initializers listed as graph inputs (IR < 4) carry their shapes
+    main = model.graph
+    for inst in block.instances:  # (a merged decoder's block: one instance per If branch, on the same weights)
+        graph = inst.graph if inst.graph is not None else main
+        if inst.fused is not None:
+            _cut_at(inst.fused, plan.kept, inst.hidden, graph, names)
+        for edit in inst.reshapes:
+            value = edit.value.copy()
+            value[-1] = plan.kept
+            name = names.fresh(f"{edit.name}__width{plan.kept}")
+            graph.initializer.append(numpy_helper.from_array(value, name))
+            if edit.concat is None:
+                edit.reshape.input[1] = name
+            elif _reads(model, edit.concat.output[0]) == 1 and edit.concat.output[0] not in {o.name for o in graph.output}:
+                edit.concat.input[-1] = name
+            else:  # the Concat builds other targets too: this Reshape gets a copy of its own
+                piece = helper.make_node("Concat", [*edit.concat.input[:-1], name],
+                                         [names.fresh(f"{edit.concat.output[0]}__width")],
+                                         name=names.fresh(f"{edit.concat.name or 'Concat'}__width"), axis=0)
+                graph.node.insert(_index_of(graph.node, edit.reshape), piece)
+                edit.reshape.input[1] = piece.output[0]
+        _drop_value_info(graph, set(inst.between) | set(holders))
+    targets = {e.name for inst in block.instances for e in inst.reshapes}
+    if targets:
+        read = {i for g in iter_graphs(main) for n in g.node for i in n.input}
+        for g in iter_graphs(main):
+            for gone in targets - read:
+                _drop_constant(g, gone)  # a target no Reshape reads any more
+    _drop_value_info(main, set(holders))  # (exporters such as torch's dynamo give initializers value_info too)
+    for v in main.input:  # initializers listed as graph inputs (IR < 4) carry their shapes
         if v.name in holders:
             dims = list(holders[v.name].dims)
             v.type.tensor_type.shape.ClearField("dim")
             for d in dims:
                 v.type.tensor_type.shape.dim.add().dim_value = d
     log.info("narrowed %s to %d of %d neurons", block.name, plan.kept, block.hidden)
+
+
+def _drop_value_info(graph: onnx.GraphProto, stale: set[str]) -> None:
+    """Forget the recorded shapes of ``stale`` values (they changed with the width)."""
+    keep = [v for v in graph.value_info if v.name not in stale]
+    if len(keep) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
 
 
 def _cut_at(cut, k: int, f: int, graph: onnx.GraphProto, names: NameScope) -> None:

@@ -164,6 +164,8 @@ class Narrowed(StageResult):
                         "bias_shifted": p.fit.shift is not None,
                         # (a gated block's other first projection, narrowed with "node")
                         **({"paired": p.block.gate.layers[0].display_name} if p.block.gate is not None else {}),
+                        # (the same block in other If branches, on the same weights: narrowed with it)
+                        **({"twins": [t.name for t in p.block.twins]} if p.block.twins else {}),
                         "reshapes": [e.reshape.name or e.reshape.output[0] for e in p.block.reshapes] + list(p.block.follows)}
                        for p in self.plans.values()],
             "not_reduced": [{"node": n, "reason": r} for n, r in self.skipped],

@@ -475,16 +475,46 @@ def _in_if_body() -> onnx.ModelProto:
                       [init("W1", w1), init("W2", w2), init("zero", np.array(0.0, np.float32))])
 
 
-def test_blocks_that_width_reduction_does_not_take_say_why_and_found_ones_do_not_appear_unmatched():
+def test_a_block_in_both_branches_of_an_if_is_narrowed_once_in_both():
+    # a merged decoder's feed-forward block: each branch reads the main graph's W1 and W2
     rng = np.random.default_rng(0)
-    res = ol.compress(_in_if_body(), ffn_keep=0.5, calib={"x": rng.standard_normal((300, D)).astype(np.float32)}, min_params=0)
+    m = _in_if_body()
+    calib = {"x": rng.standard_normal((300, D)).astype(np.float32)}
+    res = ol.compress(m, ffn_keep=0.5, calib=calib, min_params=0)
     section = res.sections["width"]
-    assert not section["blocks"] and "data_aware" not in res.sections  # (statistics for width alone: no data-aware line)
-    assert [n["reason"] for n in section["not_reduced"]] == [
-        "inside an If/Loop/Scan body: width reduction looks for blocks in the main graph only"]
-    assert section["not_reduced"][0]["node"].endswith(" and 1 more")  # W1 and W2, each shared by both branches
+    assert [(b["node"], b["twins"], b["kept"]) for b in section["blocks"]] == [
+        ("iff/else_branch/e1", ["iff/then_branch/t1"], F // 2)] and not section["not_reduced"]
+    assert res.totals.narrowed == 4  # (two projections in each branch)
+    onnx.checker.check_model(res.model, full_check=True)
+    new = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in res.model.graph.initializer}
+    x = rng.standard_normal((40, D)).astype(np.float32)
+    for sign in (1, -1):  # the If takes the then branch where the sum of x is positive
+        xs = np.abs(x) * sign
+        want = np.maximum(xs.astype(np.float64) @ new["W1"], 0) @ new["W2"]
+        assert np.allclose(run(res.model, {"x": xs})[0], want, atol=1e-4)
+    # the refit saw both branches' rows: calibration data taking one branch only gives a different W2
+    one = ol.compress(m, ffn_keep=0.5, calib={"x": np.abs(calib["x"])}, min_params=0)
+    assert not np.allclose(onnx.numpy_helper.to_array(next(t for t in one.model.graph.initializer if t.name == "W2")), new["W2"])
+
+
+def test_a_block_in_a_loop_body_says_why():
+    rng = np.random.default_rng(3)
+    body = helper.make_graph([helper.make_node("Identity", ["c_in"], ["c_out"]),
+                              helper.make_node("MatMul", ["h", "W1"], ["u"], name="l1"), helper.make_node("Relu", ["u"], ["a"]),
+                              helper.make_node("MatMul", ["a", "W2"], ["h_out"], name="l2")],
+                             "body", [vi("i", [], onnx.TensorProto.INT64), vi("c_in", [], onnx.TensorProto.BOOL), vi("h", ["B", D])],
+                             [vi("c_out", [], onnx.TensorProto.BOOL), vi("h_out", ["B", D])])
+    m = make_model([helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body)],
+                   [vi("x", ["B", D]), vi("trips", [], onnx.TensorProto.INT64)], [vi("y", ["B", D])],
+                   [init("W1", (rng.standard_normal((D, F)) / 5).astype(np.float32)),
+                    init("W2", (rng.standard_normal((F, D)) / 10).astype(np.float32))])
+    found = find_blocks(m, discover(m, min_params=0))
+    assert found.blocks == [] and [why for _, why in found.skipped] == [
+        "inside a Loop/Scan body: width reduction looks for blocks in the main graph and in If branches"]
     from onnx_lowrank.report import render_sections
 
+    res = ol.compress(m, ffn_keep=0.5, calib={"x": rng.standard_normal((64, D)).astype(np.float32),
+                                              "trips": np.array(1, np.int64)}, min_params=0)
     assert "no feed-forward block narrowed (ffn_keep 0.5" in render_sections(res.sections)
     two = ol.compress(ffn_model("relu"), ffn_keep=0.5, calib=_feeds(300), min_params=0).sections["width"]
     assert len(two["blocks"]) == 2 and not two["not_reduced"]  # the second projection of one block is no unmatched block
