@@ -50,6 +50,7 @@ __all__ = [
     "iter_feeds",
     "check_feed",
     "feed_samples",
+    "flag_inputs",
     "model_inputs",
     "parse_input_shapes",
     "parse_input_ranges",
@@ -183,17 +184,32 @@ def check_feed(feed: Any, specs: Sequence[InputSpec], where: str, *, free_lead: 
     return {s.name: _coerce(s, feed[s.name], where, free_lead=free_lead) for s in specs}
 
 
-def feed_samples(feed: Mapping[str, np.ndarray]) -> int:
-    """Samples in a feed: the first axis of its first input that has one."""
-    for arr in feed.values():
-        if np.ndim(arr) > 0:
+def feed_samples(feed: Mapping[str, np.ndarray], flags: Iterable[str] = ()) -> int:
+    """Samples in a feed: the first axis of its first input that has one (``flags``: inputs that
+    hold one value for the whole feed, :func:`flag_inputs`)."""
+    flags = set(flags)
+    for name, arr in feed.items():
+        if np.ndim(arr) > 0 and name not in flags:
             return int(np.shape(arr)[0])
     return 1
 
 
+def flag_inputs(specs: Sequence[InputSpec]) -> set[str]:
+    """Inputs of a fixed shape in a model whose other inputs have a free batch axis: one value for
+    the whole feed, not one per sample (an optimum merged decoder's ``use_cache_branch``, of shape
+    ``[1]``).  Like scalar inputs, they go with every feed as they are."""
+    def fixed(s: InputSpec) -> bool:
+        return bool(s.shape) and all(isinstance(d, int) and d > 0 for d in s.shape)
+
+    if not any(s.shape and not fixed(s) and not (isinstance(s.shape[0], int) and s.shape[0] > 0) for s in specs):
+        return set()  # (no input with a free batch axis: a fixed-batch model, whose batch every input shares)
+    return {s.name for s in specs if fixed(s)}
+
+
 def fixed_batch(specs: Sequence[InputSpec]) -> int | None:
     """The sample count every feed must have, when the model fixes its leading dimension."""
-    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+    flags = flag_inputs(specs)
+    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 and s.name not in flags}
     return fixed.pop() if len(fixed) == 1 else None
 
 
@@ -256,8 +272,15 @@ def _check_arrays(shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], specs:
     for s in specs:
         _check_input(s, shapes[s.name][1], shapes[s.name][0], where, free_lead=True)
     # A scalar input (an If condition, a Loop trip count) is one value for every feed, not a
-    # per-sample array, so it takes no part in counting samples.
-    scalar = {sp.name for sp in specs if sp.shape == ()}
+    # per-sample array, so it takes no part in counting samples; so is a fixed-shape input of a
+    # model whose batch is free (a merged decoder's use_cache_branch), given as it is.
+    flags = flag_inputs(specs)
+    for sp in specs:
+        if sp.name in flags and tuple(shapes[sp.name][0]) != tuple(sp.shape):
+            raise CalibrationError(f"{where}: input '{sp.name}' has the fixed shape {list(sp.shape)}, one value for every "
+                                   f"feed, but the data holds {list(shapes[sp.name][0])}; give it once, as the model "
+                                   "takes it (feeds with other values: one .npz each, in a directory, or --calib-script).")
+    scalar = {sp.name for sp in specs if sp.shape == ()} | flags
     counts = {k: (shape[0] if shape else 1) for k, (shape, _) in shapes.items() if k not in scalar} or {"": 1}
     if len(set(counts.values())) > 1:
         raise CalibrationError(f"{where}: arrays disagree on the number of samples (first axis): "
@@ -295,11 +318,12 @@ def _read_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
         return {k: z[k] for k in keys}
 
 
-def _cut(arrays: Mapping[str, np.ndarray], batch: int) -> Iterator[dict[str, np.ndarray]]:
-    n = feed_samples(arrays)
+def _cut(arrays: Mapping[str, np.ndarray], batch: int, flags: Iterable[str] = ()) -> Iterator[dict[str, np.ndarray]]:
+    flags = set(flags)
+    n = feed_samples(arrays, flags)
     for start in range(0, n, batch):
-        # 0-d arrays are scalar inputs: the same value goes with every feed
-        yield {k: (a if np.ndim(a) == 0 else a[start:start + batch]) for k, a in arrays.items()}
+        # 0-d arrays are scalar inputs and flags hold one value for the feed: the same goes with every feed
+        yield {k: (a if np.ndim(a) == 0 or k in flags else a[start:start + batch]) for k, a in arrays.items()}
 
 
 # --------------------------------------------------------------------------- the data
@@ -343,7 +367,7 @@ class CalibrationData:
         count = 0
         for count, feed in enumerate(self._produce(pass_no), start=1):
             checked = check_feed(feed, self.specs, self._where(count))
-            total += feed_samples(checked)
+            total += feed_samples(checked, self.flags)
             yield checked
         if count == 0:
             raise CalibrationError(f"{self.description}: yielded no feeds; expected at least one dict of input name -> array.")
@@ -360,7 +384,7 @@ class CalibrationData:
         feeds = total = 0
         for feed in self:
             feeds += 1
-            total += feed_samples(feed)
+            total += feed_samples(feed, self.flags)
             if total >= n:
                 break
         if total < n or (self.samples is not None and total >= self.samples):
@@ -388,7 +412,7 @@ class CalibrationData:
         rounds up to it); otherwise whole feeds at even steps, none cut.  Returns ``self`` when it
         holds no more than ``n`` samples.
         """
-        sizes = [feed_samples(f) for f in self]
+        sizes = [feed_samples(f, self.flags) for f in self]
         total = sum(sizes)
         if self.samples is None:
             self.samples = total
@@ -423,8 +447,16 @@ class CalibrationData:
         return CalibrationData(self.specs, lambda _: feeds, description=what, labels=labels, samples=int(len(rows)),
                                synthetic=self.synthetic, labels_from=self._labels_from)
 
+    @property
+    def flags(self) -> set[str]:
+        """Inputs with one value for the whole feed (:func:`flag_inputs`)."""
+        return flag_inputs(self.specs)
+
     def _rows_sliceable(self) -> bool:
-        """Whether every input with a value per sample has a batch axis to take rows from."""
+        """Whether every input with a value per sample has a batch axis to take rows from (and no
+        input holds one value per feed, which rows of other feeds may not share)."""
+        if self.flags:
+            return False
         fixed = fixed_batch(self.specs)
         for spec in self.specs:
             if spec.shape is None:
@@ -446,7 +478,7 @@ def _file_source(path: Path, specs: Sequence[InputSpec], batch: int) -> Source:
     keys = [s.name for s in specs]
 
     def produce(_: int) -> Iterator[dict[str, np.ndarray]]:
-        yield from _cut(_read_npz(path, keys), batch)
+        yield from _cut(_read_npz(path, keys), batch, flag_inputs(specs))
 
     return produce, samples, labels, lambda i: f"{path} (feed {i})"
 
@@ -751,7 +783,7 @@ def _array_source(arrays: Mapping[str, Any], specs: Sequence[InputSpec], batch: 
     samples = _check_arrays({k: (a.shape, a.dtype) for k, a in arrays.items()}, specs, "calibration arrays")
     # Cast once here rather than on every feed of every pass.
     cast = check_feed(arrays, specs, "calibration arrays", free_lead=True)
-    return (lambda _: _cut(cast, batch)), samples
+    return (lambda _: _cut(cast, batch, flag_inputs(specs))), samples
 
 
 def iter_feeds(model: onnx.ModelProto | str | os.PathLike, calib: Any = None, **options: Any) -> Iterator[dict[str, np.ndarray]]:

@@ -602,7 +602,7 @@ def verify_models(
             if y.shape != z.shape:
                 raise ModelError(f"output '{acc.name}' has shape {list(y.shape)} from the original but {list(z.shape)} from the compressed model.")
             acc.add(y, z)
-        samples += feed_samples(feed)
+        samples += feed_samples(feed, data.flags)
     metrics = [a.result(data.labels) for a in accs]
     scored = [a for a in accs if a.scores and a.pred_y]
     if data.labels is not None and scored and not any(labels_fit(np.asarray(data.labels).reshape(-1), a.classes) for a in scored):

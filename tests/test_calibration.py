@@ -298,6 +298,39 @@ def test_npz_with_a_scalar_input_gives_it_to_every_feed(tmp_path):
     assert all(f["cond"].shape == () and bool(f["cond"]) for f in feeds)
 
 
+def _flag_model():
+    """x[batch,4] --If(use_cache_branch: bool[1], as an optimum merged decoder takes it)--> y."""
+    from onnx import TensorProto, helper
+
+    then_g = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", 4])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", 4])])
+    g = helper.make_graph([helper.make_node("If", ["use_cache_branch"], ["y"], then_branch=then_g, else_branch=else_g)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+                           helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_fixed_shape_input_of_a_free_batch_model_goes_with_every_feed_as_it_is(tmp_path):
+    m = _flag_model()
+    np.savez(tmp_path / "c.npz", x=np.arange(40, dtype=np.float32).reshape(10, 4), use_cache_branch=np.array([True]))
+    data = load_calibration(m, tmp_path / "c.npz", calib_batch=4)
+    feeds = list(data)
+    assert [f["x"].shape[0] for f in feeds] == [4, 4, 2] and data.samples == 10
+    assert all(f["use_cache_branch"].shape == (1,) and bool(f["use_cache_branch"][0]) for f in feeds)
+    # given once per sample instead: one clear line
+    np.savez(tmp_path / "bad.npz", x=np.ones((10, 4), np.float32), use_cache_branch=np.ones(10, bool))
+    with pytest.raises(CalibrationError, match=r"fixed shape \[1\], one value for every feed, but the data holds \[10\]"):
+        load_calibration(m, tmp_path / "bad.npz")
+    # feeds that take different branches are never mixed when a sample of them is drawn
+    mixed = [{"x": np.full((4, 4), i, np.float32), "use_cache_branch": np.array([i % 2 == 0])} for i in range(8)]
+    picked = list(load_calibration(m, mixed).spread(12))
+    assert picked and all(len(set(f["x"][:, 0].tolist())) == 1 for f in picked)
+    assert all(bool(f["use_cache_branch"][0]) == (int(f["x"][0, 0]) % 2 == 0) for f in picked)
+
+
 def test_data_that_fits_the_inputs_but_not_the_model_is_a_calibration_error(tmp_path, capsys):
     from onnx import helper
 
