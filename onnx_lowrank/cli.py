@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 import traceback
@@ -385,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``onnx-lowrank``; returns the exit code."""
     import signal
 
+    command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     previous = None
@@ -412,6 +414,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: interrupted after writing {' + '.join(str(p) for p in written)}, which are complete.", file=sys.stderr)
         else:
             print(f"{PROG}: interrupted; nothing was written.", file=sys.stderr)
+        from .runtime.executor import worker_processes_started
+
+        if command_line and worker_processes_started():
+            # (the command line: everything is cleaned up and said; the interpreter's exit would
+            # wait on the stopped worker pool's threads, which may never return)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + int(signum))
         return 128 + int(signum)
     except Exception as exc:  # a bug or an unexpected model: one line unless --verbose
         if verbose:

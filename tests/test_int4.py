@@ -1201,15 +1201,71 @@ def test_a_value_two_ifs_deep_is_fetched_on_the_runs_that_reach_it_and_empty_on_
                    [vi("x", ["rows", k]), vi("c1", [], onnx.TensorProto.BOOL), vi("c2", [], onnx.TensorProto.BOOL)],
                    [vi("y", ["rows", k])])
     fetch = expose(m, {"deep", "x"})
-    assert set(fetch) == {"deep"} and fetch["deep"] != "deep"  # (x is an input: the feed's own)
+    assert set(fetch) == {"deep"} and len(fetch["deep"]) == 1 and fetch["deep"][0] != "deep"  # (x is an input: the feed's own)
     onnx.checker.check_model(m)
     x = np.random.default_rng(0).standard_normal((3, k)).astype(np.float32)
     import onnxruntime as ort
 
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     for c1, c2, reached in ((True, True, True), (True, False, False), (False, True, False)):
-        y, deep = sess.run(["y", fetch["deep"]], {"x": x, "c1": np.array(c1), "c2": np.array(c2)})
+        y, deep = sess.run(["y", fetch["deep"][0]], {"x": x, "c1": np.array(c1), "c2": np.array(c2)})
         if reached:
             assert np.array_equal(deep, np.maximum(x, 0)) and np.array_equal(y, -np.maximum(x, 0))
         else:
             assert deep.size == 0
+
+
+def _same_names(returned=False):
+    """Two If branches with the same value names (as optimum's merge leaves them), each reading the
+    main graph's W through an activation of its own: ``a = Relu(x)`` or ``a = Neg(x)``; with
+    ``returned``, the activation is also what the branch returns."""
+    k, n = 8, 6
+
+    def branch(tag, op):
+        nodes = [helper.make_node(op, ["x"], ["a"]), helper.make_node("MatMul", ["a", "W"], ["m"], name="mm")]
+        outs = ["a"] if returned else ["m"]
+        return helper.make_graph(nodes + ([helper.make_node("MatMul", ["m", "V"], ["unused"])] if returned else []), tag, [],
+                                 [vi(outs[0], ["rows", k if returned else n])])
+
+    return make_model([helper.make_node("If", ["c"], ["y"], then_branch=branch("then", "Relu"), else_branch=branch("else", "Neg"))],
+                      [vi("x", ["rows", k]), vi("c", [], onnx.TensorProto.BOOL)], [vi("y", None)],
+                      [init("W", _w(k, n)), init("V", _w(n, n))])
+
+
+@pytest.mark.parametrize("returned", [False, True])
+def test_statistics_reach_both_branches_where_they_name_their_values_alike(returned):
+    from onnx_lowrank.passes.discover import discover
+    from onnx_lowrank.passes.statistics import capture_grams
+
+    src = _same_names(returned)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((r, 8)).astype(np.float32), "c": np.array(c)} for r, c in ((5, True), (7, False), (3, True))]
+    group = next(g for g in discover(src, min_params=0).candidates if g.weight.name == "W")
+    cap = capture_grams(src, [group], feeds, None)
+    rows = np.vstack([np.maximum(f["x"], 0) if f["c"] else -f["x"] for f in feeds]).astype(np.float64)
+    g, _ = cap.grams[group.key]
+    assert cap.rows[group.key] == 15 and np.allclose(g, rows.T @ rows, rtol=1e-5, atol=1e-4)
+
+
+def test_statistics_in_a_branch_type_their_stand_in_by_the_weight_where_inference_cannot():
+    from onnx_lowrank.runtime import expose
+
+    src = _same_names()
+    for t in src.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    src.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    src.graph.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    for n in src.graph.node[0].attribute:  # a value inference cannot type: an op of another domain
+        n.g.node[0].op_type, n.g.node[0].domain = ("Gelu", "com.microsoft")
+        n.g.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    src.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    fetch = expose(src, {"a"})
+    assert len(fetch["a"]) == 2
+    empties = [n for a in src.graph.node[0].attribute for n in a.g.node if n.op_type == "Constant"]
+    assert empties and all(n.attribute[0].t.data_type == onnx.TensorProto.FLOAT16 for n in empties)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.ones((2, 8), np.float16)
+    assert [np.size(v) for v in sess.run(fetch["a"], {"x": x, "c": np.array(True)})] == [16, 0] or \
+        [np.size(v) for v in sess.run(fetch["a"], {"x": x, "c": np.array(True)})] == [0, 16]

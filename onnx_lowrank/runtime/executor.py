@@ -92,6 +92,14 @@ def _pool_call(item):
     return _WORKER["task"](_WORKER["state"], item)
 
 
+_POOLS = {"started": False}
+
+
+def worker_processes_started() -> bool:
+    """Whether this process has started worker processes (:class:`ProcessPool`)."""
+    return _POOLS["started"]
+
+
 class ProcessPool:
     """``workers`` local processes, each with ``cores // workers`` threads."""
 
@@ -103,6 +111,7 @@ class ProcessPool:
         if not items:
             return []
         ctx = multiprocessing.get_context("spawn")
+        _POOLS["started"] = True
         pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_pool_init,
                                                       initargs=(setup, task, shared, self.threads))
         try:
@@ -114,6 +123,9 @@ class ProcessPool:
         except BaseException:  # an interrupt (or a failed task): the workers stop now, not after their tasks
             for proc in list((getattr(pool, "_processes", None) or {}).values()):
                 proc.terminate()
+            queue = getattr(pool, "_call_queue", None)
+            if queue is not None:  # (its feeder may be blocked on a pipe no worker reads: exit must not wait for it)
+                queue.cancel_join_thread()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()

@@ -27,60 +27,91 @@ Feeds = Iterable[Mapping[str, np.ndarray]]
 Progress = Callable[[int, int, str], None]
 
 
-def expose(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str]:
-    """Make the values ``names`` graph outputs of ``model`` (in place); per name, the output to
-    fetch it by.
+def expose(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, list[str]]:
+    """Make the values ``names`` graph outputs of ``model`` (in place); per name, the outputs to
+    fetch it by (:func:`fetched` joins what they give).
 
-    Graph inputs are left out: their values are the feed's own.  A value computed inside an If
-    branch (at any depth of Ifs) is threaded out: it becomes an output of its branch, the other
-    branch gives an empty tensor of the same type and rank in its place (a run that takes that
-    branch fetches it empty), and the If node gets an output for it, up to the main graph.  Values
-    inside Loop and Scan bodies, whose outputs are stacked or carried, are left out.
+    Graph inputs are left out: their values are the feed's own.  A value computed inside If
+    branches (at any depth of Ifs) is threaded out from every branch that computes a value of
+    that name (sibling branches may reuse names, as an optimum merged decoder's do): it becomes
+    an output of its branch, the other branch gives an empty tensor of the same type and rank in
+    its place (a run that takes that branch fetches it empty), and the If node gets an output for
+    it, up to the main graph.  Values inside Loop and Scan bodies, whose outputs are stacked or
+    carried, and values whose element type cannot be told, are left out.
     """
     graph = model.graph
     inputs = {i.name for i in graph.input}
     outputs = {o.name for o in graph.output}
     wanted = set(names) - inputs
     owners = io.body_owners(graph)
-    made: dict[str, list] = {}  # a value computed in a body -> the nodes holding that body
+    made: dict[str, list[tuple[onnx.GraphProto, list]]] = {}  # a value computed in bodies -> (body, nodes holding it)
     for body, chain in owners.values():
         for node in body.node:
             for o in node.output:
                 if o in wanted:
-                    made[o] = chain
+                    made.setdefault(o, []).append((body, chain))
     main = {o for n in graph.node for o in n.output} | {t.name for t in graph.initializer}
-    fetch: dict[str, str] = {}
+    fetch: dict[str, list[str]] = {}
     used = _names(model) if made else set()
     types = _value_types(model) if made else {}
     for name in sorted(wanted):
-        if name not in made:
-            if name not in main:
-                continue  # (a body's input or initializer: not fetchable)
+        if name in main:
             if name not in outputs:
                 graph.output.append(onnx.ValueInfoProto(name=name))
-            fetch[name] = name
+            fetch[name] = [name]
             continue
-        chain = made[name]
-        if any(node.op_type != "If" or node.domain not in ("", "ai.onnx") for _, node, _ in chain):
-            continue
-        elem, rank = types.get(name, (onnx.TensorProto.FLOAT, None))
-        current = name
-        for _, node, attr in reversed(chain):
-            branches = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
-            for branch_name, branch in branches.items():
-                if branch_name == attr:
-                    branch.output.append(helper.make_tensor_value_info(current, elem, None if rank is None else [None] * rank))
-                else:  # the other branch: an empty tensor of the same type and rank
-                    empty = _fresh(used, f"{current}__empty")
-                    dims = [0] * (rank or 1)
-                    branch.node.append(helper.make_node("Constant", [], [empty], value=helper.make_tensor(empty, elem, dims, [])))
-                    branch.output.append(helper.make_tensor_value_info(empty, elem, dims))
-            out = _fresh(used, f"{name}__exposed")
-            node.output.append(out)
-            current = out
-        graph.output.append(helper.make_tensor_value_info(current, elem, None if rank is None else [None] * rank))
-        fetch[name] = current
+        for body, chain in made.get(name, []):
+            if any(node.op_type != "If" or node.domain not in ("", "ai.onnx") for _, node, _ in chain):
+                continue
+            elem, rank = types.get(name, (None, None))
+            elem = elem or _reader_type(body, name, types)
+            if elem is None:
+                continue  # (a dummy of a guessed type would break the model)
+            current = name
+            for _, node, attr in reversed(chain):
+                for a in node.attribute:
+                    if a.type != onnx.AttributeProto.GRAPH:
+                        continue
+                    branch = a.g
+                    if a.name == attr:
+                        if current in {o.name for o in branch.output}:  # (already returned: return a copy too)
+                            copy = _fresh(used, f"{current}__copy")
+                            branch.node.append(helper.make_node("Identity", [current], [copy]))
+                            current = copy
+                        branch.output.append(helper.make_tensor_value_info(current, elem, None if rank is None else [None] * rank))
+                    else:  # the other branch: an empty tensor of the same type and rank
+                        empty = _fresh(used, f"{name}__empty")
+                        dims = [0] * (rank or 1)
+                        branch.node.append(helper.make_node("Constant", [], [empty], value=helper.make_tensor(empty, elem, dims, [])))
+                        branch.output.append(helper.make_tensor_value_info(empty, elem, dims))
+                out = _fresh(used, f"{name}__exposed")
+                node.output.append(out)
+                current = out
+            graph.output.append(helper.make_tensor_value_info(current, elem, None if rank is None else [None] * rank))
+            fetch.setdefault(name, []).append(current)
     return fetch
+
+
+def fetched(values: Sequence[np.ndarray]) -> np.ndarray:
+    """One value from what its outputs gave (:func:`expose`): the non-empty ones, joined along the
+    first axis when a value of that name was computed on several paths of a run."""
+    full = [np.asarray(v) for v in values if v is not None and np.size(v)]
+    if not full:
+        return np.asarray(values[0]) if values and values[0] is not None else np.zeros((0,), np.float32)
+    if len(full) == 1:
+        return full[0]
+    return np.concatenate([v.reshape(-1, *v.shape[1:]) for v in full], axis=0)
+
+
+def _reader_type(body: onnx.GraphProto, name: str, types: Mapping[str, tuple[int, int | None]]) -> int | None:
+    """The element type of ``name`` from a MatMul/Gemm that reads it with a typed operand (the
+    two share their type), where inference could not tell it."""
+    for node in body.node:
+        if name in node.input and node.op_type in ("MatMul", "Gemm"):
+            for other in node.input[:2]:
+                if other != name and other in types and types[other][0]:
+                    return types[other][0]
+    return None
 
 
 def _names(model: onnx.ModelProto) -> set[str]:
@@ -107,6 +138,14 @@ def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, int | None]]:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
     except Exception:  # (a model onnxruntime runs may still trip inference; what the annotations say stands)
         inferred = model
+    for g in io.iter_graphs(model.graph):
+        for t in g.initializer:
+            out[t.name] = (t.data_type, len(t.dims))
+        for n in g.node:
+            if n.op_type == "Constant" and n.output:
+                t = next((a.t for a in n.attribute if a.name == "value"), None)
+                if t is not None:
+                    out[n.output[0]] = (t.data_type, len(t.dims))
     for m in (model, inferred):
         for g in io.iter_graphs(m.graph):
             for v in (*g.input, *g.output, *g.value_info):
@@ -203,7 +242,7 @@ def capture(
     probe = overridable(model, replaced) if replaced else _copy(model)
     wanted = set(values)
     exposed = expose(probe, wanted)
-    fetch = list(exposed.values())
+    fetch = [f for outs in exposed.values() for f in outs]
     sess = session(probe, threads=threads, data=data)
     total = len(feeds) if hasattr(feeds, "__len__") else 0  # type: ignore[arg-type]
     runs = batches = 0
@@ -211,8 +250,9 @@ def capture(
         feed = dict(feed)
         got = []
         for ov in overrides:
-            fetched = dict(zip(exposed, _run(sess, fetch, {**feed, **ov}, batches + 1, original=not ov))) if fetch else {}
-            got.append({**{k: np.asarray(v) for k, v in feed.items() if k in wanted}, **fetched})
+            got_all = dict(zip(fetch, _run(sess, fetch, {**feed, **ov}, batches + 1, original=not ov))) if fetch else {}
+            values = {name: fetched([got_all[f] for f in outs]) for name, outs in exposed.items()}
+            got.append({**{k: np.asarray(v) for k, v in feed.items() if k in wanted}, **values})
             runs += 1
         each(feed, got)
         batches += 1
