@@ -161,10 +161,16 @@ class VerifyConfig:
 
 
 def calib_rules(calib: Any, calib_script: Any, calib_batch: int) -> None:
-    """``calib_batch`` cuts an ``.npz`` or arrays (or random samples); a script's feeds come as it gives them."""
-    if calib_script is not None and calib is None and not isinstance(calib_batch, bool) and calib_batch != 32:
+    """``calib_batch`` cuts an ``.npz`` or arrays (or random samples); a script's feeds, and a
+    folder's (one ``.npz`` each), come as they are."""
+    if isinstance(calib_batch, bool) or calib_batch == 32:
+        return
+    if calib_script is not None and calib is None:
         raise UsageError(f"{option('calib_batch')} cuts an .npz or arrays into runs; {option('calib_script')} gives its feeds "
                          f"as they are (batch them in the script); drop {option('calib_batch')}.")
+    if isinstance(calib, (str, os.PathLike)) and Path(calib).is_dir():
+        raise UsageError(f"{option('calib_batch')} cuts an .npz or arrays into runs; the folder {calib} gives one feed per .npz "
+                         f"file as it is; drop {option('calib_batch')}, or pass one .npz to cut.")
 
 
 @dataclass

@@ -257,6 +257,7 @@ CLI_BAD = [
     (["--calib", "{calib}", "--dry-run"], "nothing to verify"),
     (["--calib", "{calib}", "--samples", "8"], "drop --samples"),  # (the data's samples, not random ones)
     (["--calib-script", "{script}:feeds", "--calib-batch", "4"], "drop --calib-batch"),  # (a script's feeds come as given)
+    (["--calib", "{d}", "--calib-batch", "4"], "gives one feed per .npz file as it is"),  # (and a folder's)
 ]
 
 
