@@ -350,9 +350,20 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
     return out
 
 
+def _copied_constant(g: _Graph, name: str) -> bool:
+    """Whether ``name`` is a constant passed through Identity, Cast or a layout operator (an
+    exporter's shared copy of equal tensors)."""
+    made = g.producer.get(name)
+    return made is not None and made.op_type in LAYOUT | {"Identity", "Cast"} and bool(made.input) and made.input[0] in g.constants
+
+
 def _bias(g: _Graph, name: str, size: int) -> Bias | str:
     got = g.value(name)
     if got is None:
+        made = g.producer.get(name)
+        if made is not None and made.op_type in LAYOUT | {"Identity", "Cast"}:  # (an exporter's shared copy of a constant)
+            return (f"its bias '{name}' is made by {_label(made)} from '{made.input[0] if made.input else ''}', a copy of a "
+                    "tensor other layers may share (exporters share equal tensors, such as untrained biases)")
         return f"its bias '{name}' cannot be read as a constant"
     value, tensor, holder = got
     if isinstance(holder, onnx.NodeProto) and not any(a.name == "value" for a in holder.attribute):
@@ -400,6 +411,8 @@ def _after(g: _Graph, layer: Layer, size: int) -> tuple[str, Bias | None] | str:
             if isinstance(got, str):
                 return got
             return add.output[0], got
+        if _copied_constant(g, other):
+            return _bias(g, other, size)  # (the reason: a constant behind an exporter's copy)
     return out, None
 
 
@@ -624,7 +637,8 @@ def _chain(g: _Graph, starts: list[str], down_inputs: dict[str, Layer], outputs:
         if node.op_type in LAYOUT:
             continue  # (its shape input)
         for other in node.input:
-            if other and other not in inside and not _scalar(g, other) and other not in g.constants:
+            if other and other not in inside and not _scalar(g, other) and other not in g.constants \
+                    and not _copied_constant(g, other):
                 gate = _source(g, other, outputs or {})
                 if gate is not None and len(ends) == 1:
                     if len(starts) > 1:

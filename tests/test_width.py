@@ -862,3 +862,14 @@ def test_width_reduction_that_narrows_nothing_warns(caplog):
         ol.compress(conv1d_model(plain=True, width_reader=None), ffn_keep=0.5, energy=1.0, min_params=10**6, calib=_feeds(64))
     said = [r.getMessage() for r in caplog.records if "no feed-forward block narrowed" in r.getMessage()]
     assert len(said) == 1 and "is left out" in said[0]
+
+
+def test_a_bias_behind_an_exporters_identity_says_so():
+    m = ffn_model("relu")
+    m.graph.node.insert(0, helper.make_node("Identity", ["b1_0"], ["b1_0_copy"], name="shared_copy"))
+    for n in m.graph.node:
+        if n.op_type == "Add" and "b1_0" in n.input:
+            n.input[list(n.input).index("b1_0")] = "b1_0_copy"
+    found = find_blocks(m, discover(m, min_params=0))
+    assert len(found.blocks) == 1 and len(found.skipped) == 1
+    assert "made by Identity 'shared_copy' from 'b1_0', a copy of a tensor other layers may share" in found.skipped[0][1]
