@@ -263,6 +263,8 @@ class Int4Layer:
         mean_corrected: Fitted on centred inputs, the error's mean part in the bias (module docstring).
         rounding: How the blocks were rounded: ``gptq`` (error feedback by the input Gram) or
             ``nearest`` (asked for, or no Gram to feed the error by).
+        mean_shared: Its mean input was known but several nodes read it (both branches of a
+            merged decoder's If, say), so no one bias can take the mean correction.
     """
 
     weight: str
@@ -279,11 +281,12 @@ class Int4Layer:
     stacked: bool = False
     mean_corrected: bool = False
     rounding: str = "nearest"
+    mean_shared: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"weight": self.weight, "nodes": self.nodes, "shape": list(self.shape), "block": self.block, "rank": self.rank,
                 "branch": ("stacked" if self.stacked else "separate") if self.rank else None, "whitened": self.whitened,
-                "mean_corrected": self.mean_corrected, "rounding": self.rounding, "energy": round(self.energy, 4),
+                "mean_corrected": self.mean_corrected, "mean_shared": self.mean_shared, "rounding": self.rounding, "energy": round(self.energy, 4),
                 "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after, "error_int4": round(self.error_int4, 5),
                 "error_corrected": round(self.error_corrected, 5)}
@@ -657,6 +660,14 @@ def quantize_int4(model: onnx.ModelProto, *, base_dir: str | io.DataFiles | None
 
 
 def _statistics_note(summary: Int4Summary, skipped: Mapping[str, str]) -> str:
+    note = _statistics_note_body(summary, skipped)
+    shared = sum(l.mean_shared for l in summary.layers)
+    if shared:  # (a merged decoder's weights: one reader in each If branch)
+        note += f"; no mean correction for {shared} weight(s) several nodes read (one bias cannot hold it for all)"
+    return note
+
+
+def _statistics_note_body(summary: Int4Summary, skipped: Mapping[str, str]) -> str:
     white = sum(l.whitened for l in summary.layers)
     hint = f"pass {option('data_aware')} with {option('calib')} to whiten"
     plain = [l.weight for l in summary.layers if not l.whitened]
@@ -794,7 +805,8 @@ def _quantize_one(b: _Builder, name: str, wk: np.ndarray, gram: np.ndarray | Non
             b.gone.add((u.graph, node.output[0]))
     return Int4Layer(name, [b.sc.node(u).name or b.sc.node(u).output[0] for u in users], (k, n), opts.block, corr.rank,
                      corr.energy, gram is not None, wk.size * 4, n_bytes, f.error_int4, error, stack is not None,
-                     target is not None, f.rounding)
+                     target is not None, f.rounding,
+                     mean_shared=target is None and mean is not None and gram is not None and len(users) > 1)
 
 
 def _centred(gram: np.ndarray, mean: tuple[np.ndarray, int]) -> np.ndarray | None:

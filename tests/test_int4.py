@@ -1269,3 +1269,13 @@ def test_statistics_in_a_branch_type_their_stand_in_by_the_weight_where_inferenc
     x = np.ones((2, 8), np.float16)
     assert [np.size(v) for v in sess.run(fetch["a"], {"x": x, "c": np.array(True)})] == [16, 0] or \
         [np.size(v) for v in sess.run(fetch["a"], {"x": x, "c": np.array(True)})] == [0, 16]
+
+
+def test_a_weight_both_branches_read_says_why_it_takes_no_mean_correction():
+    x = np.random.default_rng(1).standard_normal((30, 64)).astype(np.float32)
+    calib = [{"x0": x, "cond": np.array(c), "trips": np.array(1, np.int64)} for c in (True, False)]
+    res = compress(_decoder_like(), energy=1.0, quantize="int4", min_params=0, data_aware=True, calib=calib)
+    sec = res.sections["int4"]
+    flags = {l["weight"]: (l["mean_corrected"], l["mean_shared"]) for l in sec["layers"]}
+    assert flags == {"W": (False, True), "Wc": (True, False), "Wl": (False, False)}  # (Wl: in a Loop body, no statistics)
+    assert "no mean correction for 1 weight(s) several nodes read" in sec["statistics"]
