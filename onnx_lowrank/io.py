@@ -54,6 +54,7 @@ __all__ = [
     "as_data",
     "iter_graphs",
     "body_owners",
+    "NameScope",
     "iter_tensors",
     "uses_external_data",
     "external_ref",
@@ -95,22 +96,46 @@ def node_bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     return out
 
 
-def body_owners(graph: onnx.GraphProto) -> dict[int, tuple[onnx.GraphProto, list[tuple[onnx.GraphProto, onnx.NodeProto, str]]]]:
-    """Per body graph below ``graph`` (by ``id``; the entry holds the graph, so that the id stays
-    its own while the result lives): the graph, and the nodes that hold it, outermost first, each
-    as ``(the graph the node is in, the node, the attribute holding the next graph)``."""
-    out: dict[int, tuple[onnx.GraphProto, list[tuple[onnx.GraphProto, onnx.NodeProto, str]]]] = {}
+def body_owners(graph: onnx.GraphProto) -> list[tuple[onnx.GraphProto, list[tuple[onnx.GraphProto, onnx.NodeProto, str]]]]:
+    """Every body graph below ``graph``, with the nodes that hold it, outermost first, each as
+    ``(the graph the node is in, the node, the attribute holding the next graph)``."""
+    out: list[tuple[onnx.GraphProto, list[tuple[onnx.GraphProto, onnx.NodeProto, str]]]] = []
 
     def walk(g: onnx.GraphProto, chain: list) -> None:
         for node in g.node:
             for a in node.attribute:
                 for body in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
                              list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
-                    out[id(body)] = (body, chain + [(g, node, a.name)])
-                    walk(body, out[id(body)][1])
+                    out.append((body, chain + [(g, node, a.name)]))
+                    walk(body, out[-1][1])
 
     walk(graph, [])
     return out
+
+
+class NameScope:
+    """Hands out tensor and node names that are unused anywhere in the model."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.used: set[str] = set()
+        for g in iter_graphs(model.graph):
+            self.used.update(t.name for t in g.initializer)
+            self.used.update(v.name for v in g.input)
+            self.used.update(v.name for v in g.output)
+            self.used.update(v.name for v in g.value_info)
+            for n in g.node:
+                self.used.update(n.input)
+                self.used.update(n.output)
+                if n.name:
+                    self.used.add(n.name)
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name = f"{base}_{k}"
+            k += 1
+        self.used.add(name)
+        return name
 
 
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

@@ -91,6 +91,13 @@ class Layer:
     index: int = -1
     node_no: int = -1  # the walk's number for the node
     scope: str = ""  # "" for the main graph, else the path of its If/Loop/Scan body or function
+    holders: tuple[str, ...] = ()  # the op types of the nodes that hold its graph, outermost first ("If", "Loop", ...)
+    outers: tuple[onnx.GraphProto, ...] = ()  # the graphs around its graph, outermost first (whose names it sees)
+
+    @property
+    def in_if_branches(self) -> bool:
+        """In the main graph, or in If branches alone (no Loop/Scan body, no function, around it)."""
+        return not self.scope or (bool(self.holders) and all(h == "If" for h in self.holders))
 
     @property
     def reason(self) -> str | None:
@@ -384,6 +391,8 @@ class _Walk:
         self.result = result
         self.node_of: list[onnx.NodeProto] = []
         self.weights = 0
+        self.holders: list[str] = []  # (while a body is walked: the nodes around it, and their graphs)
+        self.outers: list[onnx.GraphProto] = []
 
     def _number(self, node: onnx.NodeProto) -> int:
         self.node_of.append(node)
@@ -441,12 +450,19 @@ class _Walk:
             if node.op_type in self.wanted and node.domain in ("", "ai.onnx"):
                 layer = _classify(node, graph, display, lambda n: _resolve(chain, n))
                 layer.node_no, layer.scope = no, scope
+                layer.holders, layer.outers = tuple(self.holders), tuple(self.outers)
                 self.result.layers.append(layer)
             for attr in node.attribute:
                 subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
                 for k, sub in enumerate(subs):
                     tag = attr.name if len(subs) == 1 else f"{attr.name}[{k}]"
-                    self.graph(sub, chain, f"{display}/{tag}")
+                    self.holders.append(node.op_type)
+                    self.outers.append(graph)
+                    try:
+                        self.graph(sub, chain, f"{display}/{tag}")
+                    finally:
+                        self.holders.pop()
+                        self.outers.pop()
             for out in node.output:
                 if not out:
                     continue

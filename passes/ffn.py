@@ -148,9 +148,9 @@ def _evaluate(g: _Graph, name: str, start: str, shape: list[int], depth: int = 0
     return None
 
 
-def _shape_reads_only(g: _Graph, start: str, into: set[int]) -> bool:
+def _shape_reads_only(g: _Graph, start: str, into: set[str]) -> bool:
     """Whether every ``Shape`` of ``start`` reaches nothing but shape arithmetic ending in the
-    nodes ``into`` (by id)."""
+    nodes ``into`` (by :func:`_key`)."""
     todo = [o for r in g.readers.get(start, []) if r.op_type == "Shape" for o in r.output]
     seen: set[str] = set()
     while todo:
@@ -161,7 +161,7 @@ def _shape_reads_only(g: _Graph, start: str, into: set[int]) -> bool:
         if name in g.outputs or name in g.captured:
             return False
         for reader in g.readers.get(name, []):
-            if id(reader) in into:
+            if _key(reader) in into:
                 continue
             if reader.op_type not in (*_ARITH, "Squeeze", "Unsqueeze", "Cast", "Identity", "Concat", "Gather"):
                 return False
@@ -279,6 +279,16 @@ def _attr(node: onnx.NodeProto, name: str, default=0):
     return default
 
 
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | onnx.NodeProto]:
+    """A graph's own constants by name: initializers and Constant nodes (a graph input with a
+    default initializer is no constant)."""
+    own: dict[str, onnx.TensorProto | onnx.NodeProto] = {t.name: t for t in graph.initializer}
+    own.update({n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output})
+    for i in graph.input:
+        own.pop(i.name, None)
+    return own
+
+
 class _Graph:
     """Who produces and who reads each tensor of a graph, and the constants it sees (its own, and
     ``outer``: those of the graphs around an If branch)."""
@@ -288,7 +298,7 @@ class _Graph:
         self.graph, self.data = graph, data
         self.readers: dict[str, list[onnx.NodeProto]] = {}
         self.producer: dict[str, onnx.NodeProto] = {}
-        self.constants: dict[str, onnx.TensorProto | onnx.NodeProto] = {**(outer or {}), **{t.name: t for t in graph.initializer}}
+        self.constants: dict[str, onnx.TensorProto | onnx.NodeProto] = {**(outer or {}), **_constants(graph)}
         self.outputs = {o.name for o in graph.output}
         self.captured: set[str] = set()  # names that subgraphs read from here
         for node in graph.node:
@@ -297,14 +307,9 @@ class _Graph:
                     self.readers.setdefault(name, []).append(node)
             for name in node.output:
                 self.producer[name] = node
-            if node.op_type == "Constant" and node.output:
-                self.constants[node.output[0]] = node
             for a in node.attribute:
                 for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
                     self.captured |= _names_read(sub)
-        inputs = {i.name for i in graph.input}
-        for name in inputs:  # a graph input with a default initializer is not a constant
-            self.constants.pop(name, None)
 
     def value(self, name: str) -> tuple[np.ndarray, onnx.TensorProto, onnx.TensorProto | onnx.NodeProto] | None:
         """A constant's values, its tensor and its holder (``None``: not a constant, or unreadable)."""
@@ -432,6 +437,11 @@ SHAPE_MOVES = frozenset({"Gather", "Slice", "Squeeze", "Unsqueeze", "Concat", "C
 _WIDTH, _FIXED, _ANY = "w", ".", "*"  # a shape entry that is the block's width; one narrowing leaves; any number of those
 
 
+def _key(node: onnx.NodeProto) -> str:
+    """A node's handle within its graph: its first output (a graph names each value once)."""
+    return node.output[0] if node.output else ""
+
+
 def _label(node: onnx.NodeProto) -> str:
     return f"{node.op_type} '{node.name or node.output[0]}'"
 
@@ -478,8 +488,8 @@ def _moved(g: _Graph, node: onnx.NodeProto, entries: dict[str, list[str]]) -> li
     return None
 
 
-def _width_reads(g: _Graph, shapes: list[onnx.NodeProto], block_reshapes: set[int], rank_of
-                 ) -> tuple[set[int], str | None]:
+def _width_reads(g: _Graph, shapes: list[onnx.NodeProto], block_reshapes: set[str], rank_of
+                 ) -> tuple[set[str], str | None]:
     """Follow the block's width from the ``Shape`` readers of its tensors: the Reshapes inside the
     block whose target ends with it (``(ids, None)``), or why it reaches something else."""
     entries: dict[str, list[str]] = {}
@@ -489,19 +499,19 @@ def _width_reads(g: _Graph, shapes: list[onnx.NodeProto], block_reshapes: set[in
             return set(), f"{_label(node)} reads a tensor of the block whose rank is unknown"
         lo, hi = int(_attr(node, "start", 0)), _attr(node, "end", None)
         entries[node.output[0]] = ([_FIXED] * (rank - 1) + [_WIDTH])[slice(lo, None if hi is None else int(hi))]
-    follows: set[int] = set()
-    readers = {id(s) for s in shapes}
+    follows: set[str] = set()
+    readers = {_key(s) for s in shapes}
     for node in g.graph.node:  # graph order: every piece of a Concat is known before it
-        if id(node) in readers or not any(n in entries for n in node.input):
+        if _key(node) in readers or not any(n in entries for n in node.input):
             continue
         carries = [n for n in node.input if _WIDTH in entries.get(n, ())]
         if node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and len(node.input) > 1 and carries == [node.input[1]]:
             target = entries[node.input[1]]
-            if id(node) not in block_reshapes:
+            if _key(node) not in block_reshapes:
                 return set(), f"the block's width reaches {_label(node)} outside the block"
             if target[-1] != _WIDTH or _WIDTH in target[:-1]:
                 return set(), f"{_label(node)} reads the block's width into its target elsewhere than last"
-            follows.add(id(node))
+            follows.add(_key(node))
             continue
         got = _moved(g, node, entries) if node.op_type in SHAPE_MOVES and node.domain in ("", "ai.onnx") else None
         if got is None:
@@ -515,7 +525,7 @@ def _width_reads(g: _Graph, shapes: list[onnx.NodeProto], block_reshapes: set[in
     return follows, None
 
 
-def _targets(g: _Graph, reshapes: list[onnx.NodeProto], follows: set[int], f: int) -> tuple[list[ShapeEdit], str | None]:
+def _targets(g: _Graph, reshapes: list[onnx.NodeProto], follows: set[str], f: int) -> tuple[list[ShapeEdit], str | None]:
     """How each Reshape inside a block follows the width: its constant target (or the constant
     last piece of the Concat that builds it) ending with ``f``, rewritten; or its own reading."""
     edits: list[ShapeEdit] = []
@@ -523,7 +533,7 @@ def _targets(g: _Graph, reshapes: list[onnx.NodeProto], follows: set[int], f: in
         if node.op_type != "Reshape":
             return [], (f"{_label(node)} between the projections changes the layout; only a Reshape that keeps the "
                         "neurons last is narrowed through")
-        if id(node) in follows:
+        if _key(node) in follows:
             continue
         target = node.input[1] if len(node.input) > 1 else ""
         value = _ints(g, target)
@@ -603,6 +613,7 @@ def _chain(g: _Graph, starts: list[str], down_inputs: dict[str, Layer], outputs:
     ends: list[Layer] = []
     others: list[str] = []  # readers that are neither elementwise nor the projection
     shapes: list[onnx.NodeProto] = []  # Shape readers of the block's tensors
+    visited: set[str] = set()  # (nodes and Shape readers taken, by _key)
     none: tuple = ((), ())
 
     def fail(end, why):
@@ -611,22 +622,24 @@ def _chain(g: _Graph, starts: list[str], down_inputs: dict[str, Layer], outputs:
     while frontier:
         name = frontier.pop()
         for reader in g.readers.get(name, []):
-            if reader in nodes or reader in shapes:
+            if _key(reader) in visited:
                 continue
             layer = down_inputs.get(name)
-            if layer is not None and reader is layer.node:
+            if layer is not None and _key(reader) == _key(layer.node):
                 if layer not in ends:
                     ends.append(layer)
                 continue
             standard = reader.domain in ("", "ai.onnx")
             if reader.op_type == "Shape" and standard:
                 shapes.append(reader)
+                visited.add(_key(reader))
                 continue
             layout = reader.op_type in LAYOUT and standard and reader.input[0] == name
             if not layout and (reader.op_type not in ELEMENTWISE or reader.domain not in ("", "ai.onnx", "com.microsoft")):
                 others.append(_label(reader))
                 continue
             nodes.append(reader)
+            visited.add(_key(reader))
             for out in reader.output[:1] if layout else reader.output:
                 if out and out not in inside:
                     inside.add(out)
@@ -670,15 +683,15 @@ def _chain(g: _Graph, starts: list[str], down_inputs: dict[str, Layer], outputs:
         if node.op_type == "FastGelu" and len(node.input) > 1 and node.input[1]:
             return fail(None, f"FastGelu '{node.name}' adds a bias inside the activation")
     layouts = [n for n in nodes if n.op_type in LAYOUT]
-    follows: set[int] = set()
+    follows: set[str] = set()
     if shapes:
-        follows, why = _width_reads(g, shapes, {id(n) for n in layouts}, rank_of or (lambda name: None))
+        follows, why = _width_reads(g, shapes, {_key(n) for n in layouts}, rank_of or (lambda name: None))
         if why is not None:
             return fail(None, why)
     edits, why = _targets(g, layouts, follows, f)
     if why is not None:
         return fail(None, why)
-    return nodes, end, None, (tuple(edits), tuple(n.name or n.output[0] for n in layouts if id(n) in follows))
+    return nodes, end, None, (tuple(edits), tuple(n.name or n.output[0] for n in layouts if _key(n) in follows))
 
 
 def _halves(g: _Graph, cut: list[onnx.NodeProto], start: str, f2: int, rank_of) -> tuple[FusedCut, list[str]] | str:
@@ -725,7 +738,7 @@ def _halves(g: _Graph, cut: list[onnx.NodeProto], start: str, f2: int, rank_of) 
                                        for k in (f - 1, max(1, f // 2)))
         if not constant and not follows:
             return f"{_label(cut[0])} computes bounds that do not follow a narrower projection into two halves"
-        if not _shape_reads_only(g, start, {id(n) for n in cut}):
+        if not _shape_reads_only(g, start, {_key(n) for n in cut}):
             return "its size is read by Shape for something other than the cut"
         return FusedCut(tuple(n for _, _, n in bounds), follows=follows), [n.output[0] for _, _, n in bounds]
     return f"{_label(cut[0])} cuts the output in other parts than two halves"
@@ -752,35 +765,9 @@ def _fused(g: _Graph, start: str, down_inputs: dict[str, Layer], outputs: Mappin
         return f"{what}: the activation joins {why.layer.display_name} as well"
     if why is not None:
         return f"{what}: {why}"
-    if not _shape_reads_only(g, start, {id(n) for n in halves[0].nodes}):  # (a Split's cut reads no size)
+    if not _shape_reads_only(g, start, {_key(n) for n in halves[0].nodes}):  # (a Split's cut reads no size)
         return f"{what}: its size is read by Shape for something other than the cut"
     return halves[0], nodes, end, extra, halves[1]
-
-
-def _if_branches(model: onnx.ModelProto) -> list[tuple[onnx.GraphProto, dict]]:
-    """The main graph and every If branch reached through Ifs alone, each with the constants of
-    the graphs around it (an optimum merged decoder holds its whole network in both branches of
-    an If, reading the main graph's weights)."""
-    out = [(model.graph, {})]
-
-    def constants(graph: onnx.GraphProto) -> dict:
-        own: dict = {t.name: t for t in graph.initializer}
-        own.update({n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output})
-        for i in graph.input:
-            own.pop(i.name, None)
-        return own
-
-    def walk(graph: onnx.GraphProto, visible: dict) -> None:
-        for node in graph.node:
-            if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
-                continue
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    out.append((a.g, visible))
-                    walk(a.g, {**visible, **constants(a.g)})
-
-    walk(model.graph, constants(model.graph))
-    return out
 
 
 def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | None = None) -> Blocks:
@@ -790,8 +777,6 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
     instances are narrowed together (:attr:`FfnBlock.twins`)."""
     result = Blocks()
     info: list = []
-    branches = _if_branches(model)
-    searched = {id(graph) for graph, _ in branches}
     reads: dict[str, int] = {}  # readers of each name, in every graph
     for graph in io.iter_graphs(model.graph):
         for node in graph.node:
@@ -801,27 +786,30 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
 
     nested: list[str] = []
     left_out: dict[int, str] = {}
-    group_of: dict[int, WeightGroup] = {}  # every layer's node (by id) -> its group
+    group_of: dict[Layer, WeightGroup] = {}  # every projection -> its group
+    in_scope: dict[str, list[Layer]] = {}  # the projections of each graph searched, by discovery's scope
     for group in found.groups:
         first = group.layers[0]
         if first.is_conv or group.weight is None or group.weight.tensor is None or len(group.weight.shape) != 2:
             continue
-        if any(id(layer.graph) not in searched for layer in group.layers):
+        if not all(layer.in_if_branches for layer in group.layers):
             if group.skip is None:
                 nested.append(first.display_name)
             continue
         if group.skip is not None:
             left_out[group.key] = group.skip.message
         for layer in group.layers:
-            group_of[id(layer.node)] = group
+            group_of[layer] = group
+            in_scope.setdefault(layer.scope, []).append(layer)
 
     found_here: list[FfnBlock] = []
     pairs: set[frozenset] = set()  # gated near misses said once, from whichever first projection
-    for graph, outer in branches:
-        g = _Graph(graph, data, outer)
-        found_here += _search(g, [layer for grp in dict.fromkeys(group_of.values()) for layer in grp.layers
-                                  if layer.graph is graph or (not layer.scope and graph is model.graph)],
-                              group_of, left_out, _rank_finder(g, model, info), result.skipped, pairs)
+    for layers in in_scope.values():  # the main graph, and each If branch (a merged decoder's two)
+        outer: dict = {}
+        for graph in layers[0].outers:  # (the names a branch sees from the graphs around it)
+            outer.update(_constants(graph))
+        g = _Graph(layers[0].graph, data, outer)
+        found_here += _search(g, layers, group_of, left_out, _rank_finder(g, model, info), result.skipped, pairs)
     # the instances of one block (its weights read in several branches) become one block
     by_key: dict[tuple, list[FfnBlock]] = {}
     for b in found_here:
@@ -890,11 +878,11 @@ def _rank_finder(g: _Graph, model: onnx.ModelProto, info: list):
     return rank_of
 
 
-def _search(g: _Graph, layers: list[Layer], group_of: Mapping[int, WeightGroup], left_out: Mapping[int, str], rank_of,
+def _search(g: _Graph, layers: list[Layer], group_of: Mapping[Layer, WeightGroup], left_out: Mapping[int, str], rank_of,
             skipped: list[tuple[str, str]], pairs: set[frozenset]) -> list[FfnBlock]:
     """The block instances of one graph (``layers``: the projections in it), and its near misses
     (added to ``skipped``)."""
-    by_node = {id(layer.node): group_of[id(layer.node)] for layer in layers}
+    by_node = {layer: group_of[layer] for layer in layers}
     down_inputs: dict[str, Layer] = {}
     for layer in layers:
         if layer.weight_index == 1 and layer.node.input:
@@ -907,9 +895,9 @@ def _search(g: _Graph, layers: list[Layer], group_of: Mapping[int, WeightGroup],
                 if reader.op_type == "Add" and any(i in g.constants for i in reader.input):
                     outputs[reader.output[0]] = layer
     blocks: list[FfnBlock] = []
-    claimed: set[int] = set()
+    claimed: set[Layer] = set()
     for up in layers:
-        group = by_node[id(up.node)]
+        group = by_node[up]
         t1, f, problem = _projection(up)
         if problem is not None:
             continue
@@ -926,7 +914,7 @@ def _search(g: _Graph, layers: list[Layer], group_of: Mapping[int, WeightGroup],
         tg = False
         if isinstance(why, _Join):  # a gated block: walk again from both first projections
             gate = why.layer
-            gate_group = by_node.get(id(gate.node))
+            gate_group = by_node.get(gate)
             tg, fg, pg = _projection(gate)
             after_g = _after(g, gate, fg) if pg is None else pg
             if gate_group is None:
@@ -959,7 +947,7 @@ def _search(g: _Graph, layers: list[Layer], group_of: Mapping[int, WeightGroup],
                 pairs.add(pair)
             skipped.append((up.display_name, why))
             continue
-        down = by_node[id(end.node)]
+        down = by_node[end]
         problems = []
         t2, _, p2 = _projection(end)
         if p2 is not None:
@@ -967,7 +955,7 @@ def _search(g: _Graph, layers: list[Layer], group_of: Mapping[int, WeightGroup],
         rows = down.weight.shape[1] if t2 else down.weight.shape[0]
         if rows != width:
             problems.append(f"W2 has {rows} inputs for {width} neurons")
-        mine = {id(up.node), id(end.node)} | ({id(gate.node)} if gate is not None else set())
+        mine = {up, end} | ({gate} if gate is not None else set())
         keys = {group.key, down.key} | ({gate_group.key} if gate_group is not None else set())
         if mine & claimed or len(keys) < (3 if gate_group is not None else 2):
             problems.append("a projection already belongs to another block")

@@ -663,7 +663,8 @@ def _statistics_note(summary: Int4Summary, skipped: Mapping[str, str]) -> str:
     note = _statistics_note_body(summary, skipped)
     shared = sum(l.mean_shared for l in summary.layers)
     if shared:  # (a merged decoder's weights: one reader in each If branch)
-        note += f"; no mean correction for {shared} weight(s) several nodes read (one bias cannot hold it for all)"
+        why = f"no mean correction for {shared} weight(s) several nodes read (one bias cannot hold it for all)"
+        return why if note == "no mean correction" else f"{note}; {why}"
     return note
 
 

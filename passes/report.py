@@ -249,7 +249,7 @@ class Report(Step):
         layers = rows(ctx.need(Discovery), spectra.plans, decided.decisions if decided else {},
                       rewritten.factors if rewritten else {}, spectra.shapes, opset_version(loaded.model), widths)
         _mark_quantized(ctx, layers)
-        narrowed = {id(p.block): p for p in widths.values()}.values()  # (each block under both its projections' keys)
+        narrowed = {p.block.up.key: p for p in widths.values()}.values()  # (each block under every projection's key)
         biases = sum(len(p.block.columns(range(p.block.hidden))) - len(p.block.columns(p.fit.keep))
                      for p in narrowed for _, b, _ in p.block.firsts if b is not None)
         t = totals(layers, loaded.params, loaded.size, spectra.shapes, other_saved=biases)

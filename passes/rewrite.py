@@ -52,7 +52,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_lowrank import io, linalg
-from onnx_lowrank.io import iter_graphs
+from onnx_lowrank.io import NameScope, iter_graphs
 from onnx_lowrank.pipeline import Context, StageResult, Step
 
 from .decide import Decided
@@ -64,31 +64,6 @@ from .spectra import Spectra
 __all__ = ["NameScope", "factorize_group", "factorize_conv_group", "opset_version", "Rewrite", "Rewritten"]
 
 log = logging.getLogger(__name__)
-
-
-class NameScope:
-    """Hands out tensor and node names that are unused anywhere in the model."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.used: set[str] = set()
-        for g in iter_graphs(model.graph):
-            self.used.update(t.name for t in g.initializer)
-            self.used.update(v.name for v in g.input)
-            self.used.update(v.name for v in g.output)
-            self.used.update(v.name for v in g.value_info)
-            for n in g.node:
-                self.used.update(n.input)
-                self.used.update(n.output)
-                if n.name:
-                    self.used.add(n.name)
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name = f"{base}_{k}"
-            k += 1
-        self.used.add(name)
-        return name
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -404,8 +379,7 @@ def _cut_at(cut, k: int, f: int, graph: onnx.GraphProto, names: NameScope) -> No
     first, second = cut.nodes
     first.input[2] = const([k], first.input[2])
     second.input[1] = const([k], second.input[1])
-    ends = numpy_helper.to_array(next(t for t in graph.initializer if t.name == second.input[2])) \
-        if any(t.name == second.input[2] for t in graph.initializer) else None
+    ends = next((numpy_helper.to_array(t) for t in graph.initializer if t.name == second.input[2]), None)
     if ends is None or int(ends.reshape(-1)[0]) < 2 * f:  # (an end past the data stays where it is)
         second.input[2] = const([2 * k], second.input[2])
 

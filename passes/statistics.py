@@ -392,9 +392,6 @@ class _HeadGrams:
         return {gid: g for gid, g in out.items() if len(matched[gid]) == users.get(gid, 0)}
 
 
-_LOOP = onnx.NodeProto(op_type="Loop")  # (what holds a graph that is not a body of the model's: a function)
-
-
 def layer_inputs(groups: list[WeightGroup], graph: onnx.GraphProto, *, if_branches: bool = False
                   ) -> tuple[dict[int, tuple[str, list[tuple[str, int]]]], dict[int, str]]:
     """Per group key: the side its users meet the weight from and their ``(activation, axis)``
@@ -403,11 +400,8 @@ def layer_inputs(groups: list[WeightGroup], graph: onnx.GraphProto, *, if_branch
     :func:`~onnx_lowrank.runtime.expose` threads out)."""
     plan: dict[int, tuple[str, list[tuple[str, int]]]] = {}
     skipped: dict[int, str] = {}
-    owners = io.body_owners(graph) if if_branches and any(l.scope for g in groups for l in g.layers) else {}
     for group in groups:
-        outside = [layer for layer in group.layers if layer.scope and not all(
-            node.op_type == "If" for _, node, _ in owners.get(id(layer.graph), (None, [(None, _LOOP, "")]))[1])]
-        if outside:
+        if any(layer.scope and not (if_branches and layer.in_if_branches) for layer in group.layers):
             skipped[group.key] = ("data-aware: the layer is inside a Loop/Scan body or a function, whose activations are not "
                                   "captured; plain SVD used" if if_branches else
                                   "data-aware: the layer is inside a subgraph, whose activations are not captured; plain SVD "

@@ -39,21 +39,22 @@ def expose(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, list[str]]
     it, up to the main graph.  Values inside Loop and Scan bodies, whose outputs are stacked or
     carried, and values whose element type cannot be told, are left out.
     """
+    from ..shapes import value_shapes
+
     graph = model.graph
     inputs = {i.name for i in graph.input}
     outputs = {o.name for o in graph.output}
     wanted = set(names) - inputs
-    owners = io.body_owners(graph)
     made: dict[str, list[tuple[onnx.GraphProto, list]]] = {}  # a value computed in bodies -> (body, nodes holding it)
-    for body, chain in owners.values():
+    for body, chain in io.body_owners(graph):
         for node in body.node:
             for o in node.output:
                 if o in wanted:
                     made.setdefault(o, []).append((body, chain))
     main = {o for n in graph.node for o in n.output} | {t.name for t in graph.initializer}
     fetch: dict[str, list[str]] = {}
-    used = _names(model) if made else set()
-    types = _value_types(model) if made else {}
+    fresh = io.NameScope(model).fresh if made else None
+    info = value_shapes(model) if made else None
     for name in sorted(wanted):
         if name in main:
             if name not in outputs:
@@ -63,8 +64,9 @@ def expose(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, list[str]]
         for body, chain in made.get(name, []):
             if any(node.op_type != "If" or node.domain not in ("", "ai.onnx") for _, node, _ in chain):
                 continue
-            elem, rank = types.get(name, (None, None))
-            elem = elem or _reader_type(body, name, types)
+            shape = info.get(name)
+            rank = len(shape) if shape is not None else None
+            elem = info.types.get(name) or _reader_type(body, name, info.types)
             if elem is None:
                 continue  # (a dummy of a guessed type would break the model)
             current = name
@@ -75,16 +77,16 @@ def expose(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, list[str]]
                     branch = a.g
                     if a.name == attr:
                         if current in {o.name for o in branch.output}:  # (already returned: return a copy too)
-                            copy = _fresh(used, f"{current}__copy")
+                            copy = fresh(f"{current}__copy")
                             branch.node.append(helper.make_node("Identity", [current], [copy]))
                             current = copy
                         branch.output.append(helper.make_tensor_value_info(current, elem, None if rank is None else [None] * rank))
                     else:  # the other branch: an empty tensor of the same type and rank
-                        empty = _fresh(used, f"{name}__empty")
+                        empty = fresh(f"{name}__empty")
                         dims = [0] * (rank or 1)
                         branch.node.append(helper.make_node("Constant", [], [empty], value=helper.make_tensor(empty, elem, dims, [])))
                         branch.output.append(helper.make_tensor_value_info(empty, elem, dims))
-                out = _fresh(used, f"{name}__exposed")
+                out = fresh(f"{name}__exposed")
                 node.output.append(out)
                 current = out
             graph.output.append(helper.make_tensor_value_info(current, elem, None if rank is None else [None] * rank))
@@ -103,56 +105,15 @@ def fetched(values: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([v.reshape(-1, *v.shape[1:]) for v in full], axis=0)
 
 
-def _reader_type(body: onnx.GraphProto, name: str, types: Mapping[str, tuple[int, int | None]]) -> int | None:
+def _reader_type(body: onnx.GraphProto, name: str, types: Mapping[str, int]) -> int | None:
     """The element type of ``name`` from a MatMul/Gemm that reads it with a typed operand (the
     two share their type), where inference could not tell it."""
     for node in body.node:
         if name in node.input and node.op_type in ("MatMul", "Gemm"):
             for other in node.input[:2]:
-                if other != name and other in types and types[other][0]:
-                    return types[other][0]
+                if other != name and types.get(other):
+                    return types[other]
     return None
-
-
-def _names(model: onnx.ModelProto) -> set[str]:
-    used: set[str] = set()
-    for g in io.iter_graphs(model.graph):
-        used |= {t.name for t in g.initializer} | {v.name for v in (*g.input, *g.output, *g.value_info)}
-        for n in g.node:
-            used |= set(n.input) | set(n.output)
-    return used
-
-
-def _fresh(used: set[str], base: str) -> str:
-    name, k = base, 1
-    while name in used:
-        name, k = f"{base}_{k}", k + 1
-    used.add(name)
-    return name
-
-
-def _value_types(model: onnx.ModelProto) -> dict[str, tuple[int, int | None]]:
-    """Element type and rank of the values shape inference (and the model's annotations) know."""
-    out: dict[str, tuple[int, int | None]] = {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
-    except Exception:  # (a model onnxruntime runs may still trip inference; what the annotations say stands)
-        inferred = model
-    for g in io.iter_graphs(model.graph):
-        for t in g.initializer:
-            out[t.name] = (t.data_type, len(t.dims))
-        for n in g.node:
-            if n.op_type == "Constant" and n.output:
-                t = next((a.t for a in n.attribute if a.name == "value"), None)
-                if t is not None:
-                    out[n.output[0]] = (t.data_type, len(t.dims))
-    for m in (model, inferred):
-        for g in io.iter_graphs(m.graph):
-            for v in (*g.input, *g.output, *g.value_info):
-                t = v.type.tensor_type
-                if v.type.HasField("tensor_type") and t.elem_type:
-                    out[v.name] = (t.elem_type, len(t.shape.dim) if t.HasField("shape") else out.get(v.name, (0, None))[1])
-    return out
 
 
 def overridable(model: onnx.ModelProto, weights: Iterable[str]) -> onnx.ModelProto:
