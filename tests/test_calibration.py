@@ -279,42 +279,32 @@ def test_directory_with_labels_in_some_files_only(model, tmp_path):
         load_calibration(model, d)
 
 
-def test_npz_with_a_scalar_input_gives_it_to_every_feed(tmp_path):
-    #   x[batch,4] --If(cond: scalar bool){ then: Identity(x); else: Neg(x) }--> y
+def _if_model(cond: str = "cond", shape: tuple[int, ...] = ()):
+    """x[batch,4] --If(``cond``: bool of ``shape``){ then: Identity(x); else: Neg(x) }--> y: a scalar
+    condition, or ``use_cache_branch`` of shape [1] as an optimum merged decoder takes it."""
     from onnx import TensorProto, helper
 
     then_g = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [],
                                [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", 4])])
     else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
                                [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", 4])])
-    g = helper.make_graph([helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)], "g",
+    g = helper.make_graph([helper.make_node("If", [cond], ["y"], then_branch=then_g, else_branch=else_g)], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
-                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                           helper.make_tensor_value_info(cond, TensorProto.BOOL, list(shape))],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_npz_with_a_scalar_input_gives_it_to_every_feed(tmp_path):
+    m = _if_model()
     np.savez(tmp_path / "c.npz", x=np.ones((10, 4), np.float32), cond=np.array(True))
     feeds = list(load_calibration(m, tmp_path / "c.npz", calib_batch=4))
     assert [f["x"].shape[0] for f in feeds] == [4, 4, 2]
     assert all(f["cond"].shape == () and bool(f["cond"]) for f in feeds)
 
 
-def _flag_model():
-    """x[batch,4] --If(use_cache_branch: bool[1], as an optimum merged decoder takes it)--> y."""
-    from onnx import TensorProto, helper
-
-    then_g = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [],
-                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", 4])])
-    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
-                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", 4])])
-    g = helper.make_graph([helper.make_node("If", ["use_cache_branch"], ["y"], then_branch=then_g, else_branch=else_g)], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
-                           helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_a_fixed_shape_input_of_a_free_batch_model_goes_with_every_feed_as_it_is(tmp_path):
-    m = _flag_model()
+    m = _if_model("use_cache_branch", (1,))
     np.savez(tmp_path / "c.npz", x=np.arange(40, dtype=np.float32).reshape(10, 4), use_cache_branch=np.array([True]))
     data = load_calibration(m, tmp_path / "c.npz", calib_batch=4)
     feeds = list(data)
