@@ -234,6 +234,11 @@ def _fmt_width(w: dict[str, Any]) -> str:
 def render_sections(sections: dict[str, Any]) -> str:
     """The stages' numbers under the totals: data-aware, adaptive, refine, latency and int8."""
     lines = [f"{(key.replace('_', '-') + ':').ljust(14)} {_fmt_extra(sections[key])}" for key in _NUMBER_SECTIONS if key in sections]
+    fold = sections.get("fold")
+    if fold:
+        ops = sorted({op for c in fold["chains"] for op in c["ops"]})
+        lines.insert(0, f"{'folded:':<14} {len(fold['chains'])} weight(s) read through {'/'.join(ops)}, now read as constants "
+                        "(the same values, nothing stored twice), so that they are candidates")
     if "width" in sections:
         lines.append(f"{'width:':<14} {_fmt_width(sections['width'])}")
     lat = sections.get("latency")

@@ -2,7 +2,7 @@
 
 Data flows one way::
 
-    load -> discover -> blocks -> calibrate -> statistics -> width -> spectra -> decide | adaptive -> latency
+    load -> fold -> discover -> blocks -> calibrate -> statistics -> width -> spectra -> decide | adaptive -> latency
          -> refine -> rewrite -> quantize -> adaptive-check -> latency-model -> report -> verify
 
 Each stage reads the request and what earlier stages returned, and returns a typed result
@@ -16,6 +16,7 @@ from .adaptive import Adapt, CheckAdaptive
 from .calibrate import Calibrate
 from .decide import Decide
 from .discover import Discover
+from .fold import Fold
 from .latency import TimeLayers, TimeModel
 from .load import Load
 from .quantize import Quantize
@@ -31,7 +32,7 @@ __all__ = ["PIPELINE"]
 
 #: The stages of ``compress()``, in order.
 PIPELINE = (
-    Load(), Discover(), FindBlocks(), Calibrate(), CaptureStatistics(), Narrow(), TakeSpectra(), Decide(), Adapt(), TimeLayers(),
+    Load(), Fold(), Discover(), FindBlocks(), Calibrate(), CaptureStatistics(), Narrow(), TakeSpectra(), Decide(), Adapt(), TimeLayers(),
     Refine(),
     Rewrite(), Quantize(), CheckAdaptive(), TimeModel(), Report(), Verify(),
 )

@@ -93,6 +93,7 @@ class Layer:
     scope: str = ""  # "" for the main graph, else the path of its If/Loop/Scan body or function
     holders: tuple[str, ...] = ()  # the op types of the nodes that hold its graph, outermost first ("If", "Loop", ...)
     outers: tuple[onnx.GraphProto, ...] = ()  # the graphs around its graph, outermost first (whose names it sees)
+    behind: Weight | None = None  # a constant that reaches the node only through layout operators (not folded)
 
     @property
     def in_if_branches(self) -> bool:
@@ -231,6 +232,8 @@ class Discovery(StageResult):
         return [g for g in self.groups if g.skip is None]
 
 
+_FOLD_HINT = "; fold constants first (onnxsim, or an onnxruntime session with optimized_model_filepath), then compress"
+
 #: Operators an exporter may put between a weight and its product, which constant folding removes.
 _FOLDABLE = frozenset({"Transpose", "Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten"})
 
@@ -300,6 +303,15 @@ def discover(
     # First, so that a re-run names the pair even for a factor under --min-params.
     _mark_factor_pairs(result)
 
+    for layer in result.layers:  # a weight the fold stage left behind its layout operators: say why
+        if layer.behind is not None and layer.skip is not None and layer.skip.code is SkipCode.NO_CONSTANT_WEIGHT:
+            filtered = _filter_skip(layer, layer.behind, min_params, inc, exc)
+            if filtered is not None:
+                layer.skip = filtered
+            elif len(layer.behind.uses) > 1:
+                layer.skip = _skip(SkipCode.NO_CONSTANT_WEIGHT, layer.skip.message.removesuffix(_FOLD_HINT)
+                                   + ", which other nodes read too: folding it would store it twice, so it stays as it is")
+
     groups: dict[int, WeightGroup] = {}  # by the weight's definition number
     for layer in result.layers:
         if layer.weight is None or layer.skip is not None:
@@ -339,6 +351,11 @@ def _weight_skip(layer: Layer, min_params: int, allow_input_weights: bool, inc: 
     if w.is_graph_input and not allow_input_weights:
         return _skip(SkipCode.GRAPH_INPUT, "weight is also a graph input, so it can be overridden at run time; "
                      f"pass {option('allow_input_weights')} if it never is")
+    return _filter_skip(layer, w, min_params, inc, exc)
+
+
+def _filter_skip(layer: Layer, w: Weight, min_params: int, inc: re.Pattern | None, exc: re.Pattern | None) -> Skip | None:
+    """Whether --min-params, --exclude or --include leaves the layer of weight ``w`` alone."""
     size = int(np.prod(w.shape))
     if size < min_params:
         return _skip(SkipCode.TOO_SMALL, f"{size:,} parameters, fewer than {option('min_params')} {min_params:,}")
@@ -517,11 +534,17 @@ def _classify(node: onnx.NodeProto, graph: onnx.GraphProto, display: str, resolv
             d = producers[i]
             if d is not None and d.kind == "node" and d.node is not None and d.node.op_type in _FOLDABLE and d.node.input:
                 src = resolve(d.node.input[0])
+                for _ in range(8):  # back through a chain of them (Unsqueeze then Reshape, ...)
+                    if src is None or src.weight is not None or src.kind != "node" or src.node is None:
+                        break
+                    if src.node.op_type not in _FOLDABLE or not src.node.input:
+                        break
+                    src = resolve(src.node.input[0])
                 if src is not None and src.weight is not None:
+                    layer.behind = src.weight
                     made = d.node.name or d.node.output[0]
                     layer.skip = _skip(SkipCode.NO_CONSTANT_WEIGHT, f"no constant weight: input {i} is {d.node.op_type} "
-                                       f"'{made}' of the constant '{src.weight.name}'; fold constants first (onnxsim, or "
-                                       "an onnxruntime session with optimized_model_filepath), then compress")
+                                       f"'{made}' of the constant '{src.weight.name}'" + _FOLD_HINT)
                     return layer
         layer.skip = _skip(SkipCode.NO_CONSTANT_WEIGHT, "no constant weight: the kernel (input 1) is computed at run time"
                            if node.op_type in CONV_OPS else "no constant weight: both operands are computed at run time")

@@ -316,16 +316,14 @@ def test_rank_rules_fixed_rank_and_multiple():
     assert decision(ol.compress(m, energy=0.5, rank_multiple=16, min_params=0), "mm").rank % 16 == 0
 
 
-@pytest.mark.parametrize("op", ["Transpose", "Identity", "Cast"])
-def test_a_weight_behind_a_foldable_node_says_so_and_how_to_fix_it(op):
+def test_a_weight_behind_a_node_the_pass_does_not_fold_says_so_and_how_to_fix_it():
+    """A widening Cast (float16 stored, float32 computed) would double the bytes if folded."""
     from onnx import helper
 
     from models import init, lowrank, make_model, vi
 
-    w = lowrank(16, 8, 2)
-    kw = {"perm": [1, 0]} if op == "Transpose" else {"to": 1} if op == "Cast" else {}
-    stored = w.T.copy() if op == "Transpose" else w
-    m = make_model([helper.make_node(op, ["W"], ["Wt"], name="prep", **kw), helper.make_node("MatMul", ["x", "Wt"], ["y"], name="mm")],
-                   [vi("x", ["N", 16])], [vi("y", ["N", 8])], [init("W", stored)])
+    op = "Cast"
+    m = make_model([helper.make_node(op, ["W"], ["Wt"], name="prep", to=1), helper.make_node("MatMul", ["x", "Wt"], ["y"], name="mm")],
+                   [vi("x", ["N", 16])], [vi("y", ["N", 8])], [init("W", lowrank(16, 8, 2).astype(np.float16))])
     (row,) = ol.compress(m, energy=0.99, min_params=0).layers
     assert f"input 1 is {op} 'prep' of the constant 'W'; fold constants first" in row.reason

@@ -18,6 +18,7 @@ from onnx_lowrank.passes.adaptive import Adapt, Adapted, CheckAdaptive, Checked
 from onnx_lowrank.passes.calibrate import Calibrate, Calibration
 from onnx_lowrank.passes.decide import Decide, Decided
 from onnx_lowrank.passes.discover import Discover, Discovery
+from onnx_lowrank.passes.fold import Fold, Folded
 from onnx_lowrank.passes.latency import ModelTimed, Timed, TimeLayers, TimeModel
 from onnx_lowrank.passes.load import Load, Loaded
 from onnx_lowrank.passes.quantize import Quantize, Quantized
@@ -57,7 +58,7 @@ def upto(stage, model=None, *, verify=None, probe=None, dry_run=False, calib=Non
 
 
 def test_every_stage_of_the_pipeline_has_a_test_here():
-    tested = {Load, Discover, FindBlocks, Calibrate, CaptureStatistics, Narrow, TakeSpectra, Decide, Adapt, TimeLayers, Refine,
+    tested = {Load, Fold, Discover, FindBlocks, Calibrate, CaptureStatistics, Narrow, TakeSpectra, Decide, Adapt, TimeLayers, Refine,
               Rewrite, CheckAdaptive, Quantize, TimeModel, Report, Verify}
     assert {type(s) for s in passes.PIPELINE} == tested
 
@@ -68,6 +69,21 @@ def test_load_copies_the_model_and_counts_its_parameters():
     loaded = ctx.need(Loaded)
     assert loaded.model is not m and loaded.params == 64 * 64 + 64 * 32 and not loaded.external and loaded.path is None
     assert ctx.model is loaded.model
+
+
+def test_fold_hands_on_the_loaded_copy_with_layout_chains_folded():
+    m = chain()
+    w1 = onnx.numpy_helper.to_array(m.graph.initializer[0])
+    m.graph.initializer[0].CopyFrom(init("W1", w1.T.copy()))
+    m.graph.node.insert(0, helper.make_node("Transpose", ["W1"], ["W1t"], perm=[1, 0]))
+    m.graph.node[1].input[1] = "W1t"
+    ctx = upto(Fold, m)
+    folded = ctx.need(Folded)
+    assert folded.model is ctx.need(Loaded).model and ctx.model is folded.model  # the working copy, changed in place
+    assert [c["name"] for c in folded.chains] == ["W1"] and [n.op_type for n in ctx.model.graph.node] == ["MatMul", "MatMul"]
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(ctx.model.graph.initializer[0]), w1)
+    assert [n.op_type for n in m.graph.node][0] == "Transpose"  # (the caller's model is not)
+    assert upto(Fold).need(Folded).chains == []
 
 
 def test_discover_groups_weights_and_names_skips_by_code():

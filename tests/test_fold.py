@@ -1,0 +1,187 @@
+"""The fold stage: weights behind layout operators become constants the pass can factorize."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import onnx_lowrank as ol
+from models import init, lowrank, make_model, run, vi
+from onnx_lowrank.plan import SkipCode
+from onnx_lowrank.passes.fold import fold_layout
+
+X = np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32)
+
+
+def _chain_model(nodes, stored, out="Wt", x_type=TensorProto.FLOAT, ir_version=None, extra=()):
+    return make_model([*nodes, helper.make_node("MatMul", ["x", out], ["y"], name="mm")],
+                      [vi("x", ["N", 16], x_type)], [vi("y", ["N", 8], x_type)], [init("W", stored), *extra],
+                      ir_version=ir_version)
+
+
+def _only(res, name="mm"):
+    return next(d for d in res.layers if d.node == name)
+
+
+CHAINS = {
+    "Transpose": (lambda w: w.T.copy(), [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0], name="prep")], []),
+    "Identity": (lambda w: w, [helper.make_node("Identity", ["W"], ["Wt"], name="prep")], []),
+    "Flatten": (lambda w: w.reshape(16, 1, 8), [helper.make_node("Flatten", ["W"], ["Wt"], axis=1, name="prep")], []),
+    "Squeeze": (lambda w: w.reshape(1, 16, 8), [helper.make_node("Squeeze", ["W", "ax"], ["Wt"], name="prep")],
+                [init("ax", np.array([0], np.int64))]),
+    "Unsqueeze+Reshape": (lambda w: w.reshape(128), [helper.make_node("Unsqueeze", ["W", "ax"], ["W1"], name="prep"),
+                                                     helper.make_node("Reshape", ["W1", "shape"], ["Wt"], name="prep2")],
+                          [init("ax", np.array([0], np.int64)), init("shape", np.array([16, -1], np.int64))]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CHAINS))
+def test_a_weight_behind_layout_operators_is_folded_and_factorized_under_its_own_name(kind):
+    w = lowrank(16, 8, 2)
+    store, nodes, extra = CHAINS[kind]
+    m = _chain_model(nodes, store(w), extra=extra)
+    before = m.SerializeToString()
+    res = ol.compress(m, rank=2, min_params=0)
+    assert m.SerializeToString() == before  # the caller's model is untouched
+    row = _only(res)
+    assert row.factorized and row.weight == "W" and row.rank == 2
+    (chain,) = res.sections["fold"]["chains"]
+    assert chain["source"] == "W" and chain["name"] == "W" and chain["readers"] == ["mm"]
+    assert chain["ops"] == [n.op_type for n in nodes]
+    out = res.model.graph
+    assert not {"Transpose", "Identity", "Flatten", "Squeeze", "Unsqueeze", "Reshape"} & {n.op_type for n in out.node}
+    assert {t.name for t in out.initializer}.isdisjoint({"ax", "shape"})  # the chain's own constants went with it
+    np.testing.assert_allclose(run(res.model, {"x": X})[0], X @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_a_constant_node_source_becomes_a_constant_node():
+    w = lowrank(16, 8, 2)
+    const = helper.make_node("Constant", [], ["W"], value=onnx.numpy_helper.from_array(w.T.copy()), name="c")
+    m = make_model([const, helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+                    helper.make_node("MatMul", ["x", "Wt"], ["y"], name="mm")], [vi("x", ["N", 16])], [vi("y", ["N", 8])])
+    chains = fold_layout(m)
+    assert [c["name"] for c in chains] == ["W"]
+    assert [n.op_type for n in m.graph.node] == ["Constant", "MatMul"] and not m.graph.initializer
+    np.testing.assert_allclose(run(m, {"x": X})[0], X @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_narrowing_cast_folds_a_widening_one_does_not():
+    w = lowrank(16, 8, 2)
+    narrow = _chain_model([helper.make_node("Cast", ["W"], ["Wt"], to=TensorProto.FLOAT16, name="prep")], w, x_type=TensorProto.FLOAT16)
+    assert [c["ops"] for c in fold_layout(narrow)] == [["Cast"]]
+    assert narrow.graph.initializer[0].data_type == TensorProto.FLOAT16
+    wide = _chain_model([helper.make_node("Cast", ["W"], ["Wt"], to=TensorProto.FLOAT, name="prep")], w.astype(np.float16))
+    res = ol.compress(wide, rank=2, min_params=0)
+    assert "fold" not in res.sections
+    assert _only(res).reason.startswith("no constant weight: input 1 is Cast 'prep' of the constant 'W'; fold constants first")
+
+
+def test_a_source_something_else_reads_is_not_stored_twice():
+    """A tied output projection: the table is read by Gather and, transposed, by the MatMul."""
+    w = lowrank(16, 8, 2)
+    m = make_model([helper.make_node("Gather", ["W", "ids"], ["emb"], axis=0),
+                    helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0], name="prep"),
+                    helper.make_node("MatMul", ["x", "Wt"], ["y"], name="mm")],
+                   [vi("x", ["N", 8]), vi("ids", ["N"], TensorProto.INT64)], [vi("y", ["N", 16]), vi("emb", ["N", 8])],
+                   [init("W", w)])
+    res = ol.compress(m, rank=2, min_params=0)
+    assert "fold" not in res.sections and res.model.graph.SerializeToString() == m.graph.SerializeToString()
+    row = _only(res)
+    assert row.skip_code == SkipCode.NO_CONSTANT_WEIGHT.value
+    assert "which other nodes read too: folding it would store it twice" in row.reason
+
+
+def test_one_transposed_weight_read_by_two_products_is_folded_once_and_shared():
+    """ALBERT's layers share one matrix, which the export transposes once for all of them."""
+    w = lowrank(16, 16, 3)
+    m = make_model([helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0], name="prep"),
+                    helper.make_node("MatMul", ["x", "Wt"], ["h"], name="mm"),
+                    helper.make_node("MatMul", ["h", "Wt"], ["y"], name="mm2")],
+                   [vi("x", ["N", 16])], [vi("y", ["N", 16])], [init("W", w.T.copy())])
+    res = ol.compress(m, rank=3, min_params=0)
+    assert len(res.sections["fold"]["chains"]) == 1 and res.sections["fold"]["chains"][0]["readers"] == ["mm", "mm2"]
+    assert _only(res, "mm").factorized and _only(res, "mm2").factorized
+    assert sum(int(np.prod(t.dims)) for t in res.model.graph.initializer) == 3 * 32  # one pair of factors for both
+    np.testing.assert_allclose(run(res.model, {"x": X})[0], X @ w @ w, rtol=1e-3, atol=1e-3)
+
+
+def test_a_weight_read_directly_and_through_identity_is_one_shared_weight():
+    """TorchScript's ALBERT: layer 0 reads the shared matrix, later layers an Identity of it."""
+    w = lowrank(16, 16, 3)
+    m = make_model([helper.make_node("Identity", ["W"], ["W_again"], name="alias"),
+                    helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+                    helper.make_node("MatMul", ["h", "W_again"], ["y"], name="mm2")],
+                   [vi("x", ["N", 16])], [vi("y", ["N", 16])], [init("W", w)])
+    res = ol.compress(m, rank=3, min_params=0)
+    assert [c["ops"] for c in res.sections["fold"]["chains"]] == [["Identity"]]
+    assert _only(res, "mm").factorized and _only(res, "mm2").shared_with == "mm"
+    assert "Identity" not in [n.op_type for n in res.model.graph.node]
+    assert sum(int(np.prod(t.dims)) for t in res.model.graph.initializer) == 3 * 32
+    np.testing.assert_allclose(run(res.model, {"x": X})[0], X @ w @ w, rtol=1e-3, atol=1e-3)
+    # to a graph output, an Identity of a weight read elsewhere stays (renaming would change the output's name)
+    m.graph.output.append(vi("W_again", [16, 16]))
+    assert fold_layout(m) == []
+
+
+def test_a_layer_the_filters_leave_alone_keeps_its_layout_nodes():
+    w = lowrank(16, 8, 2)
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0], name="prep")]
+    m = _chain_model(nodes, w.T.copy())
+    for kw, code in ((dict(exclude="^mm$", min_params=0), SkipCode.EXCLUDED), (dict(include="nothing", min_params=0), SkipCode.NOT_INCLUDED),
+                     (dict(min_params=1000), SkipCode.TOO_SMALL)):
+        res = ol.compress(m, rank=2, **kw)
+        assert "fold" not in res.sections and _only(res).skip_code == code.value, kw
+        assert res.model.graph.SerializeToString() == m.graph.SerializeToString()
+
+
+def test_a_chain_inside_an_if_branch_is_folded_there():
+    w = lowrank(16, 8, 2)
+    branch = helper.make_graph([helper.make_node("Transpose", ["Wb"], ["Wt"], perm=[1, 0]),
+                                helper.make_node("MatMul", ["x", "Wt"], ["yb"], name="mm_in_branch")],
+                               "then", [], [vi("yb", ["N", 8])], initializer=[init("Wb", w.T.copy())])
+    other = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["yo"])], "else", [], [vi("yo", ["N", 8])])
+    m = make_model([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)],
+                   [vi("x", ["N", 16]), vi("c", [], TensorProto.BOOL)], [vi("y", ["N", 8])], [init("W", w)])
+    res = ol.compress(m, rank=2, min_params=0)
+    (chain,) = res.sections["fold"]["chains"]
+    assert chain["name"] == "Wb" and chain["graph"].startswith("If")
+    assert all(d.factorized for d in res.layers)
+    for flag in (True, False):
+        np.testing.assert_allclose(run(res.model, {"x": X, "c": np.array(flag)})[0], X @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_a_folded_value_that_is_a_graph_output_keeps_its_name():
+    w = lowrank(16, 8, 2)
+    m = make_model([helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "Wt"], ["y"])],
+                   [vi("x", ["N", 16])], [vi("y", ["N", 8]), vi("Wt", [16, 8])], [init("W", w.T.copy())])
+    assert [c["name"] for c in fold_layout(m)] == ["Wt"]
+    onnx.checker.check_model(m, full_check=True)
+    np.testing.assert_allclose(run(m, {"x": X})[1], w)
+
+
+def test_ir3_initializers_are_not_folded():
+    w = lowrank(16, 8, 2)
+    m = _chain_model([helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0], name="prep")], w.T.copy(), ir_version=3)
+    assert fold_layout(m) == []
+
+
+def test_an_external_data_model_is_folded_from_its_data_file_and_the_input_is_untouched(tmp_path):
+    w = lowrank(64, 32, 4)
+    m = make_model([helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0], name="prep"),
+                    helper.make_node("MatMul", ["x", "Wt"], ["y"], name="mm")], [vi("x", ["N", 64])], [vi("y", ["N", 32])],
+                   [init("W", w.T.copy())])
+    src = tmp_path / "in" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save_model(m, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="m.data", size_threshold=0)
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.parent.iterdir()}
+    res = ol.compress(str(src), rank=4, min_params=0)
+    res.save(tmp_path / "out.onnx")
+    assert _only(res).factorized and res.sections["fold"]["chains"][0]["source"] == "W"
+    assert digest == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.parent.iterdir()}
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})[0], x @ w, rtol=1e-4, atol=1e-4)
