@@ -137,17 +137,45 @@ class CompressResult:
                 raise UsageError(f"{option('report')} {report}: is the data file of the model being written; choose a "
                                  f"different {option('report')}; nothing was written.")
             if report is not None:
-                text = self.to_json() + "\n"
+                text = self.report_text(report)
                 files.stage(report, lambda f: f.write(text.encode("utf-8")))
             files.commit_reporting(written + ([Path(report)] if report is not None else []))
         return written
 
     def write_report(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_json` to ``path`` alone (a dry run's plan), all or nothing."""
+        """Write :meth:`report_text` to ``path`` alone (a dry run's plan), all or nothing."""
         if not isinstance(path, (str, os.PathLike)):
             raise UsageError(f"write_report() takes a file path (a str or os.PathLike), got {path!r}.")
         io.check_output_path(path, self.source_path, flag=option("report"))
-        return io.write_text(path, self.to_json() + "\n")
+        return io.write_text(path, self.report_text(path))
+
+    def render(self) -> str:
+        """The report as the command line prints it: the layer table, the totals, each stage's
+        numbers and the check."""
+        from .report import render_sections, render_table, render_totals
+        from .verify import render_verification
+
+        parts = [render_table(self.layers), "", render_totals(self.totals)]
+        if self.sections:
+            parts.append(render_sections(self.sections))
+        if self.verification is not None:
+            parts += ["", render_verification(self.verification)]
+        return "\n".join(parts)
+
+    def report_text(self, path: str | os.PathLike) -> str:
+        """The report in the form ``path``'s suffix names: ``.md`` Markdown (the printed report
+        in a text block), ``.txt`` the printed report, anything else JSON (:meth:`to_json`)."""
+        suffix = Path(path).suffix.lower()
+        if suffix not in (".md", ".markdown", ".txt"):
+            return self.to_json() + "\n"
+        if suffix == ".txt":
+            return self.render() + "\n"
+        source = f"`{self.source_path.name}`" if self.source_path is not None else "an in-memory model"
+        what = "plan (dry run)" if self.dry_run else "report"
+        defaults = CompressConfig().to_dict(results_only=True)
+        changed = {k: v for k, v in self.config.to_dict(results_only=True).items() if v != defaults.get(k)}
+        return (f"# onnx-lowrank {what}: {source}\n\nOptions other than the defaults: `{json.dumps(changed, sort_keys=True)}`"
+                f"\n\n```text\n{self.render()}\n```\n")
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data: layers, totals, config, and each stage's section once."""

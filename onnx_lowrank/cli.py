@@ -92,7 +92,8 @@ def _compress_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT", help="output .onnx path (external data is written beside it)")
     _pass_options(p)
     out = p.add_argument_group("output")
-    out.add_argument("--report", metavar="JSON", help="also write the report as JSON")
+    out.add_argument("--report", metavar="FILE", help="also write the report: Markdown for .md, the printed text for .txt, "
+                                                    "JSON otherwise")
     out.add_argument("--dry-run", action="store_true", help="print the plan; write no model (only --report, if given)")
     _verify_options(p, "verification (runs before anything is written, when --verify or any of these is given)",
                     skip=("threads", "input_shape"))
@@ -209,15 +210,8 @@ def _run_compress(argv: Sequence[str]) -> int:
     written = [] if args.dry_run else result.save(args.output, report=args.report)
     check = result.verification
     if not args.quiet:
-        _print(render_table(result.layers))
-        _print("")
-        _print(render_totals(result.totals))
-        if result.sections:
-            _print(render_sections(result.sections))
-        if check is not None:
-            _print("")
-            _print(render_verification(check))
-        elif not args.dry_run:
+        _print(result.render())
+        if check is None and not args.dry_run:
             _print("")
             _print("not verified: add --calib data.npz (or --verify for random inputs) to compare with the original in onnxruntime")
     if check is not None:

@@ -32,6 +32,28 @@ def test_compress_writes_model_and_json_report(model_path, tmp_path, capsys):
     assert doc["config"]["energy"] == 0.93
 
 
+def test_the_report_takes_the_form_its_suffix_names(model_path, tmp_path, capsys):
+    """.md: Markdown (the printed report in a text block); .txt: the printed report; else JSON."""
+    printed = None
+    for name in ("r.md", "r.txt", "r.report"):
+        rep = tmp_path / name
+        assert main([str(model_path), "-o", str(tmp_path / "o.onnx"), "--energy", "0.93", "--min-params", "0", "--verify",
+                     "--report", str(rep)]) == 0
+        out = capsys.readouterr().out
+        printed = out[:out.index("\nwrote ")]
+        text = rep.read_text()
+        if name == "r.md":
+            assert text.startswith("# onnx-lowrank report: `model.onnx`")
+            assert '`{"energy": 0.93, "min_params": 0}`' in text  # the options a user changed
+            assert f"```text\n{printed}\n```" in text
+        elif name == "r.txt":
+            assert text == printed + "\n"
+        else:
+            assert json.loads(text)["totals"]["factorized"] == 1
+    assert main([str(model_path), "--dry-run", "--min-params", "0", "--report", str(tmp_path / "plan.md")]) == 0
+    assert (tmp_path / "plan.md").read_text().startswith("# onnx-lowrank plan (dry run): `model.onnx`")
+
+
 def test_dry_run_writes_nothing(model_path, tmp_path, capsys):
     before = sorted(tmp_path.iterdir())
     assert main([str(model_path), "--dry-run", "--min-params", "0"]) == 0
