@@ -120,9 +120,51 @@ def test_sensitivity_on_a_local_ray_matches_the_run_here():
             signal.signal(s, handler)
 
 
+def test_ray_workers_are_sized_to_the_free_cpus_of_the_cluster(caplog):
+    """Two one-CPU actors on a one-CPU Ray: the second never starts and the pool would wait for it."""
+    ray = pytest.importorskip("ray", reason="Ray is the optional 'ray' extra")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with caplog.at_level("WARNING"):
+            small = RayExecutor(2, cores=1)
+        assert (small.workers, small.threads) == (1, 1)
+        assert "has 1 CPU(s): 1 worker(s) instead of 2" in caplog.text
+        assert small.run(lambda s: s, lambda s, x: x + s, 10, [1, 2, 3]) == [11, 12, 13]
+    finally:
+        ray.shutdown()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
 def test_a_ray_address_without_ray_is_a_usage_error():
     with pytest.raises(ol.UsageError, match="ray_address names a Ray cluster"):
         ol.CompressConfig(ray_address="ray://head:10001")
+
+
+def test_a_ray_address_nothing_answers_at_is_refused_at_once():
+    """Ray itself retries an address where nothing listens for minutes."""
+    import socket
+    import time
+
+    from onnx_lowrank.runtime.executor import check_reachable
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        check_reachable(f"127.0.0.1:{port}")
+        check_reachable(f"ray://127.0.0.1:{port}")
+    start = time.monotonic()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):  # (closed now)
+        with pytest.raises(ol.UsageError, match=r"nothing accepts connections there \(.*\); start the cluster"):
+            check_reachable(address)
+    assert time.monotonic() - start < 5
+    with pytest.raises(ol.UsageError, match="not host:port"):
+        check_reachable("head-node")
+    check_reachable("auto")  # (Ray's to resolve)
+    pytest.importorskip("ray", reason="Ray is the optional 'ray' extra")
+    with pytest.raises(ol.UsageError, match="nothing accepts connections there"):
+        ol.compress(chain_model(), executor="ray", workers=2, ray_address=f"127.0.0.1:{port}")
 
 
 def test_spectra_and_statistics_in_worker_processes_match_the_run_here():

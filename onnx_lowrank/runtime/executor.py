@@ -25,6 +25,7 @@ Results come back in the order of the items, whatever the executor, and every wo
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import contextlib
 import multiprocessing
 import os
@@ -34,6 +35,8 @@ from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 from ..errors import UsageError, option
 from .threads import available_cores, limit, limit_blas
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Executor", "InProcess", "Threads", "ProcessPool", "RayExecutor", "make_executor", "EXECUTORS"]
 
@@ -142,11 +145,24 @@ class RayExecutor:
             raise UsageError(f"{option('executor')} ray needs Ray: pip install 'onnx-lowrank[ray]'.") from None
         self.ray = ray
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"address": address} if address else {"num_cpus": cores or available_cores()}
+            if address:
+                check_reachable(address)
+            # (without an address, a Ray of its own: "local" keeps ray.init from joining a cluster
+            # already running on this machine, which refuses num_cpus)
+            kwargs: dict[str, Any] = {"address": address} if address else {"address": "local", "num_cpus": cores or available_cores()}
             with _own_signals():
                 ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, **kwargs)
-        self.workers = int(workers)
-        self.threads = max(1, (cores or available_cores()) // self.workers)
+        # Size the actors to the cluster's CPUs, not to this machine's: an actor that can never be
+        # placed never starts, and the pool would wait for it for ever.
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if cpus < 1:
+            raise UsageError(f"the Ray cluster has no CPU for the pass's workers; add a node with CPUs, or run without "
+                             f"{option('executor')} ray.")
+        total = min(cores, cpus) if cores else cpus
+        self.workers = min(int(workers), total)
+        if self.workers < int(workers):
+            log.warning("the Ray cluster has %d CPU(s): %d worker(s) instead of %d", cpus, self.workers, int(workers))
+        self.threads = max(1, total // self.workers)
 
     def run(self, setup, task, shared, items, progress=None):
         if not items:
@@ -166,6 +182,26 @@ class RayExecutor:
         for a in actors:
             ray.kill(a)
         return out
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse, in one line, a cluster address where nothing accepts a connection: Ray itself keeps
+    retrying for minutes.  ``auto`` and ``local`` are Ray's to resolve."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # (an IPv6 address in brackets)
+    fix = f"start the cluster (ray start --head) or correct {option('ray_address')} (host:port, or ray://host:10001)"
+    if not host or not port.isdigit():
+        raise UsageError(f"{option('ray_address')} {address}: not host:port; {fix}.")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or type(exc).__name__
+        raise UsageError(f"{option('ray_address')} {address}: nothing accepts connections there ({why}"
+                         f"{f' within {timeout:g} s' if isinstance(exc, TimeoutError) else ''}); {fix}.") from None
 
 
 @contextlib.contextmanager
