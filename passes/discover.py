@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -94,6 +94,7 @@ class Layer:
     holders: tuple[str, ...] = ()  # the op types of the nodes that hold its graph, outermost first ("If", "Loop", ...)
     outers: tuple[onnx.GraphProto, ...] = ()  # the graphs around its graph, outermost first (whose names it sees)
     behind: Weight | None = None  # a constant that reaches the node only through layout operators (not folded)
+    behind_slot: int = -1  # (the input it reaches)
 
     @property
     def in_if_branches(self) -> bool:
@@ -277,6 +278,7 @@ def discover(
     exclude: str | None = None,
     min_params: int = 0,
     allow_input_weights: bool = False,
+    declined: Mapping[str, str] | None = None,
 ) -> Discovery:
     """Walk the model and classify every MatMul/Gemm/Conv node.
 
@@ -288,6 +290,8 @@ def discover(
         min_params: Weights with fewer elements are left alone.
         allow_input_weights: Factorize weights that are also graph inputs (IR < 4 lists every
             initializer as an input); the factors then become inputs in its place.
+        declined: Why the fold stage left a chain of layout operators as it is, by the value the
+            product reads (its row then says so).
     """
     wanted = {t for t in op_types if t in MATRIX_OPS or t in CONV_OPS}
     if "Conv" in wanted:
@@ -306,11 +310,12 @@ def discover(
     for layer in result.layers:  # a weight the fold stage left behind its layout operators: say why
         if layer.behind is not None and layer.skip is not None and layer.skip.code is SkipCode.NO_CONSTANT_WEIGHT:
             filtered = _filter_skip(layer, layer.behind, min_params, inc, exc)
+            why = (declined or {}).get(layer.node.input[layer.behind_slot])
             if filtered is not None:
                 layer.skip = filtered
-            elif len(layer.behind.uses) > 1:
-                layer.skip = _skip(SkipCode.NO_CONSTANT_WEIGHT, layer.skip.message.removesuffix(_FOLD_HINT)
-                                   + ", which other nodes read too: folding it would store it twice, so it stays as it is")
+            elif why:
+                layer.skip = _skip(SkipCode.NO_CONSTANT_WEIGHT, f"{layer.skip.message.removesuffix(_FOLD_HINT)}, not folded: {why}"
+                                   + (_FOLD_HINT.replace("first", "elsewhere if that suits", 1) if "wider" in why else ""))
 
     groups: dict[int, WeightGroup] = {}  # by the weight's definition number
     for layer in result.layers:
@@ -533,15 +538,14 @@ def _classify(node: onnx.NodeProto, graph: onnx.GraphProto, display: str, resolv
         for i in ((1,) if node.op_type in CONV_OPS else (1, 0)):
             d = producers[i]
             if d is not None and d.kind == "node" and d.node is not None and d.node.op_type in _FOLDABLE and d.node.input:
-                src = resolve(d.node.input[0])
-                for _ in range(8):  # back through a chain of them (Unsqueeze then Reshape, ...)
-                    if src is None or src.weight is not None or src.kind != "node" or src.node is None:
-                        break
-                    if src.node.op_type not in _FOLDABLE or not src.node.input:
-                        break
+                src, seen = resolve(d.node.input[0]), {d.node.input[0]}
+                while src is not None and src.weight is None and src.kind == "node" and src.node is not None:
+                    if src.node.op_type not in _FOLDABLE or not src.node.input or src.node.input[0] in seen:
+                        break  # (back through a chain of them: Unsqueeze then Reshape, ...)
+                    seen.add(src.node.input[0])
                     src = resolve(src.node.input[0])
                 if src is not None and src.weight is not None:
-                    layer.behind = src.weight
+                    layer.behind, layer.behind_slot = src.weight, i
                     made = d.node.name or d.node.output[0]
                     layer.skip = _skip(SkipCode.NO_CONSTANT_WEIGHT, f"no constant weight: input {i} is {d.node.op_type} "
                                        f"'{made}' of the constant '{src.weight.name}'" + _FOLD_HINT)
@@ -623,5 +627,8 @@ class Discover(Step):
 
     def run(self, ctx: Context) -> Discovery:
         cfg = ctx.config
+        from .fold import Folded
+
+        folded = ctx.get(Folded)
         return discover(ctx.model, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
-                        allow_input_weights=cfg.allow_input_weights)
+                        allow_input_weights=cfg.allow_input_weights, declined=folded.declined if folded else None)

@@ -9,12 +9,15 @@ evaluator, at the model's own opsets) and puts its result in place of the chain'
 under the same name and in the same kind of holder as the source (an initializer or a
 ``Constant`` node of the same graph).
 
-It folds only where nothing is stored twice: the source and every value inside the chain must
-have no reader besides the next node of the chain (the last value may have any number of
-readers: they all read the folded constant).  A source also read by something else, such as a
-vocabulary table that a ``Gather`` reads and a tied output projection reads transposed, is left
-as it is and discovery says why.  A ``Cast`` that widens (float16 weights computed in float32)
-would double the bytes and is not folded.  The result computes exactly what the chain computed.
+It folds only where nothing is stored twice and every reader of the result is a product that
+can take it: the source and every value inside a chain have no reader besides the chain; several
+chains from one source fold once when they compute the same value (an unoptimised ALBERT export
+transposes its shared matrix once per layer); the last value is read by weight slots of products
+alone.  A source also read by something else (a vocabulary table that a ``Gather`` reads and a
+tied output projection reads transposed), a ``Cast`` that widens (float16 weights computed in
+float32) or rounds twice in onnxruntime (float64 to a 16-bit type), and the like stay as they
+are; :attr:`Folded.declined` says why, and discovery puts it in the layer's row.  The result
+computes exactly what the chains computed.
 """
 
 from __future__ import annotations
@@ -49,15 +52,18 @@ class Folded(StageResult):
 
     Attributes:
         model, data: The working copy (changed in place when anything was folded).
-        chains: One entry per folded chain: the constant made (``name``), its ``source``, the
-            operators folded (``ops``), the graph (``graph``: ``main`` or a body's name) and the
-            products that read it (``readers``).
+        chains: One entry per folded constant: its ``name`` (the source's), the ``source``, the
+            operators folded (``ops``, of the first chain), how many chains it replaced
+            (``chains``), the graph (``graph``: ``main`` or a body's path) and the products that
+            read it (``readers``).
+        declined: Why a chain was left as it is, by the value a product reads.
     """
 
     section = "fold"
     model: onnx.ModelProto
     data: io.DataFiles
     chains: list[dict[str, Any]] = field(default_factory=list)
+    declined: dict[str, str] = field(default_factory=dict)
 
     def report_sections(self) -> dict[str, dict[str, Any]]:
         return {"fold": {"chains": self.chains}} if self.chains else {}
@@ -77,10 +83,16 @@ def _constants(graph: onnx.GraphProto) -> dict[str, tuple[str, Any]]:
     return out
 
 
-def _readers(model: onnx.ModelProto) -> dict[str, int]:
-    """How many node inputs (in every graph) and graph outputs read each name."""
+def _tensor(entry: tuple[str, Any]) -> onnx.TensorProto:
+    kind, holder = entry
+    return holder if kind == "initializer" else holder.attribute[0].t
+
+
+def _reads(graph: onnx.GraphProto) -> dict[str, int]:
+    """How often each name is read in ``graph`` and the bodies inside it (node inputs and graph
+    outputs): the readers a value of ``graph`` can have.  A sibling graph's names are its own."""
     count: dict[str, int] = {}
-    for g in io.iter_graphs(model.graph):
+    for g in io.iter_graphs(graph):
         for n in g.node:
             for name in n.input:
                 if name:
@@ -90,12 +102,18 @@ def _readers(model: onnx.ModelProto) -> dict[str, int]:
     return count
 
 
-def _narrowing_cast(node: onnx.NodeProto, source_type: int) -> bool:
+_SIZES = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)).itemsize for t in _FLOATS}
+
+
+def _cast_problem(node: onnx.NodeProto, source_type: int) -> str | None:
     to = next((a.i for a in node.attribute if a.name == "to"), None)
     if to not in _FLOATS or source_type not in _FLOATS:
-        return False
-    size = lambda t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)).itemsize  # noqa: E731
-    return size(to) <= size(source_type)
+        return "a Cast to or from a type other than floating point"
+    if _SIZES[to] > _SIZES[source_type]:
+        return "a Cast to a wider type (folding would store the weight in more bytes)"
+    if source_type == onnx.TensorProto.DOUBLE and to != onnx.TensorProto.FLOAT:
+        return "a Cast from float64 to a 16-bit type, which onnxruntime rounds twice (through float32)"
+    return None
 
 
 def _evaluate(chain: list[onnx.NodeProto], root: str, array: np.ndarray, extra: dict[str, np.ndarray],
@@ -109,159 +127,199 @@ def _evaluate(chain: list[onnx.NodeProto], root: str, array: np.ndarray, extra: 
         [onnx.helper.make_tensor_value_info(root, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)],
         [onnx.helper.make_tensor_value_info(out, onnx.TensorProto.UNDEFINED, None)],
         [numpy_helper.from_array(v, k) for k, v in extra.items()])
-    model = onnx.helper.make_model(graph, opset_imports=[o for o in opsets if o.domain in ("", "ai.onnx")])
+    version = next(o.version for o in opsets if o.domain in ("", "ai.onnx"))  # (the default domain, by either name)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", version)])
     return ReferenceEvaluator(model).run(None, {root: array})[0]
 
 
+@dataclass
+class _Chain:
+    """Layout nodes from ``root`` (a constant of the graph) to ``end`` (what products read)."""
+
+    end: str
+    nodes: list[onnx.NodeProto]
+    root: str
+
+    @property
+    def alias(self) -> bool:
+        return all(n.op_type == "Identity" for n in self.nodes)
+
+    @property
+    def extras(self) -> list[str]:
+        return [x for n in self.nodes for x in n.input[1:] if x]
+
+
+def _walk(end: str, producer: dict[str, onnx.NodeProto], consts: dict[str, tuple[str, Any]],
+          inputs: set[str]) -> tuple[_Chain | None, str | None]:
+    """The chain that ends in ``end``, or why there is none (``None``, ``None``: no layout node)."""
+    nodes: list[onnx.NodeProto] = []
+    value, seen = end, set()
+    while value not in consts:
+        node = producer.get(value)
+        if node is None or node.op_type not in LAYOUT_OPS or len(node.output) != 1 or not node.input or value in seen:
+            if nodes and node is None:
+                if value in inputs:
+                    return None, f"'{value}' is a graph input (an initializer listed as an input can be overridden at run time)"
+                return None, f"'{value}' is defined in an enclosing graph; only a graph's own constants are folded"
+            return None, None
+        seen.add(value)
+        if any(name and name not in consts for name in node.input[1:]):
+            return None, f"the shape or axes of {node.op_type} '{node.name or node.output[0]}' are computed at run time"
+        nodes.insert(0, node)
+        value = node.input[0]
+    return (_Chain(end, nodes, value), None) if nodes else (None, None)
+
+
 def fold_layout(model: onnx.ModelProto, data: io.DataFiles | None = None, op_types=("MatMul", "Gemm", "Conv"), *,
-                only: set[str] | None = None, dry_run: bool = False) -> list[dict[str, Any]]:
-    """Fold, in place, every chain of :data:`LAYOUT_OPS` from a constant to a weight slot of an
-    ``op_types`` node, where no tensor would be stored twice (see the module's text).
+                only: set[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Fold, in place, the chains of :data:`LAYOUT_OPS` from constants to weight slots of
+    ``op_types`` nodes, where nothing is stored twice (see the module's text).
 
     Args:
         only: Fold only the chains from these sources (names of constants).
-        dry_run: Find the chains, change nothing.
 
     Returns:
-        One entry per chain (:class:`Folded`'s ``chains``).
+        The folded constants and the declined chains (:class:`Folded`'s ``chains`` and ``declined``).
     """
     data = data or io.DataFiles()
     slots = {op: _WEIGHT_SLOTS[op] for op in op_types if op in _WEIGHT_SLOTS}
-    readers = _readers(model)
-    outputs = {o.name for g in io.iter_graphs(model.graph) for o in g.output}
     done: list[dict[str, Any]] = []
-    for graph, where in _graphs(model.graph):
-        consts = _constants(graph)
-        producer = {o: n for n in graph.node for o in n.output}
-        chains: dict[str, list[onnx.NodeProto]] = {}  # by the value the product reads
-        for node in graph.node:
+    declined: dict[str, str] = {}
+
+    def visit(graph: onnx.GraphProto, where: str) -> None:
+        for node in graph.node:  # the bodies first: a graph's rebuild copies its nodes, bodies included
+            for body in io.node_bodies(node):
+                visit(body, f"{where} / {node.op_type} '{node.name or node.output[0]}'")
+        _fold_graph(model, graph, where, slots, data, only, done, declined)
+
+    visit(model.graph, "main")
+    return done, declined
+
+
+def _fold_graph(model, graph, where, slots, data, only, done, declined) -> None:
+    consts = _constants(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    reads = _reads(graph)
+    outputs = {o.name for o in graph.output}
+    inputs = {i.name for i in graph.input}
+    product_reads: dict[str, list[str]] = {}  # value -> the products reading it in a weight slot (bodies too)
+    for g in io.iter_graphs(graph):
+        for node in g.node:
             for slot in slots.get(node.op_type, ()):
-                if slot < len(node.input) and node.input[slot] not in chains:
-                    chain = _chain(node.input[slot], producer, consts, readers)
-                    if chain is not None and _foldable(chain, consts, model.ir_version) and (only is None or chain[0].input[0] in only):
-                        chains[node.input[slot]] = chain
-        for out, chain in chains.items():
-            root_name = chain[0].input[0]
-            alias = all(n.op_type == "Identity" for n in chain) and out not in outputs
-            if not alias and readers.get(root_name, 0) != 1:
-                continue  # an Identity chain to a graph output, from a source read elsewhere too
-            name = out if out in outputs else root_name  # (the source's name, which the report and filters know)
-            products = sorted({n.name or n.output[0] for n in graph.node if out in n.input and n.op_type in slots})
-            done.append({"name": name, "source": root_name, "value": out, "ops": [n.op_type for n in chain], "graph": where,
-                         "readers": products})
-            if dry_run:
-                continue
-            if alias:
-                _alias(graph, chain, out, root_name)  # the readers read the constant itself
-                continue
-            extra = {x: io.read_tensor(_tensor(consts[x]), data) for n in chain for x in n.input[1:] if x}
-            value = _evaluate(chain, root_name, io.read_tensor(_tensor(consts[root_name]), data), extra, list(model.opset_import))
-            _replace(graph, chain, consts, out, np.ascontiguousarray(value), name)
-    return done
-
-
-def _foldable(chain: list[onnx.NodeProto], consts: dict[str, tuple[str, Any]], ir_version: int) -> bool:
-    if all(n.op_type == "Identity" for n in chain):
-        return True  # (made an alias: nothing new is stored)
-    kind, _ = consts[chain[0].input[0]]
-    source_type = _tensor(consts[chain[0].input[0]]).data_type
-    if any(n.op_type == "Cast" and not _narrowing_cast(n, source_type) for n in chain):
-        return False  # a widening Cast would store the weight in more bytes
-    return not (kind == "initializer" and ir_version < 4)  # (an initializer there must also be a graph input)
-
-
-def _graphs(graph: onnx.GraphProto, where: str = "main"):
-    yield graph, where
-    for node in graph.node:
-        for body in io.node_bodies(node):
-            yield from _graphs(body, f"{node.op_type} '{node.name or node.output[0]}' / {body.name or 'body'}")
-
-
-def _tensor(entry: tuple[str, Any]) -> onnx.TensorProto:
-    kind, holder = entry
-    return holder if kind == "initializer" else holder.attribute[0].t
-
-
-def _chain(value: str, producer: dict[str, onnx.NodeProto], consts: dict[str, tuple[str, Any]],
-           readers: dict[str, int]) -> list[onnx.NodeProto] | None:
-    """The layout nodes from a constant of this graph to ``value``, in order; ``None`` when
-    ``value`` is not such a chain's end or folding it would store a tensor twice."""
-    chain: list[onnx.NodeProto] = []
-    while value not in consts:
-        node = producer.get(value)
-        if node is None or node.op_type not in LAYOUT_OPS or len(node.output) != 1 or not node.input:
-            return None
-        if any(name and name not in consts for name in node.input[1:]):
-            return None  # a shape or axes computed at run time
-        if chain and readers.get(value, 0) != 1:
-            return None  # an inner value read elsewhere too
-        chain.insert(0, node)
-        value = node.input[0]
-    if not chain:
-        return None
-    if readers.get(value, 0) != 1 and any(n.op_type != "Identity" for n in chain):
-        return None  # the source is read elsewhere too: folding would store it twice (an alias stores nothing)
-    if any(readers.get(name, 0) != 1 for n in chain for name in n.input[1:] if name):
-        return None  # a shape constant another node reads stays where it is
-    return chain
-
-
-def _replace(graph: onnx.GraphProto, chain: list[onnx.NodeProto], consts: dict[str, tuple[str, Any]], out: str,
-             value: np.ndarray, name: str) -> None:
-    """Put ``value`` under ``name`` in the root's kind of holder, readers of ``out`` reading
-    ``name``; drop the chain and its constants."""
-    root_kind, root = consts[chain[0].input[0]]
-    gone = {chain[0].input[0], *(n for node in chain for n in node.input[1:] if n)}
-    tensor = numpy_helper.from_array(value, name)
-    made = {n.output[0] for n in chain}  # (nodes are told apart by their outputs, which are unique)
-    keep_nodes = []
-    for n in graph.node:
-        if n.output and n.output[0] == out and root_kind == "constant":
-            keep_nodes.append(onnx.helper.make_node("Constant", [], [name], value=tensor, name=_fresh_name(graph, name)))
-        if n.output and (n.output[0] in made or n.op_type == "Constant" and n.output[0] in gone):
+                if slot < len(node.input) and node.input[slot]:
+                    product_reads.setdefault(node.input[slot], []).append(node.name or node.output[0])
+    by_root: dict[str, list[_Chain]] = {}
+    for end, products in product_reads.items():
+        chain, why = _walk(end, producer, consts, inputs)
+        if chain is None:
+            if why:
+                declined[end] = why
             continue
-        keep_nodes.append(n)
-    root_name = chain[0].input[0]
-    keep_inits = [tensor if t.name == root_name else t for t in graph.initializer if t.name not in gone or t.name == root_name]
+        why = _chain_problem(chain, products, consts, reads, outputs, model.ir_version)
+        if why:
+            declined[end] = why
+        elif only is None or chain.root in only:
+            by_root.setdefault(chain.root, []).append(chain)
+
+    new: dict[str, tuple[str, onnx.TensorProto]] = {}  # root -> (kind, folded tensor)
+    renames: dict[str, str] = {}
+    gone_nodes: set[str] = set()  # by first output
+    for root, chains in by_root.items():
+        aliases = [c for c in chains if c.alias]
+        folds = [c for c in chains if not c.alias]
+        for c in aliases:  # an alias stores nothing
+            renames[c.end] = root
+            gone_nodes.update(n.output[0] for n in c.nodes)
+        if not folds:
+            continue
+        if reads.get(root, 0) != len(folds):
+            reason = "its constant '" + root + "' is also read elsewhere: folding would store it twice"
+            declined.update({c.end: reason for c in folds})
+            continue
+        source = io.read_tensor(_tensor(consts[root]), data)
+        values = []
+        for c in folds:
+            extra = {x: io.read_tensor(_tensor(consts[x]), data) for x in c.extras}
+            values.append(_evaluate(c.nodes, root, source, extra, list(model.opset_import)))
+        if any(v.dtype != values[0].dtype or not np.array_equal(v, values[0], equal_nan=True) for v in values[1:]):
+            reason = f"its constant '{root}' is read through chains that compute different values: folding would store it twice"
+            declined.update({c.end: reason for c in folds})
+            continue
+        new[root] = (consts[root][0], numpy_helper.from_array(np.ascontiguousarray(values[0]), root))
+        for c in folds:
+            renames[c.end] = root
+            gone_nodes.update(n.output[0] for n in c.nodes)
+    for root, chains in by_root.items():
+        kept = [c for c in chains if c.end in renames]
+        if kept:
+            done.append({"name": root, "source": root, "ops": [n.op_type for n in kept[0].nodes], "chains": len(kept),
+                         "graph": where, "readers": sorted({p for c in kept for p in product_reads[c.end]})})
+    if renames:
+        _rebuild(graph, consts, new, renames, gone_nodes)
+
+
+def _chain_problem(chain: _Chain, products: list[str], consts, reads: dict[str, int], outputs: set[str],
+                   ir_version: int) -> str | None:
+    """Why ``chain`` is not folded, or ``None``."""
+    if chain.end in outputs:
+        return f"its value '{chain.end}' is also an output of the graph"
+    if reads.get(chain.end, 0) != len(products):
+        return f"its value '{chain.end}' is also read by a node that cannot take factors"
+    inner = [n.output[0] for n in chain.nodes[:-1]]
+    shared = next((v for v in inner if reads.get(v, 0) != 1), None)
+    if shared is not None:
+        return f"the chain's value '{shared}' is also read by another node"
+    if chain.alias:
+        return None
+    source_type = _tensor(consts[chain.root]).data_type
+    for n in chain.nodes:
+        if n.op_type == "Cast":
+            why = _cast_problem(n, source_type)
+            if why:
+                return why
+    if consts[chain.root][0] == "initializer" and ir_version < 4:
+        return f"below IR version 4 an initializer is also a graph input, which a folded constant would have to be"
+    return None
+
+
+def _rebuild(graph: onnx.GraphProto, consts: dict[str, tuple[str, Any]], new: dict[str, tuple[str, onnx.TensorProto]],
+             renames: dict[str, str], gone_nodes: set[str]) -> None:
+    """One pass over the graph: chains out, folded constants in (an initializer in place of its
+    source, a Constant node where the source's was), reads renamed, unread shape constants out."""
+    removed = [n for n in graph.node if n.output and n.output[0] in gone_nodes]
+    extra_reads: dict[str, int] = {}
+    for n in removed:
+        for x in n.input[1:]:
+            if x:
+                extra_reads[x] = extra_reads.get(x, 0) + 1
+    reads = _reads(graph)
+    unread = {x for x, k in extra_reads.items() if x in consts and reads.get(x, 0) == k and x not in new}
+    nodes = []
+    for n in graph.node:
+        if n.output and (n.output[0] in gone_nodes or n.op_type == "Constant" and n.output[0] in unread):
+            continue
+        if n.op_type == "Constant" and n.output and n.output[0] in new:
+            n = onnx.helper.make_node("Constant", [], [n.output[0]], value=new[n.output[0]][1], name=n.name)
+        nodes.append(n)
+    inits = [new[t.name][1] if t.name in new else t for t in graph.initializer if t.name not in unread]
     del graph.node[:]
-    graph.node.extend(keep_nodes)
+    graph.node.extend(nodes)
     del graph.initializer[:]
-    graph.initializer.extend(keep_inits)
-    infos = [v for v in graph.value_info if v.name not in gone and v.name != out]
+    graph.initializer.extend(inits)
+    changed = set(renames) | set(new) | unread | gone_nodes
+    infos = [v for v in graph.value_info if v.name not in changed]
     del graph.value_info[:]
     graph.value_info.extend(infos)
-    if name != out:
-        _rename_reads(graph, out, name)
+    _rename_reads(graph, renames)
 
 
-def _alias(graph: onnx.GraphProto, chain: list[onnx.NodeProto], out: str, root: str) -> None:
-    """Drop a chain of Identity nodes; what read its end reads ``root``."""
-    made = {n.output[0] for n in chain}
-    keep = [n for n in graph.node if not (n.output and n.output[0] in made)]
-    del graph.node[:]
-    graph.node.extend(keep)
-    infos = [v for v in graph.value_info if v.name not in made]
-    del graph.value_info[:]
-    graph.value_info.extend(infos)
-    _rename_reads(graph, out, root)
-
-
-def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Every read of ``old`` in ``graph`` and the bodies inside it reads ``new``."""
-    for node in graph.node:
-        for i, x in enumerate(node.input):
-            if x == old:
-                node.input[i] = new
-        for body in io.node_bodies(node):
-            _rename_reads(body, old, new)
-
-
-def _fresh_name(graph: onnx.GraphProto, base: str) -> str:
-    names = {n.name for n in graph.node}
-    name, k = f"{base}/folded", 1
-    while name in names:
-        name, k = f"{base}/folded_{k}", k + 1
-    return name
+def _rename_reads(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """Every read of a key of ``renames`` in ``graph`` and the bodies inside it reads its value."""
+    for g in io.iter_graphs(graph):
+        for node in g.node:
+            for i, x in enumerate(node.input):
+                if x in renames:
+                    node.input[i] = renames[x]
 
 
 class Fold(Step):
@@ -275,9 +333,12 @@ class Fold(Step):
         ops = tuple(t for t in cfg.op_types if t in _WEIGHT_SLOTS)
         # A layer that --include, --exclude or --min-params leaves alone keeps its graph as it was:
         # discovery, on the model as loaded, says which layers read a weight through layout nodes
-        # and which of them those filters leave out.
+        # and which of them those filters leave out; a source is folded when none of its layers is.
         found = discover(ctx.model, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
                          allow_input_weights=cfg.allow_input_weights)
         filtered = {SkipCode.EXCLUDED, SkipCode.NOT_INCLUDED, SkipCode.TOO_SMALL}
-        wanted = {layer.behind.name for layer in found.layers if layer.behind is not None and layer.skip.code not in filtered}
-        return Folded(ctx.model, ctx.data, fold_layout(ctx.model, ctx.data, ops, only=wanted) if wanted else [])
+        behind = [layer for layer in found.layers if layer.behind is not None]
+        left = {layer.behind.name for layer in behind if layer.skip.code in filtered}
+        wanted = {layer.behind.name for layer in behind} - left
+        chains, declined = fold_layout(ctx.model, ctx.data, ops, only=wanted) if wanted else ([], {})
+        return Folded(ctx.model, ctx.data, chains, declined)
