@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -57,6 +58,9 @@ class CompressResult:
         source_external: Whether the input kept tensors in external data files; :meth:`save`
             then writes the output's data outside too.
         seconds: Wall time of each stage that ran.
+        warnings: What the pass warned about while it ran (the lines the command line prints as
+            warnings; the check's own are in ``verification.warnings``), for a caller that has
+            not set up logging.
     """
 
     model: onnx.ModelProto
@@ -71,6 +75,7 @@ class CompressResult:
     source_external: bool = False
     source_files: tuple[Path, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, ctx: pipeline.Context) -> "CompressResult":
@@ -182,6 +187,8 @@ class CompressResult:
         sections = dict(self.sections)
         if self.verification is not None:
             sections["verification"] = self.verification.to_dict()
+        if self.warnings:
+            sections["warnings"] = list(self.warnings)
         return to_json_dict(self.layers, self.totals, config=self.config.to_dict(), dry_run=self.dry_run, **sections)
 
     def to_json(self) -> str:
@@ -302,13 +309,36 @@ def compress(
     from .runtime.executor import make_executor
 
     cfg = request.config
-    _warn_oversubscribed(cfg)
-    executor = make_executor(cfg.workers, cfg.executor, cfg.cores, cfg.ray_address)
-    with limit(cfg.cores):  # BLAS and the pass's onnxruntime sessions share the cores given
-        result = CompressResult.of(pipeline.run(PIPELINE, pipeline.Context(request, executor=executor)))
+    with _Warnings() as warned:
+        _warn_oversubscribed(cfg)
+        executor = make_executor(cfg.workers, cfg.executor, cfg.cores, cfg.ray_address)
+        with limit(cfg.cores):  # BLAS and the pass's onnxruntime sessions share the cores given
+            result = CompressResult.of(pipeline.run(PIPELINE, pipeline.Context(request, executor=executor)))
+    result.warnings = warned.messages
     if result.verification is not None and not request.verify.keep_failed:
         result.verification.check(result=result)
     return result
+
+
+class _Warnings(logging.Handler):
+    """Collects the package's warnings logged by this thread while the block runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+        self.logger = logging.getLogger(__package__)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "_Warnings":
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
 
 
 def _warn_oversubscribed(cfg: CompressConfig) -> None:

@@ -1,6 +1,8 @@
 """Every discovery variant: outputs match after the rewrite, node counts and factor shapes are right,
 and every skip reason is triggered."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -328,3 +330,14 @@ def test_a_weight_behind_a_node_the_pass_does_not_fold_says_so_and_how_to_fix_it
     (row,) = ol.compress(m, energy=0.99, min_params=0).layers
     assert f"input 1 is {op} 'prep' of the constant 'W', not folded: a Cast to a wider type" in row.reason
     assert "fold constants elsewhere if that suits (onnxsim" in row.reason
+
+
+def test_a_python_caller_gets_the_warnings_without_setting_up_logging():
+    """Deploy pipelines call compress() without logging configured: the warnings are on the result."""
+    from onnx_lowrank.runtime import available_cores
+
+    res = ol.compress(matmul_model(), rank=2, min_params=0, cores=available_cores() + 1)
+    assert len(res.warnings) == 1 and res.warnings[0].startswith(f"cores {available_cores() + 1}: this process may run on")
+    assert json.loads(res.to_json())["warnings"] == res.warnings
+    assert ol.compress(matmul_model(), rank=2, min_params=0).warnings == []
+    assert "warnings" not in json.loads(ol.compress(matmul_model(), rank=2, min_params=0).to_json())
