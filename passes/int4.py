@@ -285,7 +285,8 @@ class Int4Layer:
 
     def to_dict(self) -> dict[str, Any]:
         return {"weight": self.weight, "nodes": self.nodes, "shape": list(self.shape), "block": self.block, "rank": self.rank,
-                "branch": ("stacked" if self.stacked else "separate") if self.rank else None, "whitened": self.whitened,
+                "branch": ("stacked" if self.stacked else "separate") if self.rank else None,
+                "whitened": self.whitened if self.rank else None,  # (of the branch: none at rank 0)
                 "mean_corrected": self.mean_corrected, "mean_shared": self.mean_shared, "rounding": self.rounding, "energy": round(self.energy, 4),
                 "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after, "error_int4": round(self.error_int4, 5),
