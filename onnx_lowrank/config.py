@@ -273,6 +273,13 @@ class Latency(Section):
     min_speedup: float = opt(1.1, "positive_float", "speed-up a layer must show at every setting in latency-aware mode "
                              "(default 1.1)", metavar="X", example=1.1, high=100.0)
 
+    def rules(self) -> None:
+        # (--threads also sets the check's sessions, so it stands alone)
+        _needs(float(self.min_speedup) != 1.1, "min_speedup", self.latency_aware, "latency_aware",
+               "is the speed-up latency-aware mode asks of each layer")
+        _needs(tuple(self.batch) != (1,), "batch", self.latency_aware, "latency_aware",
+               "sets the batch sizes latency-aware mode times the layers at")
+
 
 @dataclass(frozen=True)
 class Quantize(Section):

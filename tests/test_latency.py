@@ -152,12 +152,13 @@ def test_config_values_are_validated(tmp_path, capsys):
     onnx.save(two_layer_model(), str(path))
     for flags, needle in ((["--threads", "0"], "--threads"), (["--batch", "x"], "--batch"),
                           (["--min-speedup", "-1"], "--min-speedup"), (["--quantize", "int2"], "--quantize"),
-                          (["--input-shape", "x"], "--input-shape")):
+                          (["--input-shape", "x"], "--input-shape"),
+                          (["--min-speedup", "1.2"], "add --latency-aware or drop --min-speedup"),
+                          (["--batch", "1,64"], "add --latency-aware or drop --batch")):
         assert main([str(path), "-o", str(tmp_path / "o.onnx"), *flags]) == 2
         assert needle in capsys.readouterr().err
     rep = tmp_path / "r.json"
-    assert main([str(path), "--dry-run", "--min-params", "0", "--rank", "8", "--threads", "1,2", "--batch", "1,64",
-                 "--report", str(rep)]) == 0
+    assert main([str(path), "--dry-run", "--min-params", "0", "--rank", "8", "--threads", "1,2", "--report", str(rep)]) == 0
     assert "--" not in capsys.readouterr().err
 
 
