@@ -48,6 +48,38 @@ def _slow_after_first(state, item):
     return item
 
 
+def _after_a_pause(value):
+    time.sleep(2.0)
+    return value
+
+
+class _SlowToUnpickle:
+    """Arrives in a worker process only after a pause: the worker is then still starting."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return (_after_a_pause, (self.value,))
+
+
+def test_a_ctrl_c_that_reaches_workers_still_starting_neither_kills_them_nor_prints(capfd):
+    """Ctrl-C reaches the whole process group; a worker before its initializer had no quiet exit
+    yet and died with a traceback of its own (the pool then broke)."""
+    import multiprocessing
+    import os
+    import threading
+
+    def poke():
+        time.sleep(1.0)  # the workers are reading their initializer's arguments
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGINT)
+
+    threading.Thread(target=poke, daemon=True).start()
+    assert ProcessPool(2, cores=2).run(_identity, _square, _SlowToUnpickle(3), [1, 2, 3]) == [3, 12, 27]
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
 def test_an_interrupted_process_pool_stops_its_workers_at_once():
     pool = ProcessPool(2, cores=2)
 

@@ -103,6 +103,22 @@ def worker_processes_started() -> bool:
     return _POOLS["started"]
 
 
+@contextlib.contextmanager
+def _workers_start_deaf():
+    """Ignore SIGINT while the pool starts its workers: a worker process starts with what it
+    inherits, so a Ctrl-C during its imports and before its initializer (which then sets the quiet
+    exit) neither kills it with a traceback of its own nor breaks the pool.  A Ctrl-C in the
+    fraction of a second the parent spends starting them is lost; the next one stops the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class ProcessPool:
     """``workers`` local processes, each with ``cores // workers`` threads."""
 
@@ -118,7 +134,8 @@ class ProcessPool:
         pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_pool_init,
                                                       initargs=(setup, task, shared, self.threads))
         try:
-            futures = [pool.submit(_pool_call, item) for item in items]
+            with _workers_start_deaf():
+                futures = [pool.submit(_pool_call, item) for item in items]  # (the workers start here)
             for k, _ in enumerate(concurrent.futures.as_completed(futures), 1):
                 if progress is not None:
                     progress(k, len(items))
