@@ -381,6 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
     command_line = argv is None
+    if command_line:
+        # multiprocessing's resource tracker (a process of its own, started with this process's
+        # -W options) warns of the worker pool's semaphores after an interrupt ends the run with
+        # os._exit below; it removes them all the same, so its warning is only noise after our line
+        sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     previous = None

@@ -29,7 +29,10 @@ import logging
 import contextlib
 import multiprocessing
 import os
+import pickle
+import shutil
 import signal
+import tempfile
 import threading
 from typing import Any, Callable, Protocol, Sequence, TypeVar
 
@@ -81,12 +84,14 @@ def _quiet_exit(signum, frame) -> None:  # pragma: no cover  (runs in a worker p
     os._exit(128 + signum)
 
 
-def _pool_init(setup, task, shared, threads: int) -> None:
+def _pool_init(path: str, threads: int) -> None:
     # Ctrl-C reaches the whole process group: the main process reports it; a worker leaves at once,
     # without a traceback of its own
     signal.signal(signal.SIGINT, _quiet_exit)
     _WORKER["limit"] = limit(threads)
     _WORKER["limit"].__enter__()  # held for the life of the worker process
+    with open(path, "rb") as f:
+        setup, task, shared = pickle.load(f)
     _WORKER["task"] = task
     _WORKER["state"] = setup(shared)
 
@@ -101,6 +106,17 @@ _POOLS = {"started": False}
 def worker_processes_started() -> bool:
     """Whether this process has started worker processes (:class:`ProcessPool`)."""
     return _POOLS["started"]
+
+
+def _as_completed(futures):
+    """The futures as they finish, the waiting thread waking every quarter second: a Ctrl-C that
+    the kernel hands to another thread of this process (a pool's feeder, a task's thread) only
+    sets a flag, which the main thread acts on when it next wakes; a wait without a timeout never
+    does, so the run went on to its end."""
+    pending = set(futures)
+    while pending:
+        done, pending = concurrent.futures.wait(pending, timeout=0.25, return_when=concurrent.futures.FIRST_COMPLETED)
+        yield from done
 
 
 @contextlib.contextmanager
@@ -131,15 +147,24 @@ class ProcessPool:
             return []
         ctx = multiprocessing.get_context("spawn")
         _POOLS["started"] = True
+        # The shared state goes to the workers through a file, not through the pipe each worker
+        # starts from: a write of a model's worth of bytes into that pipe blocks until the worker
+        # reads it (a worker that fails while starting then hangs the run), and the start of the
+        # workers is where SIGINT is ignored (below), which must stay a fraction of a second.
+        folder = tempfile.mkdtemp(prefix="onnx-lowrank-pool-")
+        path = os.path.join(folder, "shared.pickle")
+        with open(path, "wb") as f:
+            pickle.dump((setup, task, shared), f, protocol=pickle.HIGHEST_PROTOCOL)
         pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_pool_init,
-                                                      initargs=(setup, task, shared, self.threads))
+                                                      initargs=(path, self.threads))
         try:
             with _workers_start_deaf():
                 futures = [pool.submit(_pool_call, item) for item in items]  # (the workers start here)
-            for k, _ in enumerate(concurrent.futures.as_completed(futures), 1):
+            for k, _ in enumerate(_as_completed(futures), 1):
                 if progress is not None:
                     progress(k, len(items))
             results = [f.result() for f in futures]
+            pool.shutdown()  # (every worker has read the file once this returns)
         except BaseException:  # an interrupt (or a failed task): the workers stop now, not after their tasks
             for proc in list((getattr(pool, "_processes", None) or {}).values()):
                 proc.terminate()
@@ -148,7 +173,8 @@ class ProcessPool:
                 queue.cancel_join_thread()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-        pool.shutdown()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # (a worker stopped while reading keeps its open file)
         return results
 
 
@@ -257,6 +283,7 @@ class Threads:
             with limit_blas(1):
                 futures = [pool.submit(task, state, item) for item in items]
                 for k, future in enumerate(futures, 1):
+                    next(_as_completed([future]))
                     out.append(future.result())
                     if progress is not None:
                         progress(k, len(items))
