@@ -34,6 +34,7 @@ from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import SkipCode
 
 from .discover import discover
+from .load import tensor_bytes
 
 __all__ = ["Fold", "Folded", "fold_layout", "LAYOUT_OPS"]
 
@@ -57,6 +58,8 @@ class Folded(StageResult):
             (``chains``), the graph (``graph``: ``main`` or a body's path) and the products that
             read it (``readers``).
         declined: Why a chain was left as it is, by the value a product reads.
+        tensor_bytes: The constants' bytes by kind once folded (a weight a Loop carried is a
+            MatMul weight now), when nothing folded changed bytes; else ``None``.
     """
 
     section = "fold"
@@ -64,6 +67,7 @@ class Folded(StageResult):
     data: io.DataFiles
     chains: list[dict[str, Any]] = field(default_factory=list)
     declined: dict[str, str] = field(default_factory=dict)
+    tensor_bytes: dict[str, int] | None = None  # by kind, as folded (when no Cast changed a tensor's bytes)
 
     def report_sections(self) -> dict[str, dict[str, Any]]:
         return {"fold": {"chains": self.chains}} if self.chains else {}
@@ -187,6 +191,7 @@ def fold_layout(model: onnx.ModelProto, data: io.DataFiles | None = None, op_typ
     declined: dict[str, str] = {}
 
     def visit(graph: onnx.GraphProto, where: str) -> None:
+        _uncarry(graph, where, slots, done)  # (first: a weight it frees may then fold in the body)
         for node in graph.node:  # the bodies first: a graph's rebuild copies its nodes, bodies included
             for body in io.node_bodies(node):
                 visit(body, f"{where} / {node.op_type} '{node.name or node.output[0]}'")
@@ -194,6 +199,79 @@ def fold_layout(model: onnx.ModelProto, data: io.DataFiles | None = None, op_typ
 
     visit(model.graph, "main")
     return done, declined
+
+
+def _uncarry(graph: onnx.GraphProto, where: str, slots: dict[str, tuple[int, ...]], done: list[dict[str, Any]]) -> None:
+    """A constant of ``graph`` that a Loop carries through its iterations unchanged (tf2onnx's
+    RNN kernels) reaches the body's products as a loop-carried value, which is no constant to
+    discovery.  The body reads it directly instead (ONNX's lexical scoping), and the carried value
+    leaves the Loop: its initial value, the body's input and output, and the Loop's final value
+    (whose readers read the constant).  The same computation, nothing stored twice."""
+    consts = _constants(graph)
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        if node.op_type != "Loop" or node.domain not in ("", "ai.onnx"):
+            continue
+        body = next((a.g for a in node.attribute if a.name == "body"), None)
+        if body is None:
+            continue
+        carried = len(node.input) - 2
+        defined = {n for g in io.iter_graphs(body) for n in [*(i.name for i in g.input), *(t.name for t in g.initializer),
+                                                               *(o for x in g.node for o in x.output)]}
+        identity_of = {x.output[0]: x.input[0] for x in body.node if x.op_type == "Identity" and x.input and x.output}
+        drop: list[int] = []
+        for k in range(carried):
+            init = node.input[2 + k]
+            if not init or init not in consts or init in defined or 2 + k >= len(body.input) or 1 + k >= len(body.output):
+                continue
+            inside, out = body.input[2 + k].name, body.output[1 + k].name
+            final = node.output[k] if k < len(node.output) else ""
+            if (out != inside and identity_of.get(out) != inside) or final in outputs:
+                continue
+            if any(o.name in (inside, out) for j, o in enumerate(body.output) if j != 1 + k):
+                continue  # (the body also hands it out as something else)
+            if not _read_by_products(body, inside, slots):
+                continue  # (only for a weight: other carried constants stay as they are)
+            drop.append(k)
+            renames = {inside: init}
+            if out != inside:
+                renames[out] = init
+            _rename_reads(body, renames)
+            if final:
+                _rename_reads(graph, {final: init})
+            done.append({"name": init, "source": init, "ops": ["Loop (carried unchanged)"], "chains": 1,
+                         "graph": f"{where} / Loop '{node.name or node.output[0]}'",
+                         "readers": sorted({x.name or x.output[0] for g in io.iter_graphs(body) for x in g.node
+                                            if x.op_type in slots and init in x.input})})
+        if drop:
+            _drop_carried(node, body, drop)
+
+
+def _read_by_products(body: onnx.GraphProto, name: str, slots: dict[str, tuple[int, ...]]) -> bool:
+    return any(slot < len(x.input) and x.input[slot] == name for g in io.iter_graphs(body) for x in g.node
+               for slot in slots.get(x.op_type, ()))
+
+
+def _drop_carried(node: onnx.NodeProto, body: onnx.GraphProto, drop: list[int]) -> None:
+    """Remove the carried values ``drop`` from a Loop and its body."""
+    gone = set(drop)
+    inputs = [x for i, x in enumerate(node.input) if i - 2 not in gone]
+    outputs = [x for i, x in enumerate(node.output) if i not in gone]
+    body_in = [x for i, x in enumerate(body.input) if i - 2 not in gone]
+    body_out = [x for i, x in enumerate(body.output) if i - 1 not in gone]
+    del node.input[:]
+    node.input.extend(inputs)
+    del node.output[:]
+    node.output.extend(outputs)
+    del body.input[:]
+    body.input.extend(body_in)
+    del body.output[:]
+    body.output.extend(body_out)
+    reads = _reads(body)  # an Identity that only passed the value out is read by nothing now
+    keep = [x for x in body.node if not (x.op_type == "Identity" and x.output and not reads.get(x.output[0]))]
+    if len(keep) < len(body.node):
+        del body.node[:]
+        body.node.extend(keep)
 
 
 def _fold_graph(model, graph, where, slots, data, only, done, declined) -> None:
@@ -314,12 +392,17 @@ def _rebuild(graph: onnx.GraphProto, consts: dict[str, tuple[str, Any]], new: di
 
 
 def _rename_reads(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
-    """Every read of a key of ``renames`` in ``graph`` and the bodies inside it reads its value."""
-    for g in io.iter_graphs(graph):
+    """Every read of a key of ``renames`` in ``graph`` and the bodies inside it reads its value
+    (node inputs; and the outputs of the bodies inside, which read their scope)."""
+    for depth, g in enumerate(io.iter_graphs(graph)):
         for node in g.node:
             for i, x in enumerate(node.input):
                 if x in renames:
                     node.input[i] = renames[x]
+        if depth:  # (the first is ``graph`` itself)
+            for o in g.output:
+                if o.name in renames:
+                    o.name = renames[o.name]
 
 
 class Fold(Step):
@@ -340,5 +423,6 @@ class Fold(Step):
         behind = [layer for layer in found.layers if layer.behind is not None]
         left = {layer.behind.name for layer in behind if layer.skip.code in filtered}
         wanted = {layer.behind.name for layer in behind} - left
-        chains, declined = fold_layout(ctx.model, ctx.data, ops, only=wanted) if wanted else ([], {})
-        return Folded(ctx.model, ctx.data, chains, declined)
+        chains, declined = fold_layout(ctx.model, ctx.data, ops, only=wanted)
+        same_bytes = chains and not any("Cast" in c["ops"] for c in chains)
+        return Folded(ctx.model, ctx.data, chains, declined, tensor_bytes(ctx.model) if same_bytes else None)

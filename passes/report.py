@@ -24,6 +24,7 @@ from onnx_lowrank.shapes import ShapeInfo
 
 from .decide import Decided
 from .discover import Discovery, Layer
+from .fold import Folded
 from .load import TENSOR_KINDS, Loaded, tensor_bytes
 from .rewrite import Rewritten, needs_zero_bias, opset_version
 from .spectra import Spectra, conv_use
@@ -253,7 +254,9 @@ class Report(Step):
         biases = sum(len(p.block.columns(range(p.block.hidden))) - len(p.block.columns(p.fit.keep))
                      for p in narrowed for _, b, _ in p.block.firsts if b is not None)
         t = totals(layers, loaded.params, loaded.size, spectra.shapes, other_saved=biases)
-        before = loaded.tensor_bytes
+        folded = ctx.get(Folded)
+        # (after the fold stage a weight it freed counts as what reads it; a folded Cast changed bytes)
+        before = folded.tensor_bytes if folded is not None and folded.tensor_bytes else loaded.tensor_bytes
         after = None if ctx.request.dry_run else tensor_bytes(ctx.model)  # a dry run writes nothing: as loaded
         t.tensor_bytes = {k: [before[k], after[k] if after else None] for k in TENSOR_KINDS
                           if before[k] or (after and after[k])}

@@ -24,7 +24,7 @@ def _chain_model(nodes, stored, out="Wt", x_type=TensorProto.FLOAT, ir_version=N
 
 
 def _only(res, name="mm"):
-    return next(d for d in res.layers if d.node == name)
+    return next(d for d in res.layers if d.node == name or d.node.endswith("/" + name))  # (a body's node: its scope first)
 
 
 CHAINS = {
@@ -265,3 +265,54 @@ def test_an_external_data_model_is_folded_from_its_data_file_and_the_input_is_un
     out = onnx.load(str(tmp_path / "out.onnx"))
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_allclose(run(out, {"x": x})[0], x @ w, rtol=1e-4, atol=1e-4)
+
+
+def _loop_model(through_identity: bool, read_final: bool):
+    """y_t = x_t W in a Loop that carries W unchanged (tf2onnx's RNN kernels); also h = h + 1."""
+    w = lowrank(16, 8, 2)
+    out_w = "w_out" if through_identity else "w_in"
+    body_nodes = [helper.make_node("Gather", ["xs", "i"], ["x_t"], axis=0),
+                  helper.make_node("MatMul", ["x_t", "w_in"], ["y_t"], name="body_mm"),
+                  helper.make_node("Add", ["h_in", "one"], ["h_out"]),
+                  helper.make_node("Identity", ["c_in"], ["c_out"])]
+    if through_identity:
+        body_nodes.append(helper.make_node("Identity", ["w_in"], ["w_out"]))
+    body = helper.make_graph(body_nodes, "body",
+                             [vi("i", [], TensorProto.INT64), vi("c_in", [], TensorProto.BOOL), vi("h_in", [1]), vi("w_in", [16, 8])],
+                             [vi("c_out", [], TensorProto.BOOL), vi("h_out", [1]), vi(out_w, [16, 8]), vi("y_t", ["N", 8])])
+    nodes = [helper.make_node("Loop", ["M", "", "h0", "W"], ["h_final", "W_final", "ys"], body=body, name="loop")]
+    outputs = [vi("ys", ["T", "N", 8]), vi("h_final", [1])]
+    if read_final:  # the final value of the carried weight read after the Loop
+        nodes.append(helper.make_node("MatMul", ["x_last", "W_final"], ["z"], name="after"))
+        outputs.append(vi("z", ["N", 8]))
+    m = make_model(nodes, [vi("M", [], TensorProto.INT64), vi("xs", ["T", "N", 16]), vi("x_last", ["N", 16])], outputs,
+                   [init("W", w), init("h0", np.zeros(1, np.float32)), init("one", np.ones(1, np.float32))])
+    return m, w
+
+
+@pytest.mark.parametrize("through_identity", [False, True])
+def test_a_weight_a_loop_carries_unchanged_is_read_directly_and_factorized(through_identity):
+    m, w = _loop_model(through_identity, read_final=True)
+    xs = np.random.default_rng(0).standard_normal((3, 5, 16)).astype(np.float32)
+    feeds = {"M": np.array(3, np.int64), "xs": xs, "x_last": X}
+    res = ol.compress(m, rank=2, min_params=0)
+    (chain,) = res.sections["fold"]["chains"]
+    assert chain["ops"] == ["Loop (carried unchanged)"] and chain["name"] == "W" and chain["readers"] == ["body_mm"]
+    assert _only(res, "body_mm").factorized and _only(res, "after").factorized
+    loop = next(n for n in res.model.graph.node if n.op_type == "Loop")
+    assert list(loop.input) == ["M", "", "h0"] and list(loop.output) == ["h_final", "ys"]
+    onnx.checker.check_model(res.model, full_check=True)
+    want = run(m, feeds)
+    got = run(res.model, feeds)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)  # (w is exactly rank 2)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-4, atol=1e-4)
+    assert res.totals.tensor_bytes["matmul weights"][0] == 16 * 8 * 4  # counted as the weight it is
+
+
+def test_a_carried_value_that_changes_or_feeds_no_product_stays_carried():
+    m, _ = _loop_model(through_identity=False, read_final=False)
+    body = m.graph.node[0].attribute[0].g
+    body.node[1].input[1] = "x_t"  # W no longer reaches a product: nothing to gain
+    body.node[1].input[0] = "x_t"
+    before = m.SerializeToString()
+    assert fold_layout(m) == ([], {}) and m.SerializeToString() == before
