@@ -408,6 +408,9 @@ def _after(g: _Graph, layer: Layer, size: int) -> tuple[str, Bias | None] | str:
         return node.output[0], bias
     out = node.output[0]
     readers = g.readers.get(out, [])
+    late = _late_bias(g, out, size)
+    if late is not None:
+        return late
     if len(readers) == 1 and readers[0].op_type == "Add" and g.private(out):
         add = readers[0]
         other = add.input[1] if add.input[0] == out else add.input[0]
@@ -419,6 +422,24 @@ def _after(g: _Graph, layer: Layer, size: int) -> tuple[str, Bias | None] | str:
         if _copied_constant(g, other):
             return _bias(g, other, size)  # (the reason: a constant behind an exporter's copy)
     return out, None
+
+
+def _late_bias(g: _Graph, out: str, size: int) -> tuple[str, Bias] | None:
+    """The bias added after a Reshape back to the activation's layout (tf2onnx writes a Keras
+    Dense on 3-D input as Reshape to 2-D, MatMul, Reshape back, Add): ``(out, bias)``, the walk
+    starting before the Reshape (which then follows the width) and the Add passing as the bias."""
+    readers = g.readers.get(out, [])
+    if len(readers) != 1 or readers[0].op_type != "Reshape" or readers[0].input[0] != out or not g.private(out):
+        return None
+    back = readers[0].output[0]
+    after = g.readers.get(back, [])
+    if len(after) != 1 or after[0].op_type != "Add" or not g.private(back):
+        return None
+    other = after[0].input[1] if after[0].input[0] == back else after[0].input[0]
+    if other not in g.constants:
+        return None
+    got = _bias(g, other, size)
+    return None if isinstance(got, str) else (out, got)
 
 
 def _scalar(g: _Graph, name: str) -> bool:
@@ -540,6 +561,9 @@ def _targets(g: _Graph, reshapes: list[onnx.NodeProto], follows: set[str], f: in
         concat, name = None, target
         if value is None:
             producer = g.producer.get(target)
+            if producer is not None and producer.op_type in ("Cast", "Identity") and producer.input and g.private(target) \
+                    and g.private(producer.input[0]):  # (tf2onnx: an int32 Concat cast to int64; edited in place)
+                producer = g.producer.get(producer.input[0])
             if producer is not None and producer.op_type == "Concat" and producer.domain in ("", "ai.onnx") \
                     and int(_attr(producer, "axis", 0)) in (0, -1) and producer.input:
                 concat, name = producer, producer.input[-1]
@@ -600,13 +624,14 @@ def _from_block(g: _Graph, name: str, inside: set[str], limit: int = 64) -> onnx
 
 
 def _chain(g: _Graph, starts: list[str], down_inputs: dict[str, Layer], outputs: Mapping[str, Layer] | None = None,
-           f: int = 0, rank_of=None):
+           f: int = 0, rank_of=None, biases: frozenset[str] = frozenset()):
     """Follow ``start`` through elementwise nodes to a projection's input: the nodes, the
     projection, why the path is not a block, and how its Reshapes follow the width
     (:class:`ShapeEdit` s, and the names of those that read it).  ``(.., None, None, ..)``: no
     elementwise path reaches a projection at all (a residual add, a norm, an attention product
     ...).  ``outputs``: the projections by their output (or their bias Add's), to name a gated
-    block; ``rank_of``: a tensor's rank, where a ``Shape`` reads one inside the block."""
+    block; ``rank_of``: a tensor's rank, where a ``Shape`` reads one inside the block;
+    ``biases``: the first projections' biases where the walk meets them (:func:`_late_bias`)."""
     nodes: list[onnx.NodeProto] = []
     inside = set(starts)
     frontier = list(starts)
@@ -677,7 +702,7 @@ def _chain(g: _Graph, starts: list[str], down_inputs: dict[str, Layer], outputs:
         if node.op_type in LAYOUT:
             continue
         for other in node.input:
-            if other and other not in inside and not _scalar(g, other):
+            if other and other not in inside and not _scalar(g, other) and other not in biases:
                 return fail(None, (f"{_label(node)} combines the activation with "
                                    f"'{other}', which is not a single value"))
         if node.op_type == "FastGelu" and len(node.input) > 1 and node.input[1]:
@@ -909,7 +934,8 @@ def _search(g: _Graph, layers: list[Layer], group_of: Mapping[Layer, WeightGroup
                 skipped.append((up.display_name, after))
             continue
         start, b1 = after
-        nodes, end, why, (edits, follows) = _chain(g, [start], down_inputs, outputs, f, rank_of)
+        biases = frozenset({b1.name} if b1 is not None else ())
+        nodes, end, why, (edits, follows) = _chain(g, [start], down_inputs, outputs, f, rank_of, biases)
         gate = gate_group = gate_bias = gate_start = None
         tg = False
         if isinstance(why, _Join):  # a gated block: walk again from both first projections
@@ -924,8 +950,9 @@ def _search(g: _Graph, layers: list[Layer], group_of: Mapping[Layer, WeightGroup
             elif fg != f:
                 why = f"gated: the activation joins {f} neurons with {gate.display_name}'s {fg}"
             else:
-                nodes, end, why, (edits, follows) = _chain(g, [start, after_g[0]], down_inputs, outputs, f, rank_of)
                 gate_start, gate_bias = after_g
+                biases |= {gate_bias.name} if gate_bias is not None else set()
+                nodes, end, why, (edits, follows) = _chain(g, [start, gate_start], down_inputs, outputs, f, rank_of, biases)
                 if isinstance(why, _Join):  # (the two-start walk words a third projection itself)
                     why = f"the activation joins the outputs of three projections ({why.layer.display_name})"
         cut, width = None, f

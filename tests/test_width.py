@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 import onnx_lowrank as ol
 from models import init, make_model, ops, run, vi
@@ -873,3 +873,44 @@ def test_a_bias_behind_an_exporters_identity_says_so():
     found = find_blocks(m, discover(m, min_params=0))
     assert len(found.blocks) == 1 and len(found.skipped) == 1
     assert "made by Identity 'shared_copy' from 'b1_0', a copy of a tensor other layers may share" in found.skipped[0][1]
+
+
+@pytest.mark.parametrize("copy_op", ["Cast", "Identity"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_dense_on_3d_input_as_tf2onnx_writes_it_is_a_block(copy_op, bias):
+    """tf2onnx's Keras Dense on [B, S, D]: Reshape to 2-D, MatMul, Reshape back to a target built
+    at run time (Shape, Cast to int32, Gather, Concat with the width, Cast to int64), then the
+    bias Add; the same again for the second projection."""
+    rng = np.random.default_rng(4)
+    it = np.int32 if copy_op == "Cast" else np.int64
+
+    def copy(src, dst, to):
+        return helper.make_node(copy_op, [src], [dst], **({"to": to} if copy_op == "Cast" else {}))
+
+    inits = [init("W1", (rng.standard_normal((D, F)) / np.sqrt(D)).astype(np.float32)),
+             init("W2", (rng.standard_normal((F, D)) / np.sqrt(F)).astype(np.float32)),
+             init("flat_d", np.array([-1, D], np.int64)), init("flat_f", np.array([-1, F], np.int64)),
+             init("lead", np.array([0, 1], np.int64)), init("width_f", np.array([F], it)), init("width_d", np.array([D], it))]
+    nodes = [helper.make_node("Shape", ["x"], ["s0"]), copy("s0", "s", TensorProto.INT32),
+             helper.make_node("Gather", ["s", "lead"], ["bs"], axis=0),
+             helper.make_node("Concat", ["bs", "width_f"], ["tf32"], axis=0), copy("tf32", "tf", TensorProto.INT64),
+             helper.make_node("Concat", ["bs", "width_d"], ["td32"], axis=0), copy("td32", "td", TensorProto.INT64),
+             helper.make_node("Reshape", ["x", "flat_d"], ["x2"]), helper.make_node("MatMul", ["x2", "W1"], ["m1"], name="up"),
+             helper.make_node("Reshape", ["m1", "tf"], ["m1b"])]
+    if bias:
+        inits.append(init("b1", 0.1 * rng.standard_normal(F).astype(np.float32)))
+        nodes.append(helper.make_node("Add", ["m1b", "b1"], ["h0"]))
+    nodes += [helper.make_node("Relu", ["h0" if bias else "m1b"], ["h"]), helper.make_node("Reshape", ["h", "flat_f"], ["h2"]),
+              helper.make_node("MatMul", ["h2", "W2"], ["m2"], name="down"), helper.make_node("Reshape", ["m2", "td"], ["y"])]
+    m = make_model(nodes, [vi("x", ["B", "S", D])], [vi("y", ["B", "S", D])], inits)
+    found = find_blocks(m, discover(m, min_params=0))
+    assert len(found.blocks) == 1 and found.skipped == []
+    assert (found.blocks[0].up_bias.name if bias else found.blocks[0].up_bias) == ("b1" if bias else None)
+    res = ol.compress(m, ffn_keep=0.5, calib=_feeds(300), min_params=0, energy=1.0)
+    assert res.totals.narrowed == 2
+    widths = {t.name: tuple(t.dims) for t in res.model.graph.initializer}
+    assert widths["W1"] == (D, F // 2) and (widths["b1"] == (F // 2,) if bias else True)
+    onnx.checker.check_model(res.model, full_check=True)
+    x = np.random.default_rng(9).standard_normal((3, 5, D)).astype(np.float32)  # (another batch and length)
+    want, got = run(m, {"x": x})[0], run(res.model, {"x": x})[0]
+    assert got.shape == want.shape and np.linalg.norm(got - want) / np.linalg.norm(want) < 0.8
