@@ -58,9 +58,9 @@ class CompressResult:
         source_external: Whether the input kept tensors in external data files; :meth:`save`
             then writes the output's data outside too.
         seconds: Wall time of each stage that ran.
-        warnings: What the pass warned about while it ran (the lines the command line prints as
-            warnings; the check's own are in ``verification.warnings``), for a caller that has
-            not set up logging.
+        warnings: What the pass warned about while it ran, from the calling thread and the pass's
+            task threads (the lines the command line prints as warnings; the check's own are in
+            ``verification.warnings``), for a caller that has not set up logging.
     """
 
     model: onnx.ModelProto
@@ -321,7 +321,8 @@ def compress(
 
 
 class _Warnings(logging.Handler):
-    """Collects the package's warnings logged by this thread while the block runs."""
+    """Collects the package's warnings logged while the block runs by this thread and the pass's
+    task threads (worker processes log to their own process)."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -330,8 +331,11 @@ class _Warnings(logging.Handler):
         self.logger = logging.getLogger(__package__)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
-            self.messages.append(record.getMessage())
+        if record.thread == self.thread or (record.threadName or "").startswith("onnx-lowrank"):  # (and its task threads)
+            try:
+                self.messages.append(record.getMessage())
+            except Exception:
+                self.handleError(record)
 
     def __enter__(self) -> "_Warnings":
         self.logger.addHandler(self)

@@ -191,12 +191,12 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
         yield t
 
 
-def _is_external(tensor: TensorProto) -> bool:
+def is_external(tensor: TensorProto) -> bool:
     return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(_is_external(t) for t in iter_tensors(model))
+    return any(is_external(t) for t in iter_tensors(model))
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ class DataFiles:
 
     def read(self, tensor: TensorProto) -> np.ndarray:
         """The values of ``tensor``; external data is read from its confined file."""
-        if not _is_external(tensor):
+        if not is_external(tensor):
             try:
                 return onnx.numpy_helper.to_array(tensor)
             except Exception as exc:
@@ -404,7 +404,7 @@ class DataFiles:
         """The input data files ``model`` references (not the spill), confined."""
         out = set()
         for t in iter_tensors(model):
-            if _is_external(t):
+            if is_external(t):
                 p, _ = self.path(t)
                 if self.spill is None or p != self.spill.path:
                     out.add(p)
@@ -433,7 +433,7 @@ def read_tensor(tensor: TensorProto, data: DataFiles | str | os.PathLike | None)
 def tensor_nbytes(tensor: TensorProto) -> int:
     """Bytes of ``tensor``'s values (0 when its type is unknown)."""
     try:
-        if _is_external(tensor):
+        if is_external(tensor):
             return external_ref(tensor).length
         # from the type and shape: len(tensor.raw_data) would copy the bytes out of protobuf
         return storage_bytes(tensor)
@@ -496,7 +496,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     data = DataFiles(base_dir=p.resolve().parent, label=str(p))
     check_tensors(model, data.where)
     for tensor in iter_tensors(model):
-        if not _is_external(tensor):
+        if not is_external(tensor):
             continue
         file, ref = data.path(tensor)
         if not file.is_file():
@@ -538,10 +538,10 @@ def check_tensors(model: onnx.ModelProto, where: str = "") -> None:
             if not isinstance(value, str):
                 raise ModelError(f"{where}{what} is not valid UTF-8 text ({value!r}); the file is corrupt: re-export the model.")
     for tensor in iter_tensors(model):
-        if tensor.data_type == TensorProto.UNDEFINED and not tensor.dims and not _is_external(tensor):
+        if tensor.data_type == TensorProto.UNDEFINED and not tensor.dims and not is_external(tensor):
             continue  # an empty placeholder (e.g. a sparse tensor's missing part)
         _element_type(tensor, where)
-        if _is_external(tensor):
+        if is_external(tensor):
             external_ref(tensor, where)
 
 
@@ -569,7 +569,7 @@ def model_size_on_disk(path: str | os.PathLike, model: onnx.ModelProto | None = 
     data = DataFiles(base_dir=p.resolve().parent, label=str(p))
     seen: set[Path] = set()
     for t in iter_tensors(model):
-        if _is_external(t):
+        if is_external(t):
             try:
                 f, _ = data.path(t)
             except ModelError:
@@ -879,7 +879,7 @@ def _set_external(tensor: TensorProto, location: str, offset: int, length: int) 
 
 
 def _inline_bytes(model: onnx.ModelProto) -> int:
-    return sum(tensor_nbytes(t) for t in iter_tensors(model) if not _is_external(t))
+    return sum(tensor_nbytes(t) for t in iter_tensors(model) if not is_external(t))
 
 
 _DATA_NAME = re.compile(r"\.[0-9a-f]{%d}\.data$" % _DIGEST_HEX)
@@ -902,7 +902,7 @@ def _previous_data_files(out: Path) -> list[Path]:
             old = onnx.load(str(out), load_external_data=False)
             old_files = DataFiles(base_dir=folder, label=str(out))
             for t in iter_tensors(old):
-                if _is_external(t):
+                if is_external(t):
                     with contextlib.suppress(ModelError):
                         found.append(old_files.path(t)[0])
     return sorted(set(found))
@@ -1039,7 +1039,7 @@ def _write_data(model: onnx.ModelProto, data: DataFiles, out: BinaryIO, moved: l
         # Sparse tensors keep their parts inline, as onnx.save does (the checker reads them
         # there); parts the input kept outside are copied like any external tensor.
         for tensor, sparse_part in _tensor_slots(model):
-            if _is_external(tensor):
+            if is_external(tensor):
                 src, ref = data.path(tensor)
                 f = handles.get(src)
                 if f is None:

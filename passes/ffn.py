@@ -279,7 +279,7 @@ def _attr(node: onnx.NodeProto, name: str, default=0):
     return default
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | onnx.NodeProto]:
+def own_constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | onnx.NodeProto]:
     """A graph's own constants by name: initializers and Constant nodes (a graph input with a
     default initializer is no constant)."""
     own: dict[str, onnx.TensorProto | onnx.NodeProto] = {t.name: t for t in graph.initializer}
@@ -298,7 +298,7 @@ class _Graph:
         self.graph, self.data = graph, data
         self.readers: dict[str, list[onnx.NodeProto]] = {}
         self.producer: dict[str, onnx.NodeProto] = {}
-        self.constants: dict[str, onnx.TensorProto | onnx.NodeProto] = {**(outer or {}), **_constants(graph)}
+        self.constants: dict[str, onnx.TensorProto | onnx.NodeProto] = {**(outer or {}), **own_constants(graph)}
         self.outputs = {o.name for o in graph.output}
         self.captured: set[str] = set()  # names that subgraphs read from here
         for node in graph.node:
@@ -832,7 +832,7 @@ def find_blocks(model: onnx.ModelProto, found: Discovery, data: io.DataFiles | N
     for layers in in_scope.values():  # the main graph, and each If branch (a merged decoder's two)
         outer: dict = {}
         for graph in layers[0].outers:  # (the names a branch sees from the graphs around it)
-            outer.update(_constants(graph))
+            outer.update(own_constants(graph))
         g = _Graph(layers[0].graph, data, outer)
         found_here += _search(g, layers, group_of, left_out, _rank_finder(g, model, info), result.skipped, pairs)
     # the instances of one block (its weights read in several branches) become one block

@@ -34,6 +34,7 @@ from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import SkipCode
 
 from .discover import discover
+from .ffn import own_constants
 from .load import tensor_bytes
 
 __all__ = ["Fold", "Folded", "fold_layout", "LAYOUT_OPS"]
@@ -74,16 +75,14 @@ class Folded(StageResult):
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, tuple[str, Any]]:
-    """Constants of ``graph`` by name: ("initializer", tensor) or ("constant", node)."""
-    inputs = {i.name for i in graph.input}
+    """Constants of ``graph`` with a tensor value, by name: ("initializer", tensor) or ("constant", node)."""
     out: dict[str, tuple[str, Any]] = {}
-    for t in graph.initializer:
-        if t.name not in inputs:  # an initializer that is also an input can be overridden: not a constant
-            out[t.name] = ("initializer", t)
-    for n in graph.node:
-        if n.op_type == "Constant" and len(n.output) == 1 and not n.input:
-            if len(n.attribute) == 1 and n.attribute[0].name == "value" and n.attribute[0].HasField("t"):
-                out[n.output[0]] = ("constant", n)
+    for name, holder in own_constants(graph).items():
+        if isinstance(holder, onnx.TensorProto):
+            out[name] = ("initializer", holder)
+        elif not holder.input and len(holder.attribute) == 1 and holder.attribute[0].name == "value" \
+                and holder.attribute[0].HasField("t"):
+            out[name] = ("constant", holder)
     return out
 
 
@@ -206,7 +205,8 @@ def _uncarry(graph: onnx.GraphProto, where: str, slots: dict[str, tuple[int, ...
     RNN kernels) reaches the body's products as a loop-carried value, which is no constant to
     discovery.  The body reads it directly instead (ONNX's lexical scoping), and the carried value
     leaves the Loop: its initial value, the body's input and output, and the Loop's final value
-    (whose readers read the constant).  The same computation, nothing stored twice."""
+    (whose readers read the constant).  The same computation, nothing stored twice; done whatever
+    the selection filters say."""
     consts = _constants(graph)
     outputs = {o.name for o in graph.output}
     for node in graph.node:
@@ -323,7 +323,13 @@ def _fold_graph(model, graph, where, slots, data, only, done, declined) -> None:
             reason = f"its constant '{root}' is read through chains that compute different values: folding would store it twice"
             declined.update({c.end: reason for c in folds})
             continue
-        new[root] = (consts[root][0], numpy_helper.from_array(np.ascontiguousarray(values[0]), root))
+        value = np.ascontiguousarray(values[0])
+        stored = _tensor(consts[root])
+        if consts[root][0] == "initializer" and data.spill is not None and io.is_external(stored):
+            # (an external weight stays outside memory, as the rewrite's factors do)
+            new[root] = ("initializer", data.spill.add(root, value, onnx.helper.np_dtype_to_tensor_dtype(value.dtype)))
+        else:
+            new[root] = (consts[root][0], numpy_helper.from_array(value, root))
         for c in folds:
             renames[c.end] = root
             gone_nodes.update(n.output[0] for n in c.nodes)
@@ -423,6 +429,9 @@ class Fold(Step):
         behind = [layer for layer in found.layers if layer.behind is not None]
         left = {layer.behind.name for layer in behind if layer.skip.code in filtered}
         wanted = {layer.behind.name for layer in behind} - left
-        chains, declined = fold_layout(ctx.model, ctx.data, ops, only=wanted)
+        data = ctx.data
+        if data.spill is None and data.base_dir is not None and io.uses_external_data(ctx.model):
+            data = io.DataFiles(data.base_dir, data.label, io.Spill())  # (folded external weights go there)
+        chains, declined = fold_layout(ctx.model, data, ops, only=wanted)
         same_bytes = chains and not any("Cast" in c["ops"] for c in chains)
-        return Folded(ctx.model, ctx.data, chains, declined, tensor_bytes(ctx.model) if same_bytes else None)
+        return Folded(ctx.model, data, chains, declined, tensor_bytes(ctx.model) if same_bytes else None)

@@ -71,6 +71,7 @@ def identity(shared):
     return shared
 
 if __name__ == "__main__" or {unguarded}:
+    print("ready", flush=True)
     start = time.time()
     try:
         ProcessPool(2, cores=2).run(identity, slow, bytes(20_000_000), [1, 2, 3])
@@ -90,6 +91,7 @@ def _run_caller(tmp_path, unguarded: bool, interrupt_after: float | None):
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if interrupt_after is not None:
+        assert proc.stdout.readline().strip() == "ready"  # (imports done: a slow machine takes its time there)
         time.sleep(interrupt_after)
         proc.send_signal(signal.SIGINT)
     start = time.monotonic()
@@ -104,7 +106,7 @@ def _run_caller(tmp_path, unguarded: bool, interrupt_after: float | None):
 def test_a_python_caller_interrupted_while_workers_run_gets_its_keyboardinterrupt_at_once(tmp_path):
     """Ctrl-C to a Python program (not its process group) whose workers go on: the kernel may hand
     the signal to a pool thread, and a main thread waiting without a timeout never saw it."""
-    out, err, waited = _run_caller(tmp_path, unguarded=False, interrupt_after=4.0)
+    out, err, waited = _run_caller(tmp_path, unguarded=False, interrupt_after=3.0)
     assert out.startswith("interrupted after") and waited < 10, (out, err)
     assert "Traceback" not in err
 
@@ -188,7 +190,7 @@ def test_sensitivity_on_a_local_ray_matches_the_run_here():
             signal.signal(s, handler)
 
 
-def test_ray_workers_are_sized_to_the_free_cpus_of_the_cluster(caplog):
+def test_ray_workers_are_sized_to_the_cpus_of_the_cluster(caplog):
     """Two one-CPU actors on a one-CPU Ray: the second never starts and the pool would wait for it."""
     ray = pytest.importorskip("ray", reason="Ray is the optional 'ray' extra")
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -196,12 +198,22 @@ def test_ray_workers_are_sized_to_the_free_cpus_of_the_cluster(caplog):
         with caplog.at_level("WARNING"):
             small = RayExecutor(2, cores=1)
         assert (small.workers, small.threads) == (1, 1)
-        assert "has 1 CPU(s): 1 worker(s) instead of 2" in caplog.text
+        assert "has 1 CPU(s) on 1 node(s): 1 worker(s) of 1 thread(s) instead of 2" in caplog.text
         assert small.run(lambda s: s, lambda s, x: x + s, 10, [1, 2, 3]) == [11, 12, 13]
     finally:
         ray.shutdown()
         for s, handler in handlers.items():
             signal.signal(s, handler)
+
+
+def test_ray_actors_fit_on_the_nodes():
+    from onnx_lowrank.runtime.executor import ray_sizes
+
+    assert ray_sizes([8, 8], 3) == (3, 4)  # (5 threads each: only two would fit, one per node)
+    assert ray_sizes([8, 8], 1) == (1, 8)  # (an actor lives on one node)
+    assert ray_sizes([8, 8], 2, cores=4) == (2, 2)
+    assert ray_sizes([1], 2) == (1, 1)
+    assert ray_sizes([2, 1], 3) == (3, 1)
 
 
 def test_a_ray_address_without_ray_is_a_usage_error():

@@ -913,4 +913,5 @@ def test_a_dense_on_3d_input_as_tf2onnx_writes_it_is_a_block(copy_op, bias):
     onnx.checker.check_model(res.model, full_check=True)
     x = np.random.default_rng(9).standard_normal((3, 5, D)).astype(np.float32)  # (another batch and length)
     want, got = run(m, {"x": x})[0], run(res.model, {"x": x})[0]
-    assert got.shape == want.shape and np.linalg.norm(got - want) / np.linalg.norm(want) < 0.8
+    assert got.shape == want.shape
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.4  # (0.28 here; the wrong columns give about 1)

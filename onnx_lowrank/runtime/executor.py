@@ -131,8 +131,8 @@ def _workers_start_deaf():
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    finally:  # (None: a handler not set from Python, which Python cannot put back; the default then)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 class ProcessPool:
@@ -152,12 +152,18 @@ class ProcessPool:
         # reads it (a worker that fails while starting then hangs the run), and the start of the
         # workers is where SIGINT is ignored (below), which must stay a fraction of a second.
         folder = tempfile.mkdtemp(prefix="onnx-lowrank-pool-")
-        path = os.path.join(folder, "shared.pickle")
-        with open(path, "wb") as f:
-            pickle.dump((setup, task, shared), f, protocol=pickle.HIGHEST_PROTOCOL)
-        pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_pool_init,
-                                                      initargs=(path, self.threads))
+        pool = None
         try:
+            path = os.path.join(folder, "shared.pickle")
+            try:
+                with open(path, "wb") as f:
+                    pickle.dump((setup, task, shared), f, protocol=pickle.HIGHEST_PROTOCOL)
+            except OSError as exc:
+                raise UsageError(f"the worker processes' shared state (about the model's size) could not be written to "
+                                 f"{folder}: {exc.strerror or exc}; point TMPDIR at a folder with room, or run without "
+                                 f"{option('workers')}.") from None
+            pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_pool_init,
+                                                          initargs=(path, self.threads))
             with _workers_start_deaf():
                 futures = [pool.submit(_pool_call, item) for item in items]  # (the workers start here)
             for k, _ in enumerate(_as_completed(futures), 1):
@@ -166,12 +172,13 @@ class ProcessPool:
             results = [f.result() for f in futures]
             pool.shutdown()  # (every worker has read the file once this returns)
         except BaseException:  # an interrupt (or a failed task): the workers stop now, not after their tasks
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                proc.terminate()
-            queue = getattr(pool, "_call_queue", None)
-            if queue is not None:  # (its feeder may be blocked on a pipe no worker reads: exit must not wait for it)
-                queue.cancel_join_thread()
-            pool.shutdown(wait=False, cancel_futures=True)
+            if pool is not None:
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.terminate()
+                queue = getattr(pool, "_call_queue", None)
+                if queue is not None:  # (its feeder may be blocked on a pipe no worker reads: exit must not wait for it)
+                    queue.cancel_join_thread()
+                pool.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # (a worker stopped while reading keeps its open file)
@@ -187,6 +194,7 @@ class RayExecutor:
         except ImportError:
             raise UsageError(f"{option('executor')} ray needs Ray: pip install 'onnx-lowrank[ray]'.") from None
         self.ray = ray
+        address = address or os.environ.get("RAY_ADDRESS") or None  # (Ray jobs name their cluster so)
         if not ray.is_initialized():
             if address:
                 check_reachable(address)
@@ -195,17 +203,17 @@ class RayExecutor:
             kwargs: dict[str, Any] = {"address": address} if address else {"address": "local", "num_cpus": cores or available_cores()}
             with _own_signals():
                 ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, **kwargs)
-        # Size the actors to the cluster's CPUs, not to this machine's: an actor that can never be
-        # placed never starts, and the pool would wait for it for ever.
-        cpus = int(ray.cluster_resources().get("CPU", 0))
+        # Size the actors to the cluster's CPUs, not to this machine's, and each to one node: an
+        # actor that can never be placed never starts, and the pool would wait for it for ever.
+        nodes = [int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        cpus = sum(nodes)
         if cpus < 1:
             raise UsageError(f"the Ray cluster has no CPU for the pass's workers; add a node with CPUs, or run without "
                              f"{option('executor')} ray.")
-        total = min(cores, cpus) if cores else cpus
-        self.workers = min(int(workers), total)
+        self.workers, self.threads = ray_sizes(nodes, int(workers), cores)
         if self.workers < int(workers):
-            log.warning("the Ray cluster has %d CPU(s): %d worker(s) instead of %d", cpus, self.workers, int(workers))
-        self.threads = max(1, total // self.workers)
+            log.warning("the Ray cluster has %d CPU(s) on %d node(s): %d worker(s) of %d thread(s) instead of %d",
+                        cpus, len(nodes), self.workers, self.threads, int(workers))
 
     def run(self, setup, task, shared, items, progress=None):
         if not items:
@@ -290,6 +298,17 @@ class Threads:
         finally:  # on an error or Ctrl-C, the queued tasks do not start; running ones end
             pool.shutdown(wait=True, cancel_futures=True)
         return out
+
+
+def ray_sizes(nodes: Sequence[int], workers: int, cores: int | None = None) -> tuple[int, int]:
+    """``(actors, threads each)`` for ``workers`` actors on nodes of ``nodes`` CPUs (``cores``
+    caps the CPUs used): as many threads as an even share allows, fewer while the actors would
+    not all fit on the nodes, and fewer actors only when one thread each does not fit either."""
+    total = min(cores, sum(nodes)) if cores else sum(nodes)
+    threads = max(1, min(total // max(1, min(workers, total)), max(nodes)))
+    while threads > 1 and sum(n // threads for n in nodes) < workers:
+        threads -= 1
+    return max(1, min(workers, total, sum(n // threads for n in nodes))), threads
 
 
 class _RayWorker:
