@@ -234,6 +234,12 @@ def _fmt_width(w: dict[str, Any]) -> str:
 def render_sections(sections: dict[str, Any]) -> str:
     """The stages' numbers under the totals: data-aware, adaptive, refine, latency and int8."""
     lines = [f"{(key.replace('_', '-') + ':').ljust(14)} {_fmt_extra(sections[key])}" for key in _NUMBER_SECTIONS if key in sections]
+    recurrent = sections.get("recurrent")
+    if recurrent:
+        kinds = sorted({n["op_type"] for n in recurrent["nodes"]})
+        lines.append(f"{'recurrent:':<14} {len(recurrent['nodes'])} {'/'.join(kinds)} node(s) with "
+                     f"{sum(n['params'] for n in recurrent['nodes']):,} constant weight parameters, left as they are "
+                     "(recurrent operators are not factorized)")
     fold = sections.get("fold")
     if fold:
         ops = sorted({op for c in fold["chains"] for op in c["ops"]})

@@ -223,6 +223,13 @@ class Discovery(StageResult):
 
     layers: list[Layer] = field(default_factory=list)
     groups: list[WeightGroup] = field(default_factory=list)
+    recurrent: list[tuple[str, str, int]] = field(default_factory=list)  # (node, op type, constant weight parameters)
+
+    def report_sections(self) -> dict[str, dict]:
+        """Recurrent nodes (LSTM, GRU, RNN) hold weights the pass leaves as they are: said, not hidden."""
+        if not self.recurrent:
+            return {}
+        return {"recurrent": {"nodes": [{"node": n, "op_type": op, "params": p} for n, op, p in self.recurrent]}}
 
     def group(self, key: int) -> WeightGroup:
         return self.groups[key]
@@ -234,6 +241,9 @@ class Discovery(StageResult):
 
 
 _FOLD_HINT = "; fold constants first (onnxsim, or an onnxruntime session with optimized_model_filepath), then compress"
+
+#: Recurrent operators: their weights are not factorized (the report lists them).
+_RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
 
 #: Operators an exporter may put between a weight and its product, which constant folding removes.
 _FOLDABLE = frozenset({"Transpose", "Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten"})
@@ -469,6 +479,10 @@ class _Walk:
                 d = _resolve(chain, name) if name else None
                 if d is not None and d.weight is not None:
                     d.weight.uses.append((no, i))
+            if node.op_type in _RECURRENT and node.domain in ("", "ai.onnx"):
+                held = [_resolve(chain, x) for x in node.input[1:4] if x]  # W, R, B
+                self.result.recurrent.append((display, node.op_type, sum(int(np.prod(d.weight.shape)) for d in held
+                                                                         if d is not None and d.weight is not None)))
             if node.op_type in self.wanted and node.domain in ("", "ai.onnx"):
                 layer = _classify(node, graph, display, lambda n: _resolve(chain, n))
                 layer.node_no, layer.scope = no, scope

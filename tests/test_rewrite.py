@@ -341,3 +341,23 @@ def test_a_python_caller_gets_the_warnings_without_setting_up_logging():
     assert json.loads(res.to_json())["warnings"] == res.warnings
     assert ol.compress(matmul_model(), rank=2, min_params=0).warnings == []
     assert "warnings" not in json.loads(ol.compress(matmul_model(), rank=2, min_params=0).to_json())
+
+
+def test_recurrent_nodes_are_listed_with_their_weights_not_hidden():
+    """tf2onnx writes a Keras LSTM as an ONNX LSTM node, whose weights the pass leaves alone: the
+    report says so instead of leaving them out."""
+    hidden, feat = 8, 16
+    rng = np.random.default_rng(2)
+    w = init("W", rng.standard_normal((1, 4 * hidden, feat)).astype(np.float32))
+    r = init("R", rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32))
+    b = init("B", np.zeros((1, 8 * hidden), np.float32))
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "h"], hidden_size=hidden, name="lstm"),
+             helper.make_node("Squeeze", ["h", "ax"], ["h2"]), helper.make_node("MatMul", ["h2", "V"], ["y"], name="head")]
+    m = make_model(nodes, [vi("x", [5, 2, feat])], [vi("y", [2, 4])],
+                   [w, r, b, init("ax", np.array([0], np.int64)), init("V", lowrank(hidden, 4, 2))])
+    res = ol.compress(m, rank=2, min_params=0)
+    assert res.sections["recurrent"] == {"nodes": [{"node": "lstm", "op_type": "LSTM", "params": 4 * hidden * (feat + hidden) + 8 * hidden}]}
+    from onnx_lowrank.report import render_sections
+
+    assert "recurrent:     1 LSTM node(s) with 832 constant weight parameters, left as they are" in render_sections(res.sections)
+    assert "recurrent" not in ol.compress(matmul_model(), rank=2, min_params=0).sections
