@@ -22,6 +22,7 @@ computes exactly what the chains computed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,12 +175,14 @@ def _walk(end: str, producer: dict[str, onnx.NodeProto], consts: dict[str, tuple
 
 
 def fold_layout(model: onnx.ModelProto, data: io.DataFiles | None = None, op_types=("MatMul", "Gemm", "Conv"), *,
-                only: set[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+                only: set[str] | None = None, left_alone=None) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Fold, in place, the chains of :data:`LAYOUT_OPS` from constants to weight slots of
     ``op_types`` nodes, where nothing is stored twice (see the module's text).
 
     Args:
         only: Fold only the chains from these sources (names of constants).
+        left_alone: ``(constant, [names of the products that read it], size) -> bool``: a Loop's
+            carried constant the selection filters leave alone stays carried.
 
     Returns:
         The folded constants and the declined chains (:class:`Folded`'s ``chains`` and ``declined``).
@@ -190,7 +193,7 @@ def fold_layout(model: onnx.ModelProto, data: io.DataFiles | None = None, op_typ
     declined: dict[str, str] = {}
 
     def visit(graph: onnx.GraphProto, where: str) -> None:
-        _uncarry(graph, where, slots, done)  # (first: a weight it frees may then fold in the body)
+        _uncarry(graph, where, slots, done, left_alone)  # (first: a weight it frees may then fold in the body)
         for node in graph.node:  # the bodies first: a graph's rebuild copies its nodes, bodies included
             for body in io.node_bodies(node):
                 visit(body, f"{where} / {node.op_type} '{node.name or node.output[0]}'")
@@ -200,13 +203,14 @@ def fold_layout(model: onnx.ModelProto, data: io.DataFiles | None = None, op_typ
     return done, declined
 
 
-def _uncarry(graph: onnx.GraphProto, where: str, slots: dict[str, tuple[int, ...]], done: list[dict[str, Any]]) -> None:
+def _uncarry(graph: onnx.GraphProto, where: str, slots: dict[str, tuple[int, ...]], done: list[dict[str, Any]],
+             left_alone=None) -> None:
     """A constant of ``graph`` that a Loop carries through its iterations unchanged (tf2onnx's
     RNN kernels) reaches the body's products as a loop-carried value, which is no constant to
     discovery.  The body reads it directly instead (ONNX's lexical scoping), and the carried value
     leaves the Loop: its initial value, the body's input and output, and the Loop's final value
-    (whose readers read the constant).  The same computation, nothing stored twice; done whatever
-    the selection filters say."""
+    (whose readers read the constant).  The same computation, nothing stored twice.  A weight
+    the selection filters leave alone (``left_alone``) stays carried."""
     consts = _constants(graph)
     outputs = {o.name for o in graph.output}
     for node in graph.node:
@@ -232,6 +236,11 @@ def _uncarry(graph: onnx.GraphProto, where: str, slots: dict[str, tuple[int, ...
                 continue  # (the body also hands it out as something else)
             if not _read_by_products(body, inside, slots):
                 continue  # (only for a weight: other carried constants stay as they are)
+            loop_name = node.name or node.output[0]
+            products = [f"{loop_name}/body/{x.name or x.output[0]}" for g in io.iter_graphs(body) for x in g.node
+                        if x.op_type in slots and inside in x.input]
+            if left_alone is not None and left_alone(init, products, int(np.prod(_tensor(consts[init]).dims))):
+                continue
             drop.append(k)
             renames = {inside: init}
             if out != inside:
@@ -411,6 +420,20 @@ def _rename_reads(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
                     o.name = renames[o.name]
 
 
+def _filters(cfg):
+    """Whether --min-params, --exclude or --include leaves alone a weight of that name and size
+    read by products of those names (a Loop's carried constant, which discovery cannot see)."""
+    inc = re.compile(cfg.include) if cfg.include else None
+    exc = re.compile(cfg.exclude) if cfg.exclude else None
+
+    def left_alone(name: str, products: list[str], size: int) -> bool:
+        names = [name, *products]
+        return (size < cfg.min_params or (exc is not None and any(exc.search(n) for n in names))
+                or (inc is not None and not any(inc.search(n) for n in names)))
+
+    return left_alone
+
+
 class Fold(Step):
     """Fold layout operators between a constant and a product (:func:`fold_layout`)."""
 
@@ -432,6 +455,6 @@ class Fold(Step):
         data = ctx.data
         if data.spill is None and data.base_dir is not None and io.uses_external_data(ctx.model):
             data = io.DataFiles(data.base_dir, data.label, io.Spill())  # (folded external weights go there)
-        chains, declined = fold_layout(ctx.model, data, ops, only=wanted)
+        chains, declined = fold_layout(ctx.model, data, ops, only=wanted, left_alone=_filters(cfg))
         same_bytes = chains and not any("Cast" in c["ops"] for c in chains)
         return Folded(ctx.model, data, chains, declined, tensor_bytes(ctx.model) if same_bytes else None)

@@ -316,3 +316,12 @@ def test_a_carried_value_that_changes_or_feeds_no_product_stays_carried():
     body.node[1].input[0] = "x_t"
     before = m.SerializeToString()
     assert fold_layout(m) == ([], {}) and m.SerializeToString() == before
+
+
+def test_a_carried_weight_the_filters_leave_alone_stays_carried():
+    for kw in (dict(exclude="body_mm", min_params=0), dict(exclude="^W$", min_params=0), dict(include="nothing", min_params=0),
+               dict(min_params=10_000)):
+        m, _ = _loop_model(through_identity=False, read_final=False)
+        res = ol.compress(m, rank=2, **kw)
+        assert "fold" not in res.sections, kw
+        assert res.model.graph.node[0].input[3] == "W"  # (still carried)
