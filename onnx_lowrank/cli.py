@@ -172,7 +172,6 @@ def _run_compress(argv: Sequence[str]) -> int:
     from .api import compress
     from .errors import VerificationFailed
     from .io import check_input_path, check_output_path
-    from .report import render_sections, render_table, render_totals
     from .verify import render_verification
 
     from .api import keywords
@@ -194,13 +193,10 @@ def _run_compress(argv: Sequence[str]) -> int:
     except VerificationFailed as exc:
         refused = exc.result
         if refused is not None and not args.quiet:
-            _print(render_table(refused.layers))
-            _print("")
-            _print(render_totals(refused.totals))
-            if refused.sections:
-                _print(render_sections(refused.sections))
-            _print("")
-            _print(render_verification(exc.report))
+            _print(refused.render())  # (its verification is the refused check)
+            if refused.verification is None:
+                _print("")
+                _print(render_verification(exc.report))
         _warn(exc.report.warnings)
         raise VerificationFailed(f"{exc}; nothing written (pass --keep-failed to write it anyway)", report=exc.report, result=refused) from None
     finally:

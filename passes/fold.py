@@ -234,12 +234,12 @@ def _uncarry(graph: onnx.GraphProto, where: str, slots: dict[str, tuple[int, ...
                 continue
             if any(o.name in (inside, out) for j, o in enumerate(body.output) if j != 1 + k):
                 continue  # (the body also hands it out as something else)
-            if not _read_by_products(body, inside, slots):
+            products = _products_reading(body, inside, slots)
+            if not products:
                 continue  # (only for a weight: other carried constants stay as they are)
             loop_name = node.name or node.output[0]
-            products = [f"{loop_name}/body/{x.name or x.output[0]}" for g in io.iter_graphs(body) for x in g.node
-                        if x.op_type in slots and inside in x.input]
-            if left_alone is not None and left_alone(init, products, int(np.prod(_tensor(consts[init]).dims))):
+            if left_alone is not None and left_alone(init, [f"{loop_name}/body/{p}" for p in products],
+                                                     int(np.prod(_tensor(consts[init]).dims))):
                 continue
             drop.append(k)
             renames = {inside: init}
@@ -249,16 +249,15 @@ def _uncarry(graph: onnx.GraphProto, where: str, slots: dict[str, tuple[int, ...
             if final:
                 _rename_reads(graph, {final: init})
             done.append({"name": init, "source": init, "ops": ["Loop (carried unchanged)"], "chains": 1,
-                         "graph": f"{where} / Loop '{node.name or node.output[0]}'",
-                         "readers": sorted({x.name or x.output[0] for g in io.iter_graphs(body) for x in g.node
-                                            if x.op_type in slots and init in x.input})})
+                         "graph": f"{where} / Loop '{loop_name}'", "readers": sorted(set(products))})
         if drop:
             _drop_carried(node, body, drop)
 
 
-def _read_by_products(body: onnx.GraphProto, name: str, slots: dict[str, tuple[int, ...]]) -> bool:
-    return any(slot < len(x.input) and x.input[slot] == name for g in io.iter_graphs(body) for x in g.node
-               for slot in slots.get(x.op_type, ()))
+def _products_reading(body: onnx.GraphProto, name: str, slots: dict[str, tuple[int, ...]]) -> list[str]:
+    """The products (their names) that read ``name`` as a weight, in ``body`` and the bodies inside."""
+    return [x.name or x.output[0] for g in io.iter_graphs(body) for x in g.node
+            if any(slot < len(x.input) and x.input[slot] == name for slot in slots.get(x.op_type, ()))]
 
 
 def _drop_carried(node: onnx.NodeProto, body: onnx.GraphProto, drop: list[int]) -> None:
@@ -308,7 +307,7 @@ def _fold_graph(model, graph, where, slots, data, only, done, declined) -> None:
         elif only is None or chain.root in only:
             by_root.setdefault(chain.root, []).append(chain)
 
-    new: dict[str, tuple[str, onnx.TensorProto]] = {}  # root -> (kind, folded tensor)
+    new: dict[str, onnx.TensorProto] = {}  # root -> the folded tensor (held as the root was)
     renames: dict[str, str] = {}
     gone_nodes: set[str] = set()  # by first output
     for root, chains in by_root.items():
@@ -336,9 +335,9 @@ def _fold_graph(model, graph, where, slots, data, only, done, declined) -> None:
         stored = _tensor(consts[root])
         if consts[root][0] == "initializer" and data.spill is not None and io.is_external(stored):
             # (an external weight stays outside memory, as the rewrite's factors do)
-            new[root] = ("initializer", data.spill.add(root, value, onnx.helper.np_dtype_to_tensor_dtype(value.dtype)))
+            new[root] = data.spill.add(root, value, onnx.helper.np_dtype_to_tensor_dtype(value.dtype))
         else:
-            new[root] = (consts[root][0], numpy_helper.from_array(value, root))
+            new[root] = numpy_helper.from_array(value, root)
         for c in folds:
             renames[c.end] = root
             gone_nodes.update(n.output[0] for n in c.nodes)
@@ -348,7 +347,7 @@ def _fold_graph(model, graph, where, slots, data, only, done, declined) -> None:
             done.append({"name": root, "source": root, "ops": [n.op_type for n in kept[0].nodes], "chains": len(kept),
                          "graph": where, "readers": sorted({p for c in kept for p in product_reads[c.end]})})
     if renames:
-        _rebuild(graph, consts, new, renames, gone_nodes)
+        _rebuild(graph, consts, reads, new, renames, gone_nodes)
 
 
 def _chain_problem(chain: _Chain, products: list[str], consts, reads: dict[str, int], outputs: set[str],
@@ -375,8 +374,8 @@ def _chain_problem(chain: _Chain, products: list[str], consts, reads: dict[str, 
     return None
 
 
-def _rebuild(graph: onnx.GraphProto, consts: dict[str, tuple[str, Any]], new: dict[str, tuple[str, onnx.TensorProto]],
-             renames: dict[str, str], gone_nodes: set[str]) -> None:
+def _rebuild(graph: onnx.GraphProto, consts: dict[str, tuple[str, Any]], reads: dict[str, int],
+             new: dict[str, onnx.TensorProto], renames: dict[str, str], gone_nodes: set[str]) -> None:
     """One pass over the graph: chains out, folded constants in (an initializer in place of its
     source, a Constant node where the source's was), reads renamed, unread shape constants out."""
     removed = [n for n in graph.node if n.output and n.output[0] in gone_nodes]
@@ -385,16 +384,15 @@ def _rebuild(graph: onnx.GraphProto, consts: dict[str, tuple[str, Any]], new: di
         for x in n.input[1:]:
             if x:
                 extra_reads[x] = extra_reads.get(x, 0) + 1
-    reads = _reads(graph)
     unread = {x for x, k in extra_reads.items() if x in consts and reads.get(x, 0) == k and x not in new}
     nodes = []
     for n in graph.node:
         if n.output and (n.output[0] in gone_nodes or n.op_type == "Constant" and n.output[0] in unread):
             continue
         if n.op_type == "Constant" and n.output and n.output[0] in new:
-            n = onnx.helper.make_node("Constant", [], [n.output[0]], value=new[n.output[0]][1], name=n.name)
+            n = onnx.helper.make_node("Constant", [], [n.output[0]], value=new[n.output[0]], name=n.name)
         nodes.append(n)
-    inits = [new[t.name][1] if t.name in new else t for t in graph.initializer if t.name not in unread]
+    inits = [new.get(t.name, t) for t in graph.initializer if t.name not in unread]
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]

@@ -249,19 +249,28 @@ def test_ir3_initializers_are_not_folded():
     assert fold_layout(m)[0] == []
 
 
-def test_an_external_data_model_is_folded_from_its_data_file_and_the_input_is_untouched(tmp_path):
-    w = lowrank(64, 32, 4)
+def _external_chain(tmp_path, w):
+    """``x @ Transpose(W)`` saved with W in an external data file: its path and its files' hashes."""
     m = make_model([helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0], name="prep"),
                     helper.make_node("MatMul", ["x", "Wt"], ["y"], name="mm")], [vi("x", ["N", 64])], [vi("y", ["N", 32])],
                    [init("W", w.T.copy())])
     src = tmp_path / "in" / "m.onnx"
     src.parent.mkdir()
     onnx.save_model(m, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="m.data", size_threshold=0)
-    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.parent.iterdir()}
+    return src, _hashes(src.parent)
+
+
+def _hashes(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def test_an_external_data_model_is_folded_from_its_data_file_and_the_input_is_untouched(tmp_path):
+    w = lowrank(64, 32, 4)
+    src, digest = _external_chain(tmp_path, w)
     res = ol.compress(str(src), rank=4, min_params=0)
     res.save(tmp_path / "out.onnx")
     assert _only(res).factorized and res.sections["fold"]["chains"][0]["source"] == "W"
-    assert digest == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.parent.iterdir()}
+    assert digest == _hashes(src.parent)
     out = onnx.load(str(tmp_path / "out.onnx"))
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_allclose(run(out, {"x": x})[0], x @ w, rtol=1e-4, atol=1e-4)
@@ -325,3 +334,21 @@ def test_a_carried_weight_the_filters_leave_alone_stays_carried():
         res = ol.compress(m, rank=2, **kw)
         assert "fold" not in res.sections, kw
         assert res.model.graph.node[0].input[3] == "W"  # (still carried)
+
+
+def test_a_folded_external_weight_left_dense_is_saved_from_the_spill_and_confined(tmp_path):
+    """The folded value of an external weight goes to the run's spill file; kept dense, it is
+    written into the output's own data file, next to the output (nothing read from elsewhere)."""
+    w = np.random.default_rng(5).standard_normal((64, 32)).astype(np.float32)  # (full rank: nothing to save)
+    src, digest = _external_chain(tmp_path, w)
+    res = ol.compress(str(src), energy=0.999, min_params=0)
+    assert not _only(res).factorized and res.sections["fold"]["chains"][0]["source"] == "W"
+    folded = next(t for t in res.model.graph.initializer if t.name == "W")
+    assert folded.data_location == TensorProto.EXTERNAL  # (in the spill, not in memory)
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    written = res.save(out)
+    assert all(p.parent == out.parent for p in written)
+    assert digest == _hashes(src.parent)
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_allclose(run(onnx.load(str(out)), {"x": x})[0], x @ w, rtol=1e-4, atol=1e-4)
