@@ -268,6 +268,9 @@ def render_sections(sections: dict[str, Any]) -> str:
             lines.append(f"               {len(q['dense_left_float'])} dense weight(s) left in float"
                          + (f" ({inside} read inside If/Loop/Scan bodies by something other than MatMul alone; "
                             "--quantize int4 takes Gemm readers too)" if inside else ""))
+        if q.get("other_ops_quantized"):
+            lines.append("               onnxruntime's quantizer also converted (its default op types): "
+                         + ", ".join(f"{n} {op}" for op, n in q["other_ops_quantized"].items()))
     q4 = sections.get("int4")
     if q4:
         lines.append(_fmt_int4(q4))

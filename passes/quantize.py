@@ -45,7 +45,7 @@ from onnx_lowrank.pipeline import Context, StageResult, Step
 
 from .rewrite import NameScope, Rewritten, remove_constant
 
-__all__ = ["QUANTIZE_MODES", "quantize", "quantize_int8", "lift_constants", "quantized_weights", "unquantized", "Quantize", "Quantized",
+__all__ = ["QUANTIZE_MODES", "quantize", "quantize_int8", "converted_ops", "lift_constants", "quantized_weights", "unquantized", "Quantize", "Quantized",
            "float_matmul_weights", "quantize_bodies"]
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,24 @@ def quantize_int8(model: onnx.ModelProto, *, base_dir: str | os.PathLike | io.Da
             raise ModelError(f"onnxruntime dynamic quantization failed: {type(exc).__name__}: {exc}") from None
         out = onnx.load(str(dst), load_external_data=True)
     sort_nodes(out.graph)
+    log.debug("onnxruntime's quantizer converted %s", converted_ops(model, out) or "no other op")
     log.info("quantized to int8%s: %d integer MatMul node(s)", " per channel" if per_channel else "", sum(n.op_type in INTEGER_MATMULS for n in out.graph.node))
     return out
+
+
+def converted_ops(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, int]:
+    """Per op type other than MatMul/Gemm, how many of ``before``'s main-graph nodes onnxruntime's
+    quantizer replaced (``Conv`` by ``ConvInteger``, ``LSTM`` by ``DynamicQuantizeLSTM``, a
+    ``Gather`` of a constant table by one of int8 codes and a dequantization...): those whose first
+    output ``after`` computes with another op or from other inputs."""
+    made = {out: (n.op_type, list(n.input)) for n in after.graph.node for out in n.output[:1] if out}
+    counts: dict[str, int] = {}
+    for node in before.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "Constant") or node.domain not in ("", "ai.onnx") or not node.output:
+            continue
+        if made.get(node.output[0]) != (node.op_type, list(node.input)):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _same(t: onnx.TensorProto | None, arr: np.ndarray) -> bool:
@@ -265,6 +281,7 @@ class Quantized(StageResult):
 
     dense_float: dict[str, bool] = field(default_factory=dict)  # dense weights it left float: read in a body?
     in_bodies: list[str] = field(default_factory=list)  # weights read in bodies, quantized here (quantize_bodies)
+    other_ops: dict[str, int] = field(default_factory=dict)  # op type -> nodes other than MatMul/Gemm the quantizer converted
 
     def to_dict(self) -> dict[str, Any]:
         out = {"mode": self.mode, "factors": len(self.factors), "factors_quantized": len(self.factors) - len(self.missed),
@@ -274,6 +291,8 @@ class Quantized(StageResult):
         if self.dense_float:
             out["dense_left_float"] = sorted(self.dense_float)
             out["dense_left_float_in_bodies"] = sum(self.dense_float.values())
+        if self.other_ops:
+            out["other_ops_quantized"] = dict(self.other_ops)
         return out
 
 
@@ -305,7 +324,7 @@ class Quantize(Step):
             log.warning("int8 left %d dense MatMul/Gemm weight(s) in float%s", len(dense),
                         f", {inside} of them read inside If/Loop/Scan bodies by something other than MatMul alone; "
                         f"{option_value('quantize', 'int4')} takes Gemm readers too" if inside else "")
-        return Quantized(quantized, io.DataFiles(), mode, factors, missed, dense, in_bodies)
+        return Quantized(quantized, io.DataFiles(), mode, factors, missed, dense, in_bodies, converted_ops(ctx.model, quantized))
 
 
 def quantize_bodies(model: onnx.ModelProto, *, per_channel: bool = False) -> list[str]:

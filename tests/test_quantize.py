@@ -207,3 +207,25 @@ def test_int8_quantizes_weights_held_in_constant_nodes(mode):
     assert not any(n.op_type == "Constant" and n.output[0] in ("W1", "W2") for n in res.model.graph.node)
     x = np.random.default_rng(1).standard_normal((32, 128)).astype(np.float32)
     assert compare("y", _outputs(src, x), _outputs(res.model, x)).cosine_min > 0.99
+
+
+def test_int8_names_the_other_ops_onnxruntimes_quantizer_converted():
+    """onnxruntime's defaults also turn an LSTM into DynamicQuantizeLSTM (and a Conv into
+    ConvInteger); the int8 line says so instead of leaving it to be found in the graph."""
+    from onnx_lowrank.report import render_sections
+
+    hidden, feat = 8, 16
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "h"], hidden_size=hidden, name="lstm"),
+             helper.make_node("Squeeze", ["h", "ax"], ["h2"]), helper.make_node("MatMul", ["h2", "V"], ["y"], name="head")]
+    m = make_model(nodes, [vi("x", [5, 2, feat])], [vi("y", [2, 64])],
+                   [init("W", rng.standard_normal((1, 4 * hidden, feat)).astype(np.float32)),
+                    init("R", rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32)),
+                    init("B", np.zeros((1, 8 * hidden), np.float32)), init("ax", np.array([0], np.int64)),
+                    init("V", lowrank(hidden, 64, 2))])
+    res = compress(m, rank=2, min_params=0, quantize="int8")
+    assert [n.op_type for n in res.model.graph.node if "LSTM" in n.op_type] == ["DynamicQuantizeLSTM"]
+    assert res.sections["quantize"]["other_ops_quantized"] == {"LSTM": 1}
+    assert "onnxruntime's quantizer also converted (its default op types): 1 LSTM" in render_sections(res.sections)
+    plain = compress(model(), energy=0.999, min_params=0, quantize="int8")
+    assert "other_ops_quantized" not in plain.sections["quantize"]
