@@ -7,6 +7,7 @@ in-memory ``ModelProto`` is copied, so the caller's object is never touched.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,9 @@ from onnx_lowrank import io
 from onnx_lowrank.errors import UsageError
 from onnx_lowrank.pipeline import Context, StageResult, Step
 
-__all__ = ["Load", "Loaded", "count_params"]
+__all__ = ["Load", "Loaded", "count_params", "undefined_ops"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,11 +139,48 @@ def count_params(model: onnx.ModelProto) -> int:
     return total
 
 
+def undefined_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Op types of the default domain (bodies included) that ONNX does not define at the model's
+    opset, or has deprecated by then (``Upsample`` from opset 10), with their node counts: an
+    exporter's mistake (tf2onnx has written ``Erfc``) that runtimes refuse, and that a compressed
+    copy would carry over."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        return {}
+    counts: dict[str, int] = {}
+    for graph in io.iter_graphs(model.graph):
+        for node in graph.node:
+            if node.domain in ("", "ai.onnx"):
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    unknown = {}
+    for op, n in sorted(counts.items()):
+        try:
+            if onnx.defs.get_schema(op, opset, "").deprecated:
+                unknown[op] = n
+        except onnx.defs.SchemaError:
+            unknown[op] = n
+    return unknown
+
+
+def _warn_undefined(model: onnx.ModelProto) -> None:
+    unknown = undefined_ops(model)
+    if unknown:
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        log.warning("the input uses op(s) ONNX does not define (or has deprecated) at opset %d: %s; runtimes refuse such a model, and the "
+                    "output keeps them (fix the export, or replace them before compressing)", opset,
+                    ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in unknown.items()))
+
+
 class Load(Step):
     name = "load"
     changes_model = True
 
     def run(self, ctx: Context) -> Loaded:
+        loaded = self._load(ctx)
+        _warn_undefined(loaded.model)
+        return loaded
+
+    def _load(self, ctx: Context) -> Loaded:
         source: Any = ctx.request.source
         if isinstance(source, onnx.ModelProto):
             io.check_tensors(source)

@@ -159,3 +159,31 @@ def test_layers_left_alone_before_planning_still_count_their_macs():
     t = ol.compress(pair, min_params=0, dry_run=True).totals
     assert t.params_before == t.params_after == 512
     assert t.macs_before == t.macs_after == 512
+
+
+def test_ops_onnx_does_not_define_are_named_at_load(tmp_path, capsys):
+    """tf2onnx has written an ``Erfc`` node (no such ONNX op): the compressed copy of such a model
+    loads nowhere either, so the run says so up front, for a node in an If branch too, and for an
+    op deprecated at the model's opset; a valid model gets no such warning."""
+    w = init("W", lowrank(64, 64, 4))
+    branch = helper.make_graph([helper.make_node("Erfc", ["x"], ["e"])], "then", [], [vi("e", [2, 64])])
+    nodes = [helper.make_node("If", ["c"], ["e"], then_branch=branch, else_branch=branch),
+             helper.make_node("Erfc", ["e"], ["e2"]), helper.make_node("MatMul", ["e2", "W"], ["y"], name="mm")]
+    m = make_model(nodes, [vi("x", [2, 64]), vi("c", [], onnx.TensorProto.BOOL)], [vi("y", [2, 64])], [w], opset=13)
+    res = ol.compress(m, rank=4, min_params=0)
+    assert res.warnings == ["the input uses op(s) ONNX does not define (or has deprecated) at opset 13: Erfc (3 nodes); "
+                            "runtimes refuse such a model, and the output keeps them (fix the export, or replace them before "
+                            "compressing)"]
+    assert res.totals.factorized == 1
+    up = make_model([helper.make_node("Upsample", ["x", "s"], ["u"]), helper.make_node("MatMul", ["u", "W"], ["y"])],
+                    [vi("x", [1, 64])], [vi("y", [1, 64])], [w, init("s", np.ones(2, np.float32))], opset=10)
+    from onnx_lowrank.passes.load import undefined_ops
+
+    assert undefined_ops(up) == {"Upsample": 1}
+    assert undefined_ops(make_model(up.graph.node, [vi("x", [1, 64])], [vi("y", [1, 64])], [w, init("s", np.ones(2, np.float32))],
+                                    opset=9)) == {}
+    src = tmp_path / "erfc.onnx"
+    onnx.save(m, src)
+    assert main([str(src), "-o", str(tmp_path / "out.onnx"), "--rank", "4", "--min-params", "0", "-q"]) == 0
+    assert "Erfc (3 nodes)" in capsys.readouterr().err
+    assert ol.compress(make_model([nodes[2]], [vi("e2", [2, 64])], [vi("y", [2, 64])], [w]), rank=4, min_params=0).warnings == []
