@@ -28,7 +28,7 @@ from .spectra import Spectra
 from onnx_lowrank.passes.statistics import _mask_of, _rows, layer_inputs
 from onnx_lowrank.runtime import Feeds, Progress, capture
 
-__all__ = ["RefitStats", "capture_refit_stats", "refit_levels", "refit_factors", "Refine", "Refits"]
+__all__ = ["RefitStats", "capture_refit_stats", "refit_levels", "refit_factors", "output_errors", "Refine", "Refits"]
 
 log = logging.getLogger(__name__)
 
@@ -219,16 +219,49 @@ def refit_factors(
     return current, runs
 
 
+def output_errors(model: onnx.ModelProto, candidates: list[Mapping[str, np.ndarray]], feeds: Feeds,
+                  data: io.DataFiles | Path | None, *, threads: int | None = None) -> tuple[list[float], int]:
+    """The relative L2 error of ``model``'s outputs (every float output together, each weighed by
+    its own energy) with each candidate's weights fed instead of the stored ones, against the
+    stored weights' outputs; and the onnxruntime runs made."""
+    names = [o.name for o in model.graph.output]
+    ref = np.zeros(len(names))
+    err = np.zeros((len(candidates), len(names)))
+
+    def add(feed: dict[str, np.ndarray], got: list[dict[str, np.ndarray]]) -> None:
+        for j, name in enumerate(names):
+            y = np.asarray(got[0][name])
+            if not np.issubdtype(y.dtype, np.floating):
+                continue
+            y64 = y.astype(np.float64)
+            ref[j] += float(np.sum(y64 * y64))
+            for i, out in enumerate(got[1:]):
+                err[i, j] += float(np.sum((np.asarray(out[name], np.float64) - y64) ** 2))
+
+    runs = capture(model, names, feeds, add, data=io.as_data(data), threads=threads, overrides=({}, *candidates),
+                   label="checking the refit")
+    scale = np.where(ref > 0, ref, 1.0)
+    sq = np.sqrt(np.sum(err / scale, axis=1) / max(1, int(np.count_nonzero(ref))))
+    return [float(v) for v in sq], runs
+
+
 @dataclass
 class Refits(StageResult):
-    """Refitted factors, by weight-group key (only the layers whose factors changed)."""
+    """Refitted factors, by weight-group key (only the layers whose factors changed; none when
+    the refit did not lower the calibration error, ``kept`` false)."""
 
     section = "refine"
     factors: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     runs: int = 0
+    error_before: float | None = None  # relative L2 of the outputs on the calibration data, truncated factors
+    error_after: float | None = None  # the same with the refitted factors
+    kept: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers_refitted": len(self.factors), "ort_runs": self.runs}
+        out: dict[str, Any] = {"layers_refitted": len(self.factors), "ort_runs": self.runs}
+        if self.error_before is not None:
+            out.update(calib_rel_l2_truncated=self.error_before, calib_rel_l2_refitted=self.error_after, kept=self.kept)
+        return out
 
 
 class Refine(Step):
@@ -250,4 +283,22 @@ class Refine(Step):
                                        progress=ctx.progress,
                                        output_only={p.key for p, _ in chosen if p.view().spectrum.out_whiten is not None})
         changed = {k: ab for k, ab in refitted.items() if ab[0] is not factors[k][0] or ab[1] is not factors[k][1]}
-        return Refits(changed, runs)
+        if not changed:
+            return Refits(changed, runs)
+        # The refit matches each layer's own output; a network's output may still move away (seen on
+        # a CNN), so it is kept only where it lowers the error on the calibration data.
+        g = ctx.model.graph
+        main = {t.name for t in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Constant"}
+        names = {p.key: p.group.weight.name for p, _ in chosen if p.group.weight.name in main}
+
+        def products(fs: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+            return {names[k]: (np.asarray(a, np.float64) @ np.asarray(b, np.float64)).astype(weights[k].dtype)
+                    for k, (a, b) in fs.items() if k in names}
+
+        (before, after), checked = output_errors(ctx.model, [products(factors), products({**factors, **refitted})],
+                                                 ctx.need(Calibration).feeds, ctx.data)
+        kept = after <= before
+        if not kept:
+            log.warning("--refine: the refitted factors raise the output error on the calibration data (relative L2 %.4g "
+                        "against %.4g with the truncated factors); the truncated factors are kept", after, before)
+        return Refits(changed if kept else {}, runs + checked, before, after, kept)

@@ -193,9 +193,33 @@ def test_compress_refine_lowers_the_output_error_on_held_out_data():
     assert [d.rank for d in refined.layers] == [d.rank for d in base.layers]
     assert refined.totals.params_after == base.totals.params_after
     assert refined.sections["refine"]["layers_refitted"] == 3
+    sec = refined.sections["refine"]
+    assert sec["kept"] is True and sec["calib_rel_l2_refitted"] < sec["calib_rel_l2_truncated"]
     err_base = np.linalg.norm(run(base.model, held)[0] - y)
     err_refined = np.linalg.norm(run(refined.model, held)[0] - y)
     assert err_refined < 0.97 * err_base
+
+
+def test_refine_keeps_the_truncated_factors_when_the_refit_raises_the_calibration_error(monkeypatch):
+    """A refit that fits each layer's output can still move the network's output away (seen on a
+    CNN): the stage measures both on the calibration data and keeps the better, and says so."""
+    from onnx_lowrank.passes import refit as stage
+
+    def spoilt(model, groups, factors, weights, feeds, data, **kw):
+        return {k: (a, 0.5 * b) for k, (a, b) in factors.items()}, 0
+
+    model = chain_model()
+    calib = [{"x": anisotropic(200, 96, seed=s)} for s in (11, 12)]
+    opts = dict(data_aware=True, target_params=0.3, min_params=0, calib=calib)
+    base = ol.compress(model, **opts)
+    monkeypatch.setattr(stage, "refit_factors", spoilt)
+    refined = ol.compress(model, refine=True, **opts)
+    sec = refined.sections["refine"]
+    assert sec["kept"] is False and sec["layers_refitted"] == 0
+    assert sec["calib_rel_l2_refitted"] > sec["calib_rel_l2_truncated"]
+    held = {"x": anisotropic(64, 96, seed=13)}
+    np.testing.assert_array_equal(run(refined.model, held)[0], run(base.model, held)[0])
+    assert any(w.startswith("--refine: the refitted factors raise the output error") for w in refined.warnings)
 
 
 def test_refine_without_calibration_names_calib():
