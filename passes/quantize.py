@@ -170,7 +170,6 @@ def quantize_int8(model: onnx.ModelProto, *, base_dir: str | os.PathLike | io.Da
             raise ModelError(f"onnxruntime dynamic quantization failed: {type(exc).__name__}: {exc}") from None
         out = onnx.load(str(dst), load_external_data=True)
     sort_nodes(out.graph)
-    log.debug("onnxruntime's quantizer converted %s", converted_ops(model, out) or "no other op")
     log.info("quantized to int8%s: %d integer MatMul node(s)", " per channel" if per_channel else "", sum(n.op_type in INTEGER_MATMULS for n in out.graph.node))
     return out
 
