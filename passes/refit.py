@@ -225,10 +225,11 @@ def refit_factors(
 
 
 def output_errors(model: onnx.ModelProto, candidates: list[Mapping[str, np.ndarray]], feeds: Feeds,
-                  data: io.DataFiles | Path | None, *, threads: int | None = None) -> tuple[list[float], int]:
+                  data: io.DataFiles | Path | None, *, threads: int | None = None) -> tuple[list[float] | None, int]:
     """The relative L2 error of ``model``'s outputs (every float output together, each weighed by
     its own energy) with each candidate's weights fed instead of the stored ones, against the
-    stored weights' outputs; and the onnxruntime runs made."""
+    stored weights' outputs (``None`` when no float output is ever nonzero: nothing to compare);
+    and the onnxruntime runs made."""
     names = [o.name for o in model.graph.output]
     ref = np.zeros(len(names))
     err = np.zeros((len(candidates), len(names)))
@@ -245,8 +246,10 @@ def output_errors(model: onnx.ModelProto, candidates: list[Mapping[str, np.ndarr
 
     runs = capture(model, names, feeds, add, data=io.as_data(data), threads=threads, overrides=({}, *candidates),
                    label="checking the refit")
+    if not np.any(ref > 0):
+        return None, runs
     scale = np.where(ref > 0, ref, 1.0)
-    sq = np.sqrt(np.sum(err / scale, axis=1) / max(1, int(np.count_nonzero(ref))))
+    sq = np.sqrt(np.sum(err / scale, axis=1) / int(np.count_nonzero(ref)))
     return [float(v) for v in sq], runs
 
 
@@ -310,9 +313,11 @@ class Refine(Step):
             return {names[k]: (np.asarray(a, np.float64) @ np.asarray(b, np.float64)).astype(weights[k].dtype)
                     for k, (a, b) in fs.items() if k in names}
 
-        (before, after), checked = output_errors(ctx.model, [{**fixed, **products(factors)},
-                                                             {**fixed, **products({**factors, **refitted})}],
-                                                 ctx.need(Calibration).feeds, ctx.data)
+        errors, checked = output_errors(ctx.model, [{**fixed, **products(factors)}, {**fixed, **products({**factors, **refitted})}],
+                                        ctx.need(Calibration).feeds, ctx.data)
+        if errors is None:  # integer outputs only (an ArgMax head): no error to compare; the refit stands
+            return Refits(changed, runs + checked)
+        before, after = errors
         kept = after < before
         if not kept:
             log.warning("--refine: the refitted factors do not lower the output error on the calibration data (relative L2 "

@@ -274,3 +274,21 @@ def test_cli_refine(tmp_path, capsys):
     assert main([str(src), "-o", str(out), "--rank", "8", "--min-params", "0", "--refine", "--calib", str(npz)]) == 0
     assert out.exists()
     assert "factors or feed-forward blocks refitted" in capsys.readouterr().err
+
+
+def test_refine_with_integer_outputs_only_keeps_the_refit_unchecked():
+    """An ArgMax head leaves no float output to compare: the refit stands, and the report gives no
+    errors it could not measure."""
+    from onnx import TensorProto, helper
+
+    model = chain_model()
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = ["pre" if o == out else o for o in node.output]
+    model.graph.node.append(helper.make_node("ArgMax", ["pre"], ["cls"], axis=1))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("cls", TensorProto.INT64, None))
+    calib = [{"x": anisotropic(200, 96, seed=s)} for s in (11, 12)]
+    res = ol.compress(model, data_aware=True, target_params=0.3, min_params=0, calib=calib, refine=True)
+    sec = res.sections["refine"]
+    assert sec["layers_refitted"] == 3 and "kept" not in sec and "rel_l2_truncated" not in sec and res.warnings == []
