@@ -139,36 +139,64 @@ def count_params(model: onnx.ModelProto) -> int:
     return total
 
 
+def _runtime_kernels() -> dict[str, list[tuple[int, int]]] | None:
+    """The installed onnxruntime's kernels of the default domain: op type -> opset ranges
+    (``None`` when this onnxruntime does not list them)."""
+    try:
+        from onnxruntime.capi._pybind_state import get_all_opkernel_def
+    except ImportError:  # pragma: no cover - every onnxruntime wheel this tool supports has it
+        return None
+    kernels: dict[str, list[tuple[int, int]]] = {}
+    for k in get_all_opkernel_def():
+        if k.domain in ("", "ai.onnx"):
+            kernels.setdefault(k.op_name, []).append(tuple(k.version_range))
+    return kernels
+
+
+def _defined(op: str, opset: int, kernels: dict[str, list[tuple[int, int]]] | None) -> bool:
+    if kernels is not None and any(lo <= opset <= hi for lo, hi in kernels.get(op, ())):
+        return True  # (onnxruntime still runs ONNX's old experimental ops: ImageScaler, Crop, ...)
+    try:
+        schema = onnx.defs.get_schema(op, opset, "")
+    except onnx.defs.SchemaError:
+        return False
+    # A deprecated op is gone unless ONNX gives it a function body to expand (GroupNormalization-18).
+    return not schema.deprecated or schema.has_function or schema.has_context_dependent_function
+
+
 def undefined_ops(model: onnx.ModelProto) -> dict[str, int]:
-    """Op types of the default domain (bodies included) that ONNX does not define at the model's
-    opset, or has deprecated by then (``Upsample`` from opset 10), with their node counts: an
-    exporter's mistake (tf2onnx has written ``Erfc``) that runtimes refuse, and that a compressed
-    copy would carry over."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is None:
-        return {}
-    counts: dict[str, int] = {}
-    for graph in io.iter_graphs(model.graph):
-        for node in graph.node:
-            if node.domain in ("", "ai.onnx"):
-                counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    unknown = {}
-    for op, n in sorted(counts.items()):
-        try:
-            if onnx.defs.get_schema(op, opset, "").deprecated:
-                unknown[op] = n
-        except onnx.defs.SchemaError:
-            unknown[op] = n
+    """Op types of the default domain that neither ONNX defines at the model's opset (or only as
+    deprecated, with no function body) nor the installed onnxruntime has a kernel for, with their
+    node counts; bodies and model-local functions included.  An exporter's mistake (tf2onnx has
+    written ``Erfc``) that onnxruntime refuses, and that a compressed copy would carry over."""
+    def default(imports) -> int | None:
+        return next((o.version for o in imports if o.domain in ("", "ai.onnx")), None)
+
+    counts: dict[tuple[str, int], int] = {}
+    scopes = [(model.graph, default(model.opset_import))]
+    scopes += [(onnx.GraphProto(node=f.node), default(f.opset_import) or default(model.opset_import)) for f in model.functions]
+    for top, opset in scopes:
+        if opset is None:
+            continue
+        for graph in io.iter_graphs(top):
+            for node in graph.node:
+                if node.domain in ("", "ai.onnx"):
+                    counts[node.op_type, opset] = counts.get((node.op_type, opset), 0) + 1
+    kernels = _runtime_kernels()
+    unknown: dict[str, int] = {}
+    for (op, opset), n in sorted(counts.items()):
+        if not _defined(op, opset, kernels):
+            unknown[op] = unknown.get(op, 0) + n
     return unknown
 
 
 def _warn_undefined(model: onnx.ModelProto) -> None:
     unknown = undefined_ops(model)
     if unknown:
-        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-        log.warning("the input uses op(s) ONNX does not define (or has deprecated) at opset %d: %s; runtimes refuse such a model, and the "
-                    "output keeps them (fix the export, or replace them before compressing)", opset,
-                    ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in unknown.items()))
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), "?")
+        log.warning("the input uses op(s) that neither ONNX (opset %s) nor the installed onnxruntime defines: %s; "
+                    "onnxruntime refuses such a model, and the output keeps them (fix the export, or replace them "
+                    "before compressing)", opset, ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in unknown.items()))
 
 
 class Load(Step):

@@ -178,13 +178,14 @@ def converted_ops(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, 
     """Per op type other than MatMul/Gemm, how many of ``before``'s main-graph nodes onnxruntime's
     quantizer replaced (``Conv`` by ``ConvInteger``, ``LSTM`` by ``DynamicQuantizeLSTM``, a
     ``Gather`` of a constant table by one of int8 codes and a dequantization...): those whose first
-    output ``after`` computes with another op or from other inputs."""
-    made = {out: (n.op_type, list(n.input)) for n in after.graph.node for out in n.output[:1] if out}
+    named output ``after`` computes with another op or from other inputs."""
+    made = {out: (n.op_type, list(n.input)) for n in after.graph.node for out in n.output if out}
     counts: dict[str, int] = {}
     for node in before.graph.node:
-        if node.op_type in ("MatMul", "Gemm", "Constant") or node.domain not in ("", "ai.onnx") or not node.output:
+        out = next((o for o in node.output if o), None)  # (an LSTM often leaves its first output, Y, unnamed)
+        if node.op_type in ("MatMul", "Gemm", "Constant") or node.domain not in ("", "ai.onnx") or out is None:
             continue
-        if made.get(node.output[0]) != (node.op_type, list(node.input)):
+        if made.get(out) != (node.op_type, list(node.input)):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
 

@@ -229,3 +229,23 @@ def test_int8_names_the_other_ops_onnxruntimes_quantizer_converted():
     assert "onnxruntime's quantizer also converted (its default op types): 1 LSTM" in render_sections(res.sections)
     plain = compress(model(), energy=0.999, min_params=0, quantize="int8")
     assert "other_ops_quantized" not in plain.sections["quantize"]
+
+
+def test_an_lstm_the_quantizer_leaves_float_is_not_counted_as_converted():
+    """An LSTM whose first output is unnamed and whose W is computed (here: Identity of an input)
+    stays a float LSTM; the count goes by its first named output, so it says nothing."""
+    from onnx_lowrank.passes.quantize import converted_ops
+
+    hidden, feat = 8, 16
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Identity", ["w_in"], ["W"]),
+             helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "h"], hidden_size=hidden, name="lstm"),
+             helper.make_node("Squeeze", ["h", "ax"], ["h2"]), helper.make_node("MatMul", ["h2", "V"], ["y"], name="head")]
+    m = make_model(nodes, [vi("x", [5, 2, feat]), vi("w_in", [1, 4 * hidden, feat])], [vi("y", [2, 64])],
+                   [init("R", rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32)),
+                    init("B", np.zeros((1, 8 * hidden), np.float32)), init("ax", np.array([0], np.int64)),
+                    init("V", lowrank(hidden, 64, 2))])
+    res = compress(m, rank=2, min_params=0, quantize="int8")
+    assert [n.op_type for n in res.model.graph.node if "LSTM" in n.op_type] == ["LSTM"]
+    assert "other_ops_quantized" not in res.sections["quantize"]
+    assert converted_ops(m, res.model) == {}

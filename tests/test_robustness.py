@@ -161,27 +161,42 @@ def test_layers_left_alone_before_planning_still_count_their_macs():
     assert t.macs_before == t.macs_after == 512
 
 
-def test_ops_onnx_does_not_define_are_named_at_load(tmp_path, capsys):
+def test_ops_neither_onnx_nor_onnxruntime_define_are_named_at_load(tmp_path, capsys):
     """tf2onnx has written an ``Erfc`` node (no such ONNX op): the compressed copy of such a model
-    loads nowhere either, so the run says so up front, for a node in an If branch too, and for an
-    op deprecated at the model's opset; a valid model gets no such warning."""
+    loads nowhere either, so the run says so up front, for a node in an If branch and in a
+    model-local function too, and for an op deprecated at the model's opset that onnxruntime does
+    not run; valid models get no such warning, ONNX's old experimental ops that onnxruntime still
+    runs and deprecated ops with a function body included."""
+    from onnx_lowrank.passes.load import undefined_ops
+
     w = init("W", lowrank(64, 64, 4))
     branch = helper.make_graph([helper.make_node("Erfc", ["x"], ["e"])], "then", [], [vi("e", [2, 64])])
     nodes = [helper.make_node("If", ["c"], ["e"], then_branch=branch, else_branch=branch),
              helper.make_node("Erfc", ["e"], ["e2"]), helper.make_node("MatMul", ["e2", "W"], ["y"], name="mm")]
     m = make_model(nodes, [vi("x", [2, 64]), vi("c", [], onnx.TensorProto.BOOL)], [vi("y", [2, 64])], [w], opset=13)
     res = ol.compress(m, rank=4, min_params=0)
-    assert res.warnings == ["the input uses op(s) ONNX does not define (or has deprecated) at opset 13: Erfc (3 nodes); "
-                            "runtimes refuse such a model, and the output keeps them (fix the export, or replace them before "
-                            "compressing)"]
+    assert res.warnings == ["the input uses op(s) that neither ONNX (opset 13) nor the installed onnxruntime defines: "
+                            "Erfc (3 nodes); onnxruntime refuses such a model, and the output keeps them (fix the export, "
+                            "or replace them before compressing)"]
     assert res.totals.factorized == 1
+    s = init("s", np.ones(2, np.float32))
     up = make_model([helper.make_node("Upsample", ["x", "s"], ["u"]), helper.make_node("MatMul", ["u", "W"], ["y"])],
-                    [vi("x", [1, 64])], [vi("y", [1, 64])], [w, init("s", np.ones(2, np.float32))], opset=10)
-    from onnx_lowrank.passes.load import undefined_ops
-
+                    [vi("x", [1, 64])], [vi("y", [1, 64])], [w, s], opset=10)
     assert undefined_ops(up) == {"Upsample": 1}
-    assert undefined_ops(make_model(up.graph.node, [vi("x", [1, 64])], [vi("y", [1, 64])], [w, init("s", np.ones(2, np.float32))],
-                                    opset=9)) == {}
+    assert undefined_ops(make_model(up.graph.node, [vi("x", [1, 64])], [vi("y", [1, 64])], [w, s], opset=9)) == {}
+    # onnxruntime runs ImageScaler (tiny-YOLOv2, opset 7) and expands GroupNormalization-18 (deprecated, with a body)
+    old = make_model([helper.make_node("ImageScaler", ["x"], ["u"], scale=2.0), helper.make_node("MatMul", ["u", "W"], ["y"])],
+                     [vi("x", [1, 3, 4, 64])], [vi("y", [1, 3, 4, 64])], [w], opset=7)
+    gn = make_model([helper.make_node("GroupNormalization", ["x", "g", "b"], ["u"], num_groups=2), helper.make_node("MatMul", ["u", "W"], ["y"])],
+                    [vi("x", [1, 4, 64])], [vi("y", [1, 4, 64])], [w, init("g", np.ones(2, np.float32)), init("b", np.zeros(2, np.float32))],
+                    opset=18)
+    assert undefined_ops(old) == {} and undefined_ops(gn) == {}
+    func = helper.make_function("custom", "F", ["a"], ["b"], [helper.make_node("Erfc", ["a"], ["b"])], [helper.make_opsetid("", 13)])
+    fm = make_model([helper.make_node("F", ["x"], ["u"], domain="custom"), helper.make_node("MatMul", ["u", "W"], ["y"])],
+                    [vi("x", [2, 64])], [vi("y", [2, 64])], [w], opset=13)
+    fm.functions.append(func)
+    fm.opset_import.append(helper.make_opsetid("custom", 1))
+    assert undefined_ops(fm) == {"Erfc": 1}
     src = tmp_path / "erfc.onnx"
     onnx.save(m, src)
     assert main([str(src), "-o", str(tmp_path / "out.onnx"), "--rank", "4", "--min-params", "0", "-q"]) == 0
