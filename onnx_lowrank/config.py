@@ -291,6 +291,10 @@ class Quantize(Section):
                                "same size; Conv kernels keep one scale), or int4 (4-bit blocks as onnxruntime's MatMulNBits, "
                                "with a low-rank correction of their error; add --energy 1 for int4 without factorization; "
                                "docs/int4.md)", choices=QUANTIZE_MODES)
+    int8_ops: str = opt("default", "choice", "with --quantize int8*: the ops onnxruntime's quantizer takes: default (its own "
+                        "list: MatMul, Conv, LSTM, Gather of a constant table, Attention) or matmul (MatMul weights and the "
+                        "factors only; Convs, LSTMs and embedding tables stay float: its ConvInteger can be slower and less "
+                        "exact than float Conv)", choices=("default", "matmul"))
     int4_block: int = opt(32, "choice", "with --quantize int4: weights per block along the input axis (default 32)",
                           choices=INT4_BLOCKS)
     int4_accuracy_level: int = opt(0, "non_negative_int", "with --quantize int4: MatMulNBits's compute type: 0 unset (float, "
@@ -321,6 +325,9 @@ class Quantize(Section):
 
     def rules(self) -> None:
         object.__setattr__(self, "int4_correction", _correction(self.int4_correction))
+        if self.int8_ops != "default" and self.quantize not in ("int8", "int8-per-channel"):
+            raise UsageError(f"{option('int8_ops')} chooses the ops of the int8 quantization; add "
+                             f"{option_value('quantize', 'int8')} (or int8-per-channel) or drop {option('int8_ops')}.")
         if self.quantize != "int4":
             for f in fields(self):
                 if f.name.startswith("int4_") and getattr(self, f.name) != f.default:

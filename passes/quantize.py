@@ -93,15 +93,17 @@ def _check_float32(model: onnx.ModelProto) -> None:
                              f"Quantize the float32 export, or drop {option('quantize')}.")
 
 
-def quantize(model: onnx.ModelProto, mode: str, *, base_dir: str | os.PathLike | io.DataFiles | None = None) -> onnx.ModelProto:
-    """Quantize by ``--quantize`` mode name (one of :data:`QUANTIZE_MODES`)."""
+def quantize(model: onnx.ModelProto, mode: str, *, base_dir: str | os.PathLike | io.DataFiles | None = None,
+             op_types: Iterable[str] | None = None) -> onnx.ModelProto:
+    """Quantize by ``--quantize`` mode name (one of :data:`QUANTIZE_MODES`); ``op_types``: the
+    op types int8 takes (onnxruntime's defaults when ``None``)."""
     if mode not in QUANTIZE_MODES:
         raise UsageError(f"{option('quantize')} got {mode!r}; expected one of {', '.join(QUANTIZE_MODES)}.")
     if mode == "int4":  # with the default int4 options and no input statistics (passes/int4.py)
         from .int4 import quantize_int4
 
         return quantize_int4(model, base_dir=base_dir)[0]
-    return quantize_int8(model, base_dir=base_dir, per_channel=mode == "int8-per-channel")
+    return quantize_int8(model, base_dir=base_dir, per_channel=mode == "int8-per-channel", op_types=op_types)
 
 
 def lift_constants(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -312,7 +314,7 @@ class Quantize(Step):
             from .int4 import run_stage
 
             return run_stage(ctx)
-        quantized = quantize(ctx.model, mode, base_dir=ctx.data)
+        quantized = quantize(ctx.model, mode, base_dir=ctx.data, op_types=["MatMul"] if ctx.config.int8_ops == "matmul" else None)
         in_bodies = quantize_bodies(quantized, per_channel=mode == "int8-per-channel")
         factors = [name for names in ctx.need(Rewritten).factors.values() for name in names]
         missed = unquantized(quantized, factors)

@@ -249,3 +249,36 @@ def test_an_lstm_the_quantizer_leaves_float_is_not_counted_as_converted():
     assert [n.op_type for n in res.model.graph.node if "LSTM" in n.op_type] == ["LSTM"]
     assert "other_ops_quantized" not in res.sections["quantize"]
     assert converted_ops(m, res.model) == {}
+
+
+def test_int8_ops_matmul_leaves_the_other_ops_float():
+    """--int8-ops matmul: the LSTM (and Convs, embedding tables) stay float, the MatMul weights and
+    factors still become integer products; asking for it without int8 is refused in one line."""
+    hidden, feat = 8, 16
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "h"], hidden_size=hidden, name="lstm"),
+             helper.make_node("Squeeze", ["h", "ax"], ["h2"]), helper.make_node("MatMul", ["h2", "V"], ["y"], name="head")]
+    m = make_model(nodes, [vi("x", [5, 2, feat])], [vi("y", [2, 64])],
+                   [init("W", rng.standard_normal((1, 4 * hidden, feat)).astype(np.float32)),
+                    init("R", rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32)),
+                    init("B", np.zeros((1, 8 * hidden), np.float32)), init("ax", np.array([0], np.int64)),
+                    init("V", lowrank(hidden, 64, 2))])
+    res = compress(m, rank=2, min_params=0, quantize="int8-per-channel", int8_ops="matmul")
+    assert [n.op_type for n in res.model.graph.node if "LSTM" in n.op_type] == ["LSTM"]
+    assert "other_ops_quantized" not in res.sections["quantize"]
+    assert res.sections["quantize"]["factors_quantized"] == 2
+    assert sum(n.op_type in INTEGER_MATMULS for n in res.model.graph.node) == 2
+    from onnx_lowrank import UsageError
+
+    with pytest.raises(UsageError, match="int8_ops chooses the ops of the int8 quantization; add quantize='int8'"):
+        compress(m, rank=2, min_params=0, int8_ops="matmul")
+
+
+def test_cli_int8_ops_without_int8_is_one_line(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(model(), str(src))
+    assert main([str(src), "-o", str(tmp_path / "o.onnx"), "--int8-ops", "matmul"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["onnx-lowrank: error: --int8-ops chooses the ops of the int8 quantization; add --quantize int8 "
+                   "(or int8-per-channel) or drop --int8-ops."]
+    assert not (tmp_path / "o.onnx").exists()
