@@ -66,6 +66,7 @@ VARIANTS = {
     "int4 + widths, bytes 0.2": "--quantize int4 --data-aware --ffn-keep auto --target-bytes 0.2 --op-types MatMul,Gemm "
                                 "--calib CALIB",
     "int8 per-channel": "--energy 1 --quantize int8-per-channel --calib CALIB --keep-failed",
+    "int8 per-channel, MatMuls only": "--energy 1 --quantize int8-per-channel --int8-ops matmul --calib CALIB --keep-failed",
 }
 GATE = "--max-drop 0.05 --metric cosine"
 
@@ -216,12 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         print(label, {k: v for k, v in data[label].items() if k != "widths"}, file=sys.stderr, flush=True)
 
     command = command_line()
-    if args.merge:  # these rows into the full run's results, each keeping the command it came from
+    env = environment([1], f"{args.runs} paired runs")
+    if args.merge:  # these rows into the full run's results, each keeping the command and machine it came from
         old = json.loads((DOCS / "ppocr.json").read_text())
-        command = old["command"]
+        command, env = old["command"], old.get("environment", env)
         for label in data:
             if label != "fp32":
                 data[label]["run_by"] = command_line()
+                data[label]["machine"] = machine_info()["cpu"]
         merged = {**old["variants"], **{k: v for k, v in data.items() if k != "fp32"}}
         data = {k: merged[k] for k in ["fp32", *VARIANTS] if k in merged}
     rows = []
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "of each line's output probabilities to fp32's, mean (minimum). Speed: each model against fp32 at 1 thread, "
         f"batch 1 (1x3x48x320), interleaved in one process, median of {args.runs} per-pair ratios.",
         "",
-        environment([1], f"{args.runs} paired runs"),
+        env,
         "",
         markdown_table(["variant", "flags", "MatMul weights MiB", "file MiB", "lines read", "chars read", "same as fp32",
                         "cosine to fp32", "vs fp32, batch 1"], rows),
@@ -258,14 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         "MatMuls, the fraction then being of every candidate weight (2.67 M parameters, against 1.0 M of MatMul "
         "weights: 0.89 of every weight is about the parameter count of 0.70 of the MatMul weights). The int8 "
         "row is onnxruntime's `quantize_dynamic(per_channel=True)` as the tool runs it (Conv kernels included), written "
-        "despite the gate (`--keep-failed`) to show its effect. Adaptive mode is not gated (its `--max-drop` is a goal).",
-        *([""] + [f"Row *{label}* from a later run, `{e['run_by']}` (the same data and machine; its speed paired with "
-                  "fp32 in that run)." for label, e in data.items() if "run_by" in e] if any("run_by" in e for e in data.values())
-          else []),
+        "despite the gate (`--keep-failed`) to show its effect; *MatMuls only* (`--int8-ops matmul`) leaves the Convs float. Adaptive mode is not gated (its `--max-drop` is a goal).",
+        *([""] + [f"Row *{label}* from a later run, `{e['run_by']}` (the same data"
+                  + (f"; on {e['machine']}" if "machine" in e else " and machine") + "; its speed paired with fp32 in that run)."
+                  for label, e in data.items() if "run_by" in e] if any("run_by" in e for e in data.values()) else []),
     ])
     folder = DOCS if args.only is None or args.merge else WORK / "partial"
     write("ppocr", text, {"variants": data, "calib": args.calib, "holdout": args.holdout, "runs": args.runs,
-                          "command": command}, folder)
+                          "command": command, "environment": env}, folder)
     print(text)
     return 0
 

@@ -76,8 +76,9 @@ def _verify_options(p: argparse.ArgumentParser, title: str, *, skip: Sequence[st
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the final summary line and errors")
-    p.add_argument("-v", "--verbose", action="store_true", help="log each decision and show tracebacks")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="print only the final summary line, warnings and errors")
+    loud.add_argument("-v", "--verbose", action="store_true", help="log each decision and show tracebacks")
 
 
 def _compress_parser() -> argparse.ArgumentParser:

@@ -605,7 +605,7 @@ def recipe_path(name_or_path: str | Path) -> Path:
                          f"name ({', '.join(list_recipes()) or 'none'}).")
     if p.suffix == "" and p.parent == Path("."):
         for d in _recipe_dirs():
-            cand = d / f"{p.name}.toml"
+            cand = d / f"{p.name.lower()}.toml"  # (shipped names are lower case; choices take any case)
             if cand.is_file():
                 return cand
     raise UsageError(f"{option('recipe')} {name_or_path}: no such file or shipped recipe; shipped recipes: "

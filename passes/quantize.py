@@ -310,6 +310,9 @@ class Quantize(Step):
 
     def run(self, ctx: Context) -> StageResult:
         mode = ctx.config.quantize
+        if not float_matmul_weights(ctx.model):
+            log.warning("%s: the model has no float MatMul/Gemm weight left to quantize (is it quantized already?); "
+                        "its weights stay as they are", option_value("quantize", mode))
         if mode == "int4":
             from .int4 import run_stage
 

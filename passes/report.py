@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -31,6 +32,8 @@ from .spectra import Spectra, conv_use
 from .width import WidthPlan, current_widths
 
 __all__ = ["rows", "totals", "stamp", "Report", "Reported", "METADATA_KEY"]
+
+log = logging.getLogger(__name__)
 
 def _conv_macs(layer: Layer, plan: LayerPlan | None, decision: Decision | None, known: ShapeInfo | None
                ) -> tuple[int, int, str | None]:
@@ -250,6 +253,9 @@ class Report(Step):
         layers = rows(ctx.need(Discovery), spectra.plans, decided.decisions if decided else {},
                       rewritten.factors if rewritten else {}, spectra.shapes, opset_version(loaded.model), widths)
         _mark_quantized(ctx, layers)
+        for row in layers:
+            if row.reason is not None and row.width is None:
+                log.debug("skipped %s (%s): %s", row.node, row.weight or "no constant weight", row.reason)
         narrowed = {p.block.up.key: p for p in widths.values()}.values()  # (each block under every projection's key)
         biases = sum(len(p.block.columns(range(p.block.hidden))) - len(p.block.columns(p.fit.keep))
                      for p in narrowed for _, b, _ in p.block.firsts if b is not None)

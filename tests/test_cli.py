@@ -83,6 +83,8 @@ def test_recipe_and_flags_override_it(model_path, tmp_path):
     assert main([str(model_path), "-o", str(tmp_path / "o.onnx"), "--recipe", "aggressive", "--rank", "4", "--report", str(rep)]) == 0
     cfg = json.loads(rep.read_text())["config"]
     assert cfg["rank"] == 4 and cfg["energy"] is None
+    assert main([str(model_path), "-o", str(tmp_path / "o.onnx"), "--recipe", "AGGRESSIVE", "--report", str(rep)]) == 0  # any case
+    assert json.loads(rep.read_text())["config"]["energy"] == 0.85
 
 
 def test_bad_recipe_key(tmp_path, model_path, capsys):
@@ -268,3 +270,20 @@ def test_bench_names_the_input_whose_type_differs(tmp_path, capsys):
     onnx.save(matmul_model(k=16, n=8, r=2, dtype=np.float64), str(b))
     assert main(["bench", str(a), str(b), "--runs", "2", "--warmup", "1"]) == 2
     assert "input 'x' as different types (float in a.onnx, double in b.onnx)" in capsys.readouterr().err
+
+
+def test_quiet_and_verbose_together_are_refused(model_path, tmp_path, capsys):
+    assert main([str(model_path), "-o", str(tmp_path / "o.onnx"), "--quiet", "--verbose"]) == 2
+    assert "argument -v/--verbose: not allowed with argument -q/--quiet" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_one_debug_line_per_skipped_node(model_path, caplog):
+    """docs/api.md promises a DEBUG line per skipped weight (what --verbose shows)."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="onnx_lowrank")
+    res = ol.compress(model_path, min_params=100000000)
+    skipped = [d for d in res.layers if d.reason is not None]
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert skipped and all(f"skipped {d.node} ({d.weight}): {d.reason}" in lines for d in skipped)

@@ -282,3 +282,16 @@ def test_cli_int8_ops_without_int8_is_one_line(tmp_path, capsys):
     assert err == ["onnx-lowrank: error: --int8-ops chooses the ops of the int8 quantization; add --quantize int8 "
                    "(or int8-per-channel) or drop --int8-ops."]
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_quantizing_an_already_quantized_model_says_there_is_nothing_to_take(tmp_path):
+    """A model onnxruntime's quantize_dynamic already turned int8 has no float MatMul weight: a
+    second --quantize says so instead of reporting '0 of 0' as if all went well."""
+    src = tmp_path / "m.onnx"
+    onnx.save(model(), str(src))
+    once = compress(src, energy=1.0, min_params=0, quantize="int8")
+    assert not [w for w in once.warnings if "no float MatMul/Gemm weight left" in w]
+    for mode in ("int8", "int4"):
+        twice = compress(once.model, energy=1.0, min_params=0, quantize=mode)
+        assert any(w.startswith(f"quantize='{mode}': the model has no float MatMul/Gemm weight left to quantize")
+                   for w in twice.warnings), twice.warnings
