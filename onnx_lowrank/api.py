@@ -296,6 +296,11 @@ def compress(
     if check is None and not read and not dry_run and (calib is not None or calib_script is not None):
         # nothing else reads the data: it is the check's, as --calib alone is on the command line
         check = VerifyConfig(calib=calib, calib_script=calib_script, labels=labels, calib_batch=calib_batch)
+    elif (check is not None and check.calib is None and check.calib_script is None and (calib is not None or calib_script is not None)
+          and (calib is None or not _one_pass(calib))):
+        # verify= without data of its own checks on the run's data, as --calib does for both on the command line
+        # (a generator or reader is used up by the run: the check then stays on random inputs)
+        check = check.replace(calib=calib, calib_script=calib_script, labels=check.labels if check.labels is not None else labels)
     if check is not None and not check.input_shape and cfg.input_shape:  # (as --input-shape does for both)
         check = check.replace(input_shape=",".join(cfg.input_shape) if not isinstance(cfg.input_shape, Mapping) else cfg.input_shape)
     request = pipeline.Request(source=model, config=cfg, verify=check,
@@ -397,6 +402,16 @@ def keywords(given: Mapping[str, Any], *, verify: bool = False, dry_run: bool = 
         out["verify"] = VerifyConfig(**checks)
     out.update({k: given[k] for k in _CALIBRATION if k in given})
     return out
+
+
+def _one_pass(data: Any) -> bool:
+    """Whether calibration data can be read only once (an iterator, a generator, a reader with
+    ``get_next``), not a path, a mapping or a sequence."""
+    if isinstance(data, (str, os.PathLike, Mapping)):
+        return False
+    if hasattr(data, "get_next"):
+        return True
+    return hasattr(data, "__iter__") and iter(data) is data
 
 
 def _resolve_verify(verify: VerifyConfig | Mapping[str, Any] | None) -> VerifyConfig | None:

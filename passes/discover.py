@@ -21,6 +21,7 @@ handles that every later stage keys its results by.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -29,11 +30,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from onnx_lowrank import io
 from onnx_lowrank.errors import option
 from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import Skip, SkipCode
 
 __all__ = ["Weight", "Layer", "WeightGroup", "Discovery", "ConvSpec", "conv_spec", "discover", "Discover", "FLOAT_TYPES"]
+
+log = logging.getLogger(__name__)
 
 STAGE = "discover"
 
@@ -644,5 +648,20 @@ class Discover(Step):
         from .fold import Folded
 
         folded = ctx.get(Folded)
-        return discover(ctx.model, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
-                        allow_input_weights=cfg.allow_input_weights, declined=folded.declined if folded else None)
+        found = discover(ctx.model, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
+                         allow_input_weights=cfg.allow_input_weights, declined=folded.declined if folded else None)
+        if not found.layers:
+            quantized: dict[str, int] = {}
+            for graph in io.iter_graphs(ctx.model.graph):
+                for node in graph.node:
+                    if node.op_type in _QUANTIZED_PRODUCTS:
+                        quantized[node.op_type] = quantized.get(node.op_type, 0) + 1
+            if quantized:
+                log.warning("no float MatMul/Gemm/Conv node to factorize: the model's products are quantized already (%s)",
+                            ", ".join(f"{op} {n}" for op, n in sorted(quantized.items())))
+        return found
+
+
+#: Products of quantized weights (onnxruntime's and ONNX's): no float weight to factorize.
+_QUANTIZED_PRODUCTS = {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulNBits",
+                       "ConvInteger", "QLinearConv", "QGemm"}

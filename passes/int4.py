@@ -678,7 +678,7 @@ def _statistics_note_body(summary: Int4Summary, skipped: Mapping[str, str]) -> s
         whys = sorted({_bare_reason(skipped[w]) for w in plain})
         hint = whys[0] if len(whys) == 1 else "; ".join(whys[:2]) + ("; ..." if len(whys) > 2 else "")
     if not summary.layers:
-        return "nothing quantized"
+        return "no weight in 4-bit blocks"
     if not any(l.rank for l in summary.layers):  # (the summary line says "no correction branch" before this)
         mean = sum(l.mean_corrected for l in summary.layers)
         if mean:

@@ -295,3 +295,12 @@ def test_quantizing_an_already_quantized_model_says_there_is_nothing_to_take(tmp
         twice = compress(once.model, energy=1.0, min_params=0, quantize=mode)
         assert any(w.startswith(f"quantize='{mode}': the model has no float MatMul/Gemm weight left to quantize")
                    for w in twice.warnings), twice.warnings
+
+
+def test_a_model_quantized_already_says_why_nothing_is_factorized():
+    once = compress(model(), energy=1.0, min_params=0, quantize="int8")
+    twice = compress(once.model, energy=0.5, min_params=0)
+    assert twice.totals.factorized == 0
+    assert any(w.startswith("no float MatMul/Gemm/Conv node to factorize: the model's products are quantized already (")
+               for w in twice.warnings), twice.warnings
+    assert not [w for w in compress(model(), energy=0.5, min_params=0).warnings if "quantized already" in w]

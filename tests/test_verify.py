@@ -487,3 +487,19 @@ def test_an_accuracy_goal_without_labels_asks_for_labels():
         (20, *[d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]])).astype(np.float32)}
     with pytest.raises(UsageError, match="metric accuracy needs labels"):  # (it said no output holds class scores)
         onnx_lowrank.compress(m, adaptive=True, metric="accuracy", max_drop=0.05, calib=calib, min_params=0)
+
+
+def test_verify_without_data_of_its_own_checks_on_the_runs_calibration_data(tmp_path):
+    """compress(calib=..., verify={}) checks on that data, as --calib does on the command line; a
+    generator, used up by the run, leaves the check on random inputs."""
+    import onnx_lowrank as ol
+    from test_rank_selection import anisotropic, chain_model
+
+    x = anisotropic(64, 96, seed=3)
+    npz = tmp_path / "c.npz"
+    np.savez(npz, x=x)
+    for calib in ([{"x": x}], {"x": x}, str(npz)):
+        res = ol.compress(chain_model(), data_aware=True, rank=8, min_params=0, calib=calib, verify={})
+        assert res.verification.source != "random inputs" and res.verification.samples == 64, (calib, res.verification.source)
+    gen = ol.compress(chain_model(), data_aware=True, rank=8, min_params=0, calib=({"x": x} for _ in range(1)), verify={})
+    assert gen.verification.source == "random inputs"
