@@ -518,10 +518,16 @@ def _header(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _check_same_interface(ref: onnx.ModelProto, new: onnx.ModelProto) -> None:
-    ref_in, new_in = [s.name for s in model_inputs(ref)], [s.name for s in model_inputs(new)]
+    ref_specs, new_specs = model_inputs(ref), model_inputs(new)
+    ref_in, new_in = [s.name for s in ref_specs], [s.name for s in new_specs]
     if sorted(ref_in) != sorted(new_in):
         raise ModelError(f"the models take different inputs: {', '.join(ref_in)} (original) vs {', '.join(new_in)} (compressed); "
                          "they can only be compared on the same feeds.")
+    types = {s.name: s.dtype for s in new_specs}
+    for s in ref_specs:
+        if s.dtype is not None and types[s.name] is not None and s.dtype != types[s.name]:
+            raise ModelError(f"input '{s.name}' is {s.dtype} in the original and {types[s.name]} in the compressed model; "
+                             "they can only be compared on the same feeds (compare a model with its own compressed copy).")
     new_out = {o.name for o in new.graph.output}
     missing = [o.name for o in ref.graph.output if o.name not in new_out]
     if missing:

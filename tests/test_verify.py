@@ -117,6 +117,10 @@ def test_models_that_do_not_match_are_refused():
     other.graph.node[0].output[0] = "renamed"
     with pytest.raises(ModelError, match="'scores' of the original are missing"):
         verify_models(scores_model(), other, samples=2)
+    half = scores_model()
+    half.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    with pytest.raises(ModelError, match="input '.*' is float32 in the original and float16 in the compressed model"):
+        verify_models(scores_model(), half, samples=2)
 
 
 def test_out_of_range_ids_suggest_input_range():
