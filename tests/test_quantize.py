@@ -209,20 +209,25 @@ def test_int8_quantizes_weights_held_in_constant_nodes(mode):
     assert compare("y", _outputs(src, x), _outputs(res.model, x)).cosine_min > 0.99
 
 
+def _lstm_model() -> onnx.ModelProto:
+    """x[5, 2, 16] -> LSTM(hidden 8, constant W, R, B) -> last state -> MatMul(V[8, 64], rank 2) -> y."""
+    hidden, feat = 8, 16
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "h"], hidden_size=hidden, name="lstm"),
+             helper.make_node("Squeeze", ["h", "ax"], ["h2"]), helper.make_node("MatMul", ["h2", "V"], ["y"], name="head")]
+    return make_model(nodes, [vi("x", [5, 2, feat])], [vi("y", [2, 64])],
+                      [init("W", rng.standard_normal((1, 4 * hidden, feat)).astype(np.float32)),
+                       init("R", rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32)),
+                       init("B", np.zeros((1, 8 * hidden), np.float32)), init("ax", np.array([0], np.int64)),
+                       init("V", lowrank(hidden, 64, 2))])
+
+
 def test_int8_names_the_other_ops_onnxruntimes_quantizer_converted():
     """onnxruntime's defaults also turn an LSTM into DynamicQuantizeLSTM (and a Conv into
     ConvInteger); the int8 line says so instead of leaving it to be found in the graph."""
     from onnx_lowrank.report import render_sections
 
-    hidden, feat = 8, 16
-    rng = np.random.default_rng(3)
-    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "h"], hidden_size=hidden, name="lstm"),
-             helper.make_node("Squeeze", ["h", "ax"], ["h2"]), helper.make_node("MatMul", ["h2", "V"], ["y"], name="head")]
-    m = make_model(nodes, [vi("x", [5, 2, feat])], [vi("y", [2, 64])],
-                   [init("W", rng.standard_normal((1, 4 * hidden, feat)).astype(np.float32)),
-                    init("R", rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32)),
-                    init("B", np.zeros((1, 8 * hidden), np.float32)), init("ax", np.array([0], np.int64)),
-                    init("V", lowrank(hidden, 64, 2))])
+    m = _lstm_model()
     res = compress(m, rank=2, min_params=0, quantize="int8")
     assert [n.op_type for n in res.model.graph.node if "LSTM" in n.op_type] == ["DynamicQuantizeLSTM"]
     assert res.sections["quantize"]["other_ops_quantized"] == {"LSTM": 1}
@@ -254,15 +259,7 @@ def test_an_lstm_the_quantizer_leaves_float_is_not_counted_as_converted():
 def test_int8_ops_matmul_leaves_the_other_ops_float():
     """--int8-ops matmul: the LSTM (and Convs, embedding tables) stay float, the MatMul weights and
     factors still become integer products; asking for it without int8 is refused in one line."""
-    hidden, feat = 8, 16
-    rng = np.random.default_rng(3)
-    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "h"], hidden_size=hidden, name="lstm"),
-             helper.make_node("Squeeze", ["h", "ax"], ["h2"]), helper.make_node("MatMul", ["h2", "V"], ["y"], name="head")]
-    m = make_model(nodes, [vi("x", [5, 2, feat])], [vi("y", [2, 64])],
-                   [init("W", rng.standard_normal((1, 4 * hidden, feat)).astype(np.float32)),
-                    init("R", rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32)),
-                    init("B", np.zeros((1, 8 * hidden), np.float32)), init("ax", np.array([0], np.int64)),
-                    init("V", lowrank(hidden, 64, 2))])
+    m = _lstm_model()
     res = compress(m, rank=2, min_params=0, quantize="int8-per-channel", int8_ops="matmul")
     assert [n.op_type for n in res.model.graph.node if "LSTM" in n.op_type] == ["LSTM"]
     assert "other_ops_quantized" not in res.sections["quantize"]
