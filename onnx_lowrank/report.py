@@ -270,7 +270,8 @@ def render_sections(sections: dict[str, Any]) -> str:
                             "--quantize int4 takes Gemm readers too)" if inside else ""))
         if q.get("other_ops_quantized"):
             lines.append("               onnxruntime's quantizer also converted (its default op types): "
-                         + ", ".join(f"{n} {op}" for op, n in q["other_ops_quantized"].items()))
+                         + ", ".join(f"{n} {op}" for op, n in q["other_ops_quantized"].items())
+                         + "; --int8-ops matmul keeps them float")
     q4 = sections.get("int4")
     if q4:
         lines.append(_fmt_int4(q4))
