@@ -264,9 +264,12 @@ class Refits(StageResult):
     error_before: float | None = None  # relative L2 of the outputs on the calibration data, truncated factors
     error_after: float | None = None  # the same with the refitted factors
     kept: bool = True
+    note: str | None = None  # why nothing was refitted
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"layers_refitted": len(self.factors), "ort_runs": self.runs}
+        if self.note:
+            out["why_none"] = self.note
         if self.error_before is not None:
             out.update(rel_l2_truncated=self.error_before, rel_l2_refitted=self.error_after, kept=self.kept,
                        checked_on="the calibration data")
@@ -304,7 +307,11 @@ class Refine(Step):
                                        fixed=fixed)
         changed = {k: ab for k, ab in refitted.items() if ab[0] is not factors[k][0] or ab[1] is not factors[k][1]}
         if not changed:
-            return Refits(changed, runs)
+            why = ("no MatMul/Gemm layer is factorized" if not chosen else
+                   "no factorized MatMul/Gemm weight of the main graph could be refitted (weights inside If/Loop/Scan bodies "
+                   "are not)")
+            log.info("--refine: nothing refitted: %s", why)
+            return Refits(changed, runs, note=why)
         # The refit matches each layer's own output; a network's output may still move away (seen on
         # a CNN), so it is kept only where it lowers the error on the calibration data.
         names = {p.key: p.group.weight.name for p, _ in chosen if p.group.weight.name in main}

@@ -292,3 +292,12 @@ def test_refine_with_integer_outputs_only_keeps_the_refit_unchecked():
     res = ol.compress(model, data_aware=True, target_params=0.3, min_params=0, calib=calib, refine=True)
     sec = res.sections["refine"]
     assert sec["layers_refitted"] == 3 and "kept" not in sec and "rel_l2_truncated" not in sec and res.warnings == []
+
+
+def test_refine_with_nothing_to_refit_says_why():
+    """Only a feed-forward block narrowed, no factor pair: the refine line says why it refitted nothing."""
+    from test_width import _feeds, ffn_model
+
+    res = ol.compress(ffn_model("gelu"), ffn_keep=0.5, energy=1.0, calib=_feeds(300), min_params=0, refine=True)
+    sec = res.sections["refine"]
+    assert sec["layers_refitted"] == 0 and sec["why_none"] == "no MatMul/Gemm layer is factorized"
