@@ -127,7 +127,8 @@ def _check_input(spec: InputSpec, dtype: np.dtype, shape: tuple[int, ...], where
     if want is not None and dtype != want:
         same_kind = (dtype.kind == "f" and want.kind == "f") or (dtype.kind in "iu" and want.kind in "iu")
         if not same_kind:
-            raise CalibrationError(f"{where}: input '{spec.name}' is {dtype}; the model expects {want}.")
+            hint = ", which an .npz cannot hold: calibrate a float32 export of the model" if want.name == "bfloat16" else ""
+            raise CalibrationError(f"{where}: input '{spec.name}' is {dtype}; the model expects {want}{hint}.")
     if spec.shape is None:
         return
     if len(shape) != len(spec.shape):

@@ -338,3 +338,19 @@ def test_data_that_fits_the_inputs_but_not_the_model_is_a_calibration_error(tmp_
     err = capsys.readouterr().err
     assert "could not run the model on calibration feed 1" in err and "fix the --calib data" in err and err.count("\n") == 1
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_float32_data_for_a_bfloat16_input_says_what_to_do(tmp_path):
+    from onnx import TensorProto, helper
+
+    from onnx_lowrank.calibration import load_calibration
+
+    w = helper.make_tensor("W", TensorProto.BFLOAT16, [8, 8], np.ones(64, np.float32).tolist())
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [None, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [None, 8])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    npz = tmp_path / "c.npz"
+    np.savez(npz, x=np.ones((4, 8), np.float32))
+    with pytest.raises(CalibrationError, match="expects bfloat16, which an .npz cannot hold: calibrate a float32 export"):
+        list(load_calibration(m, str(npz)))
