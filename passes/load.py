@@ -153,9 +153,7 @@ def _runtime_kernels() -> dict[str, list[tuple[int, int]]] | None:
     return kernels
 
 
-def _defined(op: str, opset: int, kernels: dict[str, list[tuple[int, int]]] | None) -> bool:
-    if kernels is not None and any(lo <= opset <= hi for lo, hi in kernels.get(op, ())):
-        return True  # (onnxruntime still runs ONNX's old experimental ops: ImageScaler, Crop, ...)
+def _onnx_defines(op: str, opset: int) -> bool:
     try:
         schema = onnx.defs.get_schema(op, opset, "")
     except onnx.defs.SchemaError:
@@ -182,10 +180,11 @@ def undefined_ops(model: onnx.ModelProto) -> dict[str, int]:
             for node in graph.node:
                 if node.domain in ("", "ai.onnx"):
                     counts[node.op_type, opset] = counts.get((node.op_type, opset), 0) + 1
-    kernels = _runtime_kernels()
+    missing = {key: n for key, n in sorted(counts.items()) if not _onnx_defines(*key)}
+    kernels = _runtime_kernels() if missing else None  # (onnxruntime still runs ONNX's old experimental ops: ImageScaler, ...)
     unknown: dict[str, int] = {}
-    for (op, opset), n in sorted(counts.items()):
-        if not _defined(op, opset, kernels):
+    for (op, opset), n in missing.items():
+        if kernels is None or not any(lo <= opset <= hi for lo, hi in kernels.get(op, ())):
             unknown[op] = unknown.get(op, 0) + n
     return unknown
 
