@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+import numpy as np
 import onnx
 
 from . import io, pipeline
@@ -268,7 +269,8 @@ def compress(
         calib_script: ``file.py:func`` returning an iterable of feed dicts, instead of ``calib``.
         verify: Check the rewritten model against the original in onnxruntime: a
             :class:`~onnx_lowrank.verify.VerifyConfig` or a dict of its fields
-            (``{"calib": "data.npz", "max_drop": 0.01}``).  ``None`` skips the check.
+            (``{"calib": "data.npz", "max_drop": 0.01}``).  ``None`` skips the check.  Without
+            data of its own it checks on ``calib`` (unless that can be read only once).
         probe: What latency-aware mode measures with (default: onnxruntime micro-benchmarks,
             cached under :func:`onnx_lowrank.passes.latency.default_cache_dir`).
 
@@ -296,11 +298,15 @@ def compress(
     if check is None and not read and not dry_run and (calib is not None or calib_script is not None):
         # nothing else reads the data: it is the check's, as --calib alone is on the command line
         check = VerifyConfig(calib=calib, calib_script=calib_script, labels=labels, calib_batch=calib_batch)
-    elif (check is not None and check.calib is None and check.calib_script is None and (calib is not None or calib_script is not None)
-          and (calib is None or not _one_pass(calib))):
+    elif check is not None and check.calib is None and check.calib_script is None and (calib is not None or calib_script is not None):
         # verify= without data of its own checks on the run's data, as --calib does for both on the command line
-        # (a generator or reader is used up by the run: the check then stays on random inputs)
-        check = check.replace(calib=calib, calib_script=calib_script, labels=check.labels if check.labels is not None else labels)
+        if calib is not None and _one_pass(calib):
+            log.warning("verify= has no data of its own and calib= can be read only once (the run reads it): the check "
+                        "runs on random inputs; give verify={'calib': ...} held-out data")
+        else:
+            default_batch = VerifyConfig().calib_batch
+            check = check.replace(calib=calib, calib_script=calib_script, labels=check.labels if check.labels is not None else labels,
+                                  calib_batch=calib_batch if check.calib_batch == default_batch else check.calib_batch)
     if check is not None and not check.input_shape and cfg.input_shape:  # (as --input-shape does for both)
         check = check.replace(input_shape=",".join(cfg.input_shape) if not isinstance(cfg.input_shape, Mapping) else cfg.input_shape)
     request = pipeline.Request(source=model, config=cfg, verify=check,
@@ -407,11 +413,14 @@ def keywords(given: Mapping[str, Any], *, verify: bool = False, dry_run: bool = 
 def _one_pass(data: Any) -> bool:
     """Whether calibration data can be read only once (an iterator, a generator, a reader with
     ``get_next``), not a path, a mapping or a sequence."""
-    if isinstance(data, (str, os.PathLike, Mapping)):
+    if isinstance(data, (str, os.PathLike, Mapping, np.ndarray)):
         return False
     if hasattr(data, "get_next"):
         return True
-    return hasattr(data, "__iter__") and iter(data) is data
+    try:
+        return iter(data) is data
+    except TypeError:  # not iterable at all: the calibration loader names the problem
+        return False
 
 
 def _resolve_verify(verify: VerifyConfig | Mapping[str, Any] | None) -> VerifyConfig | None:

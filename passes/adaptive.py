@@ -46,7 +46,7 @@ from onnx_lowrank.config import CompressConfig
 from onnx_lowrank.errors import option, option_value
 from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import Decision, LayerPlan, Skip, SkipCode
-from onnx_lowrank.runtime import Feeds, Progress, overridable, run_all, session
+from onnx_lowrank.runtime import Feeds, Progress, main_constants, overridable, run_all, session
 from onnx_lowrank.runtime.executor import Executor, InProcess
 from onnx_lowrank.verify import compare, judge, require_finite
 
@@ -375,11 +375,6 @@ class Adapted(Decided):
         return out
 
 
-def _main_names(model: onnx.ModelProto) -> set[str]:
-    """Constants of the main graph (what one session can override)."""
-    return {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-
-
 def _in_main(plan: LayerPlan, main: set[str]) -> bool:
     return not plan.group.weight.scope and plan.name in main
 
@@ -387,7 +382,7 @@ def _in_main(plan: LayerPlan, main: set[str]) -> bool:
 def measured_plans(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: CompressConfig) -> list[LayerPlan]:
     """The plans adaptive mode allocates: those a budget allocates whose weights it can
     measure (main-graph constants); the others keep their size in the budget's fixed part."""
-    main = _main_names(model)
+    main = main_constants(model)
     return [p for p in allocated_plans(plans, cfg) if _in_main(p, main)]
 
 
@@ -395,7 +390,7 @@ def _measurable(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Compre
                 ) -> tuple[list[LayerPlan], dict[int, Decision]]:
     """The plans adaptive mode allocates and can measure (main-graph weights), and a decision
     for every other plan (a Conv it does not allocate: the per-layer rule)."""
-    main = _main_names(model)
+    main = main_constants(model)
     allocated = {p.key for p in allocated_plans(plans, cfg)}
     active, other = [], {}
     for k, p in plans.items():
@@ -534,7 +529,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
     """
     active, decisions = _measurable(model, plans, cfg)
     base = base.with_decided_convs(plans, decisions)
-    main = _main_names(model)
+    main = main_constants(model)
     units, whole = _measurable_units(narrowed, main)
     if int4 is not None and int4.units:  # a block in 4 bits is fed both projections: the first must be overridable too
         in_main = {u.block.up.key for u in units if all(g.weight.name in main for g, _, _ in u.block.firsts)}

@@ -652,11 +652,13 @@ class Discover(Step):
                          allow_input_weights=cfg.allow_input_weights, declined=folded.declined if folded else None)
         if not found.layers:
             quantized: dict[str, int] = {}
+            plain = False  # (a float product the filters left out: the filters, not quantization, explain it)
             for graph in io.iter_graphs(ctx.model.graph):
                 for node in graph.node:
                     if node.op_type in _QUANTIZED_PRODUCTS:
                         quantized[node.op_type] = quantized.get(node.op_type, 0) + 1
-            if quantized:
+                    plain = plain or node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose")
+            if quantized and not plain:
                 log.warning("no float MatMul/Gemm/Conv node to factorize: the model's products are quantized already (%s)",
                             ", ".join(f"{op} {n}" for op, n in sorted(quantized.items())))
         return found

@@ -7,6 +7,7 @@ in-memory ``ModelProto`` is copied, so the caller's object is never touched.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -139,6 +140,7 @@ def count_params(model: onnx.ModelProto) -> int:
     return total
 
 
+@functools.lru_cache(maxsize=1)
 def _runtime_kernels() -> dict[str, list[tuple[int, int]]] | None:
     """The installed onnxruntime's kernels of the default domain: op type -> opset ranges
     (``None`` when this onnxruntime does not list them)."""

@@ -310,9 +310,9 @@ class Quantize(Step):
 
     def run(self, ctx: Context) -> StageResult:
         mode = ctx.config.quantize
-        if not float_matmul_weights(ctx.model):
-            log.warning("%s: the model has no float MatMul/Gemm weight left to quantize (is it quantized already?); "
-                        "its weights stay as they are", option_value("quantize", mode))
+        nothing = not float_matmul_weights(ctx.model)  # (int8's default ops may still take Convs, LSTMs, tables)
+        if nothing and (mode == "int4" or ctx.config.int8_ops == "matmul"):
+            _nothing_to_quantize(mode)
         if mode == "int4":
             from .int4 import run_stage
 
@@ -329,7 +329,15 @@ class Quantize(Step):
             log.warning("int8 left %d dense MatMul/Gemm weight(s) in float%s", len(dense),
                         f", {inside} of them read inside If/Loop/Scan bodies by something other than MatMul alone; "
                         f"{option_value('quantize', 'int4')} takes Gemm readers too" if inside else "")
-        return Quantized(quantized, io.DataFiles(), mode, factors, missed, dense, in_bodies, converted_ops(ctx.model, quantized))
+        others = converted_ops(ctx.model, quantized)
+        if nothing and ctx.config.int8_ops != "matmul" and not others:
+            _nothing_to_quantize(mode)
+        return Quantized(quantized, io.DataFiles(), mode, factors, missed, dense, in_bodies, others)
+
+
+def _nothing_to_quantize(mode: str) -> None:
+    log.warning("%s: the model has no float MatMul/Gemm weight left to quantize (is it quantized already?); its "
+                "weights stay as they are", option_value("quantize", mode))
 
 
 def quantize_bodies(model: onnx.ModelProto, *, per_channel: bool = False) -> list[str]:

@@ -27,7 +27,7 @@ from .decide import Decided
 from .spectra import Spectra
 from .width import current_widths, emulated_arrays
 from onnx_lowrank.passes.statistics import _mask_of, _rows, layer_inputs
-from onnx_lowrank.runtime import Feeds, Progress, capture
+from onnx_lowrank.runtime import Feeds, Progress, capture, main_constants
 
 __all__ = ["RefitStats", "capture_refit_stats", "refit_levels", "refit_factors", "output_errors", "Refine", "Refits"]
 
@@ -291,13 +291,16 @@ class Refine(Step):
         chosen = [(p, d) for p, d in decided if not p.is_conv]
         factors = {p.key: linalg.factors(p.view().spectrum, d.rank) for p, d in chosen}
         weights = {p.key: ctx.data.read(p.group.weight.tensor) for p, _ in chosen}
-        g = ctx.model.graph
-        main = {t.name for t in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Constant"}
+        main = main_constants(ctx.model)
+
+        def overridable_weight(p) -> bool:  # (a body's weight may share a main-graph constant's name)
+            return not p.group.weight.scope and p.group.weight.name in main
+
         # The layers the refit leaves as they are still change what the refitted ones receive.
         fixed = {name: arr for plan in {w.block.up.key: w for w in current_widths(ctx).values()}.values()
-                 for name, arr in emulated_arrays(plan).items() if name in main}
+                 if not plan.block.down.weight.scope for name, arr in emulated_arrays(plan).items() if name in main}
         for p, d in decided:
-            if p.is_conv and p.group.weight.name in main:
+            if p.is_conv and overridable_weight(p):
                 a, b = linalg.factors(p.view(d.mode).spectrum, d.rank)
                 fixed[p.group.weight.name] = linalg.conv_weight(a @ b, p.weight_shape, d.mode).astype(p.dtype)
         refitted, runs = refit_factors(ctx.model, [p.group for p, _ in chosen], factors, weights, ctx.need(Calibration).feeds,
@@ -314,7 +317,7 @@ class Refine(Step):
             return Refits(changed, runs, note=why)
         # The refit matches each layer's own output; a network's output may still move away (seen on
         # a CNN), so it is kept only where it lowers the error on the calibration data.
-        names = {p.key: p.group.weight.name for p, _ in chosen if p.group.weight.name in main}
+        names = {p.key: p.group.weight.name for p, _ in chosen if overridable_weight(p)}
 
         def products(fs: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
             return {names[k]: (np.asarray(a, np.float64) @ np.asarray(b, np.float64)).astype(weights[k].dtype)

@@ -184,7 +184,7 @@ def test_ir_pass_checks_its_run_settings_when_made_and_its_input_when_run():
 
     for kw, match in ((dict(verify=3), "as verify"), (dict(calib=5, data_aware=True), "calib= takes calibration data"),
                       (dict(progress=3), "progress= takes a callable"),
-                      (dict(calib="no/such.npz", data_aware=True), "calib= 'no/such.npz': no such file or folder")):
+                      (dict(calib="no/such.npz", data_aware=True), "calib= 'no/such.npz': no such file or directory")):
         with pytest.raises(ol.UsageError, match=match):
             LowRankPass(**kw)
     with pytest.raises(ol.UsageError, match="runs on an onnx_ir.Model, got a ModelProto"):

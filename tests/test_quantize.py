@@ -302,3 +302,30 @@ def test_a_model_quantized_already_says_why_nothing_is_factorized():
     assert any(w.startswith("no float MatMul/Gemm/Conv node to factorize: the model's products are quantized already (")
                for w in twice.warnings), twice.warnings
     assert not [w for w in compress(model(), energy=0.5, min_params=0).warnings if "quantized already" in w]
+
+
+def test_int8_of_a_conv_model_does_not_claim_nothing_was_quantized():
+    """A Conv-only model under int8's default ops gets ConvInteger: no 'nothing to quantize' warning;
+    with --int8-ops matmul there is nothing, and it says so."""
+    rng = np.random.default_rng(0)
+    m = make_model([helper.make_node("Conv", ["x", "K"], ["y"], name="conv")], [vi("x", [1, 4, 8, 8])], [vi("y", [1, 8, 6, 6])],
+                   [init("K", rng.standard_normal((8, 4, 3, 3)).astype(np.float32))])
+    res = compress(m, energy=1.0, min_params=0, quantize="int8")
+    assert res.sections["quantize"].get("other_ops_quantized") == {"Conv": 1}
+    assert not [w for w in res.warnings if "no float MatMul/Gemm weight left" in w]
+    only = compress(m, energy=1.0, min_params=0, quantize="int8", int8_ops="matmul")
+    assert [w for w in only.warnings if "no float MatMul/Gemm weight left" in w]
+
+
+def test_the_quantized_already_warning_is_not_given_when_filters_left_a_float_layer_out():
+    once = compress(model(), energy=1.0, min_params=0, quantize="int8")
+    mixed = onnx.ModelProto()
+    mixed.CopyFrom(once.model)
+    rng = np.random.default_rng(1)
+    out = mixed.graph.output[0].name
+    for node in mixed.graph.node:
+        node.output[:] = ["pre" if o == out else o for o in node.output]
+    mixed.graph.node.append(helper.make_node("MatMul", ["pre", "P"], [out], name="float_head"))
+    mixed.graph.initializer.append(init("P", rng.standard_normal((64, 64)).astype(np.float32)))
+    res = compress(mixed, energy=0.5, min_params=0, exclude="float_head")
+    assert res.totals.factorized == 0 and not [w for w in res.warnings if "quantized already" in w]

@@ -507,3 +507,20 @@ def test_verify_without_data_of_its_own_checks_on_the_runs_calibration_data(tmp_
         assert res.verification.source != "random inputs" and res.verification.samples == 64, (calib, res.verification.source)
     gen = ol.compress(chain_model(), data_aware=True, rank=8, min_params=0, calib=({"x": x} for _ in range(1)), verify={})
     assert gen.verification.source == "random inputs"
+
+
+def test_verify_reuse_keeps_the_batch_and_says_when_the_data_was_read_once(caplog):
+    import logging
+
+    import onnx_lowrank as ol
+    from test_rank_selection import anisotropic, chain_model
+
+    x = anisotropic(64, 96, seed=3)
+    res = ol.compress(chain_model(), data_aware=True, rank=8, min_params=0, calib={"x": x}, calib_batch=16, verify={})
+    assert res.verification.samples == 64 and res.verification.config["calib_batch"] == 16
+    with caplog.at_level(logging.WARNING, logger="onnx_lowrank"):
+        ol.compress(chain_model(), data_aware=True, rank=8, min_params=0, calib=({"x": x} for _ in range(1)), verify={})
+    assert any("calib= can be read only once" in r.getMessage() for r in caplog.records)
+    with pytest.raises(Exception) as exc:  # not iterable: the loader's own clear error, not a TypeError from the reuse check
+        ol.compress(chain_model(), data_aware=True, rank=8, min_params=0, calib=np.array(5.0), verify={})
+    assert not isinstance(exc.value, TypeError)

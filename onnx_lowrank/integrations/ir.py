@@ -107,7 +107,7 @@ def _check_run_settings(run: dict[str, Any]) -> None:
     if isinstance(calib, (bool, int, float)):
         raise UsageError(f"calib= takes calibration data (an .npz path, a folder of them, feed dicts or arrays), got {calib!r}.")
     if isinstance(calib, (str, os.PathLike)) and not Path(calib).exists():
-        raise UsageError(f"calib= {str(calib)!r}: no such file or folder; pass an .npz file, a folder of them, feed dicts or arrays.")
+        raise UsageError(f"calib= {str(calib)!r}: no such file or directory; pass an .npz file, a folder of them, feed dicts or arrays.")
     if run.get("progress") is not None and not callable(run["progress"]):
         raise UsageError(f"progress= takes a callable (done, total, message), got {run['progress']!r}.")
 

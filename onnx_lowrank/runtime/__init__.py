@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .run import Feeds, Progress, capture, expose, overridable, run_all
+from .run import Feeds, Progress, capture, expose, main_constants, overridable, run_all
 from .session import first_line, session
 from .threads import available_cores, limit
 
-__all__ = ["session", "first_line", "capture", "expose", "overridable", "run_all", "Feeds", "Progress", "available_cores", "limit"]
+__all__ = ["session", "first_line", "capture", "expose", "overridable", "main_constants", "run_all", "Feeds", "Progress", "available_cores", "limit"]

@@ -19,7 +19,7 @@ from .. import io
 from ..errors import CalibrationError, option
 from .session import session
 
-__all__ = ["Feeds", "Progress", "expose", "overridable", "run_all", "capture"]
+__all__ = ["Feeds", "Progress", "expose", "overridable", "main_constants", "run_all", "capture"]
 
 #: Calibration feeds: a re-iterable of ``{input name: array}``.
 Feeds = Iterable[Mapping[str, np.ndarray]]
@@ -114,6 +114,12 @@ def _reader_type(body: onnx.GraphProto, name: str, types: Mapping[str, int]) -> 
                 if other != name and types.get(other):
                     return types[other]
     return None
+
+
+def main_constants(model: onnx.ModelProto) -> set[str]:
+    """Names of the main graph's constants (initializers and Constant nodes): what one session
+    can take in place of the stored values (:func:`overridable`)."""
+    return {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
 
 
 def overridable(model: onnx.ModelProto, weights: Iterable[str]) -> onnx.ModelProto:
