@@ -32,7 +32,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see {self.prog} --help)")
+        raise _CommandLineError(f"{message} (see {self.prog} --help)")
+
+
+class _CommandLineError(UsageError):
+    """A mistake in the command line itself: its traceback (argparse's) says nothing, even with --verbose."""
 
 
 def _int_list(name: str) -> Callable[[str], tuple[int, ...]]:
@@ -399,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _run_bench(argv[1:])
             return _run_compress(argv)
     except LowRankError as exc:
-        if verbose:
+        if verbose and not isinstance(exc, _CommandLineError):
             traceback.print_exc()
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
