@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-import numpy as np
 import onnx
 
 from . import io, pipeline
+from .calibration import reads_once
 from .config import CompressConfig, load_recipe
 from .errors import UsageError, option, option_style
 from .pipeline import Progress
@@ -300,7 +300,7 @@ def compress(
         check = VerifyConfig(calib=calib, calib_script=calib_script, labels=labels, calib_batch=calib_batch)
     elif check is not None and check.calib is None and check.calib_script is None and (calib is not None or calib_script is not None):
         # verify= without data of its own checks on the run's data, as --calib does for both on the command line
-        if calib is not None and _one_pass(calib):
+        if calib is not None and reads_once(calib):
             log.warning("verify= has no data of its own and calib= can be read only once (the run reads it): the check "
                         "runs on random inputs; give verify={'calib': ...} held-out data")
         else:
@@ -408,19 +408,6 @@ def keywords(given: Mapping[str, Any], *, verify: bool = False, dry_run: bool = 
         out["verify"] = VerifyConfig(**checks)
     out.update({k: given[k] for k in _CALIBRATION if k in given})
     return out
-
-
-def _one_pass(data: Any) -> bool:
-    """Whether calibration data can be read only once (an iterator, a generator, a reader with
-    ``get_next``), not a path, a mapping or a sequence."""
-    if isinstance(data, (str, os.PathLike, Mapping, np.ndarray)):
-        return False
-    if hasattr(data, "get_next"):
-        return True
-    try:
-        return iter(data) is data
-    except TypeError:  # not iterable at all: the calibration loader names the problem
-        return False
 
 
 def _resolve_verify(verify: VerifyConfig | Mapping[str, Any] | None) -> VerifyConfig | None:

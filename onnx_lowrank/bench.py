@@ -43,7 +43,7 @@ import onnx
 
 from .errors import ModelError, UsageError, option, option_value
 from .runtime import session
-from .calibration import parse_input_shapes, random_feed  # one syntax and one generator for random inputs
+from .calibration import input_type_mismatch, parse_input_shapes, random_feed  # one syntax and one generator for random inputs
 
 __all__ = [
     "Stats",
@@ -471,8 +471,8 @@ def bench(
         a, b = ({v.name: v.type.tensor_type.elem_type for v in _graph_inputs(p)} for p in protos)
         if a != b:
             if set(a) == set(b):  # the same names: say which types differ
-                name = next(n for n in sorted(a) if a[n] != b[n])
-                kinds = [onnx.TensorProto.DataType.Name(t[name]).lower() if t[name] else "not a tensor" for t in (a, b)]
+                name, *types = input_type_mismatch(*protos)
+                kinds = [onnx.TensorProto.DataType.Name(t).lower() if t else "not a tensor" for t in types]
                 raise UsageError(f"the two models take input '{name}' as different types ({kinds[0]} in {labels[0]}, "
                                  f"{kinds[1]} in {labels[1]}); compare models with the same inputs.")
             raise UsageError(f"the two models take different inputs ({', '.join(sorted(a))} vs {', '.join(sorted(b))}); "

@@ -45,6 +45,8 @@ from .options import parse_input_ranges, parse_input_shapes
 
 __all__ = [
     "InputSpec",
+    "reads_once",
+    "input_type_mismatch",
     "CalibrationData",
     "load_calibration",
     "iter_feeds",
@@ -567,8 +569,30 @@ def _reader_source(reader: Any) -> Callable[[int], Iterable[Any]]:
     return produce
 
 
+def input_type_mismatch(a: onnx.ModelProto, b: onnx.ModelProto) -> tuple[str, int, int] | None:
+    """The first input (in name order) both models take, but as different element types:
+    ``(name, type in a, type in b)`` as ONNX ``TensorProto`` codes (0: not a tensor)."""
+    types = [{v.name: v.type.tensor_type.elem_type for v in m.graph.input if v.name not in {t.name for t in m.graph.initializer}}
+             for m in (a, b)]
+    return next(((n, types[0][n], types[1][n]) for n in sorted(types[0].keys() & types[1].keys()) if types[0][n] != types[1][n]),
+                None)
+
+
+def reads_once(calib: Any) -> bool:
+    """Whether calibration data can be read only once: an iterator or generator, or a reader
+    without ``rewind()`` (a path, a mapping, an array or a sequence is read again each pass)."""
+    if isinstance(calib, (str, bytes, os.PathLike, Mapping, np.ndarray)):
+        return False
+    if callable(getattr(calib, "get_next", None)):
+        return not callable(getattr(calib, "rewind", None))
+    try:
+        return iter(calib) is calib
+    except TypeError:  # not iterable at all: load_calibration names the problem
+        return False
+
+
 def _iterable_source(feeds: Iterable[Any]) -> Callable[[int], Iterable[Any]]:
-    once = iter(feeds) is feeds
+    once = reads_once(feeds)
 
     def produce(pass_no: int) -> Iterable[Any]:
         if once and pass_no:

@@ -54,7 +54,8 @@ from . import io
 from .config import ERROR_METRICS, METRICS, check_max_drop
 from .runtime import first_line as _first_line
 from .runtime import run_all, session
-from .calibration import CalibrationData, feed_samples, load_calibration, model_inputs, parse_input_ranges, parse_input_shapes
+from .calibration import (CalibrationData, feed_samples, input_type_mismatch, load_calibration, model_inputs, parse_input_ranges,
+                          parse_input_shapes)
 from .errors import CalibrationError, ModelError, UsageError, VerificationFailed, option, option_value
 from .options import check, opt
 
@@ -518,16 +519,16 @@ def _header(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _check_same_interface(ref: onnx.ModelProto, new: onnx.ModelProto) -> None:
-    ref_specs, new_specs = model_inputs(ref), model_inputs(new)
-    ref_in, new_in = [s.name for s in ref_specs], [s.name for s in new_specs]
+    ref_in, new_in = [s.name for s in model_inputs(ref)], [s.name for s in model_inputs(new)]
     if sorted(ref_in) != sorted(new_in):
         raise ModelError(f"the models take different inputs: {', '.join(ref_in)} (original) vs {', '.join(new_in)} (compressed); "
                          "they can only be compared on the same feeds.")
-    types = {s.name: s.dtype for s in new_specs}
-    for s in ref_specs:
-        if s.dtype is not None and types[s.name] is not None and s.dtype != types[s.name]:
-            raise ModelError(f"input '{s.name}' is {s.dtype} in the original and {types[s.name]} in the compressed model; "
-                             "they can only be compared on the same feeds (compare a model with its own compressed copy).")
+    mismatch = input_type_mismatch(ref, new)
+    if mismatch is not None and all(mismatch[1:]):
+        name, a, b = mismatch
+        kinds = [np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)) for t in (a, b)]
+        raise ModelError(f"input '{name}' is {kinds[0]} in the original and {kinds[1]} in the compressed model; "
+                         "they can only be compared on the same feeds (compare a model with its own compressed copy).")
     new_out = {o.name for o in new.graph.output}
     missing = [o.name for o in ref.graph.output if o.name not in new_out]
     if missing:

@@ -59,7 +59,7 @@ from .rewrite import Rewritten
 from .spectra import Spectra
 from .width import Narrowed, WidthPlan, WidthUnit, current_widths, emulated_arrays, overridden_names
 
-__all__ = ["GRID", "Evaluator", "Curve", "grid_ranks", "measure_sensitivity", "decide_adaptive", "measured_plans",
+__all__ = ["GRID", "Evaluator", "Curve", "grid_ranks", "product", "truncated_weight", "in_main", "measure_sensitivity", "decide_adaptive", "measured_plans",
            "quality_drop", "distortion", "Adapt", "Adapted", "CheckAdaptive", "Checked"]
 
 STAGE = "adaptive"
@@ -168,15 +168,16 @@ class Evaluator:
         return outs
 
 
-def _product(a: np.ndarray, b: np.ndarray, dtype) -> np.ndarray:
+def product(a: np.ndarray, b: np.ndarray, dtype) -> np.ndarray:
     return (a.astype(np.float64) @ b.astype(np.float64)).astype(dtype)
 
 
-def _truncated(plan: LayerPlan, rank: int, int4: "Int4Forms | None" = None) -> np.ndarray:
-    """The plan's weight at ``rank`` in its budget view (a Conv's kernel rebuilt from that view;
-    ``int4``: a pair whose factors the int4 stage stores int8 is rounded as it stores them)."""
-    mode = plan.budget_mode
-    matrix = _product(*_factors(plan, rank, int4, mode), plan.dtype)
+def truncated_weight(plan: LayerPlan, rank: int, int4: "Int4Forms | None" = None, mode: str | None = None) -> np.ndarray:
+    """The plan's weight at ``rank`` in view ``mode`` (default: its budget view; a Conv's kernel
+    rebuilt from that view; ``int4``: a pair whose factors the int4 stage stores int8 is rounded
+    as it stores them)."""
+    mode = mode or plan.budget_mode
+    matrix = product(*_factors(plan, rank, int4, mode), plan.dtype)
     return linalg.conv_weight(matrix, plan.weight_shape, mode) if plan.is_conv else matrix
 
 
@@ -232,7 +233,7 @@ def _sensitivity_task(state: tuple, item: Mapping[str, Any]) -> float:
     sess, feeds, base, names, fixed, offset = state
     overrides = dict(fixed)
     for name, v in item.items():
-        overrides[name] = _product(*v) if isinstance(v, tuple) else v
+        overrides[name] = product(*v) if isinstance(v, tuple) else v
     return max(0.0, distortion(base, run_all(sess, feeds, overrides=overrides, names=names)) - offset)
 
 
@@ -306,7 +307,7 @@ def measure_sensitivity(ev: Evaluator, plans: list[LayerPlan], rank_multiple: in
         [Curve(list(int4.candidates[p.key].ranks)) for p in quantized] + \
         [Curve(list(int4.units[u.block.up.key].ranks)) for u in blocks4]
     at = [measured_ranks(c.ranks, points or len(c.ranks)) for c in curves]
-    items: list[dict[str, Any]] = [{p.name: _truncated(p, r) if p.is_conv else (*_factors(p, r, int4), p.dtype)}
+    items: list[dict[str, Any]] = [{p.name: truncated_weight(p, r) if p.is_conv else (*_factors(p, r, int4), p.dtype)}
                                    for p, rs in zip(plans, at) for r in rs]
     labels = [f"sensitivity {p.name} rank {r}" for p, rs in zip(plans, at) for r in rs]
     for u, rs in zip(units, at[len(plans):]):
@@ -375,7 +376,9 @@ class Adapted(Decided):
         return out
 
 
-def _in_main(plan: LayerPlan, main: set[str]) -> bool:
+def in_main(plan: LayerPlan, main: set[str]) -> bool:
+    """Whether one session can take another value for the plan's weight: a main-graph constant
+    (a body's weight may share such a name)."""
     return not plan.group.weight.scope and plan.name in main
 
 
@@ -383,7 +386,7 @@ def measured_plans(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Com
     """The plans adaptive mode allocates: those a budget allocates whose weights it can
     measure (main-graph constants); the others keep their size in the budget's fixed part."""
     main = main_constants(model)
-    return [p for p in allocated_plans(plans, cfg) if _in_main(p, main)]
+    return [p for p in allocated_plans(plans, cfg) if in_main(p, main)]
 
 
 def _measurable(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: CompressConfig
@@ -398,7 +401,7 @@ def _measurable(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Compre
             other[k] = Decision(k, p.view().mode, skip=p.skip)
         elif k not in allocated:
             other[k] = decide_conv(p, cfg)  # a Conv under target_macs/target_bytes: the per-layer rule
-        elif not _in_main(p, main):
+        elif not in_main(p, main):
             other[k] = Decision(k, p.view().mode, skip=Skip(
                 SkipCode.NOT_MEASURED, "adaptive mode measures weights of the main graph only; left alone", STAGE))
         else:
@@ -590,7 +593,7 @@ def decide_adaptive(model: onnx.ModelProto, plans: dict[int, LayerPlan], cfg: Co
 
         def measure(chosen: tuple[dict[int, Decision], dict[int, int | None], dict[int, int]]) -> float:
             ranks, widths, quantized_at = chosen
-            overrides = {p.name: _truncated(p, ranks[p.key].rank, int4) for p in active if ranks[p.key].factorize}
+            overrides = {p.name: truncated_weight(p, ranks[p.key].rank, int4) for p in active if ranks[p.key].factorize}
             for k, width in widths.items():
                 r = quantized_at.get(units[k].block.up.key)
                 if r is not None:

@@ -245,6 +245,8 @@ class Discovery(StageResult):
 
 
 _FOLD_HINT = "; fold constants first (onnxsim, or an onnxruntime session with optimized_model_filepath), then compress"
+#: The same advice where this tool's own fold stage declined for a reason another folder may not have.
+FOLD_ELSEWHERE_HINT = _FOLD_HINT.replace("first", "elsewhere if that suits", 1)
 
 #: Recurrent operators: their weights are not factorized (the report lists them).
 _RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
@@ -328,8 +330,7 @@ def discover(
             if filtered is not None:
                 layer.skip = filtered
             elif why:
-                layer.skip = _skip(SkipCode.NO_CONSTANT_WEIGHT, f"{layer.skip.message.removesuffix(_FOLD_HINT)}, not folded: {why}"
-                                   + (_FOLD_HINT.replace("first", "elsewhere if that suits", 1) if "wider" in why else ""))
+                layer.skip = _skip(SkipCode.NO_CONSTANT_WEIGHT, f"{layer.skip.message.removesuffix(_FOLD_HINT)}, not folded: {why}")
 
     groups: dict[int, WeightGroup] = {}  # by the weight's definition number
     for layer in result.layers:
@@ -651,11 +652,14 @@ class Discover(Step):
         found = discover(ctx.model, op_types=cfg.op_types, include=cfg.include, exclude=cfg.exclude, min_params=cfg.min_params,
                          allow_input_weights=cfg.allow_input_weights, declined=folded.declined if folded else None)
         if not found.layers:
+            from .quantize import INTEGER_CONVS, INTEGER_MATMULS
+
+            products = {*INTEGER_MATMULS, *INTEGER_CONVS, "MatMulNBits", "QGemm"}  # (weights quantized already)
             quantized: dict[str, int] = {}
             plain = False  # (a float product the filters left out: the filters, not quantization, explain it)
             for graph in io.iter_graphs(ctx.model.graph):
                 for node in graph.node:
-                    if node.op_type in _QUANTIZED_PRODUCTS:
+                    if node.op_type in products:
                         quantized[node.op_type] = quantized.get(node.op_type, 0) + 1
                     plain = plain or node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose")
             if quantized and not plain:
@@ -663,7 +667,3 @@ class Discover(Step):
                             ", ".join(f"{op} {n}" for op, n in sorted(quantized.items())))
         return found
 
-
-#: Products of quantized weights (onnxruntime's and ONNX's): no float weight to factorize.
-_QUANTIZED_PRODUCTS = {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulNBits",
-                       "ConvInteger", "QLinearConv", "QGemm"}

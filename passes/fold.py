@@ -34,7 +34,7 @@ from onnx_lowrank import io
 from onnx_lowrank.pipeline import Context, StageResult, Step
 from onnx_lowrank.plan import SkipCode
 
-from .discover import discover
+from .discover import FOLD_ELSEWHERE_HINT, discover
 from .ffn import own_constants
 from .load import tensor_bytes
 
@@ -75,21 +75,15 @@ class Folded(StageResult):
         return {"fold": {"chains": self.chains}} if self.chains else {}
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, tuple[str, Any]]:
-    """Constants of ``graph`` with a tensor value, by name: ("initializer", tensor) or ("constant", node)."""
-    out: dict[str, tuple[str, Any]] = {}
-    for name, holder in own_constants(graph).items():
-        if isinstance(holder, onnx.TensorProto):
-            out[name] = ("initializer", holder)
-        elif not holder.input and len(holder.attribute) == 1 and holder.attribute[0].name == "value" \
-                and holder.attribute[0].HasField("t"):
-            out[name] = ("constant", holder)
-    return out
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | onnx.NodeProto]:
+    """Constants of ``graph`` with a tensor value, by name: the initializer, or the Constant node."""
+    return {name: holder for name, holder in own_constants(graph).items()
+            if isinstance(holder, onnx.TensorProto) or (not holder.input and len(holder.attribute) == 1
+                                                        and holder.attribute[0].name == "value" and holder.attribute[0].HasField("t"))}
 
 
-def _tensor(entry: tuple[str, Any]) -> onnx.TensorProto:
-    kind, holder = entry
-    return holder if kind == "initializer" else holder.attribute[0].t
+def _tensor(holder: onnx.TensorProto | onnx.NodeProto) -> onnx.TensorProto:
+    return holder if isinstance(holder, onnx.TensorProto) else holder.attribute[0].t
 
 
 def _reads(graph: onnx.GraphProto) -> dict[str, int]:
@@ -114,7 +108,7 @@ def _cast_problem(node: onnx.NodeProto, source_type: int) -> str | None:
     if to not in _FLOATS or source_type not in _FLOATS:
         return "a Cast to or from a type other than floating point"
     if _SIZES[to] > _SIZES[source_type]:
-        return "a Cast to a wider type (folding would store the weight in more bytes)"
+        return "a Cast to a wider type (folding would store the weight in more bytes)" + FOLD_ELSEWHERE_HINT
     if source_type == onnx.TensorProto.DOUBLE and to != onnx.TensorProto.FLOAT:
         return "a Cast from float64 to a 16-bit type, which onnxruntime rounds twice (through float32)"
     return None
@@ -153,7 +147,7 @@ class _Chain:
         return [x for n in self.nodes for x in n.input[1:] if x]
 
 
-def _walk(end: str, producer: dict[str, onnx.NodeProto], consts: dict[str, tuple[str, Any]],
+def _walk(end: str, producer: dict[str, onnx.NodeProto], consts: dict[str, onnx.TensorProto | onnx.NodeProto],
           inputs: set[str]) -> tuple[_Chain | None, str | None]:
     """The chain that ends in ``end``, or why there is none (``None``, ``None``: no layout node)."""
     nodes: list[onnx.NodeProto] = []
@@ -333,7 +327,7 @@ def _fold_graph(model, graph, where, slots, data, only, done, declined) -> None:
             continue
         value = np.ascontiguousarray(values[0])
         stored = _tensor(consts[root])
-        if consts[root][0] == "initializer" and data.spill is not None and io.is_external(stored):
+        if isinstance(consts[root], onnx.TensorProto) and data.spill is not None and io.is_external(stored):
             # (an external weight stays outside memory, as the rewrite's factors do)
             new[root] = data.spill.add(root, value, onnx.helper.np_dtype_to_tensor_dtype(value.dtype))
         else:
@@ -369,12 +363,12 @@ def _chain_problem(chain: _Chain, products: list[str], consts, reads: dict[str, 
             why = _cast_problem(n, source_type)
             if why:
                 return why
-    if consts[chain.root][0] == "initializer" and ir_version < 4:
+    if isinstance(consts[chain.root], onnx.TensorProto) and ir_version < 4:
         return f"below IR version 4 an initializer is also a graph input, which a folded constant would have to be"
     return None
 
 
-def _rebuild(graph: onnx.GraphProto, consts: dict[str, tuple[str, Any]], reads: dict[str, int],
+def _rebuild(graph: onnx.GraphProto, consts: dict[str, onnx.TensorProto | onnx.NodeProto], reads: dict[str, int],
              new: dict[str, onnx.TensorProto], renames: dict[str, str], gone_nodes: set[str]) -> None:
     """One pass over the graph: chains out, folded constants in (an initializer in place of its
     source, a Constant node where the source's was), reads renamed, unread shape constants out."""

@@ -310,12 +310,12 @@ class Quantize(Step):
 
     def run(self, ctx: Context) -> StageResult:
         mode = ctx.config.quantize
-        nothing = not float_matmul_weights(ctx.model)  # (int8's default ops may still take Convs, LSTMs, tables)
-        if nothing and (mode == "int4" or ctx.config.int8_ops == "matmul"):
-            _nothing_to_quantize(mode)
+        nothing = not float_matmul_weights(ctx.model)
         if mode == "int4":
             from .int4 import run_stage
 
+            if nothing:
+                _nothing_to_quantize(mode)
             return run_stage(ctx)
         quantized = quantize(ctx.model, mode, base_dir=ctx.data, op_types=["MatMul"] if ctx.config.int8_ops == "matmul" else None)
         in_bodies = quantize_bodies(quantized, per_channel=mode == "int8-per-channel")
@@ -330,7 +330,7 @@ class Quantize(Step):
                         f", {inside} of them read inside If/Loop/Scan bodies by something other than MatMul alone; "
                         f"{option_value('quantize', 'int4')} takes Gemm readers too" if inside else "")
         others = converted_ops(ctx.model, quantized)
-        if nothing and ctx.config.int8_ops != "matmul" and not others:
+        if nothing and not others:  # (int8's default ops may still have taken Convs, LSTMs, tables)
             _nothing_to_quantize(mode)
         return Quantized(quantized, io.DataFiles(), mode, factors, missed, dense, in_bodies, others)
 

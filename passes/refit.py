@@ -285,6 +285,8 @@ class Refine(Step):
         return ctx.config.refine and not ctx.request.dry_run
 
     def run(self, ctx: Context) -> Refits:
+        from .adaptive import in_main, product, truncated_weight  # (adaptive imports rewrite, which imports this)
+
         cfg = ctx.config
         plans = ctx.need(Spectra).plans
         decided = [(plans[k], d) for k, d in ctx.latest(Decided).decisions.items() if d.factorize]
@@ -292,17 +294,10 @@ class Refine(Step):
         factors = {p.key: linalg.factors(p.view().spectrum, d.rank) for p, d in chosen}
         weights = {p.key: ctx.data.read(p.group.weight.tensor) for p, _ in chosen}
         main = main_constants(ctx.model)
-
-        def overridable_weight(p) -> bool:  # (a body's weight may share a main-graph constant's name)
-            return not p.group.weight.scope and p.group.weight.name in main
-
         # The layers the refit leaves as they are still change what the refitted ones receive.
         fixed = {name: arr for plan in {w.block.up.key: w for w in current_widths(ctx).values()}.values()
                  if not plan.block.down.weight.scope for name, arr in emulated_arrays(plan).items() if name in main}
-        for p, d in decided:
-            if p.is_conv and overridable_weight(p):
-                a, b = linalg.factors(p.view(d.mode).spectrum, d.rank)
-                fixed[p.group.weight.name] = linalg.conv_weight(a @ b, p.weight_shape, d.mode).astype(p.dtype)
+        fixed.update({p.name: truncated_weight(p, d.rank, mode=d.mode) for p, d in decided if p.is_conv and in_main(p, main)})
         refitted, runs = refit_factors(ctx.model, [p.group for p, _ in chosen], factors, weights, ctx.need(Calibration).feeds,
                                        ctx.data, both=True, sequential=True, damping=cfg.damping, mask_input=cfg.calib_mask,
                                        progress=ctx.progress,
@@ -317,11 +312,10 @@ class Refine(Step):
             return Refits(changed, runs, note=why)
         # The refit matches each layer's own output; a network's output may still move away (seen on
         # a CNN), so it is kept only where it lowers the error on the calibration data.
-        names = {p.key: p.group.weight.name for p, _ in chosen if overridable_weight(p)}
+        names = {p.key: p.name for p, _ in chosen if in_main(p, main)}
 
         def products(fs: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-            return {names[k]: (np.asarray(a, np.float64) @ np.asarray(b, np.float64)).astype(weights[k].dtype)
-                    for k, (a, b) in fs.items() if k in names}
+            return {names[k]: product(np.asarray(a), np.asarray(b), weights[k].dtype) for k, (a, b) in fs.items() if k in names}
 
         errors, checked = output_errors(ctx.model, [{**fixed, **products(factors)}, {**fixed, **products({**factors, **refitted})}],
                                         ctx.need(Calibration).feeds, ctx.data)
